@@ -1,0 +1,30 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [.swiftLanguageMode(.v6)]
+
+let package = Package(
+    name: "NPTKit",
+    products: [
+        // libnptkit.so: the C ABI. A C program links it with -lnptkit.
+        .library(name: "nptkit", type: .dynamic, targets: ["NPTKit"]),
+        .executable(name: "nptkit-cli", targets: ["nptkit"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // Vends include/nptkit.h (symlinked) to Swift.
+        .target(name: "CNPTKit", path: "Sources/CNPTKit"),
+        .target(name: "NPTCore", swiftSettings: strict),
+        .target(name: "NPTSimulator", dependencies: ["NPTCore"], swiftSettings: strict),
+        .target(name: "NPTKit", dependencies: ["CNPTKit", "NPTCore", "NPTSimulator"], swiftSettings: strict),
+        .executableTarget(
+            name: "nptkit",
+            dependencies: ["NPTKit", "NPTCore", "NPTSimulator",
+                           .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strict),
+        .testTarget(name: "NPTCoreTests", dependencies: ["NPTCore"], swiftSettings: strict),
+        .testTarget(name: "NPTSimulatorTests", dependencies: ["NPTCore", "NPTSimulator"], swiftSettings: strict),
+    ]
+)

@@ -1,0 +1,1 @@
+/* CNPTKit: vends include/nptkit.h to Swift. */

@@ -1,0 +1,166 @@
+/// The mechanism side. A backend exposes hierarchies to vCPUs, configures exits, runs guest code and
+/// reports exits; it never decides policy (design.md section 1).
+
+public struct BackendCapabilities: OptionSet, Hashable, Sendable {
+    public var rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    /// Can expose a chosen hierarchy to each vCPU.
+    public static let mbecEmulation = BackendCapabilities(rawValue: 1 << 0)
+    /// Exits on a user-to-supervisor transition.
+    public static let exitOnEscalation = BackendCapabilities(rawValue: 1 << 1)
+    /// Exits on a supervisor-to-user transition.
+    public static let exitOnReturn = BackendCapabilities(rawValue: 1 << 2)
+    /// A violation exit says whether the linear address was a user-mode address.
+    public static let linearModeInfo = BackendCapabilities(rawValue: 1 << 3)
+    /// Runs guest code.
+    public static let run = BackendCapabilities(rawValue: 1 << 4)
+}
+
+public struct ExitControls: OptionSet, Hashable, Sendable {
+    public var rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let escalation = ExitControls(rawValue: 1 << 0)
+    public static let returnToUser = ExitControls(rawValue: 1 << 1)
+}
+
+/// Register state (mirrors `npt_regs`).
+public struct Registers: Equatable, Sendable {
+    public var cpl: UInt32 = 0
+    public var rip: UInt64 = 0
+    public var rflags: UInt64 = 2
+    public var gpr = [UInt64](repeating: 0, count: 16)
+    public var cr0: UInt64 = 0
+    public var cr2: UInt64 = 0
+    public var cr3: UInt64 = 0
+    public var cr4: UInt64 = 0
+    public var efer: UInt64 = 0
+    public var lstar: UInt64 = 0
+    public var faultHandler: UInt64 = 0
+    public init() {}
+
+    public static let cr0PG: UInt64 = 1 << 31
+    public static let cr4SMEP: UInt64 = 1 << 20
+    public static let cr4SMAP: UInt64 = 1 << 21
+    public static let eferNXE: UInt64 = 1 << 11
+}
+
+/// EPT-violation exit qualification (Intel SDM, "Exit Qualification for EPT Violations").
+public struct ViolationQualification: OptionSet, Hashable, Sendable {
+    public var rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    public static let read = ViolationQualification(rawValue: 1 << 0)
+    public static let write = ViolationQualification(rawValue: 1 << 1)
+    public static let fetch = ViolationQualification(rawValue: 1 << 2)
+    public static let readable = ViolationQualification(rawValue: 1 << 3)
+    public static let writable = ViolationQualification(rawValue: 1 << 4)
+    public static let executable = ViolationQualification(rawValue: 1 << 5)
+    public static let userExecutable = ViolationQualification(rawValue: 1 << 6)
+    public static let linearValid = ViolationQualification(rawValue: 1 << 7)
+    public static let linearTranslation = ViolationQualification(rawValue: 1 << 8)
+    public static let userLinear = ViolationQualification(rawValue: 1 << 9)
+
+    /// The qualification hardware MBEC would report for `access` to a page with `policy`.
+    public static func mbec(access: ViolationQualification, policy: EPTPermissions,
+                            linear: ViolationQualification) -> ViolationQualification {
+        var q = access.intersection([.read, .write, .fetch]).union(linear)
+        if policy.contains(.read) { q.insert(.readable) }
+        if policy.contains(.write) { q.insert(.writable) }
+        if policy.contains(.supervisorExecute) { q.insert(.executable) }
+        if policy.contains(.userExecute) { q.insert(.userExecutable) }
+        return q
+    }
+}
+
+/// Exits (mirrors `npt_exit`).
+public struct VMExit: Equatable, Sendable, CustomStringConvertible {
+    public enum Reason: UInt32, Sendable {
+        case none = 0, halt = 1, io = 2, mbecViolation = 3, guestFault = 4, budget = 5
+        case escalation = 6, returnToUser = 7, eptViolation = 8, internalError = 9
+    }
+    public var reason: Reason
+    public var gpa: GPA = GPA(0)
+    public var gva: GVA = GVA(0)
+    public var qualification: UInt64 = 0
+    public var vector: UInt32 = 0
+    public var cpl: UInt32 = 0
+    public var hierarchy: HierarchyID = .supervisor
+    public var ioPort: UInt32 = 0
+    public var ioValue: UInt64 = 0
+    public var rip: UInt64 = 0
+    public init(reason: Reason) { self.reason = reason }
+
+    public var violation: ViolationQualification { ViolationQualification(rawValue: qualification) }
+
+    public var description: String {
+        switch reason {
+        case .io: "io port \(ioPort) value \(ioValue)"
+        case .mbecViolation, .eptViolation:
+            "\(reason) \(gpa) \(gva) q=\(hex(qualification)) cpl \(cpl) in \(hierarchy)"
+        case .guestFault: "guest fault vector \(vector) error \(hex(qualification)) at \(gva) rip \(hex(rip))"
+        default: "\(reason) rip \(hex(rip))"
+        }
+    }
+}
+
+/// What the core offers a backend about the VM it serves.
+public protocol HierarchyProvider: AnyObject, Sendable {
+    /// The current hierarchies (an immutable snapshot).
+    func currentSnapshot() -> ShadowSnapshot
+}
+
+public struct VMConfig: Sendable {
+    public enum MBECMode: UInt32, Sendable { case exact = 0, lazy = 1 }
+    public var ramSize: UInt64
+    public var defaultPermissions: EPTPermissions
+    public var mbecMode: MBECMode
+    public var maxStepsPerRun: UInt64
+    public var backendName: String?
+    public init(ramSize: UInt64, defaultPermissions: EPTPermissions = [.read, .write],
+                mbecMode: MBECMode = .exact, maxStepsPerRun: UInt64 = 0, backendName: String? = nil) {
+        self.ramSize = ramSize; self.defaultPermissions = defaultPermissions
+        self.mbecMode = mbecMode; self.maxStepsPerRun = maxStepsPerRun; self.backendName = backendName
+    }
+}
+
+public protocol Backend: AnyObject, Sendable {
+    var name: String { get }
+    var summary: String { get }
+    var capabilities: BackendCapabilities { get }
+    var abiVersion: UInt32 { get }
+    var isPlugin: Bool { get }
+    func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM
+}
+
+extension Backend {
+    public var abiVersion: UInt32 { NPTABI.version }
+    public var isPlugin: Bool { false }
+}
+
+public protocol BackendVM: AnyObject, Sendable {
+    func writeMemory(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(NPTError)
+    func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError)
+    /// INVEPT analogue: translations of `range` in `hierarchy` may have changed.
+    func invalidate(_ inv: Invalidation) throws(NPTError)
+    func makeVCPU(index: UInt32) throws(NPTError) -> any BackendVCPU
+    func destroy()
+}
+
+/// A vCPU of a backend. Driven by one thread at a time (the core enforces it).
+public protocol BackendVCPU: AnyObject, Sendable {
+    func registers() throws(NPTError) -> Registers
+    func setRegisters(_ r: Registers) throws(NPTError)
+    func expose(_ h: HierarchyID) throws(NPTError)
+    func setExitControls(_ c: ExitControls) throws(NPTError)
+    func run() throws(NPTError) -> VMExit
+    func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError)
+    /// Guest instructions retired, TLB hits and misses, where the backend knows them.
+    var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { get }
+    func destroy()
+}
+
+public enum NPTABI {
+    public static let major: UInt32 = 1
+    public static let minor: UInt32 = 0
+    public static let version: UInt32 = (major << 16) | minor
+    public static func major(of v: UInt32) -> UInt32 { v >> 16 }
+}

@@ -1,0 +1,27 @@
+/// Errors of the core. Each maps to one `npt_status` of the C ABI; `message` is the detail that
+/// `npt_last_error()` returns (which argument, which range).
+public struct NPTError: Error, Equatable, Sendable, CustomStringConvertible {
+    public enum Code: Int32, Sendable {
+        case invalidArgument = -1
+        case badHandle = -2
+        case misaligned = -3
+        case overlap = -4
+        case outOfRange = -5
+        case notFound = -6
+        case unsupported = -7
+        case abiMismatch = -8
+        case plugin = -9
+        case busy = -10
+        case exists = -11
+        case backend = -12
+        case bufferTooSmall = -13
+        case state = -14
+    }
+    public var code: Code
+    public var message: String
+    public init(_ code: Code, _ message: String) { self.code = code; self.message = message }
+    public var description: String { "\(code): \(message)" }
+
+    public static func invalid(_ m: String) -> NPTError { NPTError(.invalidArgument, m) }
+    public static func unsupported(_ m: String) -> NPTError { NPTError(.unsupported, m) }
+}

@@ -1,0 +1,221 @@
+import Synchronization
+
+/// Publishes the current shadow hierarchies to backends.
+final class ShadowPublisher: HierarchyProvider {
+    let box: Mutex<ShadowSnapshot>
+    init(_ s: ShadowSnapshot) { box = Mutex(s) }
+    func currentSnapshot() -> ShadowSnapshot { box.withLock { $0 } }
+    func publish(_ s: ShadowSnapshot) { box.withLock { $0 = s } }
+}
+
+/// Counters of one VM (all vCPUs together).
+public final class VMCounters: Sendable {
+    public let exitsTotal = Atomic<UInt64>(0)
+    public let exitsEscalation = Atomic<UInt64>(0)
+    public let exitsReturnToUser = Atomic<UInt64>(0)
+    public let exitsEPTViolation = Atomic<UInt64>(0)
+    public let hierarchySwitches = Atomic<UInt64>(0)
+    public let violationsReported = Atomic<UInt64>(0)
+    public let policyUpdates = Atomic<UInt64>(0)
+    public let invalidations = Atomic<UInt64>(0)
+    init() {}
+    func bump(_ a: borrowing Atomic<UInt64>) { a.wrappingAdd(1, ordering: .relaxed) }
+}
+
+public struct VMStatistics: Sendable, Equatable {
+    public var exitsTotal: UInt64 = 0
+    public var exitsEscalation: UInt64 = 0
+    public var exitsReturnToUser: UInt64 = 0
+    public var exitsEPTViolation: UInt64 = 0
+    public var hierarchySwitches: UInt64 = 0
+    public var violationsReported: UInt64 = 0
+    public var policyUpdates: UInt64 = 0
+    public var invalidations: UInt64 = 0
+    public var instructions: UInt64 = 0
+    public var tlbHits: UInt64 = 0
+    public var tlbMisses: UInt64 = 0
+    public var shadowNodes: UInt64 = 0
+    public var shadowNodesSingle: UInt64 = 0
+    public init() {}
+}
+
+/// A VM as the core sees it: the policy, the hierarchies derived from it, and the backend's VM.
+public final class VirtualMachine: Sendable {
+    public let config: VMConfig
+    public let backend: any Backend
+    public let backendVM: any BackendVM
+    public let counters = VMCounters()
+    let publisher: ShadowPublisher
+
+    private struct PolicyState: ~Copyable {
+        var tree: PolicyTree
+        var builder: ShadowBuilder
+        var generation: UInt64
+    }
+    private let policy: Mutex<PolicyState>
+    private let vcpus = Mutex<[UInt32: VirtualCPU]>([:])
+
+    public init(config: VMConfig, registry: BackendRegistry, handle: UnsafeMutableRawPointer? = nil) throws(NPTError) {
+        guard config.ramSize > 0 else { throw .invalid("ram_size is 0") }
+        guard config.ramSize % PageSize.size4K.bytes == 0 else {
+            throw NPTError(.misaligned, "ram_size \(hex(config.ramSize)) is not a multiple of 4 KiB")
+        }
+        guard config.ramSize <= PolicyTree.maxGuestPhysical else {
+            throw NPTError(.outOfRange, "ram_size \(hex(config.ramSize)) exceeds the 48-bit guest-physical space")
+        }
+        guard config.defaultPermissions.isValidPolicy else {
+            throw .invalid("default_perms \(hex(config.defaultPermissions.rawValue)): only bits 0, 1, 2 and 10, and write needs read")
+        }
+        let backend = try registry.lookup(config.backendName)
+        guard backend.capabilities.contains(.mbecEmulation) else {
+            throw .unsupported("backend '\(backend.name)' cannot expose shadow hierarchies (no MBEC emulation)")
+        }
+        if config.mbecMode == .exact && !backend.capabilities.contains(.exitOnReturn) {
+            throw .unsupported("backend '\(backend.name)' cannot exit on a return to user mode; use mbec_mode lazy")
+        }
+        let tree = PolicyTree(ramSize: config.ramSize, defaultPermissions: config.defaultPermissions)
+        var builder = ShadowBuilder()
+        let snap = builder.snapshot(of: tree, generation: 0)
+        let publisher = ShadowPublisher(snap)
+        self.config = config
+        self.backend = backend
+        self.publisher = publisher
+        self.policy = Mutex(PolicyState(tree: tree, builder: builder, generation: 0))
+        self.backendVM = try backend.makeVM(config: config, hierarchies: publisher, handle: handle)
+    }
+
+    public var snapshot: ShadowSnapshot { publisher.currentSnapshot() }
+
+    // MARK: policy
+
+    public func permissions(at gpa: GPA) throws(NPTError) -> EPTPermissions {
+        guard gpa.raw < config.ramSize else {
+            throw NPTError(.outOfRange, "gpa \(hex(gpa.raw)) is outside guest RAM (\(hex(config.ramSize)))")
+        }
+        return policy.withLock { $0.tree.permissions(at: gpa) }
+    }
+
+    public func policyRuns() -> [(GPARange, EPTPermissions)] { policy.withLock { $0.tree.runs() } }
+
+    /// Applies `ranges` atomically: every range is checked first, and if the backend refuses an
+    /// invalidation the previous policy is restored.
+    @discardableResult
+    public func setPolicy(_ ranges: [PolicyRange]) throws(NPTError) -> [Invalidation] {
+        if ranges.isEmpty { throw .invalid("count is 0") }
+        let sorted = ranges.sorted { $0.range.start < $1.range.start }
+        for (i, r) in sorted.enumerated() where i > 0 && sorted[i - 1].range.overlaps(r.range) {
+            throw NPTError(.overlap, "ranges \(sorted[i - 1].range) and \(r.range) overlap")
+        }
+        let result: Result<[Invalidation], NPTError> = policy.withLock { (s: inout PolicyState) in
+            do throws(NPTError) {
+                for r in ranges { try s.tree.validate(r) }
+            } catch { return .failure(error) }
+            let oldTree = s.tree
+            let oldSnapshot = publisher.currentSnapshot()
+            var invs: [Invalidation] = []
+            for r in ranges {
+                let old = s.tree.apply(r)
+                invs += Invalidation.needed(range: r.range, oldMask: old, new: r.permissions)
+            }
+            s.generation += 1
+            publisher.publish(s.builder.snapshot(of: s.tree, generation: s.generation))
+            do throws(NPTError) {
+                for inv in invs { try backendVM.invalidate(inv) }
+            } catch {
+                s.tree = oldTree
+                publisher.publish(oldSnapshot)
+                for inv in invs { try? backendVM.invalidate(inv) }
+                return .failure(NPTError(.backend, "backend '\(backend.name)' failed to invalidate: \(error.message); policy unchanged"))
+            }
+            return .success(invs)
+        }
+        let invs = try result.get()
+        counters.policyUpdates.wrappingAdd(UInt64(ranges.count), ordering: .relaxed)
+        counters.invalidations.wrappingAdd(UInt64(invs.count), ordering: .relaxed)
+        return invs
+    }
+
+    @discardableResult
+    public func setPolicy(_ r: PolicyRange) throws(NPTError) -> [Invalidation] { try setPolicy([r]) }
+
+    // MARK: memory
+
+    private func checkMemory(_ gpa: UInt64, _ len: Int) throws(NPTError) {
+        let (end, o) = gpa.addingReportingOverflow(UInt64(len))
+        if o || end > config.ramSize {
+            throw NPTError(.outOfRange, "[\(hex(gpa)), +\(hex(UInt64(len)))) is outside guest RAM (\(hex(config.ramSize)))")
+        }
+    }
+    public func writeMemory(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(NPTError) {
+        try checkMemory(gpa.raw, bytes.count)
+        try backendVM.writeMemory(gpa, bytes)
+    }
+    public func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError) {
+        try checkMemory(gpa.raw, into.count)
+        try backendVM.readMemory(gpa, into)
+    }
+    public func writeMemory(_ gpa: GPA, bytes: [UInt8]) throws(NPTError) {
+        var err: NPTError?
+        bytes.withUnsafeBytes { b in
+            do throws(NPTError) { try writeMemory(gpa, b) } catch { err = error }
+        }
+        if let err { throw err }
+    }
+
+    // MARK: vCPUs
+
+    public func makeVCPU(index: UInt32) throws(NPTError) -> VirtualCPU {
+        if vcpus.withLock({ $0[index] != nil }) { throw NPTError(.exists, "vCPU \(index) already exists") }
+        let b = try backendVM.makeVCPU(index: index)
+        var ctl: ExitControls = [.escalation]
+        if config.mbecMode == .exact { ctl.insert(.returnToUser) }
+        do throws(NPTError) {
+            try b.setExitControls(ctl)
+            try b.expose(.supervisor)
+        } catch { b.destroy(); throw error }
+        let v = VirtualCPU(vm: self, index: index, backend: b)
+        let dup = vcpus.withLock { m -> Bool in
+            if m[index] != nil { return true }
+            m[index] = v
+            return false
+        }
+        if dup { b.destroy(); throw NPTError(.exists, "vCPU \(index) already exists") }
+        return v
+    }
+
+    public func removeVCPU(_ v: VirtualCPU) throws(NPTError) {
+        if v.isRunning { throw NPTError(.busy, "vCPU \(v.index) is running") }
+        _ = vcpus.withLock { $0.removeValue(forKey: v.index) }
+        v.backend.destroy()
+    }
+
+    public var allVCPUs: [VirtualCPU] { vcpus.withLock { Array($0.values) }.sorted { $0.index < $1.index } }
+
+    public func destroy() throws(NPTError) {
+        let all = allVCPUs
+        if let r = all.first(where: { $0.isRunning }) { throw NPTError(.busy, "vCPU \(r.index) is running") }
+        for v in all { try removeVCPU(v) }
+        backendVM.destroy()
+    }
+
+    public func statistics() -> VMStatistics {
+        var s = VMStatistics()
+        let c = counters
+        s.exitsTotal = c.exitsTotal.load(ordering: .relaxed)
+        s.exitsEscalation = c.exitsEscalation.load(ordering: .relaxed)
+        s.exitsReturnToUser = c.exitsReturnToUser.load(ordering: .relaxed)
+        s.exitsEPTViolation = c.exitsEPTViolation.load(ordering: .relaxed)
+        s.hierarchySwitches = c.hierarchySwitches.load(ordering: .relaxed)
+        s.violationsReported = c.violationsReported.load(ordering: .relaxed)
+        s.policyUpdates = c.policyUpdates.load(ordering: .relaxed)
+        s.invalidations = c.invalidations.load(ordering: .relaxed)
+        for v in allVCPUs {
+            let k = v.backend.counters
+            s.instructions += k.instructions; s.tlbHits += k.tlbHits; s.tlbMisses += k.tlbMisses
+        }
+        let n = snapshot.nodeCounts()
+        s.shadowNodes = UInt64(n.all)
+        s.shadowNodesSingle = UInt64(n.perHierarchy[0])
+        return s
+    }
+}

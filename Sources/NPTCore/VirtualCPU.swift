@@ -1,0 +1,158 @@
+import Synchronization
+
+/// What the core tells a tool that runs its own loop (`npt_handle_exit`).
+public enum ExitAction: UInt32, Sendable {
+    /// The core handled the exit (e.g. exposed another hierarchy): run again.
+    case resume = 0
+    /// No hierarchy permits the access: report the violation to the VM. The exit was rewritten
+    /// to `.mbecViolation` with the qualification hardware MBEC would give.
+    case reportViolation = 1
+    /// Not an MBEC exit (IO, HLT, guest fault, ...): the tool handles it.
+    case tool = 2
+}
+
+/// A vCPU as the core sees it: which hierarchy it exposes, and the decisions on its exits.
+///
+/// Decisions (design.md: the core decides, the backend does):
+/// - escalation (user -> supervisor): expose the supervisor hierarchy;
+/// - return to user (exact mode only; lazy mode does not ask for this exit): expose the user
+///   hierarchy;
+/// - EPT violation on a fetch: the hierarchy that governs the fetch is the one of the linear
+///   address's U/S (exact mode, when the backend reports it) or of the CPL (lazy mode, the patent's
+///   rule). If it permits the fetch, expose it and resume; otherwise report the violation;
+/// - EPT violation on a data access: R and W are the same in every hierarchy, so no switch can
+///   help: report it, unless the policy now permits it (a stale translation: invalidate, resume).
+public final class VirtualCPU: @unchecked Sendable {
+    public let index: UInt32
+    public unowned let vm: VirtualMachine
+    public let backend: any BackendVCPU
+    // Mutated only by the thread that holds `running`.
+    public private(set) var active: HierarchyID = .supervisor
+    private var staleRetries = 0
+    private let running = Atomic<Bool>(false)
+
+    init(vm: VirtualMachine, index: UInt32, backend: any BackendVCPU) {
+        self.vm = vm; self.index = index; self.backend = backend
+    }
+
+    public var isRunning: Bool { running.load(ordering: .acquiring) }
+
+    private func exclusive<T>(_ body: () throws(NPTError) -> T) throws(NPTError) -> T {
+        guard running.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else {
+            throw NPTError(.busy, "vCPU \(index) is being driven by another thread")
+        }
+        defer { running.store(false, ordering: .releasing) }
+        return try body()
+    }
+
+    public func registers() throws(NPTError) -> Registers { try exclusive { () throws(NPTError) in try backend.registers() } }
+
+    /// Sets the registers. A change of CPL is a mode transition: the core exposes the hierarchy for
+    /// the new mode as an exit would have (exact mode), or the supervisor one for CPL 0 (lazy).
+    public func setRegisters(_ r: Registers) throws(NPTError) {
+        guard r.cpl == 0 || r.cpl == 3 else { throw .invalid("regs.cpl is \(r.cpl); the simulator knows 0 and 3") }
+        try exclusive { () throws(NPTError) in
+            try backend.setRegisters(r)
+            if r.cpl == 0 { try expose(.supervisor) }
+            else if vm.config.mbecMode == .exact { try expose(.user) }
+        }
+    }
+
+    public func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError) {
+        try exclusive { () throws(NPTError) in try backend.injectFault(vector: vector, errorCode: errorCode, address: address) }
+    }
+
+    private func expose(_ h: HierarchyID) throws(NPTError) {
+        guard h != active else { return }
+        try backend.expose(h)
+        active = h
+        vm.counters.hierarchySwitches.wrappingAdd(1, ordering: .relaxed)
+    }
+
+    /// Runs until an exit the core does not handle itself.
+    public func run() throws(NPTError) -> VMExit {
+        try exclusive { () throws(NPTError) in
+            while true {
+                var exit = try backend.run()
+                vm.counters.exitsTotal.wrappingAdd(1, ordering: .relaxed)
+                if try decide(&exit) != .resume { return exit }
+            }
+        }
+    }
+
+    /// Runs until the backend's next exit, whatever it is (the QEMU-style loop).
+    public func runRaw() throws(NPTError) -> VMExit {
+        try exclusive { () throws(NPTError) in
+            let exit = try backend.run()
+            vm.counters.exitsTotal.wrappingAdd(1, ordering: .relaxed)
+            return exit
+        }
+    }
+
+    /// Decides what to do with an exit from `runRaw` and applies it.
+    public func handle(_ exit: inout VMExit) throws(NPTError) -> ExitAction {
+        try exclusive { () throws(NPTError) in try decide(&exit) }
+    }
+
+    private func decide(_ exit: inout VMExit) throws(NPTError) -> ExitAction {
+        let c = vm.counters
+        switch exit.reason {
+        case .escalation:
+            c.exitsEscalation.wrappingAdd(1, ordering: .relaxed)
+            try expose(.supervisor)
+            return .resume
+        case .returnToUser:
+            c.exitsReturnToUser.wrappingAdd(1, ordering: .relaxed)
+            if vm.config.mbecMode == .exact { try expose(.user) }
+            return .resume
+        case .eptViolation:
+            c.exitsEPTViolation.wrappingAdd(1, ordering: .relaxed)
+            return try violation(&exit)
+        default:
+            return .tool
+        }
+    }
+
+    private func violation(_ exit: inout VMExit) throws(NPTError) -> ExitAction {
+        let q = exit.violation
+        let policy = (try? vm.permissions(at: exit.gpa)) ?? .none
+        let access = q.intersection([.read, .write, .fetch])
+        let needed: HierarchyID
+        if access.contains(.fetch) {
+            if vm.config.mbecMode == .exact && vm.backend.capabilities.contains(.linearModeInfo) && q.contains(.linearValid) {
+                needed = .governing(userLinear: q.contains(.userLinear))
+            } else {
+                needed = exit.cpl == 3 ? .user : .supervisor
+            }
+        } else {
+            needed = active
+        }
+        let p = policy.projected(onto: needed)
+        var permitted = true
+        if access.contains(.fetch) && !p.contains(.execute) { permitted = false }
+        if access.contains(.read) && !p.contains(.read) { permitted = false }
+        if access.contains(.write) && !p.contains(.write) { permitted = false }
+        if permitted {
+            if needed != active {
+                staleRetries = 0
+                try expose(needed)
+                return .resume
+            }
+            // The hierarchy already permits it: the backend acted on a stale translation.
+            staleRetries += 1
+            if staleRetries > 2 {
+                staleRetries = 0
+                throw NPTError(.backend, "backend '\(vm.backend.name)' keeps reporting a violation at \(exit.gpa) that \(needed) permits")
+            }
+            try vm.backendVM.invalidate(Invalidation(hierarchy: active, range: GPARange(start: GPA(exit.gpa.raw & ~0xFFF), size: 0x1000)))
+            return .resume
+        }
+        staleRetries = 0
+        exit.reason = .mbecViolation
+        exit.qualification = ViolationQualification.mbec(
+            access: access, policy: policy,
+            linear: q.intersection([.linearValid, .linearTranslation, .userLinear])).rawValue
+        vm.counters.violationsReported.wrappingAdd(1, ordering: .relaxed)
+        return .reportViolation
+    }
+}

@@ -1,0 +1,374 @@
+import CNPTKit
+import NPTCore
+import NPTSimulator
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The objects behind the handles.
+final class ContextBox: @unchecked Sendable {
+    let registry = BackendRegistry()
+    let liveVMs = Atomic<Int>(0)
+    private let strings = Mutex<[String: UnsafeMutablePointer<CChar>]>([:])
+    init() { try! registry.register(SimulatorBackend(), makeDefault: true) }
+
+    /// A C string owned by the context, valid until it is destroyed.
+    func cString(_ s: String) -> UnsafePointer<CChar> {
+        let p: UnsafeMutablePointer<CChar> = strings.withLock { m in
+            if let p = m[s] { return p }
+            let p = strdup(s)!
+            m[s] = p
+            return p
+        }
+        return UnsafePointer(p)
+    }
+    deinit { strings.withLock { m in for p in m.values { free(p) } } }
+}
+
+final class VMBox: @unchecked Sendable {
+    let vm: VirtualMachine
+    let ctx: ContextBox
+    let handle: OpaquePointer
+    let vcpuHandles = Mutex<[UInt32: UInt]>([:])
+    init(vm: VirtualMachine, ctx: ContextBox, handle: OpaquePointer) { self.vm = vm; self.ctx = ctx; self.handle = handle }
+}
+
+final class VCPUBox: @unchecked Sendable {
+    let vcpu: VirtualCPU
+    let vm: VMBox
+    init(vcpu: VirtualCPU, vm: VMBox) { self.vcpu = vcpu; self.vm = vm }
+}
+
+// MARK: status and version
+
+@_cdecl("npt_status_string")
+public func npt_status_string(_ s: npt_status) -> UnsafePointer<CChar> {
+    let text: StaticString
+    switch s {
+    case NPT_OK: text = "NPT_OK: success"
+    case NPT_ERR_INVALID_ARGUMENT: text = "NPT_ERR_INVALID_ARGUMENT: a NULL pointer, bad flag or bad struct size"
+    case NPT_ERR_BAD_HANDLE: text = "NPT_ERR_BAD_HANDLE: the handle is destroyed or unknown"
+    case NPT_ERR_MISALIGNED: text = "NPT_ERR_MISALIGNED: address or size not aligned to the page size"
+    case NPT_ERR_OVERLAP: text = "NPT_ERR_OVERLAP: ranges overlap"
+    case NPT_ERR_OUT_OF_RANGE: text = "NPT_ERR_OUT_OF_RANGE: address outside guest memory"
+    case NPT_ERR_NOT_FOUND: text = "NPT_ERR_NOT_FOUND: no such backend or item"
+    case NPT_ERR_UNSUPPORTED: text = "NPT_ERR_UNSUPPORTED: the backend cannot do this"
+    case NPT_ERR_ABI_MISMATCH: text = "NPT_ERR_ABI_MISMATCH: built for another ABI major version"
+    case NPT_ERR_PLUGIN: text = "NPT_ERR_PLUGIN: not a loadable NPTKit plugin"
+    case NPT_ERR_BUSY: text = "NPT_ERR_BUSY: the object is in use"
+    case NPT_ERR_EXISTS: text = "NPT_ERR_EXISTS: the name or index is already taken"
+    case NPT_ERR_BACKEND: text = "NPT_ERR_BACKEND: the backend reported a failure"
+    case NPT_ERR_BUFFER_TOO_SMALL: text = "NPT_ERR_BUFFER_TOO_SMALL: the buffer is too small"
+    case NPT_ERR_STATE: text = "NPT_ERR_STATE: not valid in the current state"
+    default: text = "NPT_ERR_UNKNOWN: not an npt_status value"
+    }
+    return UnsafeRawPointer(text.utf8Start).assumingMemoryBound(to: CChar.self)
+}
+
+@_cdecl("npt_last_error")
+public func npt_last_error() -> UnsafePointer<CChar> { lastErrorPointer() }
+
+@_cdecl("npt_abi_version")
+public func npt_abi_version() -> UInt32 { NPTABI.version }
+
+// MARK: context and backends
+
+@_cdecl("npt_context_create")
+public func npt_context_create(_ out: UnsafeMutablePointer<OpaquePointer?>?) -> npt_status {
+    api("npt_context_create") { () throws(NPTError) in
+        let out = try require(out, "out")
+        out.pointee = Handles.make(ContextBox())
+    }
+}
+
+@_cdecl("npt_context_destroy")
+public func npt_context_destroy(_ ctx: OpaquePointer?) -> npt_status {
+    api("npt_context_destroy") { () throws(NPTError) in
+        let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        let n = c.liveVMs.load(ordering: .acquiring)
+        if n > 0 { throw NPTError(.busy, "\(n) VM(s) created from this context are alive; destroy them first") }
+        Handles.remove(ctx!)
+    }
+}
+
+@_cdecl("npt_backend_count")
+public func npt_backend_count(_ ctx: OpaquePointer?, _ count: UnsafeMutablePointer<Int>?) -> npt_status {
+    api("npt_backend_count") { () throws(NPTError) in
+        let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        try require(count, "count").pointee = c.registry.all.count
+    }
+}
+
+@_cdecl("npt_backend_get")
+public func npt_backend_get(_ ctx: OpaquePointer?, _ index: Int, _ info: UnsafeMutablePointer<npt_backend_info>?) -> npt_status {
+    api("npt_backend_get") { () throws(NPTError) in
+        let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        let all = c.registry.all
+        guard index >= 0 && index < all.count else { throw NPTError(.notFound, "index \(index) is past the \(all.count) backends") }
+        let b = all[index]
+        var i = npt_backend_info()
+        i.abi_version = b.abiVersion
+        i.name = c.cString(b.name)
+        i.description = c.cString(b.summary)
+        i.capabilities = b.capabilities.rawValue
+        i.is_default = c.registry.defaultName == b.name ? 1 : 0
+        i.is_plugin = b.isPlugin ? 1 : 0
+        try writeVersioned(i, info, "info")
+    }
+}
+
+@_cdecl("npt_backend_set_default")
+public func npt_backend_set_default(_ ctx: OpaquePointer?, _ name: UnsafePointer<CChar>?) -> npt_status {
+    api("npt_backend_set_default") { () throws(NPTError) in
+        let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        try c.registry.setDefault(String(cString: try require(name, "name")))
+    }
+}
+
+@_cdecl("npt_backend_register")
+public func npt_backend_register(_ ctx: OpaquePointer?, _ ops: UnsafePointer<npt_backend_ops>?) -> npt_status {
+    api("npt_backend_register") { () throws(NPTError) in
+        let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        try c.registry.register(try CBackend(try require(ops, "ops"), isPlugin: false))
+    }
+}
+
+@_cdecl("npt_plugin_load")
+public func npt_plugin_load(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) -> npt_status {
+    api("npt_plugin_load") { () throws(NPTError) in
+        let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        let p = String(cString: try require(path, "path"))
+        let b = try PluginLoader.load(p)
+        try c.registry.register(b)
+        name?.pointee = c.cString(b.name)
+    }
+}
+
+// MARK: VMs
+
+@_cdecl("npt_vm_create")
+public func npt_vm_create(_ ctx: OpaquePointer?, _ config: UnsafePointer<npt_vm_config>?, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> npt_status {
+    api("npt_vm_create") { () throws(NPTError) in
+        let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        let cfg = try readVersioned(config, "config")
+        let out = try require(out, "out")
+        guard let mode = VMConfig.MBECMode(rawValue: cfg.mbec_mode) else {
+            throw .invalid("config->mbec_mode \(cfg.mbec_mode) is not an npt_mbec_mode")
+        }
+        let vc = VMConfig(ramSize: cfg.ram_size, defaultPermissions: EPTPermissions(rawValue: cfg.default_perms),
+                          mbecMode: mode, maxStepsPerRun: cfg.max_steps_per_run,
+                          backendName: cfg.backend.map { String(cString: $0) })
+        let h = Handles.reserve()
+        let vm = try VirtualMachine(config: vc, registry: c.registry, handle: UnsafeMutableRawPointer(h))
+        c.liveVMs.wrappingAdd(1, ordering: .acquiringAndReleasing)
+        Handles.bind(h, VMBox(vm: vm, ctx: c, handle: h))
+        out.pointee = h
+    }
+}
+
+@_cdecl("npt_vm_destroy")
+public func npt_vm_destroy(_ vm: OpaquePointer?) -> npt_status {
+    api("npt_vm_destroy") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        try v.vm.destroy()
+        for h in v.vcpuHandles.withLock({ Array($0.values) }) { Handles.remove(OpaquePointer(bitPattern: h)!) }
+        Handles.remove(vm!)
+        v.ctx.liveVMs.wrappingSubtract(1, ordering: .acquiringAndReleasing)
+    }
+}
+
+@_cdecl("npt_vm_write_memory")
+public func npt_vm_write_memory(_ vm: OpaquePointer?, _ gpa: UInt64, _ data: UnsafeRawPointer?, _ len: Int) -> npt_status {
+    api("npt_vm_write_memory") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        if len == 0 { return }
+        try v.vm.writeMemory(GPA(gpa), UnsafeRawBufferPointer(start: try require(data, "data"), count: len))
+    }
+}
+
+@_cdecl("npt_vm_read_memory")
+public func npt_vm_read_memory(_ vm: OpaquePointer?, _ gpa: UInt64, _ data: UnsafeMutableRawPointer?, _ len: Int) -> npt_status {
+    api("npt_vm_read_memory") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        if len == 0 { return }
+        try v.vm.readMemory(GPA(gpa), UnsafeMutableRawBufferPointer(start: try require(data, "data"), count: len))
+    }
+}
+
+// MARK: policy
+
+func policyRange(_ gpa: UInt64, _ size: UInt64, _ pageSize: UInt64, _ perms: UInt64, _ prefix: String) throws(NPTError) -> PolicyRange {
+    guard let ps = PageSize(bytes: pageSize) else {
+        throw .invalid("\(prefix)page_size \(hex(pageSize)) is not 4 KiB, 2 MiB or 1 GiB")
+    }
+    return PolicyRange(start: GPA(gpa), size: size, pageSize: ps, permissions: EPTPermissions(rawValue: perms))
+}
+
+@_cdecl("npt_policy_set")
+public func npt_policy_set(_ vm: OpaquePointer?, _ gpa: UInt64, _ size: UInt64, _ pageSize: UInt64, _ perms: UInt64) -> npt_status {
+    api("npt_policy_set") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        try v.vm.setPolicy(try policyRange(gpa, size, pageSize, perms, ""))
+    }
+}
+
+@_cdecl("npt_policy_set_ranges")
+public func npt_policy_set_ranges(_ vm: OpaquePointer?, _ ranges: UnsafePointer<npt_policy_range>?, _ count: Int) -> npt_status {
+    api("npt_policy_set_ranges") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        let rs = try require(ranges, "ranges")
+        guard count > 0 else { throw .invalid("count is 0") }
+        var list: [PolicyRange] = []
+        for i in 0..<count {
+            let r = rs[i]
+            list.append(try policyRange(r.gpa, r.size, r.page_size, r.perms, "ranges[\(i)]."))
+        }
+        do throws(NPTError) { try v.vm.setPolicy(list) } catch {
+            throw NPTError(error.code, error.message + " (no range applied)")
+        }
+    }
+}
+
+@_cdecl("npt_policy_get")
+public func npt_policy_get(_ vm: OpaquePointer?, _ gpa: UInt64, _ perms: UnsafeMutablePointer<UInt64>?) -> npt_status {
+    api("npt_policy_get") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        let out = try require(perms, "perms")
+        out.pointee = try v.vm.permissions(at: GPA(gpa)).rawValue
+    }
+}
+
+// MARK: hierarchies
+
+func hierarchy(_ h: UInt32) throws(NPTError) -> HierarchyID {
+    guard let id = HierarchyID(rawValue: h) else {
+        throw .invalid("hierarchy \(h) is not a hierarchy (0 supervisor, 1 user)")
+    }
+    return id
+}
+
+@_cdecl("npt_hierarchy_translate")
+public func npt_hierarchy_translate(_ vm: OpaquePointer?, _ h: UInt32, _ gpa: UInt64, _ out: UnsafeMutablePointer<npt_translation>?) -> npt_status {
+    api("npt_hierarchy_translate") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        let id = try hierarchy(h)
+        guard gpa < PolicyTree.maxGuestPhysical else { throw NPTError(.outOfRange, "gpa \(hex(gpa)) is beyond 48 bits") }
+        let t = v.vm.snapshot.translate(GPA(gpa), in: id)
+        var r = npt_translation()
+        if t.present {
+            r.level = UInt32(t.level); r.page_size = t.pageSize; r.host_offset = t.hostOffset.raw
+            r.perms = t.permissions.rawValue
+        }
+        try writeVersioned(r, out, "out")
+    }
+}
+
+@_cdecl("npt_hierarchy_leaves")
+public func npt_hierarchy_leaves(_ vm: OpaquePointer?, _ h: UInt32, _ cb: npt_leaf_cb?, _ user: UnsafeMutableRawPointer?) -> npt_status {
+    api("npt_hierarchy_leaves") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        let id = try hierarchy(h)
+        let cb = try require(cb, "cb")
+        v.vm.snapshot.forEachLeaf(in: id) { gpa, size, perms in cb(gpa.raw, size, perms.rawValue, user) }
+    }
+}
+
+// MARK: vCPUs
+
+@_cdecl("npt_vcpu_create")
+public func npt_vcpu_create(_ vm: OpaquePointer?, _ index: UInt32, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> npt_status {
+    api("npt_vcpu_create") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        let out = try require(out, "out")
+        let cpu = try v.vm.makeVCPU(index: index)
+        let h = Handles.make(VCPUBox(vcpu: cpu, vm: v))
+        let bits = UInt(bitPattern: h)
+        v.vcpuHandles.withLock { $0[index] = bits }
+        out.pointee = h
+    }
+}
+
+@_cdecl("npt_vcpu_destroy")
+public func npt_vcpu_destroy(_ vcpu: OpaquePointer?) -> npt_status {
+    api("npt_vcpu_destroy") { () throws(NPTError) in
+        let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
+        try c.vm.vm.removeVCPU(c.vcpu)
+        let index = c.vcpu.index
+        c.vm.vcpuHandles.withLock { _ = $0.removeValue(forKey: index) }
+        Handles.remove(vcpu!)
+    }
+}
+
+@_cdecl("npt_vcpu_get_regs")
+public func npt_vcpu_get_regs(_ vcpu: OpaquePointer?, _ regs: UnsafeMutablePointer<npt_regs>?) -> npt_status {
+    api("npt_vcpu_get_regs") { () throws(NPTError) in
+        let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
+        _ = try require(regs, "regs")
+        try writeVersioned(try c.vcpu.registers().c, regs, "regs")
+    }
+}
+
+@_cdecl("npt_vcpu_set_regs")
+public func npt_vcpu_set_regs(_ vcpu: OpaquePointer?, _ regs: UnsafePointer<npt_regs>?) -> npt_status {
+    api("npt_vcpu_set_regs") { () throws(NPTError) in
+        let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
+        try c.vcpu.setRegisters(Registers(try readVersioned(regs, "regs")))
+    }
+}
+
+@_cdecl("npt_vcpu_run")
+public func npt_vcpu_run(_ vcpu: OpaquePointer?, _ exit: UnsafeMutablePointer<npt_exit>?) -> npt_status {
+    api("npt_vcpu_run") { () throws(NPTError) in
+        let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
+        _ = try readVersioned(UnsafePointer(exit), "exit")
+        try writeVersioned(try c.vcpu.run().c, exit, "exit")
+    }
+}
+
+@_cdecl("npt_vcpu_run_raw")
+public func npt_vcpu_run_raw(_ vcpu: OpaquePointer?, _ exit: UnsafeMutablePointer<npt_exit>?) -> npt_status {
+    api("npt_vcpu_run_raw") { () throws(NPTError) in
+        let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
+        _ = try readVersioned(UnsafePointer(exit), "exit")
+        try writeVersioned(try c.vcpu.runRaw().c, exit, "exit")
+    }
+}
+
+@_cdecl("npt_handle_exit")
+public func npt_handle_exit(_ vcpu: OpaquePointer?, _ exit: UnsafeMutablePointer<npt_exit>?, _ action: UnsafeMutablePointer<UInt32>?) -> npt_status {
+    api("npt_handle_exit") { () throws(NPTError) in
+        let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
+        var e = try VMExit(try readVersioned(UnsafePointer(exit), "exit"))
+        let out = try require(action, "action")
+        let a = try c.vcpu.handle(&e)
+        try writeVersioned(e.c, exit, "exit")
+        out.pointee = a.rawValue
+    }
+}
+
+@_cdecl("npt_vcpu_inject_fault")
+public func npt_vcpu_inject_fault(_ vcpu: OpaquePointer?, _ vector: UInt32, _ error: UInt64, _ address: UInt64) -> npt_status {
+    api("npt_vcpu_inject_fault") { () throws(NPTError) in
+        let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
+        guard vector < 32 else { throw .invalid("vector \(vector) is not an exception vector (0-31)") }
+        try c.vcpu.injectFault(vector: vector, errorCode: error, address: address)
+    }
+}
+
+@_cdecl("npt_vm_get_stats")
+public func npt_vm_get_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_stats>?) -> npt_status {
+    api("npt_vm_get_stats") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        _ = try require(stats, "stats")
+        let s = v.vm.statistics()
+        var o = npt_stats()
+        o.exits_total = s.exitsTotal; o.exits_escalation = s.exitsEscalation
+        o.exits_return_to_user = s.exitsReturnToUser; o.exits_ept_violation = s.exitsEPTViolation
+        o.hierarchy_switches = s.hierarchySwitches; o.violations_reported = s.violationsReported
+        o.policy_updates = s.policyUpdates; o.invalidations = s.invalidations
+        o.instructions = s.instructions; o.tlb_hits = s.tlbHits; o.tlb_misses = s.tlbMisses
+        o.shadow_nodes = s.shadowNodes; o.shadow_nodes_single = s.shadowNodesSingle
+        try writeVersioned(o, stats, "stats")
+    }
+}

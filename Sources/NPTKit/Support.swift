@@ -1,0 +1,150 @@
+import CNPTKit
+import NPTCore
+import NPTSimulator
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// MARK: per-thread error detail
+
+private let errorKey: pthread_key_t = {
+    var k = pthread_key_t()
+    pthread_key_create(&k) { p in free(p) }
+    return k
+}()
+
+func setLastError(_ message: String) {
+    let old = pthread_getspecific(errorKey)
+    pthread_setspecific(errorKey, strdup(message))
+    free(old)
+}
+
+func lastErrorPointer() -> UnsafePointer<CChar> {
+    if let p = pthread_getspecific(errorKey) { return UnsafePointer(p.assumingMemoryBound(to: CChar.self)) }
+    let empty: StaticString = ""
+    return UnsafeRawPointer(empty.utf8Start).assumingMemoryBound(to: CChar.self)
+}
+
+/// Runs `body`; maps a thrown error to its status and records the detail for `npt_last_error`.
+@inline(__always)
+func api(_ function: String, _ body: () throws(NPTError) -> Void) -> npt_status {
+    do throws(NPTError) {
+        try body()
+        return NPT_OK
+    } catch {
+        setLastError("\(function): \(error.message)")
+        return npt_status(rawValue: error.code.rawValue)
+    }
+}
+
+func require<T>(_ p: T?, _ name: String) throws(NPTError) -> T {
+    guard let p else { throw .invalid("\(name) is NULL") }
+    return p
+}
+
+// MARK: handles
+
+/// Live objects behind the opaque handles. A handle is a never-reused token, so a destroyed or
+/// forged handle is refused instead of dereferenced.
+enum Handles {
+    private struct Table { var next: UInt = 1; var objects: [UInt: any AnyObject & Sendable] = [:] }
+    private static let table = Mutex(Table())
+    private static let base: UInt = 0x4E50_0000_0000 // "NP"
+
+    static func reserve() -> OpaquePointer {
+        let id = table.withLock { t -> UInt in defer { t.next += 1 }; return t.next }
+        return OpaquePointer(bitPattern: base + id * 16)!
+    }
+    static func bind(_ h: OpaquePointer, _ o: any AnyObject & Sendable) {
+        let key = UInt(bitPattern: h)
+        table.withLock { $0.objects[key] = o }
+    }
+    static func make(_ o: any AnyObject & Sendable) -> OpaquePointer { let h = reserve(); bind(h, o); return h }
+    static func remove(_ h: OpaquePointer) {
+        let key = UInt(bitPattern: h)
+        table.withLock { _ = $0.objects.removeValue(forKey: key) }
+    }
+
+    static func get<T: AnyObject>(_ h: OpaquePointer?, _ type: T.Type, _ name: String) throws(NPTError) -> T {
+        guard let h else { throw .invalid("\(name) is NULL") }
+        let key = UInt(bitPattern: h)
+        let o = table.withLock { $0.objects[key] }
+        guard let t = o as? T else { throw NPTError(.badHandle, "\(name) \(h) is not a live \(name) handle") }
+        return t
+    }
+}
+
+// MARK: versioned structs
+
+/// Reads a caller's struct whose first field is its size: at least the v1 layout is required; a
+/// larger (newer) caller struct is read up to what this library knows.
+func readVersioned<T>(_ p: UnsafePointer<T>?, _ name: String) throws(NPTError) -> T {
+    guard let p else { throw .invalid("\(name) is NULL") }
+    let size = UnsafeRawPointer(p).load(as: UInt32.self)
+    guard size >= MemoryLayout<T>.size else {
+        throw .invalid("\(name)->size is \(size), expected at least \(MemoryLayout<T>.size) (sizeof(\(T.self)))")
+    }
+    return p.pointee
+}
+
+/// Writes `value` into a caller's struct, never past the caller's declared size.
+func writeVersioned<T>(_ value: T, _ p: UnsafeMutablePointer<T>?, _ name: String) throws(NPTError) {
+    guard let p else { throw .invalid("\(name) is NULL") }
+    let size = Int(UnsafeRawPointer(p).load(as: UInt32.self))
+    guard size >= MemoryLayout<T>.size else {
+        throw .invalid("\(name)->size is \(size), expected at least \(MemoryLayout<T>.size) (sizeof(\(T.self)))")
+    }
+    var v = value
+    withUnsafeMutableBytes(of: &v) { b in
+        b.storeBytes(of: UInt32(size), as: UInt32.self)
+        UnsafeMutableRawPointer(p).copyMemory(from: b.baseAddress!, byteCount: MemoryLayout<T>.size)
+    }
+}
+
+// MARK: conversions
+
+extension Registers {
+    init(_ r: npt_regs) {
+        self.init()
+        cpl = r.cpl; rip = r.rip; rflags = r.rflags
+        gpr = withUnsafeBytes(of: r.gpr) { Array($0.bindMemory(to: UInt64.self)) }
+        cr0 = r.cr0; cr2 = r.cr2; cr3 = r.cr3; cr4 = r.cr4; efer = r.efer
+        lstar = r.lstar; faultHandler = r.fault_handler
+    }
+    var c: npt_regs {
+        var r = npt_regs()
+        r.size = UInt32(MemoryLayout<npt_regs>.size)
+        r.cpl = cpl; r.rip = rip; r.rflags = rflags
+        withUnsafeMutableBytes(of: &r.gpr) { b in
+            for i in 0..<16 { b.storeBytes(of: i < gpr.count ? gpr[i] : 0, toByteOffset: i * 8, as: UInt64.self) }
+        }
+        r.cr0 = cr0; r.cr2 = cr2; r.cr3 = cr3; r.cr4 = cr4; r.efer = efer
+        r.lstar = lstar; r.fault_handler = faultHandler
+        return r
+    }
+}
+
+extension VMExit {
+    init(_ e: npt_exit) throws(NPTError) {
+        guard let reason = Reason(rawValue: e.reason) else { throw .invalid("exit->reason \(e.reason) is not an npt_exit_reason") }
+        guard let h = HierarchyID(rawValue: e.hierarchy) else { throw .invalid("exit->hierarchy \(e.hierarchy) is unknown") }
+        self.init(reason: reason)
+        gpa = GPA(e.gpa); gva = GVA(e.gva); qualification = e.qualification; vector = e.vector
+        cpl = e.cpl; hierarchy = h; ioPort = e.io_port; ioValue = e.io_value; rip = e.rip
+    }
+    var c: npt_exit {
+        var e = npt_exit()
+        e.size = UInt32(MemoryLayout<npt_exit>.size)
+        e.reason = reason.rawValue; e.gpa = gpa.raw; e.gva = gva.raw; e.qualification = qualification
+        e.vector = vector; e.cpl = cpl; e.hierarchy = hierarchy.rawValue; e.io_port = ioPort
+        e.io_value = ioValue; e.rip = rip
+        return e
+    }
+}
+
+func status(_ s: npt_status, _ what: String) throws(NPTError) {
+    guard s != NPT_OK else { return }
+    let code = NPTError.Code(rawValue: s.rawValue) ?? .backend
+    throw NPTError(code, what)
+}

@@ -1,0 +1,291 @@
+import NPTCore
+import Synchronization
+
+/// One simulated vCPU. Driven by one thread at a time (the core guarantees it); invalidations may be
+/// posted from any thread and are applied before the next instruction.
+final class SimVCPU: BackendVCPU, @unchecked Sendable {
+    let vm: SimVM
+    let index: UInt32
+    private var regs = Registers()
+    private var tlb = TLB()
+    private var active: HierarchyID = .supervisor
+    private var controls: ExitControls = []
+    private var snapshot: ShadowSnapshot
+    private let pendingFlag = Atomic<Bool>(false)
+    private let pending = Mutex<[Invalidation]>([])
+    private var pendingExit: VMExit?
+    private var slice: UInt64 = 0
+    private var retired: UInt64 = 0
+    private let ram: UnsafeMutableRawPointer
+
+    init(vm: SimVM, index: UInt32) {
+        self.vm = vm
+        self.index = index
+        self.snapshot = vm.hierarchies.currentSnapshot()
+        self.ram = vm.ram.base
+    }
+
+    // MARK: BackendVCPU
+
+    func registers() throws(NPTError) -> Registers { regs }
+
+    func setRegisters(_ r: Registers) throws(NPTError) {
+        guard r.gpr.count == 16 else { throw .invalid("gpr must have 16 registers") }
+        if r.cr3 != regs.cr3 || r.cr0 != regs.cr0 || r.cr4 != regs.cr4 || r.efer != regs.efer { tlb.flushAll() }
+        regs = r
+    }
+
+    func expose(_ h: HierarchyID) throws(NPTError) { active = h }
+    func setExitControls(_ c: ExitControls) throws(NPTError) { controls = c }
+
+    func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError) {
+        guard regs.faultHandler != 0 else {
+            throw NPTError(.state, "the guest has no fault handler (regs.fault_handler is 0)")
+        }
+        if let x = deliver(vector: vector, error: errorCode, address: address) { pendingExit = finish(x) }
+    }
+
+    var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { (retired, tlb.hits, tlb.misses) }
+
+    func destroy() { vm.remove(self) }
+
+    func post(_ inv: Invalidation) {
+        pending.withLock { $0.append(inv) }
+        pendingFlag.store(true, ordering: .releasing)
+    }
+
+    private func drain() {
+        guard pendingFlag.exchange(false, ordering: .acquiring) else { return }
+        let invs = pending.withLock { q -> [Invalidation] in let x = q; q.removeAll(); return x }
+        snapshot = vm.hierarchies.currentSnapshot()
+        for inv in invs { tlb.flush(tag: inv.hierarchy.rawValue, range: inv.range) }
+    }
+
+    func run() throws(NPTError) -> VMExit {
+        if let p = pendingExit { pendingExit = nil; return p }
+        let budget = vm.config.maxStepsPerRun
+        while true {
+            drain()
+            if budget > 0 && slice >= budget {
+                return finish(VMExit(reason: .budget))
+            }
+            if let x = step() { return finish(x) }
+        }
+    }
+
+    private func finish(_ x: VMExit) -> VMExit {
+        var x = x
+        switch x.reason {
+        case .escalation, .returnToUser, .eptViolation: break
+        default: slice = 0
+        }
+        x.cpl = regs.cpl
+        x.hierarchy = active
+        x.rip = regs.rip
+        return x
+    }
+
+    // MARK: translation
+
+    enum Access { case fetch, read, write }
+    enum Translated { case ok(UInt64), fault(UInt32, UInt64), exit(VMExit) }
+
+    private static let addrMask: UInt64 = 0x000F_FFFF_FFFF_F000
+
+    @inline(__always) private func phys64(_ hostOffset: UInt64) -> UInt64 {
+        ram.loadUnaligned(fromByteOffset: Int(hostOffset), as: UInt64.self)
+    }
+
+    private func violation(_ access: Access, gpa: UInt64, gva: UInt64, nested: ShadowPermissions,
+                           translation: Bool, user: Bool) -> VMExit {
+        var q: ViolationQualification = [.linearValid]
+        switch access { case .fetch: q.insert(.fetch); case .read: q.insert(.read); case .write: q.insert(.write) }
+        if nested.contains(.read) { q.insert(.readable) }
+        if nested.contains(.write) { q.insert(.writable) }
+        if nested.contains(.execute) { q.insert(.executable) }
+        if translation { q.insert(.linearTranslation); if user { q.insert(.userLinear) } }
+        var x = VMExit(reason: .eptViolation)
+        x.gpa = GPA(gpa); x.gva = GVA(gva); x.qualification = q.rawValue
+        return x
+    }
+
+    private func pfError(_ access: Access, present: Bool) -> UInt64 {
+        var e: UInt64 = present ? 1 : 0
+        if access == .write { e |= 2 }
+        if regs.cpl == 3 { e |= 4 }
+        if access == .fetch { e |= 16 }
+        return e
+    }
+
+    /// Translates linear address `la` for `access`: guest paging, then the exposed hierarchy.
+    func translate(_ la: UInt64, _ access: Access) -> Translated {
+        let paging = regs.cr0 & Registers.cr0PG != 0
+        let vpn = la >> 12
+        let tag = active.rawValue
+        var e: TLB.Entry
+        if let hit = tlb.lookup(vpn: vpn, tag: tag) {
+            e = hit
+        } else {
+            e = TLB.Entry(valid: true, tag: tag, vpn: vpn)
+            var gpa: UInt64
+            if !paging {
+                gpa = la
+                e.guestUser = false; e.guestWritable = true; e.guestNX = false
+            } else {
+                let top = la >> 47
+                guard top == 0 || top == 0x1FFFF else { return .fault(Vector.generalProtection, 0) }
+                var table = regs.cr3 & SimVCPU.addrMask
+                var user = true, writable = true, nx = false
+                let nxe = regs.efer & Registers.eferNXE != 0
+                gpa = 0
+                var level = 4
+                while true {
+                    let shift = UInt64(12 + 9 * (level - 1))
+                    let pteGPA = table + ((la >> shift) & 511) * 8
+                    let t = snapshot.translate(GPA(pteGPA), in: active)
+                    guard t.permissions.contains(.read) else {
+                        return .exit(violation(.read, gpa: pteGPA, gva: la, nested: t.permissions, translation: false, user: false))
+                    }
+                    let pte = phys64(t.hostOffset.raw + (pteGPA - t.pageBase.raw))
+                    if pte & 1 == 0 { return .fault(Vector.pageFault, pfError(access, present: false)) }
+                    user = user && pte & 4 != 0
+                    writable = writable && pte & 2 != 0
+                    nx = nx || (nxe && pte >> 63 != 0)
+                    if level == 1 || (level <= 3 && pte & 0x80 != 0) {
+                        let mask = (UInt64(1) << shift) - 1
+                        gpa = (pte & SimVCPU.addrMask & ~mask) | (la & mask)
+                        break
+                    }
+                    table = pte & SimVCPU.addrMask
+                    level -= 1
+                }
+                e.guestUser = user; e.guestWritable = writable; e.guestNX = nx
+            }
+            let page = gpa & ~0xFFF
+            let t = snapshot.translate(GPA(page), in: active)
+            e.gpaPage = page
+            e.nested = t.permissions
+            e.hostPage = t.hostOffset.raw + (page - t.pageBase.raw)
+            if t.present { tlb.insert(e) }
+        }
+        // Guest paging checks come first: a guest fault is the guest's business.
+        let cpl3 = regs.cpl == 3
+        if paging {
+            switch access {
+            case .fetch:
+                if cpl3 && !e.guestUser { return .fault(Vector.pageFault, pfError(access, present: true)) }
+                if e.guestNX { return .fault(Vector.pageFault, pfError(access, present: true)) }
+                if !cpl3 && e.guestUser && regs.cr4 & Registers.cr4SMEP != 0 {
+                    return .fault(Vector.pageFault, pfError(access, present: true))
+                }
+            case .read, .write:
+                if cpl3 && !e.guestUser { return .fault(Vector.pageFault, pfError(access, present: true)) }
+                if !cpl3 && e.guestUser && regs.cr4 & Registers.cr4SMAP != 0 {
+                    return .fault(Vector.pageFault, pfError(access, present: true))
+                }
+                if access == .write && !e.guestWritable { return .fault(Vector.pageFault, pfError(access, present: true)) }
+            }
+        }
+        let need: ShadowPermissions = access == .fetch ? .execute : access == .read ? .read : .write
+        guard e.nested.contains(need) else {
+            return .exit(violation(access, gpa: e.gpaPage | (la & 0xFFF), gva: la, nested: e.nested,
+                                   translation: true, user: paging && e.guestUser))
+        }
+        return .ok(e.hostPage | (la & 0xFFF))
+    }
+
+    // MARK: execution
+
+    /// Delivers a fault to the guest's handler; returns an exit when there is none, or when the
+    /// delivery is an escalation the core asked to see.
+    private func deliver(vector: UInt32, error: UInt64, address: UInt64) -> VMExit? {
+        if regs.faultHandler == 0 {
+            var x = VMExit(reason: .guestFault)
+            x.vector = vector; x.qualification = error; x.gva = GVA(address)
+            return x
+        }
+        let prev = regs.cpl
+        regs.gpr[12] = UInt64(prev)
+        regs.gpr[13] = UInt64(vector)
+        regs.gpr[14] = error
+        regs.gpr[15] = regs.rip
+        regs.cr2 = address
+        regs.cpl = 0
+        regs.rip = regs.faultHandler
+        slice += 1
+        if prev == 3 && controls.contains(.escalation) { return VMExit(reason: .escalation) }
+        return nil
+    }
+
+    private func fault(_ v: UInt32, _ err: UInt64, _ addr: UInt64) -> VMExit? { deliver(vector: v, error: err, address: addr) }
+
+    /// Executes one instruction. Returns an exit, or nil to go on.
+    func step() -> VMExit? {
+        let rip = regs.rip
+        if rip & 7 != 0 { return fault(Vector.generalProtection, 0, rip) }
+        let host: UInt64
+        switch translate(rip, .fetch) {
+        case .ok(let h): host = h
+        case .fault(let v, let err): return fault(v, err, rip)
+        case .exit(let x): return x
+        }
+        let word = phys64(host)
+        let opByte = UInt8(truncatingIfNeeded: word)
+        let a = Int((word >> 8) & 0xFF), b = Int((word >> 16) & 0xFF)
+        let imm = Int64(Int32(bitPattern: UInt32(truncatingIfNeeded: word >> 32)))
+        guard let op = Opcode(rawValue: opByte), a < 16, b < 16 else {
+            return fault(Vector.undefinedOpcode, 0, rip)
+        }
+        var next = rip &+ 8
+        var exit: VMExit?
+        switch op {
+        case .nop: break
+        case .movi: regs.gpr[a] = UInt64(bitPattern: imm)
+        case .movhi: regs.gpr[a] = (regs.gpr[a] & 0xFFFF_FFFF) | (UInt64(UInt32(truncatingIfNeeded: imm)) << 32)
+        case .mov: regs.gpr[a] = regs.gpr[b]
+        case .add: regs.gpr[a] = regs.gpr[a] &+ regs.gpr[b]
+        case .sub: regs.gpr[a] = regs.gpr[a] &- regs.gpr[b]
+        case .addi: regs.gpr[a] = regs.gpr[a] &+ UInt64(bitPattern: imm)
+        case .load, .store:
+            let la = (op == .load ? regs.gpr[b] : regs.gpr[a]) &+ UInt64(bitPattern: imm)
+            if la & 7 != 0 { return fault(Vector.generalProtection, 0, la) }
+            switch translate(la, op == .load ? .read : .write) {
+            case .ok(let h):
+                if op == .load { regs.gpr[a] = phys64(h) }
+                else { ram.storeBytes(of: regs.gpr[b], toByteOffset: Int(h), as: UInt64.self) }
+            case .fault(let v, let err): return fault(v, err, la)
+            case .exit(let x): return x
+            }
+        case .jmp: next = next &+ UInt64(bitPattern: imm)
+        case .jmpr: next = regs.gpr[a]
+        case .jz: if regs.gpr[a] == 0 { next = next &+ UInt64(bitPattern: imm) }
+        case .jnz: if regs.gpr[a] != 0 { next = next &+ UInt64(bitPattern: imm) }
+        case .syscall:
+            regs.gpr[1] = next
+            let prev = regs.cpl
+            regs.cpl = 0
+            next = regs.lstar
+            if prev == 3 && controls.contains(.escalation) { exit = VMExit(reason: .escalation) }
+        case .sysret, .iret:
+            guard regs.cpl == 0 else { return fault(Vector.generalProtection, 0, rip) }
+            next = op == .sysret ? regs.gpr[1] : regs.gpr[a]
+            regs.cpl = 3
+            if controls.contains(.returnToUser) { exit = VMExit(reason: .returnToUser) }
+        case .hlt:
+            guard regs.cpl == 0 else { return fault(Vector.generalProtection, 0, rip) }
+            exit = VMExit(reason: .halt)
+        case .out:
+            var x = VMExit(reason: .io)
+            x.ioPort = UInt32(truncatingIfNeeded: imm); x.ioValue = regs.gpr[a]
+            exit = x
+        case .movcr3:
+            guard regs.cpl == 0 else { return fault(Vector.generalProtection, 0, rip) }
+            regs.cr3 = regs.gpr[a]
+            tlb.flushAll()
+        }
+        regs.rip = next
+        retired += 1
+        slice += 1
+        return exit
+    }
+}
