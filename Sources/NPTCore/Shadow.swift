@@ -51,6 +51,10 @@ public struct ShadowSnapshot: Sendable {
     public func root(_ h: HierarchyID) -> ShadowNode { roots[Int(h.rawValue)] }
 
     public func translate(_ gpa: GPA, in h: HierarchyID) -> ShadowTranslation {
+        // 4-level EPT maps 48 bits; a guest PTE may name more (up to bit 51): nothing is there.
+        guard gpa.raw < PolicyTree.maxGuestPhysical else {
+            return ShadowTranslation(level: 0, permissions: [], pageBase: GPA(gpa.raw & ~0xFFF), hostOffset: HPA(0))
+        }
         var node = root(h)
         var perms: UInt64 = 7
         while true {

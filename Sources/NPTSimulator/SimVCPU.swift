@@ -142,6 +142,12 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
                 while true {
                     let shift = UInt64(12 + 9 * (level - 1))
                     let pteGPA = table + ((la >> shift) & 511) * 8
+                    switch level {
+                    case 4: e.walk.0 = pteGPA >> 12
+                    case 3: e.walk.1 = pteGPA >> 12
+                    case 2: e.walk.2 = pteGPA >> 12
+                    default: e.walk.3 = pteGPA >> 12
+                    }
                     let t = snapshot.translate(GPA(pteGPA), in: active)
                     guard t.permissions.contains(.read) else {
                         return .exit(violation(.read, gpa: pteGPA, gva: la, nested: t.permissions, translation: false, user: false))

@@ -13,6 +13,15 @@ struct TLB {
         var guestWritable = false    // R/W = 1 at every level
         var guestNX = false          // XD somewhere (and NXE on)
         var nested: ShadowPermissions = []
+        /// Guest-physical frames of the guest paging structures this walk read. A combined
+        /// translation depends on their nested permissions too, so an invalidation of any of them
+        /// drops it (hardware avoids the question: INVEPT has no per-address form).
+        var walk: (UInt64, UInt64, UInt64, UInt64) = (.max, .max, .max, .max)
+
+        func depends(onFramesIn lo: UInt64, _ hi: UInt64) -> Bool {
+            func inRange(_ f: UInt64) -> Bool { f != .max && f >= lo && f < hi }
+            return inRange(gpaPage >> 12) || inRange(walk.0) || inRange(walk.1) || inRange(walk.2) || inRange(walk.3)
+        }
     }
     static let sets = 256
     var entries = [Entry](repeating: Entry(), count: TLB.sets * HierarchyID.allCases.count)
@@ -34,11 +43,11 @@ struct TLB {
 
     mutating func flushAll() { for i in entries.indices { entries[i].valid = false } }
 
-    /// Drops every entry of `tag` whose guest-physical page lies in `range`.
+    /// Drops every entry of `tag` whose page, or one of whose guest paging structures, lies in `range`.
     mutating func flush(tag: UInt32, range: GPARange) {
+        let lo = range.start.raw >> 12, hi = (range.end + 0xFFF) >> 12
         for i in entries.indices where entries[i].valid && entries[i].tag == tag {
-            let p = entries[i].gpaPage
-            if p + 0x1000 > range.start.raw && p < range.end { entries[i].valid = false }
+            if entries[i].depends(onFramesIn: lo, hi) { entries[i].valid = false }
         }
     }
 }
