@@ -8,10 +8,11 @@ import Glibc
 
 /// The objects behind the handles.
 final class ContextBox: @unchecked Sendable {
-    let registry = BackendRegistry()
+
     let liveVMs = Atomic<Int>(0)
     private let strings = Mutex<[String: UnsafeMutablePointer<CChar>]>([:])
-    init() { try! registry.register(SimulatorBackend(), makeDefault: true) }
+    let registry = NPTKitRuntime.makeRegistry()
+    init() {}
 
     /// A C string owned by the context, valid until it is destroyed.
     func cString(_ s: String) -> UnsafePointer<CChar> {

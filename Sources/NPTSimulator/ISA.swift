@@ -37,6 +37,13 @@ public struct Assembler: Sendable {
         emit(.movhi, r, 0, Int32(bitPattern: UInt32(truncatingIfNeeded: v >> 32)))
     }
     public mutating func nop() { emit(.nop) }
+    /// The relative immediate that makes a branch emitted next land on `target`.
+    public func offset(to target: UInt64) -> Int32 {
+        Int32(truncatingIfNeeded: Int64(bitPattern: target &- (here &+ 8)))
+    }
+    public mutating func jz(_ r: UInt8, to target: UInt64) { emit(.jz, r, 0, offset(to: target)) }
+    public mutating func jnz(_ r: UInt8, to target: UInt64) { emit(.jnz, r, 0, offset(to: target)) }
+    public mutating func jmp(to target: UInt64) { emit(.jmp, 0, 0, offset(to: target)) }
     public mutating func out(_ r: UInt8, port: Int32) { emit(.out, r, 0, port) }
     public mutating func jump(to target: UInt64, via r: UInt8) { load64(r, target); emit(.jmpr, r) }
 }

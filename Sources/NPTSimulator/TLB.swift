@@ -1,7 +1,7 @@
 import NPTCore
 
-/// A direct-mapped TLB of combined (guest + nested) translations, tagged by the hierarchy that
-/// produced the nested part, so a hierarchy switch needs no flush (like VPID/EPTP tagging).
+/// A 4-way set-associative TLB of combined (guest + nested) translations, tagged by the hierarchy
+/// that produced the nested part, so a hierarchy switch needs no flush (like VPID/EPTP tagging).
 struct TLB {
     struct Entry {
         var valid = false
@@ -23,23 +23,41 @@ struct TLB {
             return inRange(gpaPage >> 12) || inRange(walk.0) || inRange(walk.1) || inRange(walk.2) || inRange(walk.3)
         }
     }
-    static let sets = 256
-    var entries = [Entry](repeating: Entry(), count: TLB.sets * HierarchyID.allCases.count)
+    static let sets = 64
+    static let ways = 4
+    /// Entries per hierarchy tag.
+    static let capacity = sets * ways
+    var entries = [Entry](repeating: Entry(), count: TLB.capacity * HierarchyID.allCases.count)
+    var victim = [UInt8](repeating: 0, count: TLB.sets * HierarchyID.allCases.count)
     var hits: UInt64 = 0
     var misses: UInt64 = 0
 
-    @inline(__always) static func slot(_ vpn: UInt64, _ tag: UInt32) -> Int {
-        Int(tag) * sets + Int(vpn & UInt64(sets - 1))
+    @inline(__always) static func set(_ vpn: UInt64, _ tag: UInt32) -> Int {
+        Int(tag) * sets + Int((vpn ^ (vpn >> 6) ^ (vpn >> 12)) & UInt64(sets - 1))
     }
 
     @inline(__always) mutating func lookup(vpn: UInt64, tag: UInt32) -> Entry? {
-        let e = entries[TLB.slot(vpn, tag)]
-        if e.valid && e.vpn == vpn && e.tag == tag { hits += 1; return e }
+        let base = TLB.set(vpn, tag) * TLB.ways
+        for i in base..<(base + TLB.ways) {
+            let e = entries[i]
+            if e.valid && e.vpn == vpn && e.tag == tag { hits += 1; return e }
+        }
         misses += 1
         return nil
     }
 
-    mutating func insert(_ e: Entry) { entries[TLB.slot(e.vpn, e.tag)] = e }
+    /// Inserts into a free way, or replaces round-robin.
+    mutating func insert(_ e: Entry) {
+        let set = TLB.set(e.vpn, e.tag)
+        let base = set * TLB.ways
+        for i in base..<(base + TLB.ways) where !entries[i].valid || entries[i].vpn == e.vpn {
+            entries[i] = e
+            return
+        }
+        let w = Int(victim[set])
+        victim[set] = UInt8((w + 1) % TLB.ways)
+        entries[base + w] = e
+    }
 
     mutating func flushAll() { for i in entries.indices { entries[i].valid = false } }
 

@@ -1,0 +1,307 @@
+import ArgumentParser
+import CNPTKit
+import NPTCore
+import NPTKit
+import NPTSimulator
+
+/// `nptkit bench`: the speed and memory figures of the README. Every figure is a median over
+/// repetitions measured in this one run, and ratios are taken between figures of the same run.
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Measure the figures quoted in the README (medians of one run).")
+    @Flag(help: "Fewer repetitions (a smoke run, e.g. in CI).")
+    var quick = false
+    @Option(help: "Run only these groups: build, update, sim, exits, abi.")
+    var only: [String] = []
+
+    func wants(_ g: String) -> Bool { only.isEmpty || only.contains(g) }
+
+    func run() throws {
+        print("NPTKit benchmarks (\(quick ? "quick" : "full") run; medians; \(isDebugBuild ? "DEBUG build: use -c release for figures" : "release build"))\n")
+        if wants("build") { try benchBuild() }
+        if wants("update") { try benchUpdate() }
+        if wants("sim") { try benchSimulator() }
+        if wants("exits") { try benchExits() }
+        if wants("abi") { try benchABI() }
+    }
+
+    // MARK: 1. shadow hierarchy build
+
+    enum Placement: String, CaseIterable { case random, clustered, adversarial }
+
+    /// 10,000 executable regions of 4-64 KiB in a 64 GiB guest. `random`: anywhere, kinds mixed
+    /// (45% Xs, 45% Xu, 10% both); `clustered`: kernel code (Xs) in the first GiB, user code (Xu)
+    /// elsewhere, as an OS lays them out; `adversarial`: every 2 MiB block that holds a region holds an
+    /// Xs-only and an Xu-only one, the worst case for sharing.
+    static func regions(_ placement: Placement, count: Int, guest: UInt64, seed: UInt64) -> [PolicyRange] {
+        var rng = BenchRNG(seed: seed)
+        var out: [PolicyRange] = []
+        out.reserveCapacity(count)
+        let pages = guest >> 12
+        for i in 0..<count {
+            let len = (1 + rng.next() % 16) << 12
+            var start: UInt64
+            var perms: EPTPermissions
+            switch placement {
+            case .random:
+                start = (rng.next() % (pages - 16)) << 12
+                let k = rng.next() % 100
+                perms = k < 45 ? [.read, .supervisorExecute] : k < 90 ? [.read, .userExecute] : [.read, .supervisorExecute, .userExecute]
+            case .clustered:
+                let kernel = i % 5 == 0
+                start = kernel ? (rng.next() % ((1 << 18) - 16)) << 12 : ((1 << 18) + rng.next() % (pages - (1 << 18) - 16)) << 12
+                perms = kernel ? [.read, .supervisorExecute] : [.read, .userExecute]
+            case .adversarial:
+                // Regions 2k and 2k+1 share a 2 MiB block: one Xs-only, the other Xu-only.
+                var pair = BenchRNG(seed: seed ^ UInt64(i / 2))
+                let block = pair.next() % (pages >> 9)
+                start = (block << 21) + ((i % 2 == 0 ? 0 : 256) << 12)
+                perms = i % 2 == 0 ? [.read, .supervisorExecute] : [.read, .userExecute]
+            }
+            out.append(PolicyRange(start: GPA(start), size: len, pageSize: .size4K, permissions: perms))
+        }
+        return out
+    }
+
+    func benchBuild() throws {
+        let guest: UInt64 = 64 << 30
+        let reps = quick ? 3 : 7
+        print("1. Shadow hierarchy build: 64 GiB guest, 10,000 executable regions (policy tree + both hierarchies)")
+        var t = Table(["placement", "build median", "tables (both)", "tables (one)", "memory both / one", "MiB (both)"])
+        for p in Placement.allCases {
+            let rs = Bench.regions(p, count: 10_000, guest: guest, seed: 42)
+            var times: [Duration] = []
+            var counts = (all: 0, perHierarchy: [0])
+            for _ in 0..<reps {
+                var snap: ShadowSnapshot?
+                times.append(ContinuousClock().measure {
+                    var tree = PolicyTree(ramSize: guest, defaultPermissions: [.read, .write])
+                    for r in rs { tree.apply(r) }
+                    var b = ShadowBuilder()
+                    snap = b.snapshot(of: tree, generation: 1)
+                })
+                counts = snap!.nodeCounts()
+            }
+            t.add([p.rawValue, show(median(times)), "\(counts.all)", "\(counts.perHierarchy[0])",
+                   fmt(Double(counts.all) / Double(counts.perHierarchy[0]), 3), fmt(Double(counts.all * 4096) / 1048576, 1)])
+        }
+        print(t.render())
+        print("   'one' is the supervisor hierarchy alone, i.e. what a single EPT for this policy needs.\n")
+    }
+
+    // MARK: 2. incremental update
+
+    func benchUpdate() throws {
+        print("2. Incremental update of one 4 KiB page's policy (VirtualMachine.setPolicy on the simulator, 10,000 regions)")
+        var t = Table(["guest size", "update median", "shadow tables rebuilt", "invalidations sent"])
+        let sizes: [(String, UInt64)] = [("1 GiB", 1 << 30), ("64 GiB", 64 << 30), ("1 TiB", 1 << 40)]
+        let calls = quick ? 500 : 4000
+        for (name, size) in sizes {
+            let registry = NPTKitRuntime.makeRegistry()
+            let vm = try VirtualMachine(config: VMConfig(ramSize: size), registry: registry)
+            defer { try? vm.destroy() }
+            for r in Bench.regions(.random, count: 10_000, guest: size, seed: 7) { try vm.setPolicy(r) }
+            _ = try vm.makeVCPU(index: 0)
+            let page = GPA((size / 2) & ~0xFFF)
+            var times: [Duration] = []
+            let before = vm.statistics().invalidations
+            for i in 0..<calls {
+                let p: EPTPermissions = i % 2 == 0 ? [.read, .supervisorExecute] : [.read, .write]
+                times.append(try ContinuousClock().measure {
+                    try vm.setPolicy(PolicyRange(start: page, size: 0x1000, pageSize: .size4K, permissions: p))
+                })
+            }
+            let invs = Double(vm.statistics().invalidations - before) / Double(calls)
+            // Tables rebuilt by one update, counted on the bare tree and builder.
+            var tree = PolicyTree(ramSize: size, defaultPermissions: [.read, .write])
+            for r in Bench.regions(.random, count: 10_000, guest: size, seed: 7) { tree.apply(r) }
+            var b = ShadowBuilder()
+            _ = b.snapshot(of: tree, generation: 0)
+            let built0 = b.nodesBuilt
+            tree.apply(PolicyRange(start: page, size: 0x1000, pageSize: .size4K, permissions: [.read, .supervisorExecute]))
+            _ = b.snapshot(of: tree, generation: 1)
+            t.add([name, show(median(times)), "\(b.nodesBuilt - built0)", fmt(invs, 1)])
+        }
+        print(t.render())
+        print("   The time and the tables rebuilt do not grow with the guest: an update copies one path of the tree.\n")
+    }
+
+    // MARK: 3. simulator throughput
+
+    func benchSimulator() throws {
+        print("3. Simulator: guest memory accesses per second (each LOAD = one fetch + one data access)")
+        let iterations = quick ? 20_000 : 200_000
+        var t = Table(["TLB", "loads", "median time", "accesses / s", "TLB hits", "TLB misses"])
+        var rates: [Double] = []
+        for cold in [false, true] {
+            var times: [Duration] = []
+            var stats = VMStatistics()
+            for _ in 0..<(quick ? 3 : 5) {
+                let (d, s) = try simulatorRun(iterations: iterations, cold: cold)
+                times.append(d)
+                stats = s
+            }
+            let m = median(times)
+            let rate = Double(iterations * 2) / seconds(m)
+            rates.append(rate)
+            t.add([cold ? "cold (2-D walk every load)" : "warm", "\(iterations)", show(m), fmt(rate / 1e6, 2) + " M",
+                   "\(stats.tlbHits)", "\(stats.tlbMisses)"])
+        }
+        print(t.render())
+        print("   warm / cold: \(fmt(rates[0] / rates[1], 2))x\n")
+    }
+
+    /// A loop of `iterations` LOADs; cold: each load touches another of 4096 pages, which the
+    /// 256-entry TLB cannot hold, so each is a full two-dimensional walk.
+    func simulatorRun(iterations: Int, cold: Bool) throws -> (Duration, VMStatistics) {
+        let pagesTouched: UInt64 = 4096
+        let ram: UInt64 = 32 << 20
+        var img = GuestImage()
+        var pt = GuestPageTableBuilder(image: &img, tableArea: GPARange(start: GPA(0), size: 0x10_0000))
+        let dataVA: UInt64 = 0x1_0000_0000, codeVA: UInt64 = 0x40_0000
+        for i in 0..<pagesTouched {
+            try pt.map(&img, gva: dataVA + i * 0x1000, gpa: 0x100_0000 + i * 0x1000, flags: [.present, .writable, .noExecute])
+        }
+        try pt.map(&img, gva: codeVA, gpa: 0x20_0000, flags: [.present])
+        var a = Assembler(origin: codeVA)
+        a.load64(2, dataVA)
+        a.load64(3, dataVA)
+        a.load64(4, pagesTouched * 0x1000)
+        a.emit(.movi, 5, 0, Int32(iterations))
+        a.emit(.movi, 6, 0, 0x1000)
+        let loop = a.here
+        a.emit(.load, 0, 2, 0)
+        if cold {
+            a.emit(.add, 2, 6)                 // next page
+            a.emit(.mov, 7, 2); a.emit(.sub, 7, 3); a.emit(.sub, 7, 4)
+            a.emit(.jnz, 7, 0, 8)              // wrapped past the last page?
+            a.emit(.mov, 2, 3)
+        } else {
+            a.emit(.nop); a.emit(.nop); a.emit(.nop); a.emit(.nop); a.emit(.nop)
+        }
+        a.emit(.addi, 5, 0, -1)
+        a.jnz(5, to: loop)
+        a.emit(.hlt)
+        img.write(0x20_0000, a.bytes)
+        let vm = try VirtualMachine(config: VMConfig(ramSize: ram), registry: NPTKitRuntime.makeRegistry())
+        defer { try? vm.destroy() }
+        try vm.setPolicy(PolicyRange(start: GPA(0x20_0000), size: 0x1000, pageSize: .size4K, permissions: [.read, .supervisorExecute]))
+        try img.load(into: vm)
+        let cpu = try vm.makeVCPU(index: 0)
+        var r = Registers()
+        r.cr0 = Registers.cr0PG; r.cr3 = pt.cr3; r.efer = Registers.eferNXE; r.rip = codeVA
+        try cpu.setRegisters(r)
+        var exit = VMExit(reason: .none)
+        let d = try ContinuousClock().measure { exit = try cpu.run() }
+        guard exit.reason == .halt else { throw NPTError(.state, "benchmark guest ended with \(exit)") }
+        return (d, vm.statistics())
+    }
+
+    // MARK: 4. exits per system-call round trip
+
+    func benchExits() throws {
+        print("4. Exits per system-call round trip in the demo scenario (difference between 10 and 1,010 system calls)")
+        var t = Table(["mode", "exits / round trip", "escalation", "return", "EPT violation", "wall time / round trip"])
+        let registry = NPTKitRuntime.makeRegistry()
+        for mode in [VMConfig.MBECMode.exact, .lazy] {
+            var times: [Duration] = []
+            var a = VMStatistics(), b = VMStatistics()
+            for _ in 0..<(quick ? 3 : 7) {
+                let c = ContinuousClock()
+                let t0 = c.now
+                (_, a) = try runScenario(registry: registry, mode: mode, syscalls: 10)
+                let t1 = c.now
+                (_, b) = try runScenario(registry: registry, mode: mode, syscalls: 1010)
+                let t2 = c.now
+                times.append((t2 - t1) - (t1 - t0))
+            }
+            let n = 1000.0
+            t.add(["\(mode)", fmt(Double(mbecExits(b) - mbecExits(a)) / n),
+                   fmt(Double(b.exitsEscalation - a.exitsEscalation) / n), fmt(Double(b.exitsReturnToUser - a.exitsReturnToUser) / n),
+                   fmt(Double(b.exitsEPTViolation - a.exitsEPTViolation) / n), show(median(times) / 1000)])
+        }
+        print(t.render())
+        print("   The patent's lower bound is one exit per escalation; the return costs one more exit in both modes\n   (exact: the return exit; lazy: the violation on the first user fetch, since user code is not Xs).\n")
+    }
+
+    // MARK: 5. C ABI vs Swift
+
+    func benchABI() throws {
+        print("5. One policy call (set one 4 KiB page) through the C ABI against the same call in Swift")
+        let calls = quick ? 2000 : 20_000
+        let batch = 100
+        // Swift
+        let vm = try VirtualMachine(config: VMConfig(ramSize: 1 << 30), registry: NPTKitRuntime.makeRegistry())
+        defer { try? vm.destroy() }
+        var swiftTimes: [Duration] = []
+        for i in 0..<(calls / batch) {
+            swiftTimes.append(try ContinuousClock().measure {
+                for j in 0..<batch {
+                    let p: EPTPermissions = (i + j) % 2 == 0 ? [.read, .supervisorExecute] : [.read, .write]
+                    try vm.setPolicy(PolicyRange(start: GPA(0x10_0000), size: 0x1000, pageSize: .size4K, permissions: p))
+                }
+            } / batch)
+        }
+        // C ABI, called through a C function pointer.
+        let set: @convention(c) (OpaquePointer?, UInt64, UInt64, UInt64, UInt64) -> npt_status = npt_policy_set
+        var ctx: OpaquePointer?
+        var cvm: OpaquePointer?
+        guard npt_context_create(&ctx) == NPT_OK else { throw NPTError(.state, "npt_context_create failed") }
+        var cfg = npt_vm_config()
+        cfg.size = UInt32(MemoryLayout<npt_vm_config>.size)
+        cfg.ram_size = 1 << 30
+        cfg.default_perms = EPTPermissions([.read, .write]).rawValue
+        guard npt_vm_create(ctx, &cfg, &cvm) == NPT_OK else { throw NPTError(.state, String(cString: npt_last_error())) }
+        var cTimes: [Duration] = []
+        for i in 0..<(calls / batch) {
+            cTimes.append(ContinuousClock().measure {
+                for j in 0..<batch {
+                    let p: UInt64 = (i + j) % 2 == 0 ? 5 : 3
+                    _ = set(cvm, 0x10_0000, 0x1000, 0x1000, p)
+                }
+            } / batch)
+        }
+        _ = npt_vm_destroy(cvm)
+        _ = npt_context_destroy(ctx)
+        let s = median(swiftTimes), c = median(cTimes)
+        var t = Table(["call", "median per call", "C / Swift"])
+        t.add(["Swift: VirtualMachine.setPolicy", show(s), "1.00"])
+        t.add(["C ABI: npt_policy_set", show(c), fmt(seconds(c) / seconds(s))])
+        print(t.render())
+        print("")
+    }
+}
+
+#if DEBUG
+let isDebugBuild = true
+#else
+let isDebugBuild = false
+#endif
+
+struct BenchRNG: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+func median(_ xs: [Duration]) -> Duration {
+    let s = xs.sorted()
+    return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+}
+
+func seconds(_ d: Duration) -> Double {
+    Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+}
+
+func show(_ d: Duration) -> String {
+    let s = seconds(d)
+    if s >= 1 { return fmt(s, 2) + " s" }
+    if s >= 1e-3 { return fmt(s * 1e3, 2) + " ms" }
+    if s >= 1e-6 { return fmt(s * 1e6, 2) + " us" }
+    return fmt(s * 1e9, 1) + " ns"
+}

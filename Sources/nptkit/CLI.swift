@@ -1,0 +1,160 @@
+import ArgumentParser
+import NPTCore
+import NPTKit
+import NPTSimulator
+
+@main
+struct NPTKitCLI: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "nptkit",
+        abstract: "Memory-virtualization controls hypervisors need and hardware does not always give.",
+        subcommands: [Demo.self, Backends.self, Bench.self],
+        defaultSubcommand: Demo.self)
+}
+
+struct BackendOptions: ParsableArguments {
+    @Option(help: "Backend to run on (see `backends`).")
+    var backend: String = "sim"
+    @Option(help: "Backend plugin (.so) to load first; repeatable.")
+    var plugin: [String] = []
+
+    func registry() throws -> BackendRegistry {
+        let r = NPTKitRuntime.makeRegistry()
+        for p in plugin { try NPTKitRuntime.loadPlugin(p, into: r) }
+        return r
+    }
+}
+
+enum ModeArgument: String, ExpressibleByArgument, CaseIterable {
+    case exact, lazy
+    var mode: VMConfig.MBECMode { self == .exact ? .exact : .lazy }
+}
+
+struct Backends: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "List the registered backends.")
+    @OptionGroup var options: BackendOptions
+
+    func run() throws {
+        let r = try options.registry()
+        var t = Table(["name", "default", "plugin", "capabilities", "description"])
+        for b in r.all {
+            let caps: [(BackendCapabilities, String)] = [(.mbecEmulation, "mbec"), (.exitOnEscalation, "exit-escalate"),
+                                                         (.exitOnReturn, "exit-return"), (.linearModeInfo, "linear-us"), (.run, "run")]
+            t.add([b.name, r.defaultName == b.name ? "yes" : "", b.isPlugin ? "yes" : "",
+                   caps.filter { b.capabilities.contains($0.0) }.map(\.1).joined(separator: ","), b.summary])
+        }
+        print(t.render())
+    }
+}
+
+struct Demo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the HVCI-like MBEC scenario (a kernel, a user process making system calls, two attacks).")
+    @OptionGroup var options: BackendOptions
+    @Option(help: "MBEC emulation mode: exact (exit on return to user) or lazy (the patent's minimum).")
+    var mode: ModeArgument = .exact
+    @Option(help: "System calls the user process makes.")
+    var syscalls: Int = 10
+
+    func run() throws {
+        let registry = try options.registry()
+        print("NPTKit demo: emulated mode-based execute control on backend '\(options.backend)', mode \(mode.rawValue), guest SMEP on\n")
+        print("Guest: an HVCI-like kernel and a user process. Policy (EPT bits R W Xs Xu), the rest of RAM R W:")
+        var p = Table(["guest-physical", "what", "policy"])
+        for r in HVCIScenario(syscalls: syscalls).policy {
+            let what: String
+            switch r.range.start.raw {
+            case HVCIScenario.kernelCode: what = "kernel code"
+            case HVCIScenario.userCode: what = "user code"
+            case HVCIScenario.userJIT: what = "user JIT page (also at a kernel direct-map address)"
+            default: what = "driver page, also mapped at a user-mode address"
+            }
+            p.add([hex(r.range.start.raw), what, r.permissions.description])
+        }
+        print(p.render())
+
+        let (outcome, stats) = try runScenario(registry: registry, mode: mode.mode, syscalls: syscalls)
+        print("\nGuest output (system call 'write'): \(outcome.printed.map(String.init).joined(separator: " "))")
+        print("\nViolations stopped (reported to the VMM with an EPT-violation qualification, then injected as #VE):")
+        var v = Table(["#", "attempt", "cpl", "linear address", "guest-physical", "access", "policy of page", "qualification"])
+        for (i, x) in outcome.violations.enumerated() {
+            let q = x.violation
+            let who = x.cpl == 3 ? "user runs a supervisor-only page" : "kernel runs a user page"
+            v.add(["\(i + 1)", who, "\(x.cpl)", hex(x.gva.raw), hex(x.gpa.raw),
+                   q.contains(.fetch) ? "fetch" : q.contains(.write) ? "write" : "read",
+                   policyText(q), "\(hex(q.rawValue)) \(qualText(q))"])
+        }
+        print(v.render())
+        print("Attacks that ran guest code: \(outcome.attacksSucceeded)   Faults the guest kernel saw: \(outcome.faultsSeenByGuest.map { "vector \($0.vector) at \(hex($0.rip))" }.joined(separator: ", "))")
+
+        print("\nExits by reason:")
+        var e = Table(["reason", "count", "handled by"])
+        e.add(["escalation (user -> supervisor)", "\(stats.exitsEscalation)", "core: expose supervisor hierarchy"])
+        e.add(["return to user", "\(stats.exitsReturnToUser)", "core: expose user hierarchy"])
+        e.add(["EPT violation", "\(stats.exitsEPTViolation)", "core: switch, or report (\(stats.violationsReported) reported)"])
+        e.add(["IO (guest output)", "\(outcome.printed.count + 2 * outcome.faultsSeenByGuest.count)", "VMM"])
+        e.add(["halt", outcome.halted ? "1" : "0", "VMM"])
+        print(e.render())
+        print("Hierarchy switches: \(stats.hierarchySwitches)   Guest instructions: \(stats.instructions)   TLB hits/misses: \(stats.tlbHits)/\(stats.tlbMisses)")
+
+        // Exits per system-call round trip, isolated: the difference between two runs.
+        let (_, longer) = try runScenario(registry: registry, mode: mode.mode, syscalls: syscalls + 100)
+        let perCall = Double(mbecExits(longer) - mbecExits(stats)) / 100
+        print("Exits per system-call round trip: \(fmt(perCall)) (mode \(mode.rawValue); the lower bound is 1, the escalation)")
+    }
+}
+
+func mbecExits(_ s: VMStatistics) -> UInt64 { s.exitsEscalation + s.exitsReturnToUser + s.exitsEPTViolation }
+
+func runScenario(registry: BackendRegistry, backend: String? = nil, mode: VMConfig.MBECMode, syscalls: Int,
+                 smep: Bool = true) throws -> (HVCIScenario.Outcome, VMStatistics) {
+    let vm = try VirtualMachine(config: VMConfig(ramSize: HVCIScenario.ram, mbecMode: mode, backendName: backend),
+                                registry: registry)
+    defer { try? vm.destroy() }
+    let o = try HVCIScenario(syscalls: syscalls, smep: smep).run(on: vm)
+    return (o, vm.statistics())
+}
+
+func policyText(_ q: ViolationQualification) -> String {
+    var s = ""
+    s += q.contains(.readable) ? "R" : "-"
+    s += q.contains(.writable) ? "W" : "-"
+    s += q.contains(.executable) ? "Xs" : "--"
+    s += q.contains(.userExecutable) ? "Xu" : "--"
+    return s
+}
+
+func qualText(_ q: ViolationQualification) -> String {
+    q.contains(.userLinear) ? "(user-mode address)" : "(supervisor-mode address)"
+}
+
+func fmt(_ d: Double, _ digits: Int = 2) -> String {
+    var m = 1.0
+    for _ in 0..<digits { m *= 10 }
+    let r = (d * m).rounded() / m
+    var s = String(r)
+    if let dot = s.firstIndex(of: ".") {
+        let decimals = s.distance(from: dot, to: s.endIndex) - 1
+        if decimals < digits { s += String(repeating: "0", count: digits - decimals) }
+    }
+    return s
+}
+
+/// A plain text table.
+struct Table {
+    var header: [String]
+    var rows: [[String]] = []
+    init(_ h: [String]) { header = h }
+    mutating func add(_ r: [String]) { rows.append(r) }
+    func render() -> String {
+        var w = header.map(\.count)
+        for r in rows { for (i, c) in r.enumerated() where i < w.count { w[i] = max(w[i], c.count) } }
+        func line(_ r: [String]) -> String {
+            r.enumerated().map { i, c in i == r.count - 1 ? c : c + String(repeating: " ", count: w[i] - c.count) }
+                .joined(separator: "  ")
+        }
+        var out = [line(header), w.map { String(repeating: "-", count: $0) }.joined(separator: "  ")]
+        out += rows.map(line)
+        return out.map { "  " + $0 }.joined(separator: "\n")
+    }
+}
