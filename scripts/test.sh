@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every test of NPTKit: the Swift tests (unit, property, differential, scenario) and the C
+# programs compiled against libnptkit.so (API, plugins, the C example, one under AddressSanitizer).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== swift build (libnptkit.so, nptkit-cli, tests)"
+swift build
+swift build --build-tests
+
+echo "== swift test"
+swift test --skip-build
+
+echo "== C tests against libnptkit.so"
+bash Tests/C/run.sh "$(swift build --show-bin-path)"
+
+echo "== main job smoke run (nptkit demo)"
+"$(swift build --show-bin-path)/nptkit-cli" demo > /tmp/nptkit-demo.log
+grep -q "Attacks that ran guest code: 0" /tmp/nptkit-demo.log
+echo "demo: ok"
