@@ -14,6 +14,9 @@ swift test --skip-build
 echo "== C tests against libnptkit.so"
 bash Tests/C/run.sh "$(swift build --show-bin-path)"
 
+echo "== Promela model of the privileged-mode protocol (spin)"
+bash Tests/Promela/check.sh
+
 echo "== main job smoke run (nptkit demo)"
 "$(swift build --show-bin-path)/nptkit-cli" demo > /tmp/nptkit-demo.log
 grep -q "Attacks that ran guest code: 0" /tmp/nptkit-demo.log
