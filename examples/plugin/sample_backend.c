@@ -1,0 +1,279 @@
+/*
+ * sample_backend.c - an NPTKit backend written in C, loaded as a plugin.
+ *
+ * Build:  cc -std=c11 -shared -fPIC -I include examples/plugin/sample_backend.c \
+ *            -o libnptkit-sample.so -lpthread
+ * Load:   npt_plugin_load(ctx, "./libnptkit-sample.so", &name)   (name == "sample")
+ *
+ * What a backend is (include/nptkit.h, "Backends as a table of function pointers"): the
+ * mechanism, never the policy. The core decides which shadow hierarchy a vCPU must see and tells
+ * the backend through vcpu_set_hierarchy; it tells it which translations changed through
+ * invalidate; it asks it to run a vCPU and decides what to do with each exit.
+ *
+ * This backend holds real guest memory (a calloc'd buffer of config->ram_size bytes) and real
+ * register files, but it does not execute guest code: vcpu_run plays a script of exits set with
+ * sample_backend_set_script(). That is enough to drive the core's decisions from C, and it keeps
+ * the example short. A backend that runs code (KVM, a simulator) fills the same npt_exit.
+ *
+ * Rules a plugin follows:
+ *  - it does not link libnptkit.so: whatever it needs from the core comes in the npt_host_api
+ *    table given to npt_plugin_entry (kept in `host` below);
+ *  - npt_plugin_entry checks the host's ABI major version and refuses another one;
+ *  - the ops table it returns stays valid for as long as the plugin is loaded (it is static).
+ *
+ * Threads: the core serializes calls on one vCPU, but different vCPUs and VMs may be driven from
+ * different threads, and invalidate may come from any thread. One mutex guards the shared
+ * counters and the script; memory accesses are per VM and need no lock for this example.
+ */
+#include <nptkit.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sample_backend.h"
+
+#define EXPORT __attribute__((visibility("default")))
+
+static const npt_host_api *host; /* the core's functions; this backend needs none of them */
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sample_counters counters;
+static npt_exit *script;
+static size_t script_len, script_pos;
+
+#define COUNT(stmt)                  \
+    do {                             \
+        pthread_mutex_lock(&lock);   \
+        stmt;                        \
+        pthread_mutex_unlock(&lock); \
+    } while (0)
+
+struct sample_vm {
+    uint8_t *ram;
+    uint64_t ram_size;
+};
+
+struct sample_vcpu {
+    struct sample_vm *vm;
+    uint32_t index;
+    uint32_t hierarchy;     /* what the core last exposed: NPT_HIERARCHY_* */
+    uint32_t exit_controls; /* NPT_EXITCTL_* */
+    npt_regs regs;
+};
+
+/* ---- VMs and memory ---------------------------------------------------- */
+
+static npt_status sample_vm_create(void *backend_data, npt_vm *vm, const npt_vm_config *config, void **vm_data) {
+    (void)backend_data;
+    (void)vm; /* the core's handle: what host->hierarchy_translate would take */
+    if (config == NULL || vm_data == NULL || config->ram_size == 0) return NPT_ERR_INVALID_ARGUMENT;
+    if (config->ram_size > SIZE_MAX) return NPT_ERR_OUT_OF_RANGE;
+    struct sample_vm *v = calloc(1, sizeof *v);
+    if (v == NULL) return NPT_ERR_BACKEND;
+    v->ram = calloc(1, (size_t)config->ram_size);
+    if (v->ram == NULL) {
+        free(v);
+        return NPT_ERR_BACKEND;
+    }
+    v->ram_size = config->ram_size;
+    *vm_data = v;
+    COUNT(counters.vm_creates++);
+    return NPT_OK;
+}
+
+static void sample_vm_destroy(void *vm_data) {
+    struct sample_vm *v = vm_data;
+    if (v == NULL) return;
+    free(v->ram);
+    free(v);
+    COUNT(counters.vm_destroys++);
+}
+
+/* [gpa, gpa + len) inside guest RAM, without overflowing. */
+static int in_ram(const struct sample_vm *v, uint64_t gpa, size_t len) {
+    return gpa <= v->ram_size && (uint64_t)len <= v->ram_size - gpa;
+}
+
+static npt_status sample_memory_write(void *vm_data, uint64_t gpa, const void *data, size_t len) {
+    struct sample_vm *v = vm_data;
+    if (data == NULL && len > 0) return NPT_ERR_INVALID_ARGUMENT;
+    if (!in_ram(v, gpa, len)) return NPT_ERR_OUT_OF_RANGE;
+    if (len > 0) memcpy(v->ram + gpa, data, len);
+    COUNT(counters.memory_writes++);
+    return NPT_OK;
+}
+
+static npt_status sample_memory_read(void *vm_data, uint64_t gpa, void *data, size_t len) {
+    struct sample_vm *v = vm_data;
+    if (data == NULL && len > 0) return NPT_ERR_INVALID_ARGUMENT;
+    if (!in_ram(v, gpa, len)) return NPT_ERR_OUT_OF_RANGE;
+    if (len > 0) memcpy(data, v->ram + gpa, len);
+    COUNT(counters.memory_reads++);
+    return NPT_OK;
+}
+
+/* INVEPT analogue. A backend with a TLB or with per-hierarchy mappings drops the translations of
+ * [gpa, gpa + size) in `hierarchy` here; this one has none, so it only counts. */
+static npt_status sample_invalidate(void *vm_data, uint32_t hierarchy, uint64_t gpa, uint64_t size) {
+    (void)vm_data;
+    if (hierarchy >= NPT_HIERARCHY_COUNT) return NPT_ERR_INVALID_ARGUMENT;
+    COUNT(counters.invalidations++; counters.invalidated_hierarchies |= UINT64_C(1) << hierarchy;
+          counters.last_invalidate_gpa = gpa; counters.last_invalidate_size = size);
+    return NPT_OK;
+}
+
+/* ---- vCPUs --------------------------------------------------------------- */
+
+static npt_status sample_vcpu_create(void *vm_data, uint32_t index, void **vcpu_data) {
+    if (vcpu_data == NULL) return NPT_ERR_INVALID_ARGUMENT;
+    struct sample_vcpu *c = calloc(1, sizeof *c);
+    if (c == NULL) return NPT_ERR_BACKEND;
+    c->vm = vm_data;
+    c->index = index;
+    c->hierarchy = NPT_HIERARCHY_SUPERVISOR;
+    c->regs.size = sizeof c->regs;
+    c->regs.rflags = 2;
+    *vcpu_data = c;
+    COUNT(counters.vcpu_creates++);
+    return NPT_OK;
+}
+
+static void sample_vcpu_destroy(void *vcpu_data) {
+    free(vcpu_data);
+    COUNT(counters.vcpu_destroys++);
+}
+
+static npt_status sample_vcpu_get_regs(void *vcpu_data, npt_regs *regs) {
+    struct sample_vcpu *c = vcpu_data;
+    if (regs == NULL || regs->size < sizeof *regs) return NPT_ERR_INVALID_ARGUMENT;
+    *regs = c->regs;
+    COUNT(counters.get_regs++);
+    return NPT_OK;
+}
+
+static npt_status sample_vcpu_set_regs(void *vcpu_data, const npt_regs *regs) {
+    struct sample_vcpu *c = vcpu_data;
+    if (regs == NULL || regs->size < sizeof *regs) return NPT_ERR_INVALID_ARGUMENT;
+    if (regs->cpl != 0 && regs->cpl != 3) return NPT_ERR_INVALID_ARGUMENT;
+    c->regs = *regs;
+    c->regs.size = sizeof c->regs;
+    COUNT(counters.set_regs++);
+    return NPT_OK;
+}
+
+/* The core decided which hierarchy this vCPU must see; a hardware backend would load the root of
+ * that hierarchy (an EPTP) here. */
+static npt_status sample_vcpu_set_hierarchy(void *vcpu_data, uint32_t hierarchy) {
+    struct sample_vcpu *c = vcpu_data;
+    if (hierarchy >= NPT_HIERARCHY_COUNT) return NPT_ERR_INVALID_ARGUMENT;
+    c->hierarchy = hierarchy;
+    COUNT(counters.hierarchy_log[counters.set_hierarchy % SAMPLE_HIERARCHY_LOG] = hierarchy;
+          counters.set_hierarchy++);
+    return NPT_OK;
+}
+
+static npt_status sample_vcpu_set_exit_controls(void *vcpu_data, uint32_t controls) {
+    struct sample_vcpu *c = vcpu_data;
+    if (controls & ~(uint32_t)(NPT_EXITCTL_ESCALATION | NPT_EXITCTL_RETURN)) return NPT_ERR_INVALID_ARGUMENT;
+    c->exit_controls = controls;
+    COUNT(counters.set_exit_controls++; counters.last_exit_controls = controls);
+    return NPT_OK;
+}
+
+/* "Runs" the vCPU: hands out the next scripted exit. The exit reports what the hardware would:
+ * the hierarchy exposed at the exit and the instruction pointer; the CPL of the scripted exit
+ * becomes the vCPU's CPL (the guest got there). */
+static npt_status sample_vcpu_run(void *vcpu_data, npt_exit *exit) {
+    struct sample_vcpu *c = vcpu_data;
+    if (exit == NULL || exit->size < sizeof *exit) return NPT_ERR_INVALID_ARGUMENT;
+    npt_exit next;
+    int have = 0;
+    pthread_mutex_lock(&lock);
+    if (script_pos < script_len) {
+        next = script[script_pos++];
+        have = 1;
+        counters.runs++;
+    }
+    pthread_mutex_unlock(&lock);
+    if (!have) return NPT_ERR_STATE; /* nothing left to play */
+    if (next.cpl == 0 || next.cpl == 3) c->regs.cpl = next.cpl;
+    next.size = exit->size;
+    next.cpl = c->regs.cpl;
+    next.hierarchy = c->hierarchy;
+    if (next.rip == 0) next.rip = c->regs.rip;
+    *exit = next;
+    return NPT_OK;
+}
+
+/* Injecting an exception needs a guest that runs; this backend has none. */
+static npt_status sample_vcpu_inject_fault(void *vcpu_data, uint32_t vector, uint64_t error_code, uint64_t address) {
+    (void)vcpu_data;
+    (void)vector;
+    (void)error_code;
+    (void)address;
+    COUNT(counters.inject_fault++);
+    return NPT_ERR_UNSUPPORTED;
+}
+
+/* ---- the ops table and the entry ---------------------------------------- */
+
+static const npt_backend_ops sample_ops = {
+    .abi_version = NPT_ABI_VERSION,
+    .size = sizeof(npt_backend_ops),
+    .name = SAMPLE_BACKEND_NAME,
+    .description = "sample C backend: calloc'd guest memory, scripted exits",
+    /* It can expose a hierarchy per vCPU, reports both transitions and the U/S of the linear
+     * address in its (scripted) violations, and "runs". It cannot back a privileged-mode region:
+     * define_region and vcpu_kick stay NULL, and the core answers NPT_ERR_UNSUPPORTED for them. */
+    .capabilities = NPT_CAP_MBEC_EMULATION | NPT_CAP_EXIT_ON_ESCALATE | NPT_CAP_EXIT_ON_RETURN |
+                    NPT_CAP_LINEAR_MODE_INFO | NPT_CAP_RUN,
+    .backend_data = NULL,
+    .vm_create = sample_vm_create,
+    .vm_destroy = sample_vm_destroy,
+    .memory_write = sample_memory_write,
+    .memory_read = sample_memory_read,
+    .vcpu_create = sample_vcpu_create,
+    .vcpu_destroy = sample_vcpu_destroy,
+    .vcpu_get_regs = sample_vcpu_get_regs,
+    .vcpu_set_regs = sample_vcpu_set_regs,
+    .vcpu_set_hierarchy = sample_vcpu_set_hierarchy,
+    .vcpu_set_exit_controls = sample_vcpu_set_exit_controls,
+    .invalidate = sample_invalidate,
+    .vcpu_run = sample_vcpu_run,
+    .vcpu_inject_fault = sample_vcpu_inject_fault,
+    .vcpu_kick = NULL,
+    .define_region = NULL,
+};
+
+EXPORT npt_status npt_plugin_entry(const npt_host_api *h, const npt_backend_ops **ops) {
+    if (h == NULL || ops == NULL) return NPT_ERR_INVALID_ARGUMENT;
+    if (NPT_ABI_MAJOR(h->abi_version) != NPT_ABI_VERSION_MAJOR) return NPT_ERR_ABI_MISMATCH;
+    host = h;
+    *ops = &sample_ops;
+    return NPT_OK;
+}
+
+/* ---- extras for tests (see sample_backend.h) ------------------------------ */
+
+EXPORT void sample_backend_counters(struct sample_counters *out) {
+    if (out == NULL) return;
+    COUNT(*out = counters);
+}
+
+EXPORT void sample_backend_set_script(const npt_exit *exits, size_t n) {
+    npt_exit *copy = NULL;
+    if (n > 0 && exits != NULL) {
+        copy = malloc(n * sizeof *copy);
+        if (copy == NULL) n = 0;
+        else memcpy(copy, exits, n * sizeof *copy);
+    } else {
+        n = 0;
+    }
+    pthread_mutex_lock(&lock);
+    npt_exit *old = script;
+    script = copy;
+    script_len = n;
+    script_pos = 0;
+    pthread_mutex_unlock(&lock);
+    free(old);
+}
