@@ -101,6 +101,7 @@ npt_status npt_context_destroy(npt_context *ctx);
 #define NPT_CAP_EXIT_ON_RETURN    (UINT64_C(1) << 2) /* exits on supervisor->user */
 #define NPT_CAP_LINEAR_MODE_INFO  (UINT64_C(1) << 3) /* violation reports the U/S of the linear address */
 #define NPT_CAP_RUN               (UINT64_C(1) << 4) /* runs guest code */
+#define NPT_CAP_PRIVILEGED_MODE   (UINT64_C(1) << 5) /* can stop vCPUs and back the privileged-mode region */
 
 typedef struct npt_backend_info {
     uint32_t size;            /* in: sizeof(npt_backend_info) */
@@ -215,7 +216,11 @@ typedef enum npt_exit_reason {
     NPT_EXIT_ESCALATION = 6,      /* raw only: user -> supervisor transition */
     NPT_EXIT_RETURN_TO_USER = 7,  /* raw only: supervisor -> user transition */
     NPT_EXIT_EPT_VIOLATION = 8,   /* raw only: nested violation, not yet decided */
-    NPT_EXIT_INTERNAL_ERROR = 9
+    NPT_EXIT_INTERNAL_ERROR = 9,
+    NPT_EXIT_KICKED = 10,         /* raw only: the core asked the vCPU to leave run (stop, request) */
+    NPT_EXIT_LEAVE_MODE = 11,     /* raw only: the guest executed RSM */
+    NPT_EXIT_PRIVILEGED_FAILED = 12 /* an enter-mode request failed: vCPU `vector` did not stop in time;
+                                       npt_last_error() says more; the view is unchanged */
 } npt_exit_reason;
 
 /* EPT-violation exit qualification bits (Intel SDM, table "Exit Qualification
@@ -272,6 +277,55 @@ npt_status npt_handle_exit(npt_vcpu *vcpu, npt_exit *exit, uint32_t *action);
 /* Delivers fault `vector` to the guest's fault handler (as the VMM would
  * inject an exception after a reported violation). */
 npt_status npt_vcpu_inject_fault(npt_vcpu *vcpu, uint32_t vector, uint64_t error_code, uint64_t address);
+
+/* ------------------------------------------------------------------------ */
+/* Privileged mode (SMM-like) with a secure global view                       */
+/* ------------------------------------------------------------------------ */
+/* A special region (outside RAM) holds the mode's code. It is part of the VM's one global memory
+ * view only while one vCPU is in the mode: an enter-mode request stops every other vCPU (their
+ * npt_vcpu_run calls park inside the library), then adds the region to every shadow hierarchy, then
+ * the vCPU enters at the region's entry point (CPL 0, paging off, r0 = its index). RSM (guest
+ * instruction 0x13, or npt_vcpu_leave_privileged) removes the region, invalidates every translation
+ * to it, restores the vCPU's state and resumes the others. Requests are served in arrival order. */
+typedef struct npt_region {
+    uint32_t size;          /* sizeof(npt_region) */
+    uint32_t reserved;
+    uint64_t gpa;           /* 4 KiB aligned, outside guest RAM */
+    uint64_t length;        /* multiple of 4 KiB, at most 1 GiB */
+    const void *contents;   /* copied; may be NULL when contents_len is 0 */
+    size_t contents_len;    /* at most length */
+    uint64_t entry_offset;  /* 8-byte aligned offset of the entry point */
+    uint64_t perms;         /* policy of the region's pages while visible; 0 = R|W|SX */
+} npt_region;
+
+npt_status npt_region_set(npt_vm *vm, const npt_region *region);
+/* The enter-mode interrupt for `vcpu`. Any thread; the vCPU's thread serves it in npt_vcpu_run. */
+npt_status npt_vcpu_raise_privileged(npt_vcpu *vcpu);
+/* Another interrupt: delivered to the guest now, or, if the vCPU is stopped, after it resumes
+ * (*deferred = 1). */
+npt_status npt_vcpu_raise_interrupt(npt_vcpu *vcpu, uint32_t vector, int *deferred);
+/* RSM from the VMM. NPT_ERR_STATE if the vCPU is not in the mode. */
+npt_status npt_vcpu_leave_privileged(npt_vcpu *vcpu);
+/* Index of the vCPU in the mode, or -1. */
+npt_status npt_vm_privileged_holder(npt_vm *vm, int64_t *index);
+/* How long an entry waits for the other vCPUs to stop (default 1 s). */
+npt_status npt_vm_set_stop_timeout(npt_vm *vm, uint64_t nanoseconds);
+
+typedef struct npt_privileged_stats {
+    uint32_t size;                   /* sizeof(npt_privileged_stats) */
+    uint32_t reserved;
+    uint64_t requests;
+    uint64_t entries;
+    uint64_t failures;               /* a vCPU did not stop in time */
+    uint64_t deferred_interrupts;
+    uint64_t entry_latency_total_ns; /* from the request to the entry */
+    uint64_t entry_latency_max_ns;
+    uint64_t stopped_total_ns;       /* from the stop request to the others' resumption */
+    uint64_t outside_while_visible;  /* simulator check: instructions run by a vCPU outside the mode
+                                        while the region was visible (the invariant: 0) */
+} npt_privileged_stats;
+
+npt_status npt_vm_get_privileged_stats(npt_vm *vm, npt_privileged_stats *stats);
 
 /* ------------------------------------------------------------------------ */
 /* Statistics                                                                 */
@@ -335,6 +389,12 @@ typedef struct npt_backend_ops {
     /* Run until the next exit; fill `exit`. */
     npt_status (*vcpu_run)(void *vcpu_data, npt_exit *exit);
     npt_status (*vcpu_inject_fault)(void *vcpu_data, uint32_t vector, uint64_t error_code, uint64_t address);
+    /* Make a vcpu_run in progress (or the next one) return NPT_EXIT_KICKED soon. Any thread. */
+    void (*vcpu_kick)(void *vcpu_data);
+    /* Back the privileged-mode region [gpa, gpa+size) at `host_offset` of the backing memory
+     * (what npt_hierarchy_translate reports for its pages), filled with `contents`. */
+    npt_status (*define_region)(void *vm_data, uint64_t gpa, uint64_t size, uint64_t host_offset,
+                                const void *contents, size_t contents_len);
 } npt_backend_ops;
 
 /* Registers a backend in `ctx`. The ops table must stay valid until the

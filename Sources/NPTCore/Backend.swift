@@ -14,6 +14,8 @@ public struct BackendCapabilities: OptionSet, Hashable, Sendable {
     public static let linearModeInfo = BackendCapabilities(rawValue: 1 << 3)
     /// Runs guest code.
     public static let run = BackendCapabilities(rawValue: 1 << 4)
+    /// Can stop vCPUs (kick) and back a privileged-mode region.
+    public static let privilegedMode = BackendCapabilities(rawValue: 1 << 5)
 }
 
 public struct ExitControls: OptionSet, Hashable, Sendable {
@@ -76,6 +78,12 @@ public struct VMExit: Equatable, Sendable, CustomStringConvertible {
     public enum Reason: UInt32, Sendable {
         case none = 0, halt = 1, io = 2, mbecViolation = 3, guestFault = 4, budget = 5
         case escalation = 6, returnToUser = 7, eptViolation = 8, internalError = 9
+        /// The core asked the vCPU to leave `run` (to stop it, or to deliver an enter-mode request).
+        case kicked = 10
+        /// The guest executed RSM: leave the privileged mode (the core handles it).
+        case leaveMode = 11
+        /// An enter-mode request failed: a CPU did not stop within the bound (`vector` = its index).
+        case privilegedEntryFailed = 12
     }
     public var reason: Reason
     public var gpa: GPA = GPA(0)
@@ -142,7 +150,25 @@ public protocol BackendVM: AnyObject, Sendable {
     /// INVEPT analogue: translations of `range` in `hierarchy` may have changed.
     func invalidate(_ inv: Invalidation) throws(NPTError)
     func makeVCPU(index: UInt32) throws(NPTError) -> any BackendVCPU
+    /// Backs the privileged-mode region: `contents` at `hostOffset` of the backing memory, where the
+    /// shadow hierarchies' leaves for the region point.
+    func defineRegion(_ range: GPARange, hostOffset: UInt64, contents: UnsafeRawBufferPointer) throws(NPTError)
+    /// Told right before the region is added to the view (`holder` set) and right after it was
+    /// removed and every translation to it invalidated (nil). A backend may check with it that no
+    /// other CPU runs meanwhile.
+    func regionVisibility(holder: UInt32?)
+    /// Instructions a vCPU outside the mode ran while the region was visible, where the backend
+    /// can tell (the invariant keeps it 0).
+    var outsideWhileVisible: UInt64 { get }
     func destroy()
+}
+
+extension BackendVM {
+    public func defineRegion(_ range: GPARange, hostOffset: UInt64, contents: UnsafeRawBufferPointer) throws(NPTError) {
+        throw .unsupported("this backend cannot back a privileged-mode region")
+    }
+    public func regionVisibility(holder: UInt32?) {}
+    public var outsideWhileVisible: UInt64 { 0 }
 }
 
 /// A vCPU of a backend. Driven by one thread at a time (the core enforces it).
@@ -153,6 +179,8 @@ public protocol BackendVCPU: AnyObject, Sendable {
     func setExitControls(_ c: ExitControls) throws(NPTError)
     func run() throws(NPTError) -> VMExit
     func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError)
+    /// Makes a `run` in progress (or the next one) return `.kicked` soon; callable from any thread.
+    func kick()
     /// Guest instructions retired, TLB hits and misses, where the backend knows them.
     var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { get }
     func destroy()

@@ -51,9 +51,17 @@ public final class VirtualMachine: Sendable {
         var tree: PolicyTree
         var builder: ShadowBuilder
         var generation: UInt64
+        /// Bumped by every policy change; the region's two views are cached per version.
+        var version: UInt64 = 0
+        var regionMapped = false
+        var regionViews: (version: UInt64, unmapped: (PolicyTree, [ShadowNode]), mapped: (PolicyTree, [ShadowNode]))?
     }
     private let policy: Mutex<PolicyState>
     private let vcpus = Mutex<[UInt32: VirtualCPU]>([:])
+    private let regionBox = Mutex<PrivilegedRegion?>(nil)
+    private let privilegedError = Mutex<String>("")
+    /// The privileged-mode (SMM-like) coordinator of this VM.
+    public let privileged = PrivilegedModeCoordinator()
 
     public init(config: VMConfig, registry: BackendRegistry, handle: UnsafeMutableRawPointer? = nil) throws(NPTError) {
         guard config.ramSize > 0 else { throw .invalid("ram_size is 0") }
@@ -118,11 +126,13 @@ public final class VirtualMachine: Sendable {
                 invs += Invalidation.needed(range: r.range, oldMask: old, new: r.permissions)
             }
             s.generation += 1
+            s.version += 1
             publisher.publish(s.builder.snapshot(of: s.tree, generation: s.generation))
             do throws(NPTError) {
                 for inv in invs { try backendVM.invalidate(inv) }
             } catch {
                 s.tree = oldTree
+                s.version += 1
                 publisher.publish(oldSnapshot)
                 for inv in invs { try? backendVM.invalidate(inv) }
                 return .failure(NPTError(.backend, "backend '\(backend.name)' failed to invalidate: \(error.message); policy unchanged"))
@@ -137,6 +147,80 @@ public final class VirtualMachine: Sendable {
 
     @discardableResult
     public func setPolicy(_ r: PolicyRange) throws(NPTError) -> [Invalidation] { try setPolicy([r]) }
+
+    // MARK: privileged-mode region
+
+    public var region: PrivilegedRegion? { regionBox.withLock { $0 } }
+    func setLastPrivilegedError(_ m: String) { privilegedError.withLock { $0 = m } }
+    /// Why the last enter-mode request failed.
+    public var lastPrivilegedError: String { privilegedError.withLock { $0 } }
+
+    /// Describes the special region: where it is (outside RAM), its contents and its entry point.
+    /// Its pages are in no hierarchy until a CPU enters the mode.
+    public func defineRegion(start: GPA, size: UInt64, contents: [UInt8], entryOffset: UInt64 = 0,
+                             permissions: EPTPermissions = [.read, .write, .supervisorExecute]) throws(NPTError) {
+        guard backend.capabilities.contains(.privilegedMode) else {
+            throw .unsupported("backend '\(backend.name)' cannot stop vCPUs or back a privileged-mode region")
+        }
+        if size == 0 { throw .invalid("size is 0") }
+        if start.raw % 0x1000 != 0 { throw NPTError(.misaligned, "gpa \(hex(start.raw)) is not 4 KiB aligned") }
+        if size % 0x1000 != 0 { throw NPTError(.misaligned, "size \(hex(size)) is not a multiple of 4 KiB") }
+        if size > PageSize.size1G.bytes { throw NPTError(.outOfRange, "size \(hex(size)) is larger than 1 GiB") }
+        let range = GPARange(start: start, size: size)
+        let (end, o) = start.raw.addingReportingOverflow(size)
+        if o || end > PolicyTree.maxGuestPhysical { throw NPTError(.outOfRange, "range \(range) is beyond 48 bits") }
+        if range.overlaps(GPARange(start: GPA(0), size: config.ramSize)) {
+            throw NPTError(.overlap, "range \(range) overlaps guest RAM [0x0, \(hex(config.ramSize)))")
+        }
+        if UInt64(contents.count) > size { throw .invalid("contents (\(contents.count) bytes) are larger than the region") }
+        if entryOffset >= size || entryOffset % 8 != 0 {
+            throw .invalid("entry_offset \(hex(entryOffset)) is not an 8-byte aligned offset inside the region")
+        }
+        guard permissions.isValidPolicy, permissions != .none else { throw .invalid("perms \(hex(permissions.rawValue)) are not a valid policy") }
+        if privileged.holder != nil { throw NPTError(.busy, "a vCPU is in the privileged mode; the region cannot change now") }
+        let host = (config.ramSize + PageSize.size1G.bytes - 1) / PageSize.size1G.bytes * PageSize.size1G.bytes
+        var failure: NPTError?
+        contents.withUnsafeBytes { b in
+            do throws(NPTError) { try backendVM.defineRegion(range, hostOffset: host, contents: b) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        let old = region
+        policy.withLock { s in
+            // Forget the old region's pages (they are unmapped: no CPU is in the mode).
+            if let old { _ = s.tree.apply(PolicyRange(start: old.range.start, size: old.range.size, pageSize: .size4K, permissions: .none)) }
+            s.builder.region = (range, host)
+            s.version += 1
+        }
+        regionBox.withLock { $0 = PrivilegedRegion(range: range, permissions: permissions, entryOffset: entryOffset, hostOffset: host) }
+        privileged.activate()
+    }
+
+    /// Adds the region to (or removes it from) every hierarchy, and invalidates its translations.
+    func setRegionMapped(_ mapped: Bool) throws(NPTError) {
+        guard let r = region else { throw NPTError(.state, "no privileged-mode region is defined") }
+        let pr = PolicyRange(start: r.range.start, size: r.range.size, pageSize: .size4K, permissions: mapped ? r.permissions : .none)
+        let invs: [Invalidation] = policy.withLock { s in
+            // The two views differ only in the region; build both once per policy version, then
+            // switching is a pointer swap (an SMM storm does not rebuild tables on every entry).
+            if s.regionViews?.version != s.version {
+                var unmapped = s.tree, mapped = s.tree
+                unmapped.apply(PolicyRange(start: r.range.start, size: r.range.size, pageSize: .size4K, permissions: .none))
+                mapped.apply(PolicyRange(start: r.range.start, size: r.range.size, pageSize: .size4K, permissions: r.permissions))
+                let u = s.builder.snapshot(of: unmapped, generation: 0).roots
+                let m = s.builder.snapshot(of: mapped, generation: 0).roots
+                s.regionViews = (s.version, (unmapped, u), (mapped, m))
+            }
+            let view = mapped ? s.regionViews!.mapped : s.regionViews!.unmapped
+            s.tree = view.0
+            s.regionMapped = mapped
+            s.generation += 1
+            publisher.publish(ShadowSnapshot(roots: view.1, generation: s.generation))
+            _ = pr
+            return HierarchyID.allCases.map { Invalidation(hierarchy: $0, range: r.range) }
+        }
+        for inv in invs { try backendVM.invalidate(inv) }
+        counters.invalidations.wrappingAdd(UInt64(invs.count), ordering: .relaxed)
+    }
 
     // MARK: memory
 
@@ -174,6 +258,7 @@ public final class VirtualMachine: Sendable {
             try b.expose(.supervisor)
         } catch { b.destroy(); throw error }
         let v = VirtualCPU(vm: self, index: index, backend: b)
+        v.slot = privileged.register(v)
         let dup = vcpus.withLock { m -> Bool in
             if m[index] != nil { return true }
             m[index] = v

@@ -28,9 +28,9 @@ public struct PMState: Hashable, Sendable, CustomStringConvertible {
     public var phase: [Phase]
     public var stopRequested: [Bool]
     /// Enter-mode interrupts raised for each CPU and not yet queued.
-    public var pending: [UInt8]
+    public var pending: [UInt32]
     /// Other interrupts that arrived while stopped; delivered after the CPU resumes.
-    public var deferred: [UInt8]
+    public var deferred: [UInt32]
     /// CPUs with a queued request, in arrival order.
     public var queue: [UInt8]
     public var holder: Int8
@@ -38,9 +38,9 @@ public struct PMState: Hashable, Sendable, CustomStringConvertible {
     public var visible: Bool
     /// Some translation cached by the CPU reaches the region.
     public var reachesRegion: [Bool]
-    public var raised: UInt16 = 0
-    public var served: UInt16 = 0
-    public var failed: UInt16 = 0
+    public var raised: UInt32 = 0
+    public var served: UInt32 = 0
+    public var failed: UInt32 = 0
 
     public init(cpus: Int) {
         phase = Array(repeating: .running, count: cpus)
@@ -80,7 +80,8 @@ public enum PMAction: Hashable, Sendable, CustomStringConvertible {
     case timeout(Int)
     /// RSM: remove the region from the view and flush every translation that could reach it.
     case leave(Int)
-    /// Release the lock and resume the others.
+    /// Release the lock and resume the others; if requests are queued, hand over instead: the next
+    /// requester proceeds and everyone else stays stopped (no resume-then-stop round trip).
     case release(Int)
     /// A stopped CPU resumes when it is no longer asked to stop; deferred interrupts are delivered.
     case resume(Int)
@@ -160,11 +161,11 @@ public enum PMProtocol {
         let i = a.cpu
         switch a {
         case .raise:
-            s.pending[i] &+= 1
-            s.raised &+= 1
+            s.pending[i] += 1
+            s.raised += 1
         case .otherInterrupt:
             // Outside the stop state it is taken at once; while stopped it waits.
-            if s.phase[i] == .stopped || s.phase[i] == .waiting { s.deferred[i] &+= 1 }
+            if s.phase[i] == .stopped || s.phase[i] == .waiting { s.deferred[i] += 1 }
         case .execute:
             if s.phase[i] == .inMode { s.reachesRegion[i] = true }
         case .acceptStop:
@@ -184,7 +185,7 @@ public enum PMProtocol {
             for j in 0..<s.cpus { s.stopRequested[j] = false }
             s.holder = -1
             s.queue.removeFirst()
-            s.failed &+= 1
+            s.failed += 1
             s.phase[i] = .running
             s.deferred[i] = 0
         case .leave:
@@ -200,10 +201,14 @@ public enum PMProtocol {
                 s.visible = false
                 for j in 0..<s.cpus { s.reachesRegion[j] = false }
             }
-            for j in 0..<s.cpus { s.stopRequested[j] = false }
             s.holder = -1
             s.queue.removeFirst()
-            s.served &+= 1
+            if let next = s.queue.first {
+                for j in 0..<s.cpus { s.stopRequested[j] = j != Int(next) }
+            } else {
+                for j in 0..<s.cpus { s.stopRequested[j] = false }
+            }
+            s.served += 1
             s.phase[i] = .running
             s.deferred[i] = 0
         case .resume:

@@ -117,13 +117,17 @@ public struct ShadowSnapshot: Sendable {
 public struct ShadowBuilder: Sendable {
     private var nextID: UInt64 = 1
     public private(set) var nodesBuilt: UInt64 = 0
+    /// Where the privileged-mode region's pages live in the backing memory (RAM is identity mapped).
+    public var region: (range: GPARange, hostOffset: UInt64)?
     public init() {}
 
-    private static func leafEntry(code: UInt8, xBits: UInt8, level: Int, address: UInt64) -> UInt64 {
+    private func leafEntry(code: UInt8, xBits: UInt8, level: Int, address: UInt64) -> UInt64 {
         var p = UInt64(code & 3)
         if code & xBits != 0 { p |= 4 }
         if p == 0 { return 0 }
-        return p | (level > 1 ? ShadowNode.largeBit : 0) | address
+        var host = address
+        if let r = region, r.range.contains(GPA(address)) { host = r.hostOffset + (address - r.range.start.raw) }
+        return p | (level > 1 ? ShadowNode.largeBit : 0) | host
     }
 
     private mutating func make(level: Int, entries: [UInt64], children: [ShadowNode?]) -> ShadowNode {
@@ -145,7 +149,7 @@ public struct ShadowBuilder: Sendable {
                 children[i] = node
                 entries[i] = 3 | (x ? 4 : 0) | ((node.id << 12) & ShadowNode.addressMask)
             } else {
-                entries[i] = ShadowBuilder.leafEntry(code: p.codes[i], xBits: xBits, level: p.level, address: eb)
+                entries[i] = leafEntry(code: p.codes[i], xBits: xBits, level: p.level, address: eb)
             }
         }
         return make(level: p.level, entries: entries, children: children)

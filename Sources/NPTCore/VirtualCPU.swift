@@ -29,6 +29,8 @@ public final class VirtualCPU: @unchecked Sendable {
     // Mutated only by the thread that holds `running`.
     public private(set) var active: HierarchyID = .supervisor
     private var staleRetries = 0
+    /// This vCPU's index in the privileged-mode protocol.
+    var slot = 0
     private let running = Atomic<Bool>(false)
 
     init(vm: VirtualMachine, index: UInt32, backend: any BackendVCPU) {
@@ -62,6 +64,31 @@ public final class VirtualCPU: @unchecked Sendable {
         try exclusive { () throws(NPTError) in try backend.injectFault(vector: vector, errorCode: errorCode, address: address) }
     }
 
+    /// The mode runs supervisor code at supervisor-mode addresses (paging off).
+    func exposeForMode() throws(NPTError) { try expose(.supervisor) }
+    /// After RSM: the hierarchy for the restored privilege level.
+    func exposeAfterMode() throws(NPTError) {
+        let cpl = try backend.registers().cpl
+        if cpl == 0 { try expose(.supervisor) } else if vm.config.mbecMode == .exact { try expose(.user) }
+    }
+
+    /// Raises the enter-mode interrupt for this vCPU (from any thread).
+    public func raisePrivileged() throws(NPTError) { try vm.privileged.raise(self) }
+
+    /// Another interrupt: delivered now to the guest's fault handler, or after the vCPU resumes if
+    /// it is stopped (returns true then).
+    @discardableResult
+    public func raiseInterrupt(vector: UInt32) throws(NPTError) -> Bool {
+        if vm.privileged.interrupt(self, vector: vector) { return true }
+        try injectFault(vector: vector, errorCode: 0, address: 0)
+        return false
+    }
+
+    /// Leaves the privileged mode (the RSM analogue), from the VMM.
+    public func leavePrivileged() throws(NPTError) {
+        try exclusive { () throws(NPTError) in try vm.privileged.leave(self) }
+    }
+
     private func expose(_ h: HierarchyID) throws(NPTError) {
         guard h != active else { return }
         try backend.expose(h)
@@ -72,7 +99,9 @@ public final class VirtualCPU: @unchecked Sendable {
     /// Runs until an exit the core does not handle itself.
     public func run() throws(NPTError) -> VMExit {
         try exclusive { () throws(NPTError) in
+            defer { vm.privileged.leftGuest(self) }
             while true {
+                if let x = try vm.privileged.checkpoint(self) { return x }
                 var exit = try backend.run()
                 vm.counters.exitsTotal.wrappingAdd(1, ordering: .relaxed)
                 if try decide(&exit) != .resume { return exit }
@@ -83,6 +112,8 @@ public final class VirtualCPU: @unchecked Sendable {
     /// Runs until the backend's next exit, whatever it is (the QEMU-style loop).
     public func runRaw() throws(NPTError) -> VMExit {
         try exclusive { () throws(NPTError) in
+            defer { vm.privileged.leftGuest(self) }
+            if let x = try vm.privileged.checkpoint(self) { return x }
             let exit = try backend.run()
             vm.counters.exitsTotal.wrappingAdd(1, ordering: .relaxed)
             return exit
@@ -108,6 +139,18 @@ public final class VirtualCPU: @unchecked Sendable {
         case .eptViolation:
             c.exitsEPTViolation.wrappingAdd(1, ordering: .relaxed)
             return try violation(&exit)
+        case .kicked:
+            return .resume
+        case .leaveMode:
+            if vm.privileged.holds(self) {
+                try vm.privileged.leave(self)
+                return .resume
+            }
+            // RSM outside the mode is an invalid opcode.
+            if (try? backend.injectFault(vector: 6, errorCode: 0, address: exit.rip)) != nil { return .resume }
+            exit.reason = .guestFault
+            exit.vector = 6
+            return .tool
         default:
             return .tool
         }

@@ -79,6 +79,11 @@ final class CBackendVM: BackendVM, @unchecked Sendable {
         try status(f(data, index, &d), "backend '\(b.name)' vcpu_create")
         return CBackendVCPU(b: b, data: d)
     }
+    func defineRegion(_ range: GPARange, hostOffset: UInt64, contents: UnsafeRawBufferPointer) throws(NPTError) {
+        guard let f = ops.define_region else { throw unsupported("define_region") }
+        try status(f(data, range.start.raw, range.size, hostOffset, contents.baseAddress, contents.count),
+                   "backend '\(b.name)' define_region")
+    }
     func destroy() { ops.vm_destroy?(data) }
 }
 
@@ -121,6 +126,7 @@ final class CBackendVCPU: BackendVCPU, @unchecked Sendable {
         try status(f(data, vector, errorCode, address), "backend '\(b.name)' vcpu_inject_fault")
     }
     var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { (0, 0, 0) }
+    func kick() { ops.vcpu_kick?(data) }
     func destroy() { ops.vcpu_destroy?(data) }
 }
 

@@ -373,3 +373,79 @@ public func npt_vm_get_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer
         try writeVersioned(o, stats, "stats")
     }
 }
+
+// MARK: privileged mode
+
+@_cdecl("npt_region_set")
+public func npt_region_set(_ vm: OpaquePointer?, _ region: UnsafePointer<npt_region>?) -> npt_status {
+    api("npt_region_set") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        let r = try readVersioned(region, "region")
+        var bytes: [UInt8] = []
+        if r.contents_len > 0 {
+            guard let c = r.contents else { throw .invalid("region->contents is NULL but contents_len is \(r.contents_len)") }
+            guard UInt64(r.contents_len) <= r.length else {
+                throw .invalid("region->contents_len \(r.contents_len) is larger than region->length \(hex(r.length))")
+            }
+            bytes = Array(UnsafeRawBufferPointer(start: c, count: r.contents_len))
+        }
+        let perms = r.perms == 0 ? EPTPermissions([.read, .write, .supervisorExecute]) : EPTPermissions(rawValue: r.perms)
+        try v.vm.defineRegion(start: GPA(r.gpa), size: r.length, contents: bytes, entryOffset: r.entry_offset, permissions: perms)
+    }
+}
+
+@_cdecl("npt_vcpu_raise_privileged")
+public func npt_vcpu_raise_privileged(_ vcpu: OpaquePointer?) -> npt_status {
+    api("npt_vcpu_raise_privileged") { () throws(NPTError) in
+        try Handles.get(vcpu, VCPUBox.self, "vcpu").vcpu.raisePrivileged()
+    }
+}
+
+@_cdecl("npt_vcpu_raise_interrupt")
+public func npt_vcpu_raise_interrupt(_ vcpu: OpaquePointer?, _ vector: UInt32, _ deferred: UnsafeMutablePointer<Int32>?) -> npt_status {
+    api("npt_vcpu_raise_interrupt") { () throws(NPTError) in
+        let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
+        guard vector < 256 else { throw .invalid("vector \(vector) is not 0-255") }
+        let d = try c.vcpu.raiseInterrupt(vector: vector)
+        deferred?.pointee = d ? 1 : 0
+    }
+}
+
+@_cdecl("npt_vcpu_leave_privileged")
+public func npt_vcpu_leave_privileged(_ vcpu: OpaquePointer?) -> npt_status {
+    api("npt_vcpu_leave_privileged") { () throws(NPTError) in
+        try Handles.get(vcpu, VCPUBox.self, "vcpu").vcpu.leavePrivileged()
+    }
+}
+
+@_cdecl("npt_vm_privileged_holder")
+public func npt_vm_privileged_holder(_ vm: OpaquePointer?, _ index: UnsafeMutablePointer<Int64>?) -> npt_status {
+    api("npt_vm_privileged_holder") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        try require(index, "index").pointee = v.vm.privileged.holder.map { Int64($0) } ?? -1
+    }
+}
+
+@_cdecl("npt_vm_set_stop_timeout")
+public func npt_vm_set_stop_timeout(_ vm: OpaquePointer?, _ ns: UInt64) -> npt_status {
+    api("npt_vm_set_stop_timeout") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        guard ns > 0 else { throw .invalid("nanoseconds is 0") }
+        v.vm.privileged.stopTimeoutNanos = ns
+    }
+}
+
+@_cdecl("npt_vm_get_privileged_stats")
+public func npt_vm_get_privileged_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_privileged_stats>?) -> npt_status {
+    api("npt_vm_get_privileged_stats") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        _ = try require(stats, "stats")
+        let s = v.vm.privileged.statistics
+        var o = npt_privileged_stats()
+        o.requests = s.requests; o.entries = s.entries; o.failures = s.failures
+        o.deferred_interrupts = s.deferredInterrupts; o.entry_latency_total_ns = s.entryLatencyTotal
+        o.entry_latency_max_ns = s.entryLatencyMax; o.stopped_total_ns = s.stoppedTotal
+        o.outside_while_visible = v.vm.backendVM.outsideWhileVisible
+        try writeVersioned(o, stats, "stats")
+    }
+}

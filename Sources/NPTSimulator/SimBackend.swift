@@ -10,7 +10,7 @@ import Glibc
 public final class SimulatorBackend: Backend {
     public let name = "sim"
     public let summary = "built-in simulator: guest ISA interpreter, real 2-D page walk, hierarchy-tagged TLB"
-    public let capabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run]
+    public let capabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run, .privilegedMode]
     public init() {}
 
     public func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
@@ -38,20 +38,42 @@ public final class SimVM: BackendVM {
     let config: VMConfig
     let hierarchies: any HierarchyProvider
     private let vcpus = Mutex<[ObjectIdentifier: SimVCPU]>([:])
+    /// Backing memory for the privileged-mode region starts at the first 1 GiB boundary past RAM.
+    let regionWindow: UInt64
+    /// The vCPU the region is visible to (-1: not visible), for the invariant check below.
+    let visibleHolder = Atomic<Int64>(-1)
+    /// Instructions retired by a vCPU outside the privileged mode while the region was visible:
+    /// the security invariant says this stays 0.
+    let outsideCounter = Atomic<UInt64>(0)
+    public var outsideWhileVisible: UInt64 { outsideCounter.load(ordering: .relaxed) }
 
     init(config: VMConfig, hierarchies: any HierarchyProvider) throws(NPTError) {
         self.config = config
         self.hierarchies = hierarchies
-        ram = try GuestRAM(size: config.ramSize)
+        regionWindow = (config.ramSize + PageSize.size1G.bytes - 1) / PageSize.size1G.bytes * PageSize.size1G.bytes
+        ram = try GuestRAM(size: regionWindow + PageSize.size1G.bytes)
+    }
+
+    public func defineRegion(_ range: GPARange, hostOffset: UInt64, contents: UnsafeRawBufferPointer) throws(NPTError) {
+        guard hostOffset >= regionWindow, hostOffset + range.size <= ram.size else {
+            throw NPTError(.outOfRange, "region backing \(hex(hostOffset)) +\(hex(range.size)) is outside the simulator's window")
+        }
+        let dst = ram.base + Int(hostOffset)
+        dst.initializeMemory(as: UInt8.self, repeating: 0, count: Int(range.size))
+        if let src = contents.baseAddress { dst.copyMemory(from: src, byteCount: contents.count) }
+    }
+
+    public func regionVisibility(holder: UInt32?) {
+        visibleHolder.store(holder.map { Int64($0) } ?? -1, ordering: .sequentiallyConsistent)
     }
 
     public func writeMemory(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(NPTError) {
-        guard gpa.raw + UInt64(bytes.count) <= ram.size else { throw NPTError(.outOfRange, "write past RAM") }
+        guard gpa.raw + UInt64(bytes.count) <= config.ramSize else { throw NPTError(.outOfRange, "write past RAM") }
         if let src = bytes.baseAddress { (ram.base + Int(gpa.raw)).copyMemory(from: src, byteCount: bytes.count) }
     }
 
     public func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError) {
-        guard gpa.raw + UInt64(into.count) <= ram.size else { throw NPTError(.outOfRange, "read past RAM") }
+        guard gpa.raw + UInt64(into.count) <= config.ramSize else { throw NPTError(.outOfRange, "read past RAM") }
         if let dst = into.baseAddress { dst.copyMemory(from: ram.base + Int(gpa.raw), byteCount: into.count) }
     }
 

@@ -12,6 +12,7 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
     private var controls: ExitControls = []
     private var snapshot: ShadowSnapshot
     private let pendingFlag = Atomic<Bool>(false)
+    private let kickFlag = Atomic<Bool>(false)
     private let pending = Mutex<[Invalidation]>([])
     private var pendingExit: VMExit?
     private var slice: UInt64 = 0
@@ -47,6 +48,8 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
 
     var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { (retired, tlb.hits, tlb.misses) }
 
+    func kick() { kickFlag.store(true, ordering: .releasing) }
+
     func destroy() { vm.remove(self) }
 
     func post(_ inv: Invalidation) {
@@ -66,6 +69,9 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
         let budget = vm.config.maxStepsPerRun
         while true {
             drain()
+            if kickFlag.load(ordering: .relaxed) && kickFlag.exchange(false, ordering: .acquiring) {
+                return finish(VMExit(reason: .kicked))
+            }
             if budget > 0 && slice >= budget {
                 return finish(VMExit(reason: .budget))
             }
@@ -76,7 +82,7 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
     private func finish(_ x: VMExit) -> VMExit {
         var x = x
         switch x.reason {
-        case .escalation, .returnToUser, .eptViolation: break
+        case .escalation, .returnToUser, .eptViolation, .kicked, .leaveMode: break
         default: slice = 0
         }
         x.cpl = regs.cpl
@@ -288,7 +294,12 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
             guard regs.cpl == 0 else { return fault(Vector.generalProtection, 0, rip) }
             regs.cr3 = regs.gpr[a]
             tlb.flushAll()
+        case .rsm:
+            // The core decides whether this vCPU is in the mode (and restores its state) or not (#UD).
+            return VMExit(reason: .leaveMode)
         }
+        let holder = vm.visibleHolder.load(ordering: .relaxed)
+        if holder >= 0 && holder != Int64(index) { vm.outsideCounter.wrappingAdd(1, ordering: .relaxed) }
         regs.rip = next
         retired += 1
         slice += 1

@@ -3,6 +3,7 @@ import CNPTKit
 import NPTCore
 import NPTKit
 import NPTSimulator
+import Synchronization
 
 /// `nptkit bench`: the speed and memory figures of the README. Every figure is a median over
 /// repetitions measured in this one run, and ratios are taken between figures of the same run.
@@ -10,7 +11,7 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Measure the figures quoted in the README (medians of one run).")
     @Flag(help: "Fewer repetitions (a smoke run, e.g. in CI).")
     var quick = false
-    @Option(help: "Run only these groups: build, update, sim, exits, abi.")
+    @Option(help: "Run only these groups: build, update, sim, exits, abi, privileged.")
     var only: [String] = []
 
     func wants(_ g: String) -> Bool { only.isEmpty || only.contains(g) }
@@ -22,6 +23,7 @@ struct Bench: ParsableCommand {
         if wants("sim") { try benchSimulator() }
         if wants("exits") { try benchExits() }
         if wants("abi") { try benchABI() }
+        if wants("privileged") { try benchPrivileged() }
     }
 
     // MARK: 1. shadow hierarchy build
@@ -273,6 +275,116 @@ struct Bench: ParsableCommand {
         print(t.render())
         print("   The C path adds a handle lookup (a lock and a dictionary), argument checks and status mapping\n   (checksum \(sink & 1)).\n")
     }
+}
+
+extension Bench {
+    /// Interrupt-to-entry latency of the privileged mode against a plain barrier that stops and
+    /// resumes the same vCPU threads, measured in this run.
+    func benchPrivileged() throws {
+        print("6. Privileged mode: latency from the enter-mode interrupt to entry, beside a plain stop/resume barrier")
+        let counts = [1, 2, 4, 8, 16, 32, 64]
+        let samples = quick ? 30 : 200
+        var t = Table(["vCPUs", "entry median", "entry p99", "barrier median", "barrier p99", "median ratio"])
+        for n in counts {
+            let (e50, e99) = try entryLatency(cpus: n, samples: samples)
+            let (b50, b99) = try barrierLatency(cpus: n, samples: samples)
+            t.add(["\(n)", micros(e50), micros(e99), micros(b50), micros(b99), fmt(Double(e50) / Double(max(1, b50)))])
+        }
+        print(t.render())
+        print("   Entry = stop every other vCPU, add the region to both hierarchies, enter. Barrier = kick the same\n   threads out of the guest, wait until all arrived, release. One request at a time.\n")
+    }
+
+    static func percentile(_ xs: [UInt64], _ p: Double) -> UInt64 {
+        let s = xs.sorted()
+        return s[min(s.count - 1, Int(Double(s.count - 1) * p + 0.5))]
+    }
+
+    /// vCPU threads on the scenario's guest (probing RAM instead of the region: no exits).
+    func startGuests(_ vm: VirtualMachine, cpus n: Int) throws -> [VirtualCPU] {
+        let cpus = try PrivilegedScenario(cpus: n, requests: 0).prepare(vm)
+        for c in cpus {
+            var r = try c.registers()
+            r.gpr[10] = PrivilegedScenario.heartbeats
+            try c.setRegisters(r)
+        }
+        return cpus
+    }
+
+    func entryLatency(cpus n: Int, samples: Int) throws -> (UInt64, UInt64) {
+        let vm = try VirtualMachine(config: VMConfig(ramSize: PrivilegedScenario.ram, maxStepsPerRun: 20_000),
+                                    registry: NPTKitRuntime.makeRegistry())
+        defer { try? vm.destroy() }
+        let cpus = try startGuests(vm, cpus: n)
+        let done = Atomic<Bool>(false)
+        let threads = cpus.map { c in HostThread { while !done.load(ordering: .acquiring) { _ = try? c.run() } } }
+        sleepNanos(2_000_000)
+        for k in 0..<samples {
+            let before = vm.privileged.protocolState.served
+            try cpus[k % n].raisePrivileged()
+            while vm.privileged.protocolState.served == before { sleepNanos(20_000) }
+        }
+        done.store(true, ordering: .releasing)
+        for t in threads { t.join() }
+        let lat = vm.privileged.entryRecords.map { $0.enteredAt - $0.raisedAt }
+        return (Bench.percentile(lat, 0.5), Bench.percentile(lat, 0.99))
+    }
+
+    /// The same path without the protocol: the requester vCPU is interrupted (kicked), its thread
+    /// kicks the others and waits on a plain barrier until all have arrived, then releases them.
+    func barrierLatency(cpus n: Int, samples: Int) throws -> (UInt64, UInt64) {
+        let vm = try VirtualMachine(config: VMConfig(ramSize: PrivilegedScenario.ram, maxStepsPerRun: 20_000),
+                                    registry: NPTKitRuntime.makeRegistry())
+        defer { try? vm.destroy() }
+        let cpus = try startGuests(vm, cpus: n)
+        let done = Atomic<Bool>(false)
+        let monitor = Monitor()
+        let gate = BarrierState()
+        let threads = cpus.enumerated().map { (i, c) in HostThread {
+            while !done.load(ordering: .acquiring) {
+                guard let x = try? c.runRaw() else { return }
+                guard x.reason == .kicked else { var e = x; _ = try? c.handle(&e); continue }
+                monitor.lock()
+                if gate.requester == i && !gate.stopping {
+                    gate.stopping = true
+                    gate.arrived = 0
+                    monitor.unlock()
+                    for (j, o) in cpus.enumerated() where j != i { o.backend.kick() }
+                    monitor.lock()
+                    while gate.arrived < n - 1 { _ = monitor.wait(untilNanos: nil) }
+                    gate.latencies.append(Monitor.now() - gate.raisedAt)
+                    gate.stopping = false
+                    gate.requester = -1
+                    gate.epoch += 1
+                    monitor.broadcast()
+                } else if gate.stopping {
+                    let epoch = gate.epoch
+                    gate.arrived += 1
+                    monitor.broadcast()
+                    while gate.epoch == epoch { _ = monitor.wait(untilNanos: nil) }
+                }
+                monitor.unlock()
+            }
+        } }
+        sleepNanos(2_000_000)
+        for k in 0..<samples {
+            monitor.withLock { gate.requester = k % n; gate.raisedAt = Monitor.now() }
+            cpus[k % n].backend.kick()
+            while monitor.withLock({ gate.latencies.count }) <= k { sleepNanos(20_000) }
+        }
+        done.store(true, ordering: .releasing)
+        for t in threads { t.join() }
+        let lat = monitor.withLock { gate.latencies }
+        return (Bench.percentile(lat, 0.5), Bench.percentile(lat, 0.99))
+    }
+}
+
+final class BarrierState: @unchecked Sendable {
+    var arrived = 0
+    var epoch = 0
+    var stopping = false
+    var requester = -1
+    var raisedAt: UInt64 = 0
+    var latencies: [UInt64] = []
 }
 
 #if DEBUG

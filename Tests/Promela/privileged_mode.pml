@@ -58,6 +58,20 @@ inline clearStops() {
     :: k2 == N -> break
     od
 }
+/* Release: resume everyone, or, if requests are queued, keep every CPU but the next requester
+ * stopped (hand-over). */
+inline release(me) {
+    byte k4 = 0;
+    q?eval(me); queued[me] = false;
+    if
+    :: nempty(q) -> byte nxt; q?<nxt>;
+       do
+       :: k4 < N -> stopReq[k4] = (k4 != nxt); k4++
+       :: k4 == N -> break
+       od
+    :: empty(q) -> clearStops()
+    fi
+}
 inline flush() {
     byte k3 = 0;
     do
@@ -93,7 +107,7 @@ end:
     /* RSM: remove the region and flush, then release and resume the others */
 #ifdef RESUME_BEFORE_UNMAP
     :: atomic { phase[me] == INMODE -> clearStops(); phase[me] = LEAVING; CHECK }
-    :: atomic { phase[me] == LEAVING -> visible = false; flush(); holder = -1; q?eval(me); queued[me] = false;
+    :: atomic { phase[me] == LEAVING -> visible = false; flush(); holder = -1; release(me);
                 served++; phase[me] = RUNNING; CHECK }
 #else
     :: atomic { phase[me] == INMODE -> visible = false;
@@ -101,7 +115,7 @@ end:
                 flush();
 #endif
                 phase[me] = LEAVING; CHECK }
-    :: atomic { phase[me] == LEAVING -> clearStops(); holder = -1; q?eval(me); queued[me] = false;
+    :: atomic { phase[me] == LEAVING -> holder = -1; release(me);
                 served++; phase[me] = RUNNING; CHECK }
 #endif
     /* resume when no longer asked to stop */

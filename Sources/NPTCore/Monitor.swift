@@ -1,0 +1,73 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A mutex with a condition variable (the toolchain's Synchronization module has a Mutex but no
+/// condition variable; parked vCPU threads need one).
+public final class Monitor: @unchecked Sendable {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let cond: UnsafeMutablePointer<pthread_cond_t>
+
+    public init() {
+        mutex = .allocate(capacity: 1)
+        cond = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+        var attr = pthread_condattr_t()
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(cond, &attr)
+        pthread_condattr_destroy(&attr)
+    }
+
+    deinit {
+        pthread_cond_destroy(cond); pthread_mutex_destroy(mutex)
+        mutex.deallocate(); cond.deallocate()
+    }
+
+    /// A further condition variable on the same mutex (to wake one waiter instead of all).
+    public final class Condition: @unchecked Sendable {
+        let cond: UnsafeMutablePointer<pthread_cond_t>
+        init() {
+            cond = .allocate(capacity: 1)
+            var attr = pthread_condattr_t()
+            pthread_condattr_init(&attr)
+            pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+            pthread_cond_init(cond, &attr)
+            pthread_condattr_destroy(&attr)
+        }
+        deinit { pthread_cond_destroy(cond); cond.deallocate() }
+        public func signal() { pthread_cond_signal(cond) }
+    }
+    public func makeCondition() -> Condition { Condition() }
+
+    /// Waits on `c` (the lock held) until signalled or `deadline`; false on timeout.
+    @discardableResult
+    public func wait(on c: Condition, untilNanos deadline: UInt64?) -> Bool {
+        guard let deadline else { pthread_cond_wait(c.cond, mutex); return true }
+        var ts = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
+        return pthread_cond_timedwait(c.cond, mutex, &ts) == 0
+    }
+
+    public func lock() { pthread_mutex_lock(mutex) }
+    public func unlock() { pthread_mutex_unlock(mutex) }
+    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
+        lock(); defer { unlock() }
+        return try body()
+    }
+    /// Wakes every waiter.
+    public func broadcast() { pthread_cond_broadcast(cond) }
+    /// Waits (the lock held) until woken or until `deadline` (monotonic nanoseconds); false on timeout.
+    @discardableResult
+    public func wait(untilNanos deadline: UInt64?) -> Bool {
+        guard let deadline else { pthread_cond_wait(cond, mutex); return true }
+        var ts = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
+        return pthread_cond_timedwait(cond, mutex, &ts) == 0
+    }
+
+    /// Monotonic time in nanoseconds.
+    public static func now() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+}

@@ -1,0 +1,269 @@
+/// The special region of the privileged mode: its code lives here and is visible to the VM's one
+/// global memory view only while one CPU is in the mode.
+public struct PrivilegedRegion: Sendable, Equatable {
+    public var range: GPARange
+    public var permissions: EPTPermissions
+    /// Where a CPU entering the mode starts, from the region's start.
+    public var entryOffset: UInt64
+    public var hostOffset: UInt64
+}
+
+/// Figures of the privileged mode (all CPUs).
+public struct PrivilegedStatistics: Sendable, Equatable {
+    public var requests: UInt64 = 0
+    public var entries: UInt64 = 0
+    public var failures: UInt64 = 0
+    public var deferredInterrupts: UInt64 = 0
+    /// Interrupt-to-entry latency, summed and largest (nanoseconds).
+    public var entryLatencyTotal: UInt64 = 0
+    public var entryLatencyMax: UInt64 = 0
+    /// How long the other CPUs were stopped, from the stop request to their resumption, summed.
+    public var stoppedTotal: UInt64 = 0
+    public init() {}
+}
+
+/// One entry, for the demo's timeline.
+public struct PrivilegedEntryRecord: Sendable, Equatable {
+    public var cpu: UInt32
+    public var raisedAt: UInt64
+    public var enteredAt: UInt64
+    public var leftAt: UInt64
+    /// From the stop request to the others' resumption.
+    public var othersStopped: UInt64
+}
+
+/// Runs `PMProtocol` for a VM's real vCPU threads: each transition is taken under one monitor on
+/// behalf of the vCPU whose thread calls in; a stopped vCPU's thread is parked in `checkpoint`.
+public final class PrivilegedModeCoordinator: @unchecked Sendable {
+    let monitor = Monitor()
+    // Guarded by `monitor`.
+    private var state = PMState(cpus: 0)
+    private var slots: [VirtualCPU] = []
+    private var raisedAt: [[UInt64]] = []
+    private var deferred: [[UInt32]] = []
+    /// Whether the vCPU's thread may be running guest code (between a checkpoint that let it run
+    /// and its return to the VMM). A vCPU not in guest cannot run guest code without passing a
+    /// checkpoint, so the coordinator acknowledges a stop on its behalf.
+    private var inGuest: [Bool] = []
+    /// One condition per vCPU, so a change wakes only the vCPUs it concerns.
+    private var conds: [Monitor.Condition] = []
+    private var saved: Registers?
+    private var stopBegan: UInt64 = 0
+    private var enteredAt: UInt64 = 0
+    private var currentRaise: UInt64 = 0
+    private var stats = PrivilegedStatistics()
+    private var records: [PrivilegedEntryRecord] = []
+    /// How long a coordinator waits for the others to stop.
+    public var stopTimeoutNanos: UInt64 {
+        get { monitor.withLock { timeout } }
+        set { monitor.withLock { timeout = newValue } }
+    }
+    private var timeout: UInt64 = 1_000_000_000
+    /// Set once a region exists; until then `checkpoint` costs nothing.
+    private(set) var active = false
+
+    init() {}
+
+    func activate() { monitor.withLock { active = true } }
+
+    func register(_ cpu: VirtualCPU) -> Int {
+        monitor.withLock {
+            state.phase.append(.running)
+            state.stopRequested.append(false)
+            state.pending.append(0)
+            state.deferred.append(0)
+            state.reachesRegion.append(false)
+            slots.append(cpu)
+            raisedAt.append([])
+            deferred.append([])
+            inGuest.append(false)
+            conds.append(monitor.makeCondition())
+            return slots.count - 1
+        }
+    }
+
+    /// The lock is held: wakes each vCPU that now has a step to take.
+    private func wake() {
+        for j in 0..<state.cpus {
+            let acts: [PMAction] = [.acceptStop(j), .queueRequest(j), .beginEntry(j), .enter(j), .resume(j)]
+            if acts.contains(where: { PMProtocol.enabled($0, in: state) }) { conds[j].signal() }
+        }
+    }
+
+    public var statistics: PrivilegedStatistics { monitor.withLock { stats } }
+    public var entryRecords: [PrivilegedEntryRecord] { monitor.withLock { records } }
+
+    /// The vCPU in the mode, if any.
+    public var holder: UInt32? {
+        monitor.withLock { state.holder >= 0 && state.phase[Int(state.holder)] == .inMode ? slots[Int(state.holder)].index : nil }
+    }
+
+    /// The enter-mode interrupt for `cpu`. Callable from any thread.
+    public func raise(_ cpu: VirtualCPU) throws(NPTError) {
+        guard active else { throw NPTError(.state, "no privileged-mode region is defined for this VM") }
+        monitor.withLock {
+            PMProtocol.apply(.raise(cpu.slot), to: &state)
+            raisedAt[cpu.slot].append(Monitor.now())
+            stats.requests += 1
+            wake()
+        }
+        cpu.backend.kick()
+    }
+
+    /// Another interrupt for `cpu`: delivered now (to the guest's fault handler) if the CPU runs,
+    /// or after it resumes if it is stopped. Returns whether it was deferred.
+    @discardableResult
+    public func interrupt(_ cpu: VirtualCPU, vector: UInt32) -> Bool {
+        let deferredNow: Bool = monitor.withLock {
+            let p = state.phase.indices.contains(cpu.slot) ? state.phase[cpu.slot] : .running
+            if active && (p == .stopped || p == .waiting) {
+                deferred[cpu.slot].append(vector)
+                stats.deferredInterrupts += 1
+                PMProtocol.apply(.otherInterrupt(cpu.slot), to: &state)
+                return true
+            }
+            return false
+        }
+        return deferredNow
+    }
+
+    /// Called by `cpu`'s own thread before it runs guest code. Takes the protocol's steps for it;
+    /// parks the thread while the CPU is stopped or waits for its turn; enters the mode when it is
+    /// its turn. Returns an exit for the VMM when an entry failed.
+    func checkpoint(_ cpu: VirtualCPU) throws(NPTError) -> VMExit? {
+        guard active else { return nil }
+        let i = cpu.slot
+        monitor.lock()
+        defer { monitor.unlock() }
+        while true {
+            if PMProtocol.enabled(.acceptStop(i), in: state) {
+                PMProtocol.apply(.acceptStop(i), to: &state)
+                wake()
+                continue
+            }
+            if PMProtocol.enabled(.queueRequest(i), in: state) {
+                PMProtocol.apply(.queueRequest(i), to: &state)
+                continue
+            }
+            if PMProtocol.enabled(.beginEntry(i), in: state) {
+                return try coordinateEntry(i)
+            }
+            if state.phase[i] == .inMode { inGuest[i] = true; return nil }
+            if PMProtocol.enabled(.resume(i), in: state) {
+                PMProtocol.apply(.resume(i), to: &state)
+                let vectors = deferred[i]
+                deferred[i] = []
+                for v in vectors { try? cpu.backend.injectFault(vector: v, errorCode: 0, address: 0) }
+                continue
+            }
+            if state.phase[i] == .running && state.pending[i] == 0 { inGuest[i] = true; return nil }
+            monitor.wait(on: conds[i], untilNanos: nil)
+        }
+    }
+
+    /// `cpu`'s thread returns to the VMM: it runs no guest code until its next checkpoint.
+    func leftGuest(_ cpu: VirtualCPU) {
+        guard active else { return }
+        monitor.withLock {
+            let i = cpu.slot
+            inGuest[i] = false
+            if PMProtocol.enabled(.acceptStop(i), in: state) {
+                PMProtocol.apply(.acceptStop(i), to: &state)
+                wake()
+            }
+        }
+    }
+
+    /// The lock is held. Stops the others, waits for them, adds the region, enters.
+    private func coordinateEntry(_ i: Int) throws(NPTError) -> VMExit? {
+        PMProtocol.apply(.beginEntry(i), to: &state)
+        currentRaise = raisedAt[i].isEmpty ? Monitor.now() : raisedAt[i].removeFirst()
+        stopBegan = Monitor.now()
+        wake()
+        // Acknowledge for the vCPUs whose threads are outside guest code; kick the others.
+        for j in 0..<state.cpus where j != i && !inGuest[j] && PMProtocol.enabled(.acceptStop(j), in: state) {
+            PMProtocol.apply(.acceptStop(j), to: &state)
+        }
+        let others = slots.enumerated().filter { $0.offset != i && inGuest[$0.offset] }.map(\.element)
+        monitor.unlock()
+        for o in others { o.backend.kick() }
+        monitor.lock()
+        let deadline = Monitor.now() + timeout
+        while !PMProtocol.enabled(.enter(i), in: state) {
+            if !monitor.wait(on: conds[i], untilNanos: deadline) && !PMProtocol.enabled(.enter(i), in: state) && Monitor.now() >= deadline {
+                let late = (0..<state.cpus).first { $0 != i && state.phase[$0] != .stopped && state.phase[$0] != .waiting } ?? i
+                PMProtocol.apply(.timeout(i), to: &state)
+                stats.failures += 1
+                wake()
+                var x = VMExit(reason: .privilegedEntryFailed)
+                x.vector = slots[late].index
+                slots[i].vm.setLastPrivilegedError("vCPU \(slots[late].index) did not stop within \(timeout / 1_000_000) ms; vCPU \(slots[i].index) did not enter and the view is unchanged")
+                return x
+            }
+        }
+        // Every other CPU is stopped: now (and only now) the region becomes visible.
+        let cpu = slots[i]
+        let vm = cpu.vm
+        vm.backendVM.regionVisibility(holder: cpu.index)
+        do throws(NPTError) {
+            try vm.setRegionMapped(true)
+            let r = try cpu.backend.registers()
+            saved = r
+            var e = r
+            e.cpl = 0
+            e.cr0 = 0 // the mode runs with paging off, like SMM's entry state
+            guard let region = vm.region else { throw NPTError(.state, "the privileged-mode region was removed") }
+            e.rip = region.range.start.raw + region.entryOffset
+            e.gpr[0] = UInt64(cpu.index)
+            try cpu.backend.setRegisters(e)
+            try cpu.exposeForMode()
+        } catch {
+            try? vm.setRegionMapped(false)
+            vm.backendVM.regionVisibility(holder: nil)
+            PMProtocol.apply(.timeout(i), to: &state) // same release path: nobody entered
+            stats.failures += 1
+            wake()
+            throw error
+        }
+        PMProtocol.apply(.enter(i), to: &state)
+        enteredAt = Monitor.now()
+        let latency = enteredAt - currentRaise
+        stats.entries += 1
+        stats.entryLatencyTotal += latency
+        stats.entryLatencyMax = max(stats.entryLatencyMax, latency)
+        return nil
+    }
+
+    /// RSM: remove the region, invalidate every translation that could reach it, restore the CPU's
+    /// state, resume the others.
+    func leave(_ cpu: VirtualCPU) throws(NPTError) {
+        let i = cpu.slot
+        let vm = cpu.vm
+        monitor.lock()
+        defer { monitor.unlock() }
+        do {
+            guard active, state.phase.indices.contains(i), state.phase[i] == .inMode else {
+                throw NPTError(.state, "vCPU \(cpu.index) is not in the privileged mode")
+            }
+            try vm.setRegionMapped(false)
+            PMProtocol.apply(.leave(i), to: &state)
+            if let s = saved { try cpu.backend.setRegisters(s) }
+            saved = nil
+            try cpu.exposeAfterMode()
+            vm.backendVM.regionVisibility(holder: nil)
+            PMProtocol.apply(.release(i), to: &state)
+            let now = Monitor.now()
+            stats.stoppedTotal += now - stopBegan
+            records.append(PrivilegedEntryRecord(cpu: cpu.index, raisedAt: currentRaise, enteredAt: enteredAt,
+                                                 leftAt: now, othersStopped: now - stopBegan))
+            wake()
+        }
+    }
+
+    func holds(_ cpu: VirtualCPU) -> Bool {
+        monitor.withLock { state.phase.indices.contains(cpu.slot) && state.phase[cpu.slot] == .inMode }
+    }
+
+    /// A snapshot of the protocol state (tests).
+    public var protocolState: PMState { monitor.withLock { state } }
+}
