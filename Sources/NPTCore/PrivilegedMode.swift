@@ -264,6 +264,9 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
         monitor.withLock { state.phase.indices.contains(cpu.slot) && state.phase[cpu.slot] == .inMode }
     }
 
+    /// The protocol state and which vCPUs may be in guest code (diagnostics).
+    public var debugDescription: String { monitor.withLock { "\(state) inGuest \(inGuest.map { $0 ? 1 : 0 })" } }
+
     /// A snapshot of the protocol state (tests).
     public var protocolState: PMState { monitor.withLock { state } }
 }

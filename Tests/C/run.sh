@@ -87,6 +87,11 @@ elif [ "$plugins_ok" != 1 ]; then
     fail test_plugins "a plugin did not compile"
 fi
 
+echo "-- test_privileged"
+if build test_privileged "$CC" "${CFLAGS[@]}" -pthread "$ROOT/Tests/C/test_privileged.c" "${LINK[@]}" -o "$OUT/test_privileged"; then
+    run test_privileged "$OUT/test_privileged"
+fi
+
 echo "-- examples/client.c"
 if build client "$CC" "${CFLAGS[@]}" "$ROOT/examples/client.c" "${LINK[@]}" -o "$OUT/client"; then
     rc=0
