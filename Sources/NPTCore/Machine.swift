@@ -216,7 +216,9 @@ public final class VirtualMachine: Sendable {
             s.generation += 1
             publisher.publish(ShadowSnapshot(roots: view.1, generation: s.generation))
             _ = pr
-            return HierarchyID.allCases.map { Invalidation(hierarchy: $0, range: r.range) }
+            // Adding translations needs no invalidation (nothing can have cached a not-present
+            // entry); removing them does, in every hierarchy.
+            return mapped ? [] : HierarchyID.allCases.map { Invalidation(hierarchy: $0, range: r.range) }
         }
         for inv in invs { try backendVM.invalidate(inv) }
         counters.invalidations.wrappingAdd(UInt64(invs.count), ordering: .relaxed)
