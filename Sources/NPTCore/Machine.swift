@@ -59,6 +59,7 @@ public final class VirtualMachine: Sendable {
     private let policy: Mutex<PolicyState>
     private let vcpus = Mutex<[UInt32: VirtualCPU]>([:])
     private let regionBox = Mutex<PrivilegedRegion?>(nil)
+    private let reserved = Mutex<[(name: String, range: GPARange)]>([])
     private let privilegedError = Mutex<String>("")
     /// The privileged-mode (SMM-like) coordinator of this VM.
     public let privileged = PrivilegedModeCoordinator()
@@ -148,6 +149,28 @@ public final class VirtualMachine: Sendable {
     @discardableResult
     public func setPolicy(_ r: PolicyRange) throws(NPTError) -> [Invalidation] { try setPolicy([r]) }
 
+    // MARK: reserved guest-physical ranges
+
+    /// Reserves a guest-physical range for a device of the VM (the virtual flush hint address, ...):
+    /// it may not overlap RAM, the privileged-mode region or another reservation.
+    public func reserve(_ name: String, _ range: GPARange) throws(NPTError) {
+        if range.size == 0 { throw .invalid("\(name): size is 0") }
+        if range.overlaps(GPARange(start: GPA(0), size: config.ramSize)) {
+            throw NPTError(.overlap, "\(name) \(range) overlaps guest RAM [0x0, \(hex(config.ramSize)))")
+        }
+        if let r = region, r.range.overlaps(range) {
+            throw NPTError(.overlap, "\(name) \(range) overlaps the privileged-mode region \(r.range)")
+        }
+        let clash: String? = reserved.withLock { list in
+            if let o = list.first(where: { $0.range.overlaps(range) }) { return "\(name) \(range) overlaps \(o.name) \(o.range)" }
+            list.append((name, range))
+            return nil
+        }
+        if let clash { throw NPTError(.overlap, clash) }
+    }
+
+    public var reservedRanges: [(name: String, range: GPARange)] { reserved.withLock { $0 } }
+
     // MARK: privileged-mode region
 
     public var region: PrivilegedRegion? { regionBox.withLock { $0 } }
@@ -171,6 +194,9 @@ public final class VirtualMachine: Sendable {
         if o || end > PolicyTree.maxGuestPhysical { throw NPTError(.outOfRange, "range \(range) is beyond 48 bits") }
         if range.overlaps(GPARange(start: GPA(0), size: config.ramSize)) {
             throw NPTError(.overlap, "range \(range) overlaps guest RAM [0x0, \(hex(config.ramSize)))")
+        }
+        if let o = reservedRanges.first(where: { $0.range.overlaps(range) }) {
+            throw NPTError(.overlap, "range \(range) overlaps \(o.name) \(o.range)")
         }
         if UInt64(contents.count) > size { throw .invalid("contents (\(contents.count) bytes) are larger than the region") }
         if entryOffset >= size || entryOffset % 8 != 0 {

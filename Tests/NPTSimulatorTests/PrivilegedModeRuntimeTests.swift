@@ -73,12 +73,18 @@ import Testing
         #expect(code { try v.defineRegion(start: GPA(0x8000_0000), size: 0x1800, contents: []) } == .misaligned)
         #expect(code { try v.defineRegion(start: GPA(0x8000_0000), size: 0x1000, contents: [UInt8](repeating: 0, count: 0x1001)) } == .invalidArgument)
         #expect(code { try v.defineRegion(start: GPA(0x8000_0000), size: 0x1000, contents: [], entryOffset: 0x1000) } == .invalidArgument)
+        // A device range of the VM (the vFHA of the NVDIMM virtualizer reserves itself this way).
+        try v.reserve("vFHA", GPARange(start: GPA(0x9000_0000), size: 0x1000))
+        #expect(code { try v.defineRegion(start: GPA(0x8FFF_F000), size: 0x2000, contents: []) } == .overlap)
+        #expect(code { try v.reserve("other", GPARange(start: GPA(0x9000_0000), size: 0x1000)) } == .overlap)
+        #expect(code { try v.reserve("in RAM", GPARange(start: GPA(0x1000), size: 0x1000)) } == .overlap)
         #expect(v.region == nil)
         let cpu = try v.makeVCPU(index: 0)
         #expect(code { try cpu.raisePrivileged() } == .state)         // no region yet
         try v.defineRegion(start: GPA(0x8000_0000), size: 0x1000, contents: Assembler.encode(.rsm))
         #expect(code { try cpu.leavePrivileged() } == .state)          // not in the mode
         #expect(v.privileged.statistics.requests == 0)
+        #expect(code { try v.reserve("late", GPARange(start: GPA(0x8000_0000), size: 0x1000)) } == .overlap)
     }
 
     /// A vCPU whose thread runs guest code and never answers a stop request (its backend swallows
