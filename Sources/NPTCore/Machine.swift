@@ -104,6 +104,13 @@ public final class VirtualMachine: Sendable {
         return policy.withLock { $0.tree.permissions(at: gpa) }
     }
 
+    /// The policy of any guest-physical page (none outside RAM and the visible region); never throws,
+    /// for the exit path.
+    func policyPermissions(at gpa: GPA) -> EPTPermissions {
+        guard gpa.raw < PolicyTree.maxGuestPhysical else { return .none }
+        return policy.withLock { $0.tree.permissions(at: gpa) }
+    }
+
     public func policyRuns() -> [(GPARange, EPTPermissions)] { policy.withLock { $0.tree.runs() } }
 
     /// Applies `ranges` atomically: every range is checked first, and if the backend refuses an

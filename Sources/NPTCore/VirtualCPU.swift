@@ -158,7 +158,7 @@ public final class VirtualCPU: @unchecked Sendable {
 
     private func violation(_ exit: inout VMExit) throws(NPTError) -> ExitAction {
         let q = exit.violation
-        let policy = (try? vm.permissions(at: exit.gpa)) ?? .none
+        let policy = vm.policyPermissions(at: exit.gpa)
         let access = q.intersection([.read, .write, .fetch])
         let needed: HierarchyID
         if access.contains(.fetch) {

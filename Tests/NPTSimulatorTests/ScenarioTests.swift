@@ -185,7 +185,7 @@ import Testing
 @Suite struct RunningVCPUTests {
     /// A policy change while a vCPU runs on another thread takes effect at an instruction boundary:
     /// the loop's page loses execute permission and the vCPU stops with a violation on it.
-    @Test func policyChangeWhileRunning() async throws {
+    @Test func policyChangeWhileRunning() throws {
         let vm = try makeSimVM(ram: 4 << 20, mode: .exact)
         var img = GuestImage()
         var pt = GuestPageTableBuilder(image: &img, tableArea: GPARange(start: GPA(0), size: 0x10000))
@@ -201,16 +201,15 @@ import Testing
         var r = Registers()
         r.cr0 = Registers.cr0PG; r.cr3 = pt.cr3; r.rip = 0xFFFF_8000_0000_0000
         try cpu.setRegisters(r)
-        let started = Atomic<Bool>(false)
-        let runner = Task.detached { () throws -> VMExit in
-            started.store(true, ordering: .releasing)
-            return try cpu.run()
-        }
-        while !started.load(ordering: .acquiring) { await Task.yield() }
+        // The vCPU runs on its own thread (never on Swift's cooperative pool: it blocks).
+        let result = Mutex<VMExit?>(nil)
+        let runner = HostThread { let x = try? cpu.run(); result.withLock { $0 = x } }
+        while !cpu.isRunning { sleepNanos(100_000) }
         // Let it loop a little, then revoke execute.
-        for _ in 0..<100 { await Task.yield() }
+        sleepNanos(5_000_000)
         try vm.setPolicy(PolicyRange(start: GPA(0x10_0000), size: 0x1000, pageSize: .size4K, permissions: [.read]))
-        let x = try await runner.value
+        runner.join()
+        let x = try #require(result.withLock { $0 })
         #expect(x.reason == .mbecViolation)
         #expect(x.gpa.raw & ~0xFFF == 0x10_0000)
         #expect(x.violation.contains(.fetch) && !x.violation.contains(.executable))
