@@ -35,7 +35,7 @@ struct Bench: ParsableCommand {
     /// elsewhere, as an OS lays them out; `adversarial`: every 2 MiB block that holds a region holds an
     /// Xs-only and an Xu-only one, the worst case for sharing.
     static func regions(_ placement: Placement, count: Int, guest: UInt64, seed: UInt64) -> [PolicyRange] {
-        var rng = BenchRNG(seed: seed)
+        var rng = SplitMix64(seed: seed)
         var out: [PolicyRange] = []
         out.reserveCapacity(count)
         let pages = guest >> 12
@@ -54,7 +54,7 @@ struct Bench: ParsableCommand {
                 perms = kernel ? [.read, .supervisorExecute] : [.read, .userExecute]
             case .adversarial:
                 // Regions 2k and 2k+1 share a 2 MiB block: one Xs-only, the other Xu-only.
-                var pair = BenchRNG(seed: seed ^ UInt64(i / 2))
+                var pair = SplitMix64(seed: seed ^ UInt64(i / 2))
                 let block = pair.next() % (pages >> 9)
                 start = (block << 21) + ((i % 2 == 0 ? 0 : 256) << 12)
                 perms = i % 2 == 0 ? [.read, .supervisorExecute] : [.read, .userExecute]
@@ -393,17 +393,6 @@ let isDebugBuild = true
 let isDebugBuild = false
 #endif
 
-struct BenchRNG: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 func median(_ xs: [Duration]) -> Duration {
     let s = xs.sorted()

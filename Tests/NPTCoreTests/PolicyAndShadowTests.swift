@@ -1,16 +1,6 @@
 import NPTCore
 import Testing
 
-struct Rng: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 let validPerms: [EPTPermissions] = [[], [.read], [.read, .write], [.read, .supervisorExecute], [.read, .userExecute],
                                     [.read, .supervisorExecute, .userExecute], .all, [.supervisorExecute], [.userExecute],
@@ -21,7 +11,7 @@ let validPerms: [EPTPermissions] = [[], [.read], [.read, .write], [.read, .super
 @Suite struct PolicyAndShadowTests {
     @Test(arguments: [(UInt64(16 << 20), UInt64(1)), (UInt64(0x300_5000), UInt64(2)), (UInt64(2 << 30) + 0x20_0000, UInt64(3))])
     func randomUpdatesMatchNaiveModel(ram: UInt64, seed: UInt64) {
-        var rng = Rng(state: seed)
+        var rng = SplitMix64(seed: seed)
         let pages = Int(ram >> 12)
         var naive = [EPTPermissions](repeating: [.read, .write], count: pages)
         var tree = PolicyTree(ramSize: ram, defaultPermissions: [.read, .write])
@@ -129,7 +119,7 @@ let validPerms: [EPTPermissions] = [[], [.read], [.read, .write], [.read, .super
     @Test func updateCostDoesNotGrowWithGuestSize() {
         func rebuilt(_ ram: UInt64) -> UInt64 {
             var tree = PolicyTree(ramSize: ram, defaultPermissions: [.read, .write])
-            var rng = Rng(state: 9)
+            var rng = SplitMix64(seed: 9)
             for _ in 0..<500 {
                 tree.apply(PolicyRange(start: GPA((rng.next() % (ram >> 12)) << 12), size: 0x1000, pageSize: .size4K,
                                        permissions: [.read, .supervisorExecute]))
