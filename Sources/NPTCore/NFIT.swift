@@ -205,7 +205,7 @@ public struct NFIT: Equatable, Sendable {
         if sum != 0 {
             let found = bytes[9]
             let expected = found &- sum
-            throw .invalid("NFIT: checksum at offset 9 is \(hex(UInt64(found))), expected \(hex(UInt64(expected))) (the table's \(length) bytes sum to \(hex(UInt64(sum))), not 0)")
+            throw .invalid("NFIT: checksum at offset 9: found \(hex(UInt64(found))), expected \(hex(UInt64(expected))) (the table's \(length) bytes sum to \(hex(UInt64(sum))), not 0)")
         }
         var nfit = NFIT(header: Header(revision: bytes[8], oemID: Array(bytes[10..<16]),
                                        oemTableID: Array(bytes[16..<24]), oemRevision: u32(bytes, 24),

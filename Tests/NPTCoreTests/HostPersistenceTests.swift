@@ -1,0 +1,189 @@
+import Foundation
+import NPTCore
+import Testing
+
+private typealias Target = HostPersistence.FlushTarget
+
+/// A scratch directory for sysfs trees built by a test.
+private struct ScratchTree: ~Copyable {
+    let root: URL
+    init() throws {
+        root = FileManager.default.temporaryDirectory
+            .appendingPathComponent("hostpersistence-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
+    }
+    deinit { try? FileManager.default.removeItem(at: root) }
+    func write(_ path: String, _ content: String) throws {
+        let url = root.appendingPathComponent(path)
+        try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+        try content.write(to: url, atomically: false, encoding: .utf8)
+    }
+    func remove(_ path: String) throws { try FileManager.default.removeItem(at: root.appendingPathComponent(path)) }
+    /// One region with one DIMM (handle 0x101).
+    func writeValidRegion() throws {
+        try write("region3/resource", "0x100000000\n")
+        try write("region3/size", "4096\n")
+        try write("region3/deep_flush", "1\n")
+        try write("region3/persistence_domain", "\n")
+        try write("region3/mappings", "1\n")
+        try write("region3/mapping0", "nmem0,0,4096,0\n")
+        try write("nmem0/nfit/handle", "0x101\n")
+    }
+}
+
+private func sysfsError(_ root: String) -> NPTError? {
+    do { _ = try HostPersistence.fromSysfs(root: root); return nil } catch { return error }
+}
+
+@Suite struct HostPersistenceTests {
+    @Test func fromNFITFixtureWithoutADR() throws {
+        let hp = HostPersistence.fromNFIT(try NFIT.parse(try fixtureBytes("nfit/nfit.aml")))
+        #expect(hp.source == "nfit")
+        #expect(hp.needsWPQFlush)
+        #expect(hp.regions == [
+            .init(id: 1, base: 0x2_4000_0000, size: 0x1_0000_0000, controllers: [0x0000, 0x0100],
+                  flushTargets: [Target(controller: 0x0000, address: 0xC000_0000),
+                                 Target(controller: 0x0100, address: 0xC001_0000)],
+                  needsWPQFlush: true),
+            .init(id: 2, base: 0x3_4000_0000, size: 0x8000_0000, controllers: [0x1000],
+                  flushTargets: [Target(controller: 0x1000, address: 0x1_C000_0000)], needsWPQFlush: true),
+        ])
+    }
+
+    @Test func fromNFITFixtureWithADR() throws {
+        let hp = HostPersistence.fromNFIT(try NFIT.parse(try fixtureBytes("nfit/nfit-adr.aml")))
+        #expect(!hp.needsWPQFlush)
+        #expect(hp.regions.map(\.id) == [1, 2])
+        #expect(hp.regions.map(\.needsWPQFlush) == [false, false])
+        #expect(hp.regions.map(\.controllers) == [[0x0000, 0x0100], [0x1000]])
+        // The flush hints are still reported.
+        #expect(hp.regions.map(\.flushTargets) == [
+            [Target(controller: 0, address: 0xC000_0000), Target(controller: 0x100, address: 0xC001_0000)],
+            [Target(controller: 0x1000, address: 0x1_C000_0000)],
+        ])
+        #expect(hp.regions.allSatisfy { $0.deepFlushPath == nil })
+    }
+
+    @Test func fromNFITRules() {
+        let pm = NFIT.persistentMemoryGUID
+        var nfit = NFIT(
+            spaRanges: [.init(index: 7, typeGUID: pm, base: 0x1000, length: 0x1000),
+                        .init(index: 5, typeGUID: pm, base: 0x8000, length: 0x2000),
+                        .init(index: 6, typeGUID: NFIT.controlRegionGUID, base: 0x9000, length: 0x100)],
+            memoryMaps: [.init(deviceHandle: 0x0021, spaRangeIndex: 7), .init(deviceHandle: 0x0001, spaRangeIndex: 7),
+                         .init(deviceHandle: 0x0031, spaRangeIndex: 7), .init(deviceHandle: 0x2_0201, spaRangeIndex: 7),
+                         .init(deviceHandle: 0x0001, spaRangeIndex: 6), .init(deviceHandle: 0x0301, spaRangeIndex: 5)],
+            // 0x0001 (lowest handle of controller 0) has no addresses: 0x0021 gives the target.
+            flushHints: [.init(deviceHandle: 0x0031, addresses: [0xB000]), .init(deviceHandle: 0x0021, addresses: [0xA000, 0xA040]),
+                         .init(deviceHandle: 0x0001, addresses: []), .init(deviceHandle: 0x0301, addresses: [])])
+        var hp = HostPersistence.fromNFIT(nfit)
+        #expect(hp.regions == [
+            .init(id: 5, base: 0x8000, size: 0x2000, controllers: [0x0300], flushTargets: [], needsWPQFlush: false),
+            .init(id: 7, base: 0x1000, size: 0x1000, controllers: [0x0000, 0x2_0200],
+                  flushTargets: [Target(controller: 0, address: 0xA000)], needsWPQFlush: true),
+        ])
+        #expect(hp.needsWPQFlush)
+        // Bit 0 (CPU cache flush on power loss) valid and set: WPQ in the persistence domain.
+        nfit.platformCapabilities = .init(highestValid: 0, capabilities: 1)
+        hp = HostPersistence.fromNFIT(nfit)
+        #expect(!hp.needsWPQFlush)
+        #expect(hp.regions[1].flushTargets == [Target(controller: 0, address: 0xA000)])
+        // Bit 2 alone (mirroring) does not.
+        nfit.platformCapabilities = .init(highestValid: 2, capabilities: 4)
+        #expect(HostPersistence.fromNFIT(nfit).needsWPQFlush)
+        nfit.platformCapabilities = .init(highestValid: 1, capabilities: 2)
+        #expect(!HostPersistence.fromNFIT(nfit).needsWPQFlush)
+        #expect(HostPersistence.fromNFIT(NFIT()) == HostPersistence(regions: [], source: "nfit"))
+    }
+
+    @Test func fromSysfsNeedingFlush() throws {
+        let root = fixturesDirectory.appendingPathComponent("sysfs/wpq/bus/nd/devices").path
+        let hp = try HostPersistence.fromSysfs(root: root)
+        #expect(hp.source == "sysfs")
+        #expect(hp.needsWPQFlush)
+        #expect(hp.regions == [
+            .init(id: 0, base: 0x2_4000_0000, size: 4_294_967_296, controllers: [0x0000, 0x0100],
+                  flushTargets: [Target(controller: 0, address: 0), Target(controller: 0x100, address: 0)],
+                  needsWPQFlush: true, deepFlushPath: root + "/region0/deep_flush"),
+            .init(id: 1, base: 0x3_4000_0000, size: 2_147_483_648, controllers: [0x1000],
+                  flushTargets: [Target(controller: 0x1000, address: 0)],
+                  needsWPQFlush: true, deepFlushPath: root + "/region1/deep_flush"),
+            .init(id: 10, base: 0x3_C000_0000, size: 1_073_741_824, controllers: [], flushTargets: [],
+                  needsWPQFlush: false, deepFlushPath: root + "/region10/deep_flush"),
+        ])
+    }
+
+    @Test func fromSysfsWithPersistenceDomains() throws {
+        let root = fixturesDirectory.appendingPathComponent("sysfs/adr").path
+        let hp = try HostPersistence.fromSysfs(root: root)
+        #expect(!hp.needsWPQFlush)
+        #expect(hp.regions == [
+            .init(id: 0, base: 0x2_4000_0000, size: 4_294_967_296, controllers: [0x0000, 0x0100],
+                  flushTargets: [Target(controller: 0, address: 0), Target(controller: 0x100, address: 0)],
+                  needsWPQFlush: false, deepFlushPath: root + "/region0/deep_flush"),
+            .init(id: 1, base: 0x3_4000_0000, size: 2_147_483_648, controllers: [0x1000], flushTargets: [],
+                  needsWPQFlush: false, deepFlushPath: nil),
+        ])
+    }
+
+    @Test func fromSysfsErrors() throws {
+        let missing = fixturesDirectory.appendingPathComponent("sysfs/no-such-dir").path
+        let e1 = sysfsError(missing)
+        #expect(e1?.code == .notFound)
+        #expect(e1?.message.contains(missing) == true)
+
+        let broken = fixturesDirectory.appendingPathComponent("sysfs/broken").path
+        let e2 = sysfsError(broken)
+        #expect(e2?.code == .invalidArgument)
+        #expect(e2?.message.contains(broken + "/region0/resource") == true)
+        #expect(e2?.message.contains("\"0xZZZ\\n\"") == true, "\(e2?.message ?? "")")
+    }
+
+    @Test func fromSysfsMalformedFiles() throws {
+        let cases: [(file: String, content: String?, fragment: String)] = [
+            ("region3/size", nil, "region3/size is missing"),
+            ("region3/resource", nil, "region3/resource is missing"),
+            ("region3/size", "0x1000\n", "region3/size holds \"0x1000\\n\""),
+            ("region3/size", "99999999999999999999999\n", "not a decimal size"),
+            ("region3/resource", "\n", "region3/resource holds \"\\n\""),
+            ("region3/resource", "0x1ffffffffffffffff\n", "not a hexadecimal address"),
+            ("region3/mappings", "two\n", "region3/mappings holds \"two\\n\""),
+            ("region3/mapping0", nil, "region3/mapping0 is missing"),
+            ("region3/mapping0", "dimm0,0,4096,0\n", "region3/mapping0 holds"),
+            ("region3/mapping0", "nmem0\n", "region3/mapping0 holds"),
+            ("region3/mapping0", "nmem0/../x,0,4096,0\n", "region3/mapping0 holds"),
+            ("nmem0/nfit/handle", "0xq\n", "nmem0/nfit/handle holds \"0xq\\n\""),
+            ("nmem0/nfit/handle", "0x100000000\n", "nmem0/nfit/handle"),
+        ]
+        for c in cases {
+            let tree = try ScratchTree()
+            try tree.writeValidRegion()
+            if let content = c.content { try tree.write(c.file, content) } else { try tree.remove(c.file) }
+            let e = sysfsError(tree.root.path)
+            #expect(e?.code == .invalidArgument, "\(c.file)")
+            #expect(e?.message.contains(c.fragment) == true, "\(e?.message ?? "no error") lacks \(c.fragment)")
+        }
+    }
+
+    @Test func fromSysfsOptionalFiles() throws {
+        let tree = try ScratchTree()
+        try tree.writeValidRegion()
+        var hp = try HostPersistence.fromSysfs(root: tree.root.path)
+        #expect(hp.regions == [.init(id: 3, base: 0x1_0000_0000, size: 4096, controllers: [0x100],
+                                     flushTargets: [Target(controller: 0x100, address: 0)], needsWPQFlush: true,
+                                     deepFlushPath: tree.root.path + "/region3/deep_flush")])
+        // A DIMM without an NFIT handle contributes no controller; no mappings file means no mappings.
+        try tree.remove("nmem0/nfit/handle")
+        hp = try HostPersistence.fromSysfs(root: tree.root.path)
+        #expect(hp.regions[0].controllers == [])
+        try tree.remove("region3/mappings")
+        try tree.remove("region3/deep_flush")
+        try tree.write("region3/resource", "0\n")   // the kernel prints %#llx: "0" for zero
+        try tree.write("region3/persistence_domain", "cpu_cache\n")
+        try tree.write("region12", "not a directory\n")
+        try tree.write("regions/resource", "0x0\n")
+        hp = try HostPersistence.fromSysfs(root: tree.root.path)
+        #expect(hp.regions == [.init(id: 3, base: 0, size: 4096)])
+        #expect(try HostPersistence.fromSysfs(root: tree.root.path + "/nmem0").regions == [])
+    }
+}
