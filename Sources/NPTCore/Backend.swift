@@ -16,6 +16,9 @@ public struct BackendCapabilities: OptionSet, Hashable, Sendable {
     public static let run = BackendCapabilities(rawValue: 1 << 4)
     /// Can stop vCPUs (kick) and back a privileged-mode region.
     public static let privilegedMode = BackendCapabilities(rawValue: 1 << 5)
+    /// Backs NVDIMM ranges with host persistent memory, traps writes to a write-protected page,
+    /// and writes physical flush hints.
+    public static let persistentMemory = BackendCapabilities(rawValue: 1 << 6)
 }
 
 public struct ExitControls: OptionSet, Hashable, Sendable {
@@ -137,11 +140,17 @@ public protocol Backend: AnyObject, Sendable {
     var abiVersion: UInt32 { get }
     var isPlugin: Bool { get }
     func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM
+    /// Host discovery: the host's persistent-memory regions, whether they need WPQ flushing, and
+    /// where their physical flush hints are.
+    func hostPersistence() throws(NPTError) -> HostPersistence
 }
 
 extension Backend {
     public var abiVersion: UInt32 { NPTABI.version }
     public var isPlugin: Bool { false }
+    public func hostPersistence() throws(NPTError) -> HostPersistence {
+        throw .unsupported("backend '\(name)' has no persistent memory")
+    }
 }
 
 public protocol BackendVM: AnyObject, Sendable {
@@ -160,6 +169,20 @@ public protocol BackendVM: AnyObject, Sendable {
     /// Instructions a vCPU outside the mode ran while the region was visible, where the backend
     /// can tell (the invariant keeps it 0).
     var outsideWhileVisible: UInt64 { get }
+    /// Backs guest-physical `range` with host persistent memory: `regionOffset` bytes into host
+    /// region `region` (a `HostPersistence.Region.id`). The hierarchies' leaves for the range point
+    /// at `hostOffset` of the backing memory.
+    func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError)
+    /// The virtual flush hint page: the hierarchies map `gpa` to `hostOffset` (a scratch page),
+    /// read-only when `trapped` (a write exits as an EPT violation), read-write otherwise.
+    func defineFlushHintPage(_ gpa: GPA, hostOffset: UInt64, trapped: Bool) throws(NPTError)
+    /// Writes one physical flush hint: the controller drains its write-pending queue to the media.
+    func physicalFlush(region: UInt32, target: HostPersistence.FlushTarget) throws(NPTError)
+    /// Guest writes to the virtual flush hint that cost no exit, where the backend can count them.
+    var untrappedFlushHintWrites: UInt64 { get }
+    /// A power failure of the host's persistent memory: afterwards the VM's NVDIMM ranges hold
+    /// what reached the media (where the backend can model one).
+    func powerFailure() throws(NPTError)
     func destroy()
 }
 
@@ -169,6 +192,17 @@ extension BackendVM {
     }
     public func regionVisibility(holder: UInt32?) {}
     public var outsideWhileVisible: UInt64 { 0 }
+    public func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError) {
+        throw .unsupported("this backend cannot back NVDIMM ranges")
+    }
+    public func defineFlushHintPage(_ gpa: GPA, hostOffset: UInt64, trapped: Bool) throws(NPTError) {
+        throw .unsupported("this backend cannot map a virtual flush hint")
+    }
+    public func physicalFlush(region: UInt32, target: HostPersistence.FlushTarget) throws(NPTError) {
+        throw .unsupported("this backend cannot write a physical flush hint")
+    }
+    public var untrappedFlushHintWrites: UInt64 { 0 }
+    public func powerFailure() throws(NPTError) { throw .unsupported("this backend cannot model a power failure") }
 }
 
 /// A vCPU of a backend. Driven by one thread at a time (the core enforces it).
@@ -183,7 +217,18 @@ public protocol BackendVCPU: AnyObject, Sendable {
     func kick()
     /// Guest instructions retired, TLB hits and misses, where the backend knows them.
     var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { get }
+    /// Makes every earlier store and cache-line write-back of this vCPU reach the memory
+    /// controllers (what SFENCE guarantees), before the core writes a physical flush hint for it.
+    func fence() throws(NPTError)
+    /// Completes the guest instruction whose write to a write-protected page exited, once the core
+    /// has emulated it (the write itself is dropped).
+    func completeTrappedWrite() throws(NPTError)
     func destroy()
+}
+
+extension BackendVCPU {
+    public func fence() throws(NPTError) { throw .unsupported("this backend cannot fence a vCPU's stores") }
+    public func completeTrappedWrite() throws(NPTError) { throw .unsupported("this backend cannot complete a trapped write") }
 }
 
 public enum NPTABI {

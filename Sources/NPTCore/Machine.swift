@@ -63,6 +63,8 @@ public final class VirtualMachine: Sendable {
     private let privilegedError = Mutex<String>("")
     /// The privileged-mode (SMM-like) coordinator of this VM.
     public let privileged = PrivilegedModeCoordinator()
+    /// NVDIMM ranges, the virtual flush hint and its flush sequencers (Persistence.swift).
+    let persistence = PersistenceState()
 
     public init(config: VMConfig, registry: BackendRegistry, handle: UnsafeMutableRawPointer? = nil) throws(NPTError) {
         guard config.ramSize > 0 else { throw .invalid("ram_size is 0") }
@@ -156,6 +158,29 @@ public final class VirtualMachine: Sendable {
     @discardableResult
     public func setPolicy(_ r: PolicyRange) throws(NPTError) -> [Invalidation] { try setPolicy([r]) }
 
+    /// Applies mappings the core owns outside RAM (NVDIMM ranges, the vFHA page) and the backing
+    /// windows they use, then tells the backend which translations lost a permission.
+    func applyDeviceMappings(_ ranges: [PolicyRange], windows: [(range: GPARange, hostOffset: UInt64)]) throws(NPTError) {
+        let invs: [Invalidation] = policy.withLock { s in
+            var invs: [Invalidation] = []
+            s.builder.extraWindows = windows
+            for r in ranges {
+                let old = s.tree.apply(r)
+                invs += Invalidation.needed(range: r.range, oldMask: old, new: r.permissions)
+            }
+            s.generation += 1
+            s.version += 1
+            publisher.publish(s.builder.snapshot(of: s.tree, generation: s.generation))
+            return invs
+        }
+        for inv in invs { try backendVM.invalidate(inv) }
+        counters.invalidations.wrappingAdd(UInt64(invs.count), ordering: .relaxed)
+    }
+
+    /// The first 1 GiB boundary at or past RAM: the privileged-mode region's backing starts there,
+    /// the NVDIMM windows 1 GiB later.
+    var deviceHostBase: UInt64 { (config.ramSize + PageSize.size1G.bytes - 1) / PageSize.size1G.bytes * PageSize.size1G.bytes }
+
     // MARK: reserved guest-physical ranges
 
     /// Reserves a guest-physical range for a device of the VM (the virtual flush hint address, ...):
@@ -177,6 +202,9 @@ public final class VirtualMachine: Sendable {
     }
 
     public var reservedRanges: [(name: String, range: GPARange)] { reserved.withLock { $0 } }
+
+    /// Drops a reservation (to undo a failed configuration step).
+    func unreserve(_ name: String) { reserved.withLock { $0.removeAll { $0.name == name } } }
 
     // MARK: privileged-mode region
 
@@ -211,7 +239,7 @@ public final class VirtualMachine: Sendable {
         }
         guard permissions.isValidPolicy, permissions != .none else { throw .invalid("perms \(hex(permissions.rawValue)) are not a valid policy") }
         if privileged.holder != nil { throw NPTError(.busy, "a vCPU is in the privileged mode; the region cannot change now") }
-        let host = (config.ramSize + PageSize.size1G.bytes - 1) / PageSize.size1G.bytes * PageSize.size1G.bytes
+        let host = deviceHostBase
         var failure: NPTError?
         contents.withUnsafeBytes { b in
             do throws(NPTError) { try backendVM.defineRegion(range, hostOffset: host, contents: b) } catch { failure = error }
@@ -269,7 +297,13 @@ public final class VirtualMachine: Sendable {
         try checkMemory(gpa.raw, bytes.count)
         try backendVM.writeMemory(gpa, bytes)
     }
+    /// Reads guest RAM, or (on a backend with persistent memory) what the VM sees of an NVDIMM range.
     public func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError) {
+        let (end, o) = gpa.raw.addingReportingOverflow(UInt64(into.count))
+        if !o, nvdimmRanges.contains(where: { gpa.raw >= $0.range.start.raw && end <= $0.range.end }) {
+            try backendVM.readMemory(gpa, into)
+            return
+        }
         try checkMemory(gpa.raw, into.count)
         try backendVM.readMemory(gpa, into)
     }

@@ -118,16 +118,38 @@ public struct ShadowBuilder: Sendable {
     private var nextID: UInt64 = 1
     public private(set) var nodesBuilt: UInt64 = 0
     /// Where the privileged-mode region's pages live in the backing memory (RAM is identity mapped).
-    public var region: (range: GPARange, hostOffset: UInt64)?
+    public var region: (range: GPARange, hostOffset: UInt64)? {
+        didSet { rebuildWindows() }
+    }
+    /// Further guest-physical windows that are not identity mapped (NVDIMM ranges, the vFHA page).
+    public var extraWindows: [(range: GPARange, hostOffset: UInt64)] = [] {
+        didSet { rebuildWindows() }
+    }
+    private var windows: [(range: GPARange, hostOffset: UInt64)] = []
     public init() {}
+
+    private mutating func rebuildWindows() {
+        windows = extraWindows
+        if let region { windows.append(region) }
+    }
 
     private func leafEntry(code: UInt8, xBits: UInt8, level: Int, address: UInt64) -> UInt64 {
         var p = UInt64(code & 3)
         if code & xBits != 0 { p |= 4 }
         if p == 0 { return 0 }
         var host = address
-        if let r = region, r.range.contains(GPA(address)) { host = r.hostOffset + (address - r.range.start.raw) }
+        for w in windows where w.range.contains(GPA(address)) { host = w.hostOffset + (address - w.range.start.raw); break }
         return p | (level > 1 ? ShadowNode.largeBit : 0) | host
+    }
+
+    /// A large leaf maps one contiguous stretch of backing memory, so it may not cover a window's
+    /// boundary (a block that is partly RAM and partly a window, both with one policy, is split).
+    private func straddlesWindow(_ base: UInt64, _ span: UInt64) -> Bool {
+        let block = GPARange(start: GPA(base), size: span)
+        for w in windows where w.range.overlaps(block) {
+            if !(w.range.start.raw <= base && base + span <= w.range.end) { return true }
+        }
+        return false
     }
 
     private mutating func make(level: Int, entries: [UInt64], children: [ShadowNode?]) -> ShadowNode {
@@ -148,6 +170,10 @@ public struct ShadowBuilder: Sendable {
                                             : reference(c, base: eb, hierarchy: xBits == 4 ? .supervisor : .user)
                 children[i] = node
                 entries[i] = 3 | (x ? 4 : 0) | ((node.id << 12) & ShadowNode.addressMask)
+            } else if p.level > 1 && p.codes[i] != 0 && !windows.isEmpty && straddlesWindow(eb, span) {
+                let node = table(PolicyNode.uniform(level: p.level - 1, code: p.codes[i]), base: eb, xBits: xBits)
+                children[i] = node
+                entries[i] = 7 | ((node.id << 12) & ShadowNode.addressMask)
             } else {
                 entries[i] = leafEntry(code: p.codes[i], xBits: xBits, level: p.level, address: eb)
             }

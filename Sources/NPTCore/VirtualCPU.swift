@@ -138,6 +138,10 @@ public final class VirtualCPU: @unchecked Sendable {
             return .resume
         case .eptViolation:
             c.exitsEPTViolation.wrappingAdd(1, ordering: .relaxed)
+            if vm.persistence.isFlushHintWrite(exit) {
+                try vm.guestFlush(self)
+                return .resume
+            }
             return try violation(&exit)
         case .kicked:
             return .resume

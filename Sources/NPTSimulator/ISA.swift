@@ -5,6 +5,10 @@ public enum Opcode: UInt8, Sendable, CaseIterable {
     case load = 0x06, store = 0x07, jmp = 0x08, jmpr = 0x09, jz = 0x0A, jnz = 0x0B
     case syscall = 0x0C, sysret = 0x0D, hlt = 0x0E, out = 0x0F, movcr3 = 0x10, iret = 0x11, sub = 0x12
     case rsm = 0x13
+    /// CLWB [a+imm]: write the cache line back (persistent memory); permission checks of a load.
+    case clwb = 0x14
+    /// SFENCE: this CPU's earlier stores and write-backs are accepted by the memory controllers.
+    case sfence = 0x15
 }
 
 public enum Vector {

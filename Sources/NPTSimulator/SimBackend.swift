@@ -9,12 +9,35 @@ import Glibc
 /// per-vCPU TLB tagged by hierarchy. Deterministic: the same inputs give the same exits.
 public final class SimulatorBackend: Backend {
     public let name = "sim"
-    public let summary = "built-in simulator: guest ISA interpreter, real 2-D page walk, hierarchy-tagged TLB"
-    public let capabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run, .privilegedMode]
-    public init() {}
+    public let summary = "built-in simulator: guest ISA interpreter, real 2-D page walk, hierarchy-tagged TLB, persistent-memory platform"
+    public let capabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
+                                                    .privilegedMode, .persistentMemory]
+    private let platformBox: Mutex<PersistentPlatform>
+
+    /// `platform`: the simulated host's persistent memory (default: the standard platform, which
+    /// needs WPQ flushing).
+    public init(platform: PlatformDescription = .standard(needsWPQFlush: true)) {
+        platformBox = Mutex(try! PersistentPlatform(platform))
+    }
+
+    /// The simulated host platform every VM of this backend shares.
+    public var platform: PersistentPlatform { platformBox.withLock { $0 } }
+
+    /// Replaces the host platform; refused while a VM has NVDIMM ranges on the current one.
+    public func setPlatform(_ d: PlatformDescription) throws(NPTError) {
+        let p = try PersistentPlatform(d)
+        let busy = platformBox.withLock { cur -> Bool in
+            if cur.attachedVMs > 0 { return true }
+            cur = p
+            return false
+        }
+        if busy { throw NPTError(.busy, "VMs have NVDIMM ranges on the current platform") }
+    }
+
+    public func hostPersistence() throws(NPTError) -> HostPersistence { platform.description.persistence }
 
     public func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
-        try SimVM(config: config, hierarchies: hierarchies)
+        try SimVM(config: config, hierarchies: hierarchies, platform: platform)
     }
 }
 
@@ -47,11 +70,82 @@ public final class SimVM: BackendVM {
     let outsideCounter = Atomic<UInt64>(0)
     public var outsideWhileVisible: UInt64 { outsideCounter.load(ordering: .relaxed) }
 
-    init(config: VMConfig, hierarchies: any HierarchyProvider) throws(NPTError) {
+    // Persistent memory. Backing layout past RAM (the core chooses the offsets): the region's
+    // 1 GiB window, then the vFHA's scratch page, then NVDIMM windows (at most `pmemWindow` bytes).
+    static let pmemWindow: UInt64 = 64 << 30
+    let platform: PersistentPlatform
+    struct PMemWindow: Sendable {
+        var gpa: GPARange
+        var hostOffset: UInt64
+        var spa: UInt64
+    }
+    let pmem = Mutex<[PMemWindow]>([])
+    /// Host offset of the vFHA's scratch page (UInt64.max: none).
+    let flushHintHost = Atomic<UInt64>(.max)
+    let untrapped = Atomic<UInt64>(0)
+    public var untrappedFlushHintWrites: UInt64 { untrapped.load(ordering: .relaxed) }
+
+    init(config: VMConfig, hierarchies: any HierarchyProvider, platform: PersistentPlatform) throws(NPTError) {
         self.config = config
         self.hierarchies = hierarchies
+        self.platform = platform
         regionWindow = (config.ramSize + PageSize.size1G.bytes - 1) / PageSize.size1G.bytes * PageSize.size1G.bytes
-        ram = try GuestRAM(size: regionWindow + PageSize.size1G.bytes)
+        ram = try GuestRAM(size: regionWindow + 2 * PageSize.size1G.bytes + SimVM.pmemWindow)
+    }
+
+    public func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError) {
+        guard let r = platform.region(region) else { throw NPTError(.notFound, "the platform has no region \(region)") }
+        guard regionOffset + range.size <= r.size else {
+            throw NPTError(.outOfRange, "region \(region) offset \(hex(regionOffset)) + \(hex(range.size)) is past its end")
+        }
+        guard hostOffset >= regionWindow + 2 * PageSize.size1G.bytes, hostOffset + range.size <= ram.size else {
+            throw NPTError(.outOfRange, "the simulator backs at most \(SimVM.pmemWindow >> 30) GiB of NVDIMM ranges per VM")
+        }
+        try platform.claim(ObjectIdentifier(self), region: region, offset: regionOffset, size: range.size)
+        let w = PMemWindow(gpa: range, hostOffset: hostOffset, spa: r.base + regionOffset)
+        // The VM sees what the media holds.
+        platform.loadMedia(spa: w.spa, len: range.size, into: ram.base + Int(hostOffset))
+        pmem.withLock { $0.append(w) }
+        platform.attach(ObjectIdentifier(self)) { [weak self] in self?.reloadFromMedia() }
+    }
+
+    private func reloadFromMedia() {
+        for w in pmem.withLock({ $0 }) { platform.loadMedia(spa: w.spa, len: w.gpa.size, into: ram.base + Int(w.hostOffset)) }
+    }
+
+    public func defineFlushHintPage(_ gpa: GPA, hostOffset: UInt64, trapped: Bool) throws(NPTError) {
+        guard hostOffset >= regionWindow, hostOffset + 0x1000 <= ram.size else {
+            throw NPTError(.outOfRange, "flush hint page \(hex(hostOffset)) is outside the simulator's window")
+        }
+        if flushHintHost.load(ordering: .relaxed) != hostOffset {
+            (ram.base + Int(hostOffset)).initializeMemory(as: UInt8.self, repeating: 0, count: 0x1000)
+        }
+        flushHintHost.store(hostOffset, ordering: .releasing)
+    }
+
+    public func physicalFlush(region: UInt32, target: HostPersistence.FlushTarget) throws(NPTError) {
+        try platform.physicalFlush(controller: target.controller, address: target.address)
+    }
+
+    public func powerFailure() throws(NPTError) {
+        guard !pmem.withLock({ $0.isEmpty }) else { throw NPTError(.state, "the VM has no NVDIMM range") }
+        platform.powerFailure()
+    }
+
+    /// The persistent-memory window holding host offset `h`, with the system-physical address.
+    @inline(__always) func pmemSPA(_ h: UInt64) -> UInt64? {
+        pmem.withLock { ws in
+            for w in ws where h >= w.hostOffset && h < w.hostOffset + w.gpa.size { return w.spa + (h - w.hostOffset) }
+            return nil
+        }
+    }
+
+    /// Where `gpa` of an NVDIMM range lives in the backing memory.
+    func pmemHost(_ gpa: UInt64, _ len: Int) -> UInt64? {
+        pmem.withLock { ws in
+            for w in ws where gpa >= w.gpa.start.raw && gpa + UInt64(len) <= w.gpa.end { return w.hostOffset + (gpa - w.gpa.start.raw) }
+            return nil
+        }
     }
 
     public func defineRegion(_ range: GPARange, hostOffset: UInt64, contents: UnsafeRawBufferPointer) throws(NPTError) {
@@ -73,8 +167,12 @@ public final class SimVM: BackendVM {
     }
 
     public func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError) {
-        guard gpa.raw + UInt64(into.count) <= config.ramSize else { throw NPTError(.outOfRange, "read past RAM") }
-        if let dst = into.baseAddress { dst.copyMemory(from: ram.base + Int(gpa.raw), byteCount: into.count) }
+        var host = gpa.raw
+        if gpa.raw + UInt64(into.count) > config.ramSize {
+            guard let h = pmemHost(gpa.raw, into.count) else { throw NPTError(.outOfRange, "read past RAM and the NVDIMM ranges") }
+            host = h
+        }
+        if let dst = into.baseAddress { dst.copyMemory(from: ram.base + Int(host), byteCount: into.count) }
     }
 
     public func invalidate(_ inv: Invalidation) throws(NPTError) {
@@ -89,5 +187,8 @@ public final class SimVM: BackendVM {
 
     func remove(_ v: SimVCPU) { _ = vcpus.withLock { $0.removeValue(forKey: ObjectIdentifier(v)) } }
 
-    public func destroy() { vcpus.withLock { $0.removeAll() } }
+    public func destroy() {
+        vcpus.withLock { $0.removeAll() }
+        platform.detach(ObjectIdentifier(self))
+    }
 }

@@ -18,12 +18,39 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
     private var slice: UInt64 = 0
     private var retired: UInt64 = 0
     private let ram: UnsafeMutableRawPointer
+    /// The last exit was a write violation the core may emulate (`completeTrappedWrite`).
+    private var trappedWrite = false
+    /// Backing offsets from here up are devices (region, vFHA, NVDIMM), not RAM.
+    private let deviceBase: UInt64
+    private var id: ObjectIdentifier { ObjectIdentifier(self) }
 
     init(vm: SimVM, index: UInt32) {
         self.vm = vm
         self.index = index
         self.snapshot = vm.hierarchies.currentSnapshot()
         self.ram = vm.ram.base
+        self.deviceBase = vm.regionWindow
+    }
+
+    func fence() throws(NPTError) { vm.platform.fence(cpu: id) }
+
+    func completeTrappedWrite() throws(NPTError) {
+        guard trappedWrite else { throw NPTError(.state, "vCPU \(index): the last exit was not a trapped write") }
+        trappedWrite = false
+        regs.rip &+= 8
+        retired += 1
+        slice += 1
+        vm.platform.flushHintWritten(cpu: id)
+    }
+
+    /// A store that reached backing memory past RAM: persistent memory or the vFHA's scratch page.
+    private func deviceStore(_ h: UInt64, _ value: UInt64) {
+        if h & ~0xFFF == vm.flushHintHost.load(ordering: .relaxed) {
+            vm.untrapped.wrappingAdd(1, ordering: .relaxed)
+            vm.platform.flushHintWritten(cpu: id)
+        } else if let spa = vm.pmemSPA(h) {
+            vm.platform.store(cpu: id, spa: spa, value: value, lineBase: ram + Int(h & ~63))
+        }
     }
 
     // MARK: BackendVCPU
@@ -65,6 +92,7 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
     }
 
     func run() throws(NPTError) -> VMExit {
+        trappedWrite = false
         if let p = pendingExit { pendingExit = nil; return p }
         let budget = vm.config.maxStepsPerRun
         while true {
@@ -264,10 +292,25 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
             switch translate(la, op == .load ? .read : .write) {
             case .ok(let h):
                 if op == .load { regs.gpr[a] = phys64(h) }
-                else { ram.storeBytes(of: regs.gpr[b], toByteOffset: Int(h), as: UInt64.self) }
+                else {
+                    ram.storeBytes(of: regs.gpr[b], toByteOffset: Int(h), as: UInt64.self)
+                    if h >= deviceBase { deviceStore(h, regs.gpr[b]) }
+                }
+            case .fault(let v, let err): return fault(v, err, la)
+            case .exit(let x):
+                trappedWrite = op == .store
+                return x
+            }
+        case .clwb:
+            let la = regs.gpr[a] &+ UInt64(bitPattern: imm)
+            switch translate(la, .read) {
+            case .ok(let h):
+                if h >= deviceBase, let spa = vm.pmemSPA(h) { vm.platform.writeBack(cpu: id, spa: spa) }
             case .fault(let v, let err): return fault(v, err, la)
             case .exit(let x): return x
             }
+        case .sfence:
+            vm.platform.fence(cpu: id)
         case .jmp: next = next &+ UInt64(bitPattern: imm)
         case .jmpr: next = regs.gpr[a]
         case .jz: if regs.gpr[a] == 0 { next = next &+ UInt64(bitPattern: imm) }

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import NPTCore
 import NPTSimulator
 
@@ -47,4 +50,20 @@ extension ReferenceMachine.Outcome {
     var executed: Bool {
         switch self { case .stepped, .io, .halt: true; default: false }
     }
+}
+
+/// Bytes of a file under Tests/Fixtures.
+func fixture(_ relativePath: String) throws -> [UInt8] {
+    let dir = String(#filePath.split(separator: "/", omittingEmptySubsequences: false).dropLast(2).joined(separator: "/"))
+    let path = dir + "/Fixtures/" + relativePath
+    guard let f = fopen(path, "rb") else { throw NPTError(.notFound, "cannot open \(path)") }
+    defer { fclose(f) }
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = fread(&buf, 1, buf.count, f)
+        if n <= 0 { break }
+        out += buf[0..<n]
+    }
+    return out
 }
