@@ -55,6 +55,8 @@ public struct FlushStatistics: Sendable, Equatable {
     public var coalesced: UInt64 = 0
     /// Guest writes to the vFHA that cost no exit (counted by the backend where it can).
     public var untrappedWrites: UInt64 = 0
+    /// Time spent handling guest flushes, exit to resume, summed over every flush.
+    public var flushNanosTotal: UInt64 = 0
     public init() {}
 }
 
@@ -124,6 +126,10 @@ final class PersistenceState: Sendable {
     let exits = Atomic<UInt64>(0)
     let physicalFlushes = Atomic<UInt64>(0)
     let coalesced = Atomic<UInt64>(0)
+    let flushNanos = Atomic<UInt64>(0)
+    /// Per-flush latencies (exit handled to resume), kept only while recording (benchmarks).
+    let recording = Atomic<Bool>(false)
+    let samples = Mutex<[UInt64]>([])
 
     func sequencer(_ t: FlushTargetRef) -> FlushSequencer {
         sequencers.withLock { m in
@@ -295,6 +301,7 @@ extension VirtualMachine {
     /// complete the guest's write.
     func guestFlush(_ v: VirtualCPU) throws(NPTError) {
         let p = persistence
+        let t0 = Monitor.now()
         p.exits.wrappingAdd(1, ordering: .relaxed)
         try v.backend.fence()
         let (targets, coalesce) = p.config.withLock { ($0.targets, $0.options.coalesce) }
@@ -307,7 +314,18 @@ extension VirtualMachine {
         }
         try v.backend.completeTrappedWrite()
         p.guestFlushes.wrappingAdd(1, ordering: .relaxed)
+        let dt = Monitor.now() - t0
+        p.flushNanos.wrappingAdd(dt, ordering: .relaxed)
+        if p.recording.load(ordering: .relaxed) { p.samples.withLock { $0.append(dt) } }
     }
+
+    /// Starts (or stops) keeping every guest flush's latency, from the exit to the resume.
+    public func recordFlushLatencies(_ on: Bool) {
+        persistence.recording.store(on, ordering: .relaxed)
+        if on { persistence.samples.withLock { $0.removeAll() } }
+    }
+    /// The latencies kept since recording started, in nanoseconds.
+    public func flushLatencies() -> [UInt64] { persistence.samples.withLock { $0 } }
 
     /// A power failure of the host's persistent memory (where the backend models one): afterwards
     /// the NVDIMM ranges hold what reached the media.
@@ -323,6 +341,7 @@ extension VirtualMachine {
         s.exits = p.exits.load(ordering: .relaxed)
         s.physicalFlushes = p.physicalFlushes.load(ordering: .relaxed)
         s.coalesced = p.coalesced.load(ordering: .relaxed)
+        s.flushNanosTotal = p.flushNanos.load(ordering: .relaxed)
         s.untrappedWrites = backendVM.untrappedFlushHintWrites
         return s
     }
