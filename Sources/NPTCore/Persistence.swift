@@ -119,6 +119,8 @@ final class PersistenceState: Sendable {
         var nextHostChunk: UInt64 = 0
     }
     let config = Mutex(Config())
+    /// Serializes configuration changes (adding a range, changing options) against each other.
+    let configuring = Monitor()
     private let sequencers = Mutex<[FlushTargetRef: FlushSequencer]>([:])
     /// The vFHA's page while writes to it trap (UInt64.max: none), read on the exit path.
     let trappedPage = Atomic<UInt64>(.max)
@@ -176,6 +178,8 @@ extension VirtualMachine {
     /// `hostRegion` from `regionOffset`. Allocates the vFHA with the first range. All or nothing.
     @discardableResult
     public func addNVDIMM(gpa: GPA, size: UInt64, hostRegion: UInt32, regionOffset: UInt64) throws(NPTError) -> NVDIMMRange {
+        persistence.configuring.lock()
+        defer { persistence.configuring.unlock() }
         let host = try hostPersistence()
         if size == 0 { throw .invalid("size is 0") }
         if gpa.raw % 0x1000 != 0 { throw NPTError(.misaligned, "gpa \(hex(gpa.raw)) is not 4 KiB aligned") }
@@ -251,6 +255,8 @@ extension VirtualMachine {
 
     /// Changes the trap and coalescing options; the vFHA's mapping follows at once.
     public func setFlushOptions(_ o: FlushOptions) throws(NPTError) {
+        persistence.configuring.lock()
+        defer { persistence.configuring.unlock() }
         let old = persistence.config.withLock { c -> FlushOptions in let x = c.options; c.options = o; return x }
         if virtualFlushHint == nil { return }
         do throws(NPTError) { try remap(newRange: nil) } catch {

@@ -123,7 +123,7 @@ public struct ReferenceMachine: Sendable {
         }
         let op = word & 0xFF, a = Int((word >> 8) & 0xFF), b = Int((word >> 16) & 0xFF)
         let imm = UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: word >> 32)))
-        guard op <= 0x12, a < 16, b < 16 else { return fault(6, 0, rip) }
+        guard op <= 0x15, a < 16, b < 16 else { return fault(6, 0, rip) }
         var next = rip &+ 8
         var outcome = Outcome.stepped
         switch op {
@@ -158,6 +158,15 @@ public struct ReferenceMachine: Sendable {
         case 0x10:
             if regs.cpl != 0 { return fault(13, 0, rip) }
             regs.cr3 = regs.gpr[a]
+        case 0x14:
+            // CLWB: the permission checks of a byte load; no effect on what the model computes.
+            let la = regs.gpr[a] &+ imm
+            switch access(la, .read) {
+            case .ok: break
+            case .fault(let v, let e): return fault(v, e, la)
+            case .violation(let o): return o
+            }
+        case 0x15: break   // SFENCE
         default: return fault(6, 0, rip)
         }
         regs.rip = next

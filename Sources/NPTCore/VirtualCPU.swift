@@ -154,6 +154,8 @@ public final class VirtualCPU: @unchecked Sendable {
             if (try? backend.injectFault(vector: 6, errorCode: 0, address: exit.rip)) != nil { return .resume }
             exit.reason = .guestFault
             exit.vector = 6
+            exit.qualification = 0
+            exit.gva = GVA(exit.rip)   // a #UD reports the faulting instruction's address
             return .tool
         default:
             return .tool
