@@ -217,6 +217,9 @@ func fail(_ message: String) -> Never {
     exit(1)
 }
 
+/// Online host CPUs (the benchmark prints it beside threaded figures).
+func hostCPUs() -> Int { Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))) }
+
 func errnoText() -> String { String(cString: strerror(errno)) }
 
 /// Writes `bytes` to `path` (created or truncated); returns an error text on failure.
