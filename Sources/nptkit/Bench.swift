@@ -417,7 +417,10 @@ extension Bench {
         print("   \(eptExits) EPT-violation exits, \(adr.physicalFlushes) physical flushes: \(fmt(Double(adr.exits + eptExits) / Double(max(1, adr.untrappedWrites)))) exits per guest flush.")
         print("   Latency = exit to resume (VirtualMachine.flushLatencies). Each guest flush drains both controllers of")
         print("   host region 1, one after the other: 2 physical flushes without coalescing. Ratio: to the raw flush with an")
-        print("   empty WPQ. vCPU threads on \(hostCPUs()) host CPUs.\n")
+        print("   empty WPQ. vCPU threads on \(hostCPUs()) host CPUs: at most that many vCPUs run at once. Coalescing saves a")
+        print("   physical flush only when two or more vCPUs wait behind a flush in progress (a flush that started before")
+        print("   a guest's write cannot satisfy it), and its waiters sleep: with more vCPU threads than host CPUs the p99")
+        print("   includes threads descheduled while they wait or flush.\n")
     }
 
     /// Median cost of one physical flush of controller 0x000, with an empty WPQ and with `queued`
