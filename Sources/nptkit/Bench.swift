@@ -11,8 +11,10 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Measure the figures quoted in the README (medians of one run).")
     @Flag(help: "Fewer repetitions (a smoke run, e.g. in CI).")
     var quick = false
-    @Option(help: "Run only these groups: build, update, sim, exits, abi, privileged.")
+    @Option(help: "Run only these groups: build, update, sim, exits, abi, privileged, nvdimm.")
     var only: [String] = []
+    @Option(help: "nvdimm group: the simulated platform's flush hint drain time (the writing CPU spins this long), ns.")
+    var flushLatencyNs: UInt64 = 1000
 
     func wants(_ g: String) -> Bool { only.isEmpty || only.contains(g) }
 
@@ -24,6 +26,7 @@ struct Bench: ParsableCommand {
         if wants("exits") { try benchExits() }
         if wants("abi") { try benchABI() }
         if wants("privileged") { try benchPrivileged() }
+        if wants("nvdimm") { try benchNVDIMM() }
     }
 
     // MARK: 1. shadow hierarchy build
@@ -377,6 +380,143 @@ extension Bench {
         return (Bench.percentile(lat, 0.5), Bench.percentile(lat, 0.99))
     }
 }
+
+extension Bench {
+    /// Virtualized NVDIMM WPQ flushing: the raw physical flush, then guest flushes (exit to resume)
+    /// from 1-16 vCPU threads flushing at once, with and without coalescing, and the ADR case.
+    func benchNVDIMM() throws {
+        let latency = flushLatencyNs
+        print("7. Virtualized NVDIMM WPQ flushing (simulated platform; flush hint drain time \(latency) ns, --flush-latency-ns)")
+        let rawSamples = quick ? 2000 : 20_000
+        let (rawEmpty, rawQueued) = try rawPhysicalFlush(latency: latency, samples: rawSamples, queued: 16)
+        print("   Raw physical flush (PersistentPlatform.physicalFlush, one controller, median of \(rawSamples)):")
+        print("   empty WPQ \(nanos(rawEmpty)), 16 lines queued \(nanos(rawQueued))")
+        let records = quick ? 10 : 40
+        let target = quick ? 200 : 4000
+        var t = Table(["vCPUs", "coalescing", "guest flushes", "physical per guest flush", "latency median", "p99",
+                       "median / raw flush"])
+        for n in [1, 2, 4, 8, 16] {
+            for coalesce in [false, true] {
+                var lat: [UInt64] = []
+                var f = FlushStatistics()
+                let reps = max(quick ? 2 : 3, (target + n * records - 1) / (n * records))
+                for _ in 0..<reps {
+                    let (l, s) = try guestFlushRun(cpus: n, records: records, coalesce: coalesce, latency: latency, needsFlush: true)
+                    lat += l
+                    f.guestFlushes += s.guestFlushes; f.physicalFlushes += s.physicalFlushes; f.exits += s.exits
+                }
+                let m = Bench.percentile(lat, 0.5)
+                t.add(["\(n)", coalesce ? "on" : "off", "\(f.guestFlushes)", fmt(Double(f.physicalFlushes) / Double(max(1, f.guestFlushes))),
+                       nanos(m), nanos(Bench.percentile(lat, 0.99)), fmt(Double(m) / Double(max(1, rawEmpty)))])
+            }
+        }
+        print(t.render())
+        let adrCPUs = 4
+        let (_, adr, eptExits) = try adrRun(cpus: adrCPUs, records: records)
+        print("   ADR platform (no WPQ flushing needed), \(adrCPUs) vCPUs: \(adr.untrappedWrites) guest flushes (vFHA writes), \(adr.exits) flush exits,")
+        print("   \(eptExits) EPT-violation exits, \(adr.physicalFlushes) physical flushes: \(fmt(Double(adr.exits + eptExits) / Double(max(1, adr.untrappedWrites)))) exits per guest flush.")
+        print("   Latency = exit to resume (VirtualMachine.flushLatencies). Each guest flush drains both controllers of")
+        print("   host region 1, one after the other: 2 physical flushes without coalescing. Ratio: to the raw flush with an")
+        print("   empty WPQ. vCPU threads on \(hostCPUs()) host CPUs: at most that many vCPUs run at once. Coalescing saves a")
+        print("   physical flush only when two or more vCPUs wait behind a flush in progress (a flush that started before")
+        print("   a guest's write cannot satisfy it), and its waiters sleep: with more vCPU threads than host CPUs the p99")
+        print("   includes threads descheduled while they wait or flush.\n")
+    }
+
+    /// Median cost of one physical flush of controller 0x000, with an empty WPQ and with `queued`
+    /// lines in it (queued by a guest: stores, CLWBs and an SFENCE to lines of that controller).
+    func rawPhysicalFlush(latency: UInt64, samples: Int, queued: Int) throws -> (UInt64, UInt64) {
+        let desc = PlatformDescription.standard(needsWPQFlush: true, flushLatencyNanos: latency)
+        let controller = desc.controllers[0]
+        // Empty WPQ.
+        let bare = try PersistentPlatform(desc)
+        var empty: [UInt64] = []
+        empty.reserveCapacity(samples)
+        for _ in 0..<samples {
+            let t0 = Monitor.now()
+            try bare.physicalFlush(controller: controller.id, address: controller.flushHints[0])
+            empty.append(Monitor.now() - t0)
+        }
+        // With `queued` lines: a guest fills the WPQ, exits on an OUT, the host flushes, and so on.
+        let backend = SimulatorBackend(platform: desc)
+        let vm = try PersistenceScenario.makeVM(backend: backend)
+        defer { try? vm.destroy() }
+        let base = PersistenceScenario.nvdimmGPA
+        try vm.addNVDIMM(gpa: GPA(base), size: PersistenceScenario.nvdimmSize, hostRegion: 1, regionOffset: 0)
+        let code: UInt64 = 0x1000
+        var a = Assembler(origin: code)
+        a.load64(1, 0xC0FFEE)
+        a.load64(2, base)               // lines 0..<queued of region 1: the first 4 KiB, controller 0x000
+        let loop = a.here
+        for i in 0..<queued {
+            a.emit(.store, 2, 1, Int32(i * 64))
+            a.emit(.clwb, 2, 0, Int32(i * 64))
+        }
+        a.emit(.sfence)
+        a.out(1, port: 0x60)
+        a.jmp(to: loop)
+        try vm.setPolicy(PolicyRange(start: GPA(code), size: 0x1000, pageSize: .size4K, permissions: [.read, .supervisorExecute]))
+        try vm.writeMemory(GPA(code), bytes: a.bytes)
+        let v = try vm.makeVCPU(index: 0)
+        var r = try v.registers()
+        r.rip = code
+        try v.setRegisters(r)
+        let platform = backend.platform
+        var full: [UInt64] = []
+        full.reserveCapacity(samples)
+        for _ in 0..<samples {
+            var x = try v.run()
+            while x.reason == .budget { x = try v.run() }
+            guard x.reason == .io else { throw NPTError(.state, "benchmark guest ended with \(x)") }
+            guard platform.queuedLines == queued else { throw NPTError(.state, "\(platform.queuedLines) lines queued, expected \(queued)") }
+            let t0 = Monitor.now()
+            try platform.physicalFlush(controller: controller.id, address: controller.flushHints[0])
+            full.append(Monitor.now() - t0)
+        }
+        return (Bench.percentile(empty, 0.5), Bench.percentile(full, 0.5))
+    }
+
+    /// One VM: `cpus` vCPU threads each make `records` records durable at once; the flush latencies and statistics.
+    func guestFlushRun(cpus n: Int, records: Int, coalesce: Bool, latency: UInt64, needsFlush: Bool) throws -> ([UInt64], FlushStatistics) {
+        let backend = SimulatorBackend(platform: .standard(needsWPQFlush: needsFlush, flushLatencyNanos: latency))
+        let vm = try PersistenceScenario.makeVM(backend: backend)
+        defer { try? vm.destroy() }
+        try vm.addNVDIMM(gpa: GPA(PersistenceScenario.nvdimmGPA), size: PersistenceScenario.nvdimmSize, hostRegion: 1, regionOffset: 0)
+        try vm.setFlushOptions(FlushOptions(trap: .auto, coalesce: coalesce))
+        let cpus = try PersistenceScenario(cpus: n, records: records, tail: false).setUp(vm)
+        vm.recordFlushLatencies(true)
+        let failures = Atomic<Int>(0)
+        // Every thread waits at a gate, so that the vCPUs start (and flush) at once.
+        let go = Atomic<Bool>(false)
+        let threads = cpus.map { v in HostThread {
+            while !go.load(ordering: .acquiring) { sleepNanos(20_000) }
+            do { _ = try runUntilHalt(v) } catch { failures.wrappingAdd(1, ordering: .relaxed) }
+        } }
+        sleepNanos(1_000_000)
+        go.store(true, ordering: .releasing)
+        for t in threads { t.join() }
+        vm.recordFlushLatencies(false)
+        if failures.load(ordering: .relaxed) > 0 { throw NPTError(.state, "a vCPU thread failed") }
+        let f = vm.flushStatistics()
+        guard f.guestFlushes == UInt64(n * records) else { throw NPTError(.state, "\(f.guestFlushes) guest flushes, expected \(n * records)") }
+        return (vm.flushLatencies(), f)
+    }
+
+    /// The same guests on the ADR platform: flush statistics and EPT-violation exits.
+    func adrRun(cpus n: Int, records: Int) throws -> ([UInt64], FlushStatistics, UInt64) {
+        let backend = SimulatorBackend(platform: .standard(needsWPQFlush: false, flushLatencyNanos: flushLatencyNs))
+        let vm = try PersistenceScenario.makeVM(backend: backend)
+        defer { try? vm.destroy() }
+        let cpus = try PersistenceScenario(cpus: n, records: records, tail: false).setUp(vm)
+        let threads = cpus.map { v in HostThread { _ = try? runUntilHalt(v) } }
+        for t in threads { t.join() }
+        let f = vm.flushStatistics()
+        guard f.untrappedWrites == UInt64(n * records) else { throw NPTError(.state, "\(f.untrappedWrites) vFHA writes, expected \(n * records)") }
+        return (vm.flushLatencies(), f, vm.statistics().exitsEPTViolation)
+    }
+}
+
+func nanos(_ ns: UInt64) -> String { ns >= 10_000 ? micros(ns) : "\(ns) ns" }
 
 final class BarrierState: @unchecked Sendable {
     var arrived = 0

@@ -8,7 +8,7 @@ struct NPTKitCLI: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nptkit",
         abstract: "Memory-virtualization controls hypervisors need and hardware does not always give.",
-        subcommands: [Demo.self, Backends.self, Bench.self],
+        subcommands: [Demo.self, Backends.self, Bench.self, Nfit.self, HostPMem.self],
         defaultSubcommand: Demo.self)
 }
 
@@ -102,7 +102,10 @@ struct Demo: ParsableCommand {
         let perCall = Double(mbecExits(longer) - mbecExits(stats)) / 100
         print("Exits per system-call round trip: \(fmt(perCall)) (mode \(mode.rawValue); the lower bound is 1, the escalation)")
 
-        if options.backend == "sim" { try privilegedSection(registry: registry) }
+        if options.backend == "sim" {
+            try privilegedSection(registry: registry)
+            try nvdimmSection()
+        }
     }
 
     /// The privileged-mode section: 4 vCPU threads, requests raised concurrently.
