@@ -83,6 +83,21 @@ public struct PersistenceScenario: Sendable {
         return out
     }
 
+    /// Runs `v` until HLT (through budget exits); returns the (port, value) pairs it printed.
+    @discardableResult
+    public static func runToHalt(_ v: VirtualCPU) throws(NPTError) -> [(Int32, UInt64)] {
+        var out: [(Int32, UInt64)] = []
+        while true {
+            let x = try v.run()
+            switch x.reason {
+            case .io: out.append((Int32(x.ioPort), x.ioValue))
+            case .halt: return out
+            case .budget: continue
+            default: throw NPTError(.state, "unexpected exit \(x)")
+            }
+        }
+    }
+
     public static func makeVM(backend: SimulatorBackend, budget: UInt64 = 0) throws(NPTError) -> VirtualMachine {
         let reg = BackendRegistry()
         try reg.register(backend, makeDefault: true)

@@ -490,7 +490,7 @@ extension Bench {
         let go = Atomic<Bool>(false)
         let threads = cpus.map { v in HostThread {
             while !go.load(ordering: .acquiring) { sleepNanos(20_000) }
-            do { _ = try runUntilHalt(v) } catch { failures.wrappingAdd(1, ordering: .relaxed) }
+            do { _ = try PersistenceScenario.runToHalt(v) } catch { failures.wrappingAdd(1, ordering: .relaxed) }
         } }
         sleepNanos(1_000_000)
         go.store(true, ordering: .releasing)
@@ -508,7 +508,7 @@ extension Bench {
         let vm = try PersistenceScenario.makeVM(backend: backend)
         defer { try? vm.destroy() }
         let cpus = try PersistenceScenario(cpus: n, records: records, tail: false).setUp(vm)
-        let threads = cpus.map { v in HostThread { _ = try? runUntilHalt(v) } }
+        let threads = cpus.map { v in HostThread { _ = try? PersistenceScenario.runToHalt(v) } }
         for t in threads { t.join() }
         let f = vm.flushStatistics()
         guard f.untrappedWrites == UInt64(n * records) else { throw NPTError(.state, "\(f.untrappedWrites) vFHA writes, expected \(n * records)") }

@@ -139,7 +139,7 @@ extension Demo {
         try vm.setFlushOptions(FlushOptions(trap: trap))
         let checker = CrashChecker(platform: backend.platform)
         let v = try S(cpus: 1, records: records, tail: true).setUp(vm)[0]
-        let printed = try runUntilHalt(v)
+        let printed = try PersistenceScenario.runToHalt(v)
         let report = checker.stop()
         guard printed.filter({ $0.0 == S.portDurable }).count == records else {
             throw NPTError(.state, "the guest announced \(printed) instead of \(records) durable records")
@@ -190,19 +190,6 @@ extension Demo {
 
 // MARK: helpers
 
-/// Runs `v` until HLT; returns the (port, value) pairs it printed.
-func runUntilHalt(_ v: VirtualCPU) throws(NPTError) -> [(Int32, UInt64)] {
-    var out: [(Int32, UInt64)] = []
-    while true {
-        let x = try v.run()
-        switch x.reason {
-        case .io: out.append((Int32(x.ioPort), x.ioValue))
-        case .halt: return out
-        case .budget: continue
-        default: throw NPTError(.state, "unexpected exit \(x)")
-        }
-    }
-}
 
 func readGuest64(_ vm: VirtualMachine, _ gpa: UInt64) throws(NPTError) -> UInt64 {
     var v: UInt64 = 0

@@ -3,20 +3,8 @@ import NPTSimulator
 import Synchronization
 import Testing
 
-/// Runs `v` until HLT; returns the (port, value) pairs it printed.
 @discardableResult
-func runToHalt(_ v: VirtualCPU) throws -> [(Int32, UInt64)] {
-    var out: [(Int32, UInt64)] = []
-    while true {
-        let x = try v.run()
-        switch x.reason {
-        case .io: out.append((Int32(x.ioPort), x.ioValue))
-        case .halt: return out
-        case .budget: continue
-        default: throw NPTError(.state, "unexpected exit \(x)")
-        }
-    }
-}
+func runToHalt(_ v: VirtualCPU) throws -> [(Int32, UInt64)] { try PersistenceScenario.runToHalt(v) }
 
 func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
     var v: UInt64 = 0
