@@ -233,7 +233,7 @@ extension BackendVCPU {
 
 public enum NPTABI {
     public static let major: UInt32 = 1
-    public static let minor: UInt32 = 0
+    public static let minor: UInt32 = 1
     public static let version: UInt32 = (major << 16) | minor
     public static func major(of v: UInt32) -> UInt32 { v >> 16 }
 }
