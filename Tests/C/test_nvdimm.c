@@ -613,19 +613,29 @@ static void test_nfit_platform(const char *fixture) {
     }
     CHECK_ST(npt_sim_set_platform(NULL, &p), NPT_ERR_INVALID_ARGUMENT);
 
-    npt_vm *vm = make_vm(ctx, NULL, NPT_MBEC_EXACT);
-    if (vm) {
-        npt_host_pmem_region r;
-        memset(&r, 0, sizeof r);
-        r.size = sizeof r;
-        CHECK_OK(npt_vm_host_pmem_get(vm, 0, &r));
-        CHECK_EQ(r.length, UINT64_C(1) << 30); /* still the standard platform */
-        CHECK_OK(npt_vm_destroy(vm));
-    }
+    /* `old` is created on the standard platform and has asked nothing yet. */
+    npt_vm *old = make_vm(ctx, NULL, NPT_MBEC_EXACT);
 
     p = sim_platform(0, aml, len);
     CHECK_OK(npt_sim_set_platform(ctx, &p));
-    vm = make_vm(ctx, NULL, NPT_MBEC_EXACT);
+    if (old) {
+        /* A VM keeps the platform it was created on: discovery, backing and flush targets agree. */
+        npt_host_pmem_region r;
+        memset(&r, 0, sizeof r);
+        r.size = sizeof r;
+        CHECK_OK(npt_vm_host_pmem_get(old, 0, &r));
+        CHECK_EQ(r.length, UINT64_C(1) << 30);
+        npt_nvdimm n = nvdimm(1, NV_GPA, NV_LEN, UINT64_C(3) << 30); /* inside the NFIT's region 1 only */
+        CHECK_ST(npt_vm_add_nvdimm(old, &n), NPT_ERR_OUT_OF_RANGE);
+        n = nvdimm(1, NV_GPA, NV_LEN, 0);
+        CHECK_OK(npt_vm_add_nvdimm(old, &n));
+        uint32_t hr = 0, ctl = 0;
+        uint64_t addr = 0;
+        CHECK_OK(npt_vm_get_flush_target(old, 0, &hr, &ctl, &addr));
+        CHECK(addr != 0 && addr != UINT64_C(0xC0000000));
+        CHECK_OK(npt_vm_destroy(old));
+    }
+    npt_vm *vm = make_vm(ctx, NULL, NPT_MBEC_EXACT);
     if (vm) {
         size_t count = 0;
         CHECK_OK(npt_vm_host_pmem_count(vm, &count));
