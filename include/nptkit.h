@@ -3,7 +3,9 @@
  *
  * NPTKit implements memory-virtualization controls that hypervisors need and
  * hardware does not always give; this ABI covers emulated mode-based execute
- * control (MBEC) over pluggable backends.
+ * control (MBEC) over pluggable backends, a privileged mode with a secure
+ * global view, and (since ABI 1.1) virtualized NVDIMM write-pending-queue
+ * flushing.
  *
  * Conventions
  *  - Every call returns npt_status (NPT_OK == 0, errors are negative).
@@ -32,7 +34,7 @@ extern "C" {
 
 /* ABI version: major changes break compatibility; minor ones only add. */
 #define NPT_ABI_VERSION_MAJOR 1u
-#define NPT_ABI_VERSION_MINOR 0u
+#define NPT_ABI_VERSION_MINOR 1u /* 1.1: virtualized NVDIMM WPQ flushing */
 #define NPT_ABI_VERSION ((NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR)
 #define NPT_ABI_MAJOR(v) ((uint32_t)(v) >> 16)
 
@@ -102,6 +104,9 @@ npt_status npt_context_destroy(npt_context *ctx);
 #define NPT_CAP_LINEAR_MODE_INFO  (UINT64_C(1) << 3) /* violation reports the U/S of the linear address */
 #define NPT_CAP_RUN               (UINT64_C(1) << 4) /* runs guest code */
 #define NPT_CAP_PRIVILEGED_MODE   (UINT64_C(1) << 5) /* can stop vCPUs and back the privileged-mode region */
+#define NPT_CAP_PERSISTENT_MEMORY (UINT64_C(1) << 6) /* backs NVDIMM ranges, traps vFHA writes, writes physical
+                                                        flush hints (ABI 1.1; never set for npt_backend_ops
+                                                        backends, which have no such operations yet) */
 
 typedef struct npt_backend_info {
     uint32_t size;            /* in: sizeof(npt_backend_info) */
@@ -326,6 +331,144 @@ typedef struct npt_privileged_stats {
 } npt_privileged_stats;
 
 npt_status npt_vm_get_privileged_stats(npt_vm *vm, npt_privileged_stats *stats);
+
+/* ------------------------------------------------------------------------ */
+/* Virtualized NVDIMM write-pending-queue flushing (ABI 1.1)                  */
+/* ------------------------------------------------------------------------ */
+/* A VM's NVDIMM ranges are guest-physical ranges backed by the host's persistent memory. A store
+ * reaches the media only through the protocol: store, CLWB of its line, SFENCE, then a write to a
+ * flush hint address, which drains the memory controllers' write-pending queues (WPQs). Each VM
+ * gets one virtual flush hint address (vFHA): a 4 KiB page outside its RAM and NVDIMM ranges,
+ * allocated with the first NVDIMM range, named in the guest's NFIT as the flush hint of every
+ * virtual DIMM, and tied to the physical flush hints of exactly the memory controllers behind the
+ * host regions that back the VM's NVDIMM ranges.
+ *  - Where a backing host region needs WPQ flushing, the vFHA is read-only in every shadow
+ *    hierarchy: a guest write to it exits (NPT_EXIT_EPT_VIOLATION with NPT_EPTQ_WRITE). The core
+ *    handles that exit itself (npt_vcpu_run never returns it; with npt_vcpu_run_raw,
+ *    npt_handle_exit answers NPT_ACTION_RESUME): it fences the vCPU's earlier stores, writes each
+ *    associated physical flush hint once, completes the guest's write and resumes the vCPU.
+ *  - Where none does (the WPQs are in the persistence domain, e.g. ADR), the vFHA is writable and
+ *    guest writes to it cost no exit.
+ *  - Concurrent guest flushes are coalesced per physical flush hint (see npt_vm_set_flush_options).
+ * Only backends with NPT_CAP_PERSISTENT_MEMORY (the simulator) can do this; on others every call
+ * below that needs the backend fails with NPT_ERR_UNSUPPORTED. Calls on one VM are serialized by
+ * the VM and may be made from any thread, also while its vCPUs run. */
+
+/* One persistent-memory region of the host, as the VM's backend discovers it. */
+typedef struct npt_host_pmem_region {
+    uint32_t size;               /* sizeof(npt_host_pmem_region) */
+    uint32_t id;                 /* what npt_nvdimm.host_region names */
+    uint64_t base, length;       /* system-physical range */
+    uint32_t controller_count;   /* memory controllers behind it */
+    uint32_t flush_target_count; /* physical flush hints (one per controller that has one) */
+    int needs_wpq_flush;         /* 1: data is durable only once a flush hint drained the WPQs */
+} npt_host_pmem_region;
+
+/* Number of host persistent-memory regions (sorted by id; index them with npt_vm_host_pmem_get).
+ * NPT_ERR_UNSUPPORTED if the VM's backend has no persistent memory. */
+npt_status npt_vm_host_pmem_count(npt_vm *vm, size_t *count);
+/* NPT_ERR_NOT_FOUND if index >= the count. */
+npt_status npt_vm_host_pmem_get(npt_vm *vm, size_t index, npt_host_pmem_region *out);
+
+typedef struct npt_nvdimm {
+    uint32_t size;          /* sizeof(npt_nvdimm) */
+    uint32_t host_region;   /* npt_host_pmem_region.id */
+    uint64_t gpa;           /* 4 KiB aligned */
+    uint64_t length;        /* multiple of 4 KiB, > 0 */
+    uint64_t region_offset; /* 4 KiB aligned offset into the host region */
+} npt_nvdimm;
+
+/* Adds an NVDIMM range to the VM, with the policy config->default_perms; the first one also
+ * allocates the vFHA. All or nothing. The VM sees what the host region's media holds.
+ * NPT_ERR_MISALIGNED: gpa, length or region_offset not 4 KiB aligned;
+ * NPT_ERR_OVERLAP: overlaps RAM, the privileged-mode region, another NVDIMM range or the vFHA, or
+ *   that part of the host region already backs an NVDIMM range (of any VM);
+ * NPT_ERR_NOT_FOUND: no host region host_region;
+ * NPT_ERR_OUT_OF_RANGE: past the host region's end or the 48-bit guest-physical space, or more than
+ *   64 ranges;
+ * NPT_ERR_UNSUPPORTED: the backend has no persistent memory;
+ * NPT_ERR_INVALID_ARGUMENT: NULL, bad size, length 0. */
+npt_status npt_vm_add_nvdimm(npt_vm *vm, const npt_nvdimm *nvdimm);
+
+typedef struct npt_flush_hint_info {
+    uint32_t size;          /* sizeof(npt_flush_hint_info) */
+    uint32_t trapped;       /* 1: guest writes to the vFHA exit */
+    uint64_t vfha;          /* guest-physical, 4 KiB aligned */
+    uint32_t target_count;  /* physical flush hints a guest flush is propagated to */
+    uint32_t nvdimm_count;  /* the VM's NVDIMM ranges */
+} npt_flush_hint_info;
+
+/* NPT_ERR_STATE when the VM has no NVDIMM range (hence no vFHA). */
+npt_status npt_vm_get_flush_hint(npt_vm *vm, npt_flush_hint_info *info);
+/* Physical flush hint `index` (< target_count): the host region, the memory controller's key and the
+ * flush hint address (0 where the host does not give one). No out pointer may be NULL.
+ * NPT_ERR_STATE without an NVDIMM range, NPT_ERR_NOT_FOUND if index >= target_count. */
+npt_status npt_vm_get_flush_target(npt_vm *vm, size_t index, uint32_t *host_region, uint32_t *controller,
+                                   uint64_t *address);
+
+#define NPT_FLUSH_TRAP_AUTO   0u /* trap exactly when the host needs WPQ flushing (the default) */
+#define NPT_FLUSH_TRAP_ALWAYS 1u /* trap even where it is not needed (to measure the trap path) */
+#define NPT_FLUSH_TRAP_NEVER  2u /* deliberately unsafe where flushing is needed: guest flushes do
+                                    nothing and data is lost at a power failure; for crash tests */
+
+/* trap: NPT_FLUSH_TRAP_*; coalesce != 0: a physical flush that starts after a guest's write
+ * satisfies that guest's flush, so concurrent guest flushes share physical flushes (the default);
+ * 0: every guest flush makes its own. Valid before the first NVDIMM range too; the vFHA's mapping
+ * follows at once (translations to it are invalidated). NPT_ERR_INVALID_ARGUMENT for another trap. */
+npt_status npt_vm_set_flush_options(npt_vm *vm, uint32_t trap, int coalesce);
+
+/* The guest's NFIT (ACPI table, header included, checksum valid): per NVDIMM range a
+ * persistent-memory SPA range structure, a memory-device map of one virtual DIMM, and that DIMM's
+ * flush hint structure naming the vFHA. Always sets *needed (which must not be NULL) to the table's
+ * length; copies the table into buf when buf_len >= *needed, else returns NPT_ERR_BUFFER_TOO_SMALL
+ * and writes nothing to buf (buf may be NULL with buf_len 0 to ask the size). NPT_ERR_STATE when
+ * the VM has no NVDIMM range. */
+npt_status npt_vm_get_nfit(npt_vm *vm, void *buf, size_t buf_len, size_t *needed);
+
+typedef struct npt_flush_stats {
+    uint32_t size;              /* sizeof(npt_flush_stats) */
+    uint32_t reserved;
+    uint64_t guest_flushes;     /* guest writes to the trapped vFHA the core handled */
+    uint64_t exits;             /* exits taken for the vFHA (a failed flush counts here only) */
+    uint64_t physical_flushes;  /* physical flush hint writes */
+    uint64_t coalesced;         /* (guest flush, flush hint) pairs met by another vCPU's physical flush */
+    uint64_t untrapped_writes;  /* guest writes to the vFHA that cost no exit (where the backend counts them) */
+    uint64_t flush_ns_total;    /* time spent handling guest flushes, exit to resume */
+} npt_flush_stats;
+
+npt_status npt_vm_get_flush_stats(npt_vm *vm, npt_flush_stats *stats);
+
+/* A power failure of the host's persistent memory, for backends that model one (the simulator;
+ * NPT_ERR_UNSUPPORTED otherwise): caches and lines in flight are lost, the WPQs drain (if they are
+ * in the persistence domain) or are lost. It hits the whole simulated host, so every VM of the
+ * context's "sim" backend. Afterwards npt_vm_read_memory on an NVDIMM range returns what reached
+ * the media. NPT_ERR_STATE when the VM has no NVDIMM range. Do not call it while the VM's vCPUs
+ * run. */
+npt_status npt_vm_power_failure(npt_vm *vm);
+
+/* The simulator's host platform (the backend "sim" of ctx; NPT_ERR_NOT_FOUND if ctx has none).
+ *  - nfit NULL: the standard platform: 3 memory controllers; region 1 = 1 GiB interleaved over 2
+ *    controllers, region 2 = 512 MiB on a third. Its WPQs are outside the persistence domain (WPQ
+ *    flushing needed) unless wpq_drains_on_power_loss is set.
+ *  - nfit != NULL: the platform the NFIT binary (nfit_len bytes, e.g. an iasl-compiled .aml)
+ *    describes: a region per persistent-memory SPA range, interleaved over its DIMMs' controllers,
+ *    with their flush hints; the persistence domain is the NFIT's unless wpq_drains_on_power_loss
+ *    is set, which puts the WPQs in it. A malformed table gives NPT_ERR_INVALID_ARGUMENT and
+ *    npt_last_error() says what and at which offset; so does an NFIT without persistent memory.
+ * flush_latency_ns: the time each physical flush hint write takes (spent by the flushing thread).
+ * The new platform starts with empty media. VMs created from now on use it; a VM that exists keeps
+ * the platform it was created with, so set the platform before creating VMs.
+ * NPT_ERR_BUSY while a VM has NVDIMM ranges on the current platform. Default: the standard
+ * platform, WPQ flushing needed, no latency. */
+typedef struct npt_sim_platform {
+    uint32_t size;                 /* sizeof(npt_sim_platform) */
+    int wpq_drains_on_power_loss;  /* 1: the WPQs are in the persistence domain (ADR) */
+    uint64_t flush_latency_ns;
+    const void *nfit;              /* NULL: the standard platform; copied, need not outlive the call */
+    size_t nfit_len;
+} npt_sim_platform;
+
+npt_status npt_sim_set_platform(npt_context *ctx, const npt_sim_platform *platform);
 
 /* ------------------------------------------------------------------------ */
 /* Statistics                                                                 */

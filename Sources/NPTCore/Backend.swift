@@ -169,6 +169,10 @@ public protocol BackendVM: AnyObject, Sendable {
     /// Instructions a vCPU outside the mode ran while the region was visible, where the backend
     /// can tell (the invariant keeps it 0).
     var outsideWhileVisible: UInt64 { get }
+    /// The host's persistent memory as this VM sees it, where that is fixed per VM (the simulator:
+    /// the platform the VM was created on, which a later `SimulatorBackend.setPlatform` does not
+    /// change); nil: the backend's `hostPersistence()` answers.
+    var hostPersistence: HostPersistence? { get }
     /// Backs guest-physical `range` with host persistent memory: `regionOffset` bytes into host
     /// region `region` (a `HostPersistence.Region.id`). The hierarchies' leaves for the range point
     /// at `hostOffset` of the backing memory.
@@ -192,6 +196,7 @@ extension BackendVM {
     }
     public func regionVisibility(holder: UInt32?) {}
     public var outsideWhileVisible: UInt64 { 0 }
+    public var hostPersistence: HostPersistence? { nil }
     public func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError) {
         throw .unsupported("this backend cannot back NVDIMM ranges")
     }
@@ -233,7 +238,7 @@ extension BackendVCPU {
 
 public enum NPTABI {
     public static let major: UInt32 = 1
-    public static let minor: UInt32 = 0
+    public static let minor: UInt32 = 1
     public static let version: UInt32 = (major << 16) | minor
     public static func major(of v: UInt32) -> UInt32 { v >> 16 }
 }

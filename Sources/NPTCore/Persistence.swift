@@ -160,7 +160,9 @@ extension VirtualMachine {
         guard backend.capabilities.contains(.persistentMemory) else {
             throw .unsupported("backend '\(backend.name)' cannot back NVDIMM ranges")
         }
-        let h = try backend.hostPersistence()
+        // The VM's own view first: a simulator VM keeps the platform it was created on.
+        let h: HostPersistence
+        if let own = backendVM.hostPersistence { h = own } else { h = try backend.hostPersistence() }
         persistence.config.withLock { if $0.host == nil { $0.host = h } }
         return h
     }

@@ -31,7 +31,14 @@ final class CBackend: Backend, @unchecked Sendable {
         self.ops = ops
         self.name = String(cString: n)
         self.summary = ops.description.map { String(cString: $0) } ?? ""
-        self.capabilities = BackendCapabilities(rawValue: ops.capabilities)
+        // npt_backend_ops has no persistent-memory operations yet (host discovery, backing NVDIMM
+        // ranges, the flush hint page, physical flushes, power failure), so a C backend cannot do
+        // what NPT_CAP_PERSISTENT_MEMORY promises even if it claims it: the bit is dropped, and the
+        // core then refuses NVDIMM calls on its VMs with NPT_ERR_UNSUPPORTED up front instead of
+        // failing half-way through (npt_backend_get reports the capabilities without the bit).
+        var caps = BackendCapabilities(rawValue: ops.capabilities)
+        caps.remove(.persistentMemory)
+        self.capabilities = caps
         self.abiVersion = abi
         self.isPlugin = isPlugin
     }

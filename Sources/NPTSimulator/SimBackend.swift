@@ -103,6 +103,9 @@ public final class SimVM: BackendVM {
         ram = try GuestRAM(size: regionWindow + 2 * PageSize.size1G.bytes + SimVM.pmemWindow)
     }
 
+    /// The platform this VM was created on (a later `setPlatform` gives only new VMs another one).
+    public var hostPersistence: HostPersistence? { platform.description.persistence }
+
     public func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError) {
         guard let r = platform.region(region) else { throw NPTError(.notFound, "the platform has no region \(region)") }
         guard regionOffset + range.size <= r.size else {

@@ -7,7 +7,8 @@
 #   libnptkit-sample.so   examples/plugin/sample_backend.c  (plugins: -shared -fPIC, no -lnptkit)
 #   libnptkit-badabi.so   Tests/C/plugin_bad_abi.c
 #   libnptkit-noentry.so  Tests/C/plugin_no_entry.c
-#   test_api, test_plugins, client (examples/client.c), test_api-asan (AddressSanitizer + LSan)
+#   test_api, test_plugins, test_privileged, test_nvdimm, client (examples/client.c),
+#   test_api-asan and test_nvdimm-asan (AddressSanitizer + LSan)
 # and include/nptkit.h is compiled alone as C11 and as C++17 (syntax only).
 # Each program prints its own summary line; the last line is "c-tests: N passed, M failed", where
 # N counts the programs and checks that passed. Exits non-zero if anything failed.
@@ -92,6 +93,14 @@ if build test_privileged "$CC" "${CFLAGS[@]}" -pthread "$ROOT/Tests/C/test_privi
     run test_privileged "$OUT/test_privileged"
 fi
 
+# test_nvdimm reads the NFIT fixture by the absolute path given here (run.sh may be started from
+# any directory).
+NFIT_FIXTURE="$ROOT/Tests/Fixtures/nfit/nfit.aml"
+echo "-- test_nvdimm"
+if build test_nvdimm "$CC" "${CFLAGS[@]}" "$ROOT/Tests/C/test_nvdimm.c" "${LINK[@]}" -o "$OUT/test_nvdimm"; then
+    run test_nvdimm "$OUT/test_nvdimm" "$NFIT_FIXTURE"
+fi
+
 echo "-- examples/client.c"
 if build client "$CC" "${CFLAGS[@]}" "$ROOT/examples/client.c" "${LINK[@]}" -o "$OUT/client"; then
     rc=0
@@ -113,8 +122,13 @@ if build test_api-asan "$CC" "${CFLAGS[@]}" -pthread -fsanitize=address -fno-omi
     "$ROOT/Tests/C/test_api.c" "${LINK[@]}" -o "$OUT/test_api-asan"; then
     ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=23" run test_api-asan "$OUT/test_api-asan"
 fi
+echo "-- test_nvdimm under AddressSanitizer"
+if build test_nvdimm-asan "$CC" "${CFLAGS[@]}" -fsanitize=address -fno-omit-frame-pointer \
+    "$ROOT/Tests/C/test_nvdimm.c" "${LINK[@]}" -o "$OUT/test_nvdimm-asan"; then
+    ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=23" run test_nvdimm-asan "$OUT/test_nvdimm-asan" "$NFIT_FIXTURE"
+fi
 
-echo "-- include/nptkit.h alone, as C11 and as C++17"
+echo "-- include/nptkit.h alone, as C11, C99 and C++17"
 if printf '#include <nptkit.h>\nint main(void) { return (int)npt_abi_version() != (int)NPT_ABI_VERSION; }\n' |
     "$CC" -std=c11 -Wall -Wextra -Werror -pedantic -I"$ROOT/include" -x c -fsyntax-only -; then
     echo "c-test header-c11: ok"
@@ -122,7 +136,14 @@ if printf '#include <nptkit.h>\nint main(void) { return (int)npt_abi_version() !
 else
     fail header-c11 "does not compile"
 fi
-if printf '#include <nptkit.h>\nstatic_assert(NPT_ABI_VERSION_MAJOR == 1u, "");\nint main() { npt_exit e{}; e.size = sizeof e; return npt_status_string(NPT_OK) == nullptr; }\n' |
+if printf '#include <nptkit.h>\nint main(void) { npt_sim_platform p = {sizeof p, 0, 0, 0, 0}; return (int)p.size == 0; }\n' |
+    "$CC" -std=c99 -Wall -Wextra -Werror -pedantic -I"$ROOT/include" -x c -fsyntax-only -; then
+    echo "c-test header-c99: ok"
+    pass
+else
+    fail header-c99 "does not compile"
+fi
+if printf '#include <nptkit.h>\nstatic_assert(NPT_ABI_VERSION_MAJOR == 1u, "");\nint main() { npt_exit e{}; e.size = sizeof e; npt_flush_stats f{}; f.size = sizeof f; npt_sim_platform p{}; p.size = sizeof p; return npt_status_string(NPT_OK) == nullptr; }\n' |
     "$CXX" -std=c++17 -Wall -Wextra -Werror -pedantic -I"$ROOT/include" -x c++ -fsyntax-only -; then
     echo "c-test header-cxx17: ok"
     pass
