@@ -13,41 +13,35 @@ public final class SimulatorBackend: Backend {
     public let capabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
                                                     .privilegedMode, .persistentMemory]
     private let platformBox: Mutex<PersistentPlatform>
-    /// VMs of this backend alive now (each holds the platform it was created on).
-    let liveVMs = Atomic<Int>(0)
 
-    /// `platform`: the simulated host's persistent memory (default: the standard platform, which
-    /// needs WPQ flushing).
-    public init(platform: PlatformDescription = .standard(needsWPQFlush: true)) {
-        platformBox = Mutex(try! PersistentPlatform(platform))
+    /// `platform`: the simulated host's persistent memory (refused if inconsistent).
+    public init(platform: PlatformDescription) throws(NPTError) {
+        platformBox = Mutex(try PersistentPlatform(platform))
+    }
+    /// On the standard platform (which needs WPQ flushing).
+    public init() {
+        platformBox = Mutex(try! PersistentPlatform(.standard(needsWPQFlush: true)))   // valid by construction
     }
 
-    /// The simulated host platform every VM of this backend shares.
+    /// The simulated host platform new VMs of this backend are created on.
     public var platform: PersistentPlatform { platformBox.withLock { $0 } }
 
-    /// Replaces the host platform; refused while a VM of this backend is alive (it uses the
-    /// platform it was created on).
+    /// Replaces the host platform for VMs created from now on (a VM keeps the platform it was
+    /// created on); refused while a VM has NVDIMM ranges on the current one.
     public func setPlatform(_ d: PlatformDescription) throws(NPTError) {
         let p = try PersistentPlatform(d)
         let busy = platformBox.withLock { cur -> Int in
-            let n = liveVMs.load(ordering: .acquiring)
-            if n > 0 { return n }
-            cur = p
-            return 0
+            let n = cur.attachedVMs
+            if n == 0 { cur = p }
+            return n
         }
-        if busy > 0 { throw NPTError(.busy, "\(busy) VM(s) of backend 'sim' are alive; destroy them before changing the platform") }
+        if busy > 0 { throw NPTError(.busy, "\(busy) VM(s) have NVDIMM ranges on the current platform") }
     }
 
     public func hostPersistence() throws(NPTError) -> HostPersistence { platform.description.persistence }
 
     public func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
-        let vm = try platformBox.withLock { p throws(NPTError) -> SimVM in
-            let vm = try SimVM(config: config, hierarchies: hierarchies, platform: p)
-            liveVMs.wrappingAdd(1, ordering: .acquiringAndReleasing)
-            return vm
-        }
-        vm.onDestroy = { [weak self] in self?.liveVMs.wrappingSubtract(1, ordering: .acquiringAndReleasing) }
-        return vm
+        try SimVM(config: config, hierarchies: hierarchies, platform: platform)
     }
 }
 
@@ -200,14 +194,12 @@ public final class SimVM: BackendVM {
 
     func remove(_ v: SimVCPU) { _ = vcpus.withLock { $0.removeValue(forKey: ObjectIdentifier(v)) } }
 
-    nonisolated(unsafe) var onDestroy: (@Sendable () -> Void)?
     private let destroyed = Atomic<Bool>(false)
 
     public func destroy() {
         guard !destroyed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         vcpus.withLock { $0.removeAll() }
         platform.detach(ObjectIdentifier(self))
-        onDestroy?()
     }
     deinit { destroy() }
 }

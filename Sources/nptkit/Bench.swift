@@ -438,7 +438,7 @@ extension Bench {
             empty.append(Monitor.now() - t0)
         }
         // With `queued` lines: a guest fills the WPQ, exits on an OUT, the host flushes, and so on.
-        let backend = SimulatorBackend(platform: desc)
+        let backend = try SimulatorBackend(platform: desc)
         let vm = try PersistenceScenario.makeVM(backend: backend)
         defer { try? vm.destroy() }
         let base = PersistenceScenario.nvdimmGPA
@@ -478,7 +478,7 @@ extension Bench {
 
     /// One VM: `cpus` vCPU threads each make `records` records durable at once; the flush latencies and statistics.
     func guestFlushRun(cpus n: Int, records: Int, coalesce: Bool, latency: UInt64, needsFlush: Bool) throws -> ([UInt64], FlushStatistics) {
-        let backend = SimulatorBackend(platform: .standard(needsWPQFlush: needsFlush, flushLatencyNanos: latency))
+        let backend = try SimulatorBackend(platform: .standard(needsWPQFlush: needsFlush, flushLatencyNanos: latency))
         let vm = try PersistenceScenario.makeVM(backend: backend)
         defer { try? vm.destroy() }
         try vm.addNVDIMM(gpa: GPA(PersistenceScenario.nvdimmGPA), size: PersistenceScenario.nvdimmSize, hostRegion: 1, regionOffset: 0)
@@ -504,7 +504,7 @@ extension Bench {
 
     /// The same guests on the ADR platform: flush statistics and EPT-violation exits.
     func adrRun(cpus n: Int, records: Int) throws -> ([UInt64], FlushStatistics, UInt64) {
-        let backend = SimulatorBackend(platform: .standard(needsWPQFlush: false, flushLatencyNanos: flushLatencyNs))
+        let backend = try SimulatorBackend(platform: .standard(needsWPQFlush: false, flushLatencyNanos: flushLatencyNs))
         let vm = try PersistenceScenario.makeVM(backend: backend)
         defer { try? vm.destroy() }
         let cpus = try PersistenceScenario(cpus: n, records: records, tail: false).setUp(vm)

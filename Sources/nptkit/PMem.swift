@@ -34,7 +34,7 @@ struct Nfit: ParsableCommand {
     var platform: PlatformArgument = .needsFlush
 
     func run() throws {
-        let backend = SimulatorBackend(platform: platform.description())
+        let backend = try SimulatorBackend(platform: platform.description())
         let vm = try PersistenceScenario.makeVM(backend: backend)
         defer { try? vm.destroy() }
         for r in guestNVDIMMs {
@@ -132,7 +132,7 @@ extension Demo {
     /// One configuration: the scenario with a crash checker, then a power failure, then the records read back.
     func pmemRun(_ name: String, needsFlush: Bool, trap: FlushOptions.Trap, records: Int) throws -> PMemRow {
         typealias S = PersistenceScenario
-        let backend = SimulatorBackend(platform: .standard(needsWPQFlush: needsFlush))
+        let backend = try SimulatorBackend(platform: .standard(needsWPQFlush: needsFlush))
         let vm = try S.makeVM(backend: backend)
         defer { try? vm.destroy() }
         try vm.addNVDIMM(gpa: GPA(S.nvdimmGPA), size: S.nvdimmSize, hostRegion: 1, regionOffset: 0)

@@ -16,7 +16,7 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
     typealias S = PersistenceScenario
 
     @Test func platformNeedingFlushTrapsEveryGuestFlushOnceAndKeepsDurableData() throws {
-        let backend = SimulatorBackend(platform: .standard(needsWPQFlush: true))
+        let backend = try SimulatorBackend(platform: .standard(needsWPQFlush: true))
         let vm = try S.makeVM(backend: backend)
         let checker = CrashChecker(platform: backend.platform)
         let scenario = S(cpus: 1, records: 4)
@@ -44,7 +44,7 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
     }
 
     @Test func platformWithoutWPQFlushingCostsNoExit() throws {
-        let backend = SimulatorBackend(platform: .standard(needsWPQFlush: false))
+        let backend = try SimulatorBackend(platform: .standard(needsWPQFlush: false))
         let vm = try S.makeVM(backend: backend)
         let checker = CrashChecker(platform: backend.platform)
         let v = try S(cpus: 1, records: 4).setUp(vm)[0]
@@ -65,7 +65,7 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
     }
 
     @Test func disablingTrapsWhereFlushingIsNeededLosesDataAndTheCheckerSaysSo() throws {
-        let backend = SimulatorBackend(platform: .standard(needsWPQFlush: true))
+        let backend = try SimulatorBackend(platform: .standard(needsWPQFlush: true))
         let vm = try S.makeVM(backend: backend)
         try vm.addNVDIMM(gpa: GPA(S.nvdimmGPA), size: S.nvdimmSize, hostRegion: 1, regionOffset: 0)
         try vm.setFlushOptions(FlushOptions(trap: .never))
@@ -86,7 +86,7 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
     /// every order is a crash point.
     @Test(arguments: [UInt64(1), 2, 3, 4, 5])
     func interleavedVCPUsKeepEveryDurableStore(seed: UInt64) throws {
-        let backend = SimulatorBackend(platform: .standard(needsWPQFlush: true))
+        let backend = try SimulatorBackend(platform: .standard(needsWPQFlush: true))
         let vm = try S.makeVM(backend: backend, budget: 1)
         let checker = CrashChecker(platform: backend.platform)
         let cpus = try S(cpus: 3, records: 3).setUp(vm)
@@ -113,7 +113,7 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
     /// physical flush, its own or a coalesced one; without coalescing each makes its own.
     @Test(arguments: [true, false])
     func concurrentFlushesCoalesce(coalesce: Bool) throws {
-        let backend = SimulatorBackend(platform: .standard(needsWPQFlush: true, flushLatencyNanos: 20_000))
+        let backend = try SimulatorBackend(platform: .standard(needsWPQFlush: true, flushLatencyNanos: 20_000))
         let vm = try S.makeVM(backend: backend)
         try vm.addNVDIMM(gpa: GPA(S.nvdimmGPA), size: S.nvdimmSize, hostRegion: 1, regionOffset: 0)
         try vm.setFlushOptions(FlushOptions(trap: .auto, coalesce: coalesce))
@@ -176,7 +176,7 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
             let t = vm.snapshot.translate(vfha, in: h)
             #expect(t.present && t.permissions == [.read])
         }
-        let dram = SimulatorBackend(platform: .standard(needsWPQFlush: false))
+        let dram = try SimulatorBackend(platform: .standard(needsWPQFlush: false))
         let vm2 = try S.makeVM(backend: dram)
         try vm2.addNVDIMM(gpa: GPA(0x1_0000_0000), size: 2 << 20, hostRegion: 1, regionOffset: 0)
         let t2 = vm2.snapshot.translate(try #require(vm2.virtualFlushHint), in: .user)
@@ -268,7 +268,7 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
             #expect(host.needsWPQFlush == needs)
             #expect(host.regions.map(\.controllers) == HostPersistence.fromNFIT(try NFIT.parse(bytes)).regions.map(\.controllers))
             // A VM on it runs the scenario with no loss either way.
-            let backend = SimulatorBackend(platform: d)
+            let backend = try SimulatorBackend(platform: d)
             let vm = try S.makeVM(backend: backend)
             let checker = CrashChecker(platform: backend.platform)
             let v = try S(cpus: 1, records: 2, hostRegion: host.regions[0].id).setUp(vm)[0]
