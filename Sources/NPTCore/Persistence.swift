@@ -75,6 +75,9 @@ final class FlushSequencer: @unchecked Sendable {
     private var started: UInt64 = 0
     private var completed: UInt64 = 0
     private var inProgress = false
+    private var waiting = 0
+    /// Callers waiting for a flush to complete (for tests).
+    var waiters: Int { monitor.lock(); defer { monitor.unlock() }; return waiting }
 
     /// Returns true if this caller performed a physical flush, false if another's satisfied it.
     func flush(coalesce: Bool, _ body: () throws(NPTError) -> Void) throws(NPTError) -> Bool {
@@ -83,7 +86,12 @@ final class FlushSequencer: @unchecked Sendable {
         let target = started + 1
         var led = false
         while completed < target {
-            if inProgress { monitor.wait(untilNanos: nil); continue }
+            if inProgress {
+                waiting += 1
+                monitor.wait(untilNanos: nil)
+                waiting -= 1
+                continue
+            }
             started += 1
             let generation = started
             inProgress = true

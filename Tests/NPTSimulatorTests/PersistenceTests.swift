@@ -159,6 +159,35 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
         #expect(led.withLock { $0 } == true)
     }
 
+    /// Requests that queue behind a running flush share the next one: three requests, two flushes.
+    @Test func requestsQueuedBehindAFlushShareTheNextOne() throws {
+        let seq = FlushSequencer()
+        let bodies = Atomic<Int>(0)
+        let release = Atomic<Bool>(false)
+        let started = Atomic<Bool>(false)
+        let first = HostThread {
+            _ = try? seq.flush(coalesce: true) { () throws(NPTError) in
+                bodies.wrappingAdd(1, ordering: .relaxed)
+                started.store(true, ordering: .releasing)
+                while !release.load(ordering: .acquiring) { sleepNanos(100_000) }
+            }
+        }
+        while !started.load(ordering: .acquiring) { sleepNanos(100_000) }
+        let led = Mutex<[Bool]>([])
+        let waiters = (0..<2).map { _ in
+            HostThread {
+                let l = try? seq.flush(coalesce: true) { () throws(NPTError) in bodies.wrappingAdd(1, ordering: .relaxed) }
+                led.withLock { $0.append(l ?? false) }
+            }
+        }
+        while seq.waiters < 2 { sleepNanos(100_000) }   // both are queued behind the open flush
+        release.store(true, ordering: .releasing)
+        first.join()
+        for w in waiters { w.join() }
+        #expect(bodies.load(ordering: .relaxed) == 2)
+        #expect(led.withLock { $0.sorted { !$0 && $1 } } == [false, true], "one waiter flushed, the other was coalesced")
+    }
+
     @Test func vfhaIsAPageOutsideRAMAndNVDIMMTiedToExactlyTheControllersBehindTheRanges() throws {
         let backend = SimulatorBackend()
         let vm = try S.makeVM(backend: backend)
