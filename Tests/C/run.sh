@@ -7,7 +7,7 @@
 #   libnptkit-sample.so   examples/plugin/sample_backend.c  (plugins: -shared -fPIC, no -lnptkit)
 #   libnptkit-badabi.so   Tests/C/plugin_bad_abi.c
 #   libnptkit-noentry.so  Tests/C/plugin_no_entry.c
-#   test_api, test_plugins, test_privileged, test_nvdimm, client (examples/client.c),
+#   test_api, test_plugins, test_plugin_pmem, test_privileged, test_nvdimm, client (examples/client.c),
 #   test_api-asan and test_nvdimm-asan (AddressSanitizer + LSan)
 # and include/nptkit.h is compiled alone as C11 and as C++17 (syntax only).
 # Each program prints its own summary line; the last line is "c-tests: N passed, M failed", where
@@ -86,6 +86,14 @@ if [ "$plugins_ok" = 1 ] &&
     run test_plugins "$OUT/test_plugins" "$OUT/libnptkit-sample.so" "$OUT/libnptkit-badabi.so" "$OUT/libnptkit-noentry.so"
 elif [ "$plugins_ok" != 1 ]; then
     fail test_plugins "a plugin did not compile"
+fi
+
+echo "-- test_plugin_pmem"
+if [ "$plugins_ok" = 1 ] &&
+    build test_plugin_pmem "$CC" "${CFLAGS[@]}" "$ROOT/Tests/C/test_plugin_pmem.c" "${LINK[@]}" -ldl -o "$OUT/test_plugin_pmem"; then
+    run test_plugin_pmem "$OUT/test_plugin_pmem" "$OUT/libnptkit-sample.so"
+elif [ "$plugins_ok" != 1 ]; then
+    fail test_plugin_pmem "a plugin did not compile"
 fi
 
 echo "-- test_privileged"
