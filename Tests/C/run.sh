@@ -151,7 +151,7 @@ if printf '#include <nptkit.h>\nint main(void) { npt_sim_platform p = {sizeof p,
 else
     fail header-c99 "does not compile"
 fi
-if printf '#include <nptkit.h>\nstatic_assert(NPT_ABI_VERSION_MAJOR == 1u, "");\nint main() { npt_exit e{}; e.size = sizeof e; npt_flush_stats f{}; f.size = sizeof f; npt_sim_platform p{}; p.size = sizeof p; return npt_status_string(NPT_OK) == nullptr; }\n' |
+if printf '#include <nptkit.h>\nstatic_assert(NPT_ABI_VERSION_MAJOR == 1u, "");\nint main() { npt_exit e{}; e.size = sizeof e; npt_flush_stats f{}; f.size = sizeof f; npt_sim_platform p{}; p.size = sizeof p; npt_flush_target t{}; npt_backend_ops o{}; o.size = sizeof o; o.physical_flush = nullptr; return npt_status_string(NPT_OK) == nullptr || t.address != 0; }\n' |
     "$CXX" -std=c++17 -Wall -Wextra -Werror -pedantic -I"$ROOT/include" -x c++ -fsyntax-only -; then
     echo "c-test header-cxx17: ok"
     pass
