@@ -105,8 +105,9 @@ npt_status npt_context_destroy(npt_context *ctx);
 #define NPT_CAP_RUN               (UINT64_C(1) << 4) /* runs guest code */
 #define NPT_CAP_PRIVILEGED_MODE   (UINT64_C(1) << 5) /* can stop vCPUs and back the privileged-mode region */
 #define NPT_CAP_PERSISTENT_MEMORY (UINT64_C(1) << 6) /* backs NVDIMM ranges, traps vFHA writes, writes physical
-                                                        flush hints (ABI 1.1; never set for npt_backend_ops
-                                                        backends, which have no such operations yet) */
+                                                        flush hints (ABI 1.1; an npt_backend_ops backend keeps
+                                                        it only if its table has every operation it needs,
+                                                        see npt_backend_ops) */
 
 typedef struct npt_backend_info {
     uint32_t size;            /* in: sizeof(npt_backend_info) */
@@ -350,7 +351,8 @@ npt_status npt_vm_get_privileged_stats(npt_vm *vm, npt_privileged_stats *stats);
  *  - Where none does (the WPQs are in the persistence domain, e.g. ADR), the vFHA is writable and
  *    guest writes to it cost no exit.
  *  - Concurrent guest flushes are coalesced per physical flush hint (see npt_vm_set_flush_options).
- * Only backends with NPT_CAP_PERSISTENT_MEMORY (the simulator) can do this; on others every call
+ * Only backends with NPT_CAP_PERSISTENT_MEMORY (the simulator, and npt_backend_ops backends that
+ * implement the persistent-memory operations) can do this; on others every call
  * below that needs the backend fails with NPT_ERR_UNSUPPORTED. Calls on one VM are serialized by
  * the VM and may be made from any thread, also while its vCPUs run. */
 
@@ -438,8 +440,8 @@ typedef struct npt_flush_stats {
 
 npt_status npt_vm_get_flush_stats(npt_vm *vm, npt_flush_stats *stats);
 
-/* A power failure of the host's persistent memory, for backends that model one (the simulator;
- * NPT_ERR_UNSUPPORTED otherwise): caches and lines in flight are lost, the WPQs drain (if they are
+/* A power failure of the host's persistent memory, for backends that model one (the simulator, and
+ * npt_backend_ops backends with power_failure; NPT_ERR_UNSUPPORTED otherwise): caches and lines in flight are lost, the WPQs drain (if they are
  * in the persistence domain) or are lost. It hits the whole simulated host, so every VM of the
  * context's "sim" backend. Afterwards npt_vm_read_memory on an NVDIMM range returns what reached
  * the media. NPT_ERR_STATE when the VM has no NVDIMM range. Do not call it while the VM's vCPUs
@@ -502,10 +504,32 @@ npt_status npt_vm_get_stats(npt_vm *vm, npt_stats *stats);
 
 typedef struct npt_host_api npt_host_api;
 
+/* A physical flush hint of a host persistent-memory region, as a backend reports it
+ * (npt_backend_ops.host_pmem_get) and as the core asks the backend to write it (physical_flush). */
+typedef struct npt_flush_target {
+    uint32_t controller; /* memory controller's key (e.g. the NFIT device handle's controller bits) */
+    uint32_t reserved;   /* 0 */
+    uint64_t address;    /* system-physical flush hint address; 0 where the host does not give one */
+} npt_flush_target;
+
 /* A backend: the mechanism. Every member may be NULL except name and the
  * version fields; a NULL operation makes the core report NPT_ERR_UNSUPPORTED.
  * `backend_data` is the pointer given with the ops; `vm_data`/`vcpu_data` are
- * what vm_create/vcpu_create returned. */
+ * what vm_create/vcpu_create returned. The core reads only the members that
+ * `size` covers whole: a table built against an older header (a smaller size)
+ * has none of the later members, as if they were NULL.
+ *
+ * Persistent memory (ABI 1.1, the members after define_region): the core keeps
+ * NPT_CAP_PERSISTENT_MEMORY of `capabilities` only when the table has all of
+ * host_pmem_count, host_pmem_get, attach_pmem, define_flush_hint_page,
+ * physical_flush, vcpu_fence and vcpu_complete_trapped_write (untrapped_flush_hint_writes
+ * and power_failure are optional); otherwise it drops the bit and refuses the NVDIMM
+ * calls on the backend's VMs with NPT_ERR_UNSUPPORTED before asking the backend
+ * anything. The core decides (which host offsets, whether the vFHA traps, which
+ * flush hints a guest flush writes); the backend only does. A status other than
+ * NPT_OK from these operations fails the NPTKit call that needed it with that
+ * status (NPT_ERR_BACKEND if it is not an npt_status), and the core undoes its
+ * own part of the call. */
 typedef struct npt_backend_ops {
     uint32_t abi_version;  /* NPT_ABI_VERSION the backend was built against */
     uint32_t size;         /* sizeof(npt_backend_ops) */
@@ -538,6 +562,52 @@ typedef struct npt_backend_ops {
      * (what npt_hierarchy_translate reports for its pages), filled with `contents`. */
     npt_status (*define_region)(void *vm_data, uint64_t gpa, uint64_t size, uint64_t host_offset,
                                 const void *contents, size_t contents_len);
+
+    /* ---- ABI 1.1: persistent memory (NPT_CAP_PERSISTENT_MEMORY) ---- */
+    /* Host discovery: the number of host persistent-memory regions, and region `index` (< the count)
+     * with up to `targets_cap` of its flush targets (controller key, physical flush hint address).
+     * The core sets region->size to sizeof(npt_host_pmem_region) and zeroes the rest; the backend
+     * fills id, base, length, controller_count, flush_target_count (all of the region's targets, even
+     * if more than targets_cap) and needs_wpq_flush, and writes min(flush_target_count, targets_cap)
+     * targets (at most one per controller); the core asks again with room for all of them when
+     * flush_target_count > targets_cap. Region ids must be distinct. The core asks once per VM, when
+     * it first needs them, and uses the answer for the VM's life. The controllers behind a region are,
+     * for the core, the distinct controllers of its flush targets: it has no key for a controller
+     * without a flush hint, so npt_vm_host_pmem_get reports controller_count as the number of those
+     * distinct controllers (the backend's controller_count must not be smaller: NPT_ERR_BACKEND). */
+    npt_status (*host_pmem_count)(void *backend_data, size_t *count);
+    npt_status (*host_pmem_get)(void *backend_data, size_t index, npt_host_pmem_region *region,
+                                npt_flush_target *targets, size_t targets_cap);
+    /* Back [gpa, gpa+size) with host region `region` (an id) from `region_offset`; the hierarchies
+     * point at `host_offset` (what npt_hierarchy_translate reports for its pages). The core has checked
+     * alignment, bounds and overlaps. If a later step of the same npt_vm_add_nvdimm fails, the core
+     * forgets the range without a call (it never maps it): a backend must then accept attach_pmem
+     * again for the same gpa, which replaces the earlier one. */
+    npt_status (*attach_pmem)(void *vm_data, uint64_t gpa, uint64_t size, uint32_t region, uint64_t region_offset,
+                              uint64_t host_offset);
+    /* The vFHA page: mapped to `host_offset` (a scratch page), read-only when `trapped` (a guest write
+     * exits as NPT_EXIT_EPT_VIOLATION with NPT_EPTQ_WRITE, or the backend's MMIO-write exit reported
+     * that way), read-write otherwise. Called again whenever the decision changes
+     * (npt_vm_set_flush_options, another NVDIMM range), also to restore the previous one when a later
+     * step fails. */
+    npt_status (*define_flush_hint_page)(void *vm_data, uint64_t gpa, uint64_t host_offset, int trapped);
+    /* Write one physical flush hint (drain controller `controller`'s WPQ): one of the targets
+     * host_pmem_get gave for host region `region`. Any thread; concurrent calls for one target are
+     * serialized by the core, calls for different targets are not. */
+    npt_status (*physical_flush)(void *vm_data, uint32_t region, uint32_t controller, uint64_t address);
+    /* Every earlier store / write-back of the vCPU reaches the controllers (SFENCE's guarantee).
+     * Called on the vCPU's thread, after its trapped vFHA write exited, before any physical_flush
+     * for it. */
+    npt_status (*vcpu_fence)(void *vcpu_data);
+    /* Complete the guest instruction whose write to the trapped page exited (the write is dropped):
+     * the next vcpu_run resumes after it. */
+    npt_status (*vcpu_complete_trapped_write)(void *vcpu_data);
+    /* Guest writes to the vFHA that cost no exit, if the backend can count them (may be NULL: 0).
+     * Reported as npt_flush_stats.untrapped_writes. */
+    uint64_t (*untrapped_flush_hint_writes)(void *vm_data);
+    /* A power failure of the host's persistent memory, if the backend models one (may be NULL:
+     * npt_vm_power_failure answers NPT_ERR_UNSUPPORTED). */
+    npt_status (*power_failure)(void *vm_data);
 } npt_backend_ops;
 
 /* Registers a backend in `ctx`. The ops table must stay valid until the

@@ -175,7 +175,9 @@ public protocol BackendVM: AnyObject, Sendable {
     var hostPersistence: HostPersistence? { get }
     /// Backs guest-physical `range` with host persistent memory: `regionOffset` bytes into host
     /// region `region` (a `HostPersistence.Region.id`). The hierarchies' leaves for the range point
-    /// at `hostOffset` of the backing memory.
+    /// at `hostOffset` of the backing memory. If a later step of adding the range fails, the core
+    /// forgets it without telling the backend (it never maps it); a later attach at the same GPA
+    /// replaces it.
     func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError)
     /// The virtual flush hint page: the hierarchies map `gpa` to `hostOffset` (a scratch page),
     /// read-only when `trapped` (a write exits as an EPT violation), read-write otherwise.

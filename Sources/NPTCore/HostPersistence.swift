@@ -48,7 +48,7 @@ public struct HostPersistence: Equatable, Sendable {
     }
 
     public var regions: [Region]
-    /// "nfit", "sysfs" or "simulator".
+    /// "nfit", "sysfs", "simulator", or "backend 'NAME'" (an `npt_backend_ops` backend's own discovery).
     public var source: String
     /// Whether any region needs WPQ flushing.
     public var needsWPQFlush: Bool { regions.contains { $0.needsWPQFlush } }

@@ -159,9 +159,14 @@ public final class VirtualMachine: Sendable {
     public func setPolicy(_ r: PolicyRange) throws(NPTError) -> [Invalidation] { try setPolicy([r]) }
 
     /// Applies mappings the core owns outside RAM (NVDIMM ranges, the vFHA page) and the backing
-    /// windows they use, then tells the backend which translations lost a permission.
+    /// windows they use, then tells the backend which translations lost a permission. All or
+    /// nothing, as `setPolicy`: if the backend refuses an invalidation, the previous policy, windows
+    /// and hierarchies are restored.
     func applyDeviceMappings(_ ranges: [PolicyRange], windows: [(range: GPARange, hostOffset: UInt64)]) throws(NPTError) {
-        let invs: [Invalidation] = policy.withLock { s in
+        let result: Result<Int, NPTError> = policy.withLock { (s: inout PolicyState) in
+            let oldTree = s.tree
+            let oldWindows = s.builder.extraWindows
+            let oldSnapshot = publisher.currentSnapshot()
             var invs: [Invalidation] = []
             s.builder.extraWindows = windows
             for r in ranges {
@@ -171,10 +176,20 @@ public final class VirtualMachine: Sendable {
             s.generation += 1
             s.version += 1
             publisher.publish(s.builder.snapshot(of: s.tree, generation: s.generation))
-            return invs
+            do throws(NPTError) {
+                for inv in invs { try backendVM.invalidate(inv) }
+            } catch {
+                s.tree = oldTree
+                s.builder.extraWindows = oldWindows
+                s.version += 1
+                publisher.publish(oldSnapshot)
+                for inv in invs { try? backendVM.invalidate(inv) }
+                return .failure(NPTError(error.code, "backend '\(backend.name)' failed to invalidate: \(error.message); mappings unchanged"))
+            }
+            return .success(invs.count)
         }
-        for inv in invs { try backendVM.invalidate(inv) }
-        counters.invalidations.wrappingAdd(UInt64(invs.count), ordering: .relaxed)
+        let n = try result.get()
+        counters.invalidations.wrappingAdd(UInt64(n), ordering: .relaxed)
     }
 
     /// The first 1 GiB boundary at or past RAM: the privileged-mode region's backing starts there,

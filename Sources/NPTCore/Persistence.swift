@@ -225,12 +225,10 @@ extension VirtualMachine {
         let chunk = persistence.config.withLock { $0.nextHostChunk }
         let hostOffset = deviceHostBase + 2 * g + chunk + gpa.raw % g
         let entry = NVDIMMRange(range: range, hostRegion: hostRegion, regionOffset: regionOffset, hostOffset: hostOffset)
-        do throws(NPTError) {
-            try backendVM.attachPersistentMemory(range, region: hostRegion, regionOffset: regionOffset, hostOffset: hostOffset)
-        } catch {
-            unreserve(name)
-            throw error
-        }
+        // Every step that can fail without the backend comes before the backend is asked anything,
+        // so that a failure leaves the backend as it was where it can (the ABI has no detach: after
+        // attachPersistentMemory, a failure leaves an attachment the core never maps, which a
+        // retry replaces).
         var vfhaNew: GPA?
         if virtualFlushHint == nil {
             // Above everything the VM has now, on its own 2 MiB block.
@@ -244,16 +242,26 @@ extension VirtualMachine {
             }
             vfhaNew = page
         }
+        // The vFHA's mapping to restore if a later step fails (nil: it had none).
+        let previousTrap: Bool? = vfhaNew == nil ? flushHintTrapped : nil
+        do throws(NPTError) {
+            try backendVM.attachPersistentMemory(range, region: hostRegion, regionOffset: regionOffset, hostOffset: hostOffset)
+        } catch {
+            unreserve(name)
+            if vfhaNew != nil { unreserve("vFHA") }
+            throw error
+        }
         persistence.config.withLock { c in
             c.ranges.append(entry)
             c.nextHostChunk += (gpa.raw % g + size + g - 1) / g * g
             if let vfhaNew { c.vfha = vfhaNew }
         }
         do throws(NPTError) {
-            try remap(newRange: entry)
+            try remap(newRange: entry, restoring: previousTrap)
         } catch {
             persistence.config.withLock { c in
                 c.ranges.removeLast()
+                c.nextHostChunk -= (gpa.raw % g + size + g - 1) / g * g
                 if vfhaNew != nil { c.vfha = nil }
             }
             unreserve(name)
@@ -269,14 +277,17 @@ extension VirtualMachine {
         defer { persistence.configuring.unlock() }
         let old = persistence.config.withLock { c -> FlushOptions in let x = c.options; c.options = o; return x }
         if virtualFlushHint == nil { return }
-        do throws(NPTError) { try remap(newRange: nil) } catch {
+        do throws(NPTError) { try remap(newRange: nil, restoring: flushHintTrapped) } catch {
             persistence.config.withLock { $0.options = old }
             throw error
         }
     }
 
     /// Recomputes the trap decision and the flush targets, and maps the vFHA (and a new range).
-    private func remap(newRange: NVDIMMRange?) throws(NPTError) {
+    /// All or nothing: if the mappings fail, the vFHA's trap state goes back to `restoring` (the
+    /// backend's page is defined again that way; nil: it was not defined before) and the flush
+    /// targets stay as they were.
+    private func remap(newRange: NVDIMMRange?, restoring: Bool?) throws(NPTError) {
         let host = try hostPersistence()
         let (ranges, vfha, options) = persistence.config.withLock { ($0.ranges, $0.vfha, $0.options) }
         guard let vfha else { return }
@@ -304,8 +315,17 @@ extension VirtualMachine {
         }
         changes.append(PolicyRange(start: vfha, size: 0x1000, pageSize: .size4K, permissions: trapped ? [.read] : [.read, .write]))
         // Publish the trap decision before the mapping that makes writes exit.
+        let oldPage = persistence.trappedPage.load(ordering: .acquiring)
         if trapped { persistence.trappedPage.store(vfha.raw, ordering: .releasing) }
-        try applyDeviceMappings(changes, windows: windows)
+        do throws(NPTError) {
+            try applyDeviceMappings(changes, windows: windows)
+        } catch {
+            persistence.trappedPage.store(oldPage, ordering: .releasing)
+            if let restoring, restoring != trapped {
+                try? backendVM.defineFlushHintPage(vfha, hostOffset: scratch, trapped: restoring)
+            }
+            throw error
+        }
         if !trapped { persistence.trappedPage.store(.max, ordering: .releasing) }
         persistence.config.withLock { c in c.trapped = trapped; c.targets = targets }
     }

@@ -14,8 +14,23 @@ final class CBackend: Backend, @unchecked Sendable {
     let abiVersion: UInt32
     let isPlugin: Bool
 
-    /// Copies the caller's table (only as many bytes as it declares, so an older, shorter table
-    /// leaves the newer operations NULL: unsupported).
+    /// `ops.size` as the backend declared it: the members it covers whole are the backend's.
+    let declaredSize: Int
+
+    /// The persistent-memory operations a table needs for `NPT_CAP_PERSISTENT_MEMORY` (the others,
+    /// `untrapped_flush_hint_writes` and `power_failure`, are optional).
+    static let requiredPersistenceOps: [(name: String, offset: Int)] = [
+        ("host_pmem_count", MemoryLayout<npt_backend_ops>.offset(of: \npt_backend_ops.host_pmem_count)!),
+        ("host_pmem_get", MemoryLayout<npt_backend_ops>.offset(of: \npt_backend_ops.host_pmem_get)!),
+        ("attach_pmem", MemoryLayout<npt_backend_ops>.offset(of: \npt_backend_ops.attach_pmem)!),
+        ("define_flush_hint_page", MemoryLayout<npt_backend_ops>.offset(of: \npt_backend_ops.define_flush_hint_page)!),
+        ("physical_flush", MemoryLayout<npt_backend_ops>.offset(of: \npt_backend_ops.physical_flush)!),
+        ("vcpu_fence", MemoryLayout<npt_backend_ops>.offset(of: \npt_backend_ops.vcpu_fence)!),
+        ("vcpu_complete_trapped_write", MemoryLayout<npt_backend_ops>.offset(of: \npt_backend_ops.vcpu_complete_trapped_write)!),
+    ]
+
+    /// Copies the caller's table (only the members its `size` covers whole, so an older, shorter
+    /// table leaves the newer operations NULL: unsupported).
     init(_ p: UnsafePointer<npt_backend_ops>, isPlugin: Bool) throws(NPTError) {
         let raw = UnsafeRawPointer(p)
         let abi = raw.load(as: UInt32.self)
@@ -25,19 +40,29 @@ final class CBackend: Backend, @unchecked Sendable {
         let size = Int(raw.load(fromByteOffset: 4, as: UInt32.self))
         let minimum = MemoryLayout<npt_backend_ops>.offset(of: \npt_backend_ops.vm_create)!
         guard size >= minimum else { throw .invalid("ops->size \(size) is smaller than the ops header (\(minimum))") }
+        // Every member past the two version fields is pointer-sized and pointer-aligned: copying
+        // only whole members keeps a `size` that ends inside one from leaving half a pointer.
+        let word = MemoryLayout<UnsafeRawPointer>.size
+        let copied = min(size, MemoryLayout<npt_backend_ops>.size) / word * word
         var ops = npt_backend_ops()
-        withUnsafeMutableBytes(of: &ops) { $0.baseAddress!.copyMemory(from: raw, byteCount: min(size, MemoryLayout<npt_backend_ops>.size)) }
+        withUnsafeMutableBytes(of: &ops) { $0.baseAddress!.copyMemory(from: raw, byteCount: copied) }
         guard let n = ops.name else { throw .invalid("ops->name is NULL") }
         self.ops = ops
+        self.declaredSize = copied
         self.name = String(cString: n)
         self.summary = ops.description.map { String(cString: $0) } ?? ""
-        // npt_backend_ops has no persistent-memory operations yet (host discovery, backing NVDIMM
-        // ranges, the flush hint page, physical flushes, power failure), so a C backend cannot do
-        // what NPT_CAP_PERSISTENT_MEMORY promises even if it claims it: the bit is dropped, and the
-        // core then refuses NVDIMM calls on its VMs with NPT_ERR_UNSUPPORTED up front instead of
-        // failing half-way through (npt_backend_get reports the capabilities without the bit).
+        // NPT_CAP_PERSISTENT_MEMORY promises host discovery, backing NVDIMM ranges, the flush hint
+        // page, physical flushes, fences and completing trapped writes. A table that claims the bit
+        // without every one of those operations (an older table, or a NULL) cannot keep that promise:
+        // the bit is dropped, and the core then refuses NVDIMM calls on its VMs with
+        // NPT_ERR_UNSUPPORTED up front instead of failing half-way through (npt_backend_get reports
+        // the capabilities without the bit).
         var caps = BackendCapabilities(rawValue: ops.capabilities)
-        caps.remove(.persistentMemory)
+        let table = ops
+        let hasAll = Self.requiredPersistenceOps.allSatisfy { op in
+            op.offset + word <= copied && withUnsafeBytes(of: table) { $0.load(fromByteOffset: op.offset, as: UInt.self) != 0 }
+        }
+        if !hasAll { caps.remove(.persistentMemory) }
         self.capabilities = caps
         self.abiVersion = abi
         self.isPlugin = isPlugin
@@ -59,6 +84,57 @@ final class CBackend: Backend, @unchecked Sendable {
         try status(s, "backend '\(name)' vm_create failed")
         return CBackendVM(backend: self, data: data)
     }
+
+    /// Host discovery through `host_pmem_count` / `host_pmem_get`, checked: distinct region ids, at
+    /// most one flush target per controller, a controller count no smaller than the targets'.
+    func hostPersistence() throws(NPTError) -> HostPersistence {
+        guard capabilities.contains(.persistentMemory), let countOp = ops.host_pmem_count, let getOp = ops.host_pmem_get else {
+            throw .unsupported("backend '\(name)' has no persistent memory")
+        }
+        var count = 0
+        try status(countOp(ops.backend_data, &count), "backend '\(name)' host_pmem_count")
+        guard count >= 0 && count <= Self.maxHostRegions else {
+            throw NPTError(.backend, "backend '\(name)' host_pmem_count reports \(count) regions (at most \(Self.maxHostRegions))")
+        }
+        var regions: [HostPersistence.Region] = []
+        for index in 0..<count {
+            var cap = 16
+            var r = npt_host_pmem_region()
+            var targets: [npt_flush_target] = []
+            while true {
+                r = npt_host_pmem_region()
+                r.size = UInt32(MemoryLayout<npt_host_pmem_region>.size)
+                targets = [npt_flush_target](repeating: npt_flush_target(), count: cap)
+                let s = targets.withUnsafeMutableBufferPointer { getOp(ops.backend_data, index, &r, $0.baseAddress, cap) }
+                try status(s, "backend '\(name)' host_pmem_get(\(index))")
+                let n = Int(r.flush_target_count)
+                if n <= cap { targets.removeLast(cap - n); break }
+                guard n <= Self.maxFlushTargets else {
+                    throw NPTError(.backend, "backend '\(name)' host_pmem_get(\(index)) reports \(n) flush targets (at most \(Self.maxFlushTargets))")
+                }
+                cap = n
+            }
+            let flushTargets = targets.map { HostPersistence.FlushTarget(controller: $0.controller, address: $0.address) }
+                .sorted { $0.controller < $1.controller }
+            let controllers = flushTargets.map(\.controller)
+            for (i, c) in controllers.enumerated() where i > 0 && controllers[i - 1] == c {
+                throw NPTError(.backend, "backend '\(name)' host_pmem_get(\(index)): region \(r.id) has two flush targets for controller \(hex(UInt64(c)))")
+            }
+            if Int(r.controller_count) < controllers.count {
+                throw NPTError(.backend, "backend '\(name)' host_pmem_get(\(index)): region \(r.id) has \(controllers.count) flush targets on distinct controllers but controller_count \(r.controller_count)")
+            }
+            if regions.contains(where: { $0.id == r.id }) {
+                throw NPTError(.backend, "backend '\(name)' host_pmem_get(\(index)): region id \(r.id) is reported twice")
+            }
+            regions.append(HostPersistence.Region(id: r.id, base: r.base, size: r.length, controllers: controllers,
+                                                  flushTargets: flushTargets, needsWPQFlush: r.needs_wpq_flush != 0))
+        }
+        regions.sort { $0.id < $1.id }
+        return HostPersistence(regions: regions, source: "backend '\(name)'")
+    }
+
+    static let maxHostRegions = 4096
+    static let maxFlushTargets = 4096
 }
 
 final class CBackendVM: BackendVM, @unchecked Sendable {
@@ -90,6 +166,28 @@ final class CBackendVM: BackendVM, @unchecked Sendable {
         guard let f = ops.define_region else { throw unsupported("define_region") }
         try status(f(data, range.start.raw, range.size, hostOffset, contents.baseAddress, contents.count),
                    "backend '\(b.name)' define_region")
+    }
+    func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError) {
+        guard b.capabilities.contains(.persistentMemory), let f = ops.attach_pmem else { throw unsupported("attach_pmem") }
+        try status(f(data, range.start.raw, range.size, region, regionOffset, hostOffset), "backend '\(b.name)' attach_pmem")
+    }
+    func defineFlushHintPage(_ gpa: GPA, hostOffset: UInt64, trapped: Bool) throws(NPTError) {
+        guard b.capabilities.contains(.persistentMemory), let f = ops.define_flush_hint_page else { throw unsupported("define_flush_hint_page") }
+        try status(f(data, gpa.raw, hostOffset, trapped ? 1 : 0), "backend '\(b.name)' define_flush_hint_page")
+    }
+    func physicalFlush(region: UInt32, target: HostPersistence.FlushTarget) throws(NPTError) {
+        guard b.capabilities.contains(.persistentMemory), let f = ops.physical_flush else { throw unsupported("physical_flush") }
+        try status(f(data, region, target.controller, target.address), "backend '\(b.name)' physical_flush")
+    }
+    var untrappedFlushHintWrites: UInt64 {
+        guard b.capabilities.contains(.persistentMemory), let f = ops.untrapped_flush_hint_writes else { return 0 }
+        return f(data)
+    }
+    func powerFailure() throws(NPTError) {
+        guard b.capabilities.contains(.persistentMemory), let f = ops.power_failure else {
+            throw .unsupported("backend '\(b.name)' does not model a power failure (no power_failure)")
+        }
+        try status(f(data), "backend '\(b.name)' power_failure")
     }
     func destroy() { ops.vm_destroy?(data) }
 }
@@ -131,6 +229,16 @@ final class CBackendVCPU: BackendVCPU, @unchecked Sendable {
     func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError) {
         guard let f = ops.vcpu_inject_fault else { throw unsupported("vcpu_inject_fault") }
         try status(f(data, vector, errorCode, address), "backend '\(b.name)' vcpu_inject_fault")
+    }
+    func fence() throws(NPTError) {
+        guard b.capabilities.contains(.persistentMemory), let f = ops.vcpu_fence else { throw unsupported("vcpu_fence") }
+        try status(f(data), "backend '\(b.name)' vcpu_fence")
+    }
+    func completeTrappedWrite() throws(NPTError) {
+        guard b.capabilities.contains(.persistentMemory), let f = ops.vcpu_complete_trapped_write else {
+            throw unsupported("vcpu_complete_trapped_write")
+        }
+        try status(f(data), "backend '\(b.name)' vcpu_complete_trapped_write")
     }
     var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { (0, 0, 0) }
     func kick() { ops.vcpu_kick?(data) }

@@ -309,6 +309,12 @@ public final class PersistentPlatform: @unchecked Sendable {
         if clash { throw NPTError(.overlap, "host region \(region) [\(hex(offset)), \(hex(offset + size))) already backs another NVDIMM range") }
     }
 
+    /// Drops `owner`'s claim that starts at `offset` of `region` (an attachment the core forgot after
+    /// a later step of adding the range failed).
+    func unclaim(_ owner: ObjectIdentifier, region: UInt32, offset: UInt64) {
+        claims.withLock { c in c.removeAll { $0.owner == owner && $0.region == region && $0.start == offset } }
+    }
+
     func attach(_ id: ObjectIdentifier, reload: @escaping @Sendable () -> Void) { attached.withLock { $0[id] = reload } }
     func detach(_ id: ObjectIdentifier) {
         _ = attached.withLock { $0.removeValue(forKey: id) }

@@ -82,6 +82,8 @@ public final class SimVM: BackendVM {
         var gpa: GPARange
         var hostOffset: UInt64
         var spa: UInt64
+        var region: UInt32
+        var regionOffset: UInt64
     }
     let pmem = Mutex<[PMemWindow]>([])
     /// Host offset of the vFHA's scratch page (UInt64.max: none).
@@ -108,8 +110,15 @@ public final class SimVM: BackendVM {
         guard hostOffset >= regionWindow + 2 * PageSize.size1G.bytes, hostOffset + range.size <= ram.size else {
             throw NPTError(.outOfRange, "the simulator backs at most \(SimVM.pmemWindow >> 30) GiB of NVDIMM ranges per VM")
         }
+        // Attached again at the same GPA: the core forgot the earlier attachment (a later step of
+        // adding that range failed), so this one replaces it.
+        let stale = pmem.withLock { ws -> PMemWindow? in
+            guard let i = ws.firstIndex(where: { $0.gpa.start == range.start }) else { return nil }
+            return ws.remove(at: i)
+        }
+        if let stale { platform.unclaim(ObjectIdentifier(self), region: stale.region, offset: stale.regionOffset) }
         try platform.claim(ObjectIdentifier(self), region: region, offset: regionOffset, size: range.size)
-        let w = PMemWindow(gpa: range, hostOffset: hostOffset, spa: r.base + regionOffset)
+        let w = PMemWindow(gpa: range, hostOffset: hostOffset, spa: r.base + regionOffset, region: region, regionOffset: regionOffset)
         // The VM sees what the media holds.
         platform.loadMedia(spa: w.spa, len: range.size, into: ram.base + Int(hostOffset))
         pmem.withLock { $0.append(w) }

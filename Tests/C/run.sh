@@ -7,7 +7,7 @@
 #   libnptkit-sample.so   examples/plugin/sample_backend.c  (plugins: -shared -fPIC, no -lnptkit)
 #   libnptkit-badabi.so   Tests/C/plugin_bad_abi.c
 #   libnptkit-noentry.so  Tests/C/plugin_no_entry.c
-#   test_api, test_plugins, test_privileged, test_nvdimm, client (examples/client.c),
+#   test_api, test_plugins, test_plugin_pmem, test_privileged, test_nvdimm, client (examples/client.c),
 #   test_api-asan and test_nvdimm-asan (AddressSanitizer + LSan)
 # and include/nptkit.h is compiled alone as C11 and as C++17 (syntax only).
 # Each program prints its own summary line; the last line is "c-tests: N passed, M failed", where
@@ -88,6 +88,14 @@ elif [ "$plugins_ok" != 1 ]; then
     fail test_plugins "a plugin did not compile"
 fi
 
+echo "-- test_plugin_pmem"
+if [ "$plugins_ok" = 1 ] &&
+    build test_plugin_pmem "$CC" "${CFLAGS[@]}" "$ROOT/Tests/C/test_plugin_pmem.c" "${LINK[@]}" -ldl -o "$OUT/test_plugin_pmem"; then
+    run test_plugin_pmem "$OUT/test_plugin_pmem" "$OUT/libnptkit-sample.so"
+elif [ "$plugins_ok" != 1 ]; then
+    fail test_plugin_pmem "a plugin did not compile"
+fi
+
 echo "-- test_privileged"
 if build test_privileged "$CC" "${CFLAGS[@]}" -pthread "$ROOT/Tests/C/test_privileged.c" "${LINK[@]}" -o "$OUT/test_privileged"; then
     run test_privileged "$OUT/test_privileged"
@@ -143,7 +151,7 @@ if printf '#include <nptkit.h>\nint main(void) { npt_sim_platform p = {sizeof p,
 else
     fail header-c99 "does not compile"
 fi
-if printf '#include <nptkit.h>\nstatic_assert(NPT_ABI_VERSION_MAJOR == 1u, "");\nint main() { npt_exit e{}; e.size = sizeof e; npt_flush_stats f{}; f.size = sizeof f; npt_sim_platform p{}; p.size = sizeof p; return npt_status_string(NPT_OK) == nullptr; }\n' |
+if printf '#include <nptkit.h>\nstatic_assert(NPT_ABI_VERSION_MAJOR == 1u, "");\nint main() { npt_exit e{}; e.size = sizeof e; npt_flush_stats f{}; f.size = sizeof f; npt_sim_platform p{}; p.size = sizeof p; npt_flush_target t{}; npt_backend_ops o{}; o.size = sizeof o; o.physical_flush = nullptr; return npt_status_string(NPT_OK) == nullptr || t.address != 0; }\n' |
     "$CXX" -std=c++17 -Wall -Wextra -Werror -pedantic -I"$ROOT/include" -x c++ -fsyntax-only -; then
     echo "c-test header-cxx17: ok"
     pass

@@ -889,7 +889,7 @@ static void test_c_backend(void) {
         bi.size = sizeof bi;
         if (npt_backend_get(ctx, i, &bi) == NPT_OK && strcmp(bi.name, "c-claims-pmem") == 0) {
             found = 1;
-            /* The core drops the bit: npt_backend_ops has no persistent-memory operations. */
+            /* The core drops the bit: the table has none of the persistent-memory operations. */
             CHECK_EQ(bi.capabilities, CB_CAPS & ~NPT_CAP_PERSISTENT_MEMORY);
         }
     }

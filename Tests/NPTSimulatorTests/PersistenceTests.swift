@@ -316,3 +316,99 @@ final class NoPMemBackend: Backend {
         try SimulatorBackend().makeVM(config: config, hierarchies: hierarchies, handle: handle)
     }
 }
+
+/// The simulator with failures on demand: `invalidate` or `defineFlushHintPage` of its VMs throws
+/// once when armed.
+final class FlakyBackend: Backend {
+    let name = "flaky"
+    let summary = "the simulator, failing on demand"
+    let inner = SimulatorBackend()
+    let failInvalidate = Atomic<Bool>(false)
+    let failDefine = Atomic<Bool>(false)
+    var capabilities: BackendCapabilities { inner.capabilities }
+    func hostPersistence() throws(NPTError) -> HostPersistence { try inner.hostPersistence() }
+    func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
+        FlakyVM(inner: try inner.makeVM(config: config, hierarchies: hierarchies, handle: handle), backend: self)
+    }
+}
+
+final class FlakyVM: BackendVM {
+    let inner: any BackendVM
+    let backend: FlakyBackend
+    init(inner: any BackendVM, backend: FlakyBackend) { self.inner = inner; self.backend = backend }
+    func writeMemory(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(NPTError) { try inner.writeMemory(gpa, bytes) }
+    func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError) { try inner.readMemory(gpa, into) }
+    func invalidate(_ inv: Invalidation) throws(NPTError) {
+        if backend.failInvalidate.exchange(false, ordering: .relaxed) { throw NPTError(.backend, "invalidate failed on purpose") }
+        try inner.invalidate(inv)
+    }
+    func makeVCPU(index: UInt32) throws(NPTError) -> any BackendVCPU { try inner.makeVCPU(index: index) }
+    var hostPersistence: HostPersistence? { inner.hostPersistence }
+    func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError) {
+        try inner.attachPersistentMemory(range, region: region, regionOffset: regionOffset, hostOffset: hostOffset)
+    }
+    func defineFlushHintPage(_ gpa: GPA, hostOffset: UInt64, trapped: Bool) throws(NPTError) {
+        if backend.failDefine.exchange(false, ordering: .relaxed) { throw NPTError(.backend, "define failed on purpose") }
+        try inner.defineFlushHintPage(gpa, hostOffset: hostOffset, trapped: trapped)
+    }
+    func physicalFlush(region: UInt32, target: HostPersistence.FlushTarget) throws(NPTError) {
+        try inner.physicalFlush(region: region, target: target)
+    }
+    var untrappedFlushHintWrites: UInt64 { inner.untrappedFlushHintWrites }
+    func powerFailure() throws(NPTError) { try inner.powerFailure() }
+    func destroy() { inner.destroy() }
+}
+
+@Suite struct PersistenceRollbackTests {
+    /// A backend step of addNVDIMM / setFlushOptions that fails leaves the VM as it was, and the same
+    /// range can be added afterwards (the simulator replaces the attachment the core forgot).
+    @Test func failingBackendStepsChangeNothing() throws {
+        let backend = FlakyBackend()
+        let reg = BackendRegistry()
+        try reg.register(backend, makeDefault: true)
+        let vm = try VirtualMachine(config: VMConfig(ramSize: 1 << 20), registry: reg)
+        let gpa = GPA(0x1_0000_0000)
+        let runs = vm.policyRuns().map { "\($0.0) \($0.1)" }
+        let leaves = vm.snapshot.translate(gpa, in: .supervisor).present
+        // The flush hint page fails after the range was attached.
+        backend.failDefine.store(true, ordering: .relaxed)
+        #expect(throws: NPTError.self) { try vm.addNVDIMM(gpa: gpa, size: 2 << 20, hostRegion: 1, regionOffset: 0) }
+        #expect(vm.nvdimmRanges.isEmpty)
+        #expect(vm.reservedRanges.isEmpty)
+        #expect(vm.virtualFlushHint == nil)
+        #expect(vm.policyRuns().map { "\($0.0) \($0.1)" } == runs)
+        #expect(vm.snapshot.translate(gpa, in: .supervisor).present == leaves)
+        let r = try vm.addNVDIMM(gpa: gpa, size: 2 << 20, hostRegion: 1, regionOffset: 0)
+        let vfha = try #require(vm.virtualFlushHint)
+        #expect(vm.flushHintTrapped)
+        #expect(vm.snapshot.translate(gpa, in: .user).present)
+
+        // A second range whose mapping fails: the first one and the vFHA stay as they were.
+        let runs2 = vm.policyRuns().map { "\($0.0) \($0.1)" }
+        backend.failDefine.store(true, ordering: .relaxed)
+        #expect(throws: NPTError.self) { try vm.addNVDIMM(gpa: GPA(0x1_0040_0000), size: 2 << 20, hostRegion: 2, regionOffset: 0) }
+        #expect(vm.nvdimmRanges == [r])
+        #expect(vm.virtualFlushHint == vfha)
+        #expect(vm.flushHintTrapped)
+        #expect(vm.policyRuns().map { "\($0.0) \($0.1)" } == runs2)
+        #expect(vm.reservedRanges.count == 2)
+
+        // Changing the options: untrapped -> trapped invalidates the vFHA's write permission (adding
+        // a range loses no permission, so this is where an invalidation can fail); if it fails, the
+        // options, the trap decision and the mapping stay.
+        try vm.setFlushOptions(FlushOptions(trap: .never))
+        #expect(!vm.flushHintTrapped)
+        #expect(vm.snapshot.translate(vfha, in: .user).permissions.contains(.write))
+        backend.failInvalidate.store(true, ordering: .relaxed)
+        #expect(throws: NPTError.self) { try vm.setFlushOptions(FlushOptions(trap: .always)) }
+        #expect(!vm.flushHintTrapped)
+        #expect(vm.flushOptions.trap == .never)
+        #expect(vm.snapshot.translate(vfha, in: .user).permissions.contains(.write))
+        #expect(!vm.persistence.isFlushHintWrite({ var x = VMExit(reason: .eptViolation); x.gpa = vfha; x.qualification = 2; return x }()))
+        try vm.setFlushOptions(FlushOptions(trap: .auto))
+        #expect(vm.flushHintTrapped)
+        #expect(vm.snapshot.translate(vfha, in: .user).permissions == [.read])
+        try vm.addNVDIMM(gpa: GPA(0x1_0040_0000), size: 2 << 20, hostRegion: 2, regionOffset: 0)
+        #expect(vm.nvdimmRanges.count == 2)
+    }
+}

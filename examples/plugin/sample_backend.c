@@ -21,9 +21,19 @@
  *  - npt_plugin_entry checks the host's ABI major version and refuses another one;
  *  - the ops table it returns stays valid for as long as the plugin is loaded (it is static).
  *
+ * Persistent memory (NPT_CAP_PERSISTENT_MEMORY, ABI 1.1): the backend reports one host region
+ * (SAMPLE_PMEM_REGION, two memory controllers with a flush hint each, WPQs outside the persistence
+ * domain) and records what the core asks: the NVDIMM ranges it backs, the vFHA page and whether it
+ * traps, each physical flush hint write, each fence and each completed trapped write. It has no
+ * media: NVDIMM ranges hold no data here (memory_read/memory_write refuse them) and power_failure
+ * stays NULL (unsupported). A guest flush is a scripted NPT_EXIT_EPT_VIOLATION with NPT_EPTQ_WRITE
+ * at the vFHA; the core answers it with vcpu_fence, one physical_flush per controller and
+ * vcpu_complete_trapped_write, then runs the vCPU again.
+ *
  * Threads: the core serializes calls on one vCPU, but different vCPUs and VMs may be driven from
  * different threads, and invalidate may come from any thread. One mutex guards the shared
- * counters and the script; memory accesses are per VM and need no lock for this example.
+ * counters, the script and the persistent-memory records; memory accesses are per VM and need no
+ * lock for this example.
  */
 #include <nptkit.h>
 #include <pthread.h>
@@ -40,6 +50,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct sample_counters counters;
 static npt_exit *script;
 static size_t script_len, script_pos;
+static uint32_t fail_pmem; /* SAMPLE_FAIL_*: the next call of these fails */
 
 #define COUNT(stmt)                  \
     do {                             \
@@ -48,9 +59,20 @@ static size_t script_len, script_pos;
         pthread_mutex_unlock(&lock); \
     } while (0)
 
+#define SAMPLE_MAX_NVDIMMS 64 /* the core's limit per VM */
+
+struct sample_nvdimm {
+    uint64_t gpa, size, region_offset, host_offset;
+};
+
 struct sample_vm {
     uint8_t *ram;
     uint64_t ram_size;
+    /* persistent memory (under `lock`) */
+    struct sample_nvdimm nvdimms[SAMPLE_MAX_NVDIMMS];
+    size_t nvdimm_count;
+    int flush_hint_defined, flush_hint_trapped;
+    uint64_t flush_hint_gpa, flush_hint_host_offset;
 };
 
 struct sample_vcpu {
@@ -58,8 +80,17 @@ struct sample_vcpu {
     uint32_t index;
     uint32_t hierarchy;     /* what the core last exposed: NPT_HIERARCHY_* */
     uint32_t exit_controls; /* NPT_EXITCTL_* */
+    int trapped_write;      /* the last exit was a write to the trapped vFHA, not yet completed */
     npt_regs regs;
 };
+
+/* Takes `op` out of fail_pmem; returns 1 if this call must fail. Called with `lock` held. */
+static int failing(uint32_t op) {
+    if ((fail_pmem & op) == 0) return 0;
+    fail_pmem &= ~op;
+    counters.pmem_failures++;
+    return 1;
+}
 
 /* ---- VMs and memory ---------------------------------------------------- */
 
@@ -196,6 +227,13 @@ static npt_status sample_vcpu_run(void *vcpu_data, npt_exit *exit) {
     }
     pthread_mutex_unlock(&lock);
     if (!have) return NPT_ERR_STATE; /* nothing left to play */
+    /* A write to the vFHA while it traps: the guest instruction stays pending until the core
+     * completes it (vcpu_complete_trapped_write). */
+    pthread_mutex_lock(&lock);
+    c->trapped_write = next.reason == NPT_EXIT_EPT_VIOLATION && (next.qualification & NPT_EPTQ_WRITE) != 0 &&
+                       c->vm->flush_hint_defined && c->vm->flush_hint_trapped &&
+                       (next.gpa & ~UINT64_C(0xFFF)) == c->vm->flush_hint_gpa;
+    pthread_mutex_unlock(&lock);
     if (next.cpl == 0 || next.cpl == 3) c->regs.cpl = next.cpl;
     next.size = exit->size;
     next.cpl = c->regs.cpl;
@@ -215,6 +253,136 @@ static npt_status sample_vcpu_inject_fault(void *vcpu_data, uint32_t vector, uin
     return NPT_ERR_UNSUPPORTED;
 }
 
+/* ---- persistent memory ---------------------------------------------------- */
+
+static const npt_flush_target sample_targets[SAMPLE_PMEM_CONTROLLERS] = {
+    {0, 0, SAMPLE_PMEM_HINT0},
+    {1, 0, SAMPLE_PMEM_HINT1},
+};
+
+/* Host discovery. A KVM backend reads the host's NFIT (or sysfs) here. */
+static npt_status sample_host_pmem_count(void *backend_data, size_t *count) {
+    (void)backend_data;
+    if (count == NULL) return NPT_ERR_INVALID_ARGUMENT;
+    *count = 1;
+    return NPT_OK;
+}
+
+static npt_status sample_host_pmem_get(void *backend_data, size_t index, npt_host_pmem_region *region,
+                                       npt_flush_target *targets, size_t targets_cap) {
+    (void)backend_data;
+    if (region == NULL || region->size < sizeof *region) return NPT_ERR_INVALID_ARGUMENT;
+    if (targets == NULL && targets_cap > 0) return NPT_ERR_INVALID_ARGUMENT;
+    if (index != 0) return NPT_ERR_NOT_FOUND;
+    region->id = SAMPLE_PMEM_REGION;
+    region->base = SAMPLE_PMEM_BASE;
+    region->length = SAMPLE_PMEM_LENGTH;
+    region->controller_count = SAMPLE_PMEM_CONTROLLERS;
+    region->flush_target_count = SAMPLE_PMEM_CONTROLLERS;
+    region->needs_wpq_flush = 1;
+    for (size_t i = 0; i < SAMPLE_PMEM_CONTROLLERS && i < targets_cap; i++) targets[i] = sample_targets[i];
+    return NPT_OK;
+}
+
+/* The core picked host_offset; a hardware backend maps the host region's pages there (mmap of the
+ * device DAX or of /dev/mem at SAMPLE_PMEM_BASE + region_offset into the VM's memory slot). */
+static npt_status sample_attach_pmem(void *vm_data, uint64_t gpa, uint64_t size, uint32_t region,
+                                     uint64_t region_offset, uint64_t host_offset) {
+    struct sample_vm *v = vm_data;
+    if (region != SAMPLE_PMEM_REGION) return NPT_ERR_NOT_FOUND;
+    if (size == 0 || region_offset > SAMPLE_PMEM_LENGTH || size > SAMPLE_PMEM_LENGTH - region_offset)
+        return NPT_ERR_OUT_OF_RANGE;
+    npt_status st = NPT_OK;
+    pthread_mutex_lock(&lock);
+    size_t i = 0;
+    while (i < v->nvdimm_count && v->nvdimms[i].gpa != gpa) i++; /* again after a failed add: replace */
+    if (failing(SAMPLE_FAIL_ATTACH)) {
+        st = NPT_ERR_BACKEND;
+    } else if (i == SAMPLE_MAX_NVDIMMS) {
+        st = NPT_ERR_OUT_OF_RANGE;
+    } else {
+        struct sample_nvdimm n = {gpa, size, region_offset, host_offset};
+        v->nvdimms[i] = n;
+        if (i == v->nvdimm_count) v->nvdimm_count++;
+        counters.pmem_attaches++;
+        counters.last_attach_gpa = gpa;
+        counters.last_attach_size = size;
+        counters.last_attach_region = region;
+        counters.last_attach_region_offset = region_offset;
+        counters.last_attach_host_offset = host_offset;
+    }
+    pthread_mutex_unlock(&lock);
+    return st;
+}
+
+/* The vFHA: a hardware backend maps the scratch page at host_offset, read-only when trapped. */
+static npt_status sample_define_flush_hint_page(void *vm_data, uint64_t gpa, uint64_t host_offset, int trapped) {
+    struct sample_vm *v = vm_data;
+    if ((gpa | host_offset) & UINT64_C(0xFFF)) return NPT_ERR_MISALIGNED;
+    npt_status st = NPT_OK;
+    pthread_mutex_lock(&lock);
+    if (failing(SAMPLE_FAIL_DEFINE_FLUSH_HINT)) {
+        st = NPT_ERR_BACKEND;
+    } else {
+        v->flush_hint_defined = 1;
+        v->flush_hint_trapped = trapped != 0;
+        v->flush_hint_gpa = gpa;
+        v->flush_hint_host_offset = host_offset;
+        counters.flush_hint_defines++;
+        counters.flush_hint_trapped = trapped != 0;
+        counters.flush_hint_gpa = gpa;
+        counters.flush_hint_host_offset = host_offset;
+    }
+    pthread_mutex_unlock(&lock);
+    return st;
+}
+
+/* A hardware backend writes the flush hint (a store to the mapped address, then SFENCE). */
+static npt_status sample_physical_flush(void *vm_data, uint32_t region, uint32_t controller, uint64_t address) {
+    (void)vm_data;
+    if (region != SAMPLE_PMEM_REGION) return NPT_ERR_NOT_FOUND;
+    if (controller >= SAMPLE_PMEM_CONTROLLERS || address != sample_targets[controller].address)
+        return NPT_ERR_INVALID_ARGUMENT;
+    npt_status st = NPT_OK;
+    pthread_mutex_lock(&lock);
+    if (failing(SAMPLE_FAIL_PHYSICAL_FLUSH)) {
+        st = NPT_ERR_BACKEND;
+    } else {
+        counters.physical_flushes++;
+        counters.controller_flushes[controller]++;
+        counters.controller_flush_address[controller] = address;
+    }
+    pthread_mutex_unlock(&lock);
+    return st;
+}
+
+/* On hardware the vCPU's stores are already ordered by the VM exit; a backend that buffers them
+ * (a simulator) drains them here. */
+static npt_status sample_vcpu_fence(void *vcpu_data) {
+    (void)vcpu_data;
+    npt_status st = NPT_OK;
+    pthread_mutex_lock(&lock);
+    if (failing(SAMPLE_FAIL_FENCE)) st = NPT_ERR_BACKEND;
+    else counters.fences++;
+    pthread_mutex_unlock(&lock);
+    return st;
+}
+
+/* A hardware backend skips the faulting instruction (advances RIP by its length). */
+static npt_status sample_vcpu_complete_trapped_write(void *vcpu_data) {
+    struct sample_vcpu *c = vcpu_data;
+    npt_status st = NPT_OK;
+    pthread_mutex_lock(&lock);
+    if (!c->trapped_write) {
+        st = NPT_ERR_STATE; /* the last exit was not a write to the trapped vFHA */
+    } else {
+        c->trapped_write = 0;
+        counters.completed_trapped_writes++;
+    }
+    pthread_mutex_unlock(&lock);
+    return st;
+}
+
 /* ---- the ops table and the entry ---------------------------------------- */
 
 static const npt_backend_ops sample_ops = {
@@ -224,9 +392,11 @@ static const npt_backend_ops sample_ops = {
     .description = "sample C backend: calloc'd guest memory, scripted exits",
     /* It can expose a hierarchy per vCPU, reports both transitions and the U/S of the linear
      * address in its (scripted) violations, and "runs". It cannot back a privileged-mode region:
-     * define_region and vcpu_kick stay NULL, and the core answers NPT_ERR_UNSUPPORTED for them. */
+     * define_region and vcpu_kick stay NULL, and the core answers NPT_ERR_UNSUPPORTED for them.
+     * It has persistent memory (every required operation below is there); power_failure and
+     * untrapped_flush_hint_writes stay NULL. */
     .capabilities = NPT_CAP_MBEC_EMULATION | NPT_CAP_EXIT_ON_ESCALATE | NPT_CAP_EXIT_ON_RETURN |
-                    NPT_CAP_LINEAR_MODE_INFO | NPT_CAP_RUN,
+                    NPT_CAP_LINEAR_MODE_INFO | NPT_CAP_RUN | NPT_CAP_PERSISTENT_MEMORY,
     .backend_data = NULL,
     .vm_create = sample_vm_create,
     .vm_destroy = sample_vm_destroy,
@@ -243,6 +413,15 @@ static const npt_backend_ops sample_ops = {
     .vcpu_inject_fault = sample_vcpu_inject_fault,
     .vcpu_kick = NULL,
     .define_region = NULL,
+    .host_pmem_count = sample_host_pmem_count,
+    .host_pmem_get = sample_host_pmem_get,
+    .attach_pmem = sample_attach_pmem,
+    .define_flush_hint_page = sample_define_flush_hint_page,
+    .physical_flush = sample_physical_flush,
+    .vcpu_fence = sample_vcpu_fence,
+    .vcpu_complete_trapped_write = sample_vcpu_complete_trapped_write,
+    .untrapped_flush_hint_writes = NULL,
+    .power_failure = NULL,
 };
 
 EXPORT npt_status npt_plugin_entry(const npt_host_api *h, const npt_backend_ops **ops) {
@@ -277,3 +456,5 @@ EXPORT void sample_backend_set_script(const npt_exit *exits, size_t n) {
     pthread_mutex_unlock(&lock);
     free(old);
 }
+
+EXPORT void sample_backend_fail_pmem(uint32_t ops) { COUNT(fail_pmem = ops); }
