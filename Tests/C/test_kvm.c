@@ -100,6 +100,8 @@ static npt_exit run_to_halt(npt_vcpu *v, char *out, size_t cap, size_t *len) {
 
 /* ------------------------------------------------------------------------ */
 static const npt_backend_ops *entry_ops; /* the table from a direct call of the entry */
+typedef void (*layout_stats_fn)(uint64_t *switches, uint64_t *updates, uint64_t *last);
+static layout_stats_fn layout_stats;
 
 static npt_status fake_translate(npt_vm *vm, uint32_t h, uint64_t gpa, npt_translation *out) {
     (void)vm; (void)h; (void)gpa; (void)out;
@@ -147,6 +149,8 @@ static void test_entry(const char *so) {
     CHECK_EQ(ops->capabilities & (NPT_CAP_RUN | NPT_CAP_MBEC_EMULATION), NPT_CAP_RUN | NPT_CAP_MBEC_EMULATION);
     CHECK(ops->vm_create && ops->vcpu_run && ops->vcpu_kick && ops->memory_read && ops->memory_write);
     entry_ops = ops;
+    layout_stats = (layout_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_layout_stats");
+    CHECK(layout_stats != NULL);
     /* the library stays loaded (npt_plugin_load opens it again) */
 }
 
@@ -298,6 +302,83 @@ static void test_guest(npt_context *ctx) {
     CHECK_OK(npt_vm_destroy(vm));
 }
 
+/* MBEC on KVM: a page the exposed hierarchy may not execute is left out of the VM's memslot
+ * layout. Data accesses to it still work (completed from the backing memory); a fetch from it is
+ * an EPT violation the core decides on. */
+static void test_mbec(npt_context *ctx) {
+    npt_vm_config cfg = {0};
+    cfg.size = sizeof cfg;
+    cfg.mbec_mode = NPT_MBEC_LAZY;
+    cfg.backend = "kvm";
+    cfg.ram_size = RAM;
+    cfg.default_perms = NPT_PERM_ALL;
+    npt_vm *vm = NULL;
+    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    if (!vm) return;
+    CHECK_OK(npt_vm_write_memory(vm, HELLO_GUEST_BASE, hello_guest, sizeof hello_guest));
+    /* the data page: read/write, executable nowhere; the nx page: executable in user mode only */
+    CHECK_OK(npt_policy_set(vm, HELLO_GUEST_DATA, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_WRITE));
+    CHECK_OK(npt_policy_set(vm, HELLO_GUEST_NX_ENTRY, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_UX));
+    npt_vcpu *v = NULL;
+    CHECK_OK(npt_vcpu_create(vm, 0, &v));
+    if (v) {
+        uint64_t sw0 = 0, up0 = 0, last = 0, sw1 = 0, up1 = 0;
+        if (layout_stats) layout_stats(&sw0, &up0, &last);
+        npt_regs r;
+        long_mode_regs(&r, HELLO_GUEST_DATA_ENTRY);
+        CHECK_OK(npt_vcpu_set_regs(v, &r));
+        char out[32];
+        size_t len;
+        npt_exit e = run_to_halt(v, out, sizeof out, &len);
+        printf("test_kvm: MBEC: data page read through the layout gap gave \"%s\", exit %u\n", out, e.reason);
+        CHECK(strcmp(out, "D") == 0);
+        CHECK_EQ(e.reason, NPT_EXIT_HALT);
+        uint8_t w = 0;
+        CHECK_OK(npt_vm_read_memory(vm, HELLO_GUEST_DATA + 1, &w, 1));
+        CHECK_EQ(w, 'W');
+        if (layout_stats) {
+            layout_stats(&sw1, &up1, &last);
+            printf("test_kvm: MBEC: %" PRIu64 " layout switch(es), %" PRIu64 " memslot update(s), last switch %" PRIu64 "\n",
+                   sw1 - sw0, up1 - up0, last);
+            /* all RAM -> [0, 0x5000) + [0x7000, RAM): delete 1 slot, create 2 */
+            CHECK_EQ(sw1 - sw0, 1);
+            CHECK_EQ(last, 3);
+        }
+
+        /* a fetch from the page supervisor mode may not execute: raw, then decided by the core */
+        long_mode_regs(&r, HELLO_GUEST_NX_ENTRY);
+        CHECK_OK(npt_vcpu_set_regs(v, &r));
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        CHECK_OK(npt_vcpu_run_raw(v, &e));
+        printf("test_kvm: MBEC: fetch at %#" PRIx64 ": raw exit %u gpa %#" PRIx64 " q %#" PRIx64 "\n", e.rip, e.reason,
+               e.gpa, e.qualification);
+        CHECK_EQ(e.reason, NPT_EXIT_EPT_VIOLATION);
+        CHECK_EQ(e.gpa, HELLO_GUEST_NX_ENTRY);
+        CHECK_EQ(e.qualification & (NPT_EPTQ_FETCH | NPT_EPTQ_READABLE | NPT_EPTQ_WRITABLE),
+                 NPT_EPTQ_FETCH | NPT_EPTQ_READABLE);
+        CHECK_EQ(e.hierarchy, NPT_HIERARCHY_SUPERVISOR);
+        uint32_t action = 99;
+        CHECK_OK(npt_handle_exit(v, &e, &action));
+        CHECK_EQ(action, NPT_ACTION_REPORT_VIOLATION);
+        CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+        /* the library loop reports it too, and the guest printed nothing */
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        CHECK_OK(npt_vcpu_run(v, &e));
+        CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+        CHECK_EQ(e.gpa, HELLO_GUEST_NX_ENTRY);
+
+        /* the policy now lets supervisor mode execute it: the layout follows (invalidate) */
+        CHECK_OK(npt_policy_set(vm, HELLO_GUEST_NX_ENTRY, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
+        e = run_to_halt(v, out, sizeof out, &len);
+        CHECK(strcmp(out, "X") == 0);
+        CHECK_EQ(e.reason, NPT_EXIT_HALT);
+        npt_vcpu_destroy(v);
+    }
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
 /* A kick from another thread while the guest spins (through the plugin's ops directly: the C ABI
  * has no public kick; the core kicks for the privileged mode). */
 static void test_kick_thread(void) {
@@ -391,6 +472,7 @@ int main(int argc, char **argv) {
         npt_vm *vm = NULL;
         CHECK_ST(npt_vm_create(ctx, &cfg, &vm), NPT_ERR_UNSUPPORTED);
         test_guest(ctx);
+        test_mbec(ctx);
     }
     CHECK_OK(npt_context_destroy(ctx));
     printf("c-test test_kvm: %d passed, %d failed, %d skipped\n", passed, failed, skipped);

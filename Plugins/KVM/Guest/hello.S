@@ -9,6 +9,9 @@
  *   0x4000 long_entry  (64-bit, CPL 0): prints "hello" one byte per OUT to port 0xE9, then HLT
  *   0x4100 real_entry  (16-bit real mode, CS = 0): prints "R" to port 0xE9, then HLT
  *   0x4200 spin_entry  (64-bit): an endless loop, for kick tests
+ *   0x4300 data_entry  (64-bit): prints the byte at 0x6000 ("D"), stores "W" at 0x6001, HLT
+ *   0x5000 nx_entry    (64-bit, a page of its own): prints "X", HLT (for fetch-violation tests)
+ *   0x6000 data        "D" (a page of its own: a data page for the MBEC tests)
  * Entry points for npt_vcpu_set_regs (Plugins/KVM/README.md, "Conventions"):
  *   long mode: cr0 = PG|PE (|WP|NE|ET|MP), cr3 = 0x1000, cr4 = PAE, efer = LME|LMA, cpl 0,
  *              rip = 0x4000 (or 0x4200), rsp = 0x8000
@@ -48,3 +51,20 @@ real_entry:                           /* GPA 0x4100 */
     .code64
 spin_entry:                           /* GPA 0x4200 */
     jmp spin_entry
+
+    .org 0x3300
+data_entry:                           /* GPA 0x4300 */
+    movb 0x6000, %al
+    out %al, $0xE9
+    movb $'W', 0x6001
+    hlt
+
+    .org 0x4000
+nx_entry:                             /* GPA 0x5000 */
+    mov $'X', %al
+    out %al, $0xE9
+    hlt
+
+    .org 0x5000
+data:                                 /* GPA 0x6000 */
+    .ascii "D"

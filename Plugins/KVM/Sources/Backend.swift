@@ -15,6 +15,8 @@ final class KVMVM: @unchecked Sendable {
     /// The core's handle of this VM (for npt_host_api calls).
     let handle: OpaquePointer?
     let cpuid: KVMCPUID
+    /// The memslot layout (Layout.swift).
+    let layout = Mutex(LayoutState())
 
     private init(system: KVMSystem, vm: KVMVirtualMachine, memory: GuestMemory, handle: OpaquePointer?, cpuid: KVMCPUID) {
         self.system = system; self.vm = vm; self.memory = memory; self.handle = handle; self.cpuid = cpuid
@@ -48,6 +50,7 @@ final class KVMVM: @unchecked Sendable {
             let memory = try GuestMemory(size: Int(ram))
             try vm.setUserMemoryRegion(slot: 0, gpa: 0, size: ram, host: memory.base)
             let v = KVMVM(system: system, vm: vm, memory: memory, handle: handle, cpuid: cpuid)
+            v.layout.withLock { $0.slots[0] = MappedRange(gpa: 0, size: ram) }
             out.pointee = Unmanaged.passRetained(v).toOpaque()
             return NPT_OK
         } catch {
@@ -91,10 +94,11 @@ final class KVMVM: @unchecked Sendable {
         }
     }
 
-    /// INVEPT analogue. Stage 1: the memslot layout does not depend on the policy yet, so there is
-    /// nothing to invalidate.
+    /// INVEPT analogue: the layouts are recomputed from the core's leaves before the next run. (The
+    /// core calls this while it holds its policy lock, so the leaves are not asked for here.)
     func invalidate(_ hierarchy: UInt32, _ gpa: UInt64, _ size: UInt64) -> npt_status {
-        NPT_OK
+        layout.withLock { $0.dirty = true }
+        return NPT_OK
     }
 }
 

@@ -133,7 +133,7 @@ final class KVMVCPU: @unchecked Sendable {
 
     func setHierarchy(_ h: UInt32) -> npt_status {
         guard h < NPT_HIERARCHY_COUNT else { return fail(NPT_ERR_INVALID_ARGUMENT, "vcpu_set_hierarchy: \(h)") }
-        // Stage 1: recorded only; every hierarchy sees the same memslot layout (all RAM mapped).
+        // Installed (as a memslot layout of the VM) right before the next KVM_RUN.
         hierarchy = h
         return NPT_OK
     }
@@ -164,6 +164,11 @@ final class KVMVCPU: @unchecked Sendable {
         x.size = e.pointee.size
         let run = cpu.run
         while true {
+            do {
+                try vm.install(hierarchy)
+            } catch {
+                return fail(error, "vcpu_run: installing the memslot layout of hierarchy \(hierarchy)")
+            }
             do {
                 try cpu.runOnce()
             } catch {
@@ -199,11 +204,29 @@ final class KVMVCPU: @unchecked Sendable {
                 x.reason = NPT_EXIT_KICKED.rawValue
                 return finish(&x, e)
             case KVM_EXIT_MMIO:
+                let gpa = ckvm_run_mmio_phys_addr(run)
+                let len = Int(ckvm_run_mmio_len(run))
+                if len <= 8, vm.memory.contains(gpa, len) {
+                    // A data access to a RAM page the exposed layout leaves out: complete it from
+                    // the backing memory.
+                    let mem = vm.memory.base + Int(gpa)
+                    let data = UnsafeMutableRawPointer(ckvm_run_mmio_data(run)!)
+                    if ckvm_run_mmio_is_write(run) != 0 { mem.copyMemory(from: data, byteCount: len) }
+                    else { data.copyMemory(from: mem, byteCount: len) }
+                    continue
+                }
                 x.reason = NPT_EXIT_INTERNAL_ERROR.rawValue
                 x.gpa = ckvm_run_mmio_phys_addr(run)
                 x.qualification = UInt64(reason) << 32 | UInt64(ckvm_run_mmio_is_write(run))
                 return finish(&x, e)
             case KVM_EXIT_INTERNAL_ERROR:
+                if ckvm_run_internal_suberror(run) == UInt32(KVM_INTERNAL_ERROR_EMULATION),
+                   let gpa = fetchViolation() {
+                    x.reason = NPT_EXIT_EPT_VIOLATION.rawValue
+                    x.gpa = gpa
+                    x.qualification = fetchQualification(gpa)
+                    return finish(&x, e)
+                }
                 x.reason = NPT_EXIT_INTERNAL_ERROR.rawValue
                 x.qualification = UInt64(reason) << 32 | UInt64(ckvm_run_internal_suberror(run))
                 x.gpa = ckvm_run_internal_ndata(run) > 0 ? ckvm_run_internal_data(run, 0) : 0
@@ -217,6 +240,30 @@ final class KVMVCPU: @unchecked Sendable {
                 return finish(&x, e)
             }
         }
+    }
+
+    /// An emulation failure at a rip whose page the exposed layout leaves out: an instruction fetch
+    /// the hierarchy does not permit. Returns the faulting page's guest-physical address.
+    private func fetchViolation() -> UInt64? {
+        guard let r = try? cpu.regs, let s = try? cpu.sregs else { return nil }
+        let linear = s.cr0 & cr0PE == 0 ? s.cs.base &+ r.rip : r.rip
+        guard let gpa = vm.translate(linear, cr0: s.cr0, cr3: s.cr3),
+              vm.memory.contains(gpa, 1), !vm.isMapped(gpa) else { return nil }
+        return gpa & ~0xFFF
+    }
+
+    /// NPT_EPTQ_FETCH plus what the exposed hierarchy permits at `gpa` (read, write; never execute).
+    private func fetchQualification(_ gpa: UInt64) -> UInt64 {
+        var q: UInt64 = 1 << 2                                  // NPT_EPTQ_FETCH
+        if let host = hostAPI, let tr = host.pointee.hierarchy_translate, let handle = vm.handle {
+            var t = npt_translation()
+            t.size = UInt32(MemoryLayout<npt_translation>.size)
+            if tr(handle, hierarchy, gpa, &t) == NPT_OK {
+                if t.perms & 1 != 0 { q |= 1 << 3 }             // NPT_EPTQ_READABLE
+                if t.perms & 2 != 0 { q |= 1 << 4 }             // NPT_EPTQ_WRITABLE
+            }
+        }
+        return q
     }
 
     /// Adds the state common to every exit (rip, CPL, exposed hierarchy) and hands it to the core.
