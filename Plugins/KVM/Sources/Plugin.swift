@@ -49,8 +49,8 @@ public func npt_kvm_last_error(_ buf: UnsafeMutablePointer<CChar>?, _ len: Int) 
 
 /// The capabilities this backend advertises.
 ///  - RUN: it runs real x86-64 guest code in a KVM VM.
-///  - MBEC_EMULATION: vcpu_set_hierarchy exposes a hierarchy (see KVMVM.expose: one memslot layout
-///    per hierarchy; per VM, so exact for one vCPU).
+///  - MBEC_EMULATION: vcpu_set_hierarchy exposes a hierarchy as a memslot layout of the VM
+///    (Layout.swift; per VM, so exact for one vCPU).
 /// Not advertised: EXIT_ON_ESCALATE / EXIT_ON_RETURN (KVM gives no exit on a CPL change; a VM needs
 /// mbec_mode lazy), LINEAR_MODE_INFO, PRIVILEGED_MODE, PERSISTENT_MEMORY.
 // NPT_CAP_* are UINT64_C() macros, which Swift does not import: the values are copied here.
