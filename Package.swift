@@ -9,9 +9,13 @@ let package = Package(
         // libnptkit.so: the C ABI. A C program links it with -lnptkit.
         .library(name: "nptkit", type: .dynamic, targets: ["NPTKit"]),
         .executable(name: "nptkit-cli", targets: ["nptkit"]),
+        // libnptkit-kvm.so: the KVM backend plugin (npt_plugin_load). It talks to the core only
+        // through the C ABI: it links neither libnptkit.so nor NPTCore.
+        .library(name: "nptkit-kvm", type: .dynamic, targets: ["NPTKVM"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
     ],
     targets: [
         // Vends include/nptkit.h (symlinked) to Swift.
@@ -23,6 +27,13 @@ let package = Package(
             name: "nptkit",
             dependencies: ["NPTKit", "NPTCore", "NPTSimulator",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strict),
+        // The KVM backend plugin (Plugins/ needs explicit paths: SwiftPM reserves it for package plugins).
+        .target(name: "CKVM", path: "Plugins/KVM/CKVM"),
+        .target(
+            name: "NPTKVM",
+            dependencies: ["CNPTKit", "CKVM", .product(name: "SystemPackage", package: "swift-system")],
+            path: "Plugins/KVM/Sources",
             swiftSettings: strict),
         .testTarget(name: "NPTCoreTests", dependencies: ["NPTCore"], swiftSettings: strict),
         .testTarget(name: "NPTSimulatorTests", dependencies: ["NPTCore", "NPTSimulator"], swiftSettings: strict),

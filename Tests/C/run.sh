@@ -3,6 +3,10 @@
 #
 # Usage: bash Tests/C/run.sh BIN_DIR      (BIN_DIR holds libnptkit.so: `swift build --show-bin-path`)
 #
+# The KVM backend plugin (BIN_DIR/libnptkit-kvm.so, built by `swift build`) is tested by
+# Tests/C/test_kvm.c; its guest runs are SKIPPED (counted on the last line) where /dev/kvm cannot
+# be opened. Plugins/KVM/Guest/hello_guest.h is checked against hello.S when `as` is installed.
+#
 # Everything is built with  cc -std=c11 -Wall -Wextra -Werror -pedantic  into BIN_DIR/ctests/:
 #   libnptkit-sample.so   examples/plugin/sample_backend.c  (plugins: -shared -fPIC, no -lnptkit)
 #   libnptkit-badabi.so   Tests/C/plugin_bad_abi.c
@@ -10,7 +14,7 @@
 #   test_api, test_plugins, test_plugin_pmem, test_privileged, test_nvdimm, client (examples/client.c),
 #   test_api-asan and test_nvdimm-asan (AddressSanitizer + LSan)
 # and include/nptkit.h is compiled alone as C11 and as C++17 (syntax only).
-# Each program prints its own summary line; the last line is "c-tests: N passed, M failed", where
+# Each program prints its own summary line; the last line is "c-tests: N passed, M failed, K skipped", where
 # N counts the programs and checks that passed. Exits non-zero if anything failed.
 set -euo pipefail
 
@@ -37,6 +41,7 @@ mkdir -p "$OUT"
 
 ok=0
 bad=0
+skip=0
 pass() { ok=$((ok + 1)); }
 fail() { bad=$((bad + 1)); echo "c-test $1: FAILED${2:+ ($2)}"; }
 
@@ -94,6 +99,42 @@ if [ "$plugins_ok" = 1 ] &&
     run test_plugin_pmem "$OUT/test_plugin_pmem" "$OUT/libnptkit-sample.so"
 elif [ "$plugins_ok" != 1 ]; then
     fail test_plugin_pmem "a plugin did not compile"
+fi
+
+echo "-- test_kvm (the KVM backend plugin)"
+if [ ! -f "$BIN/libnptkit-kvm.so" ]; then
+    fail test_kvm "$BIN/libnptkit-kvm.so does not exist"
+else
+    if readelf -d "$BIN/libnptkit-kvm.so" 2>/dev/null | grep -q 'libnptkit\.so'; then
+        fail plugin-deps-kvm "libnptkit-kvm.so links libnptkit.so"
+    else
+        echo "c-test plugin-deps-kvm: ok (libnptkit-kvm.so does not link libnptkit.so)"
+        pass
+    fi
+    if build test_kvm "$CC" "${CFLAGS[@]}" -pthread "$ROOT/Tests/C/test_kvm.c" "${LINK[@]}" -ldl -o "$OUT/test_kvm"; then
+        rc=0
+        "${TIMEOUT[@]}" "$OUT/test_kvm" "$BIN/libnptkit-kvm.so" || rc=$?
+        if [ "$rc" -eq 0 ]; then
+            pass
+        elif [ "$rc" -eq 77 ]; then
+            echo "c-test test_kvm: SKIPPED in part (no usable /dev/kvm; see its output above)"
+            skip=$((skip + 1))
+        else
+            fail test_kvm "exit status $rc"
+        fi
+    fi
+fi
+if command -v as >/dev/null && command -v objcopy >/dev/null; then
+    if sh "$ROOT/Plugins/KVM/Guest/build.sh" "$OUT/hello_guest.h" &&
+        diff -q "$OUT/hello_guest.h" "$ROOT/Plugins/KVM/Guest/hello_guest.h" >/dev/null; then
+        echo "c-test kvm-guest-bytes: ok (hello_guest.h matches hello.S)"
+        pass
+    else
+        fail kvm-guest-bytes "Plugins/KVM/Guest/hello_guest.h does not match hello.S (run build.sh)"
+    fi
+else
+    echo "c-test kvm-guest-bytes: SKIPPED (no as/objcopy to re-assemble hello.S)"
+    skip=$((skip + 1))
 fi
 
 echo "-- test_privileged"
@@ -159,5 +200,5 @@ else
     fail header-cxx17 "does not compile"
 fi
 
-echo "c-tests: $ok passed, $bad failed"
+echo "c-tests: $ok passed, $bad failed, $skip skipped"
 [ "$bad" -eq 0 ]

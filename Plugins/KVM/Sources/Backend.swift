@@ -1,0 +1,105 @@
+// The KVM backend's VM and vCPU: what the ops table's functions do.
+import CKVM
+import CNPTKit
+import Synchronization
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A VM of the KVM backend: a KVM VM whose guest RAM (anonymous shared memory) is mapped at GPA 0.
+final class KVMVM: @unchecked Sendable {
+    let system: KVMSystem
+    let vm: KVMVirtualMachine
+    let memory: GuestMemory
+    /// The core's handle of this VM (for npt_host_api calls).
+    let handle: OpaquePointer?
+    let cpuid: KVMCPUID
+    /// The memslot layout (Layout.swift).
+    let layout = Mutex(LayoutState())
+
+    private init(system: KVMSystem, vm: KVMVirtualMachine, memory: GuestMemory, handle: OpaquePointer?, cpuid: KVMCPUID) {
+        self.system = system; self.vm = vm; self.memory = memory; self.handle = handle; self.cpuid = cpuid
+    }
+
+    static func from(_ p: UnsafeMutableRawPointer?) -> KVMVM { Unmanaged<KVMVM>.fromOpaque(p!).takeUnretainedValue() }
+
+    static func create(handle: OpaquePointer?, config: UnsafePointer<npt_vm_config>?,
+                       out: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> npt_status {
+        guard let config, let out else { return fail(NPT_ERR_INVALID_ARGUMENT, "vm_create: NULL config or out") }
+        let ram = config.pointee.ram_size
+        guard ram > 0, ram % 4096 == 0, ram <= UInt64(Int.max) else {
+            return fail(NPT_ERR_INVALID_ARGUMENT, "vm_create: ram_size \(ram) is not a positive multiple of 4 KiB")
+        }
+        let system: KVMSystem
+        do {
+            system = try KVMSystem()
+        } catch {
+            // No KVM here (ENOENT/ENODEV/ENXIO) or no permission (EACCES/EPERM): the backend cannot
+            // run on this host at all.
+            let unsupported: Set<Errno> = [.noSuchFileOrDirectory, Errno(rawValue: ENODEV), .noSuchAddressOrDevice,
+                                           .permissionDenied, .notPermitted]
+            let why = "cannot open /dev/kvm: \(error) (errno \(error.rawValue))"
+            return fail(unsupported.contains(error) ? NPT_ERR_UNSUPPORTED : NPT_ERR_BACKEND, why)
+        }
+        do {
+            let api = try system.apiVersion
+            guard api == 12 else { return fail(NPT_ERR_UNSUPPORTED, "/dev/kvm speaks API \(api), not 12") }
+            let cpuid = try system.supportedCPUID()
+            let vm = try system.createVM()
+            let memory = try GuestMemory(size: Int(ram))
+            try vm.setUserMemoryRegion(slot: 0, gpa: 0, size: ram, host: memory.base)
+            let v = KVMVM(system: system, vm: vm, memory: memory, handle: handle, cpuid: cpuid)
+            v.layout.withLock { $0.slots[0] = MappedRange(gpa: 0, size: ram) }
+            out.pointee = Unmanaged.passRetained(v).toOpaque()
+            return NPT_OK
+        } catch {
+            return fail(error, "vm_create")
+        }
+    }
+
+    deinit {
+        vm.close()
+        system.close()
+    }
+
+    func write(_ gpa: UInt64, _ data: UnsafeRawPointer?, _ len: Int) -> npt_status {
+        guard len == 0 || data != nil else { return fail(NPT_ERR_INVALID_ARGUMENT, "memory_write: NULL data") }
+        guard memory.contains(gpa, len) else {
+            return fail(NPT_ERR_OUT_OF_RANGE, "memory_write: [\(hex(gpa)), +\(hex(UInt64(len)))) is outside guest RAM (\(hex(UInt64(memory.size))))")
+        }
+        if len > 0 { (memory.base + Int(gpa)).copyMemory(from: data!, byteCount: len) }
+        return NPT_OK
+    }
+
+    func read(_ gpa: UInt64, _ data: UnsafeMutableRawPointer?, _ len: Int) -> npt_status {
+        guard len == 0 || data != nil else { return fail(NPT_ERR_INVALID_ARGUMENT, "memory_read: NULL data") }
+        guard memory.contains(gpa, len) else {
+            return fail(NPT_ERR_OUT_OF_RANGE, "memory_read: [\(hex(gpa)), +\(hex(UInt64(len)))) is outside guest RAM (\(hex(UInt64(memory.size))))")
+        }
+        if len > 0 { data!.copyMemory(from: memory.base + Int(gpa), byteCount: len) }
+        return NPT_OK
+    }
+
+    func createVCPU(_ index: UInt32, _ out: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> npt_status {
+        guard let out else { return fail(NPT_ERR_INVALID_ARGUMENT, "vcpu_create: NULL out") }
+        do {
+            let cpu = try vm.createVCPU(id: index)
+            try cpu.setCPUID(cpuid)
+            let v = KVMVCPU(vm: self, cpu: cpu, index: index)
+            out.pointee = Unmanaged.passRetained(v).toOpaque()
+            return NPT_OK
+        } catch {
+            return fail(error, "vcpu_create \(index)")
+        }
+    }
+
+    /// INVEPT analogue: the layouts are recomputed from the core's leaves before the next run. (The
+    /// core calls this while it holds its policy lock, so the leaves are not asked for here.)
+    func invalidate(_ hierarchy: UInt32, _ gpa: UInt64, _ size: UInt64) -> npt_status {
+        layout.withLock { $0.dirty = true }
+        return NPT_OK
+    }
+}
+
+func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

@@ -1,0 +1,193 @@
+// Thin typed wrappers over /dev/kvm, in the style of swift-system: one type per handle, methods
+// that throw `Errno`, file descriptors closed in `deinit` (or earlier by `close()`).
+import CKVM
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Result of a raw ioctl: the value, or the `Errno` it failed with.
+@inline(__always)
+func kvmCheck(_ r: CInt) throws(Errno) -> CInt {
+    if r < 0 { throw Errno(rawValue: errno) }
+    return r
+}
+
+/// A file descriptor this process owns; closed once.
+final class KVMHandle {
+    private(set) var fd: FileDescriptor?
+    init(_ fd: FileDescriptor) { self.fd = fd }
+    var raw: CInt { fd?.rawValue ?? -1 }
+    func close() {
+        if let fd { try? fd.close() }
+        fd = nil
+    }
+    deinit { close() }
+
+    func ioctl(_ req: UInt, _ arg: UnsafeMutableRawPointer?) throws(Errno) -> CInt {
+        try kvmCheck(ckvm_ioctl(raw, req, arg))
+    }
+    func ioctl(_ req: UInt, int arg: UInt) throws(Errno) -> CInt {
+        try kvmCheck(ckvm_ioctl_int(raw, req, arg))
+    }
+}
+
+/// `/dev/kvm`: the system handle.
+final class KVMSystem {
+    let handle: KVMHandle
+
+    /// Opens `/dev/kvm` (ENOENT when there is no KVM, EACCES without permission).
+    init(path: FilePath = "/dev/kvm") throws(Errno) {
+        do {
+            handle = KVMHandle(try FileDescriptor.open(path, .readWrite, options: [.closeOnExec]))
+        } catch let e as Errno {
+            throw e
+        } catch {
+            throw Errno.ioError
+        }
+    }
+
+    func close() { handle.close() }
+
+    var apiVersion: Int32 { get throws(Errno) { try handle.ioctl(ckvm_req_get_api_version(), int: 0) } }
+
+    func checkExtension(_ cap: Int32) throws(Errno) -> Int32 {
+        try handle.ioctl(ckvm_req_check_extension(), int: UInt(cap))
+    }
+
+    var vcpuMmapSize: Int { get throws(Errno) { Int(try handle.ioctl(ckvm_req_get_vcpu_mmap_size(), int: 0)) } }
+
+    func createVM() throws(Errno) -> KVMVirtualMachine {
+        let fd = try handle.ioctl(ckvm_req_create_vm(), int: 0)
+        return KVMVirtualMachine(system: self, fd: FileDescriptor(rawValue: fd))
+    }
+
+    /// KVM_GET_SUPPORTED_CPUID, as a kvm_cpuid2 buffer ready for KVM_SET_CPUID2.
+    func supportedCPUID() throws(Errno) -> KVMCPUID {
+        var n = 128
+        while true {
+            let c = KVMCPUID(entries: n)
+            do {
+                _ = try handle.ioctl(ckvm_req_get_supported_cpuid(), c.buffer)
+                return c
+            } catch where error == .argListTooLong && n < 4096 {
+                n *= 2
+            }
+        }
+    }
+}
+
+/// A kvm_cpuid2 with room for `entries` entries (a flexible array member, so raw memory).
+final class KVMCPUID {
+    let buffer: UnsafeMutableRawPointer
+    init(entries: Int) {
+        let size = MemoryLayout<kvm_cpuid2>.size + entries * MemoryLayout<kvm_cpuid_entry2>.stride
+        buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+        buffer.initializeMemory(as: UInt8.self, repeating: 0, count: size)
+        buffer.storeBytes(of: UInt32(entries), as: UInt32.self) // nent
+    }
+    deinit { buffer.deallocate() }
+}
+
+/// A VM (`KVM_CREATE_VM`).
+final class KVMVirtualMachine {
+    let system: KVMSystem
+    let handle: KVMHandle
+    init(system: KVMSystem, fd: FileDescriptor) { self.system = system; handle = KVMHandle(fd) }
+    func close() { handle.close() }
+
+    /// KVM_SET_USER_MEMORY_REGION: slot `slot` maps `size` bytes at `host` to `gpa` (size 0 deletes it).
+    func setUserMemoryRegion(slot: UInt32, flags: UInt32 = 0, gpa: UInt64, size: UInt64,
+                             host: UnsafeMutableRawPointer?) throws(Errno) {
+        var r = kvm_userspace_memory_region()
+        r.slot = slot
+        r.flags = flags
+        r.guest_phys_addr = gpa
+        r.memory_size = size
+        r.userspace_addr = UInt64(UInt(bitPattern: host))
+        _ = try handle.ioctl(ckvm_req_set_user_memory_region(), &r)
+    }
+
+    func createVCPU(id: UInt32) throws(Errno) -> KVMVirtualCPU {
+        let fd = KVMHandle(FileDescriptor(rawValue: try handle.ioctl(ckvm_req_create_vcpu(), int: UInt(id))))
+        let size = try system.vcpuMmapSize
+        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.raw, 0), p != MAP_FAILED else {
+            throw Errno(rawValue: errno)
+        }
+        return KVMVirtualCPU(handle: fd, run: p.assumingMemoryBound(to: kvm_run.self), runSize: size)
+    }
+}
+
+/// A vCPU (`KVM_CREATE_VCPU`) and its mmap'd `kvm_run`.
+final class KVMVirtualCPU {
+    let handle: KVMHandle
+    let run: UnsafeMutablePointer<kvm_run>
+    let runSize: Int
+    init(handle: KVMHandle, run: UnsafeMutablePointer<kvm_run>, runSize: Int) {
+        self.handle = handle; self.run = run; self.runSize = runSize
+    }
+    deinit {
+        munmap(run, runSize)
+        handle.close()
+    }
+
+    /// KVM_RUN. Throws EINTR when a signal or `immediate_exit` ended it before an exit.
+    func runOnce() throws(Errno) { _ = try handle.ioctl(ckvm_req_run(), int: 0) }
+
+    var regs: kvm_regs {
+        get throws(Errno) { var r = kvm_regs(); _ = try handle.ioctl(ckvm_req_get_regs(), &r); return r }
+    }
+    func setRegs(_ r: kvm_regs) throws(Errno) { var r = r; _ = try handle.ioctl(ckvm_req_set_regs(), &r) }
+
+    var sregs: kvm_sregs {
+        get throws(Errno) { var s = kvm_sregs(); _ = try handle.ioctl(ckvm_req_get_sregs(), &s); return s }
+    }
+    func setSregs(_ s: kvm_sregs) throws(Errno) { var s = s; _ = try handle.ioctl(ckvm_req_set_sregs(), &s) }
+
+    func setCPUID(_ c: KVMCPUID) throws(Errno) { _ = try handle.ioctl(ckvm_req_set_cpuid2(), c.buffer) }
+
+    /// One MSR (KVM_GET_MSRS with nmsrs = 1).
+    func msr(_ index: UInt32) throws(Errno) -> UInt64 {
+        var m = MSRBuffer(index: index, data: 0)
+        let n = try withUnsafeMutableBytes(of: &m) { (b) throws(Errno) -> CInt in
+            try handle.ioctl(ckvm_req_get_msrs(), b.baseAddress)
+        }
+        guard n == 1 else { throw Errno.ioError }
+        return m.data
+    }
+    func setMSR(_ index: UInt32, _ value: UInt64) throws(Errno) {
+        var m = MSRBuffer(index: index, data: value)
+        let n = try withUnsafeMutableBytes(of: &m) { (b) throws(Errno) -> CInt in
+            try handle.ioctl(ckvm_req_set_msrs(), b.baseAddress)
+        }
+        guard n == 1 else { throw Errno.ioError }
+    }
+}
+
+/// struct kvm_msrs with one struct kvm_msr_entry, laid out as the kernel expects.
+struct MSRBuffer {
+    var nmsrs: UInt32 = 1
+    var pad: UInt32 = 0
+    var index: UInt32
+    var reserved: UInt32 = 0
+    var data: UInt64
+    init(index: UInt32, data: UInt64) { self.index = index; self.data = data }
+}
+
+/// Anonymous shared memory for guest RAM.
+final class GuestMemory {
+    let base: UnsafeMutableRawPointer
+    let size: Int
+    init(size: Int) throws(Errno) {
+        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+              p != MAP_FAILED else { throw Errno(rawValue: errno) }
+        base = p; self.size = size
+    }
+    deinit { munmap(base, size) }
+
+    /// The range [gpa, gpa+len) if it lies inside, else nil (overflow-safe).
+    func contains(_ gpa: UInt64, _ len: Int) -> Bool {
+        let (end, o) = gpa.addingReportingOverflow(UInt64(len))
+        return !o && end <= UInt64(size)
+    }
+}

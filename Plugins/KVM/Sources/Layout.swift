@@ -1,0 +1,138 @@
+// MBEC on KVM: one memslot layout per shadow hierarchy.
+//
+// In the layout of hierarchy H, exactly the RAM pages that H lets the guest execute are mapped;
+// the others are left out (the RAM memslot is split around them). On this KVM every guest
+// instruction is emulated, so:
+//  - a data access to a page left out arrives as KVM_EXIT_MMIO; the backend completes it from the
+//    backing memory (reads fill run->mmio.data, writes store), so data accesses behave as if the
+//    page were mapped (R/W policy is not enforced by this backend: only X differs per hierarchy);
+//  - an instruction fetch from a page left out fails emulation (KVM_EXIT_INTERNAL_ERROR); the
+//    backend reports it as NPT_EXIT_EPT_VIOLATION for the core to decide.
+// Memslots belong to the VM (this KVM has no multiple address spaces), so the exposed hierarchy
+// is per VM: exact with one vCPU; with several, the last vCPU to run decides the layout.
+import CKVM
+import CNPTKit
+import Synchronization
+import SystemPackage
+
+struct MappedRange: Hashable, Sendable {
+    var gpa: UInt64
+    var size: UInt64
+}
+
+struct LayoutState: Sendable {
+    /// KVM memslot id -> the range it maps now.
+    var slots: [UInt32: MappedRange] = [:]
+    /// The hierarchy whose layout is installed; nil: all RAM (the layout at creation).
+    var installed: UInt32?
+    /// The policy changed since the layouts were computed (invalidate).
+    var dirty = true
+    /// Layouts computed from the core's leaves, per hierarchy.
+    var cache: [UInt32: [MappedRange]] = [:]
+}
+
+/// Process-wide counters (exported as npt_kvm_layout_stats).
+let layoutSwitches = Atomic<UInt64>(0)
+let memslotUpdates = Atomic<UInt64>(0)
+let lastSwitchUpdates = Atomic<UInt64>(0)
+
+/// Layout switches, KVM_SET_USER_MEMORY_REGION calls they made in total, and in the last switch.
+@_cdecl("npt_kvm_layout_stats")
+public func npt_kvm_layout_stats(_ switches: UnsafeMutablePointer<UInt64>?, _ updates: UnsafeMutablePointer<UInt64>?,
+                                 _ last: UnsafeMutablePointer<UInt64>?) {
+    switches?.pointee = layoutSwitches.load(ordering: .relaxed)
+    updates?.pointee = memslotUpdates.load(ordering: .relaxed)
+    last?.pointee = lastSwitchUpdates.load(ordering: .relaxed)
+}
+
+final class LeafCollector {
+    var ranges: [MappedRange] = []
+    let ramSize: UInt64
+    init(ramSize: UInt64) { self.ramSize = ramSize }
+    func add(_ gpa: UInt64, _ size: UInt64, _ perms: UInt64) {
+        guard perms & 0x4 != 0, gpa < ramSize else { return }   // X (bit 2) in this hierarchy
+        let end = min(gpa + size, ramSize)
+        if let last = ranges.last, last.gpa + last.size == gpa {
+            ranges[ranges.count - 1].size = end - last.gpa
+        } else {
+            ranges.append(MappedRange(gpa: gpa, size: end - gpa))
+        }
+    }
+}
+
+extension KVMVM {
+    /// The executable ranges of `hierarchy`, from the core (nil without a host table or VM handle).
+    func executableRanges(_ hierarchy: UInt32) -> [MappedRange]? {
+        guard let host = hostAPI, let leaves = host.pointee.hierarchy_leaves, let handle else { return nil }
+        let c = LeafCollector(ramSize: UInt64(memory.size))
+        let s = withExtendedLifetime(c) {
+            leaves(handle, hierarchy, { gpa, size, perms, ud in
+                Unmanaged<LeafCollector>.fromOpaque(ud!).takeUnretainedValue().add(gpa, size, perms)
+            }, Unmanaged.passUnretained(c).toOpaque())
+        }
+        return s == NPT_OK ? c.ranges : nil
+    }
+
+    /// Installs the layout of `hierarchy` (before a run), changing only the memslots that differ.
+    func install(_ hierarchy: UInt32) throws(Errno) {
+        try layout.withLock { (st) throws(Errno) in
+            if st.dirty { st.cache = [:]; st.dirty = false }
+            else if st.installed == hierarchy { return }
+            let want: [MappedRange]
+            if let c = st.cache[hierarchy] {
+                want = c
+            } else if let r = executableRanges(hierarchy) {
+                want = r
+                st.cache[hierarchy] = r
+            } else {
+                return   // no core to ask (a VM created straight from the ops): keep all RAM mapped
+            }
+            let wantSet = Set(want)
+            var updates: UInt64 = 0
+            // Delete first: memslots must never overlap.
+            for (slot, r) in st.slots.sorted(by: { $0.key < $1.key }) where !wantSet.contains(r) {
+                try vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
+                st.slots[slot] = nil
+                updates += 1
+            }
+            let have = Set(st.slots.values)
+            var next: UInt32 = 0
+            for r in want where !have.contains(r) {
+                while st.slots[next] != nil { next += 1 }
+                try vm.setUserMemoryRegion(slot: next, gpa: r.gpa, size: r.size, host: memory.base + Int(r.gpa))
+                st.slots[next] = r
+                updates += 1
+            }
+            st.installed = hierarchy
+            layoutSwitches.add(1, ordering: .relaxed)
+            memslotUpdates.add(updates, ordering: .relaxed)
+            lastSwitchUpdates.store(updates, ordering: .relaxed)
+        }
+    }
+
+    /// Whether `gpa` is mapped in the installed layout.
+    func isMapped(_ gpa: UInt64) -> Bool {
+        layout.withLock { st in st.slots.values.contains { gpa >= $0.gpa && gpa - $0.gpa < $0.size } }
+    }
+
+    /// Guest-physical address of linear `va` through the guest's 4-level page tables at `cr3`
+    /// (nil if not present). With paging off the linear address is the physical one.
+    func translate(_ va: UInt64, cr0: UInt64, cr3: UInt64) -> UInt64? {
+        guard cr0 & cr0PG != 0 else { return va }
+        var table = cr3 & 0x000F_FFFF_FFFF_F000
+        for level in stride(from: 3, through: 0, by: -1) {
+            let index = (va >> (12 + 9 * UInt64(level))) & 0x1FF
+            let at = table + index * 8
+            guard memory.contains(at, 8) else { return nil }
+            let e = memory.base.load(fromByteOffset: Int(at), as: UInt64.self)
+            guard e & 1 != 0 else { return nil }
+            let frame = e & 0x000F_FFFF_FFFF_F000
+            if level == 0 || (level <= 2 && e & 0x80 != 0) {
+                let pageMask: UInt64 = (1 << (12 + 9 * UInt64(level))) - 1
+                return (frame & ~pageMask) | (va & pageMask)
+            }
+            table = frame
+        }
+        return nil
+    }
+}
