@@ -559,7 +559,7 @@ static void test_pmem(npt_context *ctx, int needs_flush) {
             {PMEM_GUEST_CLWB_ENTRY, "CLWB"}, {PMEM_GUEST_CLFLUSHOPT_ENTRY, "CLFLUSHOPT"}, {PMEM_GUEST_CLFLUSH_ENTRY, "CLFLUSH"}};
         npt_exit e;
         memset(&e, 0, sizeof e);
-        uint64_t outs = 0, pf0 = 0, pns0 = 0, pf1 = 0, pns1 = 0;
+        uint64_t outs = 0, pf0 = 0, pns0 = 0, pf1 = 0, pns1 = 0, sw0 = 0, up0 = 0, sw1 = 0, up1 = 0, last = 0;
         double secs = 0;
         const char *used = NULL;
         npt_flush_stats st0;
@@ -568,6 +568,7 @@ static void test_pmem(npt_context *ctx, int needs_flush) {
         for (size_t k = 0; k < sizeof flushes / sizeof flushes[0] && !used; k++) {
             CHECK_OK(npt_vm_get_flush_stats(vm, &st0));
             if (pmem_stats) pmem_stats(&pf0, &pns0);
+            if (layout_stats) layout_stats(&sw0, &up0, &last);
             e = run_pmem(v, flushes[k].entry, fh.vfha, PMEM_N, &outs, &secs);
             if (e.reason == NPT_EXIT_HALT && outs == PMEM_N) {
                 used = flushes[k].name;
@@ -584,6 +585,7 @@ static void test_pmem(npt_context *ctx, int needs_flush) {
             st.size = sizeof st;
             CHECK_OK(npt_vm_get_flush_stats(vm, &st));
             if (pmem_stats) pmem_stats(&pf1, &pns1);
+            if (layout_stats) layout_stats(&sw1, &up1, &last);
             uint64_t gf = st.guest_flushes - st0.guest_flushes, ex = st.exits - st0.exits;
             uint64_t pf = st.physical_flushes - st0.physical_flushes, ns = st.flush_ns_total - st0.flush_ns_total;
             uint64_t want = needs_flush ? PMEM_N : 0;
@@ -600,7 +602,7 @@ static void test_pmem(npt_context *ctx, int needs_flush) {
                    fh.trapped ? "trapped" : "untrapped", secs * 1e6 / PMEM_N);
             if (gf) printf(", guest flush %.1f us (flush_ns_total / guest_flushes), msync %.1f us each",
                            ns / 1e3 / gf, pf1 > pf0 ? (pns1 - pns0) / 1e3 / (pf1 - pf0) : 0.0);
-            printf("\n");
+            printf("; %" PRIu64 " layout switch(es), %" PRIu64 " memslot update(s) during the run\n", sw1 - sw0, up1 - up0);
             /* the records, read back through the core (npt_vm_read_memory serves NVDIMM ranges) */
             uint64_t rec[PMEM_N * 8];
             CHECK_OK(npt_vm_read_memory(vm, NVD_GPA, rec, sizeof rec));
