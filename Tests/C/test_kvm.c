@@ -7,7 +7,9 @@
  * table, and npt_plugin_load registers it as "kvm".
  * Needs a usable /dev/kvm: guest runs (long mode and real mode), the printed bytes and the HALT,
  * register round trips, out-of-range memory access refused (by the core and by the plugin itself),
- * kicks. Without /dev/kvm (missing, EACCES) those are SKIPPED with the reason, vm_create must fail
+ * kicks; persistent memory (Plugins/KVM/Guest/pmem.S: N flushes of records into an NVDIMM range
+ * backed by the plugin's file, exactly N trapped vFHA exits and msyncs, none with
+ * NPTKIT_KVM_PMEM_NEEDS_FLUSH=0; timings printed). Without /dev/kvm (missing, EACCES) those are SKIPPED with the reason, vm_create must fail
  * with NPT_ERR_UNSUPPORTED, and the program exits 77.
  * Prints "c-test test_kvm: N passed, M failed, K skipped"; exits 1 if M > 0, 77 if K > 0, else 0.
  */
