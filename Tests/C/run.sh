@@ -136,6 +136,18 @@ else
     echo "c-test kvm-guest-bytes: SKIPPED (no as/objcopy to re-assemble hello.S)"
     skip=$((skip + 1))
 fi
+if command -v as >/dev/null && command -v objcopy >/dev/null; then
+    if sh "$ROOT/Plugins/KVM/Guest/build.sh" "$OUT/hello_guest.h" "$OUT/pmem_guest.h" &&
+        diff -q "$OUT/pmem_guest.h" "$ROOT/Plugins/KVM/Guest/pmem_guest.h" >/dev/null; then
+        echo "c-test kvm-pmem-guest-bytes: ok (pmem_guest.h matches pmem.S)"
+        pass
+    else
+        fail kvm-pmem-guest-bytes "Plugins/KVM/Guest/pmem_guest.h does not match pmem.S (run build.sh)"
+    fi
+else
+    echo "c-test kvm-pmem-guest-bytes: SKIPPED (no as/objcopy to re-assemble pmem.S)"
+    skip=$((skip + 1))
+fi
 
 echo "-- test_privileged"
 if build test_privileged "$CC" "${CFLAGS[@]}" -pthread "$ROOT/Tests/C/test_privileged.c" "${LINK[@]}" -o "$OUT/test_privileged"; then

@@ -17,6 +17,8 @@ final class KVMVM: @unchecked Sendable {
     let cpuid: KVMCPUID
     /// The memslot layout (Layout.swift).
     let layout = Mutex(LayoutState())
+    /// NVDIMM ranges and the vFHA (Pmem.swift).
+    let pmem = Mutex(PmemVMState())
 
     private init(system: KVMSystem, vm: KVMVirtualMachine, memory: GuestMemory, handle: OpaquePointer?, cpuid: KVMCPUID) {
         self.system = system; self.vm = vm; self.memory = memory; self.handle = handle; self.cpuid = cpuid
@@ -65,19 +67,18 @@ final class KVMVM: @unchecked Sendable {
 
     func write(_ gpa: UInt64, _ data: UnsafeRawPointer?, _ len: Int) -> npt_status {
         guard len == 0 || data != nil else { return fail(NPT_ERR_INVALID_ARGUMENT, "memory_write: NULL data") }
-        guard memory.contains(gpa, len) else {
-            return fail(NPT_ERR_OUT_OF_RANGE, "memory_write: [\(hex(gpa)), +\(hex(UInt64(len)))) is outside guest RAM (\(hex(UInt64(memory.size))))")
+        // Guest RAM, or one NVDIMM range (its file mapping).
+        guard withBacking(gpa, len, { if len > 0 { $0.copyMemory(from: data!, byteCount: len) } }) else {
+            return fail(NPT_ERR_OUT_OF_RANGE, "memory_write: [\(hex(gpa)), +\(hex(UInt64(len)))) is outside guest RAM (\(hex(UInt64(memory.size)))) and the NVDIMM ranges")
         }
-        if len > 0 { (memory.base + Int(gpa)).copyMemory(from: data!, byteCount: len) }
         return NPT_OK
     }
 
     func read(_ gpa: UInt64, _ data: UnsafeMutableRawPointer?, _ len: Int) -> npt_status {
         guard len == 0 || data != nil else { return fail(NPT_ERR_INVALID_ARGUMENT, "memory_read: NULL data") }
-        guard memory.contains(gpa, len) else {
-            return fail(NPT_ERR_OUT_OF_RANGE, "memory_read: [\(hex(gpa)), +\(hex(UInt64(len)))) is outside guest RAM (\(hex(UInt64(memory.size))))")
+        guard withBacking(gpa, len, { if len > 0 { data!.copyMemory(from: $0, byteCount: len) } }) else {
+            return fail(NPT_ERR_OUT_OF_RANGE, "memory_read: [\(hex(gpa)), +\(hex(UInt64(len)))) is outside guest RAM (\(hex(UInt64(memory.size)))) and the NVDIMM ranges")
         }
-        if len > 0 { data!.copyMemory(from: memory.base + Int(gpa), byteCount: len) }
         return NPT_OK
     }
 

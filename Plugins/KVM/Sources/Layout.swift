@@ -50,7 +50,9 @@ final class LeafCollector {
     let ramSize: UInt64
     init(ramSize: UInt64) { self.ramSize = ramSize }
     func add(_ gpa: UInt64, _ size: UInt64, _ perms: UInt64) {
-        guard perms & 0x4 != 0, gpa < ramSize else { return }   // X (bit 2) in this hierarchy
+        // X (bit 2) in this hierarchy. Only RAM is laid out: NVDIMM ranges and the vFHA (also in the
+        // leaves) keep their own memslots in every layout (Pmem.swift).
+        guard perms & 0x4 != 0, gpa < ramSize else { return }
         let end = min(gpa + size, ramSize)
         if let last = ranges.last, last.gpa + last.size == gpa {
             ranges[ranges.count - 1].size = end - last.gpa

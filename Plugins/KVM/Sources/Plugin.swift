@@ -51,12 +51,14 @@ public func npt_kvm_last_error(_ buf: UnsafeMutablePointer<CChar>?, _ len: Int) 
 ///  - RUN: it runs real x86-64 guest code in a KVM VM.
 ///  - MBEC_EMULATION: vcpu_set_hierarchy exposes a hierarchy as a memslot layout of the VM
 ///    (Layout.swift; per VM, so exact for one vCPU).
+///  - PERSISTENT_MEMORY: NVDIMM ranges backed by a file (or a real NVDIMM region), the vFHA as a
+///    KVM_MEM_READONLY memslot when trapped, physical flushes as msync (Pmem.swift).
 /// Not advertised: EXIT_ON_ESCALATE / EXIT_ON_RETURN (KVM gives no exit on a CPL change; a VM needs
-/// mbec_mode lazy), LINEAR_MODE_INFO, PRIVILEGED_MODE, PERSISTENT_MEMORY.
+/// mbec_mode lazy), LINEAR_MODE_INFO, PRIVILEGED_MODE.
 // NPT_CAP_* are UINT64_C() macros, which Swift does not import: the values are copied here.
 let capMBECEmulation: UInt64 = 1 << 0  // NPT_CAP_MBEC_EMULATION
 let capRun: UInt64 = 1 << 4            // NPT_CAP_RUN
-let kvmCapabilities: UInt64 = capRun | capMBECEmulation
+let kvmCapabilities: UInt64 = capRun | capMBECEmulation | capPersistentMemory
 
 nonisolated(unsafe) let kvmOps: UnsafeMutablePointer<npt_backend_ops> = {
     let p = UnsafeMutablePointer<npt_backend_ops>.allocate(capacity: 1)
@@ -82,6 +84,17 @@ nonisolated(unsafe) let kvmOps: UnsafeMutablePointer<npt_backend_ops> = {
     o.vcpu_inject_fault = nil   // NPT_ERR_UNSUPPORTED: the guest has its own IDT (not wired yet)
     o.vcpu_kick = { d in KVMVCPU.from(d).kick() }
     o.define_region = nil       // no privileged mode on KVM yet
+    // Persistent memory (Pmem.swift)
+    o.host_pmem_count = { _, count in hostPmemCount(count) }
+    o.host_pmem_get = { _, index, region, targets, cap in hostPmemGet(index, region, targets, cap) }
+    o.attach_pmem = { d, gpa, size, region, off, hostOff in KVMVM.from(d).attachPmem(gpa, size, region, off, hostOff) }
+    o.define_flush_hint_page = { d, gpa, hostOff, trapped in KVMVM.from(d).defineFlushHintPage(gpa, hostOff, trapped != 0) }
+    o.physical_flush = { d, region, controller, address in KVMVM.from(d).physicalFlush(region, controller, address) }
+    o.vcpu_fence = { d in KVMVCPU.from(d).fence() }
+    o.vcpu_complete_trapped_write = { d in KVMVCPU.from(d).completeTrappedWrite() }
+    // KVM cannot count guest writes that do not exit (the vFHA is then an ordinary RAM page).
+    o.untrapped_flush_hint_writes = { _ in 0 }
+    o.power_failure = nil       // unsupported: the host cannot cut its own power
     p.initialize(to: o)
     return p
 }()

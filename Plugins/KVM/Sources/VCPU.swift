@@ -33,6 +33,9 @@ final class KVMVCPU: @unchecked Sendable {
     var mode: CPUMode?
     /// The thread inside vcpu_run, for vcpu_kick.
     let runner = Mutex<pthread_t?>(nil)
+    /// The last exit was a guest write to the trapped vFHA (Pmem.swift); KVM completes it on the
+    /// next KVM_RUN.
+    var trappedWritePending = false
 
     init(vm: KVMVM, cpu: KVMVirtualCPU, index: UInt32) { self.vm = vm; self.cpu = cpu; self.index = index }
 
@@ -163,6 +166,7 @@ final class KVMVCPU: @unchecked Sendable {
         var x = npt_exit()
         x.size = e.pointee.size
         let run = cpu.run
+        trappedWritePending = false
         while true {
             do {
                 try vm.install(hierarchy)
@@ -206,13 +210,21 @@ final class KVMVCPU: @unchecked Sendable {
             case KVM_EXIT_MMIO:
                 let gpa = ckvm_run_mmio_phys_addr(run)
                 let len = Int(ckvm_run_mmio_len(run))
-                if len <= 8, vm.memory.contains(gpa, len) {
-                    // A data access to a RAM page the exposed layout leaves out: complete it from
-                    // the backing memory.
-                    let mem = vm.memory.base + Int(gpa)
-                    let data = UnsafeMutableRawPointer(ckvm_run_mmio_data(run)!)
-                    if ckvm_run_mmio_is_write(run) != 0 { mem.copyMemory(from: data, byteCount: len) }
-                    else { data.copyMemory(from: mem, byteCount: len) }
+                let isWrite = ckvm_run_mmio_is_write(run) != 0
+                if isWrite, vm.isTrappedFlushHint(gpa) {
+                    // A guest write to the read-only vFHA (Pmem.swift): the core's flush exit.
+                    trappedWritePending = true
+                    x.reason = NPT_EXIT_EPT_VIOLATION.rawValue
+                    x.gpa = gpa
+                    x.qualification = eptqWrite | eptqReadable
+                    return finish(&x, e)
+                }
+                let data = UnsafeMutableRawPointer(ckvm_run_mmio_data(run)!)
+                if len <= 8, vm.withBacking(gpa, len, { mem in
+                    // A data access to a RAM page the exposed layout leaves out (or, should one
+                    // exit, to an NVDIMM range): complete it from the backing memory.
+                    if isWrite { mem.copyMemory(from: data, byteCount: len) } else { data.copyMemory(from: mem, byteCount: len) }
+                }) {
                     continue
                 }
                 x.reason = NPT_EXIT_INTERNAL_ERROR.rawValue

@@ -1,0 +1,363 @@
+// Persistent memory on KVM (NPT_CAP_PERSISTENT_MEMORY): NVDIMM ranges backed by a file (or a real
+// NVDIMM region where the host has one), the vFHA as a KVM_MEM_READONLY memslot when the host
+// needs WPQ flushing, and physical flushes as msync (or a region's deep_flush).
+//
+// Host regions (process-wide, discovered once, at the first host_pmem_count):
+//  - /sys/bus/nd/devices/regionN with a size: real NVDIMM regions (id N + 1, base = resource,
+//    length = size, one "controller" 0 whose flush target address is 0; a physical flush writes
+//    "1" to regionN/deep_flush). Attaching them is not implemented (NPT_ERR_UNSUPPORTED: it would
+//    need the region's namespace device); this machine has none.
+//  - otherwise ONE file-backed region: id 1, an unlinked temp file in $NPTKIT_KVM_PMEM_DIR
+//    (default /tmp) of $NPTKIT_KVM_PMEM_SIZE bytes (default 64 MiB; ftruncate'd), base 0 (a file
+//    has no system-physical address), controller 0 with flush target address 0, and
+//    needs_wpq_flush = 1: a file's dirty pages are durable only after msync/fdatasync, which is
+//    this backend's WPQ drain. NPTKIT_KVM_PMEM_NEEDS_FLUSH=0 makes it report 0 (read at every
+//    host_pmem_get; the core asks once per VM), to show the path without exits.
+//
+// Memslots: NVDIMM ranges and the vFHA use slot ids from `pmemFirstSlot` up, which the MBEC layouts
+// (Layout.swift) never touch: the NVDIMM ranges stay mapped in every hierarchy's layout (the core's
+// leaves list them, with the permissions of config->default_perms; the plugin keeps them mapped
+// to the file, not to RAM, whatever the hierarchy).
+import CKVM
+import CNPTKit
+import Synchronization
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+let capPersistentMemory: UInt64 = 1 << 6   // NPT_CAP_PERSISTENT_MEMORY
+let eptqWrite: UInt64 = 1 << 1             // NPT_EPTQ_WRITE
+let eptqReadable: UInt64 = 1 << 3          // NPT_EPTQ_READABLE
+let kvmMemReadonly: UInt32 = 1 << 1        // KVM_MEM_READONLY
+/// Memslot ids of NVDIMM ranges and the vFHA (the layouts use ids from 0; KVM_CAP_NR_MEMSLOTS is
+/// 32764 here).
+let pmemFirstSlot: UInt32 = 30000
+
+// MARK: host discovery
+
+struct HostPmemRegion: Sendable {
+    enum Kind: Sendable {
+        /// The plugin's backing file (an unlinked temp file kept open for the process's life).
+        case file(fd: Int32)
+        /// A real NVDIMM region: its sysfs directory (deep_flush lives there).
+        case nd(sysfs: String)
+    }
+    var id: UInt32
+    var base: UInt64
+    var length: UInt64
+    var kind: Kind
+}
+
+/// nil until discovered; discovery is process-wide and happens once.
+let hostPmem = Mutex<[HostPmemRegion]?>(nil)
+/// Process-wide counters (exported as npt_kvm_pmem_stats).
+let pmemPhysicalFlushes = Atomic<UInt64>(0)
+let pmemFlushNanos = Atomic<UInt64>(0)
+
+/// Physical flushes done (msync / deep_flush writes) and the nanoseconds they took in total.
+@_cdecl("npt_kvm_pmem_stats")
+public func npt_kvm_pmem_stats(_ flushes: UnsafeMutablePointer<UInt64>?, _ nanos: UnsafeMutablePointer<UInt64>?) {
+    flushes?.pointee = pmemPhysicalFlushes.load(ordering: .relaxed)
+    nanos?.pointee = pmemFlushNanos.load(ordering: .relaxed)
+}
+
+func env(_ name: String) -> String? {
+    guard let p = getenv(name) else { return nil }
+    return String(cString: p)
+}
+
+func monotonicNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+/// The first line of a small sysfs file, trimmed.
+func readSysfs(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var buf = [UInt8](repeating: 0, count: 128)
+    let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, 127) }
+    guard n > 0 else { return nil }
+    let s = String(decoding: buf[0..<n], as: UTF8.self)
+    return s.split(whereSeparator: { $0 == "\n" || $0 == " " }).first.map(String.init)
+}
+
+func parseNumber(_ s: String) -> UInt64? {
+    if s.hasPrefix("0x") || s.hasPrefix("0X") { return UInt64(s.dropFirst(2), radix: 16) }
+    return UInt64(s)
+}
+
+/// Real NVDIMM regions under /sys/bus/nd/devices (regionN with a size > 0), sorted by id.
+func discoverNDRegions() -> [HostPmemRegion] {
+    let dir = "/sys/bus/nd/devices"
+    guard let d = opendir(dir) else { return [] }
+    defer { closedir(d) }
+    var out: [HostPmemRegion] = []
+    while let ent = readdir(d) {
+        let name = withUnsafeBytes(of: ent.pointee.d_name) { b in
+            String(cString: b.baseAddress!.assumingMemoryBound(to: CChar.self))
+        }
+        guard name.hasPrefix("region"), let n = UInt32(name.dropFirst(6)) else { continue }
+        let path = dir + "/" + name
+        guard let size = readSysfs(path + "/size").flatMap(parseNumber), size > 0 else { continue }
+        let base = readSysfs(path + "/resource").flatMap(parseNumber) ?? 0
+        out.append(HostPmemRegion(id: n + 1, base: base, length: size, kind: .nd(sysfs: path)))
+    }
+    return out.sorted { $0.id < $1.id }
+}
+
+/// The plugin's file-backed region (id 1).
+func createFileRegion() -> Result<HostPmemRegion, PmemError> {
+    let dir = env("NPTKIT_KVM_PMEM_DIR") ?? "/tmp"
+    var size: UInt64 = 64 << 20
+    if let s = env("NPTKIT_KVM_PMEM_SIZE") {
+        guard let v = parseNumber(s), v > 0, v % 4096 == 0 else {
+            return .failure(PmemError(NPT_ERR_INVALID_ARGUMENT, "NPTKIT_KVM_PMEM_SIZE=\(s) is not a positive multiple of 4 KiB"))
+        }
+        size = v
+    }
+    var template = Array((dir + "/nptkit-kvm-pmem-XXXXXX").utf8CString)
+    let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+    guard fd >= 0 else {
+        return .failure(PmemError(NPT_ERR_BACKEND, "cannot create the NVDIMM backing file in \(dir): errno \(errno)"))
+    }
+    _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+    // Unlinked at once: nothing is left behind; the open descriptor keeps the file.
+    template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+    guard ftruncate(fd, off_t(size)) == 0 else {
+        let e = errno
+        close(fd)
+        return .failure(PmemError(NPT_ERR_BACKEND, "ftruncate of the NVDIMM backing file to \(size) bytes: errno \(e)"))
+    }
+    return .success(HostPmemRegion(id: 1, base: 0, length: size, kind: .file(fd: fd)))
+}
+
+struct PmemError: Error {
+    var status: npt_status
+    var message: String
+    init(_ s: npt_status, _ m: String) { status = s; message = m }
+}
+
+func hostRegions() -> Result<[HostPmemRegion], PmemError> {
+    hostPmem.withLock { st in
+        if let st { return .success(st) }
+        let nd = discoverNDRegions()
+        if !nd.isEmpty { st = nd; return .success(nd) }
+        switch createFileRegion() {
+        case .success(let r): st = [r]; return .success([r])
+        case .failure(let e): return .failure(e)
+        }
+    }
+}
+
+func hostPmemCount(_ count: UnsafeMutablePointer<Int>?) -> npt_status {
+    guard let count else { return fail(NPT_ERR_INVALID_ARGUMENT, "host_pmem_count: NULL count") }
+    switch hostRegions() {
+    case .success(let r): count.pointee = r.count; return NPT_OK
+    case .failure(let e): return fail(e.status, "host_pmem_count: " + e.message)
+    }
+}
+
+func hostPmemGet(_ index: Int, _ region: UnsafeMutablePointer<npt_host_pmem_region>?,
+                 _ targets: UnsafeMutablePointer<npt_flush_target>?, _ cap: Int) -> npt_status {
+    guard let region else { return fail(NPT_ERR_INVALID_ARGUMENT, "host_pmem_get: NULL region") }
+    let regions: [HostPmemRegion]
+    switch hostRegions() {
+    case .success(let r): regions = r
+    case .failure(let e): return fail(e.status, "host_pmem_get: " + e.message)
+    }
+    guard index < regions.count else { return fail(NPT_ERR_NOT_FOUND, "host_pmem_get: index \(index) of \(regions.count)") }
+    let r = regions[index]
+    region.pointee.id = r.id
+    region.pointee.base = r.base
+    region.pointee.length = r.length
+    region.pointee.controller_count = 1
+    region.pointee.flush_target_count = 1
+    switch r.kind {
+    case .file: region.pointee.needs_wpq_flush = env("NPTKIT_KVM_PMEM_NEEDS_FLUSH") == "0" ? 0 : 1
+    case .nd: region.pointee.needs_wpq_flush = 1   // deep_flush exists to drain the WPQs
+    }
+    if cap >= 1, let targets {
+        targets[0] = npt_flush_target(controller: 0, reserved: 0, address: 0)
+    }
+    return NPT_OK
+}
+
+// MARK: per VM
+
+/// A MAP_SHARED mapping of part of the backing file; unmapped when released.
+final class FileMapping: @unchecked Sendable {
+    let base: UnsafeMutableRawPointer
+    let size: Int
+    init(fd: Int32, offset: UInt64, size: Int) throws(Errno) {
+        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(offset)), p != MAP_FAILED else {
+            throw Errno(rawValue: errno)
+        }
+        base = p; self.size = size
+    }
+    deinit { munmap(base, size) }
+}
+
+struct PmemAttachment {
+    var slot: UInt32
+    var range: MappedRange
+    var region: UInt32
+    var mapping: FileMapping
+}
+
+struct PmemVMState: @unchecked Sendable {
+    var attachments: [PmemAttachment] = []
+    /// The vFHA: its page, memslot, whether it is read-only, and the scratch page behind it.
+    var flushHint: (gpa: UInt64, slot: UInt32, trapped: Bool)?
+    var scratch: GuestMemory?
+    var physicalFlushes: UInt64 = 0
+
+    func freeSlot() -> UInt32 {
+        var s = pmemFirstSlot
+        while attachments.contains(where: { $0.slot == s }) || flushHint?.slot == s { s += 1 }
+        return s
+    }
+}
+
+extension KVMVM {
+    /// Deletes the attachments and the vFHA memslot overlapping [gpa, gpa+size) (a replaced or
+    /// forgotten attachment: the ABI lets the core attach again at the same gpa).
+    private func removeOverlapping(_ st: inout PmemVMState, _ gpa: UInt64, _ size: UInt64) throws(Errno) {
+        func overlaps(_ r: MappedRange) -> Bool { r.gpa < gpa + size && gpa < r.gpa + r.size }
+        var kept: [PmemAttachment] = []
+        for a in st.attachments {
+            if overlaps(a.range) {
+                try vm.setUserMemoryRegion(slot: a.slot, gpa: a.range.gpa, size: 0, host: nil)
+            } else {
+                kept.append(a)
+            }
+        }
+        st.attachments = kept
+        if let h = st.flushHint, overlaps(MappedRange(gpa: h.gpa, size: 4096)) {
+            try vm.setUserMemoryRegion(slot: h.slot, gpa: h.gpa, size: 0, host: nil)
+            st.flushHint = nil
+        }
+    }
+
+    func attachPmem(_ gpa: UInt64, _ size: UInt64, _ region: UInt32, _ regionOffset: UInt64, _ hostOffset: UInt64) -> npt_status {
+        guard size > 0, gpa % 4096 == 0, size % 4096 == 0, regionOffset % 4096 == 0, size <= UInt64(Int.max) else {
+            return fail(NPT_ERR_INVALID_ARGUMENT, "attach_pmem: gpa \(hex(gpa)) size \(hex(size)) offset \(hex(regionOffset))")
+        }
+        guard case .success(let regions) = hostRegions(), let r = regions.first(where: { $0.id == region }) else {
+            return fail(NPT_ERR_NOT_FOUND, "attach_pmem: no host region \(region)")
+        }
+        guard regionOffset <= r.length, size <= r.length - regionOffset else {
+            return fail(NPT_ERR_OUT_OF_RANGE, "attach_pmem: [\(hex(regionOffset)), +\(hex(size))) is past host region \(region)")
+        }
+        guard case .file(let fd) = r.kind else {
+            return fail(NPT_ERR_UNSUPPORTED, "attach_pmem: mapping a real NVDIMM region (\(region)) is not implemented")
+        }
+        do {
+            let m = try FileMapping(fd: fd, offset: regionOffset, size: Int(size))
+            try pmem.withLock { (st) throws(Errno) in
+                try removeOverlapping(&st, gpa, size)
+                let slot = st.freeSlot()
+                try vm.setUserMemoryRegion(slot: slot, gpa: gpa, size: size, host: m.base)
+                st.attachments.append(PmemAttachment(slot: slot, range: MappedRange(gpa: gpa, size: size), region: region, mapping: m))
+            }
+            return NPT_OK
+        } catch {
+            return fail(error, "attach_pmem at \(hex(gpa))")
+        }
+    }
+
+    /// The vFHA: a scratch page of its own (the core's host_offset names it; the plugin needs no
+    /// more), read-only (KVM_MEM_READONLY: a guest write exits as KVM_EXIT_MMIO) when trapped.
+    /// KVM cannot change a memslot's READONLY flag, so the slot is deleted and created again.
+    func defineFlushHintPage(_ gpa: UInt64, _ hostOffset: UInt64, _ trapped: Bool) -> npt_status {
+        guard gpa % 4096 == 0 else { return fail(NPT_ERR_MISALIGNED, "define_flush_hint_page: gpa \(hex(gpa))") }
+        do {
+            try pmem.withLock { (st) throws(Errno) in
+                if st.scratch == nil { st.scratch = try GuestMemory(size: 4096) }
+                if let h = st.flushHint {
+                    try vm.setUserMemoryRegion(slot: h.slot, gpa: h.gpa, size: 0, host: nil)
+                    st.flushHint = nil
+                }
+                try removeOverlapping(&st, gpa, 4096)
+                let slot = st.freeSlot()
+                try vm.setUserMemoryRegion(slot: slot, flags: trapped ? kvmMemReadonly : 0, gpa: gpa, size: 4096,
+                                           host: st.scratch!.base)
+                st.flushHint = (gpa, slot, trapped)
+            }
+            return NPT_OK
+        } catch {
+            return fail(error, "define_flush_hint_page at \(hex(gpa))")
+        }
+    }
+
+    /// Whether a write to `gpa` is a write to the trapped vFHA.
+    func isTrappedFlushHint(_ gpa: UInt64) -> Bool {
+        pmem.withLock { st in
+            guard let h = st.flushHint, h.trapped else { return false }
+            return gpa & ~0xFFF == h.gpa
+        }
+    }
+
+    /// Runs `body` on the backing of [gpa, gpa+len) if it lies in RAM or in one NVDIMM range.
+    func withBacking(_ gpa: UInt64, _ len: Int, _ body: (UnsafeMutableRawPointer) -> Void) -> Bool {
+        if memory.contains(gpa, len) { body(memory.base + Int(gpa)); return true }
+        let (end, o) = gpa.addingReportingOverflow(UInt64(len))
+        if o { return false }
+        return pmem.withLock { st in
+            guard let a = st.attachments.first(where: { gpa >= $0.range.gpa && end <= $0.range.gpa + $0.range.size }) else {
+                return false
+            }
+            body(a.mapping.base + Int(gpa - a.range.gpa))
+            return true
+        }
+    }
+
+    /// A physical flush: msync(MS_SYNC) of every mapping of `region` in this VM (the file's dirty
+    /// pages reach the disk: this backend's WPQ drain), or "1" written to a real region's deep_flush.
+    func physicalFlush(_ region: UInt32, _ controller: UInt32, _ address: UInt64) -> npt_status {
+        guard case .success(let regions) = hostRegions(), let r = regions.first(where: { $0.id == region }) else {
+            return fail(NPT_ERR_NOT_FOUND, "physical_flush: no host region \(region)")
+        }
+        let t0 = monotonicNanos()
+        switch r.kind {
+        case .nd(let path):
+            let fd = open(path + "/deep_flush", O_WRONLY | O_CLOEXEC)
+            guard fd >= 0 else { return fail(NPT_ERR_BACKEND, "physical_flush: open \(path)/deep_flush: errno \(errno)") }
+            defer { close(fd) }
+            guard Glibc.write(fd, "1", 1) == 1 else { return fail(NPT_ERR_BACKEND, "physical_flush: write \(path)/deep_flush: errno \(errno)") }
+        case .file:
+            let failed: Int32? = pmem.withLock { st in
+                for a in st.attachments where a.region == region {
+                    if msync(a.mapping.base, a.mapping.size, MS_SYNC) != 0 { return errno }
+                }
+                st.physicalFlushes += 1
+                return nil
+            }
+            if let failed { return fail(NPT_ERR_BACKEND, "physical_flush: msync: errno \(failed)") }
+        }
+        pmemPhysicalFlushes.add(1, ordering: .relaxed)
+        pmemFlushNanos.add(monotonicNanos() - t0, ordering: .relaxed)
+        return NPT_OK
+    }
+}
+
+extension KVMVCPU {
+    /// Nothing to do on KVM: the guest's stores (and CLWB/CLFLUSH write-backs) go straight to the
+    /// MAP_SHARED file mapping (or are performed by KVM's emulator into it) and a VM exit is
+    /// serializing, so by the time the core handles the vFHA exit every earlier store of the vCPU
+    /// is in the host's page cache, where msync finds it.
+    func fence() -> npt_status { NPT_OK }
+
+    /// KVM completes the MMIO write on the next KVM_RUN (the written data is dropped: the vFHA's
+    /// contents mean nothing). Only checks that the last exit was that write.
+    func completeTrappedWrite() -> npt_status {
+        guard trappedWritePending else {
+            return fail(NPT_ERR_STATE, "vcpu_complete_trapped_write: the last exit was not a write to the trapped vFHA")
+        }
+        trappedWritePending = false
+        return NPT_OK
+    }
+}
