@@ -389,7 +389,11 @@ static void test_mbec(npt_context *ctx) {
 #define KGUEST_EXIT_HLT 0x6116u /* the kernel's HLT on "exit" (kernel.S, ksys) */
 #define KGUEST_K1 20
 #define KGUEST_K2 220
-/* the pages the CPU itself reads and writes (page tables, GDT/TSS/IDT, kernel stack) */
+/* The pages the CPU itself reads and writes (page tables, GDT/TSS/IDT, kernel stack) must be in
+ * the memslot layout of both hierarchies, i.e. executable in both: on this KVM a page walk to a page
+ * left out of the layout ends in a triple fault (KVM_EXIT_SHUTDOWN at the first instruction), and an
+ * IRETQ popping from a kernel stack left out fails emulation (internal error, suberror 1), unlike
+ * an ordinary data access, which the plugin completes (measured; see Plugins/KVM/README.md). */
 #define KGUEST_TABLES_PERMS NPT_PERM_ALL
 enum { KPROBE_NONE = 0, KPROBE_USER_RUNS_KERNEL = 1, KPROBE_KERNEL_RUNS_USER = 2 };
 
