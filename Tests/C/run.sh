@@ -5,7 +5,8 @@
 #
 # The KVM backend plugin (BIN_DIR/libnptkit-kvm.so, built by `swift build`) is tested by
 # Tests/C/test_kvm.c; its guest runs are SKIPPED (counted on the last line) where /dev/kvm cannot
-# be opened. Plugins/KVM/Guest/hello_guest.h is checked against hello.S when `as` is installed.
+# be opened. Plugins/KVM/Guest/hello_guest.h and kernel_guest.h are checked against hello.S and
+# kernel.S when `as` is installed.
 #
 # Everything is built with  cc -std=c11 -Wall -Wextra -Werror -pedantic  into BIN_DIR/ctests/:
 #   libnptkit-sample.so   examples/plugin/sample_backend.c  (plugins: -shared -fPIC, no -lnptkit)
@@ -131,6 +132,13 @@ if command -v as >/dev/null && command -v objcopy >/dev/null; then
         pass
     else
         fail kvm-guest-bytes "Plugins/KVM/Guest/hello_guest.h does not match hello.S (run build.sh)"
+    fi
+    if [ -f "$OUT/kernel_guest.h" ] &&
+        diff -q "$OUT/kernel_guest.h" "$ROOT/Plugins/KVM/Guest/kernel_guest.h" >/dev/null; then
+        echo "c-test kvm-kernel-bytes: ok (kernel_guest.h matches kernel.S)"
+        pass
+    else
+        fail kvm-kernel-bytes "Plugins/KVM/Guest/kernel_guest.h does not match kernel.S (run build.sh)"
     fi
 else
     echo "c-test kvm-guest-bytes: SKIPPED (no as/objcopy to re-assemble hello.S)"

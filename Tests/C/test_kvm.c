@@ -29,6 +29,7 @@
 
 #include "../../Plugins/KVM/Guest/hello_guest.h"
 #include "../../Plugins/KVM/Guest/pmem_guest.h"
+#include "../../Plugins/KVM/Guest/kernel_guest.h"
 
 static int passed, failed, skipped;
 
@@ -385,6 +386,178 @@ static void test_mbec(npt_context *ctx) {
     CHECK_OK(npt_vm_destroy(vm));
 }
 
+/* ------------------------------------------------------------------------ */
+/* A guest kernel with a user process (Plugins/KVM/Guest/kernel.S): system calls through INT3,
+ * the MBEC policy of the simulator's HVCI scenario (kernel code R|SX, user code R|UX, data R|W),
+ * and two attacks. This KVM cannot exit on a change of privilege, so in lazy mode the escalation
+ * (user -> kernel) and the return (kernel -> user) are both seen as EPT violations on the first
+ * fetch in the other mode, which a hierarchy switch resolves. */
+#define KGUEST_EXIT_HLT 0x6116u /* the kernel's HLT on "exit" (kernel.S, ksys) */
+#define KGUEST_K1 20
+#define KGUEST_K2 220
+/* The pages the CPU itself reads and writes (page tables, GDT/TSS/IDT, kernel stack) must be in
+ * the memslot layout of both hierarchies, i.e. executable in both: on this KVM a page walk to a page
+ * left out of the layout ends in a triple fault (KVM_EXIT_SHUTDOWN at the first instruction), and an
+ * IRETQ popping from a kernel stack left out fails emulation (internal error, suberror 1), unlike
+ * an ordinary data access, which the plugin completes (measured; see Plugins/KVM/README.md). */
+#define KGUEST_TABLES_PERMS NPT_PERM_ALL
+enum { KPROBE_NONE = 0, KPROBE_USER_RUNS_KERNEL = 1, KPROBE_KERNEL_RUNS_USER = 2 };
+
+static npt_vm *kernel_vm(npt_context *ctx, int mbec) {
+    npt_vm_config cfg = {0};
+    cfg.size = sizeof cfg;
+    cfg.mbec_mode = NPT_MBEC_LAZY;
+    cfg.backend = "kvm";
+    cfg.ram_size = RAM;
+    cfg.default_perms = NPT_PERM_ALL;
+    npt_vm *vm = NULL;
+    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    if (!vm) return NULL;
+    CHECK_OK(npt_vm_write_memory(vm, KERNEL_GUEST_BASE, kernel_guest, sizeof kernel_guest));
+    if (mbec) {
+        const uint64_t rw = NPT_PERM_READ | NPT_PERM_WRITE;
+        CHECK_OK(npt_policy_set(vm, KERNEL_GUEST_BASE, KERNEL_GUEST_CODE - KERNEL_GUEST_BASE, NPT_PAGE_4K, KGUEST_TABLES_PERMS));
+        CHECK_OK(npt_policy_set(vm, KERNEL_GUEST_CODE, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
+        CHECK_OK(npt_policy_set(vm, KERNEL_GUEST_STACK, 0x1000, NPT_PAGE_4K, KGUEST_TABLES_PERMS));
+        CHECK_OK(npt_policy_set(vm, KERNEL_GUEST_KFUNC, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
+        CHECK_OK(npt_policy_set(vm, KERNEL_GUEST_USER, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_UX));
+        CHECK_OK(npt_policy_set(vm, KERNEL_GUEST_USTACK, 0x1000, NPT_PAGE_4K, rw));
+    }
+    return vm;
+}
+
+/* Starts the kernel on vCPU 0 with K system calls and the probe; runs to the first exit that is
+ * not a byte on port 0xE9. */
+static npt_exit kernel_run(npt_vm *vm, uint64_t k, uint64_t probe, char *out, size_t cap, size_t *len,
+                           double *seconds) {
+    npt_exit e;
+    memset(&e, 0, sizeof e);
+    e.size = sizeof e;
+    e.reason = NPT_EXIT_NONE;
+    *len = 0;
+    npt_vcpu *v = NULL;
+    CHECK_OK(npt_vcpu_create(vm, 0, &v));
+    if (!v) return e;
+    npt_regs r;
+    long_mode_regs(&r, KERNEL_GUEST_CODE);
+    r.cr3 = KERNEL_GUEST_CR3;
+    r.gpr[14] = k;
+    r.gpr[15] = probe;
+    CHECK_OK(npt_vcpu_set_regs(v, &r));
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        npt_status s = npt_vcpu_run(v, &e);
+        if (s != NPT_OK) {
+            fprintf(stderr, "npt_vcpu_run: %s: %s\n", npt_status_string(s), npt_last_error());
+            e.reason = NPT_EXIT_NONE;
+            break;
+        }
+        if (e.reason == NPT_EXIT_IO && e.io_port == 0xE9) {
+            if (*len + 1 < cap) out[(*len)++] = (char)e.io_value;
+            continue;
+        }
+        break;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    out[*len] = 0;
+    if (seconds) *seconds = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+    if (e.reason == NPT_EXIT_IO && e.io_port == 0xEF)
+        fprintf(stderr, "test_kvm: the guest kernel took an unexpected fault, vector %" PRIu64 " (rip %#" PRIx64 ")\n",
+                e.io_value, e.rip);
+    npt_vcpu_destroy(v);
+    return e;
+}
+
+static npt_stats kernel_stats(npt_vm *vm) {
+    npt_stats st;
+    memset(&st, 0, sizeof st);
+    st.size = sizeof st;
+    CHECK_OK(npt_vm_get_stats(vm, &st));
+    return st;
+}
+
+static void test_kernel(npt_context *ctx) {
+    char out[4096];
+    size_t len;
+    /* (a) K system calls, then exit: the kernel halts */
+    npt_vm *vm = kernel_vm(ctx, 1);
+    if (!vm) return;
+    npt_exit e = kernel_run(vm, 12, KPROBE_NONE, out, sizeof out, &len, NULL);
+    npt_stats st = kernel_stats(vm);
+    printf("test_kvm: kernel: user process printed \"%s\" through 12 system calls, exit %u cpl %u; "
+           "%" PRIu64 " exits, %" PRIu64 " EPT violations, %" PRIu64 " hierarchy switches, %" PRIu64 " violations\n",
+           out, e.reason, e.cpl, st.exits_total, st.exits_ept_violation, st.hierarchy_switches, st.violations_reported);
+    CHECK(strcmp(out, "012345678901") == 0);
+    CHECK_EQ(e.reason, NPT_EXIT_HALT);
+    CHECK_EQ(e.cpl, 0);
+    CHECK_EQ(e.rip, KGUEST_EXIT_HLT + 1);
+    /* per system call: the kernel's first fetch (cpl 0, user hierarchy exposed) and the user's first
+     * fetch after the IRETQ (cpl 3, supervisor hierarchy) are EPT violations resolved by a switch;
+     * plus the first user fetch after the kernel's start */
+    CHECK_EQ(st.hierarchy_switches, 2 * 12 + 2);
+    CHECK_EQ(st.exits_ept_violation, 2 * 12 + 2);
+    CHECK_EQ(st.violations_reported, 0);
+    CHECK_OK(npt_vm_destroy(vm));
+
+    /* (b) the user process jumps into kernel code (mapped U/S = 1 by the guest's page tables) */
+    vm = kernel_vm(ctx, 1);
+    if (!vm) return;
+    e = kernel_run(vm, 2, KPROBE_USER_RUNS_KERNEL, out, sizeof out, &len, NULL);
+    printf("test_kvm: kernel: user jump into kernel code: printed \"%s\", exit %u gpa %#" PRIx64 " q %#" PRIx64
+           " cpl %u rip %#" PRIx64 "\n", out, e.reason, e.gpa, e.qualification, e.cpl, e.rip);
+    CHECK(strcmp(out, "01") == 0);
+    CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+    CHECK_EQ(e.gpa, KERNEL_GUEST_KFUNC);
+    CHECK_EQ(e.rip, KERNEL_GUEST_KFUNC);
+    CHECK_EQ(e.cpl, 3);
+    CHECK_EQ(e.qualification & (NPT_EPTQ_FETCH | NPT_EPTQ_READ | NPT_EPTQ_WRITE), NPT_EPTQ_FETCH);
+    CHECK_EQ(e.qualification & (NPT_EPTQ_EXECUTABLE | NPT_EPTQ_UEXECUTABLE), NPT_EPTQ_EXECUTABLE);
+    CHECK_EQ(kernel_stats(vm).violations_reported, 1);
+    CHECK_OK(npt_vm_destroy(vm));
+
+    /* (c) the kernel jumps into the user process's code */
+    vm = kernel_vm(ctx, 1);
+    if (!vm) return;
+    e = kernel_run(vm, 2, KPROBE_KERNEL_RUNS_USER, out, sizeof out, &len, NULL);
+    printf("test_kvm: kernel: kernel jump into user code: printed \"%s\", exit %u gpa %#" PRIx64 " q %#" PRIx64
+           " cpl %u rip %#" PRIx64 "\n", out, e.reason, e.gpa, e.qualification, e.cpl, e.rip);
+    CHECK(strcmp(out, "01") == 0);
+    CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+    CHECK_EQ(e.gpa, KERNEL_GUEST_USER);
+    CHECK_EQ(e.rip, KERNEL_GUEST_USER);
+    CHECK_EQ(e.cpl, 0);
+    CHECK_EQ(e.qualification & (NPT_EPTQ_FETCH | NPT_EPTQ_READ | NPT_EPTQ_WRITE), NPT_EPTQ_FETCH);
+    CHECK_EQ(e.qualification & (NPT_EPTQ_EXECUTABLE | NPT_EPTQ_UEXECUTABLE), NPT_EPTQ_UEXECUTABLE);
+    CHECK_OK(npt_vm_destroy(vm));
+
+    /* cost of a system call round trip: runs with K1 and K2 calls, without a policy (everything
+     * R|W|SX|UX: no switches) and with the MBEC policy */
+    const uint64_t k1 = KGUEST_K1, k2 = KGUEST_K2;
+    for (int mbec = 0; mbec <= 1; mbec++) {
+        double sec[2] = {0, 0};
+        uint64_t exits[2] = {0, 0}, switches[2] = {0, 0};
+        for (int i = 0; i < 2; i++) {
+            vm = kernel_vm(ctx, mbec);
+            if (!vm) return;
+            e = kernel_run(vm, i ? k2 : k1, KPROBE_NONE, out, sizeof out, &len, &sec[i]);
+            CHECK_EQ(e.reason, NPT_EXIT_HALT);
+            CHECK_EQ(len, i ? k2 : k1);
+            st = kernel_stats(vm);
+            exits[i] = st.exits_total;
+            switches[i] = st.hierarchy_switches;
+            CHECK_OK(npt_vm_destroy(vm));
+        }
+        double n = (double)(k2 - k1);
+        printf("test_kvm: kernel: system call round trip (%s, K = %" PRIu64 " vs %" PRIu64 "): %.2f exits, "
+               "%.2f hierarchy switches, %.1f us each\n", mbec ? "MBEC policy" : "no policy", k1, k2,
+               (double)(exits[1] - exits[0]) / n, (double)(switches[1] - switches[0]) / n, (sec[1] - sec[0]) / n * 1e6);
+        CHECK_EQ(switches[1] - switches[0], mbec ? 2 * (k2 - k1) : 0);
+    }
+}
+
 /* A kick from another thread while the guest spins (through the plugin's ops directly: the C ABI
  * has no public kick; the core kicks for the privileged mode). */
 static void test_kick_thread(void) {
@@ -680,6 +853,7 @@ int main(int argc, char **argv) {
         if (entry_ops) test_ops_pmem();
         test_pmem(ctx, 1);
         test_pmem(ctx, 0);
+        test_kernel(ctx);
     }
     CHECK_OK(npt_context_destroy(ctx));
     printf("c-test test_kvm: %d passed, %d failed, %d skipped\n", passed, failed, skipped);
