@@ -25,9 +25,11 @@ let package = Package(
         .target(name: "NPTKit", dependencies: ["CNPTKit", "NPTCore", "NPTSimulator"], swiftSettings: strict),
         .executableTarget(
             name: "nptkit",
-            dependencies: ["NPTKit", "NPTCore", "NPTSimulator",
+            dependencies: ["NPTKit", "NPTCore", "NPTSimulator", "CKVMGuests",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
+        // The KVM plugin's test guests (bytes committed in Plugins/KVM/Guest), for the CLI's benchmark.
+        .target(name: "CKVMGuests", path: "Sources/CKVMGuests"),
         // The KVM backend plugin (Plugins/ needs explicit paths: SwiftPM reserves it for package plugins).
         .target(name: "CKVM", path: "Plugins/KVM/CKVM"),
         .target(
@@ -37,5 +39,6 @@ let package = Package(
             swiftSettings: strict),
         .testTarget(name: "NPTCoreTests", dependencies: ["NPTCore"], swiftSettings: strict),
         .testTarget(name: "NPTSimulatorTests", dependencies: ["NPTCore", "NPTSimulator"], swiftSettings: strict),
+        .testTarget(name: "NPTKitTests", dependencies: ["NPTCore", "NPTKit"], swiftSettings: strict),
     ]
 )

@@ -70,6 +70,11 @@ final class CBackend: Backend, @unchecked Sendable {
 
     func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
         guard let create = ops.vm_create else { throw .unsupported("backend '\(name)' has no vm_create") }
+        // A C backend reaches the core (its hierarchies) through the host API by the VM's handle;
+        // without one it could not see the policy and MBEC would silently not apply.
+        guard handle != nil else {
+            throw .invalid("backend '\(name)' is a C-table backend: create its VMs with npt_vm_create or NPTKitRuntime.makeVM (they need a VM handle)")
+        }
         var c = npt_vm_config()
         c.size = UInt32(MemoryLayout<npt_vm_config>.size)
         c.mbec_mode = config.mbecMode.rawValue

@@ -1,5 +1,6 @@
 import NPTCore
 import NPTSimulator
+import Synchronization
 
 /// Swift entry points for tools linked with this module (the CLI): the same registry setup and
 /// plugin loading that the C ABI uses.
@@ -9,6 +10,32 @@ public enum NPTKitRuntime {
         let r = BackendRegistry()
         try! r.register(SimulatorBackend(), makeDefault: true)
         return r
+    }
+
+    private static let context = ContextBox()
+    private static let vmHandles = Mutex<[ObjectIdentifier: UInt]>([:])
+
+    /// Creates a VM as `npt_vm_create` does, with a handle, so that C-table backends and plugins
+    /// (which reach the core through the host API by that handle) work from Swift too. Destroy it
+    /// with `destroyVM`.
+    public static func makeVM(config: VMConfig, registry: BackendRegistry) throws(NPTError) -> VirtualMachine {
+        let h = Handles.reserve()
+        let vm: VirtualMachine
+        do { vm = try VirtualMachine(config: config, registry: registry, handle: UnsafeMutableRawPointer(h)) } catch {
+            Handles.remove(h)
+            throw error
+        }
+        Handles.bind(h, VMBox(vm: vm, ctx: context, handle: h))
+        vmHandles.withLock { $0[ObjectIdentifier(vm)] = UInt(bitPattern: h) }
+        return vm
+    }
+
+    /// Destroys a VM made by `makeVM` and releases its handle.
+    public static func destroyVM(_ vm: VirtualMachine) throws(NPTError) {
+        try vm.destroy()
+        if let h = vmHandles.withLock({ $0.removeValue(forKey: ObjectIdentifier(vm)) }) {
+            Handles.remove(OpaquePointer(bitPattern: h)!)
+        }
     }
 
     /// Loads a backend plugin (.so) into `registry`; returns the backend's name.

@@ -162,9 +162,9 @@ func mbecExits(_ s: VMStatistics) -> UInt64 { s.exitsEscalation + s.exitsReturnT
 
 func runScenario(registry: BackendRegistry, backend: String? = nil, mode: VMConfig.MBECMode, syscalls: Int,
                  smep: Bool = true) throws -> (HVCIScenario.Outcome, VMStatistics) {
-    let vm = try VirtualMachine(config: VMConfig(ramSize: HVCIScenario.ram, mbecMode: mode, backendName: backend),
+    let vm = try NPTKitRuntime.makeVM(config: VMConfig(ramSize: HVCIScenario.ram, mbecMode: mode, backendName: backend),
                                 registry: registry)
-    defer { try? vm.destroy() }
+    defer { try? NPTKitRuntime.destroyVM(vm) }
     let o = try HVCIScenario(syscalls: syscalls, smep: smep).run(on: vm)
     return (o, vm.statistics())
 }

@@ -86,8 +86,11 @@ extension KVMVM {
             } else if let r = executableRanges(hierarchy) {
                 want = r
                 st.cache[hierarchy] = r
+            } else if handle == nil {
+                return   // a VM created straight from the ops has no core and so no policy: all RAM stays mapped
             } else {
-                return   // no core to ask (a VM created straight from the ops): keep all RAM mapped
+                // The core could not list the hierarchy: refuse to run rather than run without MBEC.
+                throw Errno.ioError
             }
             let wantSet = Set(want)
             var updates: UInt64 = 0
