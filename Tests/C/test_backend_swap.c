@@ -7,7 +7,7 @@
  * MBEC policy, with two probes; durable records in an NVDIMM range; a power cut) are described once
  * (the guest-physical layout of Plugins/KVM/Guest/kernel.S and pmem.S, the policy, K, N, the probes)
  * and run through the C ABI on backend "sim" and on backend "kvm" by the same functions,
- * run_kernel_scenario() and run_pmem_scenario(). They differ only in the guest image they load and
+ * run_scenario() and run_pmem_scenario(). They differ only in the guest image they load and
  * in the registers each backend needs:
  *   - "kvm": Plugins/KVM/Guest/kernel_guest.h / pmem_guest.h (x86-64), long mode set up as
  *     test_kvm.c does;
@@ -15,9 +15,12 @@
  *     a tiny emitter and laid out at the same addresses, under the same page tables (the bytes of
  *     the x86 images' page-table pages, so the U/S layout is identical by construction).
  * Then the observable outcomes are compared: the bytes printed on port 0xE9, the final exit reason,
- * and for an MBEC violation its gpa, rip, cpl and the access / permission bits of its qualification;
- * for the NVDIMM: the flush statistics and the records read back with npt_vm_read_memory, and what
- * survives npt_vm_power_failure.
+ * the number of violations reported, and for an MBEC violation its gpa, rip, cpl and the access /
+ * permission bits of its qualification;
+ * for the NVDIMM (three hosts: needs WPQ flushing; does not (sim: wpq_drains_on_power_loss, kvm:
+ * NPTKIT_KVM_PMEM_NEEDS_FLUSH=0); needs it but NPT_FLUSH_TRAP_NEVER, a crash test): the flush
+ * statistics and the records read back with npt_vm_read_memory, and what survives
+ * npt_vm_power_failure.
  *
  * Documented differences (real limits of the KVM backend, Plugins/KVM/README.md), asserted as such:
  *   - KVM supports NPT_MBEC_LAZY only, so both backends run lazy;
@@ -28,7 +31,8 @@
  *   - the linear-address bits of a violation's qualification (GLA_VALID, GLA_TRANSL, USER_LINEAR):
  *     sim reports them, kvm has no NPT_CAP_LINEAR_MODE_INFO (0); the access and permission bits
  *     (READ, WRITE, FETCH, READABLE, WRITABLE, EXECUTABLE, UEXECUTABLE) are compared;
- *   - power cut: sim models one (the flushed records survive); kvm answers NPT_ERR_UNSUPPORTED;
+ *   - power cut: sim models one (the flushed records survive; in the crash test, the same guest with
+ *     the vFHA never trapped on a host that needs flushing, none do); kvm answers NPT_ERR_UNSUPPORTED;
  *   - how the MBEC exits are taken (sim exits on escalation; kvm sees EPT violations on the first
  *     fetch in the other mode) is not observable to the guest: the stats are printed, not compared.
  *
@@ -409,12 +413,15 @@ static int count_records(npt_vm *vm) {
 }
 
 /* The NVDIMM scenario: N durable records at NVD_GPA (backed by host region 1 at region_offset),
- * then a power cut. Whether the host needs WPQ flushing is set up per backend by the caller (sim:
+ * then a power cut. trap: NPT_FLUSH_TRAP_AUTO, or NPT_FLUSH_TRAP_NEVER for the crash test (the guest's
+ * flushes do nothing where the host needs them: the records are not durable). Whether the host needs WPQ flushing is set up per backend by the caller (sim:
  * the platform; kvm: NPTKIT_KVM_PMEM_NEEDS_FLUSH). */
-static void run_pmem_scenario(npt_context *ctx, const char *backend, uint64_t region_offset, pmem_outcome *o) {
+static void run_pmem_scenario(npt_context *ctx, const char *backend, uint32_t trap, uint64_t region_offset,
+                              pmem_outcome *o) {
     memset(o, 0, sizeof *o);
     npt_vm *vm = make_vm(ctx, backend);
     if (!vm) return;
+    CHECK_OK(npt_vm_set_flush_options(vm, trap, 1));
     npt_nvdimm d = {0};
     d.size = sizeof d;
     d.host_region = 1;
@@ -559,10 +566,10 @@ static void compare_kernel(uint64_t probe, const kernel_outcome *s, const kernel
 
 static void print_pmem_row(const char *backend, const char *host, const pmem_outcome *o) {
     if (!o->ran) {
-        printf("  %-4s %-30s | (not run)\n", backend, host);
+        printf("  %-4s %-31s | (not run)\n", backend, host);
         return;
     }
-    printf("  %-4s %-30s | %-10s | vFHA %s | printed %-16s | %-4s | guest flushes %2" PRIu64 ", exits %2" PRIu64
+    printf("  %-4s %-31s | %-10s | vFHA %s | printed %-16s | %-4s | guest flushes %2" PRIu64 ", exits %2" PRIu64
            ", physical %2" PRIu64 " (%u target(s)), untrapped %2" PRIu64 " | records %2d/%d | power cut: %s",
            backend, host, o->entry == PMEM_GUEST_CLWB_ENTRY ? "CLWB" : "CLFLUSHOPT", o->fh.trapped ? "trapped  " : "untrapped",
            o->printed, reason_name(o->last.reason), o->st.guest_flushes, o->st.exits, o->st.physical_flushes,
@@ -571,13 +578,15 @@ static void print_pmem_row(const char *backend, const char *host, const pmem_out
     printf("\n");
 }
 
-static void expect_pmem(const char *backend, int needs_flush, const pmem_outcome *o) {
+/* needs_flush: the host needs WPQ flushing; crash: the vFHA is deliberately never trapped there. */
+static void expect_pmem(const char *backend, int needs_flush, int crash, const pmem_outcome *o) {
     CHECK(o->ran);
     if (!o->ran) return;
-    uint64_t want = needs_flush ? PMEM_N : 0;
+    int trapped = needs_flush && !crash;
+    uint64_t want = trapped ? PMEM_N : 0;
     CHECK_EQ(o->last.reason, NPT_EXIT_HALT);
     CHECK_EQ(o->len, PMEM_N);
-    CHECK_EQ(o->fh.trapped, needs_flush);
+    CHECK_EQ(o->fh.trapped, trapped);
     CHECK_EQ(o->fh.nvdimm_count, 1);
     CHECK_EQ(o->st.guest_flushes, want);
     CHECK_EQ(o->st.exits, want);
@@ -594,9 +603,11 @@ static void expect_pmem(const char *backend, int needs_flush, const pmem_outcome
     } else {
         CHECK_EQ(o->entry, PMEM_GUEST_CLWB_ENTRY);
         CHECK_EQ(o->fh.target_count, 2); /* the standard platform's region 1: 2 controllers */
-        CHECK_EQ(o->st.untrapped_writes, needs_flush ? 0 : PMEM_N);
+        CHECK_EQ(o->st.untrapped_writes, trapped ? 0 : PMEM_N);
         CHECK_OK(o->power);
-        CHECK_EQ(o->records_after_power, PMEM_N); /* durable: they survive the cut */
+        /* durable records survive the cut; in the crash test they sat in the WPQs, outside the
+         * persistence domain, and are lost */
+        CHECK_EQ(o->records_after_power, crash ? 0 : PMEM_N);
     }
 }
 
@@ -675,35 +686,37 @@ int main(int argc, char **argv) {
     if (!kvm_skip)
         for (uint64_t p = 0; p < 3; p++) compare_kernel(p, &ko[0][p], &ko[1][p]);
 
-    /* the NVDIMM: a host that needs WPQ flushing, then one whose WPQs are in the persistence domain */
-    pmem_outcome po[2][2];
-    const char *hosts[2] = {"needs WPQ flush", "no flush (ADR/NEEDS_FLUSH=0)"};
-    for (int nf = 0; nf < 2; nf++) {
-        int needs_flush = nf == 0;
+    /* the NVDIMM: a host that needs WPQ flushing; one whose WPQs are in the persistence domain; the
+     * first again with the vFHA never trapped (crash test) */
+#define PMEM_CONFIGS 3
+    pmem_outcome po[2][PMEM_CONFIGS];
+    const char *hosts[PMEM_CONFIGS] = {"needs WPQ flush", "no flush (ADR/NEEDS_FLUSH=0)", "needs flush, TRAP_NEVER (crash)"};
+    for (int c = 0; c < PMEM_CONFIGS; c++) {
+        int needs_flush = c != 1, crash = c == 2;
+        uint32_t trap = crash ? NPT_FLUSH_TRAP_NEVER : NPT_FLUSH_TRAP_AUTO;
         /* sim: the platform (a new one starts with empty media); kvm: the plugin's environment */
+        memset(&po[0][c], 0, sizeof po[0][c]);
+        memset(&po[1][c], 0, sizeof po[1][c]);
         if (set_sim_platform(ctx, !needs_flush)) {
-            run_pmem_scenario(ctx, "sim", (uint64_t)nf * NVD_LEN, &po[0][nf]);
-            expect_pmem("sim", needs_flush, &po[0][nf]);
-        } else {
-            memset(&po[0][nf], 0, sizeof po[0][nf]);
+            run_pmem_scenario(ctx, "sim", trap, (uint64_t)c * NVD_LEN, &po[0][c]);
+            expect_pmem("sim", needs_flush, crash, &po[0][c]);
         }
-        memset(&po[1][nf], 0, sizeof po[1][nf]);
         if (!kvm_skip) {
             setenv("NPTKIT_KVM_PMEM_NEEDS_FLUSH", needs_flush ? "1" : "0", 1);
-            run_pmem_scenario(ctx, "kvm", (uint64_t)nf * NVD_LEN, &po[1][nf]);
-            expect_pmem("kvm", needs_flush, &po[1][nf]);
+            run_pmem_scenario(ctx, "kvm", trap, (uint64_t)c * NVD_LEN, &po[1][c]);
+            expect_pmem("kvm", needs_flush, crash, &po[1][c]);
         }
     }
     set_sim_platform(ctx, 0);
     printf("test_backend_swap: NVDIMM, %d durable records (store, write-back, SFENCE, vFHA write):\n", PMEM_N);
-    for (int nf = 0; nf < 2; nf++)
-        for (int b = 0; b < 2; b++)
-            print_pmem_row(backends[b], hosts[nf], &po[b][nf]);
+    for (int c = 0; c < PMEM_CONFIGS; c++)
+        for (int b = 0; b < 2; b++) print_pmem_row(backends[b], hosts[c], &po[b][c]);
     if (!kvm_skip) {
-        for (int nf = 0; nf < 2; nf++) compare_pmem(&po[0][nf], &po[1][nf]);
+        for (int c = 0; c < PMEM_CONFIGS; c++) compare_pmem(&po[0][c], &po[1][c]);
         printf("test_backend_swap: documented differences asserted (not equality): write-back CLWB (sim) vs CLFLUSHOPT "
                "(kvm: CLWB not emulated); physical flushes = guest flushes x targets (sim 2, kvm 1); untrapped vFHA "
-               "writes counted by sim only; USER_LINEAR/GLA qualification bits from sim only; power cut modelled by sim only (kvm: NPT_ERR_UNSUPPORTED); MBEC stats "
+               "writes counted by sim only; USER_LINEAR/GLA qualification bits from sim only; power cut modelled by sim only (kvm: NPT_ERR_UNSUPPORTED: what survives it, all records, or none in the "
+               "crash test, is seen on sim only); MBEC stats "
                "(exits, switches) differ by mechanism and are not compared\n");
     } else {
         printf("test_backend_swap: SKIPPED the kvm half: %s (the sim half ran)\n", kvm_skip);
