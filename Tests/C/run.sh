@@ -5,14 +5,17 @@
 #
 # The KVM backend plugin (BIN_DIR/libnptkit-kvm.so, built by `swift build`) is tested by
 # Tests/C/test_kvm.c; its guest runs are SKIPPED (counted on the last line) where /dev/kvm cannot
-# be opened. Plugins/KVM/Guest/hello_guest.h and kernel_guest.h are checked against hello.S and
-# kernel.S when `as` is installed.
+# be opened. Tests/C/test_backend_swap.c runs the same scenarios on "sim" and "kvm" and compares
+# them (its kvm half is SKIPPED the same way; the sim half always runs).
+# Plugins/KVM/Guest/hello_guest.h and kernel_guest.h are checked against hello.S and kernel.S when
+# `as` is installed.
 #
 # Everything is built with  cc -std=c11 -Wall -Wextra -Werror -pedantic  into BIN_DIR/ctests/:
 #   libnptkit-sample.so   examples/plugin/sample_backend.c  (plugins: -shared -fPIC, no -lnptkit)
 #   libnptkit-badabi.so   Tests/C/plugin_bad_abi.c
 #   libnptkit-noentry.so  Tests/C/plugin_no_entry.c
-#   test_api, test_plugins, test_plugin_pmem, test_privileged, test_nvdimm, client (examples/client.c),
+#   test_api, test_plugins, test_plugin_pmem, test_kvm, test_backend_swap, test_privileged, test_nvdimm,
+#   client (examples/client.c),
 #   test_api-asan and test_nvdimm-asan (AddressSanitizer + LSan)
 # and include/nptkit.h is compiled alone as C11 and as C++17 (syntax only).
 # Each program prints its own summary line; the last line is "c-tests: N passed, M failed, K skipped", where
@@ -155,6 +158,23 @@ if command -v as >/dev/null && command -v objcopy >/dev/null; then
 else
     echo "c-test kvm-pmem-guest-bytes: SKIPPED (no as/objcopy to re-assemble pmem.S)"
     skip=$((skip + 1))
+fi
+
+echo "-- test_backend_swap (the same scenarios on sim and kvm)"
+if [ ! -f "$BIN/libnptkit-kvm.so" ]; then
+    fail test_backend_swap "$BIN/libnptkit-kvm.so does not exist"
+elif build test_backend_swap "$CC" "${CFLAGS[@]}" "$ROOT/Tests/C/test_backend_swap.c" "${LINK[@]}" \
+    -o "$OUT/test_backend_swap"; then
+    rc=0
+    "${TIMEOUT[@]}" "$OUT/test_backend_swap" "$BIN/libnptkit-kvm.so" || rc=$?
+    if [ "$rc" -eq 0 ]; then
+        pass
+    elif [ "$rc" -eq 77 ]; then
+        echo "c-test test_backend_swap: SKIPPED in part (the kvm half: no usable /dev/kvm; the sim half ran, see above)"
+        skip=$((skip + 1))
+    else
+        fail test_backend_swap "exit status $rc"
+    fi
 fi
 
 echo "-- test_privileged"
