@@ -17,6 +17,8 @@ final class KVMVM: @unchecked Sendable {
     let cpuid: KVMCPUID
     /// The memslot layout (Layout.swift).
     let layout = Mutex(LayoutState())
+    /// The privileged-mode region (Region.swift).
+    let region = Mutex(RegionState())
 
     private init(system: KVMSystem, vm: KVMVirtualMachine, memory: GuestMemory, handle: OpaquePointer?, cpuid: KVMCPUID) {
         self.system = system; self.vm = vm; self.memory = memory; self.handle = handle; self.cpuid = cpuid
