@@ -14,7 +14,11 @@
  *    handler never sees a heartbeat move, a vCPU outside the mode never reads the region's bytes
  *    (its probe reads all ones), the handler's entry counter counts every entry, and after the
  *    last RSM the region is absent from every hierarchy and no vCPU holds the mode; the region's
- *    memslot is added and removed once per entry (npt_kvm_region_stats).
+ *    memslot is added and removed once per entry (npt_kvm_region_stats);
+ *  - a long-mode vCPU (hello.S at CPL 0, paging on) enters the mode (16-bit real mode in the
+ *    region), RSMs, and its full state comes back: same registers, and it goes on to print
+ *    "hello" with 64-bit code and halt;
+ *  - RSM outside the mode (real mode): KVM raises #UD itself, delivered to the guest's IVT handler.
  * Prints "c-test test_kvm_privileged: N passed, M failed, K skipped".
  */
 #define _GNU_SOURCE
@@ -32,6 +36,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../../Plugins/KVM/Guest/hello_guest.h"
 #include "../../Plugins/KVM/Guest/priv_guest.h"
 
 static int passed, failed, skipped;
@@ -413,6 +418,128 @@ static void test_mode(npt_context *ctx, int requests) {
     CHECK_OK(npt_vm_destroy(vm));
 }
 
+/* ------------------------------------------------------------------------ */
+/* A long-mode vCPU through the mode and back; RSM outside the mode.          */
+#define CR0_LONG (UINT64_C(0x80000001) | 0x10 | 0x20 | 0x10000 | 0x2) /* PG|PE|ET|NE|WP|MP */
+
+static npt_exit run1(npt_vcpu *v) {
+    npt_exit e;
+    memset(&e, 0, sizeof e);
+    e.size = sizeof e;
+    npt_status s = npt_vcpu_run(v, &e);
+    if (s != NPT_OK) {
+        fprintf(stderr, "npt_vcpu_run: %s: %s\n", npt_status_string(s), npt_last_error());
+        e.reason = NPT_EXIT_NONE;
+    }
+    return e;
+}
+
+static void test_long_mode_round_trip(npt_context *ctx) {
+    npt_vm_config cfg = {0};
+    cfg.size = sizeof cfg;
+    cfg.mbec_mode = NPT_MBEC_LAZY;
+    cfg.backend = "kvm";
+    cfg.ram_size = RAM;
+    cfg.default_perms = NPT_PERM_ALL;
+    npt_vm *vm = NULL;
+    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    if (!vm) return;
+    CHECK_OK(npt_vm_write_memory(vm, HELLO_GUEST_BASE, hello_guest, sizeof hello_guest));
+    npt_region reg;
+    memset(&reg, 0, sizeof reg);
+    reg.size = sizeof reg;
+    reg.gpa = PRIV_GUEST_REGION;
+    reg.length = sizeof priv_region;
+    reg.contents = priv_region;
+    reg.contents_len = sizeof priv_region;
+    reg.entry_offset = PRIV_GUEST_REGION_ENTRY;
+    CHECK_OK(npt_region_set(vm, &reg));
+    npt_vcpu *v = NULL;
+    CHECK_OK(npt_vcpu_create(vm, 0, &v));
+    if (!v) return;
+    npt_regs r, back;
+    memset(&r, 0, sizeof r);
+    r.size = sizeof r;
+    r.rip = HELLO_GUEST_LONG_ENTRY;
+    r.rflags = 2;
+    r.gpr[4] = 0x8000;
+    r.gpr[12] = 0x1234567890abcdefULL; /* r12: must survive */
+    r.cr0 = CR0_LONG;
+    r.cr3 = HELLO_GUEST_CR3;
+    r.cr4 = 0x20;
+    r.efer = 0x500;
+    r.lstar = 0xffffffff81000000ULL;
+    CHECK_OK(npt_vcpu_set_regs(v, &r));
+    CHECK_OK(npt_vcpu_raise_privileged(v));
+    /* the entry happens at the run's first checkpoint: the handler's OUTs come first */
+    npt_exit e = run1(v);
+    CHECK_EQ(e.reason, NPT_EXIT_IO);
+    CHECK_EQ(e.io_port, 0x20);
+    CHECK_EQ(e.io_value, 0); /* eax = the vCPU's index */
+    CHECK_EQ(e.cpl, 0);
+    int64_t holder = -1;
+    CHECK_OK(npt_vm_privileged_holder(vm, &holder));
+    CHECK_EQ(holder, 0);
+    memset(&back, 0, sizeof back);
+    back.size = sizeof back;
+    CHECK_OK(npt_vcpu_get_regs(v, &back));
+    CHECK_EQ(back.cr0 & 1, 0);                           /* real mode in the region */
+    CHECK_EQ(back.rip, PRIV_GUEST_REGION + PRIV_GUEST_REGION_ENTRY + 3); /* linear, after the OUT */
+    e = run1(v);
+    CHECK_EQ(e.reason, NPT_EXIT_IO);
+    CHECK_EQ(e.io_port, 0x21);
+    e = run1(v);
+    CHECK_EQ(e.reason, NPT_EXIT_IO);
+    CHECK_EQ(e.io_port, 0x22);
+    /* RSM: restored; the next exits are the 64-bit code's */
+    char out[16];
+    size_t n = 0;
+    for (int i = 0; i < 16; i++) {
+        e = run1(v);
+        if (e.reason == NPT_EXIT_IO && e.io_port == 0xE9 && n + 1 < sizeof out) { out[n++] = (char)e.io_value; continue; }
+        break;
+    }
+    out[n] = 0;
+    CHECK(strcmp(out, "hello") == 0);
+    CHECK_EQ(e.reason, NPT_EXIT_HALT);
+    CHECK_OK(npt_vm_privileged_holder(vm, &holder));
+    CHECK_EQ((uint64_t)holder, (uint64_t)-1);
+    memset(&back, 0, sizeof back);
+    back.size = sizeof back;
+    CHECK_OK(npt_vcpu_get_regs(v, &back));
+    CHECK_EQ(back.cr0, CR0_LONG);
+    CHECK_EQ(back.cr3, HELLO_GUEST_CR3);
+    CHECK_EQ(back.efer & 0x500, 0x500);
+    CHECK_EQ(back.cpl, 0);
+    CHECK_EQ(back.gpr[12], 0x1234567890abcdefULL);
+    CHECK_EQ(back.lstar, 0xffffffff81000000ULL);
+    printf("test_kvm_privileged: long-mode vCPU through the mode and back: printed \"%s\", halted at %#" PRIx64
+           ", cr0 %#" PRIx64 " efer %#" PRIx64 "\n", out, e.rip, back.cr0, back.efer);
+
+    /* RSM outside the mode, real mode: KVM itself raises #UD, delivered through the guest's IVT
+       (IVT[6] = 0:0x1110, a handler that OUTs 6 to port 0x23 and halts) */
+    CHECK_OK(npt_vm_write_memory(vm, 0x1000, priv_loop, 0x200));
+    uint16_t ivt6[2] = {PRIV_GUEST_UD_HANDLER, 0};
+    CHECK_OK(npt_vm_write_memory(vm, 6 * 4, ivt6, sizeof ivt6));
+    memset(&r, 0, sizeof r);
+    r.size = sizeof r;
+    r.rip = PRIV_GUEST_RSM_OUTSIDE;
+    r.rflags = 2;
+    r.gpr[4] = 0x7000;
+    CHECK_OK(npt_vcpu_set_regs(v, &r));
+    e = run1(v);
+    CHECK_EQ(e.reason, NPT_EXIT_IO);
+    CHECK_EQ(e.io_port, 0x23);
+    CHECK_EQ(e.io_value, 6);
+    e = run1(v);
+    CHECK_EQ(e.reason, NPT_EXIT_HALT);
+    CHECK_OK(npt_vm_privileged_holder(vm, &holder));
+    CHECK_EQ((uint64_t)holder, (uint64_t)-1);
+    printf("test_kvm_privileged: RSM outside the mode (real mode): the guest's own #UD handler ran (OUT 0x23 = %" PRIu64
+           "), the mode was not touched\n", (uint64_t)6);
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: %s libnptkit-kvm.so [requests]\n", argv[0]);
@@ -466,6 +593,7 @@ int main(int argc, char **argv) {
     } else {
         close(fd);
         test_kick_latency();
+        test_long_mode_round_trip(ctx);
         test_mode(ctx, requests);
     }
     CHECK_OK(npt_context_destroy(ctx));

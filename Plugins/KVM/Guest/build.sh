@@ -41,6 +41,7 @@ dd if="$TMP/priv.bin" of="$TMP/priv_region.bin" bs=4096 skip=1 2>/dev/null
     echo "#define PRIV_GUEST_H"
     echo "#define PRIV_GUEST_LOOP_BASE 0x1000u"
     echo "#define PRIV_GUEST_RSM_OUTSIDE 0x1100u"
+    echo "#define PRIV_GUEST_UD_HANDLER 0x1110u"
     echo "#define PRIV_GUEST_HEARTBEATS 0x2000u"
     echo "#define PRIV_GUEST_REGION 0xA0000u"
     echo "#define PRIV_GUEST_REGION_ENTRY 0x8u"

@@ -11,7 +11,7 @@
  *
  * priv_region (the region's contents, at GPA 0xA0000 = legacy SMRAM; entered with CS = 0xA000,
  *   ip = 0, like SMM's real-mode-like entry state; eax = the vCPU's index):
- *   OUT eax to port 0x20 (entered); sum the heartbeats at 0x2000..0x200F; spin; sum again;
+ *   OUT eax to port 0x20 (entered); SS:SP = the region's top; sum the heartbeats at 0x2000..0x200F; spin; sum again;
  *   OUT the difference to port 0x21 (must be 0: the others are stopped); add 1 to its entry
  *   counter (in the region, offset 0x800) and OUT it to port 0x22; RSM.
  *   The region's first dword is the magic 0x4D4D5324 ("$SMM") that a probe must never see.
@@ -40,6 +40,11 @@ priv_loop:                            /* GPA 0x1000 */
 priv_rsm_outside:                     /* GPA 0x1100: RSM outside the mode (#UD) */
     rsm
     hlt
+    .org 0x110
+priv_ud_handler:                      /* GPA 0x1110: a real-mode #UD handler (IVT[6] = 0:0x1110) */
+    mov $6, %al
+    out %al, $0x23
+    hlt
 
     .org 0x1000
 priv_region:                          /* GPA 0xA0000, CS = 0xA000, ip = 0 */
@@ -51,6 +56,8 @@ region_entry:
     mov %ax, %ds
     mov $REGION_SEG, %ax
     mov %ax, %es
+    mov %ax, %ss                      /* its own stack: the region's top (the KVM plugin's RSM */
+    mov $0x1000, %sp                  /* detection pushes an exception frame there) */
     mov HEARTBEATS, %edx
     add HEARTBEATS + 4, %edx
     add HEARTBEATS + 8, %edx

@@ -28,9 +28,14 @@
 //    outside (the core's RSM restores the registers it saved): the npt_regs fields alone cannot
 //    restore a long-mode vCPU's segments and descriptor tables, nor the segments a real-mode
 //    handler loaded.
-//  - RSM (0F AA) does not run on this KVM (no SMM): measured, it ends KVM_RUN with
-//    KVM_EXIT_SHUTDOWN, rip at the RSM. A shutdown or an emulation failure whose bytes at the
-//    linear rip are 0F AA is reported as NPT_EXIT_LEAVE_MODE; the core then restores the state.
+//  - RSM (0F AA) does not run on this KVM (no SMM): its emulator raises #UD, delivered (emulated)
+//    through the real-mode IVT (measured: a guest's RSM outside the mode reaches the guest's own
+//    #UD handler, and the core never sees it). Inside the region the plugin sets the IDT base to
+//    an unbacked GPA (regionIVT): the delivery pushes FLAGS, CS, IP on the handler's stack (SS:SP:
+//    the handler must have a stack, as real SMM code must), fails to read the IVT, and KVM makes
+//    it a triple fault: KVM_EXIT_SHUTDOWN with rip at the RSM. A shutdown (or an emulation
+//    failure) whose bytes at the linear rip are 0F AA is reported as NPT_EXIT_LEAVE_MODE; the
+//    core then restores the interrupted state.
 //  - In real mode set up by set_regs npt_regs.rip is the linear address (CS.base + ip); with
 //    CS = 0 (the plugin's real-mode convention) that is ip. KVM's reset state is left as it was.
 import CKVM
@@ -43,6 +48,9 @@ import Glibc
 
 /// The KVM memslot id of the region (the layouts allocate from 0 upward).
 let regionSlot: UInt32 = 0x7000
+/// The IDT base inside the mode: a GPA no memslot maps (below 4 GiB, above any RAM a real-mode
+/// region can go with; an NVDIMM range placed here would break RSM detection).
+let regionIVT: UInt64 = 0xFFFF_0000
 
 struct RegionState: @unchecked Sendable {
     var gpa: UInt64 = 0
@@ -227,7 +235,11 @@ extension KVMVCPU {
                 s.cs.base = segBase
                 let d = realSegment(code: false)
                 s.ds = d; s.es = d; s.fs = d; s.gs = d; s.ss = d
-                s.idt.base = 0; s.idt.limit = 0x3FF
+                // The IVT at an unbacked GPA: KVM delivers a real-mode exception by pushing FLAGS,
+                // CS, IP on the handler's stack, then reading the IVT; that read fails, KVM makes it
+                // a triple fault: KVM_EXIT_SHUTDOWN with rip at the faulting instruction. That is how
+                // RSM shows (its #UD, below). (SMM code, too, runs without an IDT until it sets one.)
+                s.idt.base = regionIVT; s.idt.limit = 0x3FF
                 try cpu.setSregs(s)
                 try cpu.setRegs(kvmRegs(n, rip: n.rip - segBase))
                 mode = .real
@@ -296,6 +308,7 @@ extension KVMVCPU {
         }
         while true {
             let s = run(e)
+            if getenv("NPT_KVM_DEBUG") != nil, let e { let sr = try? cpu.sregs; print("kvm dbg: vcpu \(index) exit \(e.pointee.reason) q \(hex(e.pointee.qualification)) rip \(hex(e.pointee.rip)) cs.base \(hex(sr?.cs.base ?? 0)) cr0 \(hex(sr?.cr0 ?? 0)) port \(hex(UInt64(e.pointee.io_port)))") }
             if s == NPT_OK, let e, e.pointee.reason == NPT_EXIT_IO.rawValue {
                 vm.region.withLock { st in if st.backing != nil { st.pendingIO.insert(index) } }
             }
