@@ -2,13 +2,13 @@
  * test_kvm_privileged.c - the privileged mode (SMM-like, global view) on the KVM backend plugin,
  * with real vCPU threads running the real-mode guest Plugins/KVM/Guest/priv.S.
  *
- * Usage: test_kvm_privileged KVM_SO [REQUESTS]
+ * Usage: test_kvm_privileged KVM_SO [REQUESTS [VCPUS]]   (defaults 60, 3; VCPUS 2 or 3)
  * Always run: the plugin loads and advertises NPT_CAP_PRIVILEGED_MODE.
  * Needs a usable /dev/kvm (else SKIPPED with the reason, exit 77):
  *  - kick latency: a vCPU thread runs the loop through the plugin's ops; another thread kicks it;
  *    the time from vcpu_kick to vcpu_run returning NPT_EXIT_KICKED (median, max of 200);
  *  - a VM on "kvm" (NPT_MBEC_LAZY, RAM 0xA0000 = 640 KiB, RAM R|W, the loop's code page R|W|SX),
- *    the region at 0xA0000 (legacy SMRAM, 4 KiB, entry offset 8), NVCPU vCPU threads in
+ *    the region at 0xA0000 (legacy SMRAM, 4 KiB, entry offset 8), nvcpu vCPU threads in
  *    npt_vcpu_run, REQUESTS enter-mode requests from the main thread (one at a time, then bursts
  *    that race on every vCPU): every request is served once (npt_vm_get_privileged_stats), the
  *    handler never sees a heartbeat move, a vCPU outside the mode never reads the region's bytes
@@ -86,7 +86,8 @@ static int cmp_u64(const void *a, const void *b) {
 }
 
 #define RAM UINT64_C(0xA0000)
-#define NVCPU 3
+#define MAXVCPU 3
+static uint32_t nvcpu = 3;
 #define MAXREQ 4096
 
 typedef void (*region_stats_fn)(uint64_t *adds, uint64_t *removes, uint64_t *unbacked_reads);
@@ -190,7 +191,7 @@ static void test_kick_latency(void) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* The mode with NVCPU vCPU threads.                                          */
+/* The mode with nvcpu vCPU threads.                                          */
 struct vstate {
     npt_vcpu *v;
     uint32_t index;
@@ -198,12 +199,12 @@ struct vstate {
     uint64_t heartbeats, leaks, moved_bad, errors, entries_seen, wrong_index;
     uint64_t last_count;
 };
-static struct vstate cpus[NVCPU];
+static struct vstate cpus[MAXVCPU];
 static atomic_int stop_all;
 static atomic_uint_fast64_t served;        /* handler OUTs of its entry count */
 static atomic_uint_fast64_t max_count;     /* the largest entry count the handler reported */
-static uint64_t raised_at[NVCPU][MAXREQ];  /* per vCPU, in order (requests are served in order) */
-static atomic_uint raised_n[NVCPU], entered_n[NVCPU];
+static uint64_t raised_at[MAXVCPU][MAXREQ];  /* per vCPU, in order (requests are served in order) */
+static atomic_uint raised_n[MAXVCPU], entered_n[MAXVCPU];
 static uint64_t latency[MAXREQ];
 static atomic_uint latency_n;
 
@@ -315,7 +316,7 @@ static void test_mode(npt_context *ctx, int requests) {
     uint64_t adds0 = 0, removes0 = 0, unbacked0 = 0;
     if (region_stats) region_stats(&adds0, &removes0, &unbacked0);
 
-    for (uint32_t i = 0; i < NVCPU; i++) {
+    for (uint32_t i = 0; i < nvcpu; i++) {
         cpus[i].index = i;
         CHECK_OK(npt_vcpu_create(vm, i, &cpus[i].v));
         if (!cpus[i].v) return;
@@ -323,13 +324,13 @@ static void test_mode(npt_context *ctx, int requests) {
         real_regs(&r, PRIV_GUEST_LOOP_BASE, i);
         CHECK_OK(npt_vcpu_set_regs(cpus[i].v, &r));
     }
-    for (uint32_t i = 0; i < NVCPU; i++) pthread_create(&cpus[i].thread, NULL, vcpu_thread, &cpus[i]);
+    for (uint32_t i = 0; i < nvcpu; i++) pthread_create(&cpus[i].thread, NULL, vcpu_thread, &cpus[i]);
     sleep_us(50000);
 
     /* one at a time, rotating over the vCPUs */
     int single = requests / 2, total = 0, ok = 1;
     for (int k = 0; k < single && ok; k++) {
-        if (!raise_on((uint32_t)k % NVCPU)) { ok = 0; break; }
+        if (!raise_on((uint32_t)k % nvcpu)) { ok = 0; break; }
         total++;
         if (!wait_served((uint64_t)total, 5000000000u)) {
             fprintf(stderr, "request %d not served in 5 s\n", k);
@@ -338,8 +339,8 @@ static void test_mode(npt_context *ctx, int requests) {
         sleep_us(2000); /* let the heartbeats move between entries */
     }
     /* bursts: every vCPU at once (the requests race; they are serialized) */
-    for (int k = 0; ok && total + NVCPU <= requests; k++) {
-        for (uint32_t i = 0; i < NVCPU; i++) {
+    for (int k = 0; ok && total + (int)nvcpu <= requests; k++) {
+        for (uint32_t i = 0; i < nvcpu; i++) {
             if (!raise_on(i)) ok = 0;
             else total++;
         }
@@ -352,7 +353,7 @@ static void test_mode(npt_context *ctx, int requests) {
     CHECK(ok);
     sleep_us(20000);
     atomic_store(&stop_all, 1);
-    for (uint32_t i = 0; i < NVCPU; i++) pthread_join(cpus[i].thread, NULL);
+    for (uint32_t i = 0; i < nvcpu; i++) pthread_join(cpus[i].thread, NULL);
 
     npt_privileged_stats st;
     memset(&st, 0, sizeof st);
@@ -364,7 +365,7 @@ static void test_mode(npt_context *ctx, int requests) {
     CHECK_EQ(atomic_load(&served), (uint64_t)total);
     CHECK_EQ(atomic_load(&max_count), (uint64_t)total); /* the handler's own counter */
     uint64_t hb = 0, leaks = 0, moved = 0, errors = 0, wrong = 0, seen = 0;
-    for (uint32_t i = 0; i < NVCPU; i++) {
+    for (uint32_t i = 0; i < nvcpu; i++) {
         CHECK(cpus[i].heartbeats > 0);
         hb += cpus[i].heartbeats;
         leaks += cpus[i].leaks;
@@ -388,7 +389,7 @@ static void test_mode(npt_context *ctx, int requests) {
         CHECK_OK(npt_hierarchy_translate(vm, h, PRIV_GUEST_REGION, &tr));
         CHECK_EQ(tr.perms, 0); /* absent after the last RSM */
     }
-    uint32_t beats[NVCPU];
+    uint32_t beats[MAXVCPU] = {0};
     CHECK_OK(npt_vm_read_memory(vm, PRIV_GUEST_HEARTBEATS, beats, sizeof beats));
     uint64_t adds = 0, removes = 0, unbacked = 0;
     if (region_stats) {
@@ -401,11 +402,11 @@ static void test_mode(npt_context *ctx, int requests) {
     unsigned n = atomic_load(&latency_n);
     if (n > MAXREQ) n = MAXREQ;
     qsort(latency, n, sizeof latency[0], cmp_u64);
-    printf("test_kvm_privileged: %d vCPU threads, %d requests (%d one at a time, %d in bursts of %d): %" PRIu64
+    printf("test_kvm_privileged: %u vCPU threads, %d requests (%d one at a time, %d in bursts of %u): %" PRIu64
            " entries, %" PRIu64 " failures; heartbeats in RAM %u %u %u, heartbeat OUTs %" PRIu64
            "; handler saw a heartbeat move %" PRIu64 " times; region leaked to a probe %" PRIu64
            " times (probes answered all ones: %" PRIu64 ")\n",
-           NVCPU, total, single, total - single, NVCPU, st.entries, st.failures, beats[0], beats[1], beats[2], hb, moved,
+           nvcpu, total, single, total - single, nvcpu, st.entries, st.failures, beats[0], beats[1], beats[2], hb, moved,
            leaks, unbacked);
     printf("test_kvm_privileged: region memslot: %" PRIu64 " adds, %" PRIu64 " removes for %d entries\n", adds, removes,
            total);
@@ -549,6 +550,7 @@ int main(int argc, char **argv) {
     const char *so = argv[1];
     int requests = argc > 2 ? atoi(argv[2]) : 60;
     if (requests < 2 || requests > MAXREQ / 2) requests = 60;
+    if (argc > 3 && (atoi(argv[3]) == 2 || atoi(argv[3]) == 3)) nvcpu = (uint32_t)atoi(argv[3]);
 
     npt_context *ctx = NULL;
     CHECK_OK(npt_context_create(&ctx));

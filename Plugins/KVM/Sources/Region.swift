@@ -308,7 +308,6 @@ extension KVMVCPU {
         }
         while true {
             let s = run(e)
-            if getenv("NPT_KVM_DEBUG") != nil, let e { let sr = try? cpu.sregs; print("kvm dbg: vcpu \(index) exit \(e.pointee.reason) q \(hex(e.pointee.qualification)) rip \(hex(e.pointee.rip)) cs.base \(hex(sr?.cs.base ?? 0)) cr0 \(hex(sr?.cr0 ?? 0)) port \(hex(UInt64(e.pointee.io_port)))") }
             if s == NPT_OK, let e, e.pointee.reason == NPT_EXIT_IO.rawValue {
                 vm.region.withLock { st in if st.backing != nil { st.pendingIO.insert(index) } }
             }
