@@ -18,7 +18,8 @@
  *  - a long-mode vCPU (hello.S at CPL 0, paging on) enters the mode (16-bit real mode in the
  *    region), RSMs, and its full state comes back: same registers, and it goes on to print
  *    "hello" with 64-bit code and halt;
- *  - RSM outside the mode (real mode): KVM raises #UD itself, delivered to the guest's IVT handler.
+ *  - RSM outside the mode (real mode): KVM raises #UD itself, delivered to the guest's IVT handler;
+ *    (long mode without an IDT): NPT_EXIT_GUEST_FAULT vector 6 from the core.
  * Prints "c-test test_kvm_privileged: N passed, M failed, K skipped".
  */
 #define _GNU_SOURCE
@@ -538,6 +539,29 @@ static void test_long_mode_round_trip(npt_context *ctx) {
     CHECK_EQ((uint64_t)holder, (uint64_t)-1);
     printf("test_kvm_privileged: RSM outside the mode (real mode): the guest's own #UD handler ran (OUT 0x23 = %" PRIu64
            "), the mode was not touched\n", (uint64_t)6);
+
+    /* RSM outside the mode, long mode without an IDT: the #UD triple-faults, the plugin reports
+       LEAVE_MODE, the core (not in the mode) turns it into #UD; the plugin cannot inject it, so the
+       VMM gets NPT_EXIT_GUEST_FAULT vector 6 at the RSM */
+    const uint8_t rsm[] = {0x0F, 0xAA};
+    CHECK_OK(npt_vm_write_memory(vm, HELLO_GUEST_BASE, hello_guest, sizeof hello_guest)); /* its page tables again */
+    CHECK_OK(npt_vm_write_memory(vm, 0x6100, rsm, sizeof rsm));
+    memset(&r, 0, sizeof r);
+    r.size = sizeof r;
+    r.rip = 0x6100;
+    r.rflags = 2;
+    r.gpr[4] = 0x8000;
+    r.cr0 = CR0_LONG;
+    r.cr3 = HELLO_GUEST_CR3;
+    r.cr4 = 0x20;
+    r.efer = 0x500;
+    CHECK_OK(npt_vcpu_set_regs(v, &r));
+    e = run1(v);
+    CHECK_EQ(e.reason, NPT_EXIT_GUEST_FAULT);
+    CHECK_EQ(e.vector, 6);
+    CHECK_EQ(e.rip, 0x6100);
+    printf("test_kvm_privileged: RSM outside the mode (long mode, no IDT): exit %u vector %u at %#" PRIx64
+           " (qualification %#" PRIx64 ", gpa %#" PRIx64 ")\n", e.reason, e.vector, e.rip, e.qualification, e.gpa);
     CHECK_OK(npt_vm_destroy(vm));
 }
 
