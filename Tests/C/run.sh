@@ -7,8 +7,9 @@
 # Tests/C/test_kvm.c; its guest runs are SKIPPED (counted on the last line) where /dev/kvm cannot
 # be opened. Tests/C/test_backend_swap.c runs the same scenarios on "sim" and "kvm" and compares
 # them (its kvm half is SKIPPED the same way; the sim half always runs).
-# Plugins/KVM/Guest/hello_guest.h and kernel_guest.h are checked against hello.S and kernel.S when
-# `as` is installed.
+# Tests/C/test_kvm_privileged.c runs the privileged mode on it (vCPU threads, Guest/priv.S).
+# Plugins/KVM/Guest/hello_guest.h, kernel_guest.h, pmem_guest.h and priv_guest.h are checked
+# against their .S sources when `as` is installed.
 #
 # Everything is built with  cc -std=c11 -Wall -Wextra -Werror -pedantic  into BIN_DIR/ctests/:
 #   libnptkit-sample.so   examples/plugin/sample_backend.c  (plugins: -shared -fPIC, no -lnptkit)
@@ -174,6 +175,31 @@ elif build test_backend_swap "$CC" "${CFLAGS[@]}" "$ROOT/Tests/C/test_backend_sw
         skip=$((skip + 1))
     else
         fail test_backend_swap "exit status $rc"
+    fi
+fi
+
+echo "-- test_kvm_privileged (the privileged mode on the KVM backend plugin)"
+if [ -f "$BIN/libnptkit-kvm.so" ] &&
+    build test_kvm_privileged "$CC" "${CFLAGS[@]}" -pthread "$ROOT/Tests/C/test_kvm_privileged.c" "${LINK[@]}" -ldl \
+        -o "$OUT/test_kvm_privileged"; then
+    rc=0
+    "${TIMEOUT[@]}" "$OUT/test_kvm_privileged" "$BIN/libnptkit-kvm.so" || rc=$?
+    if [ "$rc" -eq 0 ]; then
+        pass
+    elif [ "$rc" -eq 77 ]; then
+        echo "c-test test_kvm_privileged: SKIPPED (no usable /dev/kvm; see its output above)"
+        skip=$((skip + 1))
+    else
+        fail test_kvm_privileged "exit status $rc"
+    fi
+fi
+if command -v as >/dev/null && command -v objcopy >/dev/null; then
+    if PRIV_OUT="$OUT/priv_guest.h" sh "$ROOT/Plugins/KVM/Guest/build.sh" "$OUT/hello_guest.h" &&
+        diff -q "$OUT/priv_guest.h" "$ROOT/Plugins/KVM/Guest/priv_guest.h" >/dev/null; then
+        echo "c-test kvm-priv-guest-bytes: ok (priv_guest.h matches priv.S)"
+        pass
+    else
+        fail kvm-priv-guest-bytes "Plugins/KVM/Guest/priv_guest.h does not match priv.S (run build.sh)"
     fi
 fi
 

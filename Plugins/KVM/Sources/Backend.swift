@@ -19,6 +19,8 @@ final class KVMVM: @unchecked Sendable {
     let layout = Mutex(LayoutState())
     /// NVDIMM ranges and the vFHA (Pmem.swift).
     let pmem = Mutex(PmemVMState())
+    /// The privileged-mode region (Region.swift).
+    let region = Mutex(RegionState())
 
     private init(system: KVMSystem, vm: KVMVirtualMachine, memory: GuestMemory, handle: OpaquePointer?, cpuid: KVMCPUID) {
         self.system = system; self.vm = vm; self.memory = memory; self.handle = handle; self.cpuid = cpuid

@@ -53,12 +53,14 @@ public func npt_kvm_last_error(_ buf: UnsafeMutablePointer<CChar>?, _ len: Int) 
 ///    (Layout.swift; per VM, so exact for one vCPU).
 ///  - PERSISTENT_MEMORY: NVDIMM ranges backed by a file (or a real NVDIMM region), the vFHA as a
 ///    KVM_MEM_READONLY memslot when trapped, physical flushes as msync (Pmem.swift).
+///  - PRIVILEGED_MODE: vCPUs are stopped by the kick; the region is a memslot (Region.swift).
 /// Not advertised: EXIT_ON_ESCALATE / EXIT_ON_RETURN (KVM gives no exit on a CPL change; a VM needs
-/// mbec_mode lazy), LINEAR_MODE_INFO, PRIVILEGED_MODE.
+/// mbec_mode lazy), LINEAR_MODE_INFO.
 // NPT_CAP_* are UINT64_C() macros, which Swift does not import: the values are copied here.
 let capMBECEmulation: UInt64 = 1 << 0  // NPT_CAP_MBEC_EMULATION
 let capRun: UInt64 = 1 << 4            // NPT_CAP_RUN
-let kvmCapabilities: UInt64 = capRun | capMBECEmulation | capPersistentMemory
+let capPrivilegedMode: UInt64 = 1 << 5 // NPT_CAP_PRIVILEGED_MODE (Region.swift)
+let kvmCapabilities: UInt64 = capRun | capMBECEmulation | capPrivilegedMode | capPersistentMemory
 
 nonisolated(unsafe) let kvmOps: UnsafeMutablePointer<npt_backend_ops> = {
     let p = UnsafeMutablePointer<npt_backend_ops>.allocate(capacity: 1)
@@ -75,15 +77,15 @@ nonisolated(unsafe) let kvmOps: UnsafeMutablePointer<npt_backend_ops> = {
     o.memory_read = { d, gpa, data, len in KVMVM.from(d).read(gpa, data, len) }
     o.vcpu_create = { d, index, out in KVMVM.from(d).createVCPU(index, out) }
     o.vcpu_destroy = { d in if let d { Unmanaged<KVMVCPU>.fromOpaque(d).release() } }
-    o.vcpu_get_regs = { d, r in KVMVCPU.from(d).getRegs(r) }
-    o.vcpu_set_regs = { d, r in KVMVCPU.from(d).setRegs(r) }
+    o.vcpu_get_regs = { d, r in KVMVCPU.from(d).getRegsWithRegion(r) }
+    o.vcpu_set_regs = { d, r in KVMVCPU.from(d).setRegsWithRegion(r) }
     o.vcpu_set_hierarchy = { d, h in KVMVCPU.from(d).setHierarchy(h) }
     o.vcpu_set_exit_controls = { d, c in KVMVCPU.from(d).setExitControls(c) }
-    o.invalidate = { d, h, gpa, size in KVMVM.from(d).invalidate(h, gpa, size) }
-    o.vcpu_run = { d, e in KVMVCPU.from(d).run(e) }
+    o.invalidate = { d, h, gpa, size in KVMVM.from(d).invalidateWithRegion(h, gpa, size) }
+    o.vcpu_run = { d, e in KVMVCPU.from(d).runWithRegion(e) }
     o.vcpu_inject_fault = nil   // NPT_ERR_UNSUPPORTED: the guest has its own IDT (not wired yet)
     o.vcpu_kick = { d in KVMVCPU.from(d).kick() }
-    o.define_region = nil       // no privileged mode on KVM yet
+    o.define_region = { d, gpa, size, host, c, len in KVMVM.from(d).defineRegion(gpa, size, host, c, len) }
     // Persistent memory (Pmem.swift)
     o.host_pmem_count = { _, count in hostPmemCount(count) }
     o.host_pmem_get = { _, index, region, targets, cap in hostPmemGet(index, region, targets, cap) }

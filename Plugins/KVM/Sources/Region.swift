@@ -1,0 +1,334 @@
+// The privileged mode (SMM-like) on KVM: the special region as a memslot the core's decisions add
+// and remove, the entering vCPU's state, RSM.
+//
+// This KVM has no SMM (KVM_CAP_X86_SMM = 0) and no multiple address spaces, so the mode is built
+// from the ordinary pieces:
+//  - define_region: the region's backing is anonymous shared memory of its size, filled with the
+//    contents; the core's leaves for the region's pages carry host_offset = the region window
+//    (the first 1 GiB boundary past RAM), which the plugin checks.
+//  - the memslot: before each vcpu_run the plugin asks the core (hierarchy_translate, a snapshot
+//    read) whether the exposed hierarchy maps the region executable at the region's host offset;
+//    if so, memslot `regionSlot` maps the region's GPA range to the backing, if not it is deleted.
+//    An invalidate that covers the region (the core removes the region at RSM and invalidates it
+//    in every hierarchy) deletes the memslot at once. Adding needs no invalidate (the core issues
+//    none: nothing caches a not-present entry), hence the check before each run. The memslot is
+//    VM-wide, which is exactly the mode's global view: the core adds the region only while every
+//    other vCPU is parked outside KVM_RUN and removes it before any resumes.
+//  - reads of the region's window while it is absent (a vCPU outside the mode probing it) arrive
+//    as KVM_EXIT_MMIO outside RAM: the plugin answers all ones (an open bus) and drops writes, and
+//    the guest runs on. Data accesses to the window while the region is present but the exposed
+//    hierarchy does not execute it are completed from the backing. Other MMIO outside RAM is still
+//    NPT_EXIT_INTERNAL_ERROR.
+//  - entry: the core sets cr0 = 0, CPL 0, rip = region start + entry offset. SMM enters in a
+//    real-mode-like state with CS = SMBASE >> 4; the plugin does the same: 16-bit real mode, CS
+//    selector = (rip & ~0xFFFF) >> 4, base rip & ~0xFFFF, ip = rip & 0xFFFF, the other segments
+//    0 (so the region must lie below 1 MiB). The interrupted vCPU's full KVM state (KVM_GET_SREGS:
+//    segments, GDT, IDT, control registers, EFER) is saved by the plugin when set_regs moves a vCPU
+//    from outside the region to a rip inside it, and restored when set_regs next moves it to a rip
+//    outside (the core's RSM restores the registers it saved): the npt_regs fields alone cannot
+//    restore a long-mode vCPU's segments and descriptor tables, nor the segments a real-mode
+//    handler loaded.
+//  - RSM (0F AA) does not run on this KVM (no SMM): its emulator raises #UD, delivered (emulated)
+//    through the real-mode IVT (measured: a guest's RSM outside the mode reaches the guest's own
+//    #UD handler, and the core never sees it). Inside the region the plugin sets the IDT base to
+//    an unbacked GPA (regionIVT): the delivery pushes FLAGS, CS, IP on the handler's stack (SS:SP:
+//    the handler must have a stack, as real SMM code must), fails to read the IVT, and KVM makes
+//    it a triple fault: KVM_EXIT_SHUTDOWN with rip at the RSM. A shutdown (or an emulation
+//    failure) whose bytes at the linear rip are 0F AA is reported as NPT_EXIT_LEAVE_MODE; the
+//    core then restores the interrupted state.
+//  - In real mode set up by set_regs npt_regs.rip is the linear address (CS.base + ip); with
+//    CS = 0 (the plugin's real-mode convention) that is ip. KVM's reset state is left as it was.
+import CKVM
+import CNPTKit
+import Synchronization
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The KVM memslot id of the region (the layouts allocate from 0 upward).
+let regionSlot: UInt32 = 0x7000
+/// The IDT base inside the mode: a GPA no memslot maps (below 4 GiB, above any RAM a real-mode
+/// region can go with; an NVDIMM range placed here would break RSM detection).
+let regionIVT: UInt64 = 0xFFFF_0000
+
+struct RegionState: @unchecked Sendable {
+    var gpa: UInt64 = 0
+    var size: UInt64 = 0
+    var hostOffset: UInt64 = 0
+    var backing: GuestMemory?
+    /// Whether memslot `regionSlot` maps the region now.
+    var mapped = false
+    /// Bumped by every invalidate that covers the region (a check computed before it is stale).
+    var epoch: UInt64 = 0
+    /// The interrupted state of the vCPUs inside the region (by vCPU index).
+    var saved: [UInt32: kvm_sregs] = [:]
+    /// vCPUs whose last exit was an OUT that KVM completes only at the next KVM_RUN.
+    var pendingIO: Set<UInt32> = []
+
+    func contains(_ gpa: UInt64, _ len: UInt64 = 1) -> Bool {
+        backing != nil && gpa >= self.gpa && gpa - self.gpa < size && len <= size - (gpa - self.gpa)
+    }
+}
+
+/// Process-wide counters (exported as npt_kvm_region_stats).
+let regionSlotAdds = Atomic<UInt64>(0)
+let regionSlotRemoves = Atomic<UInt64>(0)
+let regionUnbackedReads = Atomic<UInt64>(0)
+
+/// KVM_SET_USER_MEMORY_REGION calls that added and removed the region's memslot, and the reads of
+/// the region's window answered with all ones while it was absent.
+@_cdecl("npt_kvm_region_stats")
+public func npt_kvm_region_stats(_ adds: UnsafeMutablePointer<UInt64>?, _ removes: UnsafeMutablePointer<UInt64>?,
+                                 _ unbackedReads: UnsafeMutablePointer<UInt64>?) {
+    adds?.pointee = regionSlotAdds.load(ordering: .relaxed)
+    removes?.pointee = regionSlotRemoves.load(ordering: .relaxed)
+    unbackedReads?.pointee = regionUnbackedReads.load(ordering: .relaxed)
+}
+
+extension KVMVM {
+    func defineRegion(_ gpa: UInt64, _ size: UInt64, _ hostOffset: UInt64, _ contents: UnsafeRawPointer?,
+                      _ len: Int) -> npt_status {
+        guard size > 0, size % 4096 == 0, gpa % 4096 == 0, size <= UInt64(Int.max) else {
+            return fail(NPT_ERR_INVALID_ARGUMENT, "define_region: [\(hex(gpa)), +\(hex(size))) is not page aligned")
+        }
+        guard gpa >= UInt64(memory.size) else {
+            return fail(NPT_ERR_OVERLAP, "define_region: \(hex(gpa)) is inside guest RAM (\(hex(UInt64(memory.size))))")
+        }
+        guard len == 0 || (contents != nil && UInt64(len) <= size) else {
+            return fail(NPT_ERR_INVALID_ARGUMENT, "define_region: contents (\(len) bytes) NULL or larger than the region")
+        }
+        do {
+            let b = try GuestMemory(size: Int(size))
+            if len > 0 { b.base.copyMemory(from: contents!, byteCount: len) }
+            try region.withLock { (st) throws(Errno) in
+                if st.mapped {
+                    try vm.setUserMemoryRegion(slot: regionSlot, gpa: st.gpa, size: 0, host: nil)
+                    regionSlotRemoves.add(1, ordering: .relaxed)
+                    st.mapped = false
+                }
+                st.gpa = gpa; st.size = size; st.hostOffset = hostOffset; st.backing = b
+                st.epoch &+= 1
+            }
+            return NPT_OK
+        } catch {
+            return fail(error, "define_region")
+        }
+    }
+
+    /// invalidate, then: an invalidate that covers the region deletes its memslot now.
+    func invalidateWithRegion(_ hierarchy: UInt32, _ gpa: UInt64, _ size: UInt64) -> npt_status {
+        let s = invalidate(hierarchy, gpa, size)
+        do {
+            try region.withLock { (st) throws(Errno) in
+                guard st.backing != nil, gpa < st.gpa + st.size, st.gpa < gpa &+ size || gpa &+ size < gpa else { return }
+                st.epoch &+= 1
+                if st.mapped {
+                    try vm.setUserMemoryRegion(slot: regionSlot, gpa: st.gpa, size: 0, host: nil)
+                    regionSlotRemoves.add(1, ordering: .relaxed)
+                    st.mapped = false
+                }
+            }
+        } catch {
+            return fail(error, "invalidate: removing the privileged-mode region's memslot")
+        }
+        return s
+    }
+
+    /// Whether `hierarchy` maps the region's first page at the region's host offset, with its
+    /// permissions (0 if absent). A snapshot read of the core (no lock of the core's is taken).
+    private func regionPerms(_ hierarchy: UInt32, _ gpa: UInt64, _ hostOffset: UInt64) -> UInt64 {
+        guard let host = hostAPI, let tr = host.pointee.hierarchy_translate, let handle else { return 0 }
+        var t = npt_translation()
+        t.size = UInt32(MemoryLayout<npt_translation>.size)
+        guard tr(handle, hierarchy, gpa, &t) == NPT_OK, t.perms != 0, t.host_offset == hostOffset else { return 0 }
+        return t.perms
+    }
+
+    /// Before a run: the region's memslot follows the exposed hierarchy (mapped iff the hierarchy
+    /// executes the region's pages).
+    func syncRegion(_ hierarchy: UInt32) throws(Errno) {
+        while true {
+            let (defined, gpa, host, epoch) = region.withLock { ($0.backing != nil, $0.gpa, $0.hostOffset, $0.epoch) }
+            guard defined else { return }
+            let want = regionPerms(hierarchy, gpa, host) & 0x4 != 0
+            let done = try region.withLock { (st) throws(Errno) -> Bool in
+                guard st.epoch == epoch else { return false }
+                if want != st.mapped, let b = st.backing {
+                    try vm.setUserMemoryRegion(slot: regionSlot, gpa: st.gpa, size: want ? st.size : 0, host: want ? b.base : nil)
+                    if want { regionSlotAdds.add(1, ordering: .relaxed) } else { regionSlotRemoves.add(1, ordering: .relaxed) }
+                    st.mapped = want
+                }
+                return true
+            }
+            if done { return }
+        }
+    }
+
+    /// A data access to the region's window that exited as MMIO: completed from the backing if the
+    /// exposed hierarchy maps the region, else a read gives all ones and a write is dropped.
+    /// Returns false if `gpa` is not in the window.
+    func completeRegionMMIO(_ run: UnsafeMutablePointer<kvm_run>, _ hierarchy: UInt32) -> Bool {
+        let gpa = ckvm_run_mmio_phys_addr(run)
+        let len = Int(ckvm_run_mmio_len(run))
+        let (inside, base, start, host) = region.withLock { st in
+            (st.contains(gpa, UInt64(len)), st.backing?.base, st.gpa, st.hostOffset)
+        }
+        guard inside, len <= 8, let base else { return false }
+        let data = UnsafeMutableRawPointer(ckvm_run_mmio_data(run)!)
+        let perms = regionPerms(hierarchy, start, host)
+        let write = ckvm_run_mmio_is_write(run) != 0
+        let mem = base + Int(gpa - start)
+        if write {
+            if perms & 0x2 != 0 { mem.copyMemory(from: data, byteCount: len) }
+        } else if perms & 0x1 != 0 {
+            data.copyMemory(from: mem, byteCount: len)
+        } else {
+            data.initializeMemory(as: UInt8.self, repeating: 0xFF, count: len)
+            regionUnbackedReads.add(1, ordering: .relaxed)
+        }
+        return true
+    }
+
+    /// Reads `n` bytes at guest-physical `gpa` from RAM or the region's backing.
+    func peek(_ gpa: UInt64, _ n: Int) -> [UInt8]? {
+        if memory.contains(gpa, n) { return (0..<n).map { memory.base.load(fromByteOffset: Int(gpa) + $0, as: UInt8.self) } }
+        return region.withLock { st in
+            guard st.contains(gpa, UInt64(n)), let b = st.backing else { return nil }
+            return (0..<n).map { b.base.load(fromByteOffset: Int(gpa - st.gpa) + $0, as: UInt8.self) }
+        }
+    }
+}
+
+extension KVMVCPU {
+    /// get_regs; in real mode rip is reported as the linear address (CS.base + ip).
+    func getRegsWithRegion(_ out: UnsafeMutablePointer<npt_regs>?) -> npt_status {
+        completePendingIO()
+        let s = getRegs(out)
+        guard s == NPT_OK, let out, mode == .real, out.pointee.cr0 & cr0PE == 0, let sr = try? cpu.sregs else { return s }
+        out.pointee.rip = sr.cs.base &+ out.pointee.rip
+        return s
+    }
+
+    /// set_regs, with the privileged mode's two transitions: into the region (save the full
+    /// state, enter 16-bit real mode with CS = the rip's 64 KiB segment) and out of it (restore).
+    func setRegsWithRegion(_ p: UnsafePointer<npt_regs>?) -> npt_status {
+        guard let p, p.pointee.size >= UInt32(MemoryLayout<npt_regs>.size) else { return setRegs(p) }
+        completePendingIO()
+        let n = p.pointee
+        let (inRegion, saved) = vm.region.withLock { ($0.contains(n.rip), $0.saved[index]) }
+        do {
+            if inRegion && saved == nil {
+                guard n.cr0 & (cr0PE | cr0PG) == 0, n.cpl == 0 else {
+                    return fail(NPT_ERR_UNSUPPORTED, "vcpu_set_regs: the privileged-mode region runs in real mode (cr0 \(hex(n.cr0)))")
+                }
+                guard n.rip < 0x10_0000 else {
+                    return fail(NPT_ERR_UNSUPPORTED, "vcpu_set_regs: the region's entry \(hex(n.rip)) is above 1 MiB (real mode)")
+                }
+                let old = try cpu.sregs
+                var s = old
+                s.cr0 = n.cr0; s.cr3 = n.cr3; s.cr4 = n.cr4; s.cr2 = n.cr2
+                s.efer = n.efer & ~(eferLME | eferLMA)
+                let segBase = n.rip & ~0xFFFF
+                s.cs = realSegment(code: true)
+                s.cs.selector = UInt16(segBase >> 4)
+                s.cs.base = segBase
+                let d = realSegment(code: false)
+                s.ds = d; s.es = d; s.fs = d; s.gs = d; s.ss = d
+                // The IVT at an unbacked GPA: KVM delivers a real-mode exception by pushing FLAGS,
+                // CS, IP on the handler's stack, then reading the IVT; that read fails, KVM makes it
+                // a triple fault: KVM_EXIT_SHUTDOWN with rip at the faulting instruction. That is how
+                // RSM shows (its #UD, below). (SMM code, too, runs without an IDT until it sets one.)
+                s.idt.base = regionIVT; s.idt.limit = 0x3FF
+                try cpu.setSregs(s)
+                try cpu.setRegs(kvmRegs(n, rip: n.rip - segBase))
+                mode = .real
+                vm.region.withLock { $0.saved[index] = old }
+                return NPT_OK
+            }
+            if !inRegion, let saved {
+                try cpu.setSregs(saved)
+                let real = saved.cr0 & cr0PE == 0
+                try cpu.setRegs(kvmRegs(n, rip: real ? n.rip &- saved.cs.base : n.rip))
+                if saved.cr0 & cr0PG != 0 {
+                    try cpu.setMSR(msrLSTAR, n.lstar)
+                    mode = .long(cpl: UInt32(saved.cs.dpl))
+                } else {
+                    mode = .real
+                }
+                vm.region.withLock { _ = $0.saved.removeValue(forKey: index) }
+                return NPT_OK
+            }
+        } catch {
+            return fail(error, "vcpu_set_regs (privileged-mode region)")
+        }
+        if mode == .real, n.cr0 & cr0PE == 0, let sr = try? cpu.sregs, sr.cs.base != 0, sr.cr0 & cr0PE == 0 {
+            // Real mode with a CS other than 0 (inside the region): rip is linear.
+            guard n.rip >= sr.cs.base, n.rip - sr.cs.base <= 0xFFFF else {
+                return fail(NPT_ERR_UNSUPPORTED, "vcpu_set_regs: rip \(hex(n.rip)) is outside CS (base \(hex(sr.cs.base)))")
+            }
+            var m = n
+            m.rip = n.rip - sr.cs.base
+            return setRegs(&m)
+        }
+        return setRegs(p)
+    }
+
+    /// KVM completes an OUT (it is emulated here) only at the next KVM_RUN, writing rip back then:
+    /// a state read or replaced before that would be clobbered. With a region defined, the
+    /// state calls first finish it with a KVM_RUN that has immediate_exit set (KVM completes the
+    /// pending operation, then returns EINTR without running guest code).
+    func completePendingIO() {
+        guard vm.region.withLock({ $0.pendingIO.remove(index) != nil }) else { return }
+        let prev = ckvm_run_immediate_exit(cpu.run)
+        ckvm_run_set_immediate_exit(cpu.run, 1)
+        try? cpu.runOnce()
+        ckvm_run_set_immediate_exit(cpu.run, prev)
+    }
+
+    private func kvmRegs(_ n: npt_regs, rip: UInt64) -> kvm_regs {
+        var r = kvm_regs()
+        let g = withUnsafeBytes(of: n.gpr) { b in (0..<16).map { b.load(fromByteOffset: $0 * 8, as: UInt64.self) } }
+        r.rax = g[0]; r.rcx = g[1]; r.rdx = g[2]; r.rbx = g[3]; r.rsp = g[4]; r.rbp = g[5]; r.rsi = g[6]; r.rdi = g[7]
+        r.r8 = g[8]; r.r9 = g[9]; r.r10 = g[10]; r.r11 = g[11]; r.r12 = g[12]; r.r13 = g[13]; r.r14 = g[14]; r.r15 = g[15]
+        r.rip = rip
+        r.rflags = n.rflags | 2
+        return r
+    }
+
+    /// vcpu_run with the region: its memslot follows the exposed hierarchy before the run (the
+    /// region's presence cannot change during one vcpu_run: the core adds or removes it only while
+    /// this vCPU's thread is outside vcpu_run); probes of the region's window are answered; RSM is
+    /// reported as NPT_EXIT_LEAVE_MODE.
+    func runWithRegion(_ e: UnsafeMutablePointer<npt_exit>?) -> npt_status {
+        do {
+            try vm.syncRegion(hierarchy)
+        } catch {
+            return fail(error, "vcpu_run: the privileged-mode region's memslot")
+        }
+        while true {
+            let s = run(e)
+            if s == NPT_OK, let e, e.pointee.reason == NPT_EXIT_IO.rawValue {
+                vm.region.withLock { st in if st.backing != nil { st.pendingIO.insert(index) } }
+            }
+            guard s == NPT_OK, let e, e.pointee.reason == NPT_EXIT_INTERNAL_ERROR.rawValue else { return s }
+            let kvmReason = Int32(truncatingIfNeeded: e.pointee.qualification >> 32)
+            if kvmReason == KVM_EXIT_MMIO, vm.completeRegionMMIO(cpu.run, hierarchy) { continue }
+            // RSM without SMM: measured on this machine, KVM_EXIT_SHUTDOWN with rip at the RSM (the
+            // emulator raises #UD, which it cannot deliver in this state); an emulation failure
+            // (KVM_EXIT_INTERNAL_ERROR, suberror 1) is accepted too.
+            let emulationFailure = kvmReason == KVM_EXIT_INTERNAL_ERROR
+                && e.pointee.qualification & 0xFFFF_FFFF == UInt64(KVM_INTERNAL_ERROR_EMULATION)
+            if emulationFailure || kvmReason == KVM_EXIT_SHUTDOWN, let r = try? cpu.regs, let sr = try? cpu.sregs {
+                let linear = sr.cr0 & cr0PE == 0 ? sr.cs.base &+ r.rip : r.rip
+                if let gpa = vm.translate(linear, cr0: sr.cr0, cr3: sr.cr3), vm.peek(gpa, 2) == [0x0F, 0xAA] {
+                    e.pointee.reason = NPT_EXIT_LEAVE_MODE.rawValue
+                    e.pointee.qualification = 0
+                    e.pointee.gpa = 0
+                    e.pointee.rip = linear
+                }
+            }
+            return s
+        }
+    }
+}
