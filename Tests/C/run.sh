@@ -127,6 +127,28 @@ else
         else
             fail test_kvm "exit status $rc"
         fi
+        # Bad input: /dev/kvm without permission. Run the same program as an unprivileged user
+        # (root here, /dev/kvm is root-only): every guest run must be SKIPPED with the reason, VM
+        # creation must fail with NPT_ERR_UNSUPPORTED (checked inside), nothing may fail.
+        if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null && id nobody >/dev/null 2>&1 &&
+            [ "$(stat -c %a /dev/kvm 2>/dev/null)" = 600 ] &&
+            setpriv --reuid=nobody --regid="$(id -g nobody)" --clear-groups \
+                sh -c "test -x '$OUT/test_kvm' && test -r '$BIN/libnptkit-kvm.so' && test -r '$BIN/libnptkit.so'"; then
+            rc=0
+            eacces=$("${TIMEOUT[@]}" setpriv --reuid=nobody --regid="$(id -g nobody)" --clear-groups \
+                "$OUT/test_kvm" "$BIN/libnptkit-kvm.so" 2>&1) || rc=$?
+            if [ "$rc" -eq 77 ] && echo "$eacces" | grep -q "cannot be opened (Permission denied)" &&
+                echo "$eacces" | grep -q " 0 failed"; then
+                echo "c-test kvm-eacces: ok (as nobody: $(echo "$eacces" | grep -m1 SKIPPED))"
+                pass
+            else
+                echo "$eacces" | tail -5
+                fail kvm-eacces "as nobody: exit $rc, expected 77 with the permission error"
+            fi
+        else
+            echo "c-test kvm-eacces: SKIPPED (needs root, setpriv, a user nobody who can run the build, and a root-only /dev/kvm)"
+            skip=$((skip + 1))
+        fi
     fi
 fi
 if command -v as >/dev/null && command -v objcopy >/dev/null; then
