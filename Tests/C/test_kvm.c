@@ -479,6 +479,42 @@ static npt_stats kernel_stats(npt_vm *vm) {
     return st;
 }
 
+/* The memslot updates of a hierarchy switch depend on the policy's shape, not the guest's size:
+ * the same guest and policy in 2 MiB and in 1 GiB of RAM cost the same updates per switch. */
+static void test_switch_cost_independent_of_size(npt_context *ctx) {
+    if (!layout_stats) { CHECK(!"npt_kvm_layout_stats export missing"); return; }
+    double per[2] = {0, 0};
+    const uint64_t sizes[2] = {RAM, UINT64_C(1) << 30};
+    for (int i = 0; i < 2; i++) {
+        npt_vm_config cfg = {0};
+        cfg.size = sizeof cfg;
+        cfg.mbec_mode = NPT_MBEC_LAZY;
+        cfg.backend = "kvm";
+        cfg.ram_size = sizes[i];
+        cfg.default_perms = NPT_PERM_ALL;
+        npt_vm *vm = NULL;
+        CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+        if (!vm) return;
+        CHECK_OK(npt_vm_write_memory(vm, KERNEL_GUEST_BASE, kernel_guest, sizeof kernel_guest));
+        CHECK_OK(npt_policy_set(vm, KERNEL_GUEST_CODE, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
+        CHECK_OK(npt_policy_set(vm, KERNEL_GUEST_KFUNC, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
+        CHECK_OK(npt_policy_set(vm, KERNEL_GUEST_USER, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_UX));
+        CHECK_OK(npt_policy_set(vm, KERNEL_GUEST_USTACK, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_WRITE));
+        uint64_t sw0 = 0, up0 = 0, last = 0, sw1 = 0, up1 = 0;
+        layout_stats(&sw0, &up0, &last);
+        char out[64];
+        size_t len = 0;
+        npt_exit e = kernel_run(vm, 4, KPROBE_NONE, out, sizeof out, &len, NULL);
+        CHECK_EQ(e.reason, NPT_EXIT_HALT);
+        layout_stats(&sw1, &up1, &last);
+        CHECK(sw1 > sw0);
+        if (sw1 > sw0) per[i] = (double)(up1 - up0) / (double)(sw1 - sw0);
+        CHECK_OK(npt_vm_destroy(vm));
+    }
+    printf("test_kvm: memslot updates per hierarchy switch: %.2f with 2 MiB of RAM, %.2f with 1 GiB\n", per[0], per[1]);
+    CHECK(per[0] > 0 && per[0] == per[1]);
+}
+
 static void test_kernel(npt_context *ctx) {
     char out[4096];
     size_t len;
@@ -854,6 +890,7 @@ int main(int argc, char **argv) {
         test_pmem(ctx, 1);
         test_pmem(ctx, 0);
         test_kernel(ctx);
+        test_switch_cost_independent_of_size(ctx);
     }
     CHECK_OK(npt_context_destroy(ctx));
     printf("c-test test_kvm: %d passed, %d failed, %d skipped\n", passed, failed, skipped);
