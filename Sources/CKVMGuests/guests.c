@@ -2,6 +2,7 @@
 #include "../../Plugins/KVM/Guest/hello_guest.h"
 #include "../../Plugins/KVM/Guest/kernel_guest.h"
 #include "../../Plugins/KVM/Guest/pmem_guest.h"
+#include "../../Plugins/KVM/Guest/priv_guest.h"
 
 nptk_guest nptk_guest_hello(uint64_t *long_entry) {
     *long_entry = HELLO_GUEST_LONG_ENTRY;
@@ -22,4 +23,12 @@ nptk_guest nptk_guest_kernel(uint64_t *entry, uint64_t *kernel_code, uint64_t *k
 nptk_guest nptk_guest_pmem(uint64_t *clflushopt_entry) {
     *clflushopt_entry = PMEM_GUEST_CLFLUSHOPT_ENTRY;
     return (nptk_guest){pmem_guest, sizeof pmem_guest, PMEM_GUEST_BASE, PMEM_GUEST_CR3};
+}
+
+nptk_guest nptk_guest_priv(uint64_t *heartbeats, nptk_guest *region, uint64_t *entry_offset, uint64_t *count_offset) {
+    *heartbeats = PRIV_GUEST_HEARTBEATS;
+    *region = (nptk_guest){priv_region, sizeof priv_region, PRIV_GUEST_REGION, 0};
+    *entry_offset = PRIV_GUEST_REGION_ENTRY;
+    *count_offset = PRIV_GUEST_REGION_COUNT;
+    return (nptk_guest){priv_loop, sizeof priv_loop, PRIV_GUEST_LOOP_BASE, 0};
 }

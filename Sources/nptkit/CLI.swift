@@ -73,18 +73,19 @@ struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the HVCI-like MBEC scenario (a kernel, a user process making system calls, two attacks).")
     @OptionGroup var options: BackendOptions
-    @Option(help: "MBEC emulation mode: exact (exit on return to user) or lazy (the patent's minimum).")
-    var mode: ModeArgument = .exact
+    @Option(help: "MBEC emulation mode: exact (exit on return to user; the default) or lazy (the patent's minimum; the only one on kvm).")
+    var mode: ModeArgument?
     @Option(help: "System calls the user process makes.")
     var syscalls: Int = 10
 
     func run() throws {
         let registry = try options.registry()
         if options.backend == "kvm" {
-            // The demo's guests are written in the simulator's ISA; the KVM scenarios (real x86-64
-            // guests) run in Tests/C/test_kvm.c until they join the demo (issue 5).
-            throw ValidationError("the demo's scenarios are not yet available on backend 'kvm' (its guests are in the simulator's ISA); see Plugins/KVM/README.md")
+            // The KVM scenarios run the plugin's real x86-64 guests (DemoKVM.swift).
+            try runKVM(registry: registry)
+            return
         }
+        let mode = self.mode ?? .exact
         print("NPTKit demo: emulated mode-based execute control on backend '\(options.backend)', mode \(mode.rawValue), guest SMEP on\n")
         print("Guest: an HVCI-like kernel and a user process. Policy (EPT bits R W Xs Xu), the rest of RAM R W:")
         var p = Table(["guest-physical", "what", "policy"])
