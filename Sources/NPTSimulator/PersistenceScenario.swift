@@ -177,10 +177,13 @@ public final class CrashChecker: @unchecked Sendable {
         check()
     }
 
-    /// One crash point: what would survive a power failure now.
+    /// One crash point: what would survive a power failure now. The media is read under the
+    /// checker's lock, so a store another CPU marks durable is never checked against a snapshot
+    /// taken before that CPU's flush (lock order: checker, then platform; events are emitted
+    /// outside the platform's lock).
     private func check() {
-        let media = platform.survivingMedia()
         state.withLock { s in
+            let media = platform.survivingMedia()
             let point = s.report.crashPoints
             s.report.crashPoints += 1
             for (spa, v) in s.durable {
