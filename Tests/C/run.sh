@@ -186,7 +186,7 @@ fi
 echo "-- test_backend_swap (the same scenarios on sim and kvm)"
 if [ ! -f "$BIN/libnptkit-kvm.so" ]; then
     fail test_backend_swap "$BIN/libnptkit-kvm.so does not exist"
-elif build test_backend_swap "$CC" "${CFLAGS[@]}" "$ROOT/Tests/C/test_backend_swap.c" "${LINK[@]}" \
+elif build test_backend_swap "$CC" "${CFLAGS[@]}" -pthread "$ROOT/Tests/C/test_backend_swap.c" "${LINK[@]}" -ldl \
     -o "$OUT/test_backend_swap"; then
     rc=0
     "${TIMEOUT[@]}" "$OUT/test_backend_swap" "$BIN/libnptkit-kvm.so" || rc=$?
