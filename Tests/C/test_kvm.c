@@ -479,6 +479,30 @@ static npt_stats kernel_stats(npt_vm *vm) {
     return st;
 }
 
+/* Bad input: a guest image too large for the VM's memory is refused whole, with the range named,
+ * and nothing of it is written. */
+static void test_image_too_large(npt_context *ctx) {
+    npt_vm_config cfg = {0};
+    cfg.size = sizeof cfg;
+    cfg.mbec_mode = NPT_MBEC_LAZY;
+    cfg.backend = "kvm";
+    cfg.ram_size = 0x8000; /* 32 KiB: the guest kernel's image ends at KERNEL_GUEST_END */
+    cfg.default_perms = NPT_PERM_ALL;
+    npt_vm *vm = NULL;
+    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    if (!vm) return;
+    CHECK(KERNEL_GUEST_BASE + sizeof kernel_guest > cfg.ram_size);
+    CHECK_ST(npt_vm_write_memory(vm, KERNEL_GUEST_BASE, kernel_guest, sizeof kernel_guest), NPT_ERR_OUT_OF_RANGE);
+    CHECK(strstr(npt_last_error(), "outside guest RAM") != NULL);
+    unsigned char first[16];
+    memset(first, 0xAA, sizeof first);
+    CHECK_OK(npt_vm_read_memory(vm, KERNEL_GUEST_BASE, first, sizeof first));
+    int untouched = 1;
+    for (size_t i = 0; i < sizeof first; i++) untouched &= first[i] == 0;
+    CHECK(untouched);
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
 /* The memslot updates of a hierarchy switch depend on the policy's shape, not the guest's size:
  * the same guest and policy in 2 MiB and in 1 GiB of RAM cost the same updates per switch. */
 static void test_switch_cost_independent_of_size(npt_context *ctx) {
@@ -891,6 +915,7 @@ int main(int argc, char **argv) {
         test_pmem(ctx, 0);
         test_kernel(ctx);
         test_switch_cost_independent_of_size(ctx);
+        test_image_too_large(ctx);
     }
     CHECK_OK(npt_context_destroy(ctx));
     printf("c-test test_kvm: %d passed, %d failed, %d skipped\n", passed, failed, skipped);
