@@ -30,7 +30,7 @@ struct BackendOptions: ParsableArguments {
             if access(path, R_OK) == 0 { try NPTKitRuntime.loadPlugin(path, into: r) }
         }
         guard r.all.contains(where: { $0.name == backend }) else {
-            throw ValidationError("no backend '\(backend)' (registered: \(r.all.map(\.name).joined(separator: ", ")); load one with --plugin PATH)")
+            throw ValidationError("no backend '\(backend)' (registered: \(r.all.map(\.name).joined(separator: ", "))): libnptkit-\(backend).so is not beside this binary (`swift build` builds every product), or load one with --plugin PATH")
         }
         return r
     }
