@@ -133,7 +133,10 @@ final class LayoutGate: @unchecked Sendable {
                 break
             }
             if ticket == nil {
-                if want == current && serving == nextTicket {
+                // The installed layout's vCPUs go on while nobody waits, or within its slice (then
+                // the head waiter's kick ends it, and from then on they queue behind it).
+                if want == current
+                    && (serving == nextTicket || (!kickedSlice && monotonicNanos() - sliceStart < gateSliceNanos)) {
                     try install(want)
                     break
                 }
