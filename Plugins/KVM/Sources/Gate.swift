@@ -5,12 +5,12 @@
 // different hierarchies cannot run at the same time. The gate keeps, under one pthread mutex with
 // a condition variable: the hierarchy whose layout is installed, the vCPUs inside KVM_RUN, and a
 // FIFO of tickets for the vCPUs that wait.
-//  - wanted == installed and nobody waiting: enter at once (running += 1). A single vCPU always
-//    finds running == 0 and never waits.
+//  - wanted == installed and nobody waiting, or the installed layout still within its slice (and
+//    not kicked): enter at once. A single vCPU always finds nobody inside and never waits.
 //  - otherwise the vCPU takes a ticket; at the head of the queue it enters if the installed layout
 //    is (now) its own, or installs its layout when no vCPU is inside KVM_RUN; else it waits for
-//    them to leave. While a ticket waits nobody behind it enters, even with the installed layout,
-//    so a stream of same-layout vCPUs cannot hold a layout forever (no starvation).
+//    them to leave. Past the slice nobody behind a waiting ticket enters, even with the installed
+//    layout, so a stream of same-layout vCPUs cannot hold a layout forever (no starvation).
 //  - a layout runs at least `slice` (NPTKIT_KVM_GATE_SLICE_US, default 2000 µs) before the head
 //    waiter kicks the vCPUs inside KVM_RUN (immediate_exit + signal: their runs return
 //    NPT_EXIT_KICKED, and the core runs them again); without a minimum, two vCPUs could kick each
