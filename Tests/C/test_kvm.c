@@ -30,6 +30,8 @@
 #include "../../Plugins/KVM/Guest/hello_guest.h"
 #include "../../Plugins/KVM/Guest/pmem_guest.h"
 #include "../../Plugins/KVM/Guest/kernel_guest.h"
+#include "../../Plugins/KVM/Guest/gate_guest.h"
+#include <stdatomic.h>
 
 static int passed, failed, skipped;
 
@@ -108,6 +110,8 @@ typedef void (*layout_stats_fn)(uint64_t *switches, uint64_t *updates, uint64_t 
 static layout_stats_fn layout_stats;
 typedef void (*pmem_stats_fn)(uint64_t *flushes, uint64_t *nanos);
 static pmem_stats_fn pmem_stats;
+typedef void (*gate_stats_fn)(uint64_t *waits, uint64_t *kicks, uint64_t *wait_ns);
+static gate_stats_fn gate_stats;
 
 static npt_status fake_translate(npt_vm *vm, uint32_t h, uint64_t gpa, npt_translation *out) {
     (void)vm; (void)h; (void)gpa; (void)out;
@@ -158,6 +162,8 @@ static void test_entry(const char *so) {
     layout_stats = (layout_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_layout_stats");
     pmem_stats = (pmem_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_pmem_stats");
     CHECK(layout_stats != NULL);
+    gate_stats = (gate_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_gate_stats");
+    CHECK(gate_stats != NULL);
     /* the library stays loaded (npt_plugin_load opens it again) */
 }
 
@@ -618,6 +624,196 @@ static void test_kernel(npt_context *ctx) {
     }
 }
 
+/* ------------------------------------------------------------------------ */
+/* The layout gate (Plugins/KVM/Sources/Gate.swift): two vCPU threads in one VM on Guest/gate.S,
+ * vCPU 0 in kernel-only code (R|SX) at CPL 0, vCPU 1 in user-only code (R|UX) at CPL 3. Memslots
+ * are per VM, so each may enter KVM_RUN only under its own hierarchy's layout. */
+struct gate_cpu {
+    npt_vcpu *v;
+    atomic_int stop;
+    atomic_int done;
+    atomic_ullong outs;   /* vCPU 0: the last count OUT to GATE_GUEST_PORT */
+    atomic_ullong kicked; /* runs that returned NPT_EXIT_KICKED */
+    npt_status status;
+    npt_exit last;
+};
+
+static void *gate_thread(void *arg) {
+    struct gate_cpu *c = arg;
+    for (;;) {
+        npt_exit e;
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        npt_status s = npt_vcpu_run(c->v, &e);
+        if (s != NPT_OK) { c->status = s; break; }
+        if (e.reason == NPT_EXIT_KICKED) { atomic_fetch_add(&c->kicked, 1); continue; }
+        if (e.reason == NPT_EXIT_IO && e.io_port == GATE_GUEST_PORT) {
+            atomic_store(&c->outs, (unsigned long long)e.io_value);
+            if (atomic_load(&c->stop)) { c->last = e; break; }
+            continue;
+        }
+        c->last = e;
+        break;
+    }
+    atomic_store(&c->done, 1);
+    return NULL;
+}
+
+static uint64_t gate_user_count(npt_vm *vm) {
+    uint64_t n = 0;
+    npt_vm_read_memory(vm, GATE_GUEST_DATA, &n, sizeof n);
+    return n;
+}
+
+/* Polls until cond() holds or `seconds` pass. */
+#define GATE_POLL(cond, seconds) do { \
+        double t_end_ = now_s() + (seconds); \
+        while (!(cond) && now_s() < t_end_) usleep(1000); \
+    } while (0)
+
+static double now_s(void);
+
+static void test_gate(npt_context *ctx) {
+    if (!gate_stats) { CHECK(!"npt_kvm_gate_stats export missing"); return; }
+    uint64_t w0, k0, ns0, w1, k1, ns1, sw0, sw1, up, last;
+
+    /* A single vCPU never waits at the gate, not even across hierarchy switches: the guest kernel's
+     * 12 system calls (26 switches) on one vCPU. */
+    {
+        char out[256];
+        size_t len;
+        npt_vm *vm = kernel_vm(ctx, 1);
+        if (!vm) return;
+        gate_stats(&w0, &k0, &ns0);
+        layout_stats(&sw0, &up, &last);
+        npt_exit e = kernel_run(vm, 12, KPROBE_NONE, out, sizeof out, &len, NULL);
+        gate_stats(&w1, &k1, &ns1);
+        layout_stats(&sw1, &up, &last);
+        CHECK_EQ(e.reason, NPT_EXIT_HALT);
+        printf("test_kvm: gate: one vCPU, %" PRIu64 " layout switches: %" PRIu64 " gate waits, %" PRIu64 " gate kicks\n",
+               sw1 - sw0, w1 - w0, k1 - k0);
+        CHECK(sw1 - sw0 >= 26);
+        CHECK_EQ(w1 - w0, 0);
+        CHECK_EQ(k1 - k0, 0);
+        CHECK_OK(npt_vm_destroy(vm));
+    }
+
+    npt_vm_config cfg = {0};
+    cfg.size = sizeof cfg;
+    cfg.mbec_mode = NPT_MBEC_LAZY;
+    cfg.backend = "kvm";
+    cfg.ram_size = RAM;
+    cfg.default_perms = NPT_PERM_ALL;
+    npt_vm *vm = NULL;
+    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    if (!vm) return;
+    CHECK_OK(npt_vm_write_memory(vm, GATE_GUEST_BASE, gate_guest, sizeof gate_guest));
+    /* page tables in both hierarchies (see KGUEST_TABLES_PERMS), kernel code R|SX, user code R|UX,
+     * data R|W (executable nowhere: every access is completed by the plugin through an MMIO exit) */
+    CHECK_OK(npt_policy_set(vm, GATE_GUEST_BASE, GATE_GUEST_KERNEL - GATE_GUEST_BASE, NPT_PAGE_4K, NPT_PERM_ALL));
+    CHECK_OK(npt_policy_set(vm, GATE_GUEST_KERNEL, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
+    CHECK_OK(npt_policy_set(vm, GATE_GUEST_USER, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_UX));
+    CHECK_OK(npt_policy_set(vm, GATE_GUEST_DATA, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_WRITE));
+    struct gate_cpu c[2];
+    memset(c, 0, sizeof c);
+    for (int i = 0; i < 2; i++) {
+        CHECK_OK(npt_vcpu_create(vm, (uint32_t)i, &c[i].v));
+        if (!c[i].v) { npt_vm_destroy(vm); return; }
+        npt_regs r;
+        long_mode_regs(&r, i ? GATE_GUEST_USER : GATE_GUEST_KERNEL);
+        r.cr3 = GATE_GUEST_CR3;
+        r.cpl = i ? 3 : 0;
+        CHECK_OK(npt_vcpu_set_regs(c[i].v, &r));
+    }
+    gate_stats(&w0, &k0, &ns0);
+    layout_stats(&sw0, &up, &last);
+    double t0 = now_s();
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++) pthread_create(&t[i], NULL, gate_thread, &c[i]);
+
+    /* both make progress, concurrently: over each of 5 windows both counters advance */
+    int rounds = 0;
+    uint64_t a = 0, b = 0;
+    for (int i = 0; i < 5; i++) {
+        uint64_t a0 = atomic_load(&c[0].outs), b0 = gate_user_count(vm);
+        GATE_POLL(atomic_load(&c[0].outs) > a0 && gate_user_count(vm) > b0, 10.0);
+        a = atomic_load(&c[0].outs);
+        b = gate_user_count(vm);
+        if (a > a0 && b > b0) rounds++;
+        if (atomic_load(&c[0].done) || atomic_load(&c[1].done)) break;
+    }
+    double t1 = now_s();
+    CHECK_EQ(rounds, 5);
+    CHECK(!atomic_load(&c[0].done) && !atomic_load(&c[1].done));
+    printf("test_kvm: gate: 2 vCPUs (CPL 0 R|SX, CPL 3 R|UX) in %.3f s: kernel %" PRIu64 " OUTs, user %" PRIu64
+           " iterations, both advancing in %d of 5 windows\n", t1 - t0, a, b, rounds);
+
+    /* the rate of both over a fixed 0.5 s (the cost of sharing the VM's memslots) */
+    {
+        uint64_t a0 = atomic_load(&c[0].outs), b0 = gate_user_count(vm);
+        uint64_t sw_a, sw_b, w_a, w_b, k_a, k_b, n_a, n_b;
+        layout_stats(&sw_a, &up, &last);
+        gate_stats(&w_a, &k_a, &n_a);
+        double ta = now_s();
+        usleep(500 * 1000);
+        double tb = now_s();
+        uint64_t a1 = atomic_load(&c[0].outs), b1 = gate_user_count(vm);
+        layout_stats(&sw_b, &up, &last);
+        gate_stats(&w_b, &k_b, &n_b);
+        printf("test_kvm: gate: over %.3f s: kernel %.0f OUTs/s, user %.0f iterations/s, %.0f layout switches/s, "
+               "%.0f gate waits/s, %" PRIu64 " gate kicks\n", tb - ta, (double)(a1 - a0) / (tb - ta),
+               (double)(b1 - b0) / (tb - ta), (double)(sw_b - sw_a) / (tb - ta), (double)(w_b - w_a) / (tb - ta), k_b - k_a);
+        CHECK(a1 > a0 && b1 > b0);
+    }
+
+    /* the probe: the user vCPU jumps into the kernel page while the kernel vCPU runs */
+    uint64_t go = 1;
+    uint64_t a_probe = atomic_load(&c[0].outs);
+    CHECK_OK(npt_vm_write_memory(vm, GATE_GUEST_DATA + 8, &go, sizeof go));
+    GATE_POLL(atomic_load(&c[1].done), 20.0);
+    CHECK(atomic_load(&c[1].done));
+    uint64_t a_user_exit = atomic_load(&c[0].outs);
+    /* the kernel vCPU goes on after the user's violation */
+    GATE_POLL(atomic_load(&c[0].outs) > a_user_exit + 10, 10.0);
+    uint64_t a_after = atomic_load(&c[0].outs);
+    atomic_store(&c[0].stop, 1);
+    GATE_POLL(atomic_load(&c[0].done), 20.0);
+    CHECK(atomic_load(&c[0].done));
+    double t2 = now_s();
+    if (!atomic_load(&c[0].done) || !atomic_load(&c[1].done)) {
+        fprintf(stderr, "test_kvm: gate: a vCPU thread did not finish; leaving the VM\n");
+        return;
+    }
+    for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
+    gate_stats(&w1, &k1, &ns1);
+    layout_stats(&sw1, &up, &last);
+    npt_exit e = c[1].last;
+    uint64_t marker = 1;
+    CHECK_OK(npt_vm_read_memory(vm, GATE_GUEST_DATA + 0x10, &marker, sizeof marker));
+    printf("test_kvm: gate: user probe into the kernel page: exit %u gpa %#" PRIx64 " cpl %u rip %#" PRIx64
+           " q %#" PRIx64 "; kernel OUTs %" PRIu64 " at the probe, %" PRIu64 " at the user's exit, %" PRIu64
+           " after; marker %#" PRIx64 "\n", e.reason, e.gpa, e.cpl, e.rip, e.qualification, a_probe,
+           a_user_exit, a_after, marker);
+    CHECK_OK(c[0].status);
+    CHECK_OK(c[1].status);
+    CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+    CHECK_EQ(e.gpa, GATE_GUEST_KERNEL);
+    CHECK_EQ(e.rip, GATE_GUEST_KERNEL);
+    CHECK_EQ(e.cpl, 3);
+    CHECK_EQ(marker, 0);                    /* it never executed at the kernel page */
+    CHECK(a_after > a_user_exit);           /* the kernel vCPU was running around it */
+    CHECK_EQ(c[0].last.reason, NPT_EXIT_IO);
+    CHECK(w1 - w0 > 0);
+    double secs = t2 - t0;
+    printf("test_kvm: gate: %.3f s, %" PRIu64 " layout switches (%.1f us each incl. waits), %" PRIu64
+           " gate waits (%.1f us mean), %" PRIu64 " gate kicks, kicked runs: kernel %llu user %llu\n",
+           secs, sw1 - sw0, (sw1 - sw0) ? secs * 1e6 / (double)(sw1 - sw0) : 0.0, w1 - w0,
+           (w1 - w0) ? (double)(ns1 - ns0) / 1e3 / (double)(w1 - w0) : 0.0, k1 - k0,
+           (unsigned long long)atomic_load(&c[0].kicked), (unsigned long long)atomic_load(&c[1].kicked));
+    for (int i = 0; i < 2; i++) CHECK_OK(npt_vcpu_destroy(c[i].v));
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
 /* A kick from another thread while the guest spins (through the plugin's ops directly: the C ABI
  * has no public kick; the core kicks for the privileged mode). */
 static void test_kick_thread(void) {
@@ -916,6 +1112,7 @@ int main(int argc, char **argv) {
         test_kernel(ctx);
         test_switch_cost_independent_of_size(ctx);
         test_image_too_large(ctx);
+        test_gate(ctx);
     }
     CHECK_OK(npt_context_destroy(ctx));
     printf("c-test test_kvm: %d passed, %d failed, %d skipped\n", passed, failed, skipped);

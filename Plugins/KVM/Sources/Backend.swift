@@ -17,6 +17,8 @@ final class KVMVM: @unchecked Sendable {
     let cpuid: KVMCPUID
     /// The memslot layout (Layout.swift).
     let layout = Mutex(LayoutState())
+    /// Which layout the vCPUs inside KVM_RUN run under (Gate.swift).
+    let gate = LayoutGate()
     /// NVDIMM ranges and the vFHA (Pmem.swift).
     let pmem = Mutex(PmemVMState())
     /// The privileged-mode region (Region.swift).

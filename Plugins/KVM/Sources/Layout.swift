@@ -8,8 +8,9 @@
 //    page were mapped (R/W policy is not enforced by this backend: only X differs per hierarchy);
 //  - an instruction fetch from a page left out fails emulation (KVM_EXIT_INTERNAL_ERROR); the
 //    backend reports it as NPT_EXIT_EPT_VIOLATION for the core to decide.
-// Memslots belong to the VM (this KVM has no multiple address spaces), so the exposed hierarchy
-// is per VM: exact with one vCPU; with several, the last vCPU to run decides the layout.
+// Memslots belong to the VM (this KVM has no multiple address spaces), so one layout is installed
+// at a time: the layout gate (Gate.swift) lets a vCPU into KVM_RUN only under its own hierarchy's
+// layout, and installs another only when no vCPU is inside KVM_RUN.
 import CKVM
 import CNPTKit
 import Synchronization

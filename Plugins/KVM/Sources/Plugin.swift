@@ -50,7 +50,7 @@ public func npt_kvm_last_error(_ buf: UnsafeMutablePointer<CChar>?, _ len: Int) 
 /// The capabilities this backend advertises.
 ///  - RUN: it runs real x86-64 guest code in a KVM VM.
 ///  - MBEC_EMULATION: vcpu_set_hierarchy exposes a hierarchy as a memslot layout of the VM
-///    (Layout.swift; per VM, so exact for one vCPU).
+///    (Layout.swift; per VM: vCPUs in different hierarchies take turns at the layout gate, Gate.swift).
 ///  - PERSISTENT_MEMORY: NVDIMM ranges backed by a file (or a real NVDIMM region), the vFHA as a
 ///    KVM_MEM_READONLY memslot when trapped, physical flushes as msync (Pmem.swift).
 ///  - PRIVILEGED_MODE: vCPUs are stopped by the kick; the region is a memslot (Region.swift).

@@ -167,9 +167,16 @@ final class KVMVCPU: @unchecked Sendable {
         x.size = e.pointee.size
         let run = cpu.run
         trappedWritePending = false
+        // The layout gate (Gate.swift): KVM_RUN only under this vCPU's hierarchy's layout. The vCPU
+        // stays in the gate until its exit is decoded (fetchViolation asks the installed layout),
+        // and leaves it before every further KVM_RUN and before returning.
+        var inGate = false
+        defer { if inGate { vm.gate.leave(self) } }
         while true {
+            if inGate { vm.gate.leave(self); inGate = false }
             do {
-                try vm.install(hierarchy)
+                try vm.gate.enter(self, hierarchy) { (h) throws(Errno) in try vm.install(h) }
+                inGate = true
             } catch {
                 return fail(error, "vcpu_run: installing the memslot layout of hierarchy \(hierarchy)")
             }
