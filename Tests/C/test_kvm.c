@@ -33,37 +33,7 @@
 #include "../../Plugins/KVM/Guest/gate_guest.h"
 #include <stdatomic.h>
 
-static int passed, failed, skipped;
-
-static void check(int ok, const char *what, int line) {
-    if (ok) {
-        passed++;
-    } else {
-        failed++;
-        fprintf(stderr, "FAIL test_kvm.c:%d: %s\n", line, what);
-    }
-}
-static void check_status(npt_status got, npt_status want, const char *call, int line) {
-    if (got == want) {
-        passed++;
-    } else {
-        failed++;
-        fprintf(stderr, "FAIL test_kvm.c:%d: %s\n    expected %s\n    got      %s\n    last error: %s\n", line, call,
-                npt_status_string(want), npt_status_string(got), npt_last_error());
-    }
-}
-static void check_u64(uint64_t got, uint64_t want, const char *what, int line) {
-    if (got == want) {
-        passed++;
-    } else {
-        failed++;
-        fprintf(stderr, "FAIL test_kvm.c:%d: %s == %#" PRIx64 ", expected %#" PRIx64 "\n", line, what, got, want);
-    }
-}
-#define CHECK(c) check(!!(c), #c, __LINE__)
-#define CHECK_ST(call, want) check_status((call), (want), #call, __LINE__)
-#define CHECK_OK(call) check_status((call), NPT_OK, #call, __LINE__)
-#define CHECK_EQ(got, want) check_u64((uint64_t)(got), (uint64_t)(want), #got, __LINE__)
+#include "check.h"
 
 #define RAM (UINT64_C(2) << 20)
 #define CR0_LONG (UINT64_C(0x80000001) | 0x10 | 0x20 | 0x10000 | 0x2) /* PG|PE|ET|NE|WP|MP */
