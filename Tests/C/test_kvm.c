@@ -362,6 +362,154 @@ static void test_mbec(npt_context *ctx) {
     CHECK_OK(npt_vm_destroy(vm));
 }
 
+/* R/W policy on KVM: in each hierarchy's layout an executable page without W is a KVM_MEM_READONLY
+ * memslot (a guest write exits as MMIO), and a data access to a page left out (not executable) is
+ * checked against the hierarchy's R/W before the plugin completes it. A refused access is a raw
+ * NPT_EXIT_EPT_VIOLATION (gpa = the accessed address, READ or WRITE | the page's permissions) that
+ * the core reports as NPT_EXIT_MBEC_VIOLATION, as EPT (and the simulator) does. Each case runs on
+ * a fresh vCPU: KVM keeps the refused access pending (Plugins/KVM/README.md). */
+static npt_vcpu *rw_vcpu(npt_vm *vm, uint32_t index, uint64_t rip) {
+    npt_vcpu *v = NULL;
+    CHECK_OK(npt_vcpu_create(vm, index, &v));
+    if (!v) return NULL;
+    npt_regs r;
+    long_mode_regs(&r, rip);
+    CHECK_OK(npt_vcpu_set_regs(v, &r));
+    return v;
+}
+
+static void test_mbec_rw(npt_context *ctx) {
+    npt_vm_config cfg = {0};
+    cfg.size = sizeof cfg;
+    cfg.mbec_mode = NPT_MBEC_LAZY;
+    cfg.backend = "kvm";
+    cfg.ram_size = RAM;
+    cfg.default_perms = NPT_PERM_ALL;
+    npt_vm *vm = NULL;
+    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    if (!vm) return;
+    CHECK_OK(npt_vm_write_memory(vm, HELLO_GUEST_BASE, hello_guest, sizeof hello_guest));
+    /* the code page 0x4000: R|SX (kernel code); the data page: R|W, executable nowhere. Page tables
+     * (0x1000-0x3fff) and the stack page (0x7000) stay R|W|SX|UX. */
+    const uint64_t code = HELLO_GUEST_LONG_ENTRY;
+    CHECK_OK(npt_policy_set(vm, code, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
+    CHECK_OK(npt_policy_set(vm, HELLO_GUEST_DATA, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_WRITE));
+    char out[32];
+    size_t len;
+    npt_exit e;
+
+    /* (1) a write to its own code page (R|SX): raw EPT violation at the written byte, then the core */
+    uint64_t sw0 = 0, up0 = 0, last = 0, sw1 = 0, up1 = 0;
+    if (layout_stats) layout_stats(&sw0, &up0, &last);
+    npt_vcpu *v = rw_vcpu(vm, 0, HELLO_GUEST_SELFWRITE_ENTRY);
+    if (v) {
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        CHECK_OK(npt_vcpu_run_raw(v, &e));
+        printf("test_kvm: R/W: write to the R|SX code page: raw exit %u gpa %#" PRIx64 " q %#" PRIx64 " rip %#" PRIx64 "\n",
+               e.reason, e.gpa, e.qualification, e.rip);
+        CHECK_EQ(e.reason, NPT_EXIT_EPT_VIOLATION);
+        CHECK_EQ(e.gpa, HELLO_GUEST_SELFWRITE_TARGET);
+        CHECK_EQ(e.qualification & 0x7f, NPT_EPTQ_WRITE | NPT_EPTQ_READABLE | NPT_EPTQ_EXECUTABLE);
+        uint32_t action = 99;
+        CHECK_OK(npt_handle_exit(v, &e, &action));
+        printf("test_kvm: R/W: the core: action %u exit %u gpa %#" PRIx64 " q %#" PRIx64 "\n", action, e.reason, e.gpa,
+               e.qualification);
+        CHECK_EQ(action, NPT_ACTION_REPORT_VIOLATION);
+        CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+        CHECK_EQ(e.gpa, HELLO_GUEST_SELFWRITE_TARGET);
+        CHECK(e.qualification & NPT_EPTQ_WRITE);
+        CHECK_EQ(e.qualification & (NPT_EPTQ_READABLE | NPT_EPTQ_WRITABLE | NPT_EPTQ_EXECUTABLE),
+                 NPT_EPTQ_READABLE | NPT_EPTQ_EXECUTABLE);
+        uint8_t b = 0;
+        CHECK_OK(npt_vm_read_memory(vm, HELLO_GUEST_SELFWRITE_TARGET, &b, 1));
+        CHECK_EQ(b, 0x90); /* the nop is still there */
+        if (layout_stats) {
+            layout_stats(&sw1, &up1, &last);
+            printf("test_kvm: R/W: %" PRIu64 " layout switch(es), last switch %" PRIu64 " memslot update(s)\n", sw1 - sw0, last);
+            /* all RAM -> [0, 0x4000) + [0x4000, 0x5000) READONLY + [0x5000, 0x6000) + [0x7000, RAM):
+             * delete 1 slot, create 4 */
+            CHECK_EQ(sw1 - sw0, 1);
+            CHECK_EQ(last, 5);
+        }
+        npt_vcpu_destroy(v);
+    }
+    /* the same through the library loop */
+    v = rw_vcpu(vm, 1, HELLO_GUEST_SELFWRITE_ENTRY);
+    if (v) {
+        e = run_to_halt(v, out, sizeof out, &len);
+        CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+        CHECK_EQ(e.gpa, HELLO_GUEST_SELFWRITE_TARGET);
+        CHECK_EQ(len, 0);
+        npt_vcpu_destroy(v);
+    }
+
+    /* (2) reads and writes a R|W data page (not executable): completed through the MMIO path */
+    v = rw_vcpu(vm, 2, HELLO_GUEST_DATA_ENTRY);
+    if (v) {
+        e = run_to_halt(v, out, sizeof out, &len);
+        printf("test_kvm: R/W: R|W data page: printed \"%s\", exit %u\n", out, e.reason);
+        CHECK(strcmp(out, "D") == 0);
+        CHECK_EQ(e.reason, NPT_EXIT_HALT);
+        uint8_t w = 0;
+        CHECK_OK(npt_vm_read_memory(vm, HELLO_GUEST_DATA + 1, &w, 1));
+        CHECK_EQ(w, 'W');
+        npt_vcpu_destroy(v);
+    }
+
+    /* (3) the data page made R only: the read succeeds ("D"), the write is the violation */
+    const uint8_t zero = 0;
+    CHECK_OK(npt_vm_write_memory(vm, HELLO_GUEST_DATA + 1, &zero, 1));
+    CHECK_OK(npt_policy_set(vm, HELLO_GUEST_DATA, 0x1000, NPT_PAGE_4K, NPT_PERM_READ));
+    v = rw_vcpu(vm, 3, HELLO_GUEST_DATA_ENTRY);
+    if (v) {
+        e = run_to_halt(v, out, sizeof out, &len);
+        printf("test_kvm: R/W: R-only data page: printed \"%s\", exit %u gpa %#" PRIx64 " q %#" PRIx64 "\n", out, e.reason,
+               e.gpa, e.qualification);
+        CHECK(strcmp(out, "D") == 0);
+        CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+        CHECK_EQ(e.gpa, HELLO_GUEST_DATA + 1);
+        CHECK(e.qualification & NPT_EPTQ_WRITE);
+        CHECK_EQ(e.qualification & (NPT_EPTQ_READABLE | NPT_EPTQ_WRITABLE | NPT_EPTQ_EXECUTABLE | NPT_EPTQ_UEXECUTABLE),
+                 NPT_EPTQ_READABLE);
+        uint8_t w = 1;
+        CHECK_OK(npt_vm_read_memory(vm, HELLO_GUEST_DATA + 1, &w, 1));
+        CHECK_EQ(w, 0);
+        npt_vcpu_destroy(v);
+    }
+
+    /* (4) the data page with no access: the read is the violation (READ) */
+    CHECK_OK(npt_policy_set(vm, HELLO_GUEST_DATA, 0x1000, NPT_PAGE_4K, 0));
+    v = rw_vcpu(vm, 4, HELLO_GUEST_DATA_ENTRY);
+    if (v) {
+        e = run_to_halt(v, out, sizeof out, &len);
+        printf("test_kvm: R/W: no-access data page: printed \"%s\", exit %u gpa %#" PRIx64 " q %#" PRIx64 "\n", out, e.reason,
+               e.gpa, e.qualification);
+        CHECK_EQ(len, 0);
+        CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+        CHECK_EQ(e.gpa, HELLO_GUEST_DATA);
+        CHECK(e.qualification & NPT_EPTQ_READ);
+        CHECK(!(e.qualification & NPT_EPTQ_WRITE));
+        npt_vcpu_destroy(v);
+    }
+
+    /* (5) the code page made writable: its READONLY memslot is re-created writable and the write
+     * lands (the guest patches its nop and prints "S") */
+    CHECK_OK(npt_policy_set(vm, code, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_SX));
+    v = rw_vcpu(vm, 5, HELLO_GUEST_SELFWRITE_ENTRY);
+    if (v) {
+        e = run_to_halt(v, out, sizeof out, &len);
+        printf("test_kvm: R/W: R|W|SX code page: printed \"%s\", exit %u\n", out, e.reason);
+        CHECK(strcmp(out, "S") == 0);
+        CHECK_EQ(e.reason, NPT_EXIT_HALT);
+        uint8_t b = 0;
+        CHECK_OK(npt_vm_read_memory(vm, HELLO_GUEST_SELFWRITE_TARGET, &b, 1));
+        CHECK_EQ(b, 0xCC);
+        npt_vcpu_destroy(v);
+    }
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
 /* ------------------------------------------------------------------------ */
 /* A guest kernel with a user process (Plugins/KVM/Guest/kernel.S): system calls through INT3,
  * the MBEC policy of the simulator's HVCI scenario (kernel code R|SX, user code R|UX, data R|W),
@@ -1076,6 +1224,7 @@ int main(int argc, char **argv) {
         CHECK_ST(npt_vm_create(ctx, &cfg, &vm), NPT_ERR_UNSUPPORTED);
         test_guest(ctx);
         test_mbec(ctx);
+        test_mbec_rw(ctx);
         if (entry_ops) test_ops_pmem();
         test_pmem(ctx, 1);
         test_pmem(ctx, 0);

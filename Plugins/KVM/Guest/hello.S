@@ -10,6 +10,8 @@
  *   0x4100 real_entry  (16-bit real mode, CS = 0): prints "R" to port 0xE9, then HLT
  *   0x4200 spin_entry  (64-bit): an endless loop, for kick tests
  *   0x4300 data_entry  (64-bit): prints the byte at 0x6000 ("D"), stores "W" at 0x6001, HLT
+ *   0x4400 selfwrite_entry (64-bit): stores 0xCC over the byte at 0x4480 (its own code page, an
+ *              int3 over a nop), prints "S", HLT (for the R/W tests: the page made R|SX)
  *   0x5000 nx_entry    (64-bit, a page of its own): prints "X", HLT (for fetch-violation tests)
  *   0x6000 data        "D" (a page of its own: a data page for the MBEC tests)
  * Entry points for npt_vcpu_set_regs (Plugins/KVM/README.md, "Conventions"):
@@ -58,6 +60,16 @@ data_entry:                           /* GPA 0x4300 */
     out %al, $0xE9
     movb $'W', 0x6001
     hlt
+
+    .org 0x3400
+selfwrite_entry:                      /* GPA 0x4400 */
+    movb $0xCC, 0x4480
+    mov $'S', %al
+    out %al, $0xE9
+    hlt
+    .org 0x3480
+selfwrite_target:                     /* GPA 0x4480 */
+    nop
 
     .org 0x4000
 nx_entry:                             /* GPA 0x5000 */

@@ -7,7 +7,8 @@
  *   cr0 = PG|PE|..., cr3 = 0x1000, cr4 = PAE, efer = LME|LMA, rip = 0x6000, rsp = 0x8000,
  *   r14 = K (number of "write" system calls the user process makes),
  *   r15 = probe: 0 none, 1 the user process jumps into a kernel page, 2 the kernel jumps into a
- *         user page (both after the K system calls).
+ *         user page, 3 the kernel writes 0xCC to its own code page at KCODE + 0xF00 (all after
+ *         the K system calls).
  *
  * System calls enter the kernel through INT3 (vector 3, an interrupt gate of DPL 3) and return
  * with IRETQ. On this machine's KVM a user-mode SYSCALL loads RIP = LSTAR but stays at CPL 3,
@@ -15,7 +16,8 @@
  * #UD, #PF, ...) from CPL 3 does switch to CPL 0 through the IDT and the TSS's RSP0 (see
  * Plugins/KVM/README.md, "User mode on this machine's KVM").
  *   eax = 1  write: the kernel OUTs the byte in dil to port 0xE9
- *   eax = 60 exit:  the kernel HLTs (probe 2: it jumps to the user page instead)
+ *   eax = 60 exit:  the kernel HLTs (probe 2: it jumps to the user page instead; probe 3: it
+ *                   writes to KCODE + 0xF00 first)
  * A fault the kernel does not expect OUTs its vector to port 0xEF and HLTs.
  *
  * Pages (guest page-table U/S in brackets):
@@ -126,11 +128,16 @@ ksys:                                   /* INT3 from the user process */
 1:  cmp $60, %eax
     jne 3f
     cmp $2, %r15
-    je 2f
+    jae 2f                              /* (jae, not je: the HLT stays at 0x6116) */
     hlt
     jmp .
-2:  mov $USER, %eax                     /* probe 2: the kernel runs a user page */
+2:  cmp $3, %r15
+    je 4f
+    mov $USER, %eax                     /* probe 2: the kernel runs a user page */
     jmp *%rax
+4:  movb $0xCC, KCODE + 0xF00           /* probe 3: the kernel writes its own code page */
+    hlt
+    jmp .
 3:  mov $0xff, %al
     out %al, $0xEF
     hlt

@@ -1,11 +1,15 @@
 // MBEC on KVM: one memslot layout per shadow hierarchy.
 //
-// In the layout of hierarchy H, exactly the RAM pages that H lets the guest execute are mapped;
-// the others are left out (the RAM memslot is split around them). On this KVM every guest
-// instruction is emulated, so:
-//  - a data access to a page left out arrives as KVM_EXIT_MMIO; the backend completes it from the
-//    backing memory (reads fill run->mmio.data, writes store), so data accesses behave as if the
-//    page were mapped (R/W policy is not enforced by this backend: only X differs per hierarchy);
+// In the layout of hierarchy H, exactly the RAM pages that H lets the guest execute are mapped:
+// those H also lets the guest write in ordinary memslots, the others in KVM_MEM_READONLY ones. The
+// pages H does not let the guest execute are left out (the RAM memslot is split around them). On
+// this KVM every guest instruction is emulated, so:
+//  - a data access to a page left out arrives as KVM_EXIT_MMIO; the backend checks it against H's
+//    R/W (hierarchy_translate) and completes it from the backing memory (reads fill
+//    run->mmio.data, writes store) if permitted, else reports NPT_EXIT_EPT_VIOLATION
+//    (NPT_EPTQ_READ or NPT_EPTQ_WRITE | the page's permissions) for the core to decide;
+//  - a write to an executable, non-writable page (a READONLY memslot) also exits as KVM_EXIT_MMIO
+//    (is_write) and is reported the same way;
 //  - an instruction fetch from a page left out fails emulation (KVM_EXIT_INTERNAL_ERROR); the
 //    backend reports it as NPT_EXIT_EPT_VIOLATION for the core to decide.
 // Memslots belong to the VM (this KVM has no multiple address spaces), so one layout is installed
@@ -19,6 +23,9 @@ import SystemPackage
 struct MappedRange: Hashable, Sendable {
     var gpa: UInt64
     var size: UInt64
+    /// KVM_MEM_READONLY (executable but not writable in the layout's hierarchy). Part of the
+    /// identity: KVM cannot change a memslot's flags in place, so the diff deletes and re-creates.
+    var readonly = false
 }
 
 struct LayoutState: Sendable {
@@ -51,20 +58,22 @@ final class LeafCollector {
     let ramSize: UInt64
     init(ramSize: UInt64) { self.ramSize = ramSize }
     func add(_ gpa: UInt64, _ size: UInt64, _ perms: UInt64) {
-        // X (bit 2) in this hierarchy. Only RAM is laid out: NVDIMM ranges and the vFHA (also in the
-        // leaves) keep their own memslots in every layout (Pmem.swift).
+        // X (bit 2) in this hierarchy; W (bit 1) decides the memslot's READONLY flag. Only RAM is
+        // laid out: NVDIMM ranges and the vFHA (also in the leaves) keep their own memslots in every
+        // layout (Pmem.swift).
         guard perms & 0x4 != 0, gpa < ramSize else { return }
         let end = min(gpa + size, ramSize)
-        if let last = ranges.last, last.gpa + last.size == gpa {
+        let readonly = perms & 0x2 == 0
+        if let last = ranges.last, last.gpa + last.size == gpa, last.readonly == readonly {
             ranges[ranges.count - 1].size = end - last.gpa
         } else {
-            ranges.append(MappedRange(gpa: gpa, size: end - gpa))
+            ranges.append(MappedRange(gpa: gpa, size: end - gpa, readonly: readonly))
         }
     }
 }
 
 extension KVMVM {
-    /// The executable ranges of `hierarchy`, from the core (nil without a host table or VM handle).
+    /// The executable ranges of `hierarchy` (read-only where it does not permit writes), from the core (nil without a host table or VM handle).
     func executableRanges(_ hierarchy: UInt32) -> [MappedRange]? {
         guard let host = hostAPI, let leaves = host.pointee.hierarchy_leaves, let handle else { return nil }
         let c = LeafCollector(ramSize: UInt64(memory.size))
@@ -105,7 +114,8 @@ extension KVMVM {
             var next: UInt32 = 0
             for r in want where !have.contains(r) {
                 while st.slots[next] != nil { next += 1 }
-                try vm.setUserMemoryRegion(slot: next, gpa: r.gpa, size: r.size, host: memory.base + Int(r.gpa))
+                try vm.setUserMemoryRegion(slot: next, flags: r.readonly ? kvmMemReadonly : 0, gpa: r.gpa, size: r.size,
+                                           host: memory.base + Int(r.gpa))
                 st.slots[next] = r
                 updates += 1
             }
@@ -114,6 +124,17 @@ extension KVMVM {
             memslotUpdates.add(updates, ordering: .relaxed)
             lastSwitchUpdates.store(updates, ordering: .relaxed)
         }
+    }
+
+    /// What `hierarchy` permits at `gpa` (NPT_PERM_* bits as hierarchy_translate reports them: R bit 0,
+    /// W bit 1, X bit 2; 0 if not present), or nil without a core (a VM created straight from the
+    /// ops has no policy: everything is permitted).
+    func permissions(_ hierarchy: UInt32, _ gpa: UInt64) -> UInt64? {
+        guard let host = hostAPI, let tr = host.pointee.hierarchy_translate, let handle else { return nil }
+        var t = npt_translation()
+        t.size = UInt32(MemoryLayout<npt_translation>.size)
+        guard tr(handle, hierarchy, gpa, &t) == NPT_OK, t.level != 0 else { return 0 }
+        return t.perms
     }
 
     /// Whether `gpa` is mapped in the installed layout.

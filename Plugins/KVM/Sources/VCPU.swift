@@ -227,9 +227,20 @@ final class KVMVCPU: @unchecked Sendable {
                     return finish(&x, e)
                 }
                 let data = UnsafeMutableRawPointer(ckvm_run_mmio_data(run)!)
+                if len <= 8, let (at, q) = dataViolation(gpa, len, isWrite) {
+                    // A data access to RAM the exposed hierarchy does not permit (a page left out of
+                    // the layout, or a write to a READONLY memslot): the core decides. KVM still
+                    // holds the access as pending MMIO: a read resumed later reads all ones, a write
+                    // is dropped.
+                    if !isWrite { data.initializeMemory(as: UInt8.self, repeating: 0xFF, count: len) }
+                    x.reason = NPT_EXIT_EPT_VIOLATION.rawValue
+                    x.gpa = at
+                    x.qualification = q
+                    return finish(&x, e)
+                }
                 if len <= 8, vm.withBacking(gpa, len, { mem in
-                    // A data access to a RAM page the exposed layout leaves out (or, should one
-                    // exit, to an NVDIMM range): complete it from the backing memory.
+                    // A permitted data access to a RAM page the exposed layout leaves out (or, should
+                    // one exit, to an NVDIMM range): complete it from the backing memory.
                     if isWrite { mem.copyMemory(from: data, byteCount: len) } else { data.copyMemory(from: mem, byteCount: len) }
                 }) {
                     continue
@@ -269,6 +280,25 @@ final class KVMVCPU: @unchecked Sendable {
         guard let gpa = vm.translate(linear, cr0: s.cr0, cr3: s.cr3),
               vm.memory.contains(gpa, 1), !vm.isMapped(gpa) else { return nil }
         return gpa & ~0xFFF
+    }
+
+    /// A data access of `len` bytes at `gpa` (RAM only) that the exposed hierarchy does not permit:
+    /// the first address not permitted and the qualification (NPT_EPTQ_READ or NPT_EPTQ_WRITE | what
+    /// the hierarchy permits there: READABLE, WRITABLE, and its X as EXECUTABLE in the supervisor
+    /// hierarchy or UEXECUTABLE in the user one). nil: permitted (or not RAM, or no core).
+    private func dataViolation(_ gpa: UInt64, _ len: Int, _ isWrite: Bool) -> (UInt64, UInt64)? {
+        guard len > 0, vm.memory.contains(gpa, len) else { return nil }
+        let last = gpa + UInt64(len) - 1
+        for at in last & ~0xFFF != gpa & ~0xFFF ? [gpa, last & ~0xFFF] : [gpa] {
+            guard let p = vm.permissions(hierarchy, at) else { return nil }
+            if p & (isWrite ? 2 : 1) != 0 { continue }
+            var q: UInt64 = isWrite ? 1 << 1 : 1 << 0               // NPT_EPTQ_WRITE / NPT_EPTQ_READ
+            if p & 1 != 0 { q |= 1 << 3 }                           // NPT_EPTQ_READABLE
+            if p & 2 != 0 { q |= 1 << 4 }                           // NPT_EPTQ_WRITABLE
+            if p & 4 != 0 { q |= hierarchy == NPT_HIERARCHY_SUPERVISOR ? 1 << 5 : 1 << 6 } // (U)EXECUTABLE
+            return (at, q)
+        }
+        return nil
     }
 
     /// NPT_EPTQ_FETCH plus what the exposed hierarchy permits at `gpa` (read, write; never execute).
