@@ -82,6 +82,8 @@ typedef void (*pmem_stats_fn)(uint64_t *flushes, uint64_t *nanos);
 static pmem_stats_fn pmem_stats;
 typedef void (*gate_stats_fn)(uint64_t *waits, uint64_t *kicks, uint64_t *wait_ns);
 static gate_stats_fn gate_stats;
+typedef void (*mmio_stats_fn)(uint64_t *ram, uint64_t *nvdimm);
+static mmio_stats_fn mmio_stats;
 
 static npt_status fake_translate(npt_vm *vm, uint32_t h, uint64_t gpa, npt_translation *out) {
     (void)vm; (void)h; (void)gpa; (void)out;
@@ -134,6 +136,8 @@ static void test_entry(const char *so) {
     CHECK(layout_stats != NULL);
     gate_stats = (gate_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_gate_stats");
     CHECK(gate_stats != NULL);
+    mmio_stats = (mmio_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_mmio_stats");
+    CHECK(mmio_stats != NULL);
     /* the library stays loaded (npt_plugin_load opens it again) */
 }
 
@@ -1109,8 +1113,10 @@ static void test_pmem(npt_context *ctx, int needs_flush) {
         npt_exit e;
         memset(&e, 0, sizeof e);
         uint64_t outs = 0, pf0 = 0, pns0 = 0, pf1 = 0, pns1 = 0, sw0 = 0, up0 = 0, sw1 = 0, up1 = 0, last = 0;
+        uint64_t mr0 = 0, mn0 = 0, mr1 = 0, mn1 = 0;
         double secs = 0;
         const char *used = NULL;
+        if (mmio_stats) mmio_stats(&mr0, &mn0);
         npt_flush_stats st0;
         memset(&st0, 0, sizeof st0);
         st0.size = sizeof st0;
@@ -1135,6 +1141,13 @@ static void test_pmem(npt_context *ctx, int needs_flush) {
             CHECK_OK(npt_vm_get_flush_stats(vm, &st));
             if (pmem_stats) pmem_stats(&pf1, &pns1);
             if (layout_stats) layout_stats(&sw1, &up1, &last);
+            if (mmio_stats) {
+                /* default_perms NPT_PERM_ALL: the NVDIMM range stays mapped (executable and writable
+                 * in the exposed hierarchy): not one of its accesses exits as MMIO */
+                mmio_stats(&mr1, &mn1);
+                printf("test_kvm: pmem (default_perms ALL): %" PRIu64 " NVDIMM MMIO completion(s)\n", mn1 - mn0);
+                CHECK_EQ(mn1 - mn0, 0);
+            }
             uint64_t gf = st.guest_flushes - st0.guest_flushes, ex = st.exits - st0.exits;
             uint64_t pf = st.physical_flushes - st0.physical_flushes, ns = st.flush_ns_total - st0.flush_ns_total;
             uint64_t want = needs_flush ? PMEM_N : 0;
@@ -1159,6 +1172,132 @@ static void test_pmem(npt_context *ctx, int needs_flush) {
             for (int i = 0; i < PMEM_N; i++) good += rec[8 * i] == PMEM_GUEST_MAGIC && rec[8 * i + 1] == (uint64_t)i;
             CHECK_EQ(good, PMEM_N);
         }
+        npt_vcpu_destroy(v);
+    }
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
+/* default_perms R|W (not NPT_PERM_ALL): the NVDIMM range is executable in no hierarchy, so the
+ * layouts leave it out. (1) The pmem guest's stores exit as MMIO and are completed from the range's
+ * file mapping: its records become durable (flush exits, msyncs, the records read back). (2) A jump
+ * into the range is an instruction fetch the hierarchy refuses: NPT_EXIT_MBEC_VIOLATION at that gpa
+ * with NPT_EPTQ_FETCH, as for a RAM page. RAM is made R|W|SX|UX (the guest's code, tables, stack). */
+#define NVX_OFFSET (UINT64_C(8) << 20) /* a part of the backing file no other test writes */
+static void test_pmem_nx(npt_context *ctx) {
+    setenv("NPTKIT_KVM_PMEM_NEEDS_FLUSH", "1", 1);
+    npt_vm_config cfg = {0};
+    cfg.size = sizeof cfg;
+    cfg.mbec_mode = NPT_MBEC_LAZY;
+    cfg.backend = "kvm";
+    cfg.ram_size = RAM;
+    cfg.default_perms = NPT_PERM_READ | NPT_PERM_WRITE;
+    npt_vm *vm = NULL;
+    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    if (!vm) return;
+    CHECK_OK(npt_policy_set(vm, 0, RAM, NPT_PAGE_4K, NPT_PERM_ALL));
+    npt_nvdimm d = {0};
+    d.size = sizeof d;
+    d.host_region = 1;
+    d.gpa = NVD_GPA;
+    d.length = NVD_LEN;
+    d.region_offset = NVX_OFFSET;
+    CHECK_OK(npt_vm_add_nvdimm(vm, &d));
+    npt_flush_hint_info fh;
+    memset(&fh, 0, sizeof fh);
+    fh.size = sizeof fh;
+    CHECK_OK(npt_vm_get_flush_hint(vm, &fh));
+    CHECK_EQ(fh.trapped, 1);
+    npt_translation t;
+    memset(&t, 0, sizeof t);
+    t.size = sizeof t;
+    CHECK_OK(npt_hierarchy_translate(vm, NPT_HIERARCHY_SUPERVISOR, NVD_GPA, &t));
+    printf("test_kvm: pmem R|W: the NVDIMM range's permissions in the supervisor hierarchy: %#" PRIx64 "\n", t.perms);
+    CHECK_EQ(t.perms & (NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_SX), NPT_PERM_READ | NPT_PERM_WRITE);
+    uint64_t rec[PMEM_N * 8];
+    CHECK_OK(npt_vm_read_memory(vm, NVD_GPA, rec, sizeof rec));
+    int zero = 0;
+    for (int i = 0; i < PMEM_N * 8; i++) zero += rec[i] == 0;
+    CHECK_EQ(zero, PMEM_N * 8); /* nothing there before this guest runs */
+    CHECK_OK(npt_vm_write_memory(vm, PMEM_GUEST_BASE, pmem_guest, sizeof pmem_guest));
+    npt_vcpu *v = NULL;
+    CHECK_OK(npt_vcpu_create(vm, 0, &v));
+    if (v) {
+        npt_flush_stats st0, st;
+        memset(&st0, 0, sizeof st0);
+        st0.size = sizeof st0;
+        memset(&st, 0, sizeof st);
+        st.size = sizeof st;
+        uint64_t outs = 0, mr0 = 0, mn0 = 0, mr1 = 0, mn1 = 0, sw0 = 0, up0 = 0, sw1 = 0, up1 = 0, last = 0;
+        double secs = 0;
+        CHECK_OK(npt_vm_get_flush_stats(vm, &st0));
+        if (mmio_stats) mmio_stats(&mr0, &mn0);
+        if (layout_stats) layout_stats(&sw0, &up0, &last);
+        /* CLFLUSHOPT: KVM's emulator treats it as a no-op (the store before it already reached the file) */
+        npt_exit e = run_pmem(v, PMEM_GUEST_CLFLUSHOPT_ENTRY, fh.vfha, PMEM_N, &outs, &secs);
+        if (mmio_stats) mmio_stats(&mr1, &mn1);
+        if (layout_stats) layout_stats(&sw1, &up1, &last);
+        CHECK_OK(npt_vm_get_flush_stats(vm, &st));
+        printf("test_kvm: pmem R|W (NVDIMM range not mapped): %" PRIu64 " iterations with CLFLUSHOPT, exit %u rip %#" PRIx64
+               " gpa %#" PRIx64 "; %" PRIu64 " flush exit(s), %" PRIu64 " physical flush(es), %" PRIu64
+               " NVDIMM MMIO completion(s); wall %.1f us per iteration; %" PRIu64 " layout switch(es), %" PRIu64
+               " memslot update(s)\n",
+               outs, e.reason, e.rip, e.gpa, st.exits - st0.exits, st.physical_flushes - st0.physical_flushes, mn1 - mn0,
+               secs * 1e6 / PMEM_N, sw1 - sw0, up1 - up0);
+        CHECK_EQ(e.reason, NPT_EXIT_HALT);
+        CHECK_EQ(outs, PMEM_N);
+        CHECK_EQ(st.guest_flushes - st0.guest_flushes, PMEM_N);
+        CHECK_EQ(st.exits - st0.exits, PMEM_N);
+        CHECK_EQ(st.physical_flushes - st0.physical_flushes, PMEM_N);
+        if (mmio_stats) CHECK(mn1 - mn0 >= 2 * PMEM_N); /* two 8-byte stores per record */
+        /* the first install (all RAM stays one memslot): the NVDIMM range's memslot deleted */
+        if (layout_stats) CHECK_EQ(up1 - up0, 1);
+        CHECK_OK(npt_vm_read_memory(vm, NVD_GPA, rec, sizeof rec));
+        int good = 0;
+        for (int i = 0; i < PMEM_N; i++) good += rec[8 * i] == PMEM_GUEST_MAGIC && rec[8 * i + 1] == (uint64_t)i;
+        CHECK_EQ(good, PMEM_N);
+
+        /* (2) a fetch from the NVDIMM range: raw, then through the core */
+        npt_regs r;
+        long_mode_regs(&r, PMEM_GUEST_JUMP_ENTRY);
+        r.cr3 = PMEM_GUEST_CR3;
+        r.gpr[7] = NVD_GPA + 0x40; /* rdi */
+        CHECK_OK(npt_vcpu_set_regs(v, &r));
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        CHECK_OK(npt_vcpu_run_raw(v, &e));
+        printf("test_kvm: pmem R|W: jump into the NVDIMM range: raw exit %u gpa %#" PRIx64 " q %#" PRIx64 " rip %#" PRIx64 "\n",
+               e.reason, e.gpa, e.qualification, e.rip);
+        CHECK_EQ(e.reason, NPT_EXIT_EPT_VIOLATION);
+        CHECK_EQ(e.gpa, NVD_GPA);
+        CHECK_EQ(e.qualification & 0x7f, NPT_EPTQ_FETCH | NPT_EPTQ_READABLE | NPT_EPTQ_WRITABLE);
+        uint32_t action = 99;
+        CHECK_OK(npt_handle_exit(v, &e, &action));
+        printf("test_kvm: pmem R|W: the core: action %u exit %u gpa %#" PRIx64 " q %#" PRIx64 "\n", action, e.reason, e.gpa,
+               e.qualification);
+        CHECK_EQ(action, NPT_ACTION_REPORT_VIOLATION);
+        CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+        CHECK_EQ(e.gpa, NVD_GPA);
+        CHECK(e.qualification & NPT_EPTQ_FETCH);
+        /* the library loop: the same violation */
+        CHECK_OK(npt_vcpu_set_regs(v, &r));
+        e = run_pmem(v, PMEM_GUEST_JUMP_ENTRY, fh.vfha, 1, &outs, &secs);
+        CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+        CHECK_EQ(e.gpa, NVD_GPA);
+        CHECK(e.qualification & NPT_EPTQ_FETCH);
+
+        /* a fetch from a later page of the range: the violation names that page */
+        long_mode_regs(&r, PMEM_GUEST_JUMP_ENTRY);
+        r.cr3 = PMEM_GUEST_CR3;
+        r.gpr[7] = NVD_GPA + 0x1010;
+        CHECK_OK(npt_vcpu_set_regs(v, &r));
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        CHECK_OK(npt_vcpu_run(v, &e));
+        printf("test_kvm: pmem R|W: jump into the NVDIMM range's second page (library loop): exit %u gpa %#" PRIx64 " q %#" PRIx64 "\n",
+               e.reason, e.gpa, e.qualification);
+        CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+        CHECK_EQ(e.gpa, NVD_GPA + 0x1000);
+        CHECK(e.qualification & NPT_EPTQ_FETCH);
         npt_vcpu_destroy(v);
     }
     CHECK_OK(npt_vm_destroy(vm));
@@ -1228,6 +1367,7 @@ int main(int argc, char **argv) {
         if (entry_ops) test_ops_pmem();
         test_pmem(ctx, 1);
         test_pmem(ctx, 0);
+        test_pmem_nx(ctx);
         test_kernel(ctx);
         test_switch_cost_independent_of_size(ctx);
         test_image_too_large(ctx);

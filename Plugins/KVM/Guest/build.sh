@@ -44,6 +44,7 @@ objcopy -O binary -j .text "$TMP/pmem.o" "$TMP/pmem.bin"
     echo "#define PMEM_GUEST_CLWB_ENTRY 0x14000u"
     echo "#define PMEM_GUEST_CLFLUSHOPT_ENTRY 0x14100u"
     echo "#define PMEM_GUEST_CLFLUSH_ENTRY 0x14200u"
+    echo "#define PMEM_GUEST_JUMP_ENTRY 0x14300u /* jmp *%rdi: a fetch from the NVDIMM range */"
     echo "#define PMEM_GUEST_MAGIC UINT64_C(0x4e56444d4d2d4b56)"
     echo "static const unsigned char pmem_guest[] = {"
     od -An -v -tx1 "$TMP/pmem.bin" | sed -e 's/^ *//' -e 's/ *$//' -e '/^$/d' -e 's/\([0-9a-f][0-9a-f]\)/0x\1,/g'

@@ -10,6 +10,7 @@
  *   0x14000 pmem_clwb        the loop below, writing back with CLWB        (66 0F AE /6)
  *   0x14100 pmem_clflushopt  the same with CLFLUSHOPT                      (66 0F AE /7)
  *   0x14200 pmem_clflush     the same with CLFLUSH                         (0F AE /7)
+ *   0x14300 pmem_jump        jumps to rdi (the NVDIMM range): a fetch from it
  * Inputs (set by the test): rdi = the NVDIMM range's guest-physical base, rsi = the vFHA,
  * rcx = N (> 0). For i = 0 .. N-1 the guest writes the 16-byte record {PMEM_MAGIC, i} to the
  * 64-byte line rdi + 64 * i, writes the line back, SFENCEs, writes 1 to the vFHA (the flush: it
@@ -66,3 +67,6 @@ pmem_clflushopt:                       /* GPA 0x14100 */
     .org 0x4200
 pmem_clflush:                          /* GPA 0x14200 */
     PMEM_LOOP clflush
+    .org 0x4300
+pmem_jump:                             /* GPA 0x14300 */
+    jmp *%rdi

@@ -1,11 +1,13 @@
 // MBEC on KVM: one memslot layout per shadow hierarchy.
 //
-// In the layout of hierarchy H, exactly the RAM pages that H lets the guest execute are mapped:
-// those H also lets the guest write in ordinary memslots, the others in KVM_MEM_READONLY ones. The
-// pages H does not let the guest execute are left out (the RAM memslot is split around them). On
+// In the layout of hierarchy H, exactly the RAM and NVDIMM pages that H lets the guest execute are
+// mapped: those H also lets the guest write in ordinary memslots, the others in KVM_MEM_READONLY
+// ones. The pages H does not let the guest execute are left out (the RAM memslot is split around
+// them; an NVDIMM range keeps one memslot per executable run of its file mapping, Pmem.swift). On
 // this KVM every guest instruction is emulated, so:
 //  - a data access to a page left out arrives as KVM_EXIT_MMIO; the backend checks it against H's
-//    R/W (hierarchy_translate) and completes it from the backing memory (reads fill
+//    R/W (hierarchy_translate) and completes it from the backing memory (RAM, or an NVDIMM range's
+//    file mapping; reads fill
 //    run->mmio.data, writes store) if permitted, else reports NPT_EXIT_EPT_VIOLATION
 //    (NPT_EPTQ_READ or NPT_EPTQ_WRITE | the page's permissions) for the core to decide;
 //  - a write to an executable, non-writable page (a READONLY memslot) also exits as KVM_EXIT_MMIO
@@ -36,7 +38,7 @@ struct LayoutState: Sendable {
     /// The policy changed since the layouts were computed (invalidate).
     var dirty = true
     /// Layouts computed from the core's leaves, per hierarchy.
-    var cache: [UInt32: [MappedRange]] = [:]
+    var cache: [UInt32: LayoutPlan] = [:]
 }
 
 /// Process-wide counters (exported as npt_kvm_layout_stats).
@@ -53,17 +55,49 @@ public func npt_kvm_layout_stats(_ switches: UnsafeMutablePointer<UInt64>?, _ up
     last?.pointee = lastSwitchUpdates.load(ordering: .relaxed)
 }
 
+/// What a hierarchy's layout maps: its executable RAM ranges, and its executable ranges beyond RAM
+/// (of which the NVDIMM ranges' runs are taken; the vFHA, also there, keeps its own memslot).
+struct LayoutPlan: Sendable {
+    var ram: [MappedRange]
+    var beyond: [MappedRange]
+}
+
+/// Process-wide counters (exported as npt_kvm_mmio_stats): data accesses to pages left out of the
+/// installed layout that the plugin completed (KVM_EXIT_MMIO), to RAM and to NVDIMM ranges.
+let mmioCompletionsRAM = Atomic<UInt64>(0)
+let mmioCompletionsPmem = Atomic<UInt64>(0)
+
+/// The MMIO exits the plugin completed from RAM and from NVDIMM file mappings, in total.
+@_cdecl("npt_kvm_mmio_stats")
+public func npt_kvm_mmio_stats(_ ram: UnsafeMutablePointer<UInt64>?, _ nvdimm: UnsafeMutablePointer<UInt64>?) {
+    ram?.pointee = mmioCompletionsRAM.load(ordering: .relaxed)
+    nvdimm?.pointee = mmioCompletionsPmem.load(ordering: .relaxed)
+}
+
+func countMMIOCompletion(ram: Bool) {
+    if ram { mmioCompletionsRAM.add(1, ordering: .relaxed) } else { mmioCompletionsPmem.add(1, ordering: .relaxed) }
+}
+
 final class LeafCollector {
     var ranges: [MappedRange] = []
+    var beyond: [MappedRange] = []
     let ramSize: UInt64
     init(ramSize: UInt64) { self.ramSize = ramSize }
     func add(_ gpa: UInt64, _ size: UInt64, _ perms: UInt64) {
-        // X (bit 2) in this hierarchy; W (bit 1) decides the memslot's READONLY flag. Only RAM is
-        // laid out: NVDIMM ranges and the vFHA (also in the leaves) keep their own memslots in every
-        // layout (Pmem.swift).
-        guard perms & 0x4 != 0, gpa < ramSize else { return }
-        let end = min(gpa + size, ramSize)
+        // X (bit 2) in this hierarchy; W (bit 1) decides the memslot's READONLY flag. RAM and the
+        // rest (NVDIMM ranges, the vFHA) are collected apart: install lays out RAM from memory and
+        // the NVDIMM ranges from their file mappings (Pmem.swift).
+        guard perms & 0x4 != 0 else { return }
         let readonly = perms & 0x2 == 0
+        if gpa < ramSize {
+            Self.append(&ranges, gpa, min(gpa + size, ramSize), readonly)
+        }
+        if gpa + size > ramSize {
+            Self.append(&beyond, max(gpa, ramSize), gpa + size, readonly)
+        }
+    }
+
+    private static func append(_ ranges: inout [MappedRange], _ gpa: UInt64, _ end: UInt64, _ readonly: Bool) {
         if let last = ranges.last, last.gpa + last.size == gpa, last.readonly == readonly {
             ranges[ranges.count - 1].size = end - last.gpa
         } else {
@@ -74,7 +108,7 @@ final class LeafCollector {
 
 extension KVMVM {
     /// The executable ranges of `hierarchy` (read-only where it does not permit writes), from the core (nil without a host table or VM handle).
-    func executableRanges(_ hierarchy: UInt32) -> [MappedRange]? {
+    func executableRanges(_ hierarchy: UInt32) -> LayoutPlan? {
         guard let host = hostAPI, let leaves = host.pointee.hierarchy_leaves, let handle else { return nil }
         let c = LeafCollector(ramSize: UInt64(memory.size))
         let s = withExtendedLifetime(c) {
@@ -82,7 +116,7 @@ extension KVMVM {
                 Unmanaged<LeafCollector>.fromOpaque(ud!).takeUnretainedValue().add(gpa, size, perms)
             }, Unmanaged.passUnretained(c).toOpaque())
         }
-        return s == NPT_OK ? c.ranges : nil
+        return s == NPT_OK ? LayoutPlan(ram: c.ranges, beyond: c.beyond) : nil
     }
 
     /// Installs the layout of `hierarchy` (before a run), changing only the memslots that differ.
@@ -90,11 +124,11 @@ extension KVMVM {
         try layout.withLock { (st) throws(Errno) in
             if st.dirty { st.cache = [:]; st.dirty = false }
             else if st.installed == hierarchy { return }
-            let want: [MappedRange]
+            let plan: LayoutPlan
             if let c = st.cache[hierarchy] {
-                want = c
+                plan = c
             } else if let r = executableRanges(hierarchy) {
-                want = r
+                plan = r
                 st.cache[hierarchy] = r
             } else if handle == nil {
                 return   // a VM created straight from the ops has no core and so no policy: all RAM stays mapped
@@ -102,6 +136,7 @@ extension KVMVM {
                 // The core could not list the hierarchy: refuse to run rather than run without MBEC.
                 throw Errno.ioError
             }
+            let want = plan.ram
             let wantSet = Set(want)
             var updates: UInt64 = 0
             // Delete first: memslots must never overlap.
@@ -119,6 +154,8 @@ extension KVMVM {
                 st.slots[next] = r
                 updates += 1
             }
+            // The NVDIMM ranges' runs (their own memslot ids; never overlapping RAM).
+            updates += try syncPmemRuns(plan.beyond)
             st.installed = hierarchy
             layoutSwitches.add(1, ordering: .relaxed)
             memslotUpdates.add(updates, ordering: .relaxed)
@@ -137,9 +174,10 @@ extension KVMVM {
         return t.perms
     }
 
-    /// Whether `gpa` is mapped in the installed layout.
+    /// Whether `gpa` is mapped in the installed layout (RAM, or a run of an NVDIMM range).
     func isMapped(_ gpa: UInt64) -> Bool {
         layout.withLock { st in st.slots.values.contains { gpa >= $0.gpa && gpa - $0.gpa < $0.size } }
+            || isPmemMapped(gpa)
     }
 
     /// Guest-physical address of linear `va` through the guest's 4-level page tables at `cr3`

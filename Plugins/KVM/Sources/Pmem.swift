@@ -14,10 +14,13 @@
 //    this backend's WPQ drain. NPTKIT_KVM_PMEM_NEEDS_FLUSH=0 makes it report 0 (read at every
 //    host_pmem_get; the core asks once per VM), to show the path without exits.
 //
-// Memslots: NVDIMM ranges and the vFHA use slot ids from `pmemFirstSlot` up, which the MBEC layouts
-// (Layout.swift) never touch: the NVDIMM ranges stay mapped in every hierarchy's layout (the core's
-// leaves list them, with the permissions of config->default_perms; the plugin keeps them mapped
-// to the file, not to RAM, whatever the hierarchy).
+// Memslots: NVDIMM ranges and the vFHA use slot ids from `pmemFirstSlot` up (the RAM layouts use ids
+// from 0). The vFHA's memslot is in every layout. An NVDIMM range is mapped (to its file mapping,
+// never to RAM) by one memslot per run of pages: attach_pmem maps the whole range, and each layout
+// install (Layout.swift, syncPmemRuns) keeps exactly the runs the installed hierarchy lets the
+// guest execute (READONLY where it does not let it write), like RAM. The pages left out exit as
+// KVM_EXIT_MMIO (data, completed from the file mapping after the R/W check) or fail emulation
+// (fetches: NPT_EXIT_EPT_VIOLATION), exactly as RAM pages left out do (VCPU.swift).
 import CKVM
 import CNPTKit
 import Synchronization
@@ -202,7 +205,9 @@ final class FileMapping: @unchecked Sendable {
 }
 
 struct PmemAttachment {
-    var slot: UInt32
+    /// The memslots mapping runs of the range now (slot -> run; a run at gpa maps the file mapping
+    /// at gpa - range.gpa). The whole range at attach; the installed layout's executable runs after.
+    var runs: [UInt32: MappedRange]
     var range: MappedRange
     var region: UInt32
     var mapping: FileMapping
@@ -217,7 +222,7 @@ struct PmemVMState: @unchecked Sendable {
 
     func freeSlot() -> UInt32 {
         var s = pmemFirstSlot
-        while attachments.contains(where: { $0.slot == s }) || flushHint?.slot == s { s += 1 }
+        while attachments.contains(where: { $0.runs[s] != nil }) || flushHint?.slot == s { s += 1 }
         return s
     }
 }
@@ -230,7 +235,9 @@ extension KVMVM {
         var kept: [PmemAttachment] = []
         for a in st.attachments {
             if overlaps(a.range) {
-                try vm.setUserMemoryRegion(slot: a.slot, gpa: a.range.gpa, size: 0, host: nil)
+                for (slot, r) in a.runs.sorted(by: { $0.key < $1.key }) {
+                    try vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
+                }
             } else {
                 kept.append(a)
             }
@@ -261,8 +268,11 @@ extension KVMVM {
                 try removeOverlapping(&st, gpa, size)
                 let slot = st.freeSlot()
                 try vm.setUserMemoryRegion(slot: slot, gpa: gpa, size: size, host: m.base)
-                st.attachments.append(PmemAttachment(slot: slot, range: MappedRange(gpa: gpa, size: size), region: region, mapping: m))
+                let whole = MappedRange(gpa: gpa, size: size)
+                st.attachments.append(PmemAttachment(runs: [slot: whole], range: whole, region: region, mapping: m))
             }
+            // The next layout install keeps only the runs the exposed hierarchy may execute.
+            layout.withLock { $0.dirty = true }
             return NPT_OK
         } catch {
             return fail(error, "attach_pmem at \(hex(gpa))")
@@ -298,6 +308,62 @@ extension KVMVM {
         pmem.withLock { st in
             guard let h = st.flushHint, h.trapped else { return false }
             return gpa & ~0xFFF == h.gpa
+        }
+    }
+
+    /// Whether [gpa, gpa+len) lies in one NVDIMM range.
+    func isPmem(_ gpa: UInt64, _ len: Int) -> Bool {
+        let (end, o) = gpa.addingReportingOverflow(UInt64(len))
+        if o { return false }
+        return pmem.withLock { st in
+            st.attachments.contains { gpa >= $0.range.gpa && end <= $0.range.gpa + $0.range.size }
+        }
+    }
+
+    /// Whether `gpa` is in a memslot run of an NVDIMM range now.
+    func isPmemMapped(_ gpa: UInt64) -> Bool {
+        pmem.withLock { st in
+            st.attachments.contains { a in a.runs.values.contains { gpa >= $0.gpa && gpa - $0.gpa < $0.size } }
+        }
+    }
+
+    /// Makes the NVDIMM ranges' memslots exactly the runs of `executable` (the installed hierarchy's
+    /// executable ranges outside RAM, READONLY where it may not write) that lie in them: deletes the
+    /// runs not wanted first (memslots must never overlap), then creates the missing ones. Returns
+    /// the KVM_SET_USER_MEMORY_REGION calls made. Called by install with the layout lock held.
+    func syncPmemRuns(_ executable: [MappedRange]) throws(Errno) -> UInt64 {
+        try pmem.withLock { (st) throws(Errno) -> UInt64 in
+            var updates: UInt64 = 0
+            var wanted: [[MappedRange]] = []
+            for a in st.attachments {
+                let lo = a.range.gpa, hi = a.range.gpa + a.range.size
+                var w: [MappedRange] = []
+                for r in executable where r.gpa < hi && lo < r.gpa + r.size {
+                    let s = max(r.gpa, lo), e = min(r.gpa + r.size, hi)
+                    w.append(MappedRange(gpa: s, size: e - s, readonly: r.readonly))
+                }
+                wanted.append(w)
+            }
+            for i in st.attachments.indices {
+                let want = Set(wanted[i])
+                for (slot, r) in st.attachments[i].runs.sorted(by: { $0.key < $1.key }) where !want.contains(r) {
+                    try vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
+                    st.attachments[i].runs[slot] = nil
+                    updates += 1
+                }
+            }
+            for i in st.attachments.indices {
+                let have = Set(st.attachments[i].runs.values)
+                for r in wanted[i] where !have.contains(r) {
+                    let slot = st.freeSlot()
+                    let a = st.attachments[i]
+                    try vm.setUserMemoryRegion(slot: slot, flags: r.readonly ? kvmMemReadonly : 0, gpa: r.gpa, size: r.size,
+                                               host: a.mapping.base + Int(r.gpa - a.range.gpa))
+                    st.attachments[i].runs[slot] = r
+                    updates += 1
+                }
+            }
+            return updates
         }
     }
 

@@ -239,10 +239,11 @@ final class KVMVCPU: @unchecked Sendable {
                     return finish(&x, e)
                 }
                 if len <= 8, vm.withBacking(gpa, len, { mem in
-                    // A permitted data access to a RAM page the exposed layout leaves out (or, should
-                    // one exit, to an NVDIMM range): complete it from the backing memory.
+                    // A permitted data access to a RAM or NVDIMM page the exposed layout leaves out:
+                    // complete it from the backing memory (RAM, or the NVDIMM range's file mapping).
                     if isWrite { mem.copyMemory(from: data, byteCount: len) } else { data.copyMemory(from: mem, byteCount: len) }
                 }) {
+                    countMMIOCompletion(ram: vm.memory.contains(gpa, len))
                     continue
                 }
                 x.reason = NPT_EXIT_INTERNAL_ERROR.rawValue
@@ -278,16 +279,16 @@ final class KVMVCPU: @unchecked Sendable {
         guard let r = try? cpu.regs, let s = try? cpu.sregs else { return nil }
         let linear = s.cr0 & cr0PE == 0 ? s.cs.base &+ r.rip : r.rip
         guard let gpa = vm.translate(linear, cr0: s.cr0, cr3: s.cr3),
-              vm.memory.contains(gpa, 1), !vm.isMapped(gpa) else { return nil }
+              vm.memory.contains(gpa, 1) || vm.isPmem(gpa, 1), !vm.isMapped(gpa) else { return nil }
         return gpa & ~0xFFF
     }
 
-    /// A data access of `len` bytes at `gpa` (RAM only) that the exposed hierarchy does not permit:
+    /// A data access of `len` bytes at `gpa` (RAM or one NVDIMM range) that the exposed hierarchy does not permit:
     /// the first address not permitted and the qualification (NPT_EPTQ_READ or NPT_EPTQ_WRITE | what
     /// the hierarchy permits there: READABLE, WRITABLE, and its X as EXECUTABLE in the supervisor
-    /// hierarchy or UEXECUTABLE in the user one). nil: permitted (or not RAM, or no core).
+    /// hierarchy or UEXECUTABLE in the user one). nil: permitted (or neither, or no core).
     private func dataViolation(_ gpa: UInt64, _ len: Int, _ isWrite: Bool) -> (UInt64, UInt64)? {
-        guard len > 0, vm.memory.contains(gpa, len) else { return nil }
+        guard len > 0, vm.memory.contains(gpa, len) || vm.isPmem(gpa, len) else { return nil }
         let last = gpa + UInt64(len) - 1
         for at in last & ~0xFFF != gpa & ~0xFFF ? [gpa, last & ~0xFFF] : [gpa] {
             guard let p = vm.permissions(hierarchy, at) else { return nil }
