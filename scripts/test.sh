@@ -36,7 +36,7 @@ if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
     # MBEC: both attacks stopped as MBEC violations (user -> kernel page 0x8000, kernel -> user page 0x9000), 2 exits per call (lazy).
     kvm_expect "^  1 +user runs a supervisor-only page +3 +0x8000 +fetch +R-Xs-- "
     kvm_expect "^  2 +kernel runs a user page +0 +0x9000 +fetch +R---Xu "
-    kvm_expect "^Attacks that ran guest code: 0$"
+    kvm_expect "^Attacks that ran guest code: 0   Faults the guest kernel saw: vector 20 at 0x8000, vector 20 at 0x9000$"
     kvm_expect "^Exits per system-call round trip: 2\.00 "
     # Privileged mode: every request served, no probe read the region, no heartbeat moved while it was visible.
     kvm_expect "^Entries ([1-9][0-9]*) of \1 requests, failures 0; reads of the region from outside the mode: [1-9][0-9]* blocked, 0 succeeded$"

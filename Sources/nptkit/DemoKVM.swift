@@ -57,9 +57,15 @@ extension Demo {
         var printed: [UInt8] = []
         var last: VMExit
         var stats: VMStatistics
+        /// With injectVE: the reported violation (the guest then got #VE) and the faults the guest
+        /// kernel's stubs reported (vector on port 0xEF, rip from the exception frame on its stack).
+        var violation: VMExit? = nil
+        var faultsSeenByGuest: [(vector: UInt64, rip: UInt64)] = []
     }
 
-    func kernelRun(registry: BackendRegistry, calls: Int, probe: UInt64) throws -> KernelRun {
+    /// injectVE: after a reported MBEC violation the VMM injects #VE (vector 20) and runs on, as the
+    /// simulator's demo does; the guest kernel's vector-20 stub reports it on port 0xEF and halts.
+    func kernelRun(registry: BackendRegistry, calls: Int, probe: UInt64, injectVE: Bool = false) throws -> KernelRun {
         var entry: UInt64 = 0, kcode: UInt64 = 0, kstack: UInt64 = 0, kfunc: UInt64 = 0, ucode: UInt64 = 0, ustack: UInt64 = 0
         let kernel = nptk_guest_kernel(&entry, &kcode, &kstack, &kfunc, &ucode, &ustack)
         let vm = try NPTKitRuntime.makeVM(config: VMConfig(ramSize: 2 << 20, defaultPermissions: .all, mbecMode: .lazy, backendName: "kvm"),
@@ -73,11 +79,26 @@ extension Demo {
         r.gpr[14] = UInt64(calls); r.gpr[15] = probe
         try v.setRegisters(r)
         var printed: [UInt8] = []
+        var violation: VMExit?
+        var faults: [(vector: UInt64, rip: UInt64)] = []
         while true {
             let x = try v.run()
             if x.reason == .io && x.ioPort == 0xE9 { printed.append(UInt8(truncatingIfNeeded: x.ioValue)); continue }
             if x.reason == .kicked || x.reason == .budget { continue }
-            return KernelRun(printed: printed, last: x, stats: vm.statistics())
+            if injectVE && x.reason == .mbecViolation && violation == nil {
+                violation = x
+                try v.injectFault(vector: 20, errorCode: x.qualification, address: x.gpa.raw)
+                continue
+            }
+            if injectVE && x.reason == .io && x.ioPort == 0xEF {
+                // kernel.S's stub: pushq $vector; pop %rax; out %al, $0xEF: the frame's rip is at rsp
+                var rip: UInt64 = 0
+                let rsp = try v.registers().gpr[4]
+                try withUnsafeMutableBytes(of: &rip) { b in try vm.readMemory(GPA(rsp), b) }
+                faults.append((x.ioValue, rip))
+                continue
+            }
+            return KernelRun(printed: printed, last: x, stats: vm.statistics(), violation: violation, faultsSeenByGuest: faults)
         }
     }
 
@@ -112,17 +133,18 @@ extension Demo {
         guard run.last.reason == .halt else { throw NPTError(.state, "kernel guest: unexpected exit \(run.last)") }
         print("\nGuest output (system call 'write'): \(String(decoding: run.printed, as: UTF8.self).map(String.init).joined(separator: " "))")
 
-        print("\nViolations stopped (reported to the VMM with an EPT-violation qualification; this plugin cannot inject")
-        print("a #VE or fault, so the VMM stops the guest there):")
+        print("\nViolations stopped (reported to the VMM with an EPT-violation qualification, then injected as #VE with")
+        print("npt_vcpu_inject_fault: KVM_SET_VCPU_EVENTS, delivered through the guest kernel's IDT):")
         var v = Table(["#", "attempt", "cpl", "guest-physical", "access", "policy of page", "qualification"])
         var ran = 0
+        var faults: [(vector: UInt64, rip: UInt64)] = []
         for (i, probe) in [UInt64(1), 2].enumerated() {
-            let o = try kernelRun(registry: registry, calls: 2, probe: probe)
-            let x = o.last
+            let o = try kernelRun(registry: registry, calls: 2, probe: probe, injectVE: true)
+            faults += o.faultsSeenByGuest
             if o.printed.contains(UInt8(ascii: "K")) { ran += 1 }
-            guard x.reason == .mbecViolation else {
+            guard let x = o.violation else {
                 v.add(["\(i + 1)", probe == 1 ? "user jumps into kernel page" : "kernel jumps into user page", "-", "-", "-", "-",
-                       "NOT STOPPED: \(x)"])
+                       "NOT STOPPED: \(o.last)"])
                 ran += 1
                 continue
             }
@@ -133,7 +155,7 @@ extension Demo {
                    policyText(q), hex(q.rawValue)])
         }
         print(v.render())
-        print("Attacks that ran guest code: \(ran)")
+        print("Attacks that ran guest code: \(ran)   Faults the guest kernel saw: \(faults.map { "vector \($0.vector) at \(hex($0.rip))" }.joined(separator: ", "))")
 
         let s = run.stats
         print("\nExits by reason (the \(syscalls) system calls):")

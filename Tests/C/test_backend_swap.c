@@ -16,7 +16,8 @@
  *     the x86 images' page-table pages, so the U/S layout is identical by construction).
  * Then the observable outcomes are compared: the bytes printed on port 0xE9, the final exit reason,
  * the number of violations reported, and for an MBEC violation its gpa, rip, cpl and the access /
- * permission bits of its qualification;
+ * permission bits of its qualification, and, after the VMM injects #VE (vector 20) with
+ * npt_vcpu_inject_fault, the next exit: the guest kernel's fault handler OUTs 20 on port 0xEF at CPL 0;
  * for the NVDIMM (three hosts: needs WPQ flushing; does not (sim: wpq_drains_on_power_loss, kvm:
  * NPTKIT_KVM_PMEM_NEEDS_FLUSH=0); needs it but NPT_FLUSH_TRAP_NEVER, a crash test): the flush
  * statistics and the records read back with npt_vm_read_memory, and what survives
@@ -324,6 +325,8 @@ typedef struct {
     npt_exit last;
     npt_stats stats;
     uint8_t kpatch; /* the byte at G_KPATCH after the run (probe 3 must not change it) */
+    int ve_ran;     /* after a reported violation the VMM injected #VE (vector 20) and ran on: */
+    npt_exit ve;    /* the next exit (the guest kernel's fault handler OUTs the vector on PORT_FAULT) */
 } kernel_outcome;
 
 static npt_vm *make_vm(npt_context *ctx, const char *backend) {
@@ -339,8 +342,10 @@ static npt_vm *make_vm(npt_context *ctx, const char *backend) {
     return vm;
 }
 
+#define VECTOR_VE 20u /* #VE */
+
 /* Runs to the first exit that is not a byte on PORT_PRINT, collecting the bytes. */
-static npt_exit run_collect(npt_vcpu *v, char *out, size_t cap, size_t *len) {
+static npt_exit run_collect_quiet(npt_vcpu *v, char *out, size_t cap, size_t *len) {
     npt_exit e;
     *len = 0;
     for (int i = 0; i < 100000; i++) {
@@ -359,6 +364,12 @@ static npt_exit run_collect(npt_vcpu *v, char *out, size_t cap, size_t *len) {
         break;
     }
     out[*len] = 0;
+    return e;
+}
+
+/* run_collect_quiet, saying so when the guest kernel took a fault nobody injected. */
+static npt_exit run_collect(npt_vcpu *v, char *out, size_t cap, size_t *len) {
+    npt_exit e = run_collect_quiet(v, out, cap, len);
     if (e.reason == NPT_EXIT_IO && e.io_port == PORT_FAULT)
         fprintf(stderr, "test_backend_swap: the guest kernel took an unexpected fault %#" PRIx64 " at rip %#" PRIx64 "\n",
                 e.io_value, e.rip);
@@ -385,6 +396,15 @@ static void run_scenario(npt_context *ctx, const char *backend, uint64_t probe, 
         o->stats.size = sizeof o->stats;
         CHECK_OK(npt_vm_get_stats(vm, &o->stats));
         CHECK_OK(npt_vm_read_memory(vm, G_KPATCH, &o->kpatch, 1));
+        if (o->last.reason == NPT_EXIT_MBEC_VIOLATION) {
+            /* the VMM delivers the violation to the guest as #VE, as the demo does */
+            CHECK_OK(npt_vcpu_inject_fault(v, VECTOR_VE, o->last.qualification, o->last.gpa));
+            char more[8];
+            size_t n = 0;
+            memset(&o->ve, 0, sizeof o->ve);
+            o->ve = run_collect_quiet(v, more, sizeof more, &n);
+            o->ve_ran = 1;
+        }
         o->ran = 1;
         npt_vcpu_destroy(v);
     }
@@ -542,6 +562,14 @@ static void expect_kernel(const char *backend, uint64_t probe, const kernel_outc
         CHECK_EQ(o->kpatch, 0); /* the write did not land */
         break;
     }
+    if (e->reason == NPT_EXIT_MBEC_VIOLATION) {
+        /* #VE injected after the violation reaches the guest kernel's fault handler at CPL 0 */
+        CHECK(o->ve_ran);
+        CHECK_EQ(o->ve.reason, NPT_EXIT_IO);
+        CHECK_EQ(o->ve.io_port, PORT_FAULT);
+        CHECK_EQ(o->ve.io_value, VECTOR_VE);
+        CHECK_EQ(o->ve.cpl, 0);
+    }
     if (e->reason == NPT_EXIT_MBEC_VIOLATION && probe != PROBE_KERNEL_WRITES_CODE) {
         /* documented difference: only sim reports the linear address's U/S (both probed pages are
          * U/S = 1 in the guest's page tables); kvm has no NPT_CAP_LINEAR_MODE_INFO */
@@ -568,7 +596,14 @@ static void compare_kernel(uint64_t probe, const kernel_outcome *s, const kernel
     CHECK_EQ(s->last.cpl, k->last.cpl);
     CHECK_EQ(s->stats.violations_reported, k->stats.violations_reported);
     CHECK_EQ(s->kpatch, k->kpatch);
+    CHECK_EQ(s->ve_ran, k->ve_ran);
     if (violation) {
+        same = same && s->ve.reason == k->ve.reason && s->ve.io_port == k->ve.io_port &&
+               s->ve.io_value == k->ve.io_value && s->ve.cpl == k->ve.cpl;
+        CHECK_EQ(s->ve.reason, k->ve.reason);
+        CHECK_EQ(s->ve.io_port, k->ve.io_port);
+        CHECK_EQ(s->ve.io_value, k->ve.io_value);
+        CHECK_EQ(s->ve.cpl, k->ve.cpl);
         CHECK_EQ(s->last.gpa, k->last.gpa);
         if (probe != PROBE_KERNEL_WRITES_CODE) CHECK_EQ(s->last.rip, k->last.rip);
         CHECK_EQ(s->last.qualification & QMASK, k->last.qualification & QMASK);
@@ -576,6 +611,10 @@ static void compare_kernel(uint64_t probe, const kernel_outcome *s, const kernel
     printf("  probe %" PRIu64 ": sim and kvm %s (printed bytes, exit reason, cpl%s)\n", probe, same ? "agree" : "DIFFER",
            violation ? (probe == PROBE_KERNEL_WRITES_CODE ? ", violation gpa, qualification's access and permission bits (rip differs: documented)"
                       : ", violation gpa, rip, qualification's access and permission bits") : "");
+    if (violation)
+        printf("  probe %" PRIu64 ": #VE injected after the violation: the guest kernel's fault handler reported vector %" PRIu64
+               " (sim) and %" PRIu64 " (kvm) on port %#x at cpl %u/%u\n", probe, s->ve.io_value, k->ve.io_value, PORT_FAULT,
+               s->ve.cpl, k->ve.cpl);
 }
 
 static void print_pmem_row(const char *backend, const char *host, const pmem_outcome *o) {

@@ -187,6 +187,13 @@ static void test_ops_memory(void) {
         CHECK_EQ(e.io_value, 'k');
         CHECK_OK(o->vcpu_run(vc, &e));
         CHECK_EQ(e.reason, NPT_EXIT_HALT);
+        /* vcpu_inject_fault (Inject.swift) refuses what is not an exception vector, and NMI */
+        CHECK(o->vcpu_inject_fault != NULL);
+        if (o->vcpu_inject_fault) {
+            CHECK_ST(o->vcpu_inject_fault(vc, 32, 0, 0), NPT_ERR_INVALID_ARGUMENT);
+            CHECK_ST(o->vcpu_inject_fault(vc, 255, 0, 0), NPT_ERR_INVALID_ARGUMENT);
+            CHECK_ST(o->vcpu_inject_fault(vc, 2, 0, 0), NPT_ERR_UNSUPPORTED);
+        }
         o->vcpu_destroy(vc);
     }
     o->vm_destroy(vm);
@@ -744,6 +751,133 @@ static void test_kernel(npt_context *ctx) {
                (double)(exits[1] - exits[0]) / n, (double)(switches[1] - switches[0]) / n, (sec[1] - sec[0]) / n * 1e6);
         CHECK_EQ(switches[1] - switches[0], mbec ? 2 * (k2 - k1) : 0);
     }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Fault injection (Plugins/KVM/Sources/Inject.swift): after an MBEC violation the VMM injects #VE
+ * (vector 20) with npt_vcpu_inject_fault; the next KVM_RUN delivers it through the guest kernel's
+ * IDT, and its vector-20 stub (kernel.S: pushq $20; jmp kfault; pop %rax; out %al, $0xEF) reports
+ * it. The exception frame on the kernel stack shows where and at which privilege it was taken. */
+#define KGUEST_VE 20u
+#define KGUEST_PF 14u
+
+/* Runs v until an exit that is not a byte on port 0xE9. */
+static npt_exit kernel_continue(npt_vcpu *v, char *out, size_t cap, size_t *len) {
+    npt_exit e;
+    for (;;) {
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        npt_status s = npt_vcpu_run(v, &e);
+        if (s != NPT_OK) {
+            fprintf(stderr, "npt_vcpu_run: %s: %s\n", npt_status_string(s), npt_last_error());
+            e.reason = NPT_EXIT_NONE;
+            return e;
+        }
+        if (e.reason == NPT_EXIT_IO && e.io_port == 0xE9) {
+            if (*len + 1 < cap) out[(*len)++] = (char)e.io_value;
+            continue;
+        }
+        return e;
+    }
+}
+
+/* After the stub's OUT: frame[0..4] = the exception frame above the pushed vector (popped into rax):
+ * [error code,] RIP, CS, RFLAGS, RSP, SS. */
+static int kernel_frame(npt_vm *vm, npt_vcpu *v, uint64_t *frame, size_t n) {
+    npt_regs r;
+    memset(&r, 0, sizeof r);
+    r.size = sizeof r;
+    if (npt_vcpu_get_regs(v, &r) != NPT_OK) return 0;
+    return npt_vm_read_memory(vm, r.gpr[4], frame, n * sizeof *frame) == NPT_OK;
+}
+
+static void test_inject(npt_context *ctx) {
+    static const struct { uint64_t probe; uint64_t gpa; uint32_t cpl; uint64_t cs; const char *what; } probes[] = {
+        {KPROBE_USER_RUNS_KERNEL, KERNEL_GUEST_KFUNC, 3, 0x33, "user jump into kernel code"},
+        {KPROBE_KERNEL_RUNS_USER, KERNEL_GUEST_USER, 0, 0x10, "kernel jump into user code"},
+    };
+    for (size_t i = 0; i < sizeof probes / sizeof probes[0]; i++) {
+        npt_vm *vm = kernel_vm(ctx, 1);
+        if (!vm) return;
+        npt_vcpu *v = NULL;
+        CHECK_OK(npt_vcpu_create(vm, 0, &v));
+        if (!v) { npt_vm_destroy(vm); return; }
+        npt_regs r;
+        long_mode_regs(&r, KERNEL_GUEST_CODE);
+        r.cr3 = KERNEL_GUEST_CR3;
+        r.gpr[14] = 2;
+        r.gpr[15] = probes[i].probe;
+        CHECK_OK(npt_vcpu_set_regs(v, &r));
+        char out[64];
+        size_t len = 0;
+        npt_exit e = kernel_continue(v, out, sizeof out, &len);
+        CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+        CHECK_EQ(e.gpa, probes[i].gpa);
+        CHECK_EQ(e.cpl, probes[i].cpl);
+        CHECK_OK(npt_vcpu_inject_fault(v, KGUEST_VE, e.qualification, e.gpa));
+        npt_exit f = kernel_continue(v, out, sizeof out, &len);
+        out[len] = 0;
+        uint64_t frame[5] = {0};
+        int have = kernel_frame(vm, v, frame, 5);
+        printf("test_kvm: inject: %s: violation at %#" PRIx64 " cpl %u; #VE injected; the guest kernel's "
+               "stub reported vector %" PRIu64 " on port %#x (exit %u, cpl %u, rip %#" PRIx64 "); "
+               "frame rip %#" PRIx64 " cs %#" PRIx64 " rflags %#" PRIx64 " rsp %#" PRIx64 " ss %#" PRIx64 "\n",
+               probes[i].what, e.gpa, e.cpl, f.io_value, f.io_port, f.reason, f.cpl, f.rip,
+               frame[0], frame[1], frame[2], frame[3], frame[4]);
+        CHECK_EQ(f.reason, NPT_EXIT_IO);
+        CHECK_EQ(f.io_port, 0xEF);
+        CHECK_EQ(f.io_value, KGUEST_VE);
+        CHECK_EQ(f.cpl, 0);
+        CHECK(have);
+        CHECK_EQ(frame[0], probes[i].gpa);     /* #VE is a fault: the frame's rip is the violating fetch */
+        CHECK_EQ(frame[1], probes[i].cs);      /* taken at the violating cpl */
+        CHECK_EQ(frame[1] & 3, probes[i].cpl);
+        CHECK(strcmp(out, "01") == 0);         /* nothing printed after the violation */
+        /* the stub halts */
+        e = kernel_continue(v, out, sizeof out, &len);
+        CHECK_EQ(e.reason, NPT_EXIT_HALT);
+        CHECK_EQ(kernel_stats(vm).violations_reported, 1);
+        CHECK_ST(npt_vcpu_inject_fault(v, 32, 0, 0), NPT_ERR_INVALID_ARGUMENT);
+        npt_vcpu_destroy(v);
+        CHECK_OK(npt_vm_destroy(vm));
+    }
+
+    /* #PF: CR2 = address, the error code on the frame */
+    npt_vm *vm = kernel_vm(ctx, 1);
+    if (!vm) return;
+    npt_vcpu *v = NULL;
+    CHECK_OK(npt_vcpu_create(vm, 0, &v));
+    if (!v) { npt_vm_destroy(vm); return; }
+    npt_regs r;
+    long_mode_regs(&r, KERNEL_GUEST_CODE);
+    r.cr3 = KERNEL_GUEST_CR3;
+    r.gpr[14] = 2;
+    r.gpr[15] = KPROBE_USER_RUNS_KERNEL;
+    CHECK_OK(npt_vcpu_set_regs(v, &r));
+    char out[64];
+    size_t len = 0;
+    npt_exit e = kernel_continue(v, out, sizeof out, &len);
+    CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+    const uint64_t cr2 = UINT64_C(0xdead0000), code = 0x15; /* P | U | I (a user instruction fetch) */
+    CHECK_OK(npt_vcpu_inject_fault(v, KGUEST_PF, code, cr2));
+    npt_exit f = kernel_continue(v, out, sizeof out, &len);
+    uint64_t frame[3] = {0};
+    int have = kernel_frame(vm, v, frame, 3);
+    memset(&r, 0, sizeof r);
+    r.size = sizeof r;
+    CHECK_OK(npt_vcpu_get_regs(v, &r));
+    printf("test_kvm: inject: #PF after the user's violation: stub reported vector %" PRIu64 "; cr2 %#" PRIx64
+           ", frame error code %#" PRIx64 " rip %#" PRIx64 " cs %#" PRIx64 "\n", f.io_value, r.cr2, frame[0], frame[1], frame[2]);
+    CHECK_EQ(f.reason, NPT_EXIT_IO);
+    CHECK_EQ(f.io_port, 0xEF);
+    CHECK_EQ(f.io_value, KGUEST_PF);
+    CHECK_EQ(r.cr2, cr2);
+    CHECK(have);
+    CHECK_EQ(frame[0], code);
+    CHECK_EQ(frame[1], KERNEL_GUEST_KFUNC);
+    CHECK_EQ(frame[2], 0x33);
+    npt_vcpu_destroy(v);
+    CHECK_OK(npt_vm_destroy(vm));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1369,6 +1503,7 @@ int main(int argc, char **argv) {
         test_pmem(ctx, 0);
         test_pmem_nx(ctx);
         test_kernel(ctx);
+        test_inject(ctx);
         test_switch_cost_independent_of_size(ctx);
         test_image_too_large(ctx);
         test_gate(ctx);

@@ -511,8 +511,9 @@ static void test_long_mode_round_trip(npt_context *ctx) {
            "), the mode was not touched\n", (uint64_t)6);
 
     /* RSM outside the mode, long mode without an IDT: the #UD triple-faults, the plugin reports
-       LEAVE_MODE, the core (not in the mode) turns it into #UD; the plugin cannot inject it, so the
-       VMM gets NPT_EXIT_GUEST_FAULT vector 6 at the RSM */
+       LEAVE_MODE, the core (not in the mode) turns it into #UD; the plugin refuses to inject into a
+       triple-faulted vCPU (NPT_ERR_STATE: the delivery would only triple-fault again), so the VMM
+       gets NPT_EXIT_GUEST_FAULT vector 6 at the RSM */
     const uint8_t rsm[] = {0x0F, 0xAA};
     CHECK_OK(npt_vm_write_memory(vm, HELLO_GUEST_BASE, hello_guest, sizeof hello_guest)); /* its page tables again */
     CHECK_OK(npt_vm_write_memory(vm, 0x6100, rsm, sizeof rsm));
@@ -530,6 +531,7 @@ static void test_long_mode_round_trip(npt_context *ctx) {
     CHECK_EQ(e.reason, NPT_EXIT_GUEST_FAULT);
     CHECK_EQ(e.vector, 6);
     CHECK_EQ(e.rip, 0x6100);
+    CHECK_ST(npt_vcpu_inject_fault(v, 6, 0, 0), NPT_ERR_STATE);
     printf("test_kvm_privileged: RSM outside the mode (long mode, no IDT): exit %u vector %u at %#" PRIx64
            " (qualification %#" PRIx64 ", gpa %#" PRIx64 ")\n", e.reason, e.vector, e.rip, e.qualification, e.gpa);
     CHECK_OK(npt_vm_destroy(vm));

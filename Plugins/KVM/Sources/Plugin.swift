@@ -83,7 +83,7 @@ nonisolated(unsafe) let kvmOps: UnsafeMutablePointer<npt_backend_ops> = {
     o.vcpu_set_exit_controls = { d, c in KVMVCPU.from(d).setExitControls(c) }
     o.invalidate = { d, h, gpa, size in KVMVM.from(d).invalidateWithRegion(h, gpa, size) }
     o.vcpu_run = { d, e in KVMVCPU.from(d).runWithRegion(e) }
-    o.vcpu_inject_fault = nil   // NPT_ERR_UNSUPPORTED: the guest has its own IDT (not wired yet)
+    o.vcpu_inject_fault = { d, vector, code, address in KVMVCPU.from(d).injectFault(vector, code, address) } // Inject.swift
     o.vcpu_kick = { d in KVMVCPU.from(d).kick() }
     o.define_region = { d, gpa, size, host, c, len in KVMVM.from(d).defineRegion(gpa, size, host, c, len) }
     // Persistent memory (Pmem.swift)

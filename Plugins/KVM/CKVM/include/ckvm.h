@@ -29,6 +29,8 @@ static inline unsigned long ckvm_req_set_sregs(void) { return KVM_SET_SREGS; }
 static inline unsigned long ckvm_req_get_msrs(void) { return KVM_GET_MSRS; }
 static inline unsigned long ckvm_req_set_msrs(void) { return KVM_SET_MSRS; }
 static inline unsigned long ckvm_req_set_cpuid2(void) { return KVM_SET_CPUID2; }
+static inline unsigned long ckvm_req_get_vcpu_events(void) { return KVM_GET_VCPU_EVENTS; }
+static inline unsigned long ckvm_req_set_vcpu_events(void) { return KVM_SET_VCPU_EVENTS; }
 
 /* Non-variadic ioctl(2). Return what ioctl returns; errno is set on -1. */
 int ckvm_ioctl(int fd, unsigned long req, void *arg);
