@@ -32,6 +32,15 @@ extension Bench {
         return (s, u)
     }
 
+    /// The plugin's extra export (npt_kvm_mmio_stats): data accesses it completed (RAM, NVDIMM).
+    func mmioStats(_ plugin: String) -> UInt64? {
+        guard let h = dlopen(plugin, RTLD_NOW | RTLD_NOLOAD), let f = dlsym(h, "npt_kvm_mmio_stats") else { return nil }
+        typealias Fn = @convention(c) (UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?) -> Void
+        var r: UInt64 = 0, n: UInt64 = 0
+        unsafeBitCast(f, to: Fn.self)(&r, &n)
+        return r + n
+    }
+
     func benchKVM() throws {
         print("8. KVM backend (libnptkit-kvm.so on this machine's /dev/kvm; real x86-64 guests; lazy MBEC)")
         guard let dir = executableDirectory(), access(dir + "/libnptkit-kvm.so", R_OK) == 0 else {
@@ -71,7 +80,7 @@ extension Bench {
         // (b) System-call round trip: the guest kernel's user process, K1 against K2 calls.
         var entry: UInt64 = 0, kcode: UInt64 = 0, kstack: UInt64 = 0, kfunc: UInt64 = 0, ucode: UInt64 = 0, ustack: UInt64 = 0
         let kernel = nptk_guest_kernel(&entry, &kcode, &kstack, &kfunc, &ucode, &ustack)
-        func kernelRun(mbec: Bool, calls: UInt64) throws -> (UInt64, VMStatistics, (UInt64, UInt64)?) {
+        func kernelRun(mbec: Bool, calls: UInt64) throws -> (UInt64, VMStatistics, (UInt64, UInt64)?, UInt64) {
             let vm = try kvmVM(registry)
             defer { try? NPTKitRuntime.destroyVM(vm) }
             try vm.writeMemory(GPA(kernel.base), UnsafeRawBufferPointer(start: kernel.bytes, count: kernel.length))
@@ -90,6 +99,7 @@ extension Bench {
             r.gpr[14] = calls; r.gpr[15] = 0
             try v.setRegisters(r)
             let before = layoutStats(plugin)
+            let mmio0 = mmioStats(plugin) ?? 0
             let t0 = Monitor.now()
             var printed: UInt64 = 0
             while true {
@@ -102,19 +112,21 @@ extension Bench {
             guard printed == calls else { throw NPTError(.state, "kernel guest printed \(printed) of \(calls)") }
             let after = layoutStats(plugin)
             let slots = before.flatMap { b in after.map { ($0.switches - b.switches, $0.updates - b.updates) } }
-            return (dt, vm.statistics(), slots)
+            return (dt, vm.statistics(), slots, (mmioStats(plugin) ?? 0) &- mmio0)
         }
         let (k1, k2): (UInt64, UInt64) = quick ? (5, 25) : (20, 220)
         let reps = quick ? 1 : 3
-        var t = Table(["policy", "exits per call", "hierarchy switches per call", "wall time per call (median)", "memslot updates per switch"])
+        var t = Table(["policy", "exits per call", "hierarchy switches per call", "data accesses completed by the plugin per call",
+                       "wall time per call (median)", "memslot updates per switch"])
         var perCall: [Bool: UInt64] = [:]
         var switchesPerCall = 0.0
         for mbec in [false, true] {
             var times: [UInt64] = []
-            var exits = 0.0, switches = 0.0, slotsPerSwitch = "-"
+            var exits = 0.0, switches = 0.0, mmio = 0.0, slotsPerSwitch = "-"
             for _ in 0..<reps {
-                let (d1, s1, _) = try kernelRun(mbec: mbec, calls: k1)
-                let (d2, s2, slots) = try kernelRun(mbec: mbec, calls: k2)
+                let (d1, s1, _, m1) = try kernelRun(mbec: mbec, calls: k1)
+                let (d2, s2, slots, m2) = try kernelRun(mbec: mbec, calls: k2)
+                mmio = Double(m2 &- m1) / Double(k2 - k1)
                 times.append((d2 &- d1) / (k2 - k1))
                 exits = Double(s2.exitsTotal - s1.exitsTotal) / Double(k2 - k1)
                 switches = Double(s2.hierarchySwitches - s1.hierarchySwitches) / Double(k2 - k1)
@@ -123,7 +135,7 @@ extension Bench {
             let m = Bench.percentile(times, 0.5)
             perCall[mbec] = m
             if mbec { switchesPerCall = switches }
-            t.add([mbec ? "MBEC (kernel R|SX, user R|UX)" : "none (all R|W|SX|UX)", fmt(exits), fmt(switches), nanos(m), slotsPerSwitch])
+            t.add([mbec ? "MBEC (kernel R|SX, user R|UX)" : "none (all R|W|SX|UX)", fmt(exits), fmt(switches), fmt(mmio), nanos(m), slotsPerSwitch])
         }
         print("   System-call round trip (INT3 into the guest kernel, IRETQ back; \(k2) against \(k1) calls, \(reps) runs):")
         print(t.render())
