@@ -124,34 +124,8 @@ public final class VirtualMachine: Sendable {
         for (i, r) in sorted.enumerated() where i > 0 && sorted[i - 1].range.overlaps(r.range) {
             throw NPTError(.overlap, "ranges \(sorted[i - 1].range) and \(r.range) overlap")
         }
-        let result: Result<[Invalidation], NPTError> = policy.withLock { (s: inout PolicyState) in
-            do throws(NPTError) {
-                for r in ranges { try s.tree.validate(r) }
-            } catch { return .failure(error) }
-            let oldTree = s.tree
-            let oldSnapshot = publisher.currentSnapshot()
-            var invs: [Invalidation] = []
-            for r in ranges {
-                let old = s.tree.apply(r)
-                invs += Invalidation.needed(range: r.range, oldMask: old, new: r.permissions)
-            }
-            s.generation += 1
-            s.version += 1
-            publisher.publish(s.builder.snapshot(of: s.tree, generation: s.generation))
-            do throws(NPTError) {
-                for inv in invs { try backendVM.invalidate(inv) }
-            } catch {
-                s.tree = oldTree
-                s.version += 1
-                publisher.publish(oldSnapshot)
-                for inv in invs { try? backendVM.invalidate(inv) }
-                return .failure(NPTError(.backend, "backend '\(backend.name)' failed to invalidate: \(error.message); policy unchanged"))
-            }
-            return .success(invs)
-        }
-        let invs = try result.get()
+        let invs = try apply(ranges, windows: nil, validate: true, what: "policy")
         counters.policyUpdates.wrappingAdd(UInt64(ranges.count), ordering: .relaxed)
-        counters.invalidations.wrappingAdd(UInt64(invs.count), ordering: .relaxed)
         return invs
     }
 
@@ -163,12 +137,27 @@ public final class VirtualMachine: Sendable {
     /// nothing, as `setPolicy`: if the backend refuses an invalidation, the previous policy, windows
     /// and hierarchies are restored.
     func applyDeviceMappings(_ ranges: [PolicyRange], windows: [(range: GPARange, hostOffset: UInt64)]) throws(NPTError) {
-        let result: Result<Int, NPTError> = policy.withLock { (s: inout PolicyState) in
+        try apply(ranges, windows: windows, validate: false, what: "mappings")
+    }
+
+    /// Applies `ranges` to the policy (and `windows` to the backing, when given) under the policy
+    /// lock, publishes the new hierarchies and sends the invalidations; if the backend refuses one,
+    /// restores the previous policy, windows and hierarchies. `validate`: check each range against
+    /// the rules of a caller's policy (RAM bounds, alignment) first.
+    @discardableResult
+    private func apply(_ ranges: [PolicyRange], windows: [(range: GPARange, hostOffset: UInt64)]?, validate: Bool,
+                       what: String) throws(NPTError) -> [Invalidation] {
+        let result: Result<[Invalidation], NPTError> = policy.withLock { (s: inout PolicyState) in
+            if validate {
+                do throws(NPTError) {
+                    for r in ranges { try s.tree.validate(r) }
+                } catch { return .failure(error) }
+            }
             let oldTree = s.tree
             let oldWindows = s.builder.extraWindows
             let oldSnapshot = publisher.currentSnapshot()
             var invs: [Invalidation] = []
-            s.builder.extraWindows = windows
+            if let windows { s.builder.extraWindows = windows }
             for r in ranges {
                 let old = s.tree.apply(r)
                 invs += Invalidation.needed(range: r.range, oldMask: old, new: r.permissions)
@@ -180,16 +169,17 @@ public final class VirtualMachine: Sendable {
                 for inv in invs { try backendVM.invalidate(inv) }
             } catch {
                 s.tree = oldTree
-                s.builder.extraWindows = oldWindows
+                if windows != nil { s.builder.extraWindows = oldWindows }
                 s.version += 1
                 publisher.publish(oldSnapshot)
                 for inv in invs { try? backendVM.invalidate(inv) }
-                return .failure(NPTError(error.code, "backend '\(backend.name)' failed to invalidate: \(error.message); mappings unchanged"))
+                return .failure(NPTError(.backend, "backend '\(backend.name)' failed to invalidate: \(error.message); \(what) unchanged"))
             }
-            return .success(invs.count)
+            return .success(invs)
         }
-        let n = try result.get()
-        counters.invalidations.wrappingAdd(UInt64(n), ordering: .relaxed)
+        let invs = try result.get()
+        counters.invalidations.wrappingAdd(UInt64(invs.count), ordering: .relaxed)
+        return invs
     }
 
     /// The first 1 GiB boundary at or past RAM: the privileged-mode region's backing starts there,
