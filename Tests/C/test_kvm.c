@@ -51,6 +51,19 @@ static void long_mode_regs(npt_regs *r, uint64_t rip) {
     r->efer = 0x500;    /* LME|LMA */
 }
 
+/* A lazy-mode VM on backend "kvm" (every test VM of this file is one); NULL after a failed check. */
+static npt_vm *kvm_vm(npt_context *ctx, uint64_t ram, uint64_t default_perms) {
+    npt_vm_config cfg = {0};
+    cfg.size = sizeof cfg;
+    cfg.mbec_mode = NPT_MBEC_LAZY;
+    cfg.backend = "kvm";
+    cfg.ram_size = ram;
+    cfg.default_perms = default_perms;
+    npt_vm *vm = NULL;
+    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    return vm;
+}
+
 /* Runs until HALT, collecting the bytes written to port 0xE9. Returns the last exit. */
 static npt_exit run_to_halt(npt_vcpu *v, char *out, size_t cap, size_t *len) {
     npt_exit e;
@@ -214,14 +227,7 @@ static void *kick_later(void *arg) {
 }
 
 static void test_guest(npt_context *ctx) {
-    npt_vm_config cfg = {0};
-    cfg.size = sizeof cfg;
-    cfg.mbec_mode = NPT_MBEC_LAZY;
-    cfg.backend = "kvm";
-    cfg.ram_size = RAM;
-    cfg.default_perms = NPT_PERM_ALL;
-    npt_vm *vm = NULL;
-    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
     if (!vm) return;
 
     /* out of range through the core */
@@ -300,14 +306,7 @@ static void test_guest(npt_context *ctx) {
  * layout. Data accesses to it still work (completed from the backing memory); a fetch from it is
  * an EPT violation the core decides on. */
 static void test_mbec(npt_context *ctx) {
-    npt_vm_config cfg = {0};
-    cfg.size = sizeof cfg;
-    cfg.mbec_mode = NPT_MBEC_LAZY;
-    cfg.backend = "kvm";
-    cfg.ram_size = RAM;
-    cfg.default_perms = NPT_PERM_ALL;
-    npt_vm *vm = NULL;
-    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
     if (!vm) return;
     CHECK_OK(npt_vm_write_memory(vm, HELLO_GUEST_BASE, hello_guest, sizeof hello_guest));
     /* the data page: read/write, executable nowhere; the nx page: executable in user mode only */
@@ -390,14 +389,7 @@ static npt_vcpu *rw_vcpu(npt_vm *vm, uint32_t index, uint64_t rip) {
 }
 
 static void test_mbec_rw(npt_context *ctx) {
-    npt_vm_config cfg = {0};
-    cfg.size = sizeof cfg;
-    cfg.mbec_mode = NPT_MBEC_LAZY;
-    cfg.backend = "kvm";
-    cfg.ram_size = RAM;
-    cfg.default_perms = NPT_PERM_ALL;
-    npt_vm *vm = NULL;
-    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
     if (!vm) return;
     CHECK_OK(npt_vm_write_memory(vm, HELLO_GUEST_BASE, hello_guest, sizeof hello_guest));
     /* the code page 0x4000: R|SX (kernel code); the data page: R|W, executable nowhere. Page tables
@@ -539,14 +531,7 @@ static void test_mbec_rw(npt_context *ctx) {
 enum { KPROBE_NONE = 0, KPROBE_USER_RUNS_KERNEL = 1, KPROBE_KERNEL_RUNS_USER = 2 };
 
 static npt_vm *kernel_vm(npt_context *ctx, int mbec) {
-    npt_vm_config cfg = {0};
-    cfg.size = sizeof cfg;
-    cfg.mbec_mode = NPT_MBEC_LAZY;
-    cfg.backend = "kvm";
-    cfg.ram_size = RAM;
-    cfg.default_perms = NPT_PERM_ALL;
-    npt_vm *vm = NULL;
-    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
     if (!vm) return NULL;
     CHECK_OK(npt_vm_write_memory(vm, KERNEL_GUEST_BASE, kernel_guest, sizeof kernel_guest));
     if (mbec) {
@@ -617,16 +602,9 @@ static npt_stats kernel_stats(npt_vm *vm) {
 /* Bad input: a guest image too large for the VM's memory is refused whole, with the range named,
  * and nothing of it is written. */
 static void test_image_too_large(npt_context *ctx) {
-    npt_vm_config cfg = {0};
-    cfg.size = sizeof cfg;
-    cfg.mbec_mode = NPT_MBEC_LAZY;
-    cfg.backend = "kvm";
-    cfg.ram_size = 0x8000; /* 32 KiB: the guest kernel's image ends at KERNEL_GUEST_END */
-    cfg.default_perms = NPT_PERM_ALL;
-    npt_vm *vm = NULL;
-    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    npt_vm *vm = kvm_vm(ctx, 0x8000, NPT_PERM_ALL); /* 32 KiB: the guest kernel's image ends at KERNEL_GUEST_END */
     if (!vm) return;
-    CHECK(KERNEL_GUEST_BASE + sizeof kernel_guest > cfg.ram_size);
+    CHECK(KERNEL_GUEST_BASE + sizeof kernel_guest > 0x8000);
     CHECK_ST(npt_vm_write_memory(vm, KERNEL_GUEST_BASE, kernel_guest, sizeof kernel_guest), NPT_ERR_OUT_OF_RANGE);
     CHECK(strstr(npt_last_error(), "outside guest RAM") != NULL);
     unsigned char first[16];
@@ -645,14 +623,7 @@ static void test_switch_cost_independent_of_size(npt_context *ctx) {
     double per[2] = {0, 0};
     const uint64_t sizes[2] = {RAM, UINT64_C(1) << 30};
     for (int i = 0; i < 2; i++) {
-        npt_vm_config cfg = {0};
-        cfg.size = sizeof cfg;
-        cfg.mbec_mode = NPT_MBEC_LAZY;
-        cfg.backend = "kvm";
-        cfg.ram_size = sizes[i];
-        cfg.default_perms = NPT_PERM_ALL;
-        npt_vm *vm = NULL;
-        CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+        npt_vm *vm = kvm_vm(ctx, sizes[i], NPT_PERM_ALL);
         if (!vm) return;
         CHECK_OK(npt_vm_write_memory(vm, KERNEL_GUEST_BASE, kernel_guest, sizeof kernel_guest));
         CHECK_OK(npt_policy_set(vm, KERNEL_GUEST_CODE, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
@@ -954,14 +925,7 @@ static void test_gate(npt_context *ctx) {
         CHECK_OK(npt_vm_destroy(vm));
     }
 
-    npt_vm_config cfg = {0};
-    cfg.size = sizeof cfg;
-    cfg.mbec_mode = NPT_MBEC_LAZY;
-    cfg.backend = "kvm";
-    cfg.ram_size = RAM;
-    cfg.default_perms = NPT_PERM_ALL;
-    npt_vm *vm = NULL;
-    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
     if (!vm) return;
     CHECK_OK(npt_vm_write_memory(vm, GATE_GUEST_BASE, gate_guest, sizeof gate_guest));
     /* page tables in both hierarchies (see KGUEST_TABLES_PERMS), kernel code R|SX, user code R|UX,
@@ -1193,14 +1157,7 @@ static npt_exit run_pmem(npt_vcpu *v, uint64_t entry, uint64_t vfha, uint64_t n,
 /* needs_flush: what NPTKIT_KVM_PMEM_NEEDS_FLUSH says (set before the VM asks the host). */
 static void test_pmem(npt_context *ctx, int needs_flush) {
     setenv("NPTKIT_KVM_PMEM_NEEDS_FLUSH", needs_flush ? "1" : "0", 1);
-    npt_vm_config cfg = {0};
-    cfg.size = sizeof cfg;
-    cfg.mbec_mode = NPT_MBEC_LAZY;
-    cfg.backend = "kvm";
-    cfg.ram_size = RAM;
-    cfg.default_perms = NPT_PERM_ALL;
-    npt_vm *vm = NULL;
-    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
     if (!vm) return;
     size_t n = 0;
     CHECK_OK(npt_vm_host_pmem_count(vm, &n));
@@ -1319,14 +1276,7 @@ static void test_pmem(npt_context *ctx, int needs_flush) {
 #define NVX_OFFSET (UINT64_C(8) << 20) /* a part of the backing file no other test writes */
 static void test_pmem_nx(npt_context *ctx) {
     setenv("NPTKIT_KVM_PMEM_NEEDS_FLUSH", "1", 1);
-    npt_vm_config cfg = {0};
-    cfg.size = sizeof cfg;
-    cfg.mbec_mode = NPT_MBEC_LAZY;
-    cfg.backend = "kvm";
-    cfg.ram_size = RAM;
-    cfg.default_perms = NPT_PERM_READ | NPT_PERM_WRITE;
-    npt_vm *vm = NULL;
-    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_READ | NPT_PERM_WRITE);
     if (!vm) return;
     CHECK_OK(npt_policy_set(vm, 0, RAM, NPT_PAGE_4K, NPT_PERM_ALL));
     npt_nvdimm d = {0};
