@@ -9,6 +9,7 @@ let package = Package(
         // libnptkit.so: the C ABI. A C program links it with -lnptkit.
         .library(name: "nptkit", type: .dynamic, targets: ["NPTKit"]),
         .executable(name: "nptkit-cli", targets: ["nptkit"]),
+        .executable(name: "nptkit-differential", targets: ["nptkit-differential"]),
         // libnptkit-kvm.so: the KVM backend plugin (npt_plugin_load). It talks to the core only
         // through the C ABI: it links neither libnptkit.so nor NPTCore.
         .library(name: "nptkit-kvm", type: .dynamic, targets: ["NPTKVM"]),
@@ -37,8 +38,17 @@ let package = Package(
             dependencies: ["CNPTKit", "CKVM", .product(name: "SystemPackage", package: "swift-system")],
             path: "Plugins/KVM/Sources",
             swiftSettings: strict),
+        // Test support: a reference model of hardware MBEC written from the SDM, sharing no code
+        // with the emulation (it imports nothing of NPTKit), and the differential harness that
+        // runs it against the emulation (used by the tests and by `nptkit-differential --steps N`).
+        .target(name: "MBECReference", path: "Tests/Support/MBECReference", swiftSettings: strict),
+        .target(name: "NPTDifferential", dependencies: ["NPTCore", "NPTSimulator", "MBECReference"],
+                path: "Tests/Support/Differential", swiftSettings: strict),
+        .executableTarget(name: "nptkit-differential", dependencies: ["NPTDifferential"],
+                          path: "Tests/Support/DifferentialMain", swiftSettings: strict),
         .testTarget(name: "NPTCoreTests", dependencies: ["NPTCore"], swiftSettings: strict),
-        .testTarget(name: "NPTSimulatorTests", dependencies: ["NPTCore", "NPTSimulator"], swiftSettings: strict),
+        .testTarget(name: "NPTSimulatorTests", dependencies: ["NPTCore", "NPTSimulator", "MBECReference", "NPTDifferential"],
+                    swiftSettings: strict),
         .testTarget(name: "NPTKitTests", dependencies: ["NPTCore", "NPTKit"], swiftSettings: strict),
     ]
 )

@@ -34,7 +34,9 @@ extern "C" {
 
 /* ABI version: major changes break compatibility; minor ones only add. */
 #define NPT_ABI_VERSION_MAJOR 1u
-#define NPT_ABI_VERSION_MINOR 1u /* 1.1: virtualized NVDIMM WPQ flushing */
+#define NPT_ABI_VERSION_MINOR 2u /* 1.1: virtualized NVDIMM WPQ flushing; 1.2: MBEC guarantees per mode
+                                    (NPT_MBEC_VIOLATION_ONLY, NPT_ERR_GUARANTEE, npt_mbec_mode_check),
+                                    qualification bits 10-11, policies on NVDIMM ranges */
 #define NPT_ABI_VERSION ((NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR)
 #define NPT_ABI_MAJOR(v) ((uint32_t)(v) >> 16)
 
@@ -56,7 +58,9 @@ typedef enum npt_status {
     NPT_ERR_EXISTS = -11,          /* name or index already taken */
     NPT_ERR_BACKEND = -12,         /* the backend reported a failure */
     NPT_ERR_BUFFER_TOO_SMALL = -13,
-    NPT_ERR_STATE = -14            /* call not valid in the current state */
+    NPT_ERR_STATE = -14,           /* call not valid in the current state */
+    NPT_ERR_GUARANTEE = -15        /* (ABI 1.2) the backend cannot give what the requested mode promises;
+                                      npt_last_error() names the missing capability and the modes it can keep */
 } npt_status;
 
 /* Static string naming `status` ("NPT_ERR_MISALIGNED: ..."). Never NULL. */
@@ -123,18 +127,44 @@ npt_status npt_backend_count(const npt_context *ctx, size_t *count);
 npt_status npt_backend_get(const npt_context *ctx, size_t index, npt_backend_info *info);
 /* Makes `name` the default backend for VMs created with backend == NULL. */
 npt_status npt_backend_set_default(npt_context *ctx, const char *name);
+/* (ABI 1.2) Whether backend `name` (NULL: the default) can keep the guarantee of MBEC mode `mode`:
+ * NPT_OK, or NPT_ERR_GUARANTEE with npt_last_error() naming what it lacks. *missing (may be NULL)
+ * receives the NPT_CAP_* bits the mode needs and the backend lacks (0 when NPT_OK). */
+npt_status npt_mbec_mode_check(const npt_context *ctx, const char *name, uint32_t mode, uint64_t *missing);
 
 /* ------------------------------------------------------------------------ */
 /* VM                                                                         */
 /* ------------------------------------------------------------------------ */
+/* MBEC emulation modes and what each guarantees. A guarantee is earned: npt_vm_create refuses a mode
+ * whose needs the backend's capabilities do not meet with NPT_ERR_GUARANTEE (npt_last_error() names
+ * the missing capability and the modes the backend can keep); npt_mbec_mode_check asks beforehand.
+ * In every mode: a page executes only if the policy makes it executable in some mode (Xs or Xu),
+ * reads and writes obey R and W exactly, and a violation is reported with the qualification hardware
+ * MBEC would give. What differs is which privilege level's execute bit governs a fetch. */
 typedef enum npt_mbec_mode {
-    /* Exit on every return to user mode and expose the user hierarchy, and use
-     * the linear address's U/S to pick the hierarchy on a violation: matches
-     * hardware MBEC whenever the guest runs with SMEP on. */
+    /* Needs NPT_CAP_EXIT_ON_ESCALATE, NPT_CAP_EXIT_ON_RETURN and NPT_CAP_LINEAR_MODE_INFO. The core
+     * exposes the supervisor hierarchy on every user-to-supervisor transition and the user one on
+     * every return (each exit armed only while the policy needs it), and a fetch violation picks the
+     * hierarchy by the linear address's U/S. Identical to hardware MBEC for a guest with CR4.SMEP = 1;
+     * with SMEP off a supervisor fetch from a user-mode address is governed by Xs, not Xu (README). */
     NPT_MBEC_EXACT = 0,
-    /* The patent's minimum: exit only on escalation; the supervisor hierarchy
-     * stays exposed after a return to user mode until a violation switches. */
-    NPT_MBEC_LAZY = 1
+    /* Needs NPT_CAP_EXIT_ON_ESCALATE. The patent's minimum: every entry to the kernel exposes the
+     * supervisor hierarchy first, so kernel code never runs a user-execute-only page (ret2dir, also
+     * through the IDT, is stopped); after a return to user mode the supervisor hierarchy stays
+     * exposed until a violation switches, so until then user code may run a page that is
+     * supervisor-execute-only but mapped at a user-mode address (README, gap class 1). */
+    NPT_MBEC_LAZY = 1,
+    /* (ABI 1.2) Needs only NPT_CAP_MBEC_EMULATION: a weaker, named guarantee for backends without a
+     * privilege-change exit. The hierarchy changes only on a fetch violation (by CPL). Stops: code
+     * in pages executable in no mode; user code jumping to supervisor-only code while the user
+     * hierarchy is exposed; the kernel jumping to user-only code after it has run any of its own
+     * supervisor-only code since the last entry. Does NOT stop: kernel code entered straight from user
+     * mode running user-execute-only pages (an attacker with a kernel data write points an IDT gate
+     * or the system-call entry's page-table entry at a user page: ret2dir through the IDT), and
+     * user code run straight after a return executing supervisor-execute-only pages at user-mode
+     * addresses, each until the first fetch of a page the exposed hierarchy does not make
+     * executable. */
+    NPT_MBEC_VIOLATION_ONLY = 2
 } npt_mbec_mode;
 
 typedef struct npt_vm_config {
@@ -240,7 +270,10 @@ typedef enum npt_exit_reason {
 #define NPT_EPTQ_UEXECUTABLE  (UINT64_C(1) << 6)  /* entry permitted user execute (MBEC) */
 #define NPT_EPTQ_GLA_VALID    (UINT64_C(1) << 7)
 #define NPT_EPTQ_GLA_TRANSL   (UINT64_C(1) << 8)
-#define NPT_EPTQ_USER_LINEAR  (UINT64_C(1) << 9)  /* U/S of the linear address was user */
+#define NPT_EPTQ_USER_LINEAR  (UINT64_C(1) << 9)  /* with GLA_TRANSL: a user-mode linear address (U/S = 1 at
+                                                     every level; every address with paging off) */
+#define NPT_EPTQ_GLA_WRITABLE (UINT64_C(1) << 10) /* with GLA_TRANSL: guest paging maps it writable (1.2) */
+#define NPT_EPTQ_GLA_NX       (UINT64_C(1) << 11) /* with GLA_TRANSL: guest paging maps it execute-disable (1.2) */
 
 typedef struct npt_exit {
     uint32_t size;         /* sizeof(npt_exit) */
@@ -301,7 +334,10 @@ typedef struct npt_region {
     const void *contents;   /* copied; may be NULL when contents_len is 0 */
     size_t contents_len;    /* at most length */
     uint64_t entry_offset;  /* 8-byte aligned offset of the entry point */
-    uint64_t perms;         /* policy of the region's pages while visible; 0 = R|W|SX */
+    uint64_t perms;         /* policy of the region's pages while visible; 0 = R|W|SX|UX. The mode runs
+                               with paging off, where every linear address is a user-mode address
+                               (SDM), so under MBEC its code needs UX (1.2; 1.1's default R|W|SX made
+                               the handler run only because the emulation used Xs there) */
 } npt_region;
 
 npt_status npt_region_set(npt_vm *vm, const npt_region *region);

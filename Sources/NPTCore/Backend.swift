@@ -21,6 +21,21 @@ public struct BackendCapabilities: OptionSet, Hashable, Sendable {
     public static let persistentMemory = BackendCapabilities(rawValue: 1 << 6)
 }
 
+extension BackendCapabilities {
+    /// The C names of the bits, for messages.
+    public var names: [String] {
+        let all: [(BackendCapabilities, String)] = [
+            (.mbecEmulation, "NPT_CAP_MBEC_EMULATION"), (.exitOnEscalation, "NPT_CAP_EXIT_ON_ESCALATE (an exit on every user-to-supervisor transition)"),
+            (.exitOnReturn, "NPT_CAP_EXIT_ON_RETURN (an exit on every supervisor-to-user transition)"),
+            (.linearModeInfo, "NPT_CAP_LINEAR_MODE_INFO (the U/S of the linear address in a violation)"),
+            (.run, "NPT_CAP_RUN"), (.privilegedMode, "NPT_CAP_PRIVILEGED_MODE"), (.persistentMemory, "NPT_CAP_PERSISTENT_MEMORY")]
+        return all.filter { contains($0.0) }.map(\.1)
+    }
+    /// Every bit the ABI defines.
+    public static let defined: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
+                                                      .privilegedMode, .persistentMemory]
+}
+
 public struct ExitControls: OptionSet, Hashable, Sendable {
     public var rawValue: UInt32
     public init(rawValue: UInt32) { self.rawValue = rawValue }
@@ -44,6 +59,8 @@ public struct Registers: Equatable, Sendable {
     public init() {}
 
     public static let cr0PG: UInt64 = 1 << 31
+    public static let cr0WP: UInt64 = 1 << 16
+    public static let rflagsAC: UInt64 = 1 << 18
     public static let cr4SMEP: UInt64 = 1 << 20
     public static let cr4SMAP: UInt64 = 1 << 21
     public static let eferNXE: UInt64 = 1 << 11
@@ -63,6 +80,13 @@ public struct ViolationQualification: OptionSet, Hashable, Sendable {
     public static let linearValid = ViolationQualification(rawValue: 1 << 7)
     public static let linearTranslation = ViolationQualification(rawValue: 1 << 8)
     public static let userLinear = ViolationQualification(rawValue: 1 << 9)
+    /// Bit 10 (advanced VM-exit information, with bit 8): guest paging maps the linear address writable.
+    public static let linearWritable = ViolationQualification(rawValue: 1 << 10)
+    /// Bit 11 (advanced VM-exit information, with bit 8): guest paging maps it execute-disable.
+    public static let linearExecuteDisable = ViolationQualification(rawValue: 1 << 11)
+    /// The bits a backend reports about the linear address (7-11), which the core keeps as they are.
+    public static let linearInformation: ViolationQualification = [.linearValid, .linearTranslation, .userLinear,
+                                                                   .linearWritable, .linearExecuteDisable]
 
     /// The qualification hardware MBEC would report for `access` to a page with `policy`.
     public static func mbec(access: ViolationQualification, policy: EPTPermissions,
@@ -117,10 +141,53 @@ public struct VMExit: Equatable, Sendable, CustomStringConvertible {
 public protocol HierarchyProvider: AnyObject, Sendable {
     /// The current hierarchies (an immutable snapshot).
     func currentSnapshot() -> ShadowSnapshot
+    /// The generation of the current snapshot, cheap to read on every instruction: a backend that
+    /// keeps a snapshot compares it to see that the core published another (translations added
+    /// need no invalidation, but a kept snapshot would not have them).
+    var publishedGeneration: UInt64 { get }
 }
 
 public struct VMConfig: Sendable {
-    public enum MBECMode: UInt32, Sendable { case exact = 0, lazy = 1 }
+    /// How the core emulates MBEC, and so what it guarantees (README, "What each mode guarantees").
+    public enum MBECMode: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+        /// Exit on every user-to-supervisor and supervisor-to-user transition that needs a switch;
+        /// a violation picks the hierarchy by the linear address's U/S. Identical to hardware MBEC
+        /// for a guest with CR4.SMEP = 1.
+        case exact = 0
+        /// The patent's minimum: exit on escalation only; the supervisor hierarchy stays exposed
+        /// after a return to user mode until a violation switches (the CPL decides).
+        case lazy = 1
+        /// No privilege-change exit at all: the hierarchy changes only on a fetch violation (the
+        /// CPL decides). A weaker, named guarantee for backends without an escalation exit: kernel
+        /// code entered straight from user mode may run user-execute-only pages until it fetches a
+        /// page the user hierarchy does not make executable (the ret2dir-through-the-IDT attack
+        /// runs), and user code right after a return may run supervisor-execute-only pages.
+        case violationOnly = 2
+
+        public var description: String {
+            switch self { case .exact: "exact"; case .lazy: "lazy"; case .violationOnly: "violation-only" }
+        }
+
+        /// What the mode needs from the backend to keep its guarantee.
+        public var requiredCapabilities: BackendCapabilities {
+            switch self {
+            case .exact: [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo]
+            case .lazy: [.mbecEmulation, .exitOnEscalation]
+            case .violationOnly: [.mbecEmulation]
+            }
+        }
+
+        /// Why a backend with `caps` cannot run this mode (nil: it can).
+        public func refusal(backend: String, capabilities caps: BackendCapabilities) -> NPTError? {
+            let missing = requiredCapabilities.subtracting(caps)
+            guard !missing.isEmpty else { return nil }
+            let names = missing.names.joined(separator: ", ")
+            let weaker = VMConfig.MBECMode.allCases.filter { $0.requiredCapabilities.isSubset(of: caps) }
+            let hint = weaker.isEmpty ? "no MBEC mode is possible on it"
+                : "modes it can keep: \(weaker.map(\.description).joined(separator: ", "))"
+            return NPTError(.guarantee, "MBEC mode \(self) needs \(names), which backend '\(backend)' lacks; \(hint)")
+        }
+    }
     public var ramSize: UInt64
     public var defaultPermissions: EPTPermissions
     public var mbecMode: MBECMode
@@ -240,7 +307,7 @@ extension BackendVCPU {
 
 public enum NPTABI {
     public static let major: UInt32 = 1
-    public static let minor: UInt32 = 1
+    public static let minor: UInt32 = 2
     public static let version: UInt32 = (major << 16) | minor
     public static func major(of v: UInt32) -> UInt32 { v >> 16 }
 }

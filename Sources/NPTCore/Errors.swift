@@ -16,6 +16,9 @@ public struct NPTError: Error, Equatable, Sendable, CustomStringConvertible {
         case backend = -12
         case bufferTooSmall = -13
         case state = -14
+        /// The backend cannot give the guarantee the requested mode promises; the message names
+        /// the missing capability (and the weaker mode a VMM may opt in to).
+        case guarantee = -15
     }
     public var code: Code
     public var message: String

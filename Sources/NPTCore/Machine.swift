@@ -1,11 +1,19 @@
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Publishes the current shadow hierarchies to backends.
 final class ShadowPublisher: HierarchyProvider {
     let box: Mutex<ShadowSnapshot>
-    init(_ s: ShadowSnapshot) { box = Mutex(s) }
+    private let generation: Atomic<UInt64>
+    init(_ s: ShadowSnapshot) { box = Mutex(s); generation = Atomic(s.generation) }
     func currentSnapshot() -> ShadowSnapshot { box.withLock { $0 } }
-    func publish(_ s: ShadowSnapshot) { box.withLock { $0 = s } }
+    var publishedGeneration: UInt64 { generation.load(ordering: .acquiring) }
+    func publish(_ s: ShadowSnapshot) {
+        box.withLock { $0 = s }
+        generation.store(s.generation, ordering: .releasing)
+    }
 }
 
 /// Counters of one VM (all vCPUs together).
@@ -63,6 +71,21 @@ public final class VirtualMachine: Sendable {
     private let privilegedError = Mutex<String>("")
     /// The privileged-mode (SMM-like) coordinator of this VM.
     public let privileged = PrivilegedModeCoordinator()
+
+    /// Which exits the policy makes necessary (`needsUserOnly`, `needsSupervisorOnly`): bits are
+    /// added before a policy that needs them is published (after every vCPU armed its exits) and
+    /// dropped after a policy that no longer needs them is.
+    let exitNeeds = Atomic<UInt8>(0)
+    /// Raised when exitNeeds gains a bit: vCPUs re-arm their exits before their next run.
+    let armEpoch = Atomic<UInt64>(0)
+    static let needsUserOnly: UInt8 = 1
+    static let needsSupervisorOnly: UInt8 = 2
+    /// How long a policy update waits for running vCPUs to re-arm their exits.
+    public let armTimeoutNanos: UInt64 = 2_000_000_000
+
+    static func exitNeeds(of mask: UInt16) -> UInt8 {
+        (mask & CodeMask.userOnly != 0 ? needsUserOnly : 0) | (mask & CodeMask.supervisorOnly != 0 ? needsSupervisorOnly : 0)
+    }
     /// NVDIMM ranges, the virtual flush hint and its flush sequencers (Persistence.swift).
     let persistence = PersistenceState()
 
@@ -81,9 +104,8 @@ public final class VirtualMachine: Sendable {
         guard backend.capabilities.contains(.mbecEmulation) else {
             throw .unsupported("backend '\(backend.name)' cannot expose shadow hierarchies (no MBEC emulation)")
         }
-        if config.mbecMode == .exact && !backend.capabilities.contains(.exitOnReturn) {
-            throw .unsupported("backend '\(backend.name)' cannot exit on a return to user mode; use mbec_mode lazy")
-        }
+        // A guarantee is earned: a mode the backend cannot keep is refused, naming what is missing.
+        if let refusal = config.mbecMode.refusal(backend: backend.name, capabilities: backend.capabilities) { throw refusal }
         let tree = PolicyTree(ramSize: config.ramSize, defaultPermissions: config.defaultPermissions)
         var builder = ShadowBuilder()
         let snap = builder.snapshot(of: tree, generation: 0)
@@ -92,7 +114,35 @@ public final class VirtualMachine: Sendable {
         self.backend = backend
         self.publisher = publisher
         self.policy = Mutex(PolicyState(tree: tree, builder: builder, generation: 0))
+        self.exitNeeds.store(VirtualMachine.exitNeeds(of: tree.root.mask), ordering: .relaxed)
         self.backendVM = try backend.makeVM(config: config, hierarchies: publisher, handle: handle)
+    }
+
+    /// Before a policy that has user-execute-only (or supervisor-execute-only) pages where the
+    /// current one has none is published, every vCPU must have armed the exit that keeps the
+    /// guarantee with such pages: raise the arming epoch, kick the vCPUs inside `backend.run`, and
+    /// wait until each has left it (it re-arms before it runs again).
+    private func armExits(for ranges: [PolicyRange]) throws(NPTError) {
+        var add: UInt8 = 0
+        for r in ranges { add |= VirtualMachine.exitNeeds(of: 1 << UInt16(r.permissions.code)) }
+        let old = exitNeeds.load(ordering: .acquiring)
+        guard add & ~old != 0 else { return }
+        exitNeeds.bitwiseOr(add, ordering: .sequentiallyConsistent)
+        let epoch = armEpoch.wrappingAdd(1, ordering: .sequentiallyConsistent).newValue
+        let deadline = Monitor.now() &+ armTimeoutNanos
+        var kicked = Set<UInt32>()
+        while true {
+            let stale = allVCPUs.filter { v in
+                let e = v.inRunEpoch.load(ordering: .sequentiallyConsistent)
+                return e != 0 && e &- 1 != epoch
+            }
+            if stale.isEmpty { return }
+            for v in stale where kicked.insert(v.index).inserted { v.backend.kick() }
+            if Monitor.now() >= deadline {
+                throw NPTError(.busy, "vCPU \(stale[0].index) did not leave its run to arm the exits the new policy needs within \(armTimeoutNanos / 1_000_000) ms; policy unchanged")
+            }
+            sched_yield()
+        }
     }
 
     public var snapshot: ShadowSnapshot { publisher.currentSnapshot() }
@@ -100,8 +150,8 @@ public final class VirtualMachine: Sendable {
     // MARK: policy
 
     public func permissions(at gpa: GPA) throws(NPTError) -> EPTPermissions {
-        guard gpa.raw < config.ramSize else {
-            throw NPTError(.outOfRange, "gpa \(hex(gpa.raw)) is outside guest RAM (\(hex(config.ramSize)))")
+        guard gpa.raw < config.ramSize || nvdimmRanges.contains(where: { $0.range.contains(gpa) }) else {
+            throw NPTError(.outOfRange, "gpa \(hex(gpa.raw)) is outside guest RAM (\(hex(config.ramSize))) and the NVDIMM ranges")
         }
         return policy.withLock { $0.tree.permissions(at: gpa) }
     }
@@ -132,6 +182,20 @@ public final class VirtualMachine: Sendable {
     @discardableResult
     public func setPolicy(_ r: PolicyRange) throws(NPTError) -> [Invalidation] { try setPolicy([r]) }
 
+    /// A caller's policy range: the rules of the ABI (alignment, permissions), inside guest RAM or
+    /// inside one NVDIMM range (which carry policies like RAM).
+    private func validatePolicy(_ r: PolicyRange, tree: PolicyTree) throws(NPTError) {
+        let end = r.range.start.raw.addingReportingOverflow(r.range.size)
+        if !end.overflow, r.range.size > 0, let n = nvdimmRanges.first(where: { $0.range.overlaps(r.range) }) {
+            guard r.range.start.raw >= n.range.start.raw && end.partialValue <= n.range.end else {
+                throw NPTError(.outOfRange, "range \(r.range) is not inside one NVDIMM range (it overlaps \(n.range))")
+            }
+            try tree.validate(r, bound: .max)   // alignment and permissions; the range checked above
+            return
+        }
+        try tree.validate(r)
+    }
+
     /// Applies mappings the core owns outside RAM (NVDIMM ranges, the vFHA page) and the backing
     /// windows they use, then tells the backend which translations lost a permission. All or
     /// nothing, as `setPolicy`: if the backend refuses an invalidation, the previous policy, windows
@@ -147,12 +211,12 @@ public final class VirtualMachine: Sendable {
     @discardableResult
     private func apply(_ ranges: [PolicyRange], windows: [(range: GPARange, hostOffset: UInt64)]?, validate: Bool,
                        what: String) throws(NPTError) -> [Invalidation] {
+        if validate {
+            let tree = policy.withLock { $0.tree }
+            for r in ranges { try validatePolicy(r, tree: tree) }
+        }
+        try armExits(for: ranges)
         let result: Result<[Invalidation], NPTError> = policy.withLock { (s: inout PolicyState) in
-            if validate {
-                do throws(NPTError) {
-                    for r in ranges { try s.tree.validate(r) }
-                } catch { return .failure(error) }
-            }
             let oldTree = s.tree
             let oldWindows = s.builder.extraWindows
             let oldSnapshot = publisher.currentSnapshot()
@@ -175,6 +239,8 @@ public final class VirtualMachine: Sendable {
                 for inv in invs { try? backendVM.invalidate(inv) }
                 return .failure(NPTError(.backend, "backend '\(backend.name)' failed to invalidate: \(error.message); \(what) unchanged"))
             }
+            // Exits the policy no longer needs are dropped by each vCPU at its next switch.
+            exitNeeds.store(VirtualMachine.exitNeeds(of: s.tree.root.mask), ordering: .releasing)
             return .success(invs)
         }
         let invs = try result.get()
@@ -221,7 +287,7 @@ public final class VirtualMachine: Sendable {
     /// Describes the special region: where it is (outside RAM), its contents and its entry point.
     /// Its pages are in no hierarchy until a CPU enters the mode.
     public func defineRegion(start: GPA, size: UInt64, contents: [UInt8], entryOffset: UInt64 = 0,
-                             permissions: EPTPermissions = [.read, .write, .supervisorExecute]) throws(NPTError) {
+                             permissions: EPTPermissions = .all) throws(NPTError) {
         guard backend.capabilities.contains(.privilegedMode) else {
             throw .unsupported("backend '\(backend.name)' cannot stop vCPUs or back a privileged-mode region")
         }
@@ -322,28 +388,37 @@ public final class VirtualMachine: Sendable {
 
     // MARK: vCPUs
 
+    /// Creates a vCPU. A policy published while the backend builds it must still reach it: the
+    /// backend may have read the hierarchies before it listed the vCPU for invalidations, so if the
+    /// published generation moved meanwhile the new vCPU's translations are all invalidated before
+    /// it can run.
     public func makeVCPU(index: UInt32) throws(NPTError) -> VirtualCPU {
         if vcpus.withLock({ $0[index] != nil }) { throw NPTError(.exists, "vCPU \(index) already exists") }
+        let generation = publisher.currentSnapshot().generation
         let b = try backendVM.makeVCPU(index: index)
-        var ctl: ExitControls = [.escalation]
-        if config.mbecMode == .exact { ctl.insert(.returnToUser) }
-        do throws(NPTError) {
-            try b.setExitControls(ctl)
-            try b.expose(.supervisor)
-        } catch { b.destroy(); throw error }
         let v = VirtualCPU(vm: self, index: index, backend: b)
+        do throws(NPTError) {
+            try b.expose(.supervisor)
+            try b.setExitControls([])
+            if publisher.currentSnapshot().generation != generation {
+                for h in HierarchyID.allCases {
+                    try backendVM.invalidate(Invalidation(hierarchy: h, range: GPARange(start: GPA(0), size: PolicyTree.maxGuestPhysical)))
+                }
+            }
+        } catch { b.destroy(); throw error }
         v.slot = privileged.register(v)
         let dup = vcpus.withLock { m -> Bool in
             if m[index] != nil { return true }
             m[index] = v
             return false
         }
-        if dup { b.destroy(); throw NPTError(.exists, "vCPU \(index) already exists") }
+        if dup { try? privileged.unregister(v); b.destroy(); throw NPTError(.exists, "vCPU \(index) already exists") }
         return v
     }
 
     public func removeVCPU(_ v: VirtualCPU) throws(NPTError) {
         if v.isRunning { throw NPTError(.busy, "vCPU \(v.index) is running") }
+        try privileged.unregister(v)
         _ = vcpus.withLock { $0.removeValue(forKey: v.index) }
         v.backend.destroy()
     }

@@ -97,7 +97,10 @@ public struct PolicyTree: Sendable {
     }
 
     /// Checks a range against the rules of the ABI; throws the error the C caller gets.
-    public func validate(_ r: PolicyRange) throws(NPTError) {
+    public func validate(_ r: PolicyRange) throws(NPTError) { try validate(r, bound: ramSize) }
+
+    /// The same, with the range's end checked against `bound` instead of guest RAM.
+    func validate(_ r: PolicyRange, bound: UInt64) throws(NPTError) {
         let ps = r.pageSize.bytes
         if r.range.size == 0 { throw .invalid("size is 0") }
         if r.range.start.raw % ps != 0 {
@@ -110,7 +113,7 @@ public struct PolicyTree: Sendable {
             throw .invalid("perms \(hex(r.permissions.rawValue)): only bits 0, 1, 2 and 10, and write needs read")
         }
         let (end, overflow) = r.range.start.raw.addingReportingOverflow(r.range.size)
-        if overflow || end > ramSize {
+        if overflow || end > bound {
             throw NPTError(.outOfRange, "range \(r.range) ends past guest RAM (\(hex(ramSize)))")
         }
     }

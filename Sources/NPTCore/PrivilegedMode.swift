@@ -38,7 +38,9 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
     let monitor = Monitor()
     // Guarded by `monitor`.
     private var state = PMState(cpus: 0)
-    private var slots: [VirtualCPU] = []
+    /// The vCPU of each protocol slot; nil for a slot freed by a destroyed vCPU (reused by the next).
+    private var slots: [VirtualCPU?] = []
+    private var freeSlots: [Int] = []
     private var raisedAt: [[UInt64]] = []
     private var deferred: [[UInt32]] = []
     /// Whether the vCPU's thread may be running guest code (between a checkpoint that let it run
@@ -66,21 +68,68 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
 
     func activate() { monitor.withLock { active = true } }
 
+    /// A new vCPU joins the protocol. While another vCPU is entering or in the mode the new one
+    /// starts stopped (its thread is outside guest code, so the stop is acknowledged on its
+    /// behalf): no vCPU outside the mode may run while the region can be visible.
     func register(_ cpu: VirtualCPU) -> Int {
         monitor.withLock {
-            state.phase.append(.running)
-            state.stopRequested.append(false)
-            state.pending.append(0)
-            state.deferred.append(0)
-            state.reachesRegion.append(false)
-            slots.append(cpu)
-            raisedAt.append([])
-            deferred.append([])
-            inGuest.append(false)
-            conds.append(monitor.makeCondition())
-            return slots.count - 1
+            let busy = state.holder >= 0
+            let i: Int
+            if let f = freeSlots.popLast() {
+                i = f
+                slots[i] = cpu
+            } else {
+                i = slots.count
+                state.phase.append(.running)
+                state.stopRequested.append(false)
+                state.pending.append(0)
+                state.deferred.append(0)
+                state.reachesRegion.append(false)
+                slots.append(cpu)
+                raisedAt.append([])
+                deferred.append([])
+                inGuest.append(false)
+                conds.append(monitor.makeCondition())
+            }
+            state.phase[i] = busy ? .stopped : .running
+            state.stopRequested[i] = busy
+            state.pending[i] = 0
+            state.deferred[i] = 0
+            state.reachesRegion[i] = false
+            raisedAt[i] = []
+            deferred[i] = []
+            inGuest[i] = false
+            return i
         }
     }
+
+    /// A destroyed vCPU leaves the protocol; its slot is reused. Refused while it holds the mode or
+    /// is entering it. Its queued requests are dropped; until reused, the slot counts as stopped
+    /// (it can run no guest code), so no entry waits for it.
+    func unregister(_ cpu: VirtualCPU) throws(NPTError) {
+        try monitor.withLock { () throws(NPTError) in
+            let i = cpu.slot
+            guard slots.indices.contains(i), slots[i] === cpu else { return }
+            if state.holder == Int8(truncatingIfNeeded: i) {
+                throw NPTError(.busy, "vCPU \(cpu.index) is in (or entering) the privileged mode")
+            }
+            state.queue.removeAll { $0 == UInt8(truncatingIfNeeded: i) }
+            state.phase[i] = .stopped
+            state.stopRequested[i] = false
+            state.pending[i] = 0
+            state.deferred[i] = 0
+            state.reachesRegion[i] = false
+            raisedAt[i] = []
+            deferred[i] = []
+            inGuest[i] = false
+            slots[i] = nil
+            freeSlots.append(i)
+            wake()
+        }
+    }
+
+    /// Slots in use and free (tests: destroyed vCPUs must not leak slots).
+    public var slotCounts: (used: Int, free: Int) { monitor.withLock { (slots.count - freeSlots.count, freeSlots.count) } }
 
     /// The lock is held: wakes each vCPU that now has a step to take.
     private func wake() {
@@ -95,7 +144,7 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
 
     /// The vCPU in the mode, if any.
     public var holder: UInt32? {
-        monitor.withLock { state.holder >= 0 && state.phase[Int(state.holder)] == .inMode ? slots[Int(state.holder)].index : nil }
+        monitor.withLock { state.holder >= 0 && state.phase[Int(state.holder)] == .inMode ? slots[Int(state.holder)]?.index : nil }
     }
 
     /// The enter-mode interrupt for `cpu`. Callable from any thread.
@@ -184,7 +233,7 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
         for j in 0..<state.cpus where j != i && !inGuest[j] && PMProtocol.enabled(.acceptStop(j), in: state) {
             PMProtocol.apply(.acceptStop(j), to: &state)
         }
-        let others = slots.enumerated().filter { $0.offset != i && inGuest[$0.offset] }.map(\.element)
+        let others = slots.enumerated().filter { $0.offset != i && inGuest[$0.offset] }.compactMap(\.element)
         monitor.unlock()
         for o in others { o.backend.kick() }
         monitor.lock()
@@ -196,13 +245,13 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
                 stats.failures += 1
                 wake()
                 var x = VMExit(reason: .privilegedEntryFailed)
-                x.vector = slots[late].index
-                slots[i].vm.setLastPrivilegedError("vCPU \(slots[late].index) did not stop within \(timeout / 1_000_000) ms; vCPU \(slots[i].index) did not enter and the view is unchanged")
+                x.vector = slots[late]?.index ?? UInt32(late)
+                slots[i]?.vm.setLastPrivilegedError("vCPU \(x.vector) did not stop within \(timeout / 1_000_000) ms; vCPU \(slots[i]?.index ?? UInt32(i)) did not enter and the view is unchanged")
                 return x
             }
         }
         // Every other CPU is stopped: now (and only now) the region becomes visible.
-        let cpu = slots[i]
+        guard let cpu = slots[i] else { throw NPTError(.state, "privileged-mode slot \(i) has no vCPU") }
         let vm = cpu.vm
         vm.backendVM.regionVisibility(holder: cpu.index)
         do throws(NPTError) {
@@ -247,9 +296,11 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
             }
             try vm.setRegionMapped(false)
             PMProtocol.apply(.leave(i), to: &state)
+            let restored: Registers
+            if let s = saved { restored = s } else { restored = try cpu.backend.registers() }
             if let s = saved { try cpu.backend.setRegisters(s) }
             saved = nil
-            try cpu.exposeAfterMode()
+            try cpu.exposeAfterMode(restored)
             vm.backendVM.regionVisibility(holder: nil)
             PMProtocol.apply(.release(i), to: &state)
             let now = Monitor.now()

@@ -29,6 +29,15 @@ public final class VirtualCPU: @unchecked Sendable {
     // Mutated only by the thread that holds `running`.
     public private(set) var active: HierarchyID = .supervisor
     private var staleRetries = 0
+    /// Whether guest paging is on (CR0.PG), as the core last set or restored it. With paging off
+    /// every linear address is a user-mode address, so the user hierarchy governs every fetch.
+    private var pagingOn = true
+    /// The exit controls the backend has now, and the VM's arming epoch they were computed for.
+    private var armed: ExitControls = []
+    private var armedEpoch: UInt64 = .max
+    /// 0 while the thread is outside `backend.run`; else 1 + the arming epoch it entered with (the
+    /// VM waits on it before publishing a policy that needs more exits).
+    let inRunEpoch = Atomic<UInt64>(0)
     /// This vCPU's index in the privileged-mode protocol.
     var slot = 0
     private let running = Atomic<Bool>(false)
@@ -49,27 +58,37 @@ public final class VirtualCPU: @unchecked Sendable {
 
     public func registers() throws(NPTError) -> Registers { try exclusive { () throws(NPTError) in try backend.registers() } }
 
-    /// Sets the registers. A change of CPL is a mode transition: the core exposes the hierarchy for
-    /// the new mode as an exit would have (exact mode), or the supervisor one for CPL 0 (lazy).
+    /// Sets the registers. The core exposes the hierarchy that governs the new state's fetches: the
+    /// supervisor one at CPL 0, the user one at CPL 3, the user one with paging off.
     public func setRegisters(_ r: Registers) throws(NPTError) {
         guard r.cpl == 0 || r.cpl == 3 else { throw .invalid("regs.cpl is \(r.cpl); the simulator knows 0 and 3") }
         try exclusive { () throws(NPTError) in
             try backend.setRegisters(r)
-            if r.cpl == 0 { try expose(.supervisor) }
-            else if vm.config.mbecMode == .exact { try expose(.user) }
+            pagingOn = r.cr0 & Registers.cr0PG != 0
+            try expose(hierarchy(cpl: r.cpl))
         }
+    }
+
+    /// The hierarchy whose execute bit governs fetches at `cpl` (by privilege level, the patent's
+    /// rule; with paging off every address is user-mode).
+    private func hierarchy(cpl: UInt32) -> HierarchyID {
+        !pagingOn ? .user : cpl == 3 ? .user : .supervisor
     }
 
     public func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError) {
         try exclusive { () throws(NPTError) in try backend.injectFault(vector: vector, errorCode: errorCode, address: address) }
     }
 
-    /// The mode runs supervisor code at supervisor-mode addresses (paging off).
-    func exposeForMode() throws(NPTError) { try expose(.supervisor) }
-    /// After RSM: the hierarchy for the restored privilege level.
-    func exposeAfterMode() throws(NPTError) {
-        let cpl = try backend.registers().cpl
-        if cpl == 0 { try expose(.supervisor) } else if vm.config.mbecMode == .exact { try expose(.user) }
+    /// The mode runs with paging off: every address is a user-mode address, so the user hierarchy
+    /// governs its fetches (SDM: with CR0.PG = 0 every linear address is user-mode).
+    func exposeForMode() throws(NPTError) {
+        pagingOn = false
+        try expose(.user)
+    }
+    /// After RSM: the hierarchy for the restored state.
+    func exposeAfterMode(_ restored: Registers) throws(NPTError) {
+        pagingOn = restored.cr0 & Registers.cr0PG != 0
+        try expose(hierarchy(cpl: restored.cpl))
     }
 
     /// Raises the enter-mode interrupt for this vCPU (from any thread).
@@ -90,10 +109,62 @@ public final class VirtualCPU: @unchecked Sendable {
     }
 
     private func expose(_ h: HierarchyID) throws(NPTError) {
-        guard h != active else { return }
-        try backend.expose(h)
-        active = h
-        vm.counters.hierarchySwitches.wrappingAdd(1, ordering: .relaxed)
+        if h != active {
+            try backend.expose(h)
+            active = h
+            vm.counters.hierarchySwitches.wrappingAdd(1, ordering: .relaxed)
+        }
+        try syncExitControls(epoch: vm.armEpoch.load(ordering: .acquiring))
+    }
+
+    /// The exits this vCPU needs now ("fewer exits without losing security"):
+    /// - escalation (exact and lazy) only while the user hierarchy is exposed with paging on and the
+    ///   policy has a user-execute-only page: otherwise every page the user hierarchy lets kernel
+    ///   code execute is supervisor-executable too, and a supervisor-only page faults into a switch;
+    /// - return to user (exact) only while the supervisor hierarchy is exposed with paging on and
+    ///   the policy has a supervisor-execute-only page, by the same argument the other way round.
+    private func wantedControls() -> ExitControls {
+        let needs = vm.exitNeeds.load(ordering: .acquiring)
+        var c: ExitControls = []
+        guard pagingOn else { return c }
+        switch vm.config.mbecMode {
+        case .exact:
+            if active == .user && needs & VirtualMachine.needsUserOnly != 0 { c.insert(.escalation) }
+            if active == .supervisor && needs & VirtualMachine.needsSupervisorOnly != 0 { c.insert(.returnToUser) }
+        case .lazy:
+            if active == .user && needs & VirtualMachine.needsUserOnly != 0 { c.insert(.escalation) }
+        case .violationOnly:
+            break
+        }
+        return c
+    }
+
+    private func syncExitControls(epoch: UInt64) throws(NPTError) {
+        let want = wantedControls()
+        if want != armed || armedEpoch == .max {
+            try backend.setExitControls(want)
+            armed = want
+        }
+        armedEpoch = epoch
+    }
+
+    /// One `backend.run` with the exit controls the policy needs: if the VM raised its arming epoch
+    /// (a policy update that needs more exits is waiting), the controls are synced first; the
+    /// update waits until no vCPU is inside `backend.run` with older controls.
+    private func runBackend() throws(NPTError) -> VMExit {
+        while true {
+            let epoch = vm.armEpoch.load(ordering: .acquiring)
+            if epoch != armedEpoch { try syncExitControls(epoch: epoch) }
+            inRunEpoch.store(epoch &+ 1, ordering: .sequentiallyConsistent)
+            if vm.armEpoch.load(ordering: .sequentiallyConsistent) != epoch {
+                inRunEpoch.store(0, ordering: .releasing)
+                continue
+            }
+            defer { inRunEpoch.store(0, ordering: .releasing) }
+            let x = try backend.run()
+            vm.counters.exitsTotal.wrappingAdd(1, ordering: .relaxed)
+            return x
+        }
     }
 
     /// Runs until an exit the core does not handle itself.
@@ -102,8 +173,7 @@ public final class VirtualCPU: @unchecked Sendable {
             defer { vm.privileged.leftGuest(self) }
             while true {
                 if let x = try vm.privileged.checkpoint(self) { return x }
-                var exit = try backend.run()
-                vm.counters.exitsTotal.wrappingAdd(1, ordering: .relaxed)
+                var exit = try runBackend()
                 if try decide(&exit) != .resume { return exit }
             }
         }
@@ -114,9 +184,7 @@ public final class VirtualCPU: @unchecked Sendable {
         try exclusive { () throws(NPTError) in
             defer { vm.privileged.leftGuest(self) }
             if let x = try vm.privileged.checkpoint(self) { return x }
-            let exit = try backend.run()
-            vm.counters.exitsTotal.wrappingAdd(1, ordering: .relaxed)
-            return exit
+            return try runBackend()
         }
     }
 
@@ -127,14 +195,21 @@ public final class VirtualCPU: @unchecked Sendable {
 
     private func decide(_ exit: inout VMExit) throws(NPTError) -> ExitAction {
         let c = vm.counters
+        if exit.reason != .eptViolation { staleRetries = 0 }
         switch exit.reason {
         case .escalation:
+            guard armed.contains(.escalation) else {
+                throw NPTError(.backend, "backend '\(vm.backend.name)' reported an escalation exit the core did not arm")
+            }
             c.exitsEscalation.wrappingAdd(1, ordering: .relaxed)
-            try expose(.supervisor)
+            try expose(hierarchy(cpl: 0))
             return .resume
         case .returnToUser:
+            guard armed.contains(.returnToUser) else {
+                throw NPTError(.backend, "backend '\(vm.backend.name)' reported a return-to-user exit the core did not arm")
+            }
             c.exitsReturnToUser.wrappingAdd(1, ordering: .relaxed)
-            if vm.config.mbecMode == .exact { try expose(.user) }
+            try expose(hierarchy(cpl: 3))
             return .resume
         case .eptViolation:
             c.exitsEPTViolation.wrappingAdd(1, ordering: .relaxed)
@@ -168,10 +243,10 @@ public final class VirtualCPU: @unchecked Sendable {
         let access = q.intersection([.read, .write, .fetch])
         let needed: HierarchyID
         if access.contains(.fetch) {
-            if vm.config.mbecMode == .exact && vm.backend.capabilities.contains(.linearModeInfo) && q.contains(.linearValid) {
+            if vm.config.mbecMode == .exact && q.contains([.linearValid, .linearTranslation]) {
                 needed = .governing(userLinear: q.contains(.userLinear))
             } else {
-                needed = exit.cpl == 3 ? .user : .supervisor
+                needed = hierarchy(cpl: exit.cpl)
             }
         } else {
             needed = active
@@ -200,7 +275,7 @@ public final class VirtualCPU: @unchecked Sendable {
         exit.reason = .mbecViolation
         exit.qualification = ViolationQualification.mbec(
             access: access, policy: policy,
-            linear: q.intersection([.linearValid, .linearTranslation, .userLinear])).rawValue
+            linear: q.intersection(.linearInformation)).rawValue
         vm.counters.violationsReported.wrappingAdd(1, ordering: .relaxed)
         return .reportViolation
     }

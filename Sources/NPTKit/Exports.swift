@@ -62,6 +62,7 @@ public func npt_status_string(_ s: npt_status) -> UnsafePointer<CChar> {
     case NPT_ERR_BACKEND: text = "NPT_ERR_BACKEND: the backend reported a failure"
     case NPT_ERR_BUFFER_TOO_SMALL: text = "NPT_ERR_BUFFER_TOO_SMALL: the buffer is too small"
     case NPT_ERR_STATE: text = "NPT_ERR_STATE: not valid in the current state"
+    case NPT_ERR_GUARANTEE: text = "NPT_ERR_GUARANTEE: the backend cannot give what the requested mode promises"
     default: text = "NPT_ERR_UNKNOWN: not an npt_status value"
     }
     return UnsafeRawPointer(text.utf8Start).assumingMemoryBound(to: CChar.self)
@@ -124,6 +125,18 @@ public func npt_backend_set_default(_ ctx: OpaquePointer?, _ name: UnsafePointer
     api("npt_backend_set_default") { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
         try c.registry.setDefault(String(cString: try require(name, "name")))
+    }
+}
+
+@_cdecl("npt_mbec_mode_check")
+public func npt_mbec_mode_check(_ ctx: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ mode: UInt32,
+                                _ missing: UnsafeMutablePointer<UInt64>?) -> npt_status {
+    api("npt_mbec_mode_check") { () throws(NPTError) in
+        let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        guard let m = VMConfig.MBECMode(rawValue: mode) else { throw .invalid("mode \(mode) is not an npt_mbec_mode") }
+        let b = try c.registry.lookup(name.map { String(cString: $0) })
+        missing?.pointee = m.requiredCapabilities.subtracting(b.capabilities).rawValue
+        if let refusal = m.refusal(backend: b.name, capabilities: b.capabilities) { throw refusal }
     }
 }
 
@@ -389,7 +402,7 @@ public func npt_region_set(_ vm: OpaquePointer?, _ region: UnsafePointer<npt_reg
             }
             bytes = Array(UnsafeRawBufferPointer(start: c, count: r.contents_len))
         }
-        let perms = r.perms == 0 ? EPTPermissions([.read, .write, .supervisorExecute]) : EPTPermissions(rawValue: r.perms)
+        let perms = r.perms == 0 ? EPTPermissions.all : EPTPermissions(rawValue: r.perms)
         try v.vm.defineRegion(start: GPA(r.gpa), size: r.length, contents: bytes, entryOffset: r.entry_offset, permissions: perms)
     }
 }

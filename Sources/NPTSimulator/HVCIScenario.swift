@@ -150,11 +150,74 @@ public struct HVCIScenario: Sendable {
         }
     }
 
+    /// What happened to the ret2dir-through-the-entry attack.
+    public enum EntryAttackOutcome: Sendable, Equatable {
+        /// The kernel's first fetch at the alias was reported as an MBEC violation.
+        case stopped(VMExit)
+        /// The user-execute-only page ran at CPL 0 (it printed 0xBAD on the pwned port).
+        case ran(cpl: UInt32, rip: UInt64, hierarchy: HierarchyID)
+    }
+
+    /// The ret2dir attack through the kernel's entry point (issue 9, finding 1; on KVM it goes
+    /// through an IDT gate, here through the system-call entry, this ISA's analogue). An attacker
+    /// with a kernel data write makes two guest-memory writes: the PTE of the kernel page that
+    /// holds the system-call entry now maps the user JIT page (user-execute only) at that
+    /// supervisor-mode address, and the JIT page holds the attacker's code at the entry's offset.
+    /// The user process then makes a system call: the kernel is entered straight at the alias.
+    /// Hardware MBEC refuses that fetch (a supervisor-mode address needs Xs). The emulation stops
+    /// it when it sees the escalation (exact and lazy modes); violation-only mode does not.
+    public func runEntryAttack(on vm: VirtualMachine, index: UInt32 = 0) throws -> EntryAttackOutcome {
+        let (img, regs) = try entryAttackImage()
+        try vm.setPolicy(policy)
+        try img.load(into: vm)
+        let cpu = try vm.makeVCPU(index: index)
+        try cpu.setRegisters(regs)
+        return try finishEntryAttack(cpu)
+    }
+
+    /// Runs `cpu` (set up on the attack's image) until the attack ran or was reported.
+    public func finishEntryAttack(_ cpu: VirtualCPU) throws -> EntryAttackOutcome {
+        let S = HVCIScenario.self
+        for _ in 0..<1000 {
+            let x = try cpu.run()
+            switch x.reason {
+            case .mbecViolation: return .stopped(x)
+            case .io where Int32(x.ioPort) == S.portPwned: return .ran(cpl: x.cpl, rip: x.rip, hierarchy: x.hierarchy)
+            case .io: continue
+            default: throw NPTError(.state, "unexpected exit in the entry attack: \(x)")
+            }
+        }
+        throw NPTError(.state, "the entry attack neither ran nor was stopped")
+    }
+
+    /// The scenario's image after the attacker's two writes, and the user process's state (CPL 3,
+    /// about to make a system call).
+    public func entryAttackImage() throws -> (GuestImage, Registers) {
+        var (img, regs) = try image()
+        let S = HVCIScenario.self
+        // The attacker's writes: the kernel-code PTE now points at the JIT frame; the JIT page holds
+        // the payload at the entry's offset.
+        var table = regs.cr3
+        for level in stride(from: 4, to: 1, by: -1) {
+            table = img.read64(table + ((S.kernelCodeVA >> (12 + 9 * UInt64(level - 1))) & 511) * 8) & 0x000F_FFFF_FFFF_F000
+        }
+        img.write64(table + ((S.kernelCodeVA >> 12) & 511) * 8, S.userJIT | GuestPTE.present.rawValue)
+        var pwn = Assembler(origin: 0)
+        pwn.emit(.movi, 0, 0, 0xBAD)
+        pwn.out(0, port: S.portPwned)
+        pwn.emit(.hlt)
+        img.write(S.userJIT + (S.syscallVA - S.kernelCodeVA), pwn.bytes)
+        // The user process runs (it booted before the attack) and makes a system call.
+        regs.cpl = 3
+        regs.rip = S.userCodeVA
+        return (img, regs)
+    }
+
     /// Loads the scenario into `vm` and runs it on vCPU `index` with the library's loop; a reported
     /// violation is injected into the guest as #VE, as a VMM would.
-    public func run(on vm: VirtualMachine, index: UInt32 = 0, maxExits: Int = 100_000) throws -> Outcome {
+    public func run(on vm: VirtualMachine, index: UInt32 = 0, maxExits: Int = 100_000, policy: [PolicyRange]? = nil) throws -> Outcome {
         let (img, regs) = try image()
-        try vm.setPolicy(policy)
+        try vm.setPolicy(policy ?? self.policy)
         try img.load(into: vm)
         let cpu = try vm.makeVCPU(index: index)
         try cpu.setRegisters(regs)

@@ -68,9 +68,10 @@ public struct PersistenceScenario: Sendable {
                              hostRegion: hostRegion, regionOffset: 0)
         }
         guard let vfha = vm.virtualFlushHint else { throw NPTError(.state, "no vFHA") }
-        // The kernel-only code pages (paging is off: every fetch is a supervisor fetch).
+        // The code pages. Paging is off, and with paging off every linear address is a user-mode
+        // address (SDM), so under MBEC the user-execute bit governs these fetches.
         try vm.setPolicy(PolicyRange(start: GPA(PersistenceScenario.code(cpu: 0)), size: UInt64(cpus) * 0x1000,
-                                     pageSize: .size4K, permissions: [.read, .supervisorExecute]))
+                                     pageSize: .size4K, permissions: [.read, .userExecute]))
         var out: [VirtualCPU] = []
         for c in 0..<cpus {
             try vm.writeMemory(GPA(PersistenceScenario.code(cpu: c)), bytes: program(cpu: c, vfha: vfha.raw))

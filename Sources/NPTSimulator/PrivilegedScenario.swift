@@ -96,8 +96,9 @@ public struct PrivilegedScenario: Sendable {
 
     /// Builds the VM's guest and region; returns the vCPUs with their registers set.
     public func prepare(_ vm: VirtualMachine) throws -> [VirtualCPU] {
+        // Paging is off: every address is user-mode (SDM), so Xu governs the loop's fetches.
         try vm.setPolicy(PolicyRange(start: GPA(PrivilegedScenario.code), size: 0x1000, pageSize: .size4K,
-                                     permissions: [.read, .supervisorExecute]))
+                                     permissions: [.read, .userExecute]))
         try vm.writeMemory(GPA(PrivilegedScenario.code), bytes: guestCode())
         try vm.defineRegion(start: GPA(PrivilegedScenario.regionBase), size: PrivilegedScenario.regionSize,
                             contents: handlerCode(), entryOffset: 0)

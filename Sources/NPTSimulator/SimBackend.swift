@@ -8,19 +8,28 @@ import Glibc
 /// two-dimensional page walk (guest 4-level paging, then the exposed shadow hierarchy), with a
 /// per-vCPU TLB tagged by hierarchy. Deterministic: the same inputs give the same exits.
 public final class SimulatorBackend: Backend {
-    public let name = "sim"
-    public let summary = "built-in simulator: guest ISA interpreter, real 2-D page walk, hierarchy-tagged TLB, persistent-memory platform"
-    public let capabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
-                                                    .privilegedMode, .persistentMemory]
+    public let name: String
+    public let summary: String
+    public let capabilities: BackendCapabilities
+    public static let allCapabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
+                                                              .privilegedMode, .persistentMemory]
     private let platformBox: Mutex<PersistentPlatform>
 
     /// `platform`: the simulated host's persistent memory (refused if inconsistent).
-    public init(platform: PlatformDescription) throws(NPTError) {
+    /// `withoutExits`: capabilities the simulator pretends not to have (e.g. `.exitOnEscalation` to
+    /// behave like a backend without privilege-change exits); it then never takes those exits.
+    public init(platform: PlatformDescription = .standard(needsWPQFlush: true), name: String = "sim",
+                withoutExits: BackendCapabilities = []) throws(NPTError) {
         platformBox = Mutex(try PersistentPlatform(platform))
+        self.name = name
+        capabilities = SimulatorBackend.allCapabilities.subtracting(withoutExits.intersection([.exitOnEscalation, .exitOnReturn, .linearModeInfo]))
+        var s = "built-in simulator: guest ISA interpreter, real 2-D page walk, hierarchy-tagged TLB, persistent-memory platform"
+        if !withoutExits.isEmpty { s += "; without \(withoutExits.names.map { $0.split(separator: " ").first.map(String.init) ?? $0 }.joined(separator: ", "))" }
+        summary = s
     }
     /// On the standard platform (which needs WPQ flushing).
-    public init() {
-        platformBox = Mutex(try! PersistentPlatform(.standard(needsWPQFlush: true)))   // valid by construction
+    public convenience init() {
+        try! self.init(platform: .standard(needsWPQFlush: true))   // valid by construction
     }
 
     /// The simulated host platform new VMs of this backend are created on.
@@ -41,7 +50,7 @@ public final class SimulatorBackend: Backend {
     public func hostPersistence() throws(NPTError) -> HostPersistence { platform.description.persistence }
 
     public func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
-        try SimVM(config: config, hierarchies: hierarchies, platform: platform)
+        try SimVM(config: config, hierarchies: hierarchies, platform: platform, capabilities: capabilities)
     }
 }
 
@@ -91,7 +100,11 @@ public final class SimVM: BackendVM {
     let untrapped = Atomic<UInt64>(0)
     public var untrappedFlushHintWrites: UInt64 { untrapped.load(ordering: .relaxed) }
 
-    init(config: VMConfig, hierarchies: any HierarchyProvider, platform: PersistentPlatform) throws(NPTError) {
+    let capabilities: BackendCapabilities
+
+    init(config: VMConfig, hierarchies: any HierarchyProvider, platform: PersistentPlatform,
+         capabilities: BackendCapabilities) throws(NPTError) {
+        self.capabilities = capabilities
         self.config = config
         self.hierarchies = hierarchies
         self.platform = platform
@@ -196,10 +209,15 @@ public final class SimVM: BackendVM {
     }
 
     public func makeVCPU(index: UInt32) throws(NPTError) -> any BackendVCPU {
-        let v = SimVCPU(vm: self, index: index)
+        let v = SimVCPU(vm: self, index: index)   // reads the current hierarchies
+        testHookBeforeListing?()
         vcpus.withLock { $0[ObjectIdentifier(v)] = v }
         return v
     }
+
+    /// Test hook: runs inside `makeVCPU` after the new vCPU read the hierarchies and before it is
+    /// listed for invalidations (the window in which a policy update would miss it).
+    nonisolated(unsafe) public var testHookBeforeListing: (@Sendable () -> Void)?
 
     func remove(_ v: SimVCPU) { _ = vcpus.withLock { $0.removeValue(forKey: ObjectIdentifier(v)) } }
 

@@ -20,6 +20,8 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
     private let ram: UnsafeMutableRawPointer
     /// The last exit was a write violation the core may emulate (`completeTrappedWrite`).
     private var trappedWrite = false
+    /// Guest-physical frame of the last successful translation.
+    private var lastGPAFrame: UInt64 = 0
     /// Backing offsets from here up are devices (region, vFHA, NVDIMM), not RAM.
     private let deviceBase: UInt64
     private var id: ObjectIdentifier { ObjectIdentifier(self) }
@@ -61,10 +63,19 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
         guard r.gpr.count == 16 else { throw .invalid("gpr must have 16 registers") }
         if r.cr3 != regs.cr3 || r.cr0 != regs.cr0 || r.cr4 != regs.cr4 || r.efer != regs.efer { tlb.flushAll() }
         regs = r
+        pendingExit = nil   // an exit of the replaced state (e.g. an injected fault's) no longer applies
     }
 
     func expose(_ h: HierarchyID) throws(NPTError) { active = h }
-    func setExitControls(_ c: ExitControls) throws(NPTError) { controls = c }
+    func setExitControls(_ c: ExitControls) throws(NPTError) {
+        if c.contains(.escalation) && !vm.capabilities.contains(.exitOnEscalation) {
+            throw .unsupported("this simulator has no exit on escalation")
+        }
+        if c.contains(.returnToUser) && !vm.capabilities.contains(.exitOnReturn) {
+            throw .unsupported("this simulator has no exit on return to user mode")
+        }
+        controls = c
+    }
 
     func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError) {
         guard regs.faultHandler != 0 else {
@@ -85,7 +96,12 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
     }
 
     private func drain() {
-        guard pendingFlag.exchange(false, ordering: .acquiring) else { return }
+        guard pendingFlag.load(ordering: .relaxed) && pendingFlag.exchange(false, ordering: .acquiring) else {
+            // Translations added (a published snapshot without invalidations) need no flush, only
+            // the new snapshot.
+            if vm.hierarchies.publishedGeneration != snapshot.generation { snapshot = vm.hierarchies.currentSnapshot() }
+            return
+        }
         let invs = pending.withLock { q -> [Invalidation] in let x = q; q.removeAll(); return x }
         snapshot = vm.hierarchies.currentSnapshot()
         for inv in invs { tlb.flush(tag: inv.hierarchy.rawValue, range: inv.range) }
@@ -130,28 +146,107 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
         ram.loadUnaligned(fromByteOffset: Int(hostOffset), as: UInt64.self)
     }
 
+    /// An EPT violation exit. `translation`: the access was to the translation of the linear address
+    /// (qualification bit 8; with bits 9-11 from the guest paging), not to a paging-structure entry.
     private func violation(_ access: Access, gpa: UInt64, gva: UInt64, nested: ShadowPermissions,
-                           translation: Bool, user: Bool) -> VMExit {
+                           translation: Bool, entry: TLB.Entry? = nil) -> VMExit {
         var q: ViolationQualification = [.linearValid]
         switch access { case .fetch: q.insert(.fetch); case .read: q.insert(.read); case .write: q.insert(.write) }
         if nested.contains(.read) { q.insert(.readable) }
         if nested.contains(.write) { q.insert(.writable) }
         if nested.contains(.execute) { q.insert(.executable) }
-        if translation { q.insert(.linearTranslation); if user { q.insert(.userLinear) } }
+        if translation, let entry {
+            q.insert(.linearTranslation)
+            if vm.capabilities.contains(.linearModeInfo) {
+                if entry.guestUser { q.insert(.userLinear) }
+                if entry.guestWritable { q.insert(.linearWritable) }
+                if entry.guestNX { q.insert(.linearExecuteDisable) }
+            }
+        }
         var x = VMExit(reason: .eptViolation)
         x.gpa = GPA(gpa); x.gva = GVA(gva); x.qualification = q.rawValue
         return x
     }
 
-    private func pfError(_ access: Access, present: Bool) -> UInt64 {
+    /// The #PF error code (SDM 4.7): I/D only when SMEP or NXE is on.
+    private func pfError(_ access: Access, present: Bool, reserved: Bool = false) -> UInt64 {
         var e: UInt64 = present ? 1 : 0
         if access == .write { e |= 2 }
         if regs.cpl == 3 { e |= 4 }
-        if access == .fetch { e |= 16 }
+        if reserved { e |= 8 }
+        if access == .fetch && (regs.cr4 & Registers.cr4SMEP != 0 || regs.efer & Registers.eferNXE != 0) { e |= 16 }
         return e
     }
 
-    /// Translates linear address `la` for `access`: guest paging, then the exposed hierarchy.
+    /// Reserved bits of a guest paging-structure entry (MAXPHYADDR 52): PS in a PML4E, bits 29:13 of
+    /// a 1 GiB PDPTE, bits 20:13 of a 2 MiB PDE, XD while NXE is off.
+    @inline(__always) private func reservedBits(_ pte: UInt64, level: Int, nxe: Bool) -> Bool {
+        if !nxe && pte >> 63 != 0 { return true }
+        switch level {
+        case 4: return pte & 0x80 != 0
+        case 3: return pte & 0x80 != 0 && pte & 0x3FFF_E000 != 0
+        case 2: return pte & 0x80 != 0 && pte & 0x1F_E000 != 0
+        default: return false
+        }
+    }
+
+    /// The paging-structure entries one walk used: guest-physical address, backing offset, value.
+    private struct Walk {
+        var gpa: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+        var host: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+        var value: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+        var count = 0
+        mutating func append(_ g: UInt64, _ h: UInt64, _ v: UInt64) {
+            switch count {
+            case 0: gpa.0 = g; host.0 = h; value.0 = v
+            case 1: gpa.1 = g; host.1 = h; value.1 = v
+            case 2: gpa.2 = g; host.2 = h; value.2 = v
+            default: gpa.3 = g; host.3 = h; value.3 = v
+            }
+            count += 1
+        }
+        func at(_ i: Int) -> (gpa: UInt64, host: UInt64, value: UInt64) {
+            switch i {
+            case 0: (gpa.0, host.0, value.0)
+            case 1: (gpa.1, host.1, value.1)
+            case 2: (gpa.2, host.2, value.2)
+            default: (gpa.3, host.3, value.3)
+            }
+        }
+    }
+
+    /// The processor's write of accessed/dirty flags into a paging-structure entry: a write the
+    /// exposed hierarchy must permit (an EPT violation with bit 8 clear otherwise).
+    private func setFlags(_ bits: UInt64, entryGPA: UInt64, gva: UInt64) -> VMExit? {
+        let t = snapshot.translate(GPA(entryGPA), in: active)
+        guard t.permissions.contains(.write) else {
+            return violation(.write, gpa: entryGPA, gva: gva, nested: t.permissions, translation: false)
+        }
+        let h = t.hostOffset.raw + (entryGPA - t.pageBase.raw)
+        ram.storeBytes(of: phys64(h) | bits, toByteOffset: Int(h), as: UInt64.self)
+        return nil
+    }
+
+    /// Guest paging's access rights (SDM 4.6.1) for `access` at the current CPL.
+    @inline(__always) private func guestAllows(_ e: TLB.Entry, _ access: Access) -> Bool {
+        if regs.cpl == 3 {
+            switch access {
+            case .read: return e.guestUser
+            case .write: return e.guestUser && e.guestWritable
+            case .fetch: return e.guestUser && !e.guestNX
+            }
+        }
+        let smap = e.guestUser && regs.cr4 & Registers.cr4SMAP != 0 && regs.rflags & Registers.rflagsAC == 0
+        switch access {
+        case .read: return !smap
+        case .write: return !smap && (e.guestWritable || regs.cr0 & Registers.cr0WP == 0)
+        case .fetch: return !(e.guestUser && regs.cr4 & Registers.cr4SMEP != 0) && !e.guestNX
+        }
+    }
+
+    /// Translates linear address `la` for `access`: guest paging (with its access rights and
+    /// accessed/dirty flags), then the exposed hierarchy. With paging off the linear address is the
+    /// guest-physical one and, for MBEC, a user-mode address (writable, executable).
     func translate(_ la: UInt64, _ access: Access) -> Translated {
         let paging = regs.cr0 & Registers.cr0PG != 0
         let vpn = la >> 12
@@ -159,18 +254,27 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
         var e: TLB.Entry
         if let hit = tlb.lookup(vpn: vpn, tag: tag) {
             e = hit
+            if paging {
+                guard guestAllows(e, access) else { return .fault(Vector.pageFault, pfError(access, present: true)) }
+                if access == .write && !e.dirty {
+                    if let x = setFlags(1 << 6, entryGPA: e.leaf, gva: la) { return .exit(x) }
+                    e.dirty = true
+                    tlb.setDirty(vpn: vpn, tag: tag)
+                }
+            }
         } else {
             e = TLB.Entry(valid: true, tag: tag, vpn: vpn)
             var gpa: UInt64
             if !paging {
                 gpa = la
-                e.guestUser = false; e.guestWritable = true; e.guestNX = false
+                e.guestUser = true; e.guestWritable = true; e.guestNX = false
             } else {
                 let top = la >> 47
                 guard top == 0 || top == 0x1FFFF else { return .fault(Vector.generalProtection, 0) }
                 var table = regs.cr3 & SimVCPU.addrMask
                 var user = true, writable = true, nx = false
                 let nxe = regs.efer & Registers.eferNXE != 0
+                var walk = Walk()
                 gpa = 0
                 var level = 4
                 while true {
@@ -184,10 +288,15 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
                     }
                     let t = snapshot.translate(GPA(pteGPA), in: active)
                     guard t.permissions.contains(.read) else {
-                        return .exit(violation(.read, gpa: pteGPA, gva: la, nested: t.permissions, translation: false, user: false))
+                        return .exit(violation(.read, gpa: pteGPA, gva: la, nested: t.permissions, translation: false))
                     }
-                    let pte = phys64(t.hostOffset.raw + (pteGPA - t.pageBase.raw))
+                    let h = t.hostOffset.raw + (pteGPA - t.pageBase.raw)
+                    let pte = phys64(h)
                     if pte & 1 == 0 { return .fault(Vector.pageFault, pfError(access, present: false)) }
+                    if reservedBits(pte, level: level, nxe: nxe) {
+                        return .fault(Vector.pageFault, pfError(access, present: true, reserved: true))
+                    }
+                    walk.append(pteGPA, h, pte)
                     user = user && pte & 4 != 0
                     writable = writable && pte & 2 != 0
                     nx = nx || (nxe && pte >> 63 != 0)
@@ -200,6 +309,18 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
                     level -= 1
                 }
                 e.guestUser = user; e.guestWritable = writable; e.guestNX = nx
+                guard guestAllows(e, access) else { return .fault(Vector.pageFault, pfError(access, present: true)) }
+                // Accessed flags on every entry used, and the dirty flag of the leaf on a write.
+                for i in 0..<walk.count {
+                    let w = walk.at(i)
+                    var bits: UInt64 = 1 << 5
+                    if i == walk.count - 1 && access == .write { bits |= 1 << 6 }
+                    if w.value & bits == bits { continue }
+                    if let x = setFlags(bits, entryGPA: w.gpa, gva: la) { return .exit(x) }
+                }
+                let leaf = walk.at(walk.count - 1)
+                e.leaf = leaf.gpa
+                e.dirty = access == .write || leaf.value & (1 << 6) != 0
             }
             let page = gpa & ~0xFFF
             let t = snapshot.translate(GPA(page), in: active)
@@ -208,29 +329,12 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
             e.hostPage = t.hostOffset.raw + (page - t.pageBase.raw)
             if t.present { tlb.insert(e) }
         }
-        // Guest paging checks come first: a guest fault is the guest's business.
-        let cpl3 = regs.cpl == 3
-        if paging {
-            switch access {
-            case .fetch:
-                if cpl3 && !e.guestUser { return .fault(Vector.pageFault, pfError(access, present: true)) }
-                if e.guestNX { return .fault(Vector.pageFault, pfError(access, present: true)) }
-                if !cpl3 && e.guestUser && regs.cr4 & Registers.cr4SMEP != 0 {
-                    return .fault(Vector.pageFault, pfError(access, present: true))
-                }
-            case .read, .write:
-                if cpl3 && !e.guestUser { return .fault(Vector.pageFault, pfError(access, present: true)) }
-                if !cpl3 && e.guestUser && regs.cr4 & Registers.cr4SMAP != 0 {
-                    return .fault(Vector.pageFault, pfError(access, present: true))
-                }
-                if access == .write && !e.guestWritable { return .fault(Vector.pageFault, pfError(access, present: true)) }
-            }
-        }
         let need: ShadowPermissions = access == .fetch ? .execute : access == .read ? .read : .write
         guard e.nested.contains(need) else {
             return .exit(violation(access, gpa: e.gpaPage | (la & 0xFFF), gva: la, nested: e.nested,
-                                   translation: true, user: paging && e.guestUser))
+                                   translation: true, entry: e))
         }
+        lastGPAFrame = e.gpaPage >> 12
         return .ok(e.hostPage | (la & 0xFFF))
     }
 
@@ -295,6 +399,7 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
                 else {
                     ram.storeBytes(of: regs.gpr[b], toByteOffset: Int(h), as: UInt64.self)
                     if h >= deviceBase { deviceStore(h, regs.gpr[b]) }
+                    tlb.storeTo(frame: lastGPAFrame)
                 }
             case .fault(let v, let err): return fault(v, err, la)
             case .exit(let x):

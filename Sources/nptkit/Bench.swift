@@ -456,7 +456,8 @@ extension Bench {
         a.emit(.sfence)
         a.out(1, port: 0x60)
         a.jmp(to: loop)
-        try vm.setPolicy(PolicyRange(start: GPA(code), size: 0x1000, pageSize: .size4K, permissions: [.read, .supervisorExecute]))
+        // Paging off: Xu governs (every address is user-mode).
+        try vm.setPolicy(PolicyRange(start: GPA(code), size: 0x1000, pageSize: .size4K, permissions: [.read, .userExecute]))
         try vm.writeMemory(GPA(code), bytes: a.bytes)
         let v = try vm.makeVCPU(index: 0)
         var r = try v.registers()

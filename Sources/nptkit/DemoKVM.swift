@@ -189,8 +189,10 @@ extension Demo {
         let vm = try NPTKitRuntime.makeVM(config: VMConfig(ramSize: 0xA0000, defaultPermissions: [.read, .write], mbecMode: .lazy,
                                                            backendName: "kvm"), registry: registry)
         defer { try? NPTKitRuntime.destroyVM(vm) }
+        // Real mode (paging off): every address is user-mode, so the loop needs Xu (and Xs for
+        // the CPL-0 hierarchy the lazy mode's CPL rule would pick if the core did not know).
         try vm.setPolicy(PolicyRange(start: GPA(loop.base), size: 0x1000, pageSize: .size4K,
-                                     permissions: [.read, .write, .supervisorExecute]))
+                                     permissions: .all))
         try vm.writeMemory(GPA(loop.base), UnsafeRawBufferPointer(start: loop.bytes, count: loop.length))
         try vm.defineRegion(start: GPA(region.base), size: UInt64(region.length),
                             contents: Array(UnsafeRawBufferPointer(start: region.bytes, count: region.length)), entryOffset: entryOffset)

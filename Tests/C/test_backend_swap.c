@@ -933,7 +933,7 @@ static void run_priv_scenario(npt_context *ctx, const char *backend, uint32_t cp
     reg.contents = sim ? (const void *)sim_region : (const void *)priv_region;
     reg.contents_len = PRIV_REGION_LEN;
     reg.entry_offset = PRIV_GUEST_REGION_ENTRY;
-    reg.perms = 0; /* R|W|SX */
+    reg.perms = 0; /* R|W|SX|UX */
     CHECK_OK(npt_region_set(vm, &reg));
     CHECK_OK(npt_vm_set_stop_timeout(vm, UINT64_C(5000000000))); /* a loaded 2-core host: 5 s, not 1 s */
     o->absent_before = priv_region_absent(vm);

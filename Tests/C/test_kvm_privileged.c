@@ -274,7 +274,7 @@ static void test_mode(npt_context *ctx, int requests) {
     reg.contents = priv_region;
     reg.contents_len = sizeof priv_region;
     reg.entry_offset = PRIV_GUEST_REGION_ENTRY;
-    reg.perms = 0; /* R|W|SX */
+    reg.perms = 0; /* R|W|SX|UX */
     CHECK_OK(npt_region_set(vm, &reg));
     npt_translation tr;
     for (uint32_t h = 0; h < NPT_HIERARCHY_COUNT; h++) {

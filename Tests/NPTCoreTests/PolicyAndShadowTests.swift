@@ -142,7 +142,8 @@ let validPerms: [EPTPermissions] = [[], [.read], [.read, .write], [.read, .super
         let summary = "test"
         let capabilities: BackendCapabilities
         let abiVersion: UInt32
-        init(_ name: String, caps: BackendCapabilities = [.mbecEmulation, .exitOnReturn], abi: UInt32 = NPTABI.version) {
+        init(_ name: String, caps: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo],
+             abi: UInt32 = NPTABI.version) {
             self.name = name; capabilities = caps; abiVersion = abi
         }
         var invalidations: [Invalidation] = []
@@ -211,12 +212,18 @@ let validPerms: [EPTPermissions] = [[], [.read], [.read, .write], [.read, .super
         #expect(try r.lookup(nil).name == "a")
         try r.register(NullBackend("c"), makeDefault: true)
         #expect(try r.lookup(nil).name == "c")
-        let noReturn = BackendRegistry()
-        try noReturn.register(NullBackend("x", caps: [.mbecEmulation]))
-        #expect(code { _ = try VirtualMachine(config: VMConfig(ramSize: 1 << 20), registry: noReturn) } == .unsupported)
-        #expect(throws: Never.self) { _ = try VirtualMachine(config: VMConfig(ramSize: 1 << 20, mbecMode: .lazy), registry: noReturn) }
+        // A mode the backend cannot keep is refused (NPT_ERR_GUARANTEE), the weakest one accepted.
+        let noExits = BackendRegistry()
+        try noExits.register(NullBackend("x", caps: [.mbecEmulation]))
+        #expect(code { _ = try VirtualMachine(config: VMConfig(ramSize: 1 << 20), registry: noExits) } == .guarantee)
+        #expect(code { _ = try VirtualMachine(config: VMConfig(ramSize: 1 << 20, mbecMode: .lazy), registry: noExits) } == .guarantee)
+        #expect(throws: Never.self) { _ = try VirtualMachine(config: VMConfig(ramSize: 1 << 20, mbecMode: .violationOnly), registry: noExits) }
+        let escalationOnly = BackendRegistry()
+        try escalationOnly.register(NullBackend("e", caps: [.mbecEmulation, .exitOnEscalation]))
+        #expect(code { _ = try VirtualMachine(config: VMConfig(ramSize: 1 << 20), registry: escalationOnly) } == .guarantee)
+        #expect(throws: Never.self) { _ = try VirtualMachine(config: VMConfig(ramSize: 1 << 20, mbecMode: .lazy), registry: escalationOnly) }
         let noMBEC = BackendRegistry()
-        try noMBEC.register(NullBackend("y", caps: [.exitOnReturn]))
+        try noMBEC.register(NullBackend("y", caps: [.exitOnEscalation, .exitOnReturn, .linearModeInfo]))
         #expect(code { _ = try VirtualMachine(config: VMConfig(ramSize: 1 << 20), registry: noMBEC) } == .unsupported)
     }
 }

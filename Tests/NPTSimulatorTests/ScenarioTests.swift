@@ -1,4 +1,6 @@
+import MBECReference
 import NPTCore
+import NPTDifferential
 import NPTSimulator
 import Synchronization
 import Testing
@@ -127,7 +129,7 @@ import Testing
     }
 
     /// Runs the emulation and the reference until the fetch at the target page; returns both outcomes.
-    func outcomes(_ s: Setup, mode: VMConfig.MBECMode) throws -> (emulation: VMExit, reference: ReferenceMachine.Outcome) {
+    func outcomes(_ s: Setup, mode: VMConfig.MBECMode) throws -> (emulation: VMExit, reference: ReferenceOutcome) {
         let vm = try makeSimVM(ram: 4 << 20, mode: mode)
         try vm.setPolicy(s.policy)
         try s.image.load(into: vm)
@@ -135,9 +137,11 @@ import Testing
         try cpu.setRegisters(s.regs)
         let x = try cpu.run()
         let table = s.table
-        var ref = ReferenceMachine(regs: s.regs, memory: s.image, ramSize: 4 << 20,
-                                   policy: { table[$0 >> 12] ?? [.read, .write] })
-        var o = ReferenceMachine.Outcome.stepped
+        var mem = ReferenceMemory()
+        for (frame, bytes) in s.image.pages { mem.load(frame << 12, bytes: bytes) }
+        var ref = ReferenceMBEC(cpu: ReferenceCPU(s.regs), memory: mem,
+                                policy: { g in g >= 4 << 20 ? 0 : (table[g >> 12] ?? [.read, .write]).rawValue })
+        var o = ReferenceOutcome.stepped
         for _ in 0..<10 { o = ref.step(); if o != .stepped { break } }
         return (x, o)
     }
@@ -148,7 +152,7 @@ import Testing
         // Hardware MBEC: a user-mode address is governed by Xu, which is clear.
         #expect(exact.reference.fetchViolation?.user == true)
         #expect(exact.emulation.reason == .mbecViolation)
-        #expect(ReferenceMachine.Outcome(exact.emulation) == exact.reference)
+        #expect(ReferenceOutcome(exact.emulation) == exact.reference)
         // Lazy mode: the supervisor hierarchy is still exposed, so the page runs (documented gap).
         let lazy = try outcomes(s, mode: .lazy)
         #expect(lazy.emulation.reason == .io && lazy.emulation.ioPort == 9)
@@ -178,7 +182,7 @@ import Testing
         let s = try build(target: [.read, .userExecute], smep: true, kernelJumps: true)
         let exact = try outcomes(s, mode: .exact)
         #expect(exact.emulation.reason == .guestFault && exact.emulation.vector == 14)
-        #expect(ReferenceMachine.Outcome(exact.emulation) == exact.reference)
+        #expect(ReferenceOutcome(exact.emulation) == exact.reference)
     }
 }
 
