@@ -491,7 +491,8 @@ static npt_status cb_power_failure(void *vm_data) {
     return NPT_OK;
 }
 
-#define CB_CAPS (NPT_CAP_MBEC_EMULATION | NPT_CAP_EXIT_ON_ESCALATE | NPT_CAP_EXIT_ON_RETURN | NPT_CAP_PERSISTENT_MEMORY)
+#define CB_CAPS (NPT_CAP_MBEC_EMULATION | NPT_CAP_EXIT_ON_ESCALATE | NPT_CAP_EXIT_ON_RETURN | NPT_CAP_LINEAR_MODE_INFO | \
+                 NPT_CAP_PERSISTENT_MEMORY)
 
 static const npt_backend_ops full_ops = {
     .abi_version = NPT_ABI_VERSION,

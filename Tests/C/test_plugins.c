@@ -237,7 +237,10 @@ static void test_sample_plugin(npt_context *ctx, const char *path) {
     CHECK_OK(npt_hierarchy_translate(vm, NPT_HIERARCHY_USER, 0x5000, &t));
     CHECK((t.perms & (UINT64_C(1) << 2)) != 0);
 
-    /* vCPUs: the core configures the exits it needs (exact mode: both transitions) */
+    /* vCPUs: the core arms only the exits the policy needs for the exposed hierarchy: none at
+     * creation (supervisor hierarchy, and the policy has no supervisor-execute-only page, so no
+     * return exit), the escalation exit once the user hierarchy is exposed (the policy has a
+     * user-execute-only page, 0x5000) */
     npt_vcpu *cpu = NULL;
     CHECK_OK(npt_vcpu_create(vm, 0, &cpu));
     if (!cpu) {
@@ -246,11 +249,12 @@ static void test_sample_plugin(npt_context *ctx, const char *path) {
     }
     counters(&c0);
     CHECK_EQ(c0.vcpu_creates, c1.vcpu_creates + 1);
-    CHECK_EQ(c0.last_exit_controls, NPT_EXITCTL_ESCALATION | NPT_EXITCTL_RETURN);
+    CHECK_EQ(c0.last_exit_controls, 0);
 
     npt_regs r;
     memset(&r, 0, sizeof r);
     r.size = sizeof r;
+    r.cr0 = UINT64_C(1) << 31; /* paging on (with paging off no exit is ever needed) */
     r.cpl = 3;
     r.rip = UINT64_C(0x7f0000005000);
     r.gpr[7] = 77;
@@ -265,6 +269,7 @@ static void test_sample_plugin(npt_context *ctx, const char *path) {
     counters(&c1);
     CHECK(c1.set_regs > c0.set_regs);
     CHECK(c1.get_regs > c0.get_regs);
+    CHECK_EQ(c1.last_exit_controls, NPT_EXITCTL_ESCALATION);
 
     /* scripted run 1: escalation, a user fetch the user hierarchy permits, halt */
     const uint64_t fetch_user = NPT_EPTQ_FETCH | NPT_EPTQ_GLA_VALID | NPT_EPTQ_GLA_TRANSL | NPT_EPTQ_USER_LINEAR;
@@ -540,7 +545,28 @@ static void test_register(npt_context *ctx) {
     /* a VM on it, chosen as the default backend */
     CHECK_OK(npt_backend_set_default(ctx, "c-inline"));
     CHECK(find_backend(ctx, "c-inline", &info) && info.is_default == 1);
-    npt_vm *vm = make_vm(ctx, NULL, 16 * K4, NPT_MBEC_EXACT);
+    /* Exact mode needs NPT_CAP_LINEAR_MODE_INFO, which this table lacks: refused up front, naming it. */
+    {
+        npt_vm_config c;
+        memset(&c, 0, sizeof c);
+        c.size = sizeof c;
+        c.mbec_mode = NPT_MBEC_EXACT;
+        c.ram_size = 16 * K4;
+        c.default_perms = R | W;
+        npt_vm *refused = NULL;
+        CHECK_ST(npt_vm_create(ctx, &c, &refused), NPT_ERR_GUARANTEE);
+        CHECK(refused == NULL);
+        CHECK(strstr(npt_last_error(), "NPT_CAP_LINEAR_MODE_INFO") != NULL);
+        uint64_t missing = 0;
+        CHECK_ST(npt_mbec_mode_check(ctx, NULL, NPT_MBEC_EXACT, &missing), NPT_ERR_GUARANTEE);
+        CHECK_EQ(missing, NPT_CAP_LINEAR_MODE_INFO);
+        CHECK_OK(npt_mbec_mode_check(ctx, NULL, NPT_MBEC_LAZY, &missing));
+        CHECK_EQ(missing, 0);
+        CHECK_ST(npt_mbec_mode_check(ctx, NULL, 7, &missing), NPT_ERR_INVALID_ARGUMENT);
+        CHECK_ST(npt_mbec_mode_check(NULL, NULL, NPT_MBEC_LAZY, &missing), NPT_ERR_INVALID_ARGUMENT);
+        CHECK_ST(npt_mbec_mode_check(ctx, "nope", NPT_MBEC_LAZY, &missing), NPT_ERR_NOT_FOUND);
+    }
+    npt_vm *vm = make_vm(ctx, NULL, 16 * K4, NPT_MBEC_LAZY);
     CHECK_EQ(inl.vm_creates, 1);
     CHECK_OK(npt_backend_set_default(ctx, "sim"));
     if (!vm) return;
@@ -579,7 +605,7 @@ static void test_register(npt_context *ctx) {
     shorter.size = (uint32_t)offsetof(npt_backend_ops, vcpu_run);
     shorter.vcpu_run = inl_run;
     CHECK_OK(npt_backend_register(ctx, &shorter));
-    vm = make_vm(ctx, "c-short", 16 * K4, NPT_MBEC_EXACT);
+    vm = make_vm(ctx, "c-short", 16 * K4, NPT_MBEC_LAZY);
     if (!vm) return;
     CHECK_OK(npt_vcpu_create(vm, 0, &cpu));
     if (cpu) {

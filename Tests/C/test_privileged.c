@@ -45,7 +45,8 @@ int main(void) {
     emit(code, &n, 0x05, 3, 0, 1);          /* ADDI r3, 1 */
     emit(code, &n, 0x08, 0, 0, -16);        /* JMP back */
     CHECK(npt_vm_write_memory(vm, CODE, code, n) == NPT_OK);
-    CHECK(npt_policy_set(vm, CODE, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX) == NPT_OK);
+    /* Paging is off: every address is user-mode (Intel SDM), so under MBEC the loop needs UX. */
+    CHECK(npt_policy_set(vm, CODE, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_UX) == NPT_OK);
     uint8_t handler[64]; size_t h = 0;
     emit(handler, &h, 0x0F, 0, 0, 9);       /* OUT r0, 9 */
     emit(handler, &h, 0x13, 0, 0, 0);       /* RSM */
