@@ -155,7 +155,7 @@ static void report_us(const char *label, uint64_t *v, size_t n) {
 }
 
 /* ---- VM / vCPU ---- */
-struct vm { int kvm, fd; uint8_t *mem; int npages_small; };
+struct vm { int kvm, fd; uint8_t *mem; uint8_t pmode[0x40]; /* per small page: 0 absent, 1 mapped, 2 READONLY */ };
 struct vcpu { int fd; struct kvm_run *run; int runsz; };
 
 static int kvm_open(void) {
@@ -173,7 +173,9 @@ static void set_slot(struct vm *vm, uint32_t slot, uint64_t gpa, uint64_t size, 
 /* page below 0x40000: mode 0 = absent, 1 = normal, 2 = READONLY */
 static void page_mode(struct vm *vm, uint64_t gpa, int mode) {
     uint32_t slot = (uint32_t)(gpa >> 12);
-    set_slot(vm, slot, gpa & ~0xfffull, 0, vm->mem + (gpa & ~0xfffull), 0);
+    if (vm->pmode[slot] == mode) return;
+    if (vm->pmode[slot]) set_slot(vm, slot, gpa & ~0xfffull, 0, vm->mem + (gpa & ~0xfffull), 0);
+    vm->pmode[slot] = (uint8_t)mode;
     if (mode) set_slot(vm, slot, gpa & ~0xfffull, 0x1000, vm->mem + (gpa & ~0xfffull), mode == 2 ? KVM_MEM_READONLY : 0);
 }
 
@@ -188,6 +190,7 @@ static struct vm vm_create_on(uint8_t *mem) {
         if (mem == MAP_FAILED) DIE("mmap");
     }
     vm.mem = mem;
+    for (int p = 0; p < G_SMALL_PAGES; p++) vm.pmode[p] = 1;
     for (int p = 0; p < G_SMALL_PAGES; p++) set_slot(&vm, (uint32_t)p, (uint64_t)p << 12, 0x1000, mem + ((size_t)p << 12), 0);
     set_slot(&vm, G_BIG_SLOT, G_SMALL_PAGES << 12, G_RAM - (G_SMALL_PAGES << 12), mem + (G_SMALL_PAGES << 12), 0);
     return vm;
@@ -304,6 +307,27 @@ static void vcpu_longmode(struct vcpu *v, int cpl, uint64_t rip, uint64_t rsp) {
 static int vcpu_run(struct vcpu *v) {
     int r = ioctl(v->fd, KVM_RUN, 0);
     return r < 0 ? -errno : (int)v->run->exit_reason;
+}
+
+/* KVM_RUN with a timeout (SIGALRM without SA_RESTART): returns -EINTR if the guest ran that long */
+#include <signal.h>
+#include <sys/time.h>
+static void kp_on_alarm(int s) { (void)s; }
+static int vcpu_run_timeout(struct vcpu *v, int ms) {
+    static int installed;
+    if (!installed) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = kp_on_alarm;
+        sigaction(SIGALRM, &sa, NULL);
+        installed = 1;
+    }
+    struct itimerval it = {.it_value = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000}};
+    setitimer(ITIMER_REAL, &it, NULL);
+    int rc = vcpu_run(v);
+    struct itimerval off = {{0, 0}, {0, 0}};
+    setitimer(ITIMER_REAL, &off, NULL);
+    return rc;
 }
 
 /* ---- state printing ---- */
