@@ -83,8 +83,7 @@ static void one(int i, int idt_absent) {
         print_frame(read_frame(&vm, r.rsp, vec), vec, "");
     } else {
         print_exit(&v, rc, "");
-        printf("  %40s", "");
-        print_state(&v, "");
+        print_state(&v, "      ");
     }
     vcpu_destroy(&v);
     vm_destroy(&vm, 1);

@@ -38,11 +38,11 @@ static void mprot_case(const char *label, const uint8_t *s, const uint8_t *e, in
     struct kvm_regs r;
     ioctl(v.fd, KVM_GET_REGS, &r);
     uint64_t *mf = (uint64_t *)&v.run->hypercall;
-    printf("  %-30s %s: KVM_RUN %s, exit_reason %u (%s)", label, prot == PROT_NONE ? "PROT_NONE" : "PROT_READ",
-           err ? strerror(err) : "ok", v.run->exit_reason, exit_name(v.run->exit_reason));
-    if (v.run->exit_reason == KVM_EXIT_MEMORY_FAULT) printf(" flags %#lx gpa %#lx size %#lx", (unsigned long)mf[0], (unsigned long)mf[1], (unsigned long)mf[2]);
-    else if (!err) print_exit(&v, rc, " ->");
-    printf(" rip %#llx%s\n", r.rip, warm_ok ? "" : " (warm-up run failed)");
+    printf("  %-30s %s: rip %#llx%s, KVM_RUN %s, exit_reason %u (%s)", label, prot == PROT_NONE ? "PROT_NONE" : "PROT_READ", r.rip,
+           warm_ok ? "" : " (warm-up run failed)", err ? strerror(err) : "ok", v.run->exit_reason, exit_name(v.run->exit_reason));
+    if (v.run->exit_reason == KVM_EXIT_MEMORY_FAULT) printf(" flags %#lx gpa %#lx size %#lx\n", (unsigned long)mf[0], (unsigned long)mf[1], (unsigned long)mf[2]);
+    else if (!err) print_exit(&v, rc, ":");
+    else printf("\n");
     mprotect(vm.mem + 0x14000, 0x1000, PROT_READ | PROT_WRITE);
     rc = vcpu_run_timeout(&v, 300);
     printf("  %-30s   after restoring PROT_READ|WRITE: ", "");
