@@ -335,9 +335,9 @@ static void print_events(struct vcpu *v, const char *pfx) {
     struct kvm_vcpu_events e;
     memset(&e, 0, sizeof e);
     if (ioctl(v->fd, KVM_GET_VCPU_EVENTS, &e) < 0) { printf("%sKVM_GET_VCPU_EVENTS failed: %s\n", pfx, strerror(errno)); return; }
-    printf("%sevents: exception inj %u nr %u has_err %u err %#x pending %u | interrupt inj %u nr %u soft %u shadow %u | nmi inj %u pend %u | flags %#x\n",
+    printf("%sevents: exception inj %u nr %u has_err %u err %#x pending %u | interrupt inj %u nr %u soft %u shadow %u | nmi inj %u pend %u masked %u | flags %#x\n",
            pfx, e.exception.injected, e.exception.nr, e.exception.has_error_code, e.exception.error_code, e.exception.pending,
-           e.interrupt.injected, e.interrupt.nr, e.interrupt.soft, e.interrupt.shadow, e.nmi.injected, e.nmi.pending, e.flags);
+           e.interrupt.injected, e.interrupt.nr, e.interrupt.soft, e.interrupt.shadow, e.nmi.injected, e.nmi.pending, e.nmi.masked, e.flags);
 }
 static void print_state(struct vcpu *v, const char *pfx) {
     struct kvm_regs r; struct kvm_sregs s;

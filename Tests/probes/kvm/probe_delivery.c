@@ -4,7 +4,8 @@
  *
  * For each event (INT3, UD2, user #PF at an unmapped linear address, #GP from a user HLT, #DE,
  * an external interrupt queued with KVM_INTERRUPT (no in-kernel irqchip), #UD and #PF queued with
- * KVM_SET_VCPU_EVENTS (exception.injected = 1)) and each layout (baseline: all mapped; the IDT,
+ * KVM_SET_VCPU_EVENTS (exception.injected = 1), a single-step #DB (RFLAGS.TF), INT1, an NMI
+ * queued with KVM_NMI) and each layout (baseline: all mapped; the IDT,
  * GDT, TSS, kernel stack (TSS.RSP0) or handler code page without memslot, or in a KVM_MEM_READONLY
  * memslot) it creates a fresh VM, starts the vCPU at CPL 3 at the event's instruction, and prints
  * the first exit (reason, suberror, internal.data[], the MMIO address), the vCPU state after it
@@ -13,7 +14,8 @@
  * Where delivery did not happen, three recoveries are tried, each on a fresh run of the case:
  *   as-is   : the page is put back (memslot re-created) and KVM_RUN again, nothing else;
  *   reinject: the page is put back, the event re-queued with KVM_SET_VCPU_EVENTS (same vector and
- *             error code, CR2 for #PF), rip left as KVM left it;
+ *             error code, CR2 for #PF; interrupt.injected for the interrupt, nmi.injected for
+ *             the NMI), rip left as KVM left it;
  *   reset   : the page is put back, KVM_SET_SREGS/KVM_SET_REGS to the state before the first run
  *             (the instruction re-executes; queued events are queued again).
  * and the frame the guest then sees is compared with the baseline frame (vector, error code, CR2,
@@ -31,13 +33,14 @@ BLOB(u_spin, "jmp .\n")
 BLOB(u_tf, "pushfq\n orq $0x100, (%rsp)\n popfq\n nop\n nop\n jmp .\n")
 BLOB(u_int1, ".byte 0xf1\n jmp .\n")
 
-enum { EV_INT3, EV_UD2, EV_PF, EV_GP, EV_DE, EV_EXTINT, EV_INJ_UD, EV_INJ_PF, EV_TF, EV_INT1, NEV };
+enum { EV_INT3, EV_UD2, EV_PF, EV_GP, EV_DE, EV_EXTINT, EV_INJ_UD, EV_INJ_PF, EV_TF, EV_INT1, EV_NMI, NEV };
 static const struct { const char *name; const uint8_t *s, *e; int vector; } evs[NEV] = {
     {"INT3", u_int3_s, u_int3_e, 3},       {"UD2", u_ud2_s, u_ud2_e, 6},
     {"user #PF", u_pf_s, u_pf_e, 14},      {"#GP (user hlt)", u_gp_s, u_gp_e, 13},
     {"#DE", u_de_s, u_de_e, 0},            {"KVM_INTERRUPT 0x20", u_spin_s, u_spin_e, 0x20},
     {"injected #UD", u_spin_s, u_spin_e, 6}, {"injected #PF err 4", u_spin_s, u_spin_e, 14},
     {"#DB single-step (TF)", u_tf_s, u_tf_e, 1}, {"INT1 (icebp, F1)", u_int1_s, u_int1_e, 1},
+    {"KVM_NMI", u_spin_s, u_spin_e, 2},
 };
 #define NST 10
 static const struct { const char *name; uint64_t gpa; int mode; } sts[NST] = {
@@ -54,7 +57,9 @@ struct result { int delivered; struct frame f; uint64_t cr2, dr6; };
 static struct result base[NEV];
 
 static void queue_event(struct vcpu *v, int ev) {
-    if (ev == EV_EXTINT) {
+    if (ev == EV_NMI) {
+        if (ioctl(v->fd, KVM_NMI) < 0) printf("    KVM_NMI: %s\n", strerror(errno));
+    } else if (ev == EV_EXTINT) {
         struct kvm_interrupt irq = {.irq = 0x20};
         if (ioctl(v->fd, KVM_INTERRUPT, &irq) < 0) printf("    KVM_INTERRUPT: %s\n", strerror(errno));
     } else if (ev == EV_INJ_UD || ev == EV_INJ_PF) {
@@ -78,7 +83,9 @@ static void queue_event(struct vcpu *v, int ev) {
 static void reinject(struct vcpu *v, int ev) {
     struct kvm_vcpu_events e;
     ioctl(v->fd, KVM_GET_VCPU_EVENTS, &e);
-    if (evs[ev].vector >= 32) {
+    if (evs[ev].vector == 2) {
+        e.nmi.injected = 1;
+    } else if (evs[ev].vector >= 32) {
         e.interrupt.injected = 1;
         e.interrupt.nr = (uint8_t)evs[ev].vector;
         e.interrupt.soft = 0;
@@ -203,6 +210,41 @@ static void nested(void) {
     }
 }
 
+/* Telling which event a SHUTDOWN lost: before the run, a sentinel 0xFF in exception.nr
+ * (injected = pending = 0; interrupt and NMI fields untouched) through KVM_SET_VCPU_EVENTS or
+ * through SYNC_REGS (kvm_dirty_regs = EVENTS); after the SHUTDOWN, exception.nr != 0xFF names a
+ * lost exception, while 0xFF means the lost event was one the VMM queued itself (KVM_INTERRUPT,
+ * KVM_NMI). Also: an NMI (KVM_NMI) delivered at CPL 3 with the IDT absent. */
+static void sentinel(void) {
+    printf("[sentinel in exception.nr]\n");
+    for (int c = 0; c < 5; c++) {
+        static const char *names[] = {"INT3, sentinel by SET_VCPU_EVENTS", "KVM_INTERRUPT 0x20, sentinel by SET_VCPU_EVENTS",
+                                      "user #PF, sentinel by SYNC_REGS", "KVM_INTERRUPT 0x20, sentinel by SYNC_REGS",
+                                      "KVM_NMI, sentinel by SET_VCPU_EVENTS"};
+        int ev = c == 0 ? EV_INT3 : c == 2 ? EV_PF : EV_EXTINT;
+        struct vcase k;
+        case_start(&k, c == 4 ? EV_INJ_UD : ev, 1); /* the KVM_NMI case spins (EV_INJ_UD's code) */
+        struct kvm_vcpu_events e;
+        ioctl(k.v.fd, KVM_GET_VCPU_EVENTS, &e);
+        e.exception.nr = 0xFF; e.exception.injected = 0; e.exception.pending = 0; e.exception.has_error_code = 0;
+        e.flags = 0;
+        if (c == 2 || c == 3) {
+            k.v.run->s.regs.events = e;
+            k.v.run->kvm_dirty_regs = KVM_SYNC_X86_EVENTS;
+        } else {
+            int r = ioctl(k.v.fd, KVM_SET_VCPU_EVENTS, &e);
+            if (r < 0) printf("  %s: KVM_SET_VCPU_EVENTS with nr 0xFF: %s\n", names[c], strerror(errno));
+        }
+        if (c == 4) printf("  KVM_NMI: %s\n", ioctl(k.v.fd, KVM_NMI) < 0 ? strerror(errno) : "ok");
+        if (c != 2 && c != 3) print_events(&k.v, "    before the run: ");
+        struct result r;
+        char pfx[96];
+        snprintf(pfx, sizeof pfx, "  %s: ", names[c]);
+        run_and_report(&k.vm, &k.v, ev, pfx, &r);
+        case_end(&k);
+    }
+}
+
 int main(int argc, char **argv) {
     verbose = argc > 1 && !strcmp(argv[1], "-v");
     char la[128];
@@ -249,6 +291,7 @@ int main(int argc, char **argv) {
         }
     }
     stale_fields();
+    sentinel();
     nested();
     return 0;
 }
