@@ -55,6 +55,9 @@ static int verbose;
 
 struct result { int delivered; struct frame f; uint64_t cr2, dr6; };
 static struct result base[NEV];
+/* summary: per (event, layout): first exit, then the outcome of as-is / reinject / reset */
+static char summ[NEV][NST][4][16];
+static int last_rc_for_summary;
 
 static void queue_event(struct vcpu *v, int ev) {
     if (ev == EV_NMI) {
@@ -108,6 +111,7 @@ static void reinject(struct vcpu *v, int ev) {
 /* Runs once; if it is the stub's OUT, fills r. Prints the exit (and the state if verbose or failed). */
 static int run_and_report(struct vm *vm, struct vcpu *v, int ev, const char *pfx, struct result *r) {
     int rc = vcpu_run_timeout(v, 300);
+    last_rc_for_summary = rc;
     memset(r, 0, sizeof *r);
     if (is_out(v, rc, PORT_EXC)) {
         struct kvm_regs regs; struct kvm_sregs s;
@@ -134,13 +138,19 @@ static int run_and_report(struct vm *vm, struct vcpu *v, int ev, const char *pfx
     print_state(v, p2);
     return rc;
 }
-static void compare(int ev, struct result *r, const char *pfx) {
-    if (!r->delivered) return;
+static int compare(int ev, struct result *r, const char *pfx) {
+    if (!r->delivered) return 0;
     struct frame a = base[ev].f, b = r->f;
     int same = a.err == b.err && a.rip == b.rip && a.cs == b.cs && a.rflags == b.rflags && a.rsp == b.rsp && a.ss == b.ss &&
                (evs[ev].vector != 14 || base[ev].cr2 == r->cr2) && (evs[ev].vector != 1 || base[ev].dr6 == r->dr6);
     printf("%s=> %s the baseline frame%s\n", pfx, same ? "SAME as" : "DIFFERS from",
            evs[ev].vector == 14 ? " (and CR2)" : evs[ev].vector == 1 ? " (and DR6)" : "");
+    return same ? 1 : 2;
+}
+static void note(int ev, int st, int k, int cmp) {
+    const char *o = cmp == 1 ? "same" : cmp == 2 ? "DIFFERENT" : last_rc_for_summary == -EINTR ? "lost" :
+                    last_rc_for_summary >= 0 ? exit_name((uint32_t)last_rc_for_summary) : "error";
+    snprintf(summ[ev][st][k], sizeof summ[ev][st][k], "%s", o);
 }
 
 struct vcase { struct vm vm; struct vcpu v; struct kvm_regs r0; struct kvm_sregs s0; };
@@ -262,12 +272,12 @@ int main(int argc, char **argv) {
                 case_end(&c);
                 continue;
             }
-            compare(ev, &r, "  ");
+            note(ev, st, 0, compare(ev, &r, "  "));
             if (r.delivered) { case_end(&c); continue; }
             /* as-is */
             page_mode(&c.vm, sts[st].gpa, 1);
             rc = run_and_report(&c.vm, &c.v, ev, "  as-is:    ", &r);
-            compare(ev, &r, "    ");
+            note(ev, st, 1, compare(ev, &r, "    "));
             case_end(&c);
             /* reinject */
             case_start(&c, ev, st);
@@ -275,7 +285,7 @@ int main(int argc, char **argv) {
             page_mode(&c.vm, sts[st].gpa, 1);
             reinject(&c.v, ev);
             rc = run_and_report(&c.vm, &c.v, ev, "  reinject: ", &r);
-            compare(ev, &r, "    ");
+            note(ev, st, 2, compare(ev, &r, "    "));
             case_end(&c);
             /* reset */
             case_start(&c, ev, st);
@@ -285,7 +295,7 @@ int main(int argc, char **argv) {
             ioctl(c.v.fd, KVM_SET_REGS, &c.r0);
             queue_event(&c.v, ev);
             rc = run_and_report(&c.vm, &c.v, ev, "  reset:    ", &r);
-            compare(ev, &r, "    ");
+            note(ev, st, 3, compare(ev, &r, "    "));
             case_end(&c);
             (void)rc;
         }
@@ -293,5 +303,13 @@ int main(int argc, char **argv) {
     stale_fields();
     sentinel();
     nested();
+    printf("[summary] first = the first exit with the layout (same = delivered with the baseline frame); then what the\n"
+           "guest saw after the page was put back: as-is / reinject / reset (same, DIFFERENT frame, lost = ran on\n"
+           "without the event for 300 ms, or the exit)\n");
+    for (int ev = 0; ev < NEV; ev++)
+        for (int st = 1; st < NST; st++)
+            printf("  %-22s %-20s first %-15s as-is %-10s reinject %-10s reset %s\n", evs[ev].name, sts[st].name, summ[ev][st][0],
+                   summ[ev][st][1][0] ? summ[ev][st][1] : "-", summ[ev][st][2][0] ? summ[ev][st][2] : "-",
+                   summ[ev][st][3][0] ? summ[ev][st][3] : "-");
     return 0;
 }
