@@ -9,6 +9,7 @@
  * gates DPL 3. Each user instruction runs from CPL 3 in 64-bit mode (and a few in 32-bit
  * compatibility mode, CS 0x23), once with everything mapped and once with the IDT page without a
  * memslot. Printed: the exit; for a kernel OUT, the CS (CPL) it ran at and, for a stub, the frame.
+ * Last two rows: SYSCALL (compat and 64-bit) with EFER.SCE cleared through KVM_SET_SREGS.
  * Run: cc -O2 -Wall -o probe_entry probe_entry.c && ./probe_entry
  */
 #include "kvmprobe.h"
@@ -44,6 +45,8 @@ static const struct { const char *name; const uint8_t *s, *e; int compat; } ins[
     {"compat: syscall", u32_syscall_s, u32_syscall_e, 1}, {"compat: int $0x80", u32_int80_s, u32_int80_e, 1},
     {"compat: sysenter", u32_sysenter_s, u32_sysenter_e, 1}, {"compat: lcall via call gate", u32_lcall_s, u32_lcall_e, 1},
     {"compat: int3", u32_int3_s, u32_int3_e, 1},
+    {"compat: syscall, EFER.SCE=0", u32_syscall_s, u32_syscall_e, 2},
+    {"syscall, EFER.SCE=0", u_syscall_s, u_syscall_e, 3},
 };
 
 static void one(int i, int idt_absent) {
@@ -64,8 +67,8 @@ static void one(int i, int idt_absent) {
     if (ins[i].compat) {
         struct kvm_sregs s;
         ioctl(v.fd, KVM_GET_SREGS, &s);
-        s.cs = seg_code(SEL_UCS32, 3);
-        s.cs.l = 0; s.cs.db = 1;
+        if (ins[i].compat != 3) { s.cs = seg_code(SEL_UCS32, 3); s.cs.l = 0; s.cs.db = 1; }
+        if (ins[i].compat >= 2) s.efer &= ~1ull; /* EFER.SCE off */
         ioctl(v.fd, KVM_SET_SREGS, &s);
     }
     if (idt_absent) page_mode(&vm, G_IDT, 0);
