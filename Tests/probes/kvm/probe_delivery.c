@@ -133,7 +133,7 @@ static int run_and_report(struct vm *vm, struct vcpu *v, int ev, const char *pfx
         return rc;
     }
     print_exit(v, rc, pfx);
-    char p2[64];
+    char p2[192];
     snprintf(p2, sizeof p2, "%s  ", pfx);
     print_state(v, p2);
     return rc;
@@ -227,6 +227,21 @@ static void nested(void) {
  * KVM_NMI). Also: an NMI (KVM_NMI) delivered at CPL 3 with the IDT absent. */
 static void sentinel(void) {
     printf("[sentinel in exception.nr]\n");
+    {   /* pitfall check: KVM_INTERRUPT, then SYNC_REGS events written from a copy taken before it */
+        struct vcase k;
+        case_start(&k, EV_INJ_UD, 0); /* spins; undo its queued #UD first */
+        struct kvm_vcpu_events e;
+        ioctl(k.v.fd, KVM_GET_VCPU_EVENTS, &e);
+        e.exception.injected = 0; e.flags = 0;
+        ioctl(k.v.fd, KVM_SET_VCPU_EVENTS, &e);
+        ioctl(k.v.fd, KVM_GET_VCPU_EVENTS, &e); /* the copy: no interrupt queued */
+        queue_event(&k.v, EV_EXTINT);
+        k.v.run->s.regs.events = e;
+        k.v.run->kvm_dirty_regs = KVM_SYNC_X86_EVENTS;
+        struct result r;
+        run_and_report(&k.vm, &k.v, EV_EXTINT, "  KVM_INTERRUPT then dirty SYNC_REGS events from an older copy: ", &r);
+        case_end(&k);
+    }
     for (int c = 0; c < 5; c++) {
         static const char *names[] = {"INT3, sentinel by SET_VCPU_EVENTS", "KVM_INTERRUPT 0x20, sentinel by SET_VCPU_EVENTS",
                                       "user #PF, sentinel by SYNC_REGS", "KVM_INTERRUPT 0x20, sentinel by SYNC_REGS",
