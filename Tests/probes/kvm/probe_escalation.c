@@ -23,6 +23,10 @@
  *                 (its own page must be fetched) and the first user fetch fails as in V1 ->
  *                 install U. (Installing U at the breakpoint instead makes the IRETQ's own fetch
  *                 fail: one more exit and switch.)
+ *   V4 = V2 done the way docs/kvm-escalation.md's recipe says: state through SYNC_REGS, a sentinel
+ *                 0xFF in exception.nr written (kvm_dirty_regs = EVENTS) whenever U is entered,
+ *                 the lost event read from run->s.regs.events after the SHUTDOWN and re-injected
+ *                 through the same dirty events (no vCPU ioctl at all).
  * Each variant runs with KVM's SLOT_ZAP_ALL quirk on (default) and off (KVM_CAP_DISABLE_QUIRKS2).
  * For each: N calls, the wall time of each call (OUT exit to OUT exit), p10/p50/p90, exits and
  * memslot updates per call, and a check that the guest's rbx counted every call.
@@ -58,7 +62,7 @@ static void hwbp(int arm) {
 
 static void variant(int var, int N, int noquirk) {
     static const char *names[] = {"V0 baseline (no layouts)", "V1 lazy (fetch faults)", "V2 IDT absent in U + lazy return",
-                                  "V3 IDT absent in U + HW BP on IRETQ"};
+                                  "V3 IDT absent in U + HW BP on IRETQ", "V4 = V2 via SYNC_REGS + sentinel (the recipe)"};
     vm = vm_create();
     if (noquirk) {
         struct kvm_enable_cap eq = {.cap = KVM_CAP_DISABLE_QUIRKS2, .args = {KVM_X86_QUIRK_SLOT_ZAP_ALL}};
@@ -72,6 +76,15 @@ static void variant(int var, int N, int noquirk) {
     vcpu_longmode(&v, 3, G_UCODE, G_USTACK_TOP);
     int sup = 0;
     if (var) install(0, var >= 2);
+    long identified = 0;
+    if (var == 4) {
+        v.run->kvm_valid_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS;
+        struct kvm_vcpu_events e0;
+        ioctl(v.fd, KVM_GET_VCPU_EVENTS, &e0);
+        e0.exception.nr = 0xFF; e0.exception.injected = 0; e0.exception.pending = 0; e0.flags = 0;
+        v.run->s.regs.events = e0;
+        v.run->kvm_dirty_regs = KVM_SYNC_X86_EVENTS;
+    }
     slot_ops = 0;
     uint64_t *t = calloc((size_t)N, 8);
     long exits = 0, shut = 0, ierr = 0, dbg = 0, switches = 0;
@@ -86,9 +99,17 @@ static void variant(int var, int N, int noquirk) {
         if (rc == KVM_EXIT_IO && v.run->io.port == 0xE0) {
             uint64_t now = now_ns();
             if (calls >= warm && last) t[calls - warm] = now - last;
-            if (calls == warm - 1) { exits = shut = ierr = dbg = switches = 0; slot_ops = 0; }
+            if (calls == warm - 1) { exits = shut = ierr = dbg = switches = identified = 0; slot_ops = 0; }
             last = now;
             calls++;
+        } else if (rc == KVM_EXIT_SHUTDOWN && var == 4 && !sup) {
+            shut++;
+            struct kvm_vcpu_events *e = &v.run->s.regs.events;
+            if (e->exception.nr == 0xFF) { print_exit(&v, rc, "  SHUTDOWN without an exception (sentinel kept): "); break; }
+            identified += e->exception.nr == 3;
+            install(1, 1); sup = 1; switches++;
+            e->exception.injected = 1; e->exception.pending = 0; e->flags = 0; /* nr, has_error_code, error_code as found */
+            v.run->kvm_dirty_regs = KVM_SYNC_X86_EVENTS;
         } else if (rc == KVM_EXIT_SHUTDOWN && var >= 2 && !sup) {
             shut++;
             install(1, 1); sup = 1; switches++;
@@ -97,6 +118,12 @@ static void variant(int var, int N, int noquirk) {
         } else if (rc == KVM_EXIT_INTERNAL_ERROR && v.run->internal.suberror == 1 && var >= 1) {
             ierr++;
             install(!sup, var >= 2); sup = !sup; switches++;
+            if (var == 4 && !sup) { /* entering U: the sentinel */
+                struct kvm_vcpu_events *e = &v.run->s.regs.events;
+                e->exception.nr = 0xFF; e->exception.injected = 0; e->exception.pending = 0; e->exception.has_error_code = 0;
+                e->flags = 0;
+                v.run->kvm_dirty_regs = KVM_SYNC_X86_EVENTS;
+            }
         } else if (rc == KVM_EXIT_DEBUG && var == 3 && sup) {
             dbg++;
             struct kvm_regs rr;
@@ -116,6 +143,7 @@ static void variant(int var, int N, int noquirk) {
     printf("%s%s: %d calls, guest rbx %llu; per call: %.2f exits (%.2f SHUTDOWN, %.2f INTERNAL_ERROR, %.2f DEBUG), %.2f switches, %.2f memslot updates\n",
            names[var], noquirk ? " [SLOT_ZAP_ALL off]" : "", n, r.rbx, (double)exits / n, (double)shut / n, (double)ierr / n, (double)dbg / n, (double)switches / n,
            (double)slot_ops / n);
+    if (var == 4) printf("  V4: SHUTDOWNs identified as #BP through the sentinel: %ld of %ld\n", identified, shut);
     if (n > 10) report_us("wall time per call", t, (size_t)n);
     free(t);
     vcpu_destroy(&v);
@@ -128,6 +156,6 @@ int main(int argc, char **argv) {
     loadavg(la, sizeof la);
     printf("probe_escalation (loadavg %s)\n", la);
     for (int noquirk = 0; noquirk < 2; noquirk++)
-        for (int var = noquirk; var < 4; var++) variant(var, N, noquirk);
+        for (int var = noquirk; var < 5; var++) variant(var, N, noquirk);
     return 0;
 }
