@@ -32,6 +32,7 @@ BLOB(u_de, "xor %ecx, %ecx\n xor %edx, %edx\n div %ecx\n jmp .\n")
 BLOB(u_spin, "jmp .\n")
 BLOB(u_tf, "pushfq\n orq $0x100, (%rsp)\n popfq\n nop\n nop\n jmp .\n")
 BLOB(u_int1, ".byte 0xf1\n jmp .\n")
+BLOB(u_segload, "mov $0x2b, %eax\n mov %eax, %ds\n mov %eax, %es\n int3\n jmp .\n")
 
 enum { EV_INT3, EV_UD2, EV_PF, EV_GP, EV_DE, EV_EXTINT, EV_INJ_UD, EV_INJ_PF, EV_TF, EV_INT1, EV_NMI, NEV };
 static const struct { const char *name; const uint8_t *s, *e; int vector; } evs[NEV] = {
@@ -208,6 +209,18 @@ static void nested(void) {
     *(uint64_t *)(c.vm.mem + G_TSS + 36) = G_KDATA + 0x1000; /* TSS.IST1 */
     page_mode(&c.vm, G_KSTACK, 0);
     run_and_report(&c.vm, &c.v, EV_INT3, "  (b) INT3, kstack absent, #DF on IST1 (mapped): ", &r);
+    case_end(&c);
+    /* (d) what user code itself needs: segment loads with the GDT page absent; then INT3 with the
+     * GDT, TSS and kernel stack all absent and only the IDT present (expected: SHUTDOWN) */
+    case_start(&c, EV_INT3, 0);
+    put_code(&c.vm, G_UCODE, u_segload_s, u_segload_e);
+    page_mode(&c.vm, G_GDT, 0);
+    run_and_report(&c.vm, &c.v, EV_INT3, "  (d) user mov to DS/ES (0x2b) with the GDT absent, then int3: ", &r);
+    case_end(&c);
+    case_start(&c, EV_INT3, 0);
+    put_code(&c.vm, G_UCODE, u_segload_s, u_segload_e);
+    page_mode(&c.vm, G_GDT, 0); page_mode(&c.vm, G_TSS, 0); page_mode(&c.vm, G_KSTACK, 0); page_mode(&c.vm, G_IDT, 0);
+    run_and_report(&c.vm, &c.v, EV_INT3, "  (e) the same with IDT, GDT, TSS, kernel stack all absent: ", &r);
     case_end(&c);
     for (int ro = 0; ro < 2; ro++) {
         case_start(&c, EV_INT3, 0);
