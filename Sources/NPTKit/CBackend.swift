@@ -131,8 +131,11 @@ final class CBackend: Backend, @unchecked Sendable {
             if regions.contains(where: { $0.id == r.id }) {
                 throw NPTError(.backend, "backend '\(name)' host_pmem_get(\(index)): region id \(r.id) is reported twice")
             }
+            // npt_host_pmem_region has no persistence domain: a backend that needs no WPQ flushing
+            // says, in effect, that the WPQs are persistent (ADR).
             regions.append(HostPersistence.Region(id: r.id, base: r.base, size: r.length, controllers: controllers,
-                                                  flushTargets: flushTargets, needsWPQFlush: r.needs_wpq_flush != 0))
+                                                  flushTargets: flushTargets, needsWPQFlush: r.needs_wpq_flush != 0,
+                                                  domain: r.needs_wpq_flush != 0 ? .media : .memoryController))
         }
         regions.sort { $0.id < $1.id }
         return HostPersistence(regions: regions, source: "backend '\(name)'")
