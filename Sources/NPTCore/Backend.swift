@@ -240,7 +240,9 @@ extension BackendVCPU {
 
 public enum NPTABI {
     public static let major: UInt32 = 1
-    public static let minor: UInt32 = 1
+    /// 1.1: virtualized NVDIMM WPQ flushing; 1.2: guest NVDIMM SSDT, host NVDIMM discovery from
+    /// sysfs (npt_host_pmem_discover_sysfs, also in npt_host_api).
+    public static let minor: UInt32 = 2
     public static let version: UInt32 = (major << 16) | minor
     public static func major(of v: UInt32) -> UInt32 { v >> 16 }
 }

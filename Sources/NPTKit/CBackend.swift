@@ -264,6 +264,11 @@ nonisolated(unsafe) let hostAPI: UnsafeMutablePointer<npt_host_api> = {
     h.hierarchy_translate = { vm, hier, gpa, out in npt_hierarchy_translate(vm, hier, gpa, out) }
     h.hierarchy_leaves = { vm, hier, cb, ud in npt_hierarchy_leaves(vm, hier, cb, ud) }
     h.status_string = { s in npt_status_string(s) }
+    // ABI 1.2
+    h.host_pmem_discover_sysfs = { root, regions, rcap, rcount, targets, tcap, tcount in
+        npt_host_pmem_discover_sysfs(root, regions, rcap, rcount, targets, tcap, tcount)
+    }
+    h.last_error = { npt_last_error() }
     p.initialize(to: h)
     return p
 }()
