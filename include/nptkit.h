@@ -5,7 +5,8 @@
  * hardware does not always give; this ABI covers emulated mode-based execute
  * control (MBEC) over pluggable backends, a privileged mode with a secure
  * global view, and (since ABI 1.1) virtualized NVDIMM write-pending-queue
- * flushing.
+ * flushing, with (since 1.2) the guest's NVDIMM SSDT and the host NVDIMM
+ * discovery offered to plugins.
  *
  * Conventions
  *  - Every call returns npt_status (NPT_OK == 0, errors are negative).
