@@ -5,7 +5,8 @@
  * hardware does not always give; this ABI covers emulated mode-based execute
  * control (MBEC) over pluggable backends, a privileged mode with a secure
  * global view, and (since ABI 1.1) virtualized NVDIMM write-pending-queue
- * flushing.
+ * flushing, with (since 1.2) the guest's NVDIMM SSDT and the host NVDIMM
+ * discovery offered to plugins.
  *
  * Conventions
  *  - Every call returns npt_status (NPT_OK == 0, errors are negative).
@@ -34,9 +35,11 @@ extern "C" {
 
 /* ABI version: major changes break compatibility; minor ones only add. */
 #define NPT_ABI_VERSION_MAJOR 1u
-#define NPT_ABI_VERSION_MINOR 2u /* 1.1: virtualized NVDIMM WPQ flushing; 1.2: MBEC guarantees per mode
-                                    (NPT_MBEC_VIOLATION_ONLY, NPT_ERR_GUARANTEE, npt_mbec_mode_check),
-                                    qualification bits 10-11, policies on NVDIMM ranges */
+#define NPT_ABI_VERSION_MINOR 2u /* 1.1: virtualized NVDIMM WPQ flushing;
+                                    1.2: MBEC guarantees per mode (NPT_MBEC_VIOLATION_ONLY, NPT_ERR_GUARANTEE,
+                                    npt_mbec_mode_check), qualification bits 10-11, policies on NVDIMM
+                                    ranges; guest NVDIMM SSDT, host NVDIMM discovery from sysfs (also for
+                                    plugins) */
 #define NPT_ABI_VERSION ((NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR)
 #define NPT_ABI_MAJOR(v) ((uint32_t)(v) >> 16)
 
@@ -651,14 +654,70 @@ typedef struct npt_backend_ops {
  * NPT_ERR_EXISTS if the name is taken. */
 npt_status npt_backend_register(npt_context *ctx, const npt_backend_ops *ops);
 
+/* ------------------------------------------------------------------------ */
+/* ABI 1.2: guest NVDIMM tables and the one host NVDIMM discovery             */
+/* ------------------------------------------------------------------------ */
+/* The SSDT a VMM gives the guest beside the NFIT of npt_vm_get_nfit: in \_SB, the NVDIMM root
+ * device NVDR (_HID "ACPI0012", the device Linux's nfit driver binds to; ACPI 6.0 section 9.20) with
+ * one child NVxx per virtual DIMM whose _ADR is that DIMM's NFIT device handle. Both tables come from
+ * one description of the VM's DIMMs, so their handles agree (the rules: Sources/NPTCore/GuestNVDIMM.swift).
+ * The same contract as npt_vm_get_nfit: *needed (not NULL) is always set to the table's length; the
+ * table is copied when buf_len >= *needed, else NPT_ERR_BUFFER_TOO_SMALL and nothing is written (buf
+ * may be NULL with buf_len 0 to ask the size); NPT_ERR_INVALID_ARGUMENT for a NULL buf with a
+ * non-zero buf_len; NPT_ERR_STATE when the VM has no NVDIMM range; NPT_ERR_BAD_HANDLE. */
+npt_status npt_vm_get_nvdimm_ssdt(npt_vm *vm, void *buf, size_t buf_len, size_t *needed);
+
+/* Persistence domains: where a power failure stops losing data (Linux's persistence_domain). */
+#define NPT_PMEM_DOMAIN_MEDIA             0u /* none named (absent, empty or unknown): WPQs are lost */
+#define NPT_PMEM_DOMAIN_MEMORY_CONTROLLER 1u /* "memory_controller": ADR drains the WPQs */
+#define NPT_PMEM_DOMAIN_CPU_CACHE         2u /* "cpu_cache": the CPU caches are flushed too */
+
+/* One libnvdimm region of a sysfs tree. A fixed layout (no size field): it never grows; a later ABI
+ * would add another struct and call. */
+typedef struct npt_sysfs_pmem_region {
+    uint32_t id;                 /* N of the directory ROOT/regionN (the one numbering rule; 0 included) */
+    uint32_t persistence_domain; /* NPT_PMEM_DOMAIN_* read from regionN/persistence_domain */
+    uint64_t base, length;       /* regionN/resource, regionN/size */
+    uint32_t controller_count;   /* distinct memory controllers (NFIT handle bits 8-27) of its DIMMs; a region
+                                    with flush hints whose DIMMs have no NFIT handle counts one, key 0 */
+    uint32_t flush_target_count; /* when deep_flush reads 1: one per controller (address 0: a physical flush
+                                    writes "1" to ROOT/regionN/deep_flush); else 0 */
+    uint32_t first_target;       /* its targets are targets[first_target .. first_target + flush_target_count) */
+    int32_t deep_flush;          /* -1: no deep_flush file; else what it reads, 0 or 1 */
+    int32_t needs_wpq_flush;     /* 1: flush targets and NPT_PMEM_DOMAIN_MEDIA (NPTKit's rule) */
+    uint32_t reserved;           /* 0 */
+} npt_sysfs_pmem_region;
+
+/* Host NVDIMM discovery from a libnvdimm sysfs tree: the code the core uses for itself, offered to
+ * plugins as npt_host_api.host_pmem_discover_sysfs (the KVM plugin uses it). root: the directory
+ * holding regionN, nmemN (NULL: "/sys/bus/nd/devices"). Fills regions (sorted by id) and their flush
+ * targets in one snapshot. region_count and target_count (neither may be NULL) are always set to
+ * what the tree holds; if regions_cap or targets_cap is smaller, NPT_ERR_BUFFER_TOO_SMALL and nothing
+ * is written (ask again with room: the tree may have changed meanwhile). regions (targets) may be
+ * NULL only with regions_cap (targets_cap) 0. NPT_ERR_INVALID_ARGUMENT: NULL counts, NULL array with a
+ * capacity, an empty root, or a malformed file in a region (npt_last_error names it and its content);
+ * NPT_ERR_NOT_FOUND: root is not a readable directory. Any thread. */
+npt_status npt_host_pmem_discover_sysfs(const char *root, npt_sysfs_pmem_region *regions, size_t regions_cap,
+                                        size_t *region_count, npt_flush_target *targets, size_t targets_cap,
+                                        size_t *target_count);
+
 /* What the core offers a plugin (plugins do not link libnptkit.so: they get
- * this table, as SQLite extensions get sqlite3_api_routines). */
+ * this table, as SQLite extensions get sqlite3_api_routines). A member added by a later minor ABI
+ * exists only when `size` covers it: a plugin checks
+ * host->size >= offsetof(npt_host_api, member) + sizeof(host->member) before reading it. */
 struct npt_host_api {
     uint32_t abi_version;
     uint32_t size;
     npt_status (*hierarchy_translate)(npt_vm *vm, uint32_t hierarchy, uint64_t gpa, npt_translation *out);
     npt_status (*hierarchy_leaves)(npt_vm *vm, uint32_t hierarchy, npt_leaf_cb cb, void *user_data);
     const char *(*status_string)(npt_status status);
+    /* ---- ABI 1.2 ---- */
+    /* npt_host_pmem_discover_sysfs: the one host NVDIMM discovery. */
+    npt_status (*host_pmem_discover_sysfs)(const char *root, npt_sysfs_pmem_region *regions, size_t regions_cap,
+                                           size_t *region_count, npt_flush_target *targets, size_t targets_cap,
+                                           size_t *target_count);
+    /* npt_last_error: the detail of the last failed call of this table on the calling thread. */
+    const char *(*last_error)(void);
 };
 
 /* The one symbol a plugin .so exports. It checks host->abi_version, and

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of NPTKit: the Swift tests (unit, property, differential, scenario) and the C
-# programs compiled against libnptkit.so (API, plugins, the C example, one under AddressSanitizer).
+# programs compiled against libnptkit.so (API, plugins, the C example, one under AddressSanitizer),
+# the guest NVDIMM tables through iasl and through a real Linux kernel booted in QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,9 @@ bash Tests/Promela/check.sh
 
 echo "== guest NFIT decoded by ACPICA (iasl -d)"
 bash Tests/NFIT/check_guest_nfit.sh "$(swift build --show-bin-path)"
+
+echo "== a real Linux kernel reads the guest NFIT and SSDT (Debian's kernel in QEMU, TCG)"
+bash Tests/Linux/boot_nvdimm.sh "$(swift build --show-bin-path)"
 
 echo "== main job smoke run (nptkit demo)"
 "$(swift build --show-bin-path)/nptkit-cli" demo > /tmp/nptkit-demo.log

@@ -307,6 +307,8 @@ extension BackendVCPU {
 
 public enum NPTABI {
     public static let major: UInt32 = 1
+    /// 1.1: virtualized NVDIMM WPQ flushing; 1.2: MBEC guarantees per mode, qualification bits
+    /// 10-11, policies on NVDIMM ranges, guest NVDIMM SSDT, host NVDIMM discovery from sysfs.
     public static let minor: UInt32 = 2
     public static let version: UInt32 = (major << 16) | minor
     public static func major(of v: UInt32) -> UInt32 { v >> 16 }

@@ -3,18 +3,26 @@ import Glibc
 #endif
 
 /// Whether the host's persistent memory needs write-pending-queue flushing, and where its physical
-/// flush hints are.
+/// flush hints are. The one host discovery of NPTKit: the core uses it for every source, and the KVM
+/// plugin reaches the sysfs discovery through the C ABI (`npt_host_api.host_pmem_discover_sysfs`,
+/// the same code as `npt_host_pmem_discover_sysfs`) instead of reading sysfs itself.
 ///
-/// The rule: a region needs WPQ flushing when it has flush hints AND the platform does not put the
-/// WPQ in the persistence domain.
+/// The rule: a region needs WPQ flushing when it has flush hints AND its persistence domain does not
+/// hold the WPQs (`Domain.media`).
 /// - NFIT: the region (a persistent-memory SPA range) has flush hints when some DIMM mapped into it
 ///   (a memory-device map whose `spaRangeIndex` is the range's index) has a Flush Hint Address
-///   structure with at least one address. The WPQ is in the persistence domain when the Platform
-///   Capabilities structure has bit 0 (CPU cache flush on power loss) or bit 1 (memory controller
-///   flush on power loss) valid (index <= highest valid capability) and set.
-/// - sysfs: the region has flush hints when its `deep_flush` file reads "1"; the WPQ is in the
-///   persistence domain when its `persistence_domain` file contains "cpu_cache" or
-///   "memory_controller".
+///   structure with at least one address. The domain comes from the Platform Capabilities
+///   structure, bits counted only up to the highest valid capability, as Linux's nfit driver reads
+///   it: bit 0 (CPU cache flush on power loss) gives `.cpuCache`, else bit 1 (memory controller flush
+///   on power loss, ADR) gives `.memoryController`, else (or without the structure) `.media`.
+/// - sysfs: the region has flush hints when its `deep_flush` file reads "1"; the domain is what its
+///   `persistence_domain` file names ("cpu_cache", "memory_controller"); absent, empty or anything
+///   else is `.media` (the safe reading: an unknown word never makes NPTKit skip a flush).
+///
+/// Region ids (the one numbering rule, per source): NFIT: the SPA range structure index (never 0);
+/// sysfs: N of the directory `regionN` (what the kernel numbered it, 0 included; unique for a
+/// boot, not across boots, so a tool that keeps configuration should match regions by base
+/// address); simulator: its platform's region ids; a C backend: what its `host_pmem_get` reports.
 public struct HostPersistence: Equatable, Sendable {
     public struct FlushTarget: Hashable, Sendable {
         /// Memory-controller key (`NFIT.DeviceHandle.controllerKey`, or an index for other sources).
@@ -24,8 +32,28 @@ public struct HostPersistence: Equatable, Sendable {
         public init(controller: UInt32, address: UInt64) { self.controller = controller; self.address = address }
     }
 
+    /// Where a power failure stops losing data (Linux's `persistence_domain`; NFIT platform
+    /// capabilities bits 0 and 1). Raw values are the C ABI's `NPT_PMEM_DOMAIN_*`.
+    public enum Domain: UInt32, Sendable, CustomStringConvertible {
+        /// Only the media: the WPQs (and caches) are lost at a power failure.
+        case media = 0
+        /// ADR: the memory controllers drain their WPQs at a power failure.
+        case memoryController = 1
+        /// The CPU caches are flushed too (implies `memoryController`).
+        case cpuCache = 2
+        /// Whether the WPQs are inside the persistence domain.
+        public var holdsWPQ: Bool { self != .media }
+        public var description: String {
+            switch self {
+            case .media: return "media"
+            case .memoryController: return "memory_controller"
+            case .cpuCache: return "cpu_cache"
+            }
+        }
+    }
+
     public struct Region: Equatable, Sendable {
-        /// SPA range index (NFIT) or N of regionN (sysfs).
+        /// See the numbering rule in the type's doc comment.
         public var id: UInt32
         /// The system-physical range.
         public var base: UInt64
@@ -34,16 +62,20 @@ public struct HostPersistence: Equatable, Sendable {
         public var controllers: [UInt32]
         /// One per controller that has flush hints, sorted by controller. NFIT: the first hint address
         /// of the first DIMM (lowest device handle, among that controller's DIMMs in this region that
-        /// have hints). sysfs: when `deep_flush` reads "1", one per controller with address 0.
+        /// have hints). sysfs: when `deep_flush` reads "1", one per controller with address 0 (a
+        /// physical flush writes the region's `deep_flush`).
         public var flushTargets: [FlushTarget]
         public var needsWPQFlush: Bool
         /// sysfs: path of the region's `deep_flush` file (writing "1" flushes), when it exists.
         public var deepFlushPath: String?
+        public var domain: Domain
 
         public init(id: UInt32, base: UInt64, size: UInt64, controllers: [UInt32] = [],
-                    flushTargets: [FlushTarget] = [], needsWPQFlush: Bool = false, deepFlushPath: String? = nil) {
+                    flushTargets: [FlushTarget] = [], needsWPQFlush: Bool = false, deepFlushPath: String? = nil,
+                    domain: Domain = .media) {
             self.id = id; self.base = base; self.size = size; self.controllers = controllers
             self.flushTargets = flushTargets; self.needsWPQFlush = needsWPQFlush; self.deepFlushPath = deepFlushPath
+            self.domain = domain
         }
     }
 
@@ -55,6 +87,14 @@ public struct HostPersistence: Equatable, Sendable {
 
     public init(regions: [Region], source: String) { self.regions = regions; self.source = source }
 
+    /// The persistence domain an NFIT's platform capabilities give (see the type's doc comment).
+    public static func domain(of caps: NFIT.PlatformCapabilities?) -> Domain {
+        guard let caps else { return .media }
+        if caps.cacheFlushOnPowerLoss { return .cpuCache }
+        if caps.memoryControllerFlushOnPowerLoss { return .memoryController }
+        return .media
+    }
+
     // MARK: NFIT
 
     /// The persistent-memory regions of an NFIT (SPA ranges whose type GUID is
@@ -62,8 +102,7 @@ public struct HostPersistence: Equatable, Sendable {
     public static func fromNFIT(_ nfit: NFIT) -> HostPersistence {
         var hints: [UInt32: [UInt64]] = [:]
         for f in nfit.flushHints { hints[f.deviceHandle, default: []].append(contentsOf: f.addresses) }
-        let caps = nfit.platformCapabilities
-        let wpqPersistent = (caps?.cacheFlushOnPowerLoss ?? false) || (caps?.memoryControllerFlushOnPowerLoss ?? false)
+        let domain = domain(of: nfit.platformCapabilities)
         var regions: [Region] = []
         for r in nfit.spaRanges where r.isPersistentMemory {
             let handles = Set(nfit.memoryMaps.filter { $0.spaRangeIndex == r.index }.map(\.deviceHandle)).sorted()
@@ -76,7 +115,8 @@ public struct HostPersistence: Equatable, Sendable {
                 }
             }
             regions.append(Region(id: UInt32(r.index), base: r.base, size: r.length, controllers: controllers,
-                                  flushTargets: targets, needsWPQFlush: !targets.isEmpty && !wpqPersistent))
+                                  flushTargets: targets, needsWPQFlush: !targets.isEmpty && !domain.holdsWPQ,
+                                  domain: domain))
         }
         regions.sort { $0.id < $1.id }
         return HostPersistence(regions: regions, source: "nfit")
@@ -85,31 +125,57 @@ public struct HostPersistence: Equatable, Sendable {
     // MARK: sysfs
 
     /// The libnvdimm regions under `root` (normally `/sys/bus/nd/devices`): each directory (or symlink
-    /// to one) named `region<digits>`, read as in the kernel's drivers/nvdimm/region_devs.c:
+    /// to one) named `region<N>`, N a decimal number as the kernel writes it (no sign, no leading
+    /// zero unless N is 0, at most UInt32.max; other names, such as `regionX` or `region01`, and
+    /// plain files are not regions), read as in the kernel's drivers/nvdimm/region_devs.c:
     /// `resource` (hex start), `size` (decimal), `deep_flush` ("0"/"1", may be absent),
     /// `persistence_domain` (may be absent or empty), `mappings` (count) and `mappingK`
     /// ("nmemX,offset,length,position"); the controller of each mapping comes from
     /// `root/nmemX/nfit/handle` (an NFIT device handle; a DIMM without one contributes no
-    /// controller). Regions are sorted by id. See the type's doc comment for the rule.
+    /// controller). A region with flush hints none of whose DIMMs has a handle (a bus other than
+    /// ACPI NFIT, e.g. virtio-pmem) has one controller, key 0, so that it has a flush target.
+    /// Regions are sorted by id (= N).
+    /// See the type's doc comment for the rule.
     ///
     /// Throws `.notFound` when `root` is not a readable directory, and `.invalidArgument` naming the
     /// file and its content when a region's `resource`, `size`, `mappings`, `mappingK` or a DIMM's
     /// `handle` is missing (where required) or malformed.
-    public static func fromSysfs(root: String = "/sys/bus/nd/devices") throws(NPTError) -> HostPersistence {
+    public static func fromSysfs(root: String = defaultSysfsRoot) throws(NPTError) -> HostPersistence {
         guard let names = listDirectory(root) else {
             throw NPTError(.notFound, "sysfs: cannot open directory \(root) (errno \(errno))")
         }
         var regions: [Region] = []
         for name in names {
-            guard name.hasPrefix("region") else { continue }
-            let digits = name.dropFirst("region".count)
-            guard !digits.isEmpty, digits.allSatisfy({ $0 >= "0" && $0 <= "9" }), let id = UInt32(digits) else { continue }
+            guard let id = sysfsRegionNumber(name) else { continue }
             let dir = root + "/" + name
             guard isDirectory(dir) else { continue }
             regions.append(try readRegion(id: id, dir: dir, root: root))
         }
         regions.sort { $0.id < $1.id }
         return HostPersistence(regions: regions, source: "sysfs")
+    }
+
+    /// Where Linux lists libnvdimm devices.
+    public static let defaultSysfsRoot = "/sys/bus/nd/devices"
+
+    /// N for a directory name `region<N>` as the kernel names regions (see `fromSysfs`), else nil.
+    public static func sysfsRegionNumber(_ name: String) -> UInt32? {
+        guard name.hasPrefix("region") else { return nil }
+        let digits = name.utf8.dropFirst("region".utf8.count)
+        guard let first = digits.first, digits.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }) else {
+            return nil
+        }
+        if first == UInt8(ascii: "0") && digits.count > 1 { return nil }
+        return UInt32(Substring(name.dropFirst("region".count)))
+    }
+
+    /// The persistence domain a region's `persistence_domain` file names (nil: no such file).
+    public static func sysfsDomain(_ content: String?) -> Domain {
+        switch content.map({ String(trimmed($0)) }) {
+        case "cpu_cache": return .cpuCache
+        case "memory_controller": return .memoryController
+        default: return .media
+        }
     }
 
     private static func readRegion(id: UInt32, dir: String, root: String) throws(NPTError) -> Region {
@@ -137,16 +203,18 @@ public struct HostPersistence: Equatable, Sendable {
                 handles.insert(UInt32(v))
             }
         }
-        let controllers = Set(handles.map { NFIT.DeviceHandle($0).controllerKey }).sorted()
+        var controllers = Set(handles.map { NFIT.DeviceHandle($0).controllerKey }).sorted()
         let deepFlushFile = dir + "/deep_flush"
         let deepFlush = readSmallFile(deepFlushFile)
         let hasFlush = deepFlush.map { trimmed($0) == "1" } ?? false
-        let domain = readSmallFile(dir + "/persistence_domain") ?? ""
-        let wpqPersistent = domain.contains("cpu_cache") || domain.contains("memory_controller")
+        // Flush hints but no DIMM with an NFIT handle: one controller (key 0) for its deep_flush, so
+        // that a region that needs flushing always has a flush target.
+        if controllers.isEmpty && hasFlush { controllers = [0] }
+        let domain = sysfsDomain(readSmallFile(dir + "/persistence_domain"))
         return Region(id: id, base: base, size: size, controllers: controllers,
                       flushTargets: hasFlush ? controllers.map { FlushTarget(controller: $0, address: 0) } : [],
-                      needsWPQFlush: hasFlush && !wpqPersistent,
-                      deepFlushPath: deepFlush == nil ? nil : deepFlushFile)
+                      needsWPQFlush: hasFlush && !domain.holdsWPQ,
+                      deepFlushPath: deepFlush == nil ? nil : deepFlushFile, domain: domain)
     }
 
     private static func requiredNumber(_ path: String, hexadecimal: Bool) throws(NPTError) -> UInt64 {

@@ -1,7 +1,8 @@
 /// The ACPI NFIT ("NVDIMM Firmware Interface Table", ACPI 6.x section 5.2.25): the firmware's
 /// description of the host's persistent memory. Decodes the sub-structures that say where the
 /// persistent memory is and how to make writes to it durable (SPA ranges, memory-device maps,
-/// flush hint addresses, platform capabilities); every other sub-structure is kept as raw bytes.
+/// control regions, flush hint addresses, platform capabilities); every other sub-structure is
+/// kept as raw bytes.
 ///
 /// Layout: the 36-byte ACPI header, 4 reserved bytes, then sub-structures that each begin with
 /// `type: u16, length: u16`. All fields are little-endian.
@@ -83,6 +84,59 @@ public struct NFIT: Equatable, Sendable {
         public var handle: DeviceHandle { DeviceHandle(deviceHandle) }
     }
 
+    /// Type 4, 80 bytes (or 32, see `short`): NVDIMM Control Region. Describes one function
+    /// interface of a DIMM (its identity and, for block-window DIMMs, its control windows); a
+    /// memory-device map names it by `index` (its `controlRegionIndex`). Field order and sizes as in
+    /// ACPI 6.2 Errata A §5.2.25.6 (the same in 6.3 and 6.4).
+    public struct ControlRegion: Equatable, Sendable {
+        /// NVDIMM Control Region structure index (memory-device maps refer to it; 0 is reserved).
+        public var index: UInt16
+        public var vendorID: UInt16
+        public var deviceID: UInt16
+        public var revisionID: UInt16
+        public var subsystemVendorID: UInt16
+        public var subsystemDeviceID: UInt16
+        public var subsystemRevisionID: UInt16
+        /// Bit 0: the manufacturing location and date are valid.
+        public var validFields: UInt8
+        public var manufacturingLocation: UInt8
+        public var manufacturingDate: UInt16
+        public var serialNumber: UInt32
+        /// Region format interface code (JEDEC; 0x0301: byte-addressable, energy backed).
+        public var formatInterfaceCode: UInt16
+        /// Number of block control windows (0: a persistent-memory-only DIMM).
+        public var windows: UInt16
+        public var windowSize: UInt64
+        public var commandOffset: UInt64
+        public var commandSize: UInt64
+        public var statusOffset: UInt64
+        public var statusSize: UInt64
+        /// Bit 0: block data windows need a buffered command.
+        public var flags: UInt16
+        /// The 32-byte form, which stops after `windows` (allowed only when `windows` is 0). The
+        /// block-window fields then read as 0; `encode()` writes 80 bytes unless this is set and
+        /// `windows` is 0.
+        public var short: Bool
+
+        public init(index: UInt16 = 0, vendorID: UInt16 = 0, deviceID: UInt16 = 0, revisionID: UInt16 = 0,
+                    subsystemVendorID: UInt16 = 0, subsystemDeviceID: UInt16 = 0, subsystemRevisionID: UInt16 = 0,
+                    validFields: UInt8 = 0, manufacturingLocation: UInt8 = 0, manufacturingDate: UInt16 = 0,
+                    serialNumber: UInt32 = 0, formatInterfaceCode: UInt16 = 0, windows: UInt16 = 0,
+                    windowSize: UInt64 = 0, commandOffset: UInt64 = 0, commandSize: UInt64 = 0,
+                    statusOffset: UInt64 = 0, statusSize: UInt64 = 0, flags: UInt16 = 0, short: Bool = false) {
+            self.index = index; self.vendorID = vendorID; self.deviceID = deviceID; self.revisionID = revisionID
+            self.subsystemVendorID = subsystemVendorID; self.subsystemDeviceID = subsystemDeviceID
+            self.subsystemRevisionID = subsystemRevisionID; self.validFields = validFields
+            self.manufacturingLocation = manufacturingLocation; self.manufacturingDate = manufacturingDate
+            self.serialNumber = serialNumber; self.formatInterfaceCode = formatInterfaceCode; self.windows = windows
+            self.windowSize = windowSize; self.commandOffset = commandOffset; self.commandSize = commandSize
+            self.statusOffset = statusOffset; self.statusSize = statusSize; self.flags = flags; self.short = short
+        }
+
+        /// The length `encode()` writes: 32 for the short form (only with no windows), else 80.
+        public var encodedLength: Int { short && windows == 0 ? 32 : 80 }
+    }
+
     /// Type 6, 16 + 8·n bytes: the flush hint addresses of one DIMM (writing to any of them drains
     /// the memory controller's write pending queue).
     public struct FlushHint: Equatable, Sendable {
@@ -162,18 +216,18 @@ public struct NFIT: Equatable, Sendable {
     public var header: Header
     public var spaRanges: [SPARange]
     public var memoryMaps: [MemoryDeviceMap]
+    public var controlRegions: [ControlRegion]
     public var flushHints: [FlushHint]
     public var platformCapabilities: PlatformCapabilities?
-    /// Sub-structures of other types (interleave, SMBIOS, control region, block data window, ...),
-    /// in table order.
+    /// Sub-structures of other types (interleave, SMBIOS, block data window, ...), in table order.
     public var otherStructures: [RawStructure]
 
     public init(header: Header = Header(), spaRanges: [SPARange] = [], memoryMaps: [MemoryDeviceMap] = [],
-                flushHints: [FlushHint] = [], platformCapabilities: PlatformCapabilities? = nil,
-                otherStructures: [RawStructure] = []) {
+                controlRegions: [ControlRegion] = [], flushHints: [FlushHint] = [],
+                platformCapabilities: PlatformCapabilities? = nil, otherStructures: [RawStructure] = []) {
         self.header = header; self.spaRanges = spaRanges; self.memoryMaps = memoryMaps
-        self.flushHints = flushHints; self.platformCapabilities = platformCapabilities
-        self.otherStructures = otherStructures
+        self.controlRegions = controlRegions; self.flushHints = flushHints
+        self.platformCapabilities = platformCapabilities; self.otherStructures = otherStructures
     }
 
     // MARK: Parsing
@@ -247,6 +301,23 @@ public struct NFIT: Equatable, Sendable {
                     regionSize: u64(bytes, o + 16), regionOffset: u64(bytes, o + 24),
                     physicalAddressBase: u64(bytes, o + 32), interleaveIndex: u16(bytes, o + 40),
                     interleaveWays: u16(bytes, o + 42), stateFlags: u16(bytes, o + 44)))
+            case 4:
+                let windows = u16(bytes, o + 30)
+                guard slen == 80 || (slen == 32 && windows == 0) else {
+                    throw .invalid("NFIT: control region structure at offset \(o) has length \(slen), expected 80 (or 32 with no block control windows; \(windows) at offset \(o + 30))")
+                }
+                let long = slen == 80
+                nfit.controlRegions.append(ControlRegion(
+                    index: u16(bytes, o + 4), vendorID: u16(bytes, o + 6), deviceID: u16(bytes, o + 8),
+                    revisionID: u16(bytes, o + 10), subsystemVendorID: u16(bytes, o + 12),
+                    subsystemDeviceID: u16(bytes, o + 14), subsystemRevisionID: u16(bytes, o + 16),
+                    validFields: bytes[o + 18], manufacturingLocation: bytes[o + 19],
+                    manufacturingDate: u16(bytes, o + 20), serialNumber: u32(bytes, o + 24),
+                    formatInterfaceCode: u16(bytes, o + 28), windows: windows,
+                    windowSize: long ? u64(bytes, o + 32) : 0, commandOffset: long ? u64(bytes, o + 40) : 0,
+                    commandSize: long ? u64(bytes, o + 48) : 0, statusOffset: long ? u64(bytes, o + 56) : 0,
+                    statusSize: long ? u64(bytes, o + 64) : 0, flags: long ? u16(bytes, o + 72) : 0,
+                    short: !long))
             case 6:
                 guard slen >= 16 else {
                     throw .invalid("NFIT: flush hint address structure at offset \(o) has length \(slen), less than 16")
@@ -273,7 +344,7 @@ public struct NFIT: Equatable, Sendable {
     // MARK: Encoding
 
     /// The table's bytes, with the length and checksum filled in. Structures are written in the order
-    /// SPA ranges, memory-device maps, flush hints, platform capabilities, others. Fixed-size byte
+    /// SPA ranges, memory-device maps, control regions, flush hints, platform capabilities, others. Fixed-size byte
     /// fields (OEM IDs, GUIDs) are padded (with spaces for IDs, zeros for GUIDs) or truncated; a
     /// flush hint structure holds at most `maxFlushHintAddresses` addresses and a raw structure at
     /// most 65531 bytes, the rest is dropped.
@@ -301,6 +372,20 @@ public struct NFIT: Equatable, Sendable {
             put16(&out, m.spaRangeIndex); put16(&out, m.controlRegionIndex)
             put64(&out, m.regionSize); put64(&out, m.regionOffset); put64(&out, m.physicalAddressBase)
             put16(&out, m.interleaveIndex); put16(&out, m.interleaveWays); put16(&out, m.stateFlags); put16(&out, 0)
+        }
+        for c in controlRegions {
+            let length = c.encodedLength
+            put16(&out, 4); put16(&out, UInt16(length))
+            put16(&out, c.index); put16(&out, c.vendorID); put16(&out, c.deviceID); put16(&out, c.revisionID)
+            put16(&out, c.subsystemVendorID); put16(&out, c.subsystemDeviceID); put16(&out, c.subsystemRevisionID)
+            out.append(c.validFields); out.append(c.manufacturingLocation); put16(&out, c.manufacturingDate)
+            put16(&out, 0)                          // reserved
+            put32(&out, c.serialNumber); put16(&out, c.formatInterfaceCode); put16(&out, c.windows)
+            if length == 80 {
+                put64(&out, c.windowSize); put64(&out, c.commandOffset); put64(&out, c.commandSize)
+                put64(&out, c.statusOffset); put64(&out, c.statusSize); put16(&out, c.flags)
+                out.append(contentsOf: [UInt8](repeating: 0, count: 6))
+            }
         }
         for f in flushHints {
             let addrs = f.addresses.prefix(NFIT.maxFlushHintAddresses)

@@ -382,26 +382,29 @@ extension VirtualMachine {
         return s
     }
 
-    // MARK: the guest's NFIT
+    // MARK: the guest's NVDIMM tables
 
-    /// The NFIT the guest sees: per NVDIMM range a persistent-memory SPA range, a memory-device map
-    /// for one virtual DIMM, and that DIMM's flush hint structure naming the vFHA.
-    public func guestNFIT() throws(NPTError) -> [UInt8] {
+    /// What the guest is told about its NVDIMMs (`GuestNVDIMM`): virtual DIMM `i` for NVDIMM range
+    /// `i` (handle `GuestNVDIMM.handle(ofDIMM:)`), the vFHA as every DIMM's flush hint, and the
+    /// persistence domain of the host regions behind the ranges.
+    public func guestNVDIMM() throws(NPTError) -> GuestNVDIMM {
         let (ranges, vfha) = persistence.config.withLock { ($0.ranges, $0.vfha) }
         guard let vfha, !ranges.isEmpty else { throw NPTError(.state, "the VM has no NVDIMM range") }
-        var t = NFIT()
-        for (i, r) in ranges.enumerated() {
-            // Virtual DIMM i: DIMM number and channel from i, memory controller 0, socket 0.
-            let handle = UInt32(i & 0xF) | UInt32((i >> 4) & 0xF) << 4
-            t.spaRanges.append(NFIT.SPARange(index: UInt16(i + 1), flags: 0, proximityDomain: 0,
-                                             typeGUID: NFIT.persistentMemoryGUID, base: r.range.start.raw,
-                                             length: r.range.size, memoryAttributes: 0x8 | 0x8000))
-            t.memoryMaps.append(NFIT.MemoryDeviceMap(deviceHandle: handle, physicalID: UInt16(i), regionID: 0,
-                                                     spaRangeIndex: UInt16(i + 1), controlRegionIndex: 0,
-                                                     regionSize: r.range.size, regionOffset: 0, physicalAddressBase: 0,
-                                                     interleaveIndex: 0, interleaveWays: 1, stateFlags: 0))
-            t.flushHints.append(NFIT.FlushHint(deviceHandle: handle, addresses: [vfha.raw]))
+        let host = try hostPersistence()
+        let used = Set(ranges.map(\.hostRegion))
+        let dimms = ranges.enumerated().map { i, r in
+            GuestNVDIMM.DIMM(handle: GuestNVDIMM.handle(ofDIMM: i), base: r.range.start.raw, size: r.range.size)
         }
-        return t.encode()
+        return GuestNVDIMM(dimms: dimms, flushHint: vfha.raw,
+                           domain: GuestNVDIMM.guestDomain(backedBy: host.regions.filter { used.contains($0.id) }))
     }
+
+    /// The NFIT the guest sees (rules in `GuestNVDIMM`): per NVDIMM range a persistent-memory SPA
+    /// range, a memory-device map for one virtual DIMM, its control region and its flush hint
+    /// structure naming the vFHA; then the platform capabilities of the host regions behind them.
+    public func guestNFIT() throws(NPTError) -> [UInt8] { try guestNVDIMM().nfit().encode() }
+
+    /// The SSDT a VMM adds beside the NFIT: the NVDIMM root device (`_HID` "ACPI0012") in `\_SB`
+    /// with one child per virtual DIMM, `_ADR` = its NFIT device handle.
+    public func guestNVDIMMSSDT() throws(NPTError) -> [UInt8] { try guestNVDIMM().ssdt() }
 }

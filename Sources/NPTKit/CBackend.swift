@@ -131,8 +131,11 @@ final class CBackend: Backend, @unchecked Sendable {
             if regions.contains(where: { $0.id == r.id }) {
                 throw NPTError(.backend, "backend '\(name)' host_pmem_get(\(index)): region id \(r.id) is reported twice")
             }
+            // npt_host_pmem_region has no persistence domain: a backend that needs no WPQ flushing
+            // says, in effect, that the WPQs are persistent (ADR).
             regions.append(HostPersistence.Region(id: r.id, base: r.base, size: r.length, controllers: controllers,
-                                                  flushTargets: flushTargets, needsWPQFlush: r.needs_wpq_flush != 0))
+                                                  flushTargets: flushTargets, needsWPQFlush: r.needs_wpq_flush != 0,
+                                                  domain: r.needs_wpq_flush != 0 ? .media : .memoryController))
         }
         regions.sort { $0.id < $1.id }
         return HostPersistence(regions: regions, source: "backend '\(name)'")
@@ -261,6 +264,11 @@ nonisolated(unsafe) let hostAPI: UnsafeMutablePointer<npt_host_api> = {
     h.hierarchy_translate = { vm, hier, gpa, out in npt_hierarchy_translate(vm, hier, gpa, out) }
     h.hierarchy_leaves = { vm, hier, cb, ud in npt_hierarchy_leaves(vm, hier, cb, ud) }
     h.status_string = { s in npt_status_string(s) }
+    // ABI 1.2
+    h.host_pmem_discover_sysfs = { root, regions, rcap, rcount, targets, tcap, tcount in
+        npt_host_pmem_discover_sysfs(root, regions, rcap, rcount, targets, tcap, tcount)
+    }
+    h.last_error = { npt_last_error() }
     p.initialize(to: h)
     return p
 }()

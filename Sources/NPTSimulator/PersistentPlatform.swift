@@ -106,7 +106,8 @@ public struct PlatformDescription: Sendable, Equatable {
                 return HostPersistence.FlushTarget(controller: c, address: a)
             }
             return HostPersistence.Region(id: r.id, base: r.base, size: r.size, controllers: r.controllers.sorted(),
-                                          flushTargets: targets, needsWPQFlush: domain == .media && !targets.isEmpty)
+                                          flushTargets: targets, needsWPQFlush: domain == .media && !targets.isEmpty,
+                                          domain: domain == .media ? .media : .memoryController)
         }, source: "simulator")
     }
 

@@ -27,9 +27,17 @@ let guestNVDIMMs: [(gpa: UInt64, size: UInt64, region: UInt32, offset: UInt64)] 
 struct Nfit: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nfit",
-        abstract: "Write the guest NFIT of a simulator VM with two NVDIMM ranges (vFHA as every DIMM's flush hint).")
-    @Option(help: "File to write the ACPI table (binary, .aml) to.")
+        abstract: "Write the guest NFIT (and the SSDT with its NVDIMM devices) of a simulator VM with two NVDIMM ranges.",
+        discussion: """
+            The NFIT has per range an SPA range, a memory-device map, a control region and a flush hint \
+            structure naming the vFHA, and the platform capabilities of the host (see GuestNVDIMM for the \
+            rules). The SSDT declares the NVDIMM root device (ACPI0012) with one child per DIMM handle. A \
+            VMM passes both to the guest, e.g. QEMU: -acpitable file=NFIT -acpitable file=SSDT.
+            """)
+    @Option(help: "File to write the NFIT (binary ACPI table, .aml) to.")
     var out: String
+    @Option(help: "File to write the SSDT (binary ACPI table with the ACPI0012 NVDIMM root device) to.")
+    var ssdt: String?
     @Option(help: "Simulated host platform: needs-flush (WPQs outside the persistence domain) or adr.")
     var platform: PlatformArgument = .needsFlush
 
@@ -40,27 +48,40 @@ struct Nfit: ParsableCommand {
         for r in guestNVDIMMs {
             try vm.addNVDIMM(gpa: GPA(r.gpa), size: r.size, hostRegion: r.region, regionOffset: r.offset)
         }
-        let bytes = try vm.guestNFIT()
+        let guest = try vm.guestNVDIMM()
+        let bytes = guest.nfit().encode()
         let table = try NFIT.parse(bytes)
         if let err = writeFile(out, bytes) { fail("nfit: cannot write \(out): \(err)") }
+        let ssdtBytes = try guest.ssdt()
+        if let ssdt, let err = writeFile(ssdt, ssdtBytes) { fail("nfit: cannot write \(ssdt): \(err)") }
         guard let vfha = vm.virtualFlushHint else { throw NPTError(.state, "no vFHA") }
 
         print("Guest NFIT of a VM with \(PersistenceScenario.ram >> 20) MiB of RAM and \(guestNVDIMMs.count) NVDIMM ranges")
         print("Host platform (simulator): \(platform.text)")
         print("vFHA: \(hex(vfha.raw))   trapped: \(vm.flushHintTrapped ? "yes (a guest write exits)" : "no (a guest write costs no exit)")")
         print("Physical flush hints behind it: \(vm.flushTargets.map(\.description).joined(separator: "; "))")
-        var t = Table(["SPA range", "guest-physical base", "length", "virtual DIMM handle", "flush hint", "backed by"])
+        var t = Table(["SPA range", "guest-physical base", "length", "virtual DIMM handle", "control region", "flush hint",
+                       "namespace device", "backed by"])
         for (i, r) in table.spaRanges.enumerated() {
             let m = table.memoryMaps.first { $0.spaRangeIndex == r.index }
             let handle = m?.deviceHandle ?? 0
             let hints = table.flushHints.first { $0.deviceHandle == handle }?.addresses.map(hex).joined(separator: ",") ?? "-"
             let backing = i < vm.nvdimmRanges.count ? "host region \(vm.nvdimmRanges[i].hostRegion) +\(hex(vm.nvdimmRanges[i].regionOffset))" : ""
-            t.add(["\(r.index)", hex(r.base), hex(r.length), hex(UInt64(handle)), hints, backing])
+            t.add(["\(r.index)", hex(r.base), hex(r.length), hex(UInt64(handle)), "\(m?.controlRegionIndex ?? 0)", hints,
+                   "\\_SB.\(GuestNVDIMM.rootName).\(GuestNVDIMM.childName(i))", backing])
         }
         print(t.render())
+        let caps = table.platformCapabilities ?? NFIT.PlatformCapabilities()
+        print("Platform capabilities: highest valid \(caps.highestValid), capabilities \(hex(UInt64(caps.capabilities))) (guest persistence domain: \(guest.domain))")
         let sum = bytes.reduce(UInt8(0), &+)
         print("Table: signature \"\(NFIT.signature)\", length \(bytes.count) bytes, checksum \(hex(UInt64(bytes[9]))) (bytes sum to \(sum == 0 ? "0: ok" : "\(sum): BAD"))")
+        let rules = GuestNVDIMM.violations(nfit: table, table: bytes, ssdtHandles: guest.dimms.map(\.handle), flushHint: vfha.raw)
+        print("Rules T1-T8 (GuestNVDIMM): \(rules.isEmpty ? "all hold" : rules.joined(separator: "; "))")
         print("Wrote \(out)")
+        if let ssdt {
+            print("SSDT: \\_SB.\(GuestNVDIMM.rootName) (_HID \"\(GuestNVDIMM.rootHID)\") with \(guest.dimms.count) children, _ADR = \(guest.dimms.map { hex(UInt64($0.handle)) }.joined(separator: ", ")); \(ssdtBytes.count) bytes, checksum \(hex(UInt64(ssdtBytes[9])))")
+            print("Wrote \(ssdt)")
+        }
     }
 }
 
@@ -103,11 +124,12 @@ struct HostPMem: ParsableCommand {
             from = "simulator platform: \(platform.text)"
         }
         print("Host persistent memory from \(from)")
-        var t = Table(["region", "base", "size", "controllers", "flush targets (controller: hint)", "needs WPQ flushing"])
+        var t = Table(["region", "base", "size", "controllers", "flush targets (controller: hint)", "persistence domain",
+                       "needs WPQ flushing"])
         for r in host.regions {
             let targets = r.flushTargets.map { "\(hex(UInt64($0.controller))): \($0.address == 0 ? "deep_flush" : hex($0.address))" }
             t.add(["\(r.id)", hex(r.base), hex(r.size), r.controllers.map { hex(UInt64($0)) }.joined(separator: ","),
-                   targets.isEmpty ? "-" : targets.joined(separator: ", "), r.needsWPQFlush ? "yes" : "no"])
+                   targets.isEmpty ? "-" : targets.joined(separator: ", "), "\(r.domain)", r.needsWPQFlush ? "yes" : "no"])
         }
         print(t.render())
         print("\(host.regions.count) region\(host.regions.count == 1 ? "" : "s"); WPQ flushing needed: \(host.needsWPQFlush ? "yes (guest flushes must trap)" : "no (guest flushes cost no exit)")")

@@ -15,7 +15,8 @@
 #   libnptkit-sample.so   examples/plugin/sample_backend.c  (plugins: -shared -fPIC, no -lnptkit)
 #   libnptkit-badabi.so   Tests/C/plugin_bad_abi.c
 #   libnptkit-noentry.so  Tests/C/plugin_no_entry.c
-#   test_api, test_plugins, test_plugin_pmem, test_kvm, test_backend_swap, test_privileged, test_nvdimm,
+#   test_api, test_plugins, test_plugin_pmem, test_pmem_discovery, test_kvm, test_backend_swap,
+#   test_privileged, test_nvdimm,
 #   client (examples/client.c),
 #   test_api-asan and test_nvdimm-asan (AddressSanitizer + LSan)
 # and include/nptkit.h is compiled alone as C11 and as C++17 (syntax only).
@@ -104,6 +105,22 @@ if [ "$plugins_ok" = 1 ] &&
     run test_plugin_pmem "$OUT/test_plugin_pmem" "$OUT/libnptkit-sample.so"
 elif [ "$plugins_ok" != 1 ]; then
     fail test_plugin_pmem "a plugin did not compile"
+fi
+
+# The one host NVDIMM discovery (ABI 1.2): the public call and the host table on the sysfs
+# fixtures ("core"), then the KVM plugin on each fixture, one process each (it discovers once per
+# process): it must report what the core's discovery finds. "none" is a missing tree (the plugin's
+# file region), "broken" a malformed one, kvm-old a host table of ABI 1.1's size. No /dev/kvm needed.
+echo "-- test_pmem_discovery"
+if [ "$plugins_ok" = 1 ] && [ -f "$BIN/libnptkit-kvm.so" ] &&
+    build test_pmem_discovery "$CC" "${CFLAGS[@]}" "$ROOT/Tests/C/test_pmem_discovery.c" "${LINK[@]}" -ldl \
+        -o "$OUT/test_pmem_discovery"; then
+    for mode in core kvm:domains kvm:numbering kvm:wpq/bus/nd/devices kvm:adr kvm:none kvm:broken kvm-old:domains; do
+        run "test_pmem_discovery $mode" "$OUT/test_pmem_discovery" "$OUT/libnptkit-sample.so" "$BIN/libnptkit-kvm.so" \
+            "$ROOT/Tests/Fixtures/sysfs" "$mode"
+    done
+elif [ "$plugins_ok" != 1 ] || [ ! -f "$BIN/libnptkit-kvm.so" ]; then
+    fail test_pmem_discovery "a plugin did not compile or libnptkit-kvm.so does not exist"
 fi
 
 echo "-- test_kvm (the KVM backend plugin)"
@@ -287,7 +304,7 @@ if printf '#include <nptkit.h>\nint main(void) { npt_sim_platform p = {sizeof p,
 else
     fail header-c99 "does not compile"
 fi
-if printf '#include <nptkit.h>\nstatic_assert(NPT_ABI_VERSION_MAJOR == 1u, "");\nint main() { npt_exit e{}; e.size = sizeof e; npt_flush_stats f{}; f.size = sizeof f; npt_sim_platform p{}; p.size = sizeof p; npt_flush_target t{}; npt_backend_ops o{}; o.size = sizeof o; o.physical_flush = nullptr; return npt_status_string(NPT_OK) == nullptr || t.address != 0; }\n' |
+if printf '#include <nptkit.h>\nstatic_assert(NPT_ABI_VERSION_MAJOR == 1u, "");\nint main() { npt_exit e{}; e.size = sizeof e; npt_flush_stats f{}; f.size = sizeof f; npt_sim_platform p{}; p.size = sizeof p; npt_flush_target t{}; npt_backend_ops o{}; o.size = sizeof o; o.physical_flush = nullptr; npt_sysfs_pmem_region r{}; npt_host_api h{}; h.host_pmem_discover_sysfs = npt_host_pmem_discover_sysfs; return npt_status_string(NPT_OK) == nullptr || t.address != 0 || r.id != 0 || h.last_error != nullptr; }\n' |
     "$CXX" -std=c++17 -Wall -Wextra -Werror -pedantic -I"$ROOT/include" -x c++ -fsyntax-only -; then
     echo "c-test header-cxx17: ok"
     pass

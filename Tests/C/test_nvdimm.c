@@ -270,6 +270,8 @@ static void test_discovery_and_flush(void) {
     CHECK_ST(npt_vm_get_flush_hint(vm, &info), NPT_ERR_STATE);
     size_t needed = 0;
     CHECK_ST(npt_vm_get_nfit(vm, NULL, 0, &needed), NPT_ERR_STATE);
+    CHECK_ST(npt_vm_get_nvdimm_ssdt(vm, NULL, 0, &needed), NPT_ERR_STATE);
+    CHECK_ERR_MENTIONS("no NVDIMM range");
     CHECK_ST(npt_vm_power_failure(vm), NPT_ERR_STATE);
     uint32_t hr = 0, ctl = 0;
     uint64_t addr = 0;
@@ -552,6 +554,106 @@ static void test_guest_nfit(void) {
     CHECK(hint_has_vfha);
     free(buf);
     CHECK_OK(npt_vm_destroy(vm));
+    CHECK_OK(npt_context_destroy(ctx));
+}
+
+/* ------------------------------------------------------------------------ */
+/* The guest's SSDT (ABI 1.2): the NVDIMM root device and one child per DIMM   */
+/* ------------------------------------------------------------------------ */
+/* The AML integer at p (ZeroOp, OneOp, Byte/Word/DWord/QWordPrefix); *len gets its size, 0 if none. */
+static uint64_t aml_integer(const uint8_t *p, size_t *len) {
+    switch (p[0]) {
+    case 0x00: *len = 1; return 0;
+    case 0x01: *len = 1; return 1;
+    case 0x0A: *len = 2; return p[1];
+    case 0x0B: *len = 3; return le16(p + 1);
+    case 0x0C: *len = 5; return le32(p + 1);
+    case 0x0E: *len = 9; return le64(p + 1);
+    default: *len = 0; return 0;
+    }
+}
+
+static void test_guest_ssdt(void) {
+    npt_context *ctx = NULL;
+    CHECK_OK(npt_context_create(&ctx));
+    if (!ctx) return;
+    npt_vcpu *cpu = NULL;
+    npt_flush_hint_info info;
+    npt_vm *vm = setup(ctx, &cpu, &info);
+    if (!vm) { npt_context_destroy(ctx); return; }
+    /* A second DIMM, so that the children's handles can be told apart. */
+    npt_nvdimm two = nvdimm(2, NV_GPA + 0x40000000, NV_LEN, 0);
+    CHECK_OK(npt_vm_add_nvdimm(vm, &two));
+
+    size_t needed = 0;
+    CHECK_ST(npt_vm_get_nvdimm_ssdt(vm, NULL, 0, &needed), NPT_ERR_BUFFER_TOO_SMALL);
+    CHECK(needed > 36);
+    CHECK_ST(npt_vm_get_nvdimm_ssdt(vm, NULL, 16, &needed), NPT_ERR_INVALID_ARGUMENT);
+    CHECK_ERR_MENTIONS("buf is NULL");
+    CHECK_ST(npt_vm_get_nvdimm_ssdt(vm, NULL, 0, NULL), NPT_ERR_INVALID_ARGUMENT);
+    CHECK_ERR_MENTIONS("needed");
+    CHECK_ST(npt_vm_get_nvdimm_ssdt(NULL, NULL, 0, &needed), NPT_ERR_INVALID_ARGUMENT);
+    uint8_t *buf = malloc(needed + 8);
+    if (!buf) { CHECK(buf != NULL); npt_vm_destroy(vm); npt_context_destroy(ctx); return; }
+    memset(buf, 0xEE, needed + 8);
+    size_t again = 0;
+    CHECK_ST(npt_vm_get_nvdimm_ssdt(vm, buf, needed - 1, &again), NPT_ERR_BUFFER_TOO_SMALL);
+    CHECK_EQ(again, needed);
+    CHECK_EQ(buf[0], 0xEE); /* too small: nothing copied */
+    CHECK_ERR_MENTIONS("SSDT");
+    again = 0;
+    CHECK_OK(npt_vm_get_nvdimm_ssdt(vm, buf, needed + 8, &again));
+    CHECK_EQ(again, needed);
+    CHECK(memcmp(buf, "SSDT", 4) == 0);
+    CHECK_EQ(le32(buf + 4), needed);
+    CHECK_EQ(buf[8], 2); /* revision 2: 64-bit AML integers */
+    CHECK_EQ(buf[needed], 0xEE);
+    uint8_t sum = 0;
+    for (size_t i = 0; i < needed; i++) sum = (uint8_t)(sum + buf[i]);
+    CHECK_EQ(sum, 0);
+    /* The root device's _HID, then each child's _ADR: Name (_ADR, integer). */
+    int hid = 0;
+    for (size_t o = 36; o + 13 <= needed; o++)
+        if (memcmp(buf + o, "_HID\x0D" "ACPI0012", 13) == 0) hid = 1;
+    CHECK(hid);
+    uint64_t adr[8];
+    size_t nadr = 0;
+    for (size_t o = 36; o + 6 <= needed && nadr < 8; o++) {
+        if (buf[o] == 0x08 && memcmp(buf + o + 1, "_ADR", 4) == 0) {
+            size_t len = 0;
+            adr[nadr] = aml_integer(buf + o + 5, &len);
+            if (len) nadr++;
+        }
+    }
+    CHECK_EQ(nadr, 2);
+
+    /* The handles agree with the NFIT's memory-device maps (type 1, handle at +4). */
+    size_t nfit_len = 0;
+    CHECK_ST(npt_vm_get_nfit(vm, NULL, 0, &nfit_len), NPT_ERR_BUFFER_TOO_SMALL);
+    uint8_t *nfit = malloc(nfit_len);
+    if (nfit) {
+        CHECK_OK(npt_vm_get_nfit(vm, nfit, nfit_len, &nfit_len));
+        size_t maps = 0, dcrs = 0, caps = 0;
+        for (size_t o = 40; o + 4 <= nfit_len;) {
+            uint16_t type = le16(nfit + o), len = le16(nfit + o + 2);
+            if (len < 4) break;
+            if (type == 1) {
+                CHECK(maps < nadr && le32(nfit + o + 4) == adr[maps]);
+                CHECK(le16(nfit + o + 14) != 0); /* each map names a control region */
+                maps++;
+            }
+            if (type == 4) { CHECK_EQ(len, 80); dcrs++; }
+            if (type == 7) { CHECK_EQ(len, 16); CHECK_EQ(nfit[o + 4], 1); CHECK_EQ(le32(nfit + o + 8), 0); caps++; }
+            o += len;
+        }
+        CHECK_EQ(maps, 2);
+        CHECK_EQ(dcrs, 2);
+        CHECK_EQ(caps, 1); /* the standard platform needs WPQ flushing: no capability bit */
+        free(nfit);
+    }
+    free(buf);
+    CHECK_OK(npt_vm_destroy(vm));
+    CHECK_ST(npt_vm_get_nvdimm_ssdt(vm, NULL, 0, &needed), NPT_ERR_BAD_HANDLE);
     CHECK_OK(npt_context_destroy(ctx));
 }
 
@@ -927,14 +1029,15 @@ static void test_c_backend(void) {
 int main(int argc, char **argv) {
     const char *fixture = argc > 1 ? argv[1] : "Tests/Fixtures/nfit/nfit.aml";
     CHECK_EQ(npt_abi_version(), NPT_ABI_VERSION);
-    CHECK(NPT_ABI_VERSION_MINOR >= 1);
-    CHECK(npt_abi_version() >= ((UINT32_C(1) << 16) | 1u)); /* these calls need ABI 1.1 */
+    CHECK(NPT_ABI_VERSION_MINOR >= 2u);
+    CHECK(npt_abi_version() >= ((UINT32_C(1) << 16) | 2u)); /* these calls need ABI 1.1, the SSDT 1.2 */
 
     test_discovery_and_flush();
     test_adr_platform();
     test_flush_options();
     test_raw_loop();
     test_guest_nfit();
+    test_guest_ssdt();
     test_nfit_platform(fixture);
     test_bad_input();
     test_c_backend();

@@ -62,6 +62,7 @@ private func sysfsError(_ root: String) -> NPTError? {
             [Target(controller: 0x1000, address: 0x1_C000_0000)],
         ])
         #expect(hp.regions.allSatisfy { $0.deepFlushPath == nil })
+        #expect(hp.regions.map(\.domain) == [.memoryController, .memoryController])
     }
 
     @Test func fromNFITRules() {
@@ -83,16 +84,25 @@ private func sysfsError(_ root: String) -> NPTError? {
                   flushTargets: [Target(controller: 0, address: 0xA000)], needsWPQFlush: true),
         ])
         #expect(hp.needsWPQFlush)
+        #expect(hp.regions.map(\.domain) == [.media, .media])
         // Bit 0 (CPU cache flush on power loss) valid and set: WPQ in the persistence domain.
         nfit.platformCapabilities = .init(highestValid: 0, capabilities: 1)
         hp = HostPersistence.fromNFIT(nfit)
         #expect(!hp.needsWPQFlush)
         #expect(hp.regions[1].flushTargets == [Target(controller: 0, address: 0xA000)])
+        #expect(hp.regions.map(\.domain) == [.cpuCache, .cpuCache])
         // Bit 2 alone (mirroring) does not.
         nfit.platformCapabilities = .init(highestValid: 2, capabilities: 4)
         #expect(HostPersistence.fromNFIT(nfit).needsWPQFlush)
         nfit.platformCapabilities = .init(highestValid: 1, capabilities: 2)
         #expect(!HostPersistence.fromNFIT(nfit).needsWPQFlush)
+        #expect(HostPersistence.fromNFIT(nfit).regions[0].domain == .memoryController)
+        // Both bits: cpu_cache, as Linux reads it (bit 0 first).
+        nfit.platformCapabilities = .init(highestValid: 1, capabilities: 3)
+        #expect(HostPersistence.fromNFIT(nfit).regions[0].domain == .cpuCache)
+        // Bit 1 set but beyond the highest valid capability (0): not counted.
+        nfit.platformCapabilities = .init(highestValid: 0, capabilities: 2)
+        #expect(HostPersistence.fromNFIT(nfit).regions[0].domain == .media)
         #expect(HostPersistence.fromNFIT(NFIT()) == HostPersistence(regions: [], source: "nfit"))
     }
 
@@ -113,6 +123,50 @@ private func sysfsError(_ root: String) -> NPTError? {
         ])
     }
 
+    /// Every persistence_domain case (Tests/Fixtures/sysfs/README.md, `domains`).
+    @Test func fromSysfsEveryDomainCase() throws {
+        let root = fixturesDirectory.appendingPathComponent("sysfs/domains").path
+        let hp = try HostPersistence.fromSysfs(root: root)
+        func region(_ n: UInt32, controllers: [UInt32], flushes: Bool, needs: Bool, deepFlush: Bool = true,
+                    domain: HostPersistence.Domain) -> HostPersistence.Region {
+            .init(id: n, base: 0x1_0000_0000 + UInt64(n) * 0x4000_0000, size: 1 << 30, controllers: controllers,
+                  flushTargets: flushes ? controllers.map { Target(controller: $0, address: 0) } : [],
+                  needsWPQFlush: needs, deepFlushPath: deepFlush ? root + "/region\(n)/deep_flush" : nil, domain: domain)
+        }
+        #expect(hp.regions == [
+            region(0, controllers: [0], flushes: true, needs: true, domain: .media),              // no persistence_domain
+            region(1, controllers: [0x100], flushes: true, needs: true, domain: .media),          // an empty one
+            region(2, controllers: [0], flushes: true, needs: false, domain: .memoryController),
+            region(3, controllers: [0], flushes: true, needs: false, domain: .cpuCache),
+            region(4, controllers: [0], flushes: false, needs: false, domain: .media),            // deep_flush 0
+            region(5, controllers: [0], flushes: false, needs: false, deepFlush: false, domain: .cpuCache),
+            region(6, controllers: [0], flushes: true, needs: true, domain: .media),              // unknown word
+            region(7, controllers: [0], flushes: true, needs: true, domain: .media),              // DIMM without handle
+        ])
+        #expect(HostPersistence.sysfsDomain(nil) == .media)
+        #expect(HostPersistence.sysfsDomain("") == .media)
+        #expect(HostPersistence.sysfsDomain("memory_controller\n") == .memoryController)
+        #expect(HostPersistence.sysfsDomain(" cpu_cache\n") == .cpuCache)
+        #expect(HostPersistence.sysfsDomain("cpu_cache memory_controller") == .media)
+    }
+
+    /// Which directory names are regions, and their ids: N of regionN, 0 included (the numbering
+    /// rule the KVM plugin shares through the C ABI).
+    @Test func fromSysfsNumbering() throws {
+        let root = fixturesDirectory.appendingPathComponent("sysfs/numbering").path
+        let hp = try HostPersistence.fromSysfs(root: root)
+        #expect(hp.regions.map(\.id) == [0, 7, 9, 12, 4_294_967_295])
+        #expect(hp.regions.map(\.base) == [0x1_0000_0000, 0x2_0000_0000, 0x9_0000_0000, 0x3_0000_0000, 0x4_0000_0000])
+        #expect(hp.regions.allSatisfy { $0.size == 4096 && $0.flushTargets.isEmpty && !$0.needsWPQFlush })
+        for (name, id) in [("region0", UInt32(0)), ("region7", 7), ("region12", 12), ("region4294967295", .max)] {
+            #expect(HostPersistence.sysfsRegionNumber(name) == id, "\(name)")
+        }
+        for name in ["region01", "region00", "region", "region-1", "region+1", "region4294967296", "regionX", "region1a",
+                     "Region1", "nmem0", "region 1", "region١"] {
+            #expect(HostPersistence.sysfsRegionNumber(name) == nil, "\(name)")
+        }
+    }
+
     @Test func fromSysfsWithPersistenceDomains() throws {
         let root = fixturesDirectory.appendingPathComponent("sysfs/adr").path
         let hp = try HostPersistence.fromSysfs(root: root)
@@ -120,9 +174,9 @@ private func sysfsError(_ root: String) -> NPTError? {
         #expect(hp.regions == [
             .init(id: 0, base: 0x2_4000_0000, size: 4_294_967_296, controllers: [0x0000, 0x0100],
                   flushTargets: [Target(controller: 0, address: 0), Target(controller: 0x100, address: 0)],
-                  needsWPQFlush: false, deepFlushPath: root + "/region0/deep_flush"),
+                  needsWPQFlush: false, deepFlushPath: root + "/region0/deep_flush", domain: .memoryController),
             .init(id: 1, base: 0x3_4000_0000, size: 2_147_483_648, controllers: [0x1000], flushTargets: [],
-                  needsWPQFlush: false, deepFlushPath: nil),
+                  needsWPQFlush: false, deepFlushPath: nil, domain: .cpuCache),
         ])
     }
 
@@ -172,10 +226,17 @@ private func sysfsError(_ root: String) -> NPTError? {
         #expect(hp.regions == [.init(id: 3, base: 0x1_0000_0000, size: 4096, controllers: [0x100],
                                      flushTargets: [Target(controller: 0x100, address: 0)], needsWPQFlush: true,
                                      deepFlushPath: tree.root.path + "/region3/deep_flush")])
-        // A DIMM without an NFIT handle contributes no controller; no mappings file means no mappings.
+        // A DIMM without an NFIT handle contributes no controller; a region with flush hints then has
+        // one controller, key 0, for its deep_flush; without flush hints none. No mappings file means
+        // no mappings.
         try tree.remove("nmem0/nfit/handle")
         hp = try HostPersistence.fromSysfs(root: tree.root.path)
-        #expect(hp.regions[0].controllers == [])
+        #expect(hp.regions[0].controllers == [0])
+        #expect(hp.regions[0].flushTargets == [Target(controller: 0, address: 0)])
+        #expect(hp.regions[0].needsWPQFlush)
+        try tree.write("region3/deep_flush", "0\n")
+        hp = try HostPersistence.fromSysfs(root: tree.root.path)
+        #expect(hp.regions[0].controllers == [] && hp.regions[0].flushTargets == [] && !hp.regions[0].needsWPQFlush)
         try tree.remove("region3/mappings")
         try tree.remove("region3/deep_flush")
         try tree.write("region3/resource", "0\n")   // the kernel prints %#llx: "0" for zero
@@ -183,7 +244,7 @@ private func sysfsError(_ root: String) -> NPTError? {
         try tree.write("region12", "not a directory\n")
         try tree.write("regions/resource", "0x0\n")
         hp = try HostPersistence.fromSysfs(root: tree.root.path)
-        #expect(hp.regions == [.init(id: 3, base: 0, size: 4096)])
+        #expect(hp.regions == [.init(id: 3, base: 0, size: 4096, domain: .cpuCache)])
         #expect(try HostPersistence.fromSysfs(root: tree.root.path + "/nmem0").regions == [])
     }
 }

@@ -89,13 +89,25 @@ func randomNFIT(_ rng: inout SplitMix64) -> NFIT {
                                   physicalAddressBase: rng.next(), interleaveIndex: u16(), interleaveWays: u16(),
                                   stateFlags: u16()))
     }
+    for _ in 0..<(rng.next() % 3) {
+        let short = rng.next() % 3 == 0
+        n.controlRegions.append(.init(index: u16(), vendorID: u16(), deviceID: u16(), revisionID: u16(),
+                                      subsystemVendorID: u16(), subsystemDeviceID: u16(), subsystemRevisionID: u16(),
+                                      validFields: UInt8(truncatingIfNeeded: rng.next()),
+                                      manufacturingLocation: UInt8(truncatingIfNeeded: rng.next()),
+                                      manufacturingDate: u16(), serialNumber: u32(), formatInterfaceCode: u16(),
+                                      windows: short ? 0 : u16(), windowSize: short ? 0 : rng.next(),
+                                      commandOffset: short ? 0 : rng.next(), commandSize: short ? 0 : rng.next(),
+                                      statusOffset: short ? 0 : rng.next(), statusSize: short ? 0 : rng.next(),
+                                      flags: short ? 0 : u16(), short: short))
+    }
     for _ in 0..<(rng.next() % 5) {
         n.flushHints.append(.init(deviceHandle: u32(), addresses: (0..<(rng.next() % 5)).map { _ in rng.next() }))
     }
     if rng.next() % 2 == 0 {
         n.platformCapabilities = .init(highestValid: UInt8(truncatingIfNeeded: rng.next()), capabilities: u32())
     }
-    let otherTypes: [UInt16] = [2, 3, 4, 5, 8, 9, 0x7FFF, 0xFFFF]
+    let otherTypes: [UInt16] = [2, 3, 5, 8, 9, 0x7FFF, 0xFFFF]
     for _ in 0..<(rng.next() % 3) {
         n.otherStructures.append(.init(type: otherTypes[Int(rng.next() % UInt64(otherTypes.count))],
                                        bytes: bytes(Int(rng.next() % 40))))
@@ -238,6 +250,47 @@ func randomNFIT(_ rng: inout SplitMix64) -> NFIT {
         expectError(corrupt { setLE(&$0, 448, 0x99, width: 2); setLE(&$0, 450, 3, width: 2) }, ["type 153", "offset 448"])
     }
 
+    /// Control regions (type 4): the 80-byte form field by field, the 32-byte form ACPI allows
+    /// without block control windows, and every other length refused with its offset.
+    @Test func controlRegions() throws {
+        let full = NFIT.ControlRegion(index: 3, vendorID: 0x8086, deviceID: 0x1234, revisionID: 0x0201,
+                                      subsystemVendorID: 0x1111, subsystemDeviceID: 0x2222, subsystemRevisionID: 0x3333,
+                                      validFields: 1, manufacturingLocation: 0xA5, manufacturingDate: 0x1720,
+                                      serialNumber: 0xDEAD_BEEF, formatInterfaceCode: 0x0201, windows: 2,
+                                      windowSize: 0x1000, commandOffset: 0x40, commandSize: 8, statusOffset: 0x48,
+                                      statusSize: 4, flags: 1)
+        let short = NFIT.ControlRegion(index: 4, serialNumber: 7, formatInterfaceCode: 0x0301, short: true)
+        let bytes = NFIT(controlRegions: [full, short]).encode()
+        #expect(bytes.count == 40 + 80 + 32)
+        // The 80-byte structure at offset 40, byte by byte where the layout could go wrong.
+        func le(_ o: Int, _ n: Int) -> UInt64 { (0..<n).reduce(0) { $0 | UInt64(bytes[o + $1]) << (8 * UInt64($1)) } }
+        #expect(le(40, 2) == 4 && le(42, 2) == 80 && le(44, 2) == 3 && le(46, 2) == 0x8086 && le(48, 2) == 0x1234)
+        #expect(le(50, 2) == 0x0201 && le(52, 2) == 0x1111 && le(54, 2) == 0x2222 && le(56, 2) == 0x3333)
+        #expect(bytes[58] == 1 && bytes[59] == 0xA5 && le(60, 2) == 0x1720 && le(62, 2) == 0)
+        #expect(le(64, 4) == 0xDEAD_BEEF && le(68, 2) == 0x0201 && le(70, 2) == 2 && le(72, 8) == 0x1000)
+        #expect(le(80, 8) == 0x40 && le(88, 8) == 8 && le(96, 8) == 0x48 && le(104, 8) == 4 && le(112, 2) == 1)
+        #expect(le(114, 6) == 0)
+        #expect(le(120, 2) == 4 && le(122, 2) == 32 && le(124, 2) == 4 && le(144, 4) == 7 && le(150, 2) == 0)
+        #expect(try NFIT.parse(bytes).controlRegions == [full, short])
+        // The short form is only for DIMMs without windows: with windows it is encoded long.
+        var windowed = short
+        windowed.windows = 1
+        #expect(windowed.encodedLength == 80)
+        // A 32-byte structure with windows, and other lengths, are refused with the offset.
+        var b = bytes
+        setLE(&b, 150, 1, width: 2)
+        fixChecksum(&b)
+        #expect(nfitParseError(b)?.message.contains("control region structure at offset 120 has length 32") == true)
+        for bad in [36, 48, 79, 81] {
+            var c = NFIT(controlRegions: [full]).encode()
+            setLE(&c, 42, UInt64(bad), width: 2)
+            c = Array(c.prefix(40 + bad)) + [UInt8](repeating: 0, count: max(0, 40 + bad - c.count))
+            setLE(&c, 4, UInt64(c.count), width: 4)
+            fixChecksum(&c)
+            #expect(nfitParseError(c)?.message.contains("control region structure at offset 40 has length \(bad), expected 80") == true, "length \(bad)")
+        }
+    }
+
     @Test func randomCorruptionsNeverCrash() throws {
         let good = try fixtureBytes("nfit/nfit.aml")
         var rng = SplitMix64(seed: 7)
@@ -260,6 +313,7 @@ func randomNFIT(_ rng: inout SplitMix64) -> NFIT {
         guard FileManager.default.isExecutableFile(atPath: iasl) else { return }
         var nfit = expectedWPQFixture()
         nfit.header.oemTableID = Array("ENCODED ".utf8)
+        nfit.controlRegions = [.init(index: 9, vendorID: 0x8086, serialNumber: 0x1234_5678, formatInterfaceCode: 0x0301)]
         nfit.flushHints = [.init(deviceHandle: 0x0001, addresses: [0xDEAD_BEEF_0000_1000, 0xDEAD_BEEF_0000_1040]),
                            .init(deviceHandle: 0x1001, addresses: [0x0123_4567_89AB_C000])]
         let bytes = nfit.encode()
@@ -288,7 +342,9 @@ func randomNFIT(_ rng: inout SplitMix64) -> NFIT {
                          "Hint Address : DEADBEEF00001000", "Hint Address : DEADBEEF00001040",
                          "Hint Address : 0123456789ABC000", "Device Handle : 00001001",
                          "Subtable Type : 0007 [Platform Capabilities]", "Capabilities (decoded below) : 00000002",
-                         "Subtable Type : 0002 [Interleave Info]", "Line Size : 00001000"] {
+                         "Subtable Type : 0002 [Interleave Info]", "Line Size : 00001000",
+                         "Subtable Type : 0004 [NVDIMM Control Region]", "Region Index : 0009",
+                         "Serial Number : 12345678", "Code : 0301"] {
             #expect(dsl.contains(fragment), "iasl -d output lacks \(fragment)")
         }
         #expect(!dsl.lowercased().contains("incorrect checksum"))

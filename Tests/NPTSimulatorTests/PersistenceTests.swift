@@ -269,6 +269,35 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
         #expect(t.flushHints.allSatisfy { $0.addresses == [vm.virtualFlushHint!.raw] })
         #expect(Set(t.memoryMaps.map(\.deviceHandle)) == Set(t.flushHints.map(\.deviceHandle)))
         #expect(t.memoryMaps.map(\.spaRangeIndex) == t.spaRanges.map(\.index))
+        // A control region per DIMM, and the rules of GuestNVDIMM with the SSDT's handles.
+        #expect(t.memoryMaps.map(\.controlRegionIndex) == t.controlRegions.map(\.index))
+        let guest = try vm.guestNVDIMM()
+        #expect(guest.dimms.map(\.handle) == t.memoryMaps.map(\.deviceHandle))
+        #expect(GuestNVDIMM.violations(nfit: t, table: bytes, ssdtHandles: guest.dimms.map(\.handle),
+                                       flushHint: vm.virtualFlushHint!.raw) == [])
+        #expect(try vm.guestNVDIMMSSDT() == guest.ssdt())
+    }
+
+    /// The guest's platform capabilities follow the host regions behind its ranges: WPQ flushing
+    /// needed (bit 1 clear, no persistence_domain in a Linux guest) or ADR (bit 1 set), and a VM
+    /// with one range on each kind of region is told the weaker one.
+    @Test func guestNFITPlatformCapabilitiesFollowTheHost() throws {
+        for (needs, caps) in [(true, UInt32(0)), (false, UInt32(2))] {
+            let vm = try S.makeVM(backend: SimulatorBackend(platform: .standard(needsWPQFlush: needs)))
+            try vm.addNVDIMM(gpa: GPA(0x1_0000_0000), size: 2 << 20, hostRegion: 1, regionOffset: 0)
+            let t = try NFIT.parse(try vm.guestNFIT())
+            #expect(t.platformCapabilities == NFIT.PlatformCapabilities(highestValid: 1, capabilities: caps))
+            #expect(try vm.guestNVDIMM().domain == (needs ? .media : .memoryController))
+        }
+        // The NFIT fixture's platform (region 1 needs flushing there, its ADR twin does not).
+        for (file, caps) in [("nfit.aml", UInt32(0)), ("nfit-adr.aml", UInt32(2))] {
+            let d = try PlatformDescription.from(nfit: try NFIT.parse(try fixture("nfit/" + file)))
+            let vm = try S.makeVM(backend: SimulatorBackend(platform: d))
+            try vm.addNVDIMM(gpa: GPA(0x1_0000_0000), size: 2 << 20, hostRegion: 1, regionOffset: 0)
+            #expect(try NFIT.parse(try vm.guestNFIT()).platformCapabilities?.capabilities == caps, "\(file)")
+        }
+        let vm = try S.makeVM(backend: SimulatorBackend())
+        #expect(throws: NPTError.self) { try vm.guestNVDIMMSSDT() }
     }
 
     /// An NVDIMM range right after RAM with the same permissions: no large leaf may cover both.

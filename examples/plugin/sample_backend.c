@@ -44,7 +44,7 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
-static const npt_host_api *host; /* the core's functions; this backend needs none of them */
+static const npt_host_api *host; /* the core's functions; this backend needs none of them (tests read it) */
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct sample_counters counters;
@@ -458,3 +458,5 @@ EXPORT void sample_backend_set_script(const npt_exit *exits, size_t n) {
 }
 
 EXPORT void sample_backend_fail_pmem(uint32_t ops) { COUNT(fail_pmem = ops); }
+
+EXPORT const npt_host_api *sample_backend_host(void) { return host; }

@@ -66,6 +66,11 @@ struct sample_counters {
 typedef void (*sample_backend_counters_fn)(struct sample_counters *out);
 typedef void (*sample_backend_set_script_fn)(const npt_exit *exits, size_t n);
 typedef void (*sample_backend_fail_pmem_fn)(uint32_t ops);
+typedef const npt_host_api *(*sample_backend_host_fn)(void);
+
+/* The npt_host_api table the core gave npt_plugin_entry (NULL before): lets a test call the core's
+ * services as a plugin does (e.g. host_pmem_discover_sysfs, ABI 1.2). */
+const npt_host_api *sample_backend_host(void);
 
 /* Copies the counters. */
 void sample_backend_counters(struct sample_counters *out);

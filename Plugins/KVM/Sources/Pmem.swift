@@ -3,10 +3,14 @@
 // needs WPQ flushing, and physical flushes as msync (or a region's deep_flush).
 //
 // Host regions (process-wide, discovered once, at the first host_pmem_count):
-//  - /sys/bus/nd/devices/regionN with a size: real NVDIMM regions (id N + 1, base = resource,
-//    length = size, one "controller" 0 whose flush target address is 0; a physical flush writes
-//    "1" to regionN/deep_flush). Attaching them is not implemented (NPT_ERR_UNSUPPORTED: it would
-//    need the region's namespace device); this machine has none.
+//  - real NVDIMM regions, as the core's one host discovery finds them in the libnvdimm sysfs tree
+//    ($NPTKIT_KVM_ND_ROOT, default /sys/bus/nd/devices): the plugin does not read sysfs itself but
+//    calls npt_host_api.host_pmem_discover_sysfs (ABI 1.2; a host table whose size does not cover it,
+//    i.e. an older core, has none, and the plugin then finds no real region). Each region is reported
+//    as the core found it: id N of regionN, base, length, controller count, flush targets (address 0)
+//    and needs_wpq_flush (flush hints and no persistence_domain holding the WPQs); a physical flush
+//    writes "1" to ROOT/regionN/deep_flush. Attaching them is not implemented (NPT_ERR_UNSUPPORTED: it
+//    would need the region's namespace device); this machine has none.
 //  - otherwise ONE file-backed region: id 1, an unlinked temp file in $NPTKIT_KVM_PMEM_DIR
 //    (default /tmp) of $NPTKIT_KVM_PMEM_SIZE bytes (default 64 MiB; ftruncate'd), base 0 (a file
 //    has no system-physical address), controller 0 with flush target address 0, and
@@ -43,8 +47,8 @@ struct HostPmemRegion: Sendable {
     enum Kind: Sendable {
         /// The plugin's backing file (an unlinked temp file kept open for the process's life).
         case file(fd: Int32)
-        /// A real NVDIMM region: its sysfs directory (deep_flush lives there).
-        case nd(sysfs: String)
+        /// A real NVDIMM region: its deep_flush file, and what the core's discovery said of it.
+        case nd(deepFlush: String, controllers: UInt32, targets: [npt_flush_target], needsWPQFlush: Bool)
     }
     var id: UInt32
     var base: UInt64
@@ -76,40 +80,59 @@ func monotonicNanos() -> UInt64 {
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 
-/// The first line of a small sysfs file, trimmed.
-func readSysfs(_ path: String) -> String? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var buf = [UInt8](repeating: 0, count: 128)
-    let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, 127) }
-    guard n > 0 else { return nil }
-    let s = String(decoding: buf[0..<n], as: UTF8.self)
-    return s.split(whereSeparator: { $0 == "\n" || $0 == " " }).first.map(String.init)
-}
-
 func parseNumber(_ s: String) -> UInt64? {
     if s.hasPrefix("0x") || s.hasPrefix("0X") { return UInt64(s.dropFirst(2), radix: 16) }
     return UInt64(s)
 }
 
-/// Real NVDIMM regions under /sys/bus/nd/devices (regionN with a size > 0), sorted by id.
-func discoverNDRegions() -> [HostPmemRegion] {
-    let dir = "/sys/bus/nd/devices"
-    guard let d = opendir(dir) else { return [] }
-    defer { closedir(d) }
-    var out: [HostPmemRegion] = []
-    while let ent = readdir(d) {
-        let name = withUnsafeBytes(of: ent.pointee.d_name) { b in
-            String(cString: b.baseAddress!.assumingMemoryBound(to: CChar.self))
+/// Whether the core's table has `member`: one added by a later minor ABI is there only when the
+/// table's size covers it (an older core gives a shorter table).
+func hostHas<T>(_ host: UnsafePointer<npt_host_api>, _ member: KeyPath<npt_host_api, T>) -> Bool {
+    guard let offset = MemoryLayout<npt_host_api>.offset(of: member) else { return false }
+    return Int(host.pointee.size) >= offset + MemoryLayout<T>.size
+}
+
+/// The core's detail of its last failed call on this thread, if its table has last_error (ABI 1.2).
+func hostLastError(_ host: UnsafePointer<npt_host_api>) -> String {
+    guard hostHas(host, \.last_error), let f = host.pointee.last_error, let p = f() else { return "" }
+    return String(cString: p)
+}
+
+/// Real NVDIMM regions, from the core's discovery (npt_host_api.host_pmem_discover_sysfs) of the
+/// libnvdimm tree at $NPTKIT_KVM_ND_ROOT (default: the core's, /sys/bus/nd/devices). None when the
+/// host table has no discovery (a core older than ABI 1.2) or the tree does not exist (no libnvdimm).
+func discoverNDRegions() -> Result<[HostPmemRegion], PmemError> {
+    guard let host = hostAPI, hostHas(host, \.host_pmem_discover_sysfs),
+          let discover = host.pointee.host_pmem_discover_sysfs else { return .success([]) }
+    let root = env("NPTKIT_KVM_ND_ROOT") ?? "/sys/bus/nd/devices"
+    var regions: [npt_sysfs_pmem_region] = []
+    var targets: [npt_flush_target] = []
+    var status = NPT_ERR_BUFFER_TOO_SMALL
+    // A region may appear between the call that counts and the one that fills: ask again.
+    for _ in 0..<4 where status == NPT_ERR_BUFFER_TOO_SMALL {
+        var nr = 0, nt = 0
+        status = root.withCString { discover($0, nil, 0, &nr, nil, 0, &nt) }
+        if status == NPT_ERR_BUFFER_TOO_SMALL || (status == NPT_OK && (nr > 0 || nt > 0)) {
+            regions = [npt_sysfs_pmem_region](repeating: npt_sysfs_pmem_region(), count: nr)
+            targets = [npt_flush_target](repeating: npt_flush_target(), count: nt)
+            status = root.withCString { r in
+                regions.withUnsafeMutableBufferPointer { rb in
+                    targets.withUnsafeMutableBufferPointer { tb in discover(r, rb.baseAddress, nr, &nr, tb.baseAddress, nt, &nt) }
+                }
+            }
         }
-        guard name.hasPrefix("region"), let n = UInt32(name.dropFirst(6)) else { continue }
-        let path = dir + "/" + name
-        guard let size = readSysfs(path + "/size").flatMap(parseNumber), size > 0 else { continue }
-        let base = readSysfs(path + "/resource").flatMap(parseNumber) ?? 0
-        out.append(HostPmemRegion(id: n + 1, base: base, length: size, kind: .nd(sysfs: path)))
     }
-    return out.sorted { $0.id < $1.id }
+    if status == NPT_ERR_NOT_FOUND { return .success([]) }
+    guard status == NPT_OK else {
+        return .failure(PmemError(status, "host NVDIMM discovery in \(root): \(hostLastError(host))"))
+    }
+    return .success(regions.map { r in
+        let first = Int(r.first_target), n = Int(r.flush_target_count)
+        let ts = first + n <= targets.count ? Array(targets[first..<(first + n)]) : []
+        return HostPmemRegion(id: r.id, base: r.base, length: r.length,
+                              kind: .nd(deepFlush: root + "/region\(r.id)/deep_flush", controllers: r.controller_count,
+                                        targets: ts, needsWPQFlush: r.needs_wpq_flush != 0))
+    })
 }
 
 /// The plugin's file-backed region (id 1).
@@ -147,7 +170,11 @@ struct PmemError: Error {
 func hostRegions() -> Result<[HostPmemRegion], PmemError> {
     hostPmem.withLock { st in
         if let st { return .success(st) }
-        let nd = discoverNDRegions()
+        let nd: [HostPmemRegion]
+        switch discoverNDRegions() {
+        case .success(let r): nd = r
+        case .failure(let e): return .failure(e)
+        }
         if !nd.isEmpty { st = nd; return .success(nd) }
         switch createFileRegion() {
         case .success(let r): st = [r]; return .success([r])
@@ -177,14 +204,20 @@ func hostPmemGet(_ index: Int, _ region: UnsafeMutablePointer<npt_host_pmem_regi
     region.pointee.id = r.id
     region.pointee.base = r.base
     region.pointee.length = r.length
-    region.pointee.controller_count = 1
-    region.pointee.flush_target_count = 1
+    let ts: [npt_flush_target]
     switch r.kind {
-    case .file: region.pointee.needs_wpq_flush = env("NPTKIT_KVM_PMEM_NEEDS_FLUSH") == "0" ? 0 : 1
-    case .nd: region.pointee.needs_wpq_flush = 1   // deep_flush exists to drain the WPQs
+    case .file:
+        region.pointee.needs_wpq_flush = env("NPTKIT_KVM_PMEM_NEEDS_FLUSH") == "0" ? 0 : 1
+        region.pointee.controller_count = 1
+        ts = [npt_flush_target(controller: 0, reserved: 0, address: 0)]
+    case .nd(_, let controllers, let targets, let needs):
+        region.pointee.needs_wpq_flush = needs ? 1 : 0
+        region.pointee.controller_count = controllers
+        ts = targets
     }
-    if cap >= 1, let targets {
-        targets[0] = npt_flush_target(controller: 0, reserved: 0, address: 0)
+    region.pointee.flush_target_count = UInt32(ts.count)
+    if let targets {
+        for (i, t) in ts.prefix(max(0, cap)).enumerated() { targets[i] = t }
     }
     return NPT_OK
 }
@@ -389,11 +422,11 @@ extension KVMVM {
         }
         let t0 = monotonicNanos()
         switch r.kind {
-        case .nd(let path):
-            let fd = open(path + "/deep_flush", O_WRONLY | O_CLOEXEC)
-            guard fd >= 0 else { return fail(NPT_ERR_BACKEND, "physical_flush: open \(path)/deep_flush: errno \(errno)") }
+        case .nd(let path, _, _, _):
+            let fd = open(path, O_WRONLY | O_CLOEXEC)
+            guard fd >= 0 else { return fail(NPT_ERR_BACKEND, "physical_flush: open \(path): errno \(errno)") }
             defer { close(fd) }
-            guard Glibc.write(fd, "1", 1) == 1 else { return fail(NPT_ERR_BACKEND, "physical_flush: write \(path)/deep_flush: errno \(errno)") }
+            guard Glibc.write(fd, "1", 1) == 1 else { return fail(NPT_ERR_BACKEND, "physical_flush: write \(path): errno \(errno)") }
         case .file:
             let failed: Int32? = pmem.withLock { st in
                 for a in st.attachments where a.region == region {
