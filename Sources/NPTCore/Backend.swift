@@ -178,14 +178,16 @@ public struct VMConfig: Sendable {
         }
 
         /// Why a backend with `caps` cannot run this mode (nil: it can).
-        public func refusal(backend: String, capabilities caps: BackendCapabilities) -> NPTError? {
+        public func refusal(backend: String, capabilities caps: BackendCapabilities, summary: String? = nil) -> NPTError? {
             let missing = requiredCapabilities.subtracting(caps)
             guard !missing.isEmpty else { return nil }
             let names = missing.names.joined(separator: ", ")
             let weaker = VMConfig.MBECMode.allCases.filter { $0.requiredCapabilities.isSubset(of: caps) }
             let hint = weaker.isEmpty ? "no MBEC mode is possible on it"
                 : "modes it can keep: \(weaker.map(\.description).joined(separator: ", "))"
-            return NPTError(.guarantee, "MBEC mode \(self) needs \(names), which backend '\(backend)' lacks; \(hint)")
+            var m = "MBEC mode \(self) needs \(names), which backend '\(backend)' lacks; \(hint)"
+            if let summary { m += " (backend '\(backend)': \(summary))" }
+            return NPTError(.guarantee, m)
         }
     }
     public var ramSize: UInt64

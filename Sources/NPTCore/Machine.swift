@@ -105,7 +105,7 @@ public final class VirtualMachine: Sendable {
             throw .unsupported("backend '\(backend.name)' cannot expose shadow hierarchies (no MBEC emulation)")
         }
         // A guarantee is earned: a mode the backend cannot keep is refused, naming what is missing.
-        if let refusal = config.mbecMode.refusal(backend: backend.name, capabilities: backend.capabilities) { throw refusal }
+        if let refusal = config.mbecMode.refusal(backend: backend.name, capabilities: backend.capabilities, summary: backend.summary) { throw refusal }
         let tree = PolicyTree(ramSize: config.ramSize, defaultPermissions: config.defaultPermissions)
         var builder = ShadowBuilder()
         let snap = builder.snapshot(of: tree, generation: 0)

@@ -136,7 +136,7 @@ public func npt_mbec_mode_check(_ ctx: OpaquePointer?, _ name: UnsafePointer<CCh
         guard let m = VMConfig.MBECMode(rawValue: mode) else { throw .invalid("mode \(mode) is not an npt_mbec_mode") }
         let b = try c.registry.lookup(name.map { String(cString: $0) })
         missing?.pointee = m.requiredCapabilities.subtracting(b.capabilities).rawValue
-        if let refusal = m.refusal(backend: b.name, capabilities: b.capabilities) { throw refusal }
+        if let refusal = m.refusal(backend: b.name, capabilities: b.capabilities, summary: b.summary) { throw refusal }
     }
 }
 

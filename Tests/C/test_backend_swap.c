@@ -916,7 +916,9 @@ static void run_priv_scenario(npt_context *ctx, const char *backend, uint32_t cp
     npt_vm *vm = NULL;
     CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
     if (!vm) return;
-    CHECK_OK(npt_policy_set(vm, PRIV_CODE, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_SX));
+    /* the vCPU loop runs with paging off: every address is user-mode (Intel SDM), so under MBEC it
+     * needs UX */
+    CHECK_OK(npt_policy_set(vm, PRIV_CODE, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_UX));
     static uint8_t sim_loop[SIM_PRIV_LOOP_LEN], sim_region[sizeof priv_region];
     if (sim) {
         sim_priv_loop(sim_loop);

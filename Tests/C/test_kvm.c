@@ -51,7 +51,20 @@ static void long_mode_regs(npt_regs *r, uint64_t rip) {
     r->efer = 0x500;    /* LME|LMA */
 }
 
-/* A lazy-mode VM on backend "kvm" (every test VM of this file is one); NULL after a failed check. */
+/* A VM on backend "kvm" in MBEC mode `mode`; NULL after a failed check. */
+static npt_vm *kvm_vm_mode(npt_context *ctx, uint64_t ram, uint64_t default_perms, uint32_t mode) {
+    npt_vm_config cfg = {0};
+    cfg.size = sizeof cfg;
+    cfg.mbec_mode = mode;
+    cfg.backend = "kvm";
+    cfg.ram_size = ram;
+    cfg.default_perms = default_perms;
+    npt_vm *vm = NULL;
+    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    return vm;
+}
+
+/* A lazy-mode VM on backend "kvm" (most test VMs of this file are one); NULL after a failed check. */
 static npt_vm *kvm_vm(npt_context *ctx, uint64_t ram, uint64_t default_perms) {
     npt_vm_config cfg = {0};
     cfg.size = sizeof cfg;
@@ -530,8 +543,8 @@ static void test_mbec_rw(npt_context *ctx) {
 #define KGUEST_TABLES_PERMS NPT_PERM_ALL
 enum { KPROBE_NONE = 0, KPROBE_USER_RUNS_KERNEL = 1, KPROBE_KERNEL_RUNS_USER = 2 };
 
-static npt_vm *kernel_vm(npt_context *ctx, int mbec) {
-    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
+static npt_vm *kernel_vm_mode(npt_context *ctx, int mbec, uint32_t mode) {
+    npt_vm *vm = kvm_vm_mode(ctx, RAM, NPT_PERM_ALL, mode);
     if (!vm) return NULL;
     CHECK_OK(npt_vm_write_memory(vm, KERNEL_GUEST_BASE, kernel_guest, sizeof kernel_guest));
     if (mbec) {
@@ -545,6 +558,8 @@ static npt_vm *kernel_vm(npt_context *ctx, int mbec) {
     }
     return vm;
 }
+
+static npt_vm *kernel_vm(npt_context *ctx, int mbec) { return kernel_vm_mode(ctx, mbec, NPT_MBEC_LAZY); }
 
 /* Starts the kernel on vCPU 0 with K system calls and the probe; runs to the first exit that is
  * not a byte on port 0xE9. */
@@ -660,11 +675,14 @@ static void test_kernel(npt_context *ctx) {
     CHECK_EQ(e.reason, NPT_EXIT_HALT);
     CHECK_EQ(e.cpl, 0);
     CHECK_EQ(e.rip, KGUEST_EXIT_HLT + 1);
-    /* per system call: the kernel's first fetch (cpl 0, user hierarchy exposed) and the user's first
-     * fetch after the IRETQ (cpl 3, supervisor hierarchy) are EPT violations resolved by a switch;
-     * plus the first user fetch after the kernel's start */
+    /* per system call: the INT3 from CPL 3 cannot read its gate (the IDT page is out of the user
+     * layout while the escalation exit is armed): an escalation exit, the supervisor hierarchy
+     * exposed, the #BP delivered again; after the IRETQ the user's first fetch (cpl 3, supervisor
+     * hierarchy) is an EPT violation resolved by a switch (lazy mode: no exit on the return).
+     * Plus the first user fetch after the kernel's start, and the exit system call's escalation. */
+    CHECK_EQ(st.exits_escalation, 12 + 1);
+    CHECK_EQ(st.exits_ept_violation, 12 + 1);
     CHECK_EQ(st.hierarchy_switches, 2 * 12 + 2);
-    CHECK_EQ(st.exits_ept_violation, 2 * 12 + 2);
     CHECK_EQ(st.violations_reported, 0);
     CHECK_OK(npt_vm_destroy(vm));
 
@@ -760,6 +778,81 @@ static int kernel_frame(npt_vm *vm, npt_vcpu *v, uint64_t *frame, size_t n) {
     r.size = sizeof r;
     if (npt_vcpu_get_regs(v, &r) != NPT_OK) return 0;
     return npt_vm_read_memory(vm, r.gpr[4], frame, n * sizeof *frame) == NPT_OK;
+}
+
+/* Issue 9, finding 1: ret2dir through the IDT. An attacker with a kernel data write makes two guest
+ * memory writes: a PTE making linear 0xB000 a supervisor-mode alias of the user page 0x9000 (R|UX by
+ * the policy: user-execute only), and IDT vector 3 (the guest's system call) pointed at 0xB800,
+ * where the user's "JIT" bytes print 'P' and halt. The user process's next system call enters the
+ * kernel straight at the alias.
+ *  - lazy mode (escalation exit: the INT3 from CPL 3 stops before delivery because the IDT page is
+ *    out of the user layout; the supervisor hierarchy is exposed first): the kernel's first fetch at
+ *    0xB800 is an MBEC violation (gpa in the R|UX page, cpl 0): stopped, as hardware MBEC would.
+ *  - violation-only mode (no escalation exit, the weaker named guarantee): the bytes run at CPL 0
+ *    under the user hierarchy: the documented hole of that mode. */
+static void test_ret2dir_idt(npt_context *ctx, uint32_t mode) {
+    npt_vm *vm = kernel_vm_mode(ctx, 1, mode);
+    if (!vm) return;
+    const uint64_t alias_pte = 0x4000 + 8 * 0xB, alias = 0x9000 | 3; /* P|W, U/S = 0: supervisor-mode */
+    const uint64_t h = 0xB800;
+    uint64_t gate[2] = {(h & 0xffff) | (0x10ull << 16) | (0xeeull << 40) | (((h >> 16) & 0xffff) << 48), 0};
+    const uint8_t jit[] = {0xb0, 'P', 0xe6, 0xe9, 0xf4, 0xeb, 0xfe}; /* mov $'P',%al; out %al,$0xe9; hlt */
+    CHECK_OK(npt_vm_write_memory(vm, alias_pte, &alias, sizeof alias));
+    CHECK_OK(npt_vm_write_memory(vm, 0x5200 + 3 * 16, gate, sizeof gate));
+    CHECK_OK(npt_vm_write_memory(vm, 0x9800, jit, sizeof jit));
+    char out[64];
+    size_t len = 0;
+    npt_exit e = kernel_run(vm, 2, KPROBE_NONE, out, sizeof out, &len, NULL);
+    npt_stats st = kernel_stats(vm);
+    printf("test_kvm: ret2dir through the IDT, mode %s: exit %u cpl %u rip %#" PRIx64 " gpa %#" PRIx64 " hierarchy %u, "
+           "printed \"%s\", %" PRIu64 " escalation exits\n", mode == NPT_MBEC_LAZY ? "lazy" : "violation-only", e.reason,
+           e.cpl, e.rip, e.gpa, e.hierarchy, out, st.exits_escalation);
+    if (mode == NPT_MBEC_LAZY) {
+        CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+        CHECK_EQ(e.cpl, 0);
+        CHECK_EQ(e.rip, h);
+        CHECK_EQ(e.gpa & ~0xfffull, KERNEL_GUEST_USER);
+        CHECK((e.qualification & NPT_EPTQ_FETCH) != 0);
+        /* the qualification hardware MBEC gives: R|UX page, not supervisor-executable */
+        CHECK((e.qualification & NPT_EPTQ_UEXECUTABLE) != 0);
+        CHECK((e.qualification & NPT_EPTQ_EXECUTABLE) == 0);
+        CHECK(strchr(out, 'P') == NULL);
+        CHECK_EQ(st.exits_escalation, 1);
+    } else {
+        /* the JIT bytes ran in the kernel: the hole violation-only mode names */
+        CHECK(strchr(out, 'P') != NULL);
+        CHECK_EQ(e.reason, NPT_EXIT_HALT);
+        CHECK_EQ(e.cpl, 0);
+        CHECK_EQ(e.hierarchy, NPT_HIERARCHY_USER);
+        CHECK_EQ(st.exits_escalation, 0);
+    }
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
+/* A guest whose IDT covers a page user mode can reach cannot have the escalation exit (leaving the
+ * page out of the user layout would stop the guest): the run is refused (NPT_ERR_STATE) rather than
+ * run with the exit unarmed. The gate guest has no IDT of its own (KVM's reset IDTR: base 0, limit
+ * 0xffff, over its own user code and data). */
+static void test_escalation_needs_an_idt(npt_context *ctx) {
+    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
+    if (!vm) return;
+    CHECK_OK(npt_vm_write_memory(vm, GATE_GUEST_BASE, gate_guest, sizeof gate_guest));
+    CHECK_OK(npt_policy_set(vm, GATE_GUEST_KERNEL, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
+    CHECK_OK(npt_policy_set(vm, GATE_GUEST_USER, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_UX));
+    npt_vcpu *v = NULL;
+    CHECK_OK(npt_vcpu_create(vm, 0, &v));
+    if (v) {
+        npt_regs r;
+        long_mode_regs(&r, GATE_GUEST_USER);
+        r.cr3 = GATE_GUEST_CR3;
+        r.cpl = 3;
+        CHECK_OK(npt_vcpu_set_regs(v, &r));
+        npt_exit e;
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        CHECK_ST(npt_vcpu_run(v, &e), NPT_ERR_STATE);
+    }
+    CHECK_OK(npt_vm_destroy(vm));
 }
 
 static void test_inject(npt_context *ctx) {
@@ -925,7 +1018,8 @@ static void test_gate(npt_context *ctx) {
         CHECK_OK(npt_vm_destroy(vm));
     }
 
-    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
+    /* violation-only mode: the gate guest has no IDT (see test_escalation_needs_an_idt) */
+    npt_vm *vm = kvm_vm_mode(ctx, RAM, NPT_PERM_ALL, NPT_MBEC_VIOLATION_ONLY);
     if (!vm) return;
     CHECK_OK(npt_vm_write_memory(vm, GATE_GUEST_BASE, gate_guest, sizeof gate_guest));
     /* page tables in both hierarchies (see KGUEST_TABLES_PERMS), kernel code R|SX, user code R|UX,
@@ -1429,6 +1523,12 @@ int main(int argc, char **argv) {
         cfg.ram_size = RAM;
         cfg.default_perms = NPT_PERM_ALL;
         npt_vm *vm = NULL;
+        /* Without /dev/kvm the plugin's probe cannot show its escalation exit: lazy mode is refused
+         * as a guarantee it cannot keep, naming why; violation-only mode reaches the backend,
+         * which cannot open /dev/kvm. */
+        CHECK_ST(npt_vm_create(ctx, &cfg, &vm), NPT_ERR_GUARANTEE);
+        CHECK(strstr(npt_last_error(), "cannot open /dev/kvm") != NULL);
+        cfg.mbec_mode = NPT_MBEC_VIOLATION_ONLY;
         CHECK_ST(npt_vm_create(ctx, &cfg, &vm), NPT_ERR_UNSUPPORTED);
     } else {
         close(fd);
@@ -1436,7 +1536,8 @@ int main(int argc, char **argv) {
             test_ops_memory();
             test_kick_thread();
         }
-        /* exact MBEC needs exits on return to user mode, which the KVM backend lacks */
+        /* exact MBEC needs exits on return to user mode, which the KVM backend lacks: refused as a
+         * guarantee it cannot keep, naming the capability */
         npt_vm_config cfg = {0};
         cfg.size = sizeof cfg;
         cfg.mbec_mode = NPT_MBEC_EXACT;
@@ -1444,7 +1545,8 @@ int main(int argc, char **argv) {
         cfg.ram_size = RAM;
         cfg.default_perms = NPT_PERM_ALL;
         npt_vm *vm = NULL;
-        CHECK_ST(npt_vm_create(ctx, &cfg, &vm), NPT_ERR_UNSUPPORTED);
+        CHECK_ST(npt_vm_create(ctx, &cfg, &vm), NPT_ERR_GUARANTEE);
+        CHECK(strstr(npt_last_error(), "NPT_CAP_EXIT_ON_RETURN") != NULL);
         test_guest(ctx);
         test_mbec(ctx);
         test_mbec_rw(ctx);
@@ -1453,6 +1555,9 @@ int main(int argc, char **argv) {
         test_pmem(ctx, 0);
         test_pmem_nx(ctx);
         test_kernel(ctx);
+        test_ret2dir_idt(ctx, NPT_MBEC_LAZY);
+        test_ret2dir_idt(ctx, NPT_MBEC_VIOLATION_ONLY);
+        test_escalation_needs_an_idt(ctx);
         test_inject(ctx);
         test_switch_cost_independent_of_size(ctx);
         test_image_too_large(ctx);

@@ -259,7 +259,8 @@ static void test_mode(npt_context *ctx, int requests) {
     npt_vm *vm = NULL;
     CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
     if (!vm) return;
-    CHECK_OK(npt_policy_set(vm, PRIV_GUEST_LOOP_BASE, 0x1000, 0x1000, NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_SX));
+    /* real mode (paging off): every address is user-mode, so the loop needs UX under MBEC */
+    CHECK_OK(npt_policy_set(vm, PRIV_GUEST_LOOP_BASE, 0x1000, 0x1000, NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_UX));
     CHECK_OK(npt_vm_write_memory(vm, PRIV_GUEST_LOOP_BASE, priv_loop, sizeof priv_loop));
 
     /* a region inside RAM is refused by the core; the real one at 0xA0000 */

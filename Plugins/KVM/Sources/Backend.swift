@@ -99,10 +99,17 @@ final class KVMVM: @unchecked Sendable {
         }
     }
 
-    /// INVEPT analogue: the layouts are recomputed from the core's leaves before the next run. (The
-    /// core calls this while it holds its policy lock, so the leaves are not asked for here.)
+    /// INVEPT analogue: the layouts are recomputed from the core's leaves; the installed one at
+    /// once, so a revocation reaches a vCPU already inside KVM_RUN before the core's policy call
+    /// returns (the core publishes the new hierarchies before it invalidates, and the leaves are
+    /// a snapshot read that takes none of the core's locks).
     func invalidate(_ hierarchy: UInt32, _ gpa: UInt64, _ size: UInt64) -> npt_status {
         layout.withLock { $0.dirty = true }
+        do {
+            try refreshInstalled()
+        } catch {
+            return fail(error, "invalidate: updating the installed memslot layout")
+        }
         return NPT_OK
     }
 }

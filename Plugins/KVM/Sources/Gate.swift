@@ -52,8 +52,8 @@ final class LayoutGate: @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     // All below: under `mutex`.
-    /// The hierarchy whose layout is installed (nil: the layout at creation, all RAM).
-    private var current: UInt32?
+    /// The layout installed (nil: the layout at creation, all RAM).
+    private var current: LayoutKey?
     /// The vCPUs inside KVM_RUN (between enter and leave), to kick.
     private var inside: [ObjectIdentifier: KVMVCPU] = [:]
     private var nextTicket: UInt64 = 0
@@ -82,7 +82,7 @@ final class LayoutGate: @unchecked Sendable {
     /// place (called with no vCPU inside KVM_RUN, or for `want` == the installed hierarchy, whose
     /// layout may need recomputing after an invalidate). On return `v` counts as inside: call
     /// `leave` after the run (also when this throws nothing but the run fails).
-    func enter(_ v: KVMVCPU, _ want: UInt32, install: (UInt32) throws(Errno) -> Void) throws(Errno) {
+    func enter(_ v: KVMVCPU, _ want: LayoutKey, install: (LayoutKey) throws(Errno) -> Void) throws(Errno) {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         var ticket: UInt64?

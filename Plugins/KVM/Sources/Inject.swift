@@ -53,6 +53,23 @@ extension KVMVCPU {
         }
         do {
             let s = try cpu.sregs
+            if guarded, s.cs.dpl == 3, s.cr0 & cr0PE != 0 {
+                // Delivered from CPL 3 while the escalation exit is armed: that is an escalation.
+                // The next run reports it; the exception is delivered under the supervisor layout.
+                if pendingEntry != nil || escalationNow {
+                    return fail(NPT_ERR_BUSY, "vcpu_inject_fault: an exception is already queued")
+                }
+                if vector == vectorPF {
+                    var s2 = s
+                    s2.cr2 = address
+                    try cpu.setSregs(s2)
+                }
+                let hasError = vectorsWithErrorCode.contains(vector)
+                pendingEntry = .reinject(nr: UInt8(vector), hasErrorCode: hasError,
+                                         errorCode: hasError ? UInt32(truncatingIfNeeded: errorCode) : 0)
+                escalationNow = true
+                return NPT_OK
+            }
             var ev = try cpu.events
             if ev.exception.injected != 0 || ev.exception.pending != 0 {
                 return fail(NPT_ERR_BUSY, "vcpu_inject_fault: exception \(ev.exception.nr) is already queued")

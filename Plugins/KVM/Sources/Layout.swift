@@ -28,13 +28,40 @@ struct MappedRange: Hashable, Sendable {
     /// KVM_MEM_READONLY (executable but not writable in the layout's hierarchy). Part of the
     /// identity: KVM cannot change a memslot's flags in place, so the diff deletes and re-creates.
     var readonly = false
+
+    /// `ranges` with the 4 KiB pages `pages` (sorted) cut out.
+    static func subtracting(_ pages: [UInt64], from ranges: [MappedRange]) -> [MappedRange] {
+        guard !pages.isEmpty else { return ranges }
+        var out: [MappedRange] = []
+        for r in ranges {
+            var start = r.gpa
+            let end = r.gpa + r.size
+            for p in pages where p + 0x1000 > start && p < end {
+                if p > start { out.append(MappedRange(gpa: start, size: p - start, readonly: r.readonly)) }
+                start = p + 0x1000
+            }
+            if start < end { out.append(MappedRange(gpa: start, size: end - start, readonly: r.readonly)) }
+        }
+        return out
+    }
+}
+
+/// Which layout a vCPU needs: its hierarchy's, minus `hidden` pages (the guest's IDT pages while the
+/// escalation exit is armed, Escalation.swift).
+struct LayoutKey: Hashable, Sendable, CustomStringConvertible {
+    var hierarchy: UInt32
+    /// Guest-physical pages (4 KiB aligned, sorted) left out even where the hierarchy executes them.
+    var hidden: [UInt64] = []
+    /// A run of a vCPU with the escalation exit armed (hidden then holds the IDT's pages).
+    var guarded = false
+    var description: String { hidden.isEmpty ? "hierarchy \(hierarchy)" : "hierarchy \(hierarchy) without \(hidden.map(hex))" }
 }
 
 struct LayoutState: Sendable {
     /// KVM memslot id -> the range it maps now.
     var slots: [UInt32: MappedRange] = [:]
-    /// The hierarchy whose layout is installed; nil: all RAM (the layout at creation).
-    var installed: UInt32?
+    /// The layout installed; nil: all RAM (the layout at creation).
+    var installed: LayoutKey?
     /// The policy changed since the layouts were computed (invalidate).
     var dirty = true
     /// Layouts computed from the core's leaves, per hierarchy.
@@ -119,11 +146,26 @@ extension KVMVM {
         return s == NPT_OK ? LayoutPlan(ram: c.ranges, beyond: c.beyond) : nil
     }
 
-    /// Installs the layout of `hierarchy` (before a run), changing only the memslots that differ.
-    func install(_ hierarchy: UInt32) throws(Errno) {
+    /// Installs the layout `key` (before a run), changing only the memslots that differ.
+    func install(_ key: LayoutKey) throws(Errno) {
+        try layout.withLock { (st) throws(Errno) in try install(key, &st) }
+    }
+
+    /// After an invalidate: the installed layout is brought up to date at once (vCPUs inside
+    /// KVM_RUN see the change before the core's policy call returns: a memslot change is
+    /// synchronous for running vCPUs, measured by Tests/probes/kvm/probe_revoke.c), the others
+    /// before their next run.
+    func refreshInstalled() throws(Errno) {
         try layout.withLock { (st) throws(Errno) in
+            guard let key = st.installed else { return }
+            try install(key, &st)
+        }
+    }
+
+    private func install(_ key: LayoutKey, _ st: inout LayoutState) throws(Errno) {
+            let hierarchy = key.hierarchy
             if st.dirty { st.cache = [:]; st.dirty = false }
-            else if st.installed == hierarchy { return }
+            else if st.installed == key { return }
             let plan: LayoutPlan
             if let c = st.cache[hierarchy] {
                 plan = c
@@ -136,7 +178,7 @@ extension KVMVM {
                 // The core could not list the hierarchy: refuse to run rather than run without MBEC.
                 throw Errno.ioError
             }
-            let want = plan.ram
+            let want = MappedRange.subtracting(key.hidden, from: plan.ram)
             let wantSet = Set(want)
             var updates: UInt64 = 0
             // Delete first: memslots must never overlap.
@@ -155,12 +197,11 @@ extension KVMVM {
                 updates += 1
             }
             // The NVDIMM ranges' runs (their own memslot ids; never overlapping RAM).
-            updates += try syncPmemRuns(plan.beyond)
-            st.installed = hierarchy
+            updates += try syncPmemRuns(MappedRange.subtracting(key.hidden, from: plan.beyond))
+            st.installed = key
             layoutSwitches.add(1, ordering: .relaxed)
             memslotUpdates.add(updates, ordering: .relaxed)
             lastSwitchUpdates.store(updates, ordering: .relaxed)
-        }
     }
 
     /// What `hierarchy` permits at `gpa` (NPT_PERM_* bits as hierarchy_translate reports them: R bit 0,
@@ -178,6 +219,42 @@ extension KVMVM {
     func isMapped(_ gpa: UInt64) -> Bool {
         layout.withLock { st in st.slots.values.contains { gpa >= $0.gpa && gpa - $0.gpa < $0.size } }
             || isPmemMapped(gpa)
+    }
+
+    /// The translation of linear `va` through 4-level paging at `cr3`, and whether it is a user-mode
+    /// address (U/S = 1 at every level); nil if not present.
+    func translateWithMode(_ va: UInt64, cr3: UInt64) -> (UInt64, Bool)? {
+        var table = cr3 & 0x000F_FFFF_FFFF_F000
+        var user = true
+        for level in stride(from: 3, through: 0, by: -1) {
+            let at = table + ((va >> (12 + 9 * UInt64(level))) & 0x1FF) * 8
+            guard memory.contains(at, 8) else { return nil }
+            let e = memory.base.load(fromByteOffset: Int(at), as: UInt64.self)
+            guard e & 1 != 0 else { return nil }
+            user = user && e & 4 != 0
+            let frame = e & 0x000F_FFFF_FFFF_F000
+            if level == 0 || (level <= 2 && e & 0x80 != 0) {
+                let pageMask: UInt64 = (1 << (12 + 9 * UInt64(level))) - 1
+                return ((frame & ~pageMask) | (va & pageMask), user)
+            }
+            table = frame
+        }
+        return nil
+    }
+
+    /// The guest-physical pages of the page tables a walk of `va` at `cr3` reads (4-level paging).
+    func walkedTables(_ va: UInt64, cr3: UInt64) -> [UInt64] {
+        var out: [UInt64] = []
+        var table = cr3 & 0x000F_FFFF_FFFF_F000
+        for level in stride(from: 3, through: 0, by: -1) {
+            out.append(table)
+            let at = table + ((va >> (12 + 9 * UInt64(level))) & 0x1FF) * 8
+            guard memory.contains(at, 8) else { break }
+            let e = memory.base.load(fromByteOffset: Int(at), as: UInt64.self)
+            guard e & 1 != 0, level > 0, !(level <= 2 && e & 0x80 != 0) else { break }
+            table = e & 0x000F_FFFF_FFFF_F000
+        }
+        return out
     }
 
     /// Guest-physical address of linear `va` through the guest's 4-level page tables at `cr3`

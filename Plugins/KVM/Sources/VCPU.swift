@@ -36,6 +36,12 @@ final class KVMVCPU: @unchecked Sendable {
     /// The last exit was a guest write to the trapped vFHA (Pmem.swift); KVM completes it on the
     /// next KVM_RUN.
     var trappedWritePending = false
+    /// The escalation exit (Escalation.swift): EFER.SCE is cleared in KVM while the guarded user
+    /// layout is installed; the guest's event or SYSCALL to perform under the supervisor layout;
+    /// an injected fault that is itself the escalation (reported by the next run).
+    var sceHidden = false
+    var pendingEntry: PendingEntry?
+    var escalationNow = false
 
     init(vm: KVMVM, cpu: KVMVirtualCPU, index: UInt32) { self.vm = vm; self.cpu = cpu; self.index = index }
 
@@ -59,7 +65,7 @@ final class KVMVCPU: @unchecked Sendable {
             withUnsafeMutableBytes(of: &n.gpr) { b in
                 for i in 0..<16 { b.storeBytes(of: g[i], toByteOffset: i * 8, as: UInt64.self) }
             }
-            n.cr0 = s.cr0; n.cr2 = s.cr2; n.cr3 = s.cr3; n.cr4 = s.cr4; n.efer = s.efer
+            n.cr0 = s.cr0; n.cr2 = s.cr2; n.cr3 = s.cr3; n.cr4 = s.cr4; n.efer = s.efer | (sceHidden ? eferSCE : 0)
             n.cpl = s.cr0 & cr0PE == 0 ? 0 : UInt32(s.cs.dpl)
             n.lstar = try cpu.msr(msrLSTAR)
             n.fault_handler = 0
@@ -126,6 +132,10 @@ final class KVMVCPU: @unchecked Sendable {
             try cpu.setRegs(r)
             if case .long = want { try cpu.setMSR(msrLSTAR, n.lstar) }
             mode = want
+            // The state is the caller's now: nothing of the escalation exit's is pending.
+            sceHidden = false
+            pendingEntry = nil
+            escalationNow = false
             return NPT_OK
         } catch {
             return fail(error, "vcpu_set_regs")
@@ -141,9 +151,15 @@ final class KVMVCPU: @unchecked Sendable {
         return NPT_OK
     }
 
-    /// Recorded only: KVM has no exit on a CPL change, which is why the plugin advertises neither
-    /// NPT_CAP_EXIT_ON_ESCALATE nor NPT_CAP_EXIT_ON_RETURN.
+    /// The escalation exit is the guarded user layout (Escalation.swift), where this KVM allows it;
+    /// there is no exit on a return to user mode (NPT_CAP_EXIT_ON_RETURN is not advertised).
     func setExitControls(_ c: UInt32) -> npt_status {
+        if c & exitControlReturn != 0 {
+            return fail(NPT_ERR_UNSUPPORTED, "vcpu_set_exit_controls: KVM has no exit on a return to user mode")
+        }
+        if c & exitControlEscalation != 0 && !escalationSupport.usable {
+            return fail(NPT_ERR_UNSUPPORTED, "vcpu_set_exit_controls: no escalation exit on this KVM: \(escalationSupport.reason)")
+        }
         exitControls = c
         return NPT_OK
     }
@@ -167,6 +183,13 @@ final class KVMVCPU: @unchecked Sendable {
         x.size = e.pointee.size
         let run = cpu.run
         trappedWritePending = false
+        if escalationNow {
+            // An exception injected at CPL 3 while the escalation exit was armed: its delivery is
+            // the escalation; it is delivered once the supervisor layout is installed.
+            escalationNow = false
+            x.reason = NPT_EXIT_ESCALATION.rawValue
+            return finish(&x, e)
+        }
         // The layout gate (Gate.swift): KVM_RUN only under this vCPU's hierarchy's layout. The vCPU
         // stays in the gate until its exit is decoded (fetchViolation asks the installed layout),
         // and leaves it before every further KVM_RUN and before returning.
@@ -174,12 +197,20 @@ final class KVMVCPU: @unchecked Sendable {
         defer { if inGate { vm.gate.leave(self) } }
         while true {
             if inGate { vm.gate.leave(self); inGate = false }
+            let key: LayoutKey
             do {
-                try vm.gate.enter(self, hierarchy) { (h) throws(Errno) in try vm.install(h) }
+                key = try prepareEntry()
+            } catch {
+                if case .kvm(let errno) = error { return fail(errno, "vcpu_run: arming the escalation exit") }
+                return fail(NPT_ERR_STATE, "vcpu_run: cannot arm the escalation exit: \(error)")
+            }
+            do {
+                try vm.gate.enter(self, key) { (k) throws(Errno) in try vm.install(k) }
                 inGate = true
             } catch {
-                return fail(error, "vcpu_run: installing the memslot layout of hierarchy \(hierarchy)")
+                return fail(error, "vcpu_run: installing the memslot layout of \(key)")
             }
+            let ranGuarded = key.guarded
             do {
                 try cpu.runOnce()
             } catch {
@@ -192,6 +223,16 @@ final class KVMVCPU: @unchecked Sendable {
                 return fail(error, "vcpu_run: KVM_RUN")
             }
             let reason = ckvm_run_exit_reason(run)
+            // In the guarded user layout, an event from CPL 3 that could not read its gate (a
+            // SHUTDOWN, or DELIVERY_EV on a stock KVM) is the escalation (Escalation.swift).
+            if ranGuarded && (Int32(reason) == KVM_EXIT_SHUTDOWN
+                              || (Int32(reason) == KVM_EXIT_INTERNAL_ERROR
+                                  && ckvm_run_internal_suberror(run) == UInt32(KVM_INTERNAL_ERROR_DELIVERY_EV))),
+               let p = escalation(shutdown: Int32(reason) == KVM_EXIT_SHUTDOWN) {
+                pendingEntry = p
+                x.reason = NPT_EXIT_ESCALATION.rawValue
+                return finish(&x, e)
+            }
             switch Int32(reason) {
             case KVM_EXIT_IO:
                 let size = Int(ckvm_run_io_size(run))

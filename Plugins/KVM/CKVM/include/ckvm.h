@@ -70,4 +70,14 @@ int ckvm_kick_signal_install(void);
 /* pthread_kill(thread, the kick signal); returns its result. */
 int ckvm_kick_thread(pthread_t thread);
 
+/* The escalation-exit probe (escalation_probe.c): whether leaving the IDT page out of the user
+ * layout stops every CPL 3 -> CPL 0 transition on this KVM, and how. */
+struct ckvm_escalation_probe {
+    int usable;       /* 1: every entry path tried stops at CPL 3 before CPL 0 */
+    int mechanism;    /* 1: KVM_EXIT_SHUTDOWN, the event lost (identified by a sentinel, re-injected);
+                         2: KVM_EXIT_INTERNAL_ERROR / KVM_INTERNAL_ERROR_DELIVERY_EV, KVM keeps the event */
+    char reason[240]; /* what was found, or why it is not usable */
+};
+int ckvm_probe_escalation(struct ckvm_escalation_probe *out);
+
 #endif
