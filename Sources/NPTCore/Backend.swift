@@ -31,6 +31,10 @@ extension BackendCapabilities {
             (.run, "NPT_CAP_RUN"), (.privilegedMode, "NPT_CAP_PRIVILEGED_MODE"), (.persistentMemory, "NPT_CAP_PERSISTENT_MEMORY")]
         return all.filter { contains($0.0) }.map(\.1)
     }
+    /// Short names of the bits (NPT_CAP_ without the prefix), for tables.
+    public var shortNames: [String] {
+        names.map { String($0.split(separator: " ").first ?? "").replacingPrefix("NPT_CAP_") }
+    }
     /// Every bit the ABI defines.
     public static let defined: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
                                                       .privilegedMode, .persistentMemory]
@@ -314,4 +318,8 @@ public enum NPTABI {
     public static let minor: UInt32 = 2
     public static let version: UInt32 = (major << 16) | minor
     public static func major(of v: UInt32) -> UInt32 { v >> 16 }
+}
+
+extension String {
+    func replacingPrefix(_ p: String) -> String { hasPrefix(p) ? String(dropFirst(p.count)) : self }
 }

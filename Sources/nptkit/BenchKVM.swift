@@ -18,8 +18,8 @@ extension Bench {
         return r
     }
 
-    func kvmVM(_ registry: BackendRegistry, ram: UInt64 = 2 << 20) throws -> VirtualMachine {
-        try NPTKitRuntime.makeVM(config: VMConfig(ramSize: ram, defaultPermissions: .all, mbecMode: .lazy, backendName: "kvm"),
+    func kvmVM(_ registry: BackendRegistry, ram: UInt64 = 2 << 20, mode: VMConfig.MBECMode = .lazy) throws -> VirtualMachine {
+        try NPTKitRuntime.makeVM(config: VMConfig(ramSize: ram, defaultPermissions: .all, mbecMode: mode, backendName: "kvm"),
                                  registry: registry)
     }
 
@@ -42,7 +42,7 @@ extension Bench {
     }
 
     func benchKVM() throws {
-        print("8. KVM backend (libnptkit-kvm.so on this machine's /dev/kvm; real x86-64 guests; lazy MBEC)")
+        print("8. KVM backend (libnptkit-kvm.so on this machine's /dev/kvm; real x86-64 guests; lazy MBEC unless stated)")
         guard let dir = executableDirectory(), access(dir + "/libnptkit-kvm.so", R_OK) == 0 else {
             print("   SKIPPED: libnptkit-kvm.so is not beside this binary\n"); return
         }
@@ -80,19 +80,20 @@ extension Bench {
         // (b) System-call round trip: the guest kernel's user process, K1 against K2 calls.
         var entry: UInt64 = 0, kcode: UInt64 = 0, kstack: UInt64 = 0, kfunc: UInt64 = 0, ucode: UInt64 = 0, ustack: UInt64 = 0
         let kernel = nptk_guest_kernel(&entry, &kcode, &kstack, &kfunc, &ucode, &ustack)
-        func kernelRun(mbec: Bool, calls: UInt64) throws -> (UInt64, VMStatistics, (UInt64, UInt64)?, UInt64) {
-            let vm = try kvmVM(registry)
+        func kernelRun(mbec: Bool, calls: UInt64, mode: VMConfig.MBECMode = .lazy,
+                       shape: PolicyShape = .hvci) throws -> (UInt64, VMStatistics, (UInt64, UInt64)?, UInt64) {
+            let vm = try kvmVM(registry, mode: mode)
             defer { try? NPTKitRuntime.destroyVM(vm) }
             try vm.writeMemory(GPA(kernel.base), UnsafeRawBufferPointer(start: kernel.bytes, count: kernel.length))
             if mbec {
                 // As Tests/C/test_kvm.c: the CPU's own structures (page tables, GDT/IDT/TSS, kernel
                 // stack) stay executable in both hierarchies (a limit of this KVM, Plugins/KVM/README.md).
-                try vm.setPolicy([
+                try vm.setPolicy(shape.apply([
                     PolicyRange(start: GPA(kcode), size: 0x1000, pageSize: .size4K, permissions: [.read, .supervisorExecute]),
                     PolicyRange(start: GPA(kfunc), size: 0x1000, pageSize: .size4K, permissions: [.read, .supervisorExecute]),
                     PolicyRange(start: GPA(ucode), size: 0x1000, pageSize: .size4K, permissions: [.read, .userExecute]),
                     PolicyRange(start: GPA(ustack), size: 0x1000, pageSize: .size4K, permissions: [.read, .write]),
-                ])
+                ]))
             }
             let v = try vm.makeVCPU(index: 0)
             var r = longMode(rip: entry, cr3: kernel.cr3)
@@ -140,8 +141,22 @@ extension Bench {
         print("   System-call round trip (INT3 into the guest kernel, IRETQ back; \(k2) against \(k1) calls, \(reps) runs):")
         print(t.render())
         if let a = perCall[false], let b = perCall[true], switchesPerCall > 0 {
-            print("   One hierarchy switch (its EPT-violation exit and the memslot updates): about \(nanos(UInt64(Double(b &- a) / switchesPerCall))) (the per-call difference / switches per call)")
+            print("   One hierarchy switch (its exit and the memslot updates): about \(nanos(UInt64(Double(b &- a) / switchesPerCall))) (the per-call difference / switches per call)")
         }
+        // Exits per call per policy shape and mode (exact is refused here: no exit on the return).
+        var shapes = Table(["policy", "mode", "exits / call", "escalation", "EPT violation", "switches / call", "wall time / call"])
+        for shape in PolicyShape.allCases {
+            for mode in [VMConfig.MBECMode.lazy, .violationOnly] {
+                let (d1, s1, _, _) = try kernelRun(mbec: true, calls: k1, mode: mode, shape: shape)
+                let (d2, s2, _, _) = try kernelRun(mbec: true, calls: k2, mode: mode, shape: shape)
+                let n = Double(k2 - k1)
+                shapes.add([shape.rawValue, "\(mode)", fmt(Double(s2.exitsTotal - s1.exitsTotal) / n - 1),
+                            fmt(Double(s2.exitsEscalation - s1.exitsEscalation) / n), fmt(Double(s2.exitsEPTViolation - s1.exitsEPTViolation) / n),
+                            fmt(Double(s2.hierarchySwitches - s1.hierarchySwitches) / n), nanos((d2 &- d1) / (k2 - k1))])
+            }
+        }
+        print("   MBEC exits per call (the call's own OUT not counted) per policy shape and mode; exact is refused on this backend:")
+        print(shapes.render())
 
         // (c) Guest flush latency, the vFHA trapped (host region needs flushing) and not.
         var flushEntry: UInt64 = 0

@@ -32,8 +32,8 @@ extension Demo {
     }
 
     func runKVM(registry: BackendRegistry) throws {
-        if mode == .exact {
-            throw ValidationError("mode exact needs an exit on a privilege change, which this KVM lacks: backend 'kvm' runs mode lazy only")
+        if let m = mode, m != .lazy {
+            throw ValidationError("demo --backend kvm runs mode lazy (its MBEC section shows every mode's outcome on the attack): exact needs an exit on the return to user mode, which this KVM lacks")
         }
         // A clear failure where /dev/kvm is unusable (the plugin reports why at the first VM).
         if access("/dev/kvm", R_OK | W_OK) != 0 {
@@ -47,6 +47,7 @@ extension Demo {
         }
         print("NPTKit demo: emulated mode-based execute control on backend 'kvm' (real x86-64 guests on /dev/kvm), mode lazy\n")
         try kvmMBECSection(registry: registry)
+        try kvmEntryAttackSection(registry: registry)
         try kvmPrivilegedSection(registry: registry)
         try kvmNVDIMMSection(registry: registry)
     }
@@ -102,6 +103,69 @@ extension Demo {
         }
     }
 
+    /// Issue 9's attack on the KVM guest kernel, in every mode: ret2dir through the IDT (a PTE making
+    /// linear 0xB000 a supervisor-mode alias of the user page, IDT vector 3 - the guest's system call -
+    /// pointed at 0xB800, where the user's "JIT" bytes print 'P' and halt).
+    func kvmEntryAttackSection(registry: BackendRegistry) throws {
+        print("\n--- ret2dir through the IDT, in every mode ---")
+        print("An attacker with a kernel data write makes two guest-memory writes: a PTE making linear 0xB000 a")
+        print("supervisor-mode alias of the user page 0x9000 (R Xu: user-execute only), and IDT vector 3 (the system")
+        print("call) pointed at 0xB800, where the user's JIT bytes print 'P'. Hardware MBEC refuses the kernel's first fetch.\n")
+        var entry: UInt64 = 0, kcode: UInt64 = 0, kstack: UInt64 = 0, kfunc: UInt64 = 0, ucode: UInt64 = 0, ustack: UInt64 = 0
+        let kernel = nptk_guest_kernel(&entry, &kcode, &kstack, &kfunc, &ucode, &ustack)
+        var t = Table(["backend", "mode", "outcome"])
+        var promisesKept = true
+        for mode in VMConfig.MBECMode.allCases {
+            let outcome: String
+            do {
+                let vm = try NPTKitRuntime.makeVM(config: VMConfig(ramSize: 2 << 20, defaultPermissions: .all, mbecMode: mode,
+                                                                   backendName: "kvm"), registry: registry)
+                defer { try? NPTKitRuntime.destroyVM(vm) }
+                try vm.writeMemory(GPA(kernel.base), UnsafeRawBufferPointer(start: kernel.bytes, count: kernel.length))
+                try vm.setPolicy(kvmKernelPolicy(kcode: kcode, kfunc: kfunc, ucode: ucode, ustack: ustack).map(\.0))
+                // The attacker's two writes (kernel.S: PT at 0x4000, IDT at 0x5200), and the JIT bytes.
+                let alias: UInt64 = ucode | 3
+                try withUnsafeBytes(of: alias) { try vm.writeMemory(GPA(0x4000 + 8 * 0xB), $0) }
+                let h: UInt64 = 0xB800
+                let gate: [UInt64] = [(h & 0xFFFF) | (0x10 << 16) | (0xEE << 40) | (((h >> 16) & 0xFFFF) << 48), 0]
+                try gate.withUnsafeBytes { try vm.writeMemory(GPA(0x5200 + 3 * 16), $0) }
+                try vm.writeMemory(GPA(ucode + 0x800), bytes: [0xB0, UInt8(ascii: "P"), 0xE6, 0xE9, 0xF4, 0xEB, 0xFE])
+                let v = try vm.makeVCPU(index: 0)
+                var r = kvmLongMode(rip: entry, cr3: kernel.cr3)
+                r.gpr[14] = 2; r.gpr[15] = 0
+                try v.setRegisters(r)
+                var ran: VMExit?, stopped: VMExit?
+                loop: for _ in 0..<10_000 {
+                    let x = try v.run()
+                    switch x.reason {
+                    case .io where x.ioPort == 0xE9 && x.ioValue == UInt64(UInt8(ascii: "P")): ran = x; break loop
+                    case .io, .kicked, .budget: continue
+                    case .mbecViolation: stopped = x; break loop
+                    default: break loop
+                    }
+                }
+                if let x = stopped {
+                    outcome = "stopped: MBEC violation at \(hex(x.gpa.raw)), cpl \(x.cpl), rip \(hex(x.rip)), \(policyText(x.violation)) "
+                        + "(\(vm.statistics().exitsEscalation) escalation exit)"
+                    if mode == .violationOnly { promisesKept = false }
+                } else if let x = ran {
+                    outcome = "RAN the JIT bytes ('P') at cpl \(x.cpl), rip \(hex(x.rip)), under the \(x.hierarchy) hierarchy"
+                        + (mode == .violationOnly ? " (the gap this mode names)" : "")
+                    if mode != .violationOnly { promisesKept = false }
+                } else {
+                    outcome = "neither ran nor was stopped"
+                    promisesKept = false
+                }
+            } catch let error as NPTError where error.code == .guarantee {
+                let missing = registry.all.first { $0.name == "kvm" }.map { mode.requiredCapabilities.subtracting($0.capabilities) } ?? []
+                outcome = "refused up front (NPT_ERR_GUARANTEE): no \(missing.shortNames.joined(separator: ", "))"
+            }
+            t.add(["kvm", mode.description, outcome])
+        }
+        print(t.render())
+        print("Every mode kept its promise: \(promisesKept ? "yes" : "NO") (exact is refused: no exit on return; lazy stops it through its escalation exit; violation-only names it as its gap)")
+    }
+
     func kvmKernelPolicy(kcode: UInt64, kfunc: UInt64, ucode: UInt64, ustack: UInt64) -> [(PolicyRange, String)] {
         func page(_ a: UInt64, _ p: EPTPermissions) -> PolicyRange {
             PolicyRange(start: GPA(a), size: 0x1000, pageSize: .size4K, permissions: p)
@@ -126,8 +190,10 @@ extension Demo {
             p.add([hex(r.range.start.raw), what, r.permissions.description])
         }
         print(p.render())
-        print("Mode lazy: a hierarchy is exposed after a fetch violation. Exact mode needs an exit on a privilege change")
-        print("(CPL 3 -> 0 and back), which this KVM lacks.")
+        print("Mode lazy: every entry to the kernel from user mode is an escalation exit (the plugin keeps the guest's IDT")
+        print("page out of the user layout, so the event stops before delivery) that exposes the supervisor hierarchy; the")
+        print("user one is exposed after a fetch violation (KVM has no exit on the return). Exact mode needs that exit too:")
+        print("refused on this backend.")
 
         let run = try kernelRun(registry: registry, calls: syscalls, probe: 0)
         guard run.last.reason == .halt else { throw NPTError(.state, "kernel guest: unexpected exit \(run.last)") }
