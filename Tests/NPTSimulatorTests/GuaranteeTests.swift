@@ -105,6 +105,42 @@ import Testing
         #expect(x.gpa.raw == page && x.violation.contains(.fetch))
     }
 
+    /// Finding 4: NVDIMM ranges carry policies like RAM (npt_policy_set used to refuse them).
+    @Test func nvdimmRangesCarryPolicies() throws {
+        let vm = try vm(.exact, ram: 1 << 20)
+        let base: UInt64 = 0x4000_0000
+        _ = try vm.addNVDIMM(gpa: GPA(base), size: 0x4000, hostRegion: 1, regionOffset: 0)
+        #expect(try vm.permissions(at: GPA(base)) == [.read, .write])   // the default permissions
+        // Paging off: every address is user-mode, so Xu governs. R|Xs on the first page: no fetch.
+        try vm.setPolicy(PolicyRange(start: GPA(base), size: 0x1000, pageSize: .size4K, permissions: [.read, .supervisorExecute]))
+        try vm.setPolicy(PolicyRange(start: GPA(base + 0x1000), size: 0x1000, pageSize: .size4K, permissions: [.read, .userExecute]))
+        #expect(try vm.permissions(at: GPA(base)) == [.read, .supervisorExecute])
+        #expect(vm.snapshot.translate(GPA(base), in: .supervisor).permissions == [.read, .execute])
+        #expect(vm.snapshot.translate(GPA(base), in: .user).permissions == [.read])
+        // A range crossing the NVDIMM range's end, or its alignment, is refused and changes nothing.
+        #expect(code { () throws(NPTError) in try vm.setPolicy(PolicyRange(start: GPA(base + 0x3000), size: 0x2000, pageSize: .size4K, permissions: .all)) } == .outOfRange)
+        #expect(code { () throws(NPTError) in try vm.setPolicy(PolicyRange(start: GPA(base + 0x800), size: 0x1000, pageSize: .size4K, permissions: .all)) } == .misaligned)
+        #expect(try vm.permissions(at: GPA(base + 0x3000)) == [.read, .write])
+        // The guest: a jump into the R|Xs page is refused, the R|Xu page runs.
+        var loop = Assembler(origin: 0x1000)
+        loop.jump(to: base + 0x1000, via: 1)
+        try vm.writeMemory(GPA(0x1000), bytes: loop.bytes)
+        try vm.setPolicy(PolicyRange(start: GPA(0x1000), size: 0x1000, pageSize: .size4K, permissions: [.read, .userExecute]))
+        let cpu = try vm.makeVCPU(index: 0)
+        var r = Registers()
+        r.rip = 0x1000
+        try cpu.setRegisters(r)
+        // The R|Xu page holds zeros (NOPs): it runs through to the next page (R|W): refused there.
+        let x = try cpu.run()
+        #expect(x.reason == .mbecViolation && x.gpa.raw == base + 0x2000 && x.violation.contains(.fetch), "\(x)")
+        // A jump to the R|Xs page: refused at once (Xu governs with paging off).
+        var r2 = Registers()
+        r2.rip = base
+        try cpu.setRegisters(r2)
+        let y = try cpu.run()
+        #expect(y.reason == .mbecViolation && y.gpa.raw == base && y.violation.contains([.fetch, .executable, .userLinear]), "\(y)")
+    }
+
     /// Finding 5: destroyed vCPUs leave the privileged-mode coordinator (their slots are reused).
     @Test func destroyedVCPUsDoNotLeakCoordinatorSlots() throws {
         let vm = try vm(.exact, ram: 1 << 20)
