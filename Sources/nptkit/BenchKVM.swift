@@ -199,6 +199,6 @@ extension Bench {
         print("   Guest flush (\(records) records: store, CLFLUSHOPT, SFENCE, vFHA write; the physical flush is an msync of the backing file):")
         print(ft.render())
         print("   Latency = the core's exit-to-resume handling of a trapped vFHA write (the msync included, KVM's own exit and")
-        print("   re-entry not). Every guest instruction is emulated on this KVM (docs/kvm-on-this-machine.md).\n")
+        print("   re-entry not). CPL 0 code is emulated on this KVM (docs/kvm-on-this-machine.md).\n")
     }
 }
