@@ -31,6 +31,25 @@ grep -q "Attacks that ran guest code: 0" /tmp/nptkit-demo.log
 grep -Eq "^Crash checker: 0 losses with trapped flushes on the platform that needs WPQ flushing, 0 on ADR, [1-9][0-9]* with traps disabled there$" /tmp/nptkit-demo.log
 echo "demo: ok"
 
+echo "== what-if on real kernel traces (nptkit-cli whatif, Tests/Fixtures/kvmtrace)"
+# The four captures of one guest run (tracefs trace and trace_pipe, perf script, trace-cmd report) give the
+# same estimate: 13 exits, 4 user->kernel and 4 kernel->user changes; exact mode adds 4 escalation and
+# 4 return exits and 8 hierarchy switches.
+for f in tracefs-trace tracefs-trace_pipe perf-script trace-cmd-report; do
+    "$(swift build --show-bin-path)/nptkit-cli" whatif "Tests/Fixtures/kvmtrace/$f.txt" \
+        --policy Tests/Fixtures/kvmtrace/gen_guest.policy > /tmp/nptkit-whatif.log
+    grep -Eq "^  total +13 +4 +4 +4 +4 +0 +8 +0 +0 +0 " /tmp/nptkit-whatif.log \
+        || { echo "whatif $f: unexpected estimate" >&2; cat /tmp/nptkit-whatif.log >&2; exit 1; }
+done
+# Bad input: a malformed line is refused with its line number and a non-zero exit status.
+printf '# x\n  a-1 [000] .... 1.000001: kvm_exit: reason HLT rip zz\n' > /tmp/nptkit-whatif-bad.txt
+if "$(swift build --show-bin-path)/nptkit-cli" whatif /tmp/nptkit-whatif-bad.txt \
+        --policy Tests/Fixtures/kvmtrace/gen_guest.policy > /tmp/nptkit-whatif.log 2>&1; then
+    echo "whatif accepted a malformed line" >&2; exit 1
+fi
+grep -q "line 2: kvm_exit: rip" /tmp/nptkit-whatif.log || { echo "whatif: no line number in the error" >&2; cat /tmp/nptkit-whatif.log >&2; exit 1; }
+echo "whatif: ok"
+
 echo "== smoke run on the KVM backend plugin (nptkit demo --backend kvm)"
 if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
     "$(swift build --show-bin-path)/nptkit-cli" demo --backend kvm > /tmp/nptkit-demo-kvm.log
