@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every test of NPTKit: the Swift tests (unit, property, differential, scenario) and the C
+# Runs every test of NPTKit: the Swift tests (unit, property, differential, scenario, trace format) and the C
 # programs compiled against libnptkit.so (API, plugins, the C example, one under AddressSanitizer),
 # the guest NVDIMM tables through iasl and through a real Linux kernel booted in QEMU.
 set -euo pipefail
@@ -49,6 +49,19 @@ if "$(swift build --show-bin-path)/nptkit-cli" whatif /tmp/nptkit-whatif-bad.txt
 fi
 grep -q "line 2: kvm_exit: rip" /tmp/nptkit-whatif.log || { echo "whatif: no line number in the error" >&2; cat /tmp/nptkit-whatif.log >&2; exit 1; }
 echo "whatif: ok"
+
+echo "== NPTKit trace format: the committed 1.0 trace reads; a corrupted copy is refused at its block (nptkit-cli trace-dump)"
+"$(swift build --show-bin-path)/nptkit-cli" trace-dump Tests/Fixtures/npttrace/golden-1.0.trace > /tmp/nptkit-trace-dump.log
+grep -q "^#27 @354 7001 ns: end (27 records)$" /tmp/nptkit-trace-dump.log || { echo "trace-dump: golden trace misread" >&2; exit 1; }
+cp Tests/Fixtures/npttrace/golden-1.0.trace /tmp/nptkit-golden-corrupt.trace
+printf '\377' | dd of=/tmp/nptkit-golden-corrupt.trace bs=1 seek=100 conv=notrunc status=none
+if "$(swift build --show-bin-path)/nptkit-cli" trace-dump /tmp/nptkit-golden-corrupt.trace > /tmp/nptkit-trace-dump.log; then
+    echo "trace-dump accepted a corrupted trace" >&2; exit 1
+fi
+grep -q "^error: trace: corrupt at byte offset 20: checksum mismatch" /tmp/nptkit-trace-dump.log \
+    || { echo "trace-dump: wrong error" >&2; cat /tmp/nptkit-trace-dump.log >&2; exit 1; }
+! grep -q "^#" /tmp/nptkit-trace-dump.log || { echo "trace-dump printed records of a corrupted block" >&2; exit 1; }
+echo "trace-dump: ok"
 
 echo "== smoke run on the KVM backend plugin (nptkit demo --backend kvm)"
 if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then

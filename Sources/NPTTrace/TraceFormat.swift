@@ -87,10 +87,12 @@ struct ByteDecoder {
     let end: Int
     /// Offset in the trace of the record (for errors).
     let recordOffset: UInt64
-    let what: String
+    /// The record's number and kind, for errors (the message is built only on failure).
+    let recordIndex: UInt64
+    let kind: UInt8?
 
     func fail(_ m: String) -> TraceError {
-        TraceError(.invalidRecord, at: recordOffset, "\(what): \(m)")
+        TraceError(.invalidRecord, at: recordOffset, "record \(recordIndex)\(kind.map { " (kind \(hex(UInt64($0))))" } ?? ""): \(m)")
     }
     var remaining: Int { end - pos }
     mutating func u8() throws(TraceError) -> UInt8 {

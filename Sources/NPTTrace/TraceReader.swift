@@ -137,7 +137,7 @@ public final class TraceReader {
         let recOffset = blockOffset + 20 + UInt64(pos)
         let p = UnsafeRawBufferPointer(block)
         do {
-            var frame = ByteDecoder(base: p, pos: pos, end: blockLength, recordOffset: recOffset, what: "record \(recordIndex)")
+            var frame = ByteDecoder(base: p, pos: pos, end: blockLength, recordOffset: recOffset, recordIndex: recordIndex, kind: nil)
             if sawEnd { throw TraceError(.corrupt, at: recOffset, "a record after the end record") }
             guard recordsLeft > 0 else { throw TraceError(.corrupt, at: recOffset, "the block holds more records than it declares") }
             let kind = try frame.u8()
@@ -154,11 +154,11 @@ public final class TraceReader {
             recordsLeft -= 1
             recordIndex += 1
             pos = payloadEnd
-            guard RecordKind.known.contains(kind) else {
+            guard RecordKind.isKnown(kind) else {
                 skippedUnknown += 1
                 return nil
             }
-            var d = ByteDecoder(base: p, pos: frame.pos, end: payloadEnd, recordOffset: recOffset, what: "record \(index) (kind \(hex(UInt64(kind))))")
+            var d = ByteDecoder(base: p, pos: frame.pos, end: payloadEnd, recordOffset: recOffset, recordIndex: index, kind: kind)
             let r = try TraceCodec.decode(kind: kind, &d, &state)
             if case .end(let n) = r {
                 guard n == index else {

@@ -307,6 +307,13 @@ public enum RecordKind {
     public static let fence: UInt8 = 0x43
     public static let trappedWriteCompleted: UInt8 = 0x44
     public static let end: UInt8 = 0x7F
+    /// Whether this version reads records of `kind` (a reader skips others: a newer minor's).
+    @inline(__always) public static func isKnown(_ kind: UInt8) -> Bool {
+        switch kind {
+        case 0x01...0x07, 0x10...0x14, 0x20...0x26, 0x30, 0x31, 0x40...0x44, 0x7F: return true
+        default: return false
+        }
+    }
     /// Every kind this version reads; a reader skips others (a newer minor's).
     public static let known: Set<UInt8> = [meta, vmCreate, vmDestroy, vcpuCreate, vcpuDestroy, policySet, memoryWrite,
                                            exit, regsRead, memoryRead, hostPMemRegion, status, hierarchy, exitControls,

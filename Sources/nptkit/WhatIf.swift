@@ -43,3 +43,24 @@ func readText(_ path: String) throws -> String {
     }
     return String(decoding: out, as: UTF8.self)
 }
+
+/// `nptkit trace-dump FILE`: every record of an NPTKit trace, one a line (number, byte offset,
+/// timestamp, record); a damaged trace ends with the error and its byte offset, exit status 1.
+struct TraceDump: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "trace-dump", abstract: "Print the records of an NPTKit trace (docs/trace-format.md).")
+    @Argument(help: "An NPTKit trace file.")
+    var trace: String
+
+    func run() throws {
+        let r = try TraceReader(path: trace)
+        print("NPTKit trace \(r.major).\(r.minor): \(trace)")
+        do {
+            while let e = try r.next() { print("#\(e.index) @\(e.offset) \(e.timestamp) ns: \(e.record)") }
+        } catch {
+            print("error: \(error)")
+            throw ExitCode(1)
+        }
+        if r.skippedUnknown > 0 { print("(\(r.skippedUnknown) records of kinds this version does not know, skipped)") }
+    }
+}

@@ -353,3 +353,67 @@ func blockOffsets(_ b: [UInt8]) -> [Int] {
         #expect(d.description.contains("replayed: hierarchy vcpu 0: user"))
     }
 }
+
+/// A committed trace of version 1.0 (Tests/Fixtures/npttrace/golden-1.0.trace): the writer must keep
+/// producing exactly these bytes, and the reader must keep reading them, so a change of the format
+/// shows here. Regenerate (only for a deliberate, versioned change) with NPTTRACE_WRITE_GOLDEN=1.
+@Suite struct GoldenTraceTests {
+    static func records() -> [(UInt64, TraceRecord)] {
+        var regs = TraceRegs()
+        regs.cpl = 3; regs.rip = 0x10004; regs.rflags = 0x202; regs.gpr[4] = 0x12000; regs.cr0 = 0x8001_0033; regs.cr3 = 0x1000
+        regs.cr4 = 0x30_0020; regs.efer = 0xd01; regs.lstar = 0xb000
+        return [
+            (1000, .meta(key: "backend", value: "sim")),
+            (1000, .meta(key: "clock", value: "CLOCK_MONOTONIC")),
+            (1100, .vmCreate(TraceVMConfig(mbecMode: 0, ramSize: 64 << 20, defaultPerms: 3, maxStepsPerRun: 0, backend: "sim"))),
+            (1200, .policySet(gpa: 0xb000, size: 0x1000, pageSize: 0x1000, perms: 0x5)),
+            (1300, .memoryWrite(gpa: 0x10000, data: [0x90, 0x90, 0xf4])),
+            (1400, .vcpuCreate(vcpu: 0)),
+            (1500, .exitControls(vcpu: 0, controls: 3)),
+            (2000, .exit(vcpu: 0, TraceExit(reason: .escalation, cpl: 3, hierarchy: 1, rip: 0x10004))),
+            (2010, .regsRead(vcpu: 0, regs)),
+            (2020, .hierarchy(vcpu: 0, hierarchy: 0)),
+            (2030, .decision(vcpu: 0, action: .resume, exit: TraceExit(reason: .escalation, cpl: 3, hierarchy: 1, rip: 0x10004))),
+            (3000, .exit(vcpu: 0, TraceExit(reason: .eptViolation, gpa: 0x9000, gva: 0x9000, qualification: 0x384, cpl: 0, hierarchy: 0, rip: 0x9000))),
+            (3010, .decision(vcpu: 0, action: .reportViolation, exit: TraceExit(reason: .mbecViolation, gpa: 0x9000, gva: 0x9000, qualification: 0x384, rip: 0x9000))),
+            (3020, .injectFault(vcpu: 0, vector: 20, errorCode: 0, address: 0x9000)),
+            (4000, .invalidate(hierarchy: 1, gpa: 0xb000, size: 0x1000)),
+            (5000, .privileged(vcpu: 0, step: .requested, gpa: 0, length: 0)),
+            (5001, .kick(vcpu: 1)),
+            (5002, .privileged(vcpu: 1, step: .stopAcknowledged, gpa: 0, length: 0)),
+            (5003, .privileged(vcpu: 0, step: .regionMapped, gpa: 0x4000_0000, length: 0x10000)),
+            (6000, .hostPMemRegion(TraceHostPMemRegion(index: 0, id: 1, base: 0x1_0000_0000, length: 1 << 30, controllerCount: 2,
+                                                       needsWPQFlush: true, targets: [.init(controller: 0, address: 0xfed0_0000),
+                                                                                      .init(controller: 1, address: 0xfed0_1000)]))),
+            (6100, .flushHintPage(gpa: 0x8020_0000, hostOffset: 0x400_0000, trapped: true)),
+            (6200, .fence(vcpu: 0)),
+            (6300, .physicalFlush(region: 1, controller: 0, address: 0xfed0_0000)),
+            (6400, .trappedWriteCompleted(vcpu: 0)),
+            (6500, .status(kind: RecordKind.physicalFlush, status: -12)),
+            (7000, .vcpuDestroy(vcpu: 0)),
+            (7001, .vmDestroy),
+        ]
+    }
+
+    @Test func goldenTraceReadsAndWritesTheSameBytes() throws {
+        let path = fixturesDirectory() + "/npttrace/golden-1.0.trace"
+        let sink = MemoryTraceSink()
+        let w = try TraceWriter(sink: sink, blockPayload: 256)
+        for (t, r) in GoldenTraceTests.records() { try w.append(r, at: t) }
+        try w.finish()
+        if readTextFile("/proc/self/environ")?.contains("NPTTRACE_WRITE_GOLDEN=1") == true {
+            let f = try FileTraceSink(path: path)
+            try sink.bytes.withUnsafeBytes { try f.write($0) }
+            try f.close()
+        }
+        let src = try FileTraceSource(path: path)
+        var golden = [UInt8](repeating: 0, count: 1 << 16)
+        let n = try golden.withUnsafeMutableBytes { try src.read(into: $0) }
+        golden = Array(golden[0..<n])
+        #expect(golden == sink.bytes, "the writer's bytes changed: a format change needs a new version")
+        let read = try readAll(golden)
+        #expect(read.map(\.record) == GoldenTraceTests.records().map(\.1) + [.end(recordCount: 27)])
+        #expect(read.map(\.timestamp) == GoldenTraceTests.records().map(\.0) + [7001])
+        #expect(blockOffsets(golden).count >= 2)
+    }
+}
