@@ -97,3 +97,13 @@ public final class FileTraceSink: TraceSink {
         if fsync(fd) != 0 && errno != EINVAL { throw TraceError(.io, at: offset, "fsync \(path): \(errnoText())") }
     }
 }
+
+/// The clock a recorder should stamp records with (name it in a `meta` record "clock").
+public enum TraceClock {
+    /// CLOCK_MONOTONIC in nanoseconds.
+    public static func monotonicNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+}

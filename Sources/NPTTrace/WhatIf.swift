@@ -39,8 +39,14 @@ public func parsePerms(_ t: Substring) -> UInt64? {
 /// becomes a guest-physical address; identity where no map covers it) and `kernel START END`
 /// (rips in [START, END) are kernel code; without such lines, the upper canonical half is).
 public struct WhatIfPolicy: Sendable {
-    public struct Range: Sendable, Hashable { public var start: UInt64; public var end: UInt64; public var perms: UInt64 }
-    public struct Map: Sendable, Hashable { public var gva: UInt64; public var size: UInt64; public var gpa: UInt64 }
+    public struct Range: Sendable, Hashable {
+        public var start: UInt64; public var end: UInt64; public var perms: UInt64
+        public init(start: UInt64, end: UInt64, perms: UInt64) { self.start = start; self.end = end; self.perms = perms }
+    }
+    public struct Map: Sendable, Hashable {
+        public var gva: UInt64; public var size: UInt64; public var gpa: UInt64
+        public init(gva: UInt64, size: UInt64, gpa: UInt64) { self.gva = gva; self.size = size; self.gpa = gpa }
+    }
     public var ranges: [Range] = []
     public var defaultPerms: UInt64 = permR | permW | permXs | permXu
     public var maps: [Map] = []

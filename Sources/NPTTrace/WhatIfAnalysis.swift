@@ -81,7 +81,14 @@ public struct KernelExitStream: Sendable {
     var pendingExit: [String: Pending] = [:]
     struct ThreadState: Sendable { var rip: UInt64?; var lastFailed = false; var mmio: (UInt64, Bool)? }
     var threads: [Int32: ThreadState] = [:]
+    var keyOfThread: [Int32: String] = [:]
     public private(set) var kvmExits = 0
+
+    /// A vCPU: its index where the event prints it, with its thread (two VMs may both have a vCPU 0);
+    /// else its thread.
+    static func key(_ vcpu: UInt32?, _ ev: KernelTraceEvent) -> String {
+        vcpu.map { "vcpu \($0) (pid \(ev.pid))" } ?? "pid \(ev.pid) (\(ev.task))"
+    }
     public private(set) var userspaceExits = 0
 
     public init(policy: WhatIfPolicy, mode: WhatIfMode) {
@@ -93,7 +100,8 @@ public struct KernelExitStream: Sendable {
         switch ev.event {
         case .exit(let x):
             kvmExits += 1
-            let key = x.vcpu.map { "vcpu \($0)" } ?? "pid \(ev.pid)"
+            let key = KernelExitStream.key(x.vcpu, ev)
+            keyOfThread[ev.pid] = key
             flush(key)
             var e = WhatIfExit(timestamp: ev.timestamp, rip: x.rip)
             var wants = false
@@ -106,7 +114,7 @@ public struct KernelExitStream: Sendable {
             }
             pendingExit[key] = Pending(key: key, exit: e, wantsGPA: wants)
         case .pageFault(let f):
-            let key = f.vcpu.map { "vcpu \($0)" } ?? "pid \(ev.pid)"
+            let key = f.vcpu.map { KernelExitStream.key($0, ev) } ?? keyOfThread[ev.pid] ?? KernelExitStream.key(nil, ev)
             if var p = pendingExit[key], p.wantsGPA {
                 if f.errorCode & 0x10 != 0 { p.exit.fetchGPA = f.address } else {
                     p.exit.fetchGPA = nil; p.exit.dataGPA = f.address; p.exit.dataWrite = f.errorCode & 2 != 0
@@ -115,7 +123,7 @@ public struct KernelExitStream: Sendable {
                 pendingExit[key] = p
             }
         case .entry(let en):
-            flush("vcpu \(en.vcpu)")
+            flush(KernelExitStream.key(en.vcpu, ev))
         case .emulateInsn(let i):
             var t = threads[ev.pid] ?? ThreadState()
             t.rip = i.csBase &+ i.rip
@@ -134,7 +142,7 @@ public struct KernelExitStream: Sendable {
             // KVM_EXIT_INTERNAL_ERROR after a failed emulation: an instruction that could not be fetched
             // (a page without memslot: what the KVM plugin reports as an EPT violation on a fetch).
             if u.kvmExitReason == 17, t.lastFailed, let rip = t.rip { e.fetchGPA = userspaceModel.policy.gpa(ofLinear: rip) }
-            userspaceModel.feed(vcpu: "pid \(ev.pid) (\(ev.task))", e)
+            userspaceModel.feed(vcpu: KernelExitStream.key(nil, ev), e)
             threads[ev.pid] = ThreadState()
         case .pio, .injException:
             break

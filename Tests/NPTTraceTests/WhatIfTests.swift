@@ -33,7 +33,7 @@ struct Expected: Equatable {
         let pol = try policy("whatif-vmx.policy")
         // exact: each change of mode is an exit and a switch; the 0x402000 fetch is a violation exit, reported.
         var r = try report("handwritten-whatif-vmx.txt", pol, .exact)
-        #expect(r.rows.map(\.0) == ["vcpu 0", "vcpu 1"])
+        #expect(r.rows.map(\.0) == ["vcpu 0 (pid 3001)", "vcpu 1 (pid 3002)"])
         #expect(Expected(r.rows[0].1) == Expected(esc: 1, ret: 1, viol: 1, sw: 2, fetch: 1, data: 1))
         #expect(Expected(r.rows[1].1) == Expected(esc: 1, ret: 1, sw: 2))
         #expect(r.total.exits == 8 && r.total.userToKernel == 2 && r.total.kernelToUser == 2)
