@@ -22,11 +22,14 @@ let package = Package(
         // Vends include/nptkit.h (symlinked) to Swift.
         .target(name: "CNPTKit", path: "Sources/CNPTKit"),
         .target(name: "NPTCore", swiftSettings: strict),
+        // The trace format (writer, reader), the kernel-tracepoint text parser and the what-if model.
+        // Depends on nothing of NPTKit, so the replay plugin can link it without a second core.
+        .target(name: "NPTTrace", swiftSettings: strict),
         .target(name: "NPTSimulator", dependencies: ["NPTCore"], swiftSettings: strict),
         .target(name: "NPTKit", dependencies: ["CNPTKit", "NPTCore", "NPTSimulator"], swiftSettings: strict),
         .executableTarget(
             name: "nptkit",
-            dependencies: ["NPTKit", "NPTCore", "NPTSimulator", "CKVMGuests",
+            dependencies: ["NPTKit", "NPTCore", "NPTSimulator", "CKVMGuests", "NPTTrace",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
         // The KVM plugin's test guests (bytes committed in Plugins/KVM/Guest), for the CLI's benchmark.
@@ -49,6 +52,7 @@ let package = Package(
         .testTarget(name: "NPTCoreTests", dependencies: ["NPTCore"], swiftSettings: strict),
         .testTarget(name: "NPTSimulatorTests", dependencies: ["NPTCore", "NPTSimulator", "MBECReference", "NPTDifferential"],
                     swiftSettings: strict),
+        .testTarget(name: "NPTTraceTests", dependencies: ["NPTTrace"], swiftSettings: strict),
         .testTarget(name: "NPTKitTests", dependencies: ["NPTCore", "NPTKit"], swiftSettings: strict),
     ]
 )

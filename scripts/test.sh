@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every test of NPTKit: the Swift tests (unit, property, differential, scenario) and the C
+# Runs every test of NPTKit: the Swift tests (unit, property, differential, scenario, trace format) and the C
 # programs compiled against libnptkit.so (API, plugins, the C example, one under AddressSanitizer),
 # the guest NVDIMM tables through iasl and through a real Linux kernel booted in QEMU.
 set -euo pipefail
@@ -39,6 +39,38 @@ demo_expect "^Every mode kept its promise: yes"
 # NVDIMM section: no loss where the protocol is honoured (trapped flushes; ADR), losses found with traps off.
 grep -Eq "^Crash checker: 0 losses with trapped flushes on the platform that needs WPQ flushing, 0 on ADR, [1-9][0-9]* with traps disabled there$" /tmp/nptkit-demo.log
 echo "demo: ok"
+
+echo "== what-if on real kernel traces (nptkit-cli whatif, Tests/Fixtures/kvmtrace)"
+# The four captures of one guest run (tracefs trace and trace_pipe, perf script, trace-cmd report) give the
+# same estimate: 13 exits, 4 user->kernel and 4 kernel->user changes; exact mode adds 4 escalation and
+# 4 return exits and 8 hierarchy switches.
+for f in tracefs-trace tracefs-trace_pipe perf-script trace-cmd-report; do
+    "$(swift build --show-bin-path)/nptkit-cli" whatif "Tests/Fixtures/kvmtrace/$f.txt" \
+        --policy Tests/Fixtures/kvmtrace/gen_guest.policy > /tmp/nptkit-whatif.log
+    grep -Eq "^  total +13 +4 +4 +4 +4 +0 +8 +0 +0 +0 " /tmp/nptkit-whatif.log \
+        || { echo "whatif $f: unexpected estimate" >&2; cat /tmp/nptkit-whatif.log >&2; exit 1; }
+done
+# Bad input: a malformed line is refused with its line number and a non-zero exit status.
+printf '# x\n  a-1 [000] .... 1.000001: kvm_exit: reason HLT rip zz\n' > /tmp/nptkit-whatif-bad.txt
+if "$(swift build --show-bin-path)/nptkit-cli" whatif /tmp/nptkit-whatif-bad.txt \
+        --policy Tests/Fixtures/kvmtrace/gen_guest.policy > /tmp/nptkit-whatif.log 2>&1; then
+    echo "whatif accepted a malformed line" >&2; exit 1
+fi
+grep -q "line 2: kvm_exit: rip" /tmp/nptkit-whatif.log || { echo "whatif: no line number in the error" >&2; cat /tmp/nptkit-whatif.log >&2; exit 1; }
+echo "whatif: ok"
+
+echo "== NPTKit trace format: the committed 1.0 trace reads; a corrupted copy is refused at its block (nptkit-cli trace-dump)"
+"$(swift build --show-bin-path)/nptkit-cli" trace-dump Tests/Fixtures/npttrace/golden-1.0.trace > /tmp/nptkit-trace-dump.log
+grep -q "^#27 @354 7001 ns: end (27 records)$" /tmp/nptkit-trace-dump.log || { echo "trace-dump: golden trace misread" >&2; exit 1; }
+cp Tests/Fixtures/npttrace/golden-1.0.trace /tmp/nptkit-golden-corrupt.trace
+printf '\377' | dd of=/tmp/nptkit-golden-corrupt.trace bs=1 seek=100 conv=notrunc status=none
+if "$(swift build --show-bin-path)/nptkit-cli" trace-dump /tmp/nptkit-golden-corrupt.trace > /tmp/nptkit-trace-dump.log; then
+    echo "trace-dump accepted a corrupted trace" >&2; exit 1
+fi
+grep -q "^error: trace: corrupt at byte offset 20: checksum mismatch" /tmp/nptkit-trace-dump.log \
+    || { echo "trace-dump: wrong error" >&2; cat /tmp/nptkit-trace-dump.log >&2; exit 1; }
+! grep -q "^#" /tmp/nptkit-trace-dump.log || { echo "trace-dump printed records of a corrupted block" >&2; exit 1; }
+echo "trace-dump: ok"
 
 echo "== smoke run on the KVM backend plugin (nptkit demo --backend kvm)"
 if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then

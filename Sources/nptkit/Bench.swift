@@ -11,7 +11,7 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Measure the figures quoted in the README (medians of one run).")
     @Flag(help: "Fewer repetitions (a smoke run, e.g. in CI).")
     var quick = false
-    @Option(help: "Run only these groups: build, update, sim, exits, abi, privileged, nvdimm, kvm.")
+    @Option(help: "Run only these groups: build, update, sim, exits, abi, privileged, nvdimm, kvm, trace.")
     var only: [String] = []
     @Option(help: "nvdimm group: the simulated platform's flush hint drain time (the writing CPU spins this long), ns.")
     var flushLatencyNs: UInt64 = 1000
@@ -28,6 +28,7 @@ struct Bench: ParsableCommand {
         if wants("privileged") { try benchPrivileged() }
         if wants("nvdimm") { try benchNVDIMM() }
         if wants("kvm") { try benchKVM() }
+        if wants("trace") { try benchTrace() }
     }
 
     // MARK: 1. shadow hierarchy build
