@@ -35,11 +35,12 @@ extern "C" {
 
 /* ABI version: major changes break compatibility; minor ones only add. */
 #define NPT_ABI_VERSION_MAJOR 1u
-#define NPT_ABI_VERSION_MINOR 2u /* 1.1: virtualized NVDIMM WPQ flushing;
+#define NPT_ABI_VERSION_MINOR 3u /* 1.1: virtualized NVDIMM WPQ flushing;
                                     1.2: MBEC guarantees per mode (NPT_MBEC_VIOLATION_ONLY, NPT_ERR_GUARANTEE,
                                     npt_mbec_mode_check), qualification bits 10-11, policies on NVDIMM
                                     ranges; guest NVDIMM SSDT, host NVDIMM discovery from sysfs (also for
-                                    plugins) */
+                                    plugins);
+                                    1.3: guest ISAs (npt_backend_ops.guest_isa, npt_vm_guest_isa) */
 #define NPT_ABI_VERSION ((NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR)
 #define NPT_ABI_MAJOR(v) ((uint32_t)(v) >> 16)
 
@@ -116,6 +117,12 @@ npt_status npt_context_destroy(npt_context *ctx);
                                                         it only if its table has every operation it needs,
                                                         see npt_backend_ops) */
 
+/* (ABI 1.3) Guest instruction sets: what a backend's vCPUs execute. */
+#define NPT_GUEST_ISA_UNKNOWN 0u /* not said (a backend table older than ABI 1.3) */
+#define NPT_GUEST_ISA_SIM     1u /* the simulator's 32-bit-instruction ISA (docs/guest-isa.md) */
+#define NPT_GUEST_ISA_X86_64  2u /* x86-64 (the KVM backend) */
+#define NPT_GUEST_ISA_NONE    3u /* runs no guest code (trace replay: recorded exits) */
+
 typedef struct npt_backend_info {
     uint32_t size;            /* in: sizeof(npt_backend_info) */
     uint32_t abi_version;     /* ABI the backend was built for */
@@ -127,6 +134,8 @@ typedef struct npt_backend_info {
 } npt_backend_info;
 
 npt_status npt_backend_count(const npt_context *ctx, size_t *count);
+/* (ABI 1.3) The guest ISA (NPT_GUEST_ISA_*) of the backend that runs `vm`. */
+npt_status npt_vm_guest_isa(npt_vm *vm, uint32_t *isa);
 npt_status npt_backend_get(const npt_context *ctx, size_t index, npt_backend_info *info);
 /* Makes `name` the default backend for VMs created with backend == NULL. */
 npt_status npt_backend_set_default(npt_context *ctx, const char *name);
@@ -647,6 +656,11 @@ typedef struct npt_backend_ops {
     /* A power failure of the host's persistent memory, if the backend models one (may be NULL:
      * npt_vm_power_failure answers NPT_ERR_UNSUPPORTED). */
     npt_status (*power_failure)(void *vm_data);
+
+    /* ---- ABI 1.3 ---- */
+    /* The instruction set its vCPUs run (NPT_GUEST_ISA_*): which guest image a scenario or a VMM
+     * loads. A table without this member (an older size) or with 0 is NPT_GUEST_ISA_UNKNOWN. */
+    uint64_t guest_isa;
 } npt_backend_ops;
 
 /* Registers a backend in `ctx`. The ops table must stay valid until the

@@ -206,10 +206,31 @@ public struct VMConfig: Sendable {
     }
 }
 
+/// The instruction set a backend's vCPUs execute: which guest image a scenario or a VMM loads
+/// (NPT_GUEST_ISA_*).
+public enum GuestISA: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+    /// Not said (a backend table older than ABI 1.3).
+    case unknown = 0
+    /// The simulator's ISA (docs/guest-isa.md).
+    case simulator = 1
+    case x86_64 = 2
+    /// Runs no guest code (trace replay).
+    case none = 3
+    public var description: String {
+        switch self {
+        case .unknown: "unknown"
+        case .simulator: "simulator"
+        case .x86_64: "x86-64"
+        case .none: "none"
+        }
+    }
+}
+
 public protocol Backend: AnyObject, Sendable {
     var name: String { get }
     var summary: String { get }
     var capabilities: BackendCapabilities { get }
+    var guestISA: GuestISA { get }
     var abiVersion: UInt32 { get }
     var isPlugin: Bool { get }
     func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM
@@ -315,7 +336,7 @@ public enum NPTABI {
     public static let major: UInt32 = 1
     /// 1.1: virtualized NVDIMM WPQ flushing; 1.2: MBEC guarantees per mode, qualification bits
     /// 10-11, policies on NVDIMM ranges, guest NVDIMM SSDT, host NVDIMM discovery from sysfs.
-    public static let minor: UInt32 = 2
+    public static let minor: UInt32 = 3
     public static let version: UInt32 = (major << 16) | minor
     public static func major(of v: UInt32) -> UInt32 { v >> 16 }
 }

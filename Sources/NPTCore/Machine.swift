@@ -118,6 +118,9 @@ public final class VirtualMachine: Sendable {
         self.backendVM = try backend.makeVM(config: config, hierarchies: publisher, handle: handle)
     }
 
+    /// The instruction set the VM's vCPUs execute (its backend's).
+    public var guestISA: GuestISA { backend.guestISA }
+
     /// Before a policy that has user-execute-only (or supervisor-execute-only) pages where the
     /// current one has none is published, every vCPU must have armed the exit that keeps the
     /// guarantee with such pages: raise the arming epoch, kick the vCPUs inside `backend.run`, and

@@ -11,6 +11,7 @@ final class CBackend: Backend, @unchecked Sendable {
     let name: String
     let summary: String
     let capabilities: BackendCapabilities
+    let guestISA: GuestISA
     let abiVersion: UInt32
     let isPlugin: Bool
 
@@ -64,6 +65,8 @@ final class CBackend: Backend, @unchecked Sendable {
         }
         if !hasAll { caps.remove(.persistentMemory) }
         self.capabilities = caps
+        let isaOffset = MemoryLayout<npt_backend_ops>.offset(of: \npt_backend_ops.guest_isa)!
+        self.guestISA = isaOffset + word <= copied ? GuestISA(rawValue: UInt32(truncatingIfNeeded: ops.guest_isa)) ?? .unknown : .unknown
         self.abiVersion = abi
         self.isPlugin = isPlugin
     }

@@ -387,6 +387,15 @@ public func npt_vm_get_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer
     }
 }
 
+@_cdecl("npt_vm_guest_isa")
+public func npt_vm_guest_isa(_ vm: OpaquePointer?, _ isa: UnsafeMutablePointer<UInt32>?) -> npt_status {
+    api("npt_vm_guest_isa") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        let out = try require(isa, "isa")
+        out.pointee = v.vm.guestISA.rawValue
+    }
+}
+
 // MARK: privileged mode
 
 @_cdecl("npt_region_set")

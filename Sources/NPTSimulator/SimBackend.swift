@@ -11,6 +11,7 @@ public final class SimulatorBackend: Backend {
     public let name: String
     public let summary: String
     public let capabilities: BackendCapabilities
+    public var guestISA: GuestISA { .simulator }
     public static let allCapabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
                                                               .privilegedMode, .persistentMemory]
     private let platformBox: Mutex<PersistentPlatform>

@@ -242,6 +242,9 @@ static void *kick_later(void *arg) {
 static void test_guest(npt_context *ctx) {
     npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
     if (!vm) return;
+    uint32_t isa = 0;
+    CHECK_OK(npt_vm_guest_isa(vm, &isa));
+    CHECK_EQ(isa, NPT_GUEST_ISA_X86_64);
 
     /* out of range through the core */
     uint8_t b[8] = {0};

@@ -168,6 +168,15 @@ static void test_sample_plugin(npt_context *ctx, const char *path) {
           (NPT_CAP_MBEC_EMULATION | NPT_CAP_RUN | NPT_CAP_LINEAR_MODE_INFO));
     CHECK((info.capabilities & NPT_CAP_PRIVILEGED_MODE) == 0);
     CHECK(info.description != NULL && strstr(info.description, "sample") != NULL);
+    {
+        npt_vm *svm = make_vm(ctx, SAMPLE_BACKEND_NAME, 16 * K4, NPT_MBEC_LAZY);
+        uint32_t isa = 99;
+        if (svm) {
+            CHECK_OK(npt_vm_guest_isa(svm, &isa));
+            CHECK_EQ(isa, NPT_GUEST_ISA_NONE); /* it plays scripted exits */
+            CHECK_OK(npt_vm_destroy(svm));
+        }
+    }
 
     /* loading it again: the name is taken; nothing changes */
     const char *again = "unchanged";
@@ -613,6 +622,31 @@ static void test_register(npt_context *ctx) {
         CHECK_ST(npt_vcpu_run(cpu, &e), NPT_ERR_UNSUPPORTED);
         CHECK_EQ(inl.runs, 0);
     }
+    /* (ABI 1.3) a table that ends before guest_isa says nothing about its ISA */
+    uint32_t isa = 99;
+    CHECK_OK(npt_vm_guest_isa(vm, &isa));
+    CHECK_EQ(isa, NPT_GUEST_ISA_UNKNOWN);
+    CHECK_OK(npt_vm_destroy(vm));
+
+    /* guest_isa as the table gives it: the full inline table says x86-64; NULL and bad handles */
+    static npt_backend_ops x86;
+    x86 = inline_ops;
+    x86.name = "c-x86";
+    x86.guest_isa = NPT_GUEST_ISA_X86_64;
+    CHECK_OK(npt_backend_register(ctx, &x86));
+    vm = make_vm(ctx, "c-x86", 16 * K4, NPT_MBEC_LAZY);
+    if (!vm) return;
+    isa = 99;
+    CHECK_OK(npt_vm_guest_isa(vm, &isa));
+    CHECK_EQ(isa, NPT_GUEST_ISA_X86_64);
+    CHECK_ST(npt_vm_guest_isa(vm, NULL), NPT_ERR_INVALID_ARGUMENT);
+    CHECK_ST(npt_vm_guest_isa(NULL, &isa), NPT_ERR_INVALID_ARGUMENT);
+    CHECK_ST(npt_vm_guest_isa((npt_vm *)(uintptr_t)0x1234, &isa), NPT_ERR_BAD_HANDLE);
+    CHECK_OK(npt_vm_destroy(vm));
+    vm = make_vm(ctx, "sim", 16 * K4, NPT_MBEC_LAZY);
+    if (!vm) return;
+    CHECK_OK(npt_vm_guest_isa(vm, &isa));
+    CHECK_EQ(isa, NPT_GUEST_ISA_SIM);
     CHECK_OK(npt_vm_destroy(vm));
 }
 

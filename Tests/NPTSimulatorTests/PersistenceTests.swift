@@ -341,6 +341,7 @@ final class NoPMemBackend: Backend {
     let name = "nopmem"
     let summary = "a backend with no persistent memory"
     let capabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .run]
+    let guestISA = GuestISA.simulator
     func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
         try SimulatorBackend().makeVM(config: config, hierarchies: hierarchies, handle: handle)
     }
@@ -355,6 +356,7 @@ final class FlakyBackend: Backend {
     let failInvalidate = Atomic<Bool>(false)
     let failDefine = Atomic<Bool>(false)
     var capabilities: BackendCapabilities { inner.capabilities }
+    var guestISA: GuestISA { inner.guestISA }
     func hostPersistence() throws(NPTError) -> HostPersistence { try inner.hostPersistence() }
     func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
         FlakyVM(inner: try inner.makeVM(config: config, hierarchies: hierarchies, handle: handle), backend: self)

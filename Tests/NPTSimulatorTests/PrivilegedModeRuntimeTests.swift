@@ -137,6 +137,7 @@ final class StubbornBackend: Backend, @unchecked Sendable {
     let name = "stubborn"
     let summary = "simulator whose vCPU 1 ignores kicks"
     var capabilities: BackendCapabilities { inner.capabilities }
+    var guestISA: GuestISA { inner.guestISA }
     private let released = Atomic<Bool>(false)
     private var vcpus: [StubbornVCPU] = []
     func release() {

@@ -422,6 +422,8 @@ static const npt_backend_ops sample_ops = {
     .vcpu_complete_trapped_write = sample_vcpu_complete_trapped_write,
     .untrapped_flush_hint_writes = NULL,
     .power_failure = NULL,
+    /* It executes nothing: its exits are a script. */
+    .guest_isa = NPT_GUEST_ISA_NONE,
 };
 
 EXPORT npt_status npt_plugin_entry(const npt_host_api *h, const npt_backend_ops **ops) {

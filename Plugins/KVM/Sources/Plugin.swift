@@ -76,6 +76,7 @@ nonisolated(unsafe) let kvmOps: UnsafeMutablePointer<npt_backend_ops> = {
     o.description = UnsafePointer(strdup("real x86-64 guest code through /dev/kvm (hierarchies as memslot layouts); escalation exit: "
         + (escalationSupport.usable ? "yes, " : "no: ") + escalationSupport.reason))
     o.capabilities = kvmCapabilities
+    o.guest_isa = UInt64(NPT_GUEST_ISA_X86_64)
     o.backend_data = nil
     o.vm_create = { _, vm, config, out in KVMVM.create(handle: vm, config: config, out: out) }
     o.vm_destroy = { d in if let d { Unmanaged<KVMVM>.fromOpaque(d).release() } }
