@@ -32,8 +32,12 @@ let package = Package(
             dependencies: ["NPTKit", "NPTCore", "NPTSimulator", "CKVMGuests", "NPTTrace",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
-        // The KVM plugin's test guests (bytes committed in Plugins/KVM/Guest), for the CLI's benchmark.
+        // The KVM plugin's test guests (bytes committed in Sources/NPTScenarios/Guests), for the CLI's benchmark.
         .target(name: "CKVMGuests", path: "Sources/CKVMGuests"),
+        // The x86-64 guest images (assembled into committed headers) and the scenarios' protocol.
+        .target(name: "CScenarioGuests", path: "Sources/NPTScenarios/Guests",
+                exclude: ["x86-64/build.sh", "x86-64/system.inc", "x86-64/gate.S", "x86-64/hello.S", "x86-64/hvci.S",
+                          "x86-64/kernel.S", "x86-64/pmem.S", "x86-64/priv.S"]),
         // The KVM backend plugin (Plugins/ needs explicit paths: SwiftPM reserves it for package plugins).
         .target(name: "CKVM", path: "Plugins/KVM/CKVM"),
         .target(

@@ -1,8 +1,8 @@
 #include "ckvmguests.h"
-#include "../../Plugins/KVM/Guest/hello_guest.h"
-#include "../../Plugins/KVM/Guest/kernel_guest.h"
-#include "../../Plugins/KVM/Guest/pmem_guest.h"
-#include "../../Plugins/KVM/Guest/priv_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/hello_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/kernel_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/pmem_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/priv_guest.h"
 
 nptk_guest nptk_guest_hello(uint64_t *long_entry) {
     *long_entry = HELLO_GUEST_LONG_ENTRY;
@@ -27,8 +27,8 @@ nptk_guest nptk_guest_pmem(uint64_t *clflushopt_entry) {
 
 nptk_guest nptk_guest_priv(uint64_t *heartbeats, nptk_guest *region, uint64_t *entry_offset, uint64_t *count_offset) {
     *heartbeats = PRIV_GUEST_HEARTBEATS;
-    *region = (nptk_guest){priv_region, sizeof priv_region, PRIV_GUEST_REGION, 0};
+    *region = (nptk_guest){priv_guest_region, sizeof priv_guest_region, PRIV_GUEST_REGION, 0};
     *entry_offset = PRIV_GUEST_REGION_ENTRY;
     *count_offset = PRIV_GUEST_REGION_COUNT;
-    return (nptk_guest){priv_loop, sizeof priv_loop, PRIV_GUEST_LOOP_BASE, 0};
+    return (nptk_guest){priv_guest, sizeof priv_guest, PRIV_GUEST_BASE, 0};
 }
