@@ -60,16 +60,7 @@
 
     .text
     .set CR3, pml4
-pml4:                                   /* 0x1000 */
-    .quad 0x2000 + 7
-    .org 0x2000 - BASE
-pdpt:
-    .quad 0x3000 + 7
-    .org 0x3000 - BASE
-pd:
-    .quad PT + 7
-    .org PT - BASE
-pt:                                     /* P|W = 3 (supervisor), P|W|U = 7 (user) */
+    PAGE_TABLE_CHAIN BASE, PT
     .quad 0                             /* 0x0000 not mapped */
     .quad 0x1000 + 3, 0x2000 + 3, 0x3000 + 3, 0x4000 + 3
     .quad SYSTEM + 3, CODE + 3, 0x7000 + 3
@@ -80,12 +71,7 @@ pt:                                     /* P|W = 3 (supervisor), P|W|U = 7 (user
 
     SYSTEM_PAGE SYSTEM, BASE, KSTACK_TOP, KSYS, KSTUBS
 
-    .code64
-    .org CODE - BASE
-kentry:
-    LOAD_SYSTEM SYSTEM
-    mov $KSTACK_TOP, %rsp
-    IRET_TO_USER USTACK_TOP, $USER
+    KERNEL_ENTRY CODE, BASE, SYSTEM, KSTACK_TOP, USTACK_TOP, USER
 
     .org KSYS - BASE
 ksys:                                   /* INT3 from the user process: eax = the call */

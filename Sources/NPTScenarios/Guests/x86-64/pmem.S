@@ -68,19 +68,20 @@ pd1:
     jb 1b
     .endm
 
+    /* LOOP_ENTRY name, flush: the records at `name`, written back with `flush`, then HLT */
+    .macro LOOP_ENTRY name, flush
+\name:
+    PMEM_LOOP \flush
+    hlt
+    .endm
+
     .code64
     .org 0x4000
-clwb_entry:                            /* GPA 0x14000 */
-    PMEM_LOOP clwb
-    hlt
+    LOOP_ENTRY clwb_entry, clwb              /* GPA 0x14000 */
     .org 0x4100
-clflushopt_entry:                      /* GPA 0x14100 */
-    PMEM_LOOP clflushopt
-    hlt
+    LOOP_ENTRY clflushopt_entry, clflushopt  /* GPA 0x14100 */
     .org 0x4200
-clflush_entry:                         /* GPA 0x14200 */
-    PMEM_LOOP clflush
-    hlt
+    LOOP_ENTRY clflush_entry, clflush        /* GPA 0x14200 */
     .org 0x4300
 jump_entry:                            /* GPA 0x14300 */
     jmp *%rdi
