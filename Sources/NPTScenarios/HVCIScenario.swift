@@ -97,13 +97,24 @@ public struct HVCIScenario: Sendable {
     }
 
     /// Loads the scenario into `vm` (its image chosen by the VM's guest ISA; `policy` replaces the
-    /// image's) and runs it on vCPU `index` with the library's loop; a reported violation is
-    /// injected into the guest as #VE, as a VMM would.
-    public func run(on vm: VirtualMachine, index: UInt32 = 0, policy: [PolicyRange]? = nil, maxExits: Int = 1_000_000) throws(NPTError) -> Outcome {
+    /// image's) and creates vCPU `index`, its registers set.
+    public func prepare(_ vm: VirtualMachine, index: UInt32 = 0, policy: [PolicyRange]? = nil) throws(NPTError) -> VirtualCPU {
         let image = try HVCIScenario.image(for: vm.guestISA)
         try Scenarios.load(vm, memory: image.memory, policy: policy ?? image.policy.ranges)
         let cpu = try vm.makeVCPU(index: index)
         try cpu.setRegisters(bootRegisters(image))
+        return cpu
+    }
+
+    /// Loads the scenario into `vm` and runs it on vCPU `index` (`prepare`, then `drive`).
+    public func run(on vm: VirtualMachine, index: UInt32 = 0, policy: [PolicyRange]? = nil) throws(NPTError) -> Outcome {
+        try HVCIScenario.drive(try prepare(vm, index: index, policy: policy))
+    }
+
+    /// Runs a prepared vCPU with the library's loop until the guest halts; a reported violation is
+    /// injected into the guest as #VE, as a VMM would.
+    public static func drive(_ cpu: VirtualCPU, maxExits: Int = 1_000_000) throws(NPTError) -> Outcome {
+        let index = cpu.index
         var o = Outcome()
         var vector: UInt64?
         for _ in 0..<maxExits {

@@ -67,10 +67,11 @@ extension Bench {
             defer { try? NPTKitRuntime.destroyVM(vm) }
             // mbec: the image's policy (the CPU's own structures keep R|W|SX|UX, a limit of this KVM).
             let policy = mbec ? shape.apply(hvci.policy.map(\.range)) : []
+            let v = try HVCIScenario(syscalls: Int(calls), attacks: false).prepare(vm, policy: policy)
             let before = PluginV2.layoutStats
             let mmio0 = PluginV2.mmioStats ?? 0
             let t0 = Monitor.now()
-            let o = try HVCIScenario(syscalls: Int(calls), attacks: false).run(on: vm, policy: policy)
+            let o = try HVCIScenario.drive(v)
             let dt = Monitor.now() - t0
             guard o.printed.count == calls else { throw NPTError(.state, "the HVCI guest printed \(o.printed.count) of \(calls)") }
             let after = PluginV2.layoutStats
