@@ -25,7 +25,7 @@ struct Demo: ParsableCommand {
         if let refusal = mode.refusal(backend: name, capabilities: host.capabilities) { fail("demo: \(refusal.message)") }
         guard host.capabilities.contains(.run) else { fail("demo: backend '\(name)' runs no guest code (no NPT_CAP_RUN)") }
         do { try host.withVM(VMConfig(ramSize: 1 << 20, mbecMode: mode)) { _ in } } catch {
-            fail("demo: backend '\(name)' cannot create a VM here: \(error)")
+            fail("demo: backend '\(name)' cannot create a VM here: \(error) (the backend says: \(host.backend.summary))")
         }
         print("NPTKit demo: emulated mode-based execute control on backend '\(name)' (guest ISA \(host.guestISA)), mode \(mode)"
               + (self.mode == nil ? " (the strongest its capabilities keep)" : "") + "\n")
