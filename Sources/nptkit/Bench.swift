@@ -2,6 +2,7 @@ import ArgumentParser
 import CNPTKit
 import NPTCore
 import NPTKit
+import NPTScenarios
 import NPTSimulator
 import Synchronization
 
@@ -229,17 +230,13 @@ struct Bench: ParsableCommand {
         print("4. Exits per system-call round trip in the demo scenario, per policy shape and mode (difference between 10 and")
         print("   1,010 system calls; simulator; the exits armed only while the policy needs them)")
         var t = Table(["policy", "mode", "exits / round trip", "escalation", "return", "EPT violation", "wall time / round trip"])
-        let registry = NPTKitRuntime.makeRegistry()
+        let host = try ScenarioHost(registry: NPTKitRuntime.makeRegistry())
         for shape in PolicyShape.allCases {
             for mode in VMConfig.MBECMode.allCases {
                 var times: [Duration] = []
                 var a = VMStatistics(), b = VMStatistics()
                 func run(_ n: Int) throws -> VMStatistics {
-                    let vm = try NPTKitRuntime.makeVM(config: VMConfig(ramSize: HVCIScenario.ram, mbecMode: mode), registry: registry)
-                    defer { try? NPTKitRuntime.destroyVM(vm) }
-                    let s = HVCIScenario(syscalls: n)
-                    _ = try s.run(on: vm, policy: shape.apply(s.policy))
-                    return vm.statistics()
+                    try HVCIScenario(syscalls: n).run(host: host, mode: mode, policy: shape.apply).1
                 }
                 for _ in 0..<(quick ? 3 : 7) {
                     let c = ContinuousClock()
@@ -338,17 +335,11 @@ extension Bench {
 
     /// vCPU threads on the scenario's guest (probing RAM instead of the region: no exits).
     func startGuests(_ vm: VirtualMachine, cpus n: Int) throws -> [VirtualCPU] {
-        let cpus = try PrivilegedScenario(cpus: n, requests: 0).prepare(vm)
-        for c in cpus {
-            var r = try c.registers()
-            r.gpr[10] = PrivilegedScenario.heartbeats
-            try c.setRegisters(r)
-        }
-        return cpus
+        try PrivilegedScenario(cpus: n, requests: 0, probeRegion: false).prepare(vm)
     }
 
     func entryLatency(cpus n: Int, samples: Int) throws -> (UInt64, UInt64) {
-        let vm = try VirtualMachine(config: VMConfig(ramSize: PrivilegedScenario.ram, maxStepsPerRun: 20_000),
+        let vm = try VirtualMachine(config: VMConfig(ramSize: PrivilegedSim.ram, maxStepsPerRun: 20_000),
                                     registry: NPTKitRuntime.makeRegistry())
         defer { try? vm.destroy() }
         let cpus = try startGuests(vm, cpus: n)
@@ -369,7 +360,7 @@ extension Bench {
     /// The same path without the protocol: the requester vCPU is interrupted (kicked), its thread
     /// kicks the others and waits on a plain barrier until all have arrived, then releases them.
     func barrierLatency(cpus n: Int, samples: Int) throws -> (UInt64, UInt64) {
-        let vm = try VirtualMachine(config: VMConfig(ramSize: PrivilegedScenario.ram, maxStepsPerRun: 20_000),
+        let vm = try VirtualMachine(config: VMConfig(ramSize: PrivilegedSim.ram, maxStepsPerRun: 20_000),
                                     registry: NPTKitRuntime.makeRegistry())
         defer { try? vm.destroy() }
         let cpus = try startGuests(vm, cpus: n)
@@ -473,10 +464,10 @@ extension Bench {
         }
         // With `queued` lines: a guest fills the WPQ, exits on an OUT, the host flushes, and so on.
         let backend = try SimulatorBackend(platform: desc)
-        let vm = try PersistenceScenario.makeVM(backend: backend)
+        let vm = try simVM(backend)
         defer { try? vm.destroy() }
-        let base = PersistenceScenario.nvdimmGPA
-        try vm.addNVDIMM(gpa: GPA(base), size: PersistenceScenario.nvdimmSize, hostRegion: 1, regionOffset: 0)
+        let base = NVDIMMSim.nvdimmGPA
+        try vm.addNVDIMM(gpa: GPA(base), size: NVDIMMSim.nvdimmSize, hostRegion: 1, regionOffset: 0)
         let code: UInt64 = 0x1000
         var a = Assembler(origin: code)
         a.load64(1, 0xC0FFEE)
@@ -514,18 +505,17 @@ extension Bench {
     /// One VM: `cpus` vCPU threads each make `records` records durable at once; the flush latencies and statistics.
     func guestFlushRun(cpus n: Int, records: Int, coalesce: Bool, latency: UInt64, needsFlush: Bool) throws -> ([UInt64], FlushStatistics) {
         let backend = try SimulatorBackend(platform: .standard(needsWPQFlush: needsFlush, flushLatencyNanos: latency))
-        let vm = try PersistenceScenario.makeVM(backend: backend)
+        let vm = try simVM(backend)
         defer { try? vm.destroy() }
-        try vm.addNVDIMM(gpa: GPA(PersistenceScenario.nvdimmGPA), size: PersistenceScenario.nvdimmSize, hostRegion: 1, regionOffset: 0)
-        try vm.setFlushOptions(FlushOptions(trap: .auto, coalesce: coalesce))
-        let cpus = try PersistenceScenario(cpus: n, records: records, tail: false).setUp(vm)
+        let cpus = try NVDIMMScenario(needsWPQFlush: needsFlush, options: FlushOptions(trap: .auto, coalesce: coalesce), cpus: n,
+                                      records: records, tail: false).setUp(vm)
         vm.recordFlushLatencies(true)
         let failures = Atomic<Int>(0)
         // Every thread waits at a gate, so that the vCPUs start (and flush) at once.
         let go = Atomic<Bool>(false)
         let threads = cpus.map { v in HostThread {
             while !go.load(ordering: .acquiring) { sleepNanos(20_000) }
-            do { _ = try PersistenceScenario.runToHalt(v) } catch { failures.wrappingAdd(1, ordering: .relaxed) }
+            do { _ = try NVDIMMScenario.runToHalt(v) } catch { failures.wrappingAdd(1, ordering: .relaxed) }
         } }
         sleepNanos(1_000_000)
         go.store(true, ordering: .releasing)
@@ -540,10 +530,10 @@ extension Bench {
     /// The same guests on the ADR platform: flush statistics and EPT-violation exits.
     func adrRun(cpus n: Int, records: Int) throws -> ([UInt64], FlushStatistics, UInt64) {
         let backend = try SimulatorBackend(platform: .standard(needsWPQFlush: false, flushLatencyNanos: flushLatencyNs))
-        let vm = try PersistenceScenario.makeVM(backend: backend)
+        let vm = try simVM(backend)
         defer { try? vm.destroy() }
-        let cpus = try PersistenceScenario(cpus: n, records: records, tail: false).setUp(vm)
-        let threads = cpus.map { v in HostThread { _ = try? PersistenceScenario.runToHalt(v) } }
+        let cpus = try NVDIMMScenario(needsWPQFlush: false, cpus: n, records: records, tail: false).setUp(vm)
+        let threads = cpus.map { v in HostThread { _ = try? NVDIMMScenario.runToHalt(v) } }
         for t in threads { t.join() }
         let f = vm.flushStatistics()
         guard f.untrappedWrites == UInt64(n * records) else { throw NPTError(.state, "\(f.untrappedWrites) vFHA writes, expected \(n * records)") }

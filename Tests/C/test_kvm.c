@@ -1,13 +1,13 @@
 /*
  * test_kvm.c - the KVM backend plugin (libnptkit-kvm.so, Plugins/KVM) through the real plugin
- * loader, running a real x86-64 guest (Plugins/KVM/Guest/hello.S) through /dev/kvm.
+ * loader, running a real x86-64 guest (Sources/NPTScenarios/Guests/x86-64/hello.S) through /dev/kvm.
  *
  * Usage: test_kvm KVM_SO
  * Always run: the plugin's entry refuses a host of another ABI major, returns a well-formed ops
  * table, and npt_plugin_load registers it as "kvm".
  * Needs a usable /dev/kvm: guest runs (long mode and real mode), the printed bytes and the HALT,
  * register round trips, out-of-range memory access refused (by the core and by the plugin itself),
- * kicks; persistent memory (Plugins/KVM/Guest/pmem.S: N flushes of records into an NVDIMM range
+ * kicks; persistent memory (Sources/NPTScenarios/Guests/x86-64/pmem.S: N flushes of records into an NVDIMM range
  * backed by the plugin's file, exactly N trapped vFHA exits and msyncs, none with
  * NPTKIT_KVM_PMEM_NEEDS_FLUSH=0; timings printed). Without /dev/kvm (missing, EACCES) those are SKIPPED with the reason, vm_create must fail
  * with NPT_ERR_UNSUPPORTED, and the program exits 77.
@@ -27,10 +27,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../../Plugins/KVM/Guest/hello_guest.h"
-#include "../../Plugins/KVM/Guest/pmem_guest.h"
-#include "../../Plugins/KVM/Guest/kernel_guest.h"
-#include "../../Plugins/KVM/Guest/gate_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/hello_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/pmem_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/kernel_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/gate_guest.h"
 #include <stdatomic.h>
 
 #include "check.h"
@@ -530,7 +530,7 @@ static void test_mbec_rw(npt_context *ctx) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* A guest kernel with a user process (Plugins/KVM/Guest/kernel.S): system calls through INT3,
+/* A guest kernel with a user process (Sources/NPTScenarios/Guests/x86-64/kernel.S): system calls through INT3,
  * the MBEC policy of the simulator's HVCI scenario (kernel code R|SX, user code R|UX, data R|W),
  * and two attacks. This KVM cannot exit on a change of privilege, so in lazy mode the escalation
  * (user -> kernel) and the return (kernel -> user) are both seen as EPT violations on the first

@@ -1,4 +1,5 @@
 @testable import NPTCore
+import NPTScenarios
 import NPTSimulator
 import Synchronization
 import Testing
@@ -11,7 +12,7 @@ import Testing
         return reg
     }
 
-    func vm(_ mode: VMConfig.MBECMode, withoutExits: BackendCapabilities = [], ram: UInt64 = HVCIScenario.ram) throws(NPTError) -> VirtualMachine {
+    func vm(_ mode: VMConfig.MBECMode, withoutExits: BackendCapabilities = [], ram: UInt64 = HVCISim.ram) throws(NPTError) -> VirtualMachine {
         try VirtualMachine(config: VMConfig(ramSize: ram, mbecMode: mode), registry: registry(withoutExits: withoutExits))
     }
 
@@ -48,12 +49,12 @@ import Testing
     @Test(arguments: [VMConfig.MBECMode.exact, .lazy, .violationOnly])
     func ret2dirThroughTheEntry(mode: VMConfig.MBECMode) throws {
         let withoutExits: BackendCapabilities = mode == .violationOnly ? [.exitOnEscalation, .exitOnReturn] : []
-        let outcome = try HVCIScenario().runEntryAttack(on: vm(mode, withoutExits: withoutExits))
+        let outcome = try EntryAttackScenario().run(on: vm(mode, withoutExits: withoutExits))
         switch (mode, outcome) {
         case (.exact, .stopped(let x)), (.lazy, .stopped(let x)):
             #expect(x.cpl == 0)
-            #expect(x.gva.raw == HVCIScenario.syscallVA)
-            #expect(x.gpa.raw == HVCIScenario.userJIT + (HVCIScenario.syscallVA - HVCIScenario.kernelCodeVA))
+            #expect(x.gva.raw == HVCISim.syscallVA)
+            #expect(x.gpa.raw == HVCISim.userJIT)
             #expect(x.violation.isSuperset(of: [.fetch, .readable, .writable, .userExecutable, .linearTranslation]))
             #expect(!x.violation.contains(.executable) && !x.violation.contains(.userLinear))
         case (.violationOnly, .ran(let cpl, _, let h)):
@@ -206,9 +207,9 @@ import Testing
 @Suite struct ExitArmingTests {
     func exitsPerCall(_ mode: VMConfig.MBECMode, policy: (inout [PolicyRange]) -> Void) throws -> (escalation: Double, ret: Double, violation: Double, printed: Int) {
         func run(_ n: Int) throws -> (VMStatistics, HVCIScenario.Outcome) {
-            let vm = try makeSimVM(ram: HVCIScenario.ram, mode: mode)
+            let vm = try makeSimVM(ram: HVCISim.ram, mode: mode)
             let s = HVCIScenario(syscalls: n)
-            var p = s.policy
+            var p = try HVCIScenario.image(for: .simulator).policy.map(\.range)
             policy(&p)
             let o = try s.run(on: vm, policy: p)
             return (vm.statistics(), o)
@@ -251,34 +252,37 @@ import Testing
     /// (no user-only page yet, so no escalation exit armed) until the test, after `setPolicy`
     /// returned, lets it make the system call into the attacker's alias. It must be stopped.
     @Test func addingTheFirstUserOnlyPageArmsTheEscalationExitFirst() throws {
-        let vm = try makeSimVM(ram: HVCIScenario.ram, mode: .lazy)
-        let s = HVCIScenario()
-        var (img, regs) = try s.entryAttackImage()
+        let vm = try makeSimVM(ram: HVCISim.ram, mode: .lazy)
+        let image = try HVCIScenario.image(for: .simulator)
+        var img = image.attackedMemory
+        var regs = image.boot
+        regs.cpl = 3
+        regs.rip = HVCISim.userCodeVA
         // The user process waits for a flag in its data page, then makes the system call.
-        var u = Assembler(origin: HVCIScenario.userCodeVA)
-        u.load64(2, HVCIScenario.userDataVA)
+        var u = Assembler(origin: HVCISim.userCodeVA)
+        u.load64(2, HVCISim.userDataVA)
         let wait = u.here
         u.emit(.load, 0, 2, 0)
         u.jz(0, to: wait)
         u.emit(.syscall)
-        img.write(HVCIScenario.userCode, u.bytes)
-        var before = s.policy
+        img.write(HVCISim.userCode, u.bytes)
+        var before = image.policy.map(\.range)
         for i in before.indices where before[i].permissions.contains(.userExecute) { before[i].permissions.insert(.supervisorExecute) }
         try vm.setPolicy(before)
         #expect(vm.exitNeeds.load(ordering: .relaxed) & VirtualMachine.needsUserOnly == 0)
         try img.load(into: vm)
         let cpu = try vm.makeVCPU(index: 0)
         try cpu.setRegisters(regs)
-        let outcome = Mutex<HVCIScenario.EntryAttackOutcome?>(nil)
-        let t = HostThread { let o = try? s.finishEntryAttack(cpu); outcome.withLock { $0 = o } }
+        let outcome = Mutex<EntryAttackScenario.Outcome?>(nil)
+        let t = HostThread { let o = try? EntryAttackScenario.finish(cpu); outcome.withLock { $0 = o } }
         while !cpu.isRunning { sleepNanos(100_000) }
         sleepNanos(2_000_000)
-        try vm.setPolicy(s.policy)     // JIT and user code become user-execute only
-        try vm.writeMemory(GPA(HVCIScenario.userData), bytes: [1, 0, 0, 0, 0, 0, 0, 0])
+        try vm.setPolicy(image.policy.map(\.range))     // JIT and user code become user-execute only
+        try vm.writeMemory(GPA(HVCISim.userData), bytes: [1, 0, 0, 0, 0, 0, 0, 0])
         t.join()
         let o = try #require(outcome.withLock { $0 })
         guard case .stopped(let x) = o else { Issue.record("the attack ran: \(o)"); return }
-        #expect(x.cpl == 0 && x.gva.raw == HVCIScenario.syscallVA)
+        #expect(x.cpl == 0 && x.gva.raw == HVCISim.syscallVA)
         #expect(vm.statistics().exitsEscalation >= 1)
     }
 }

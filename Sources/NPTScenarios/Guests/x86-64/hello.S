@@ -1,7 +1,7 @@
 /*
  * hello.S - the KVM plugin's test guest (GNU as). Build: sh build.sh (writes hello_guest.h).
  *
- * A flat image loaded at guest-physical GUEST_BASE = 0x1000 (the test writes it there with
+ * A flat image loaded at guest-physical BASE = 0x1000 (the test writes it there with
  * npt_vm_write_memory). It carries its own page tables, so the host only points CR3 at them:
  *   0x1000 PML4    entry 0 -> PDPT
  *   0x2000 PDPT    entry 0 -> PD
@@ -19,13 +19,16 @@
  *              rip = 0x4000 (or 0x4200), rsp = 0x8000
  *   real mode: cr0 = 0, rip = 0x4100
  */
-    .set GUEST_BASE, 0x1000
+    .globl BASE, CR3, long_entry, real_entry, spin_entry, data_entry, selfwrite_entry, selfwrite_target
+    .globl nx_entry, data
+    .set BASE, 0x1000
     .text
+    .set CR3, pml4
 pml4:
-    .quad GUEST_BASE + 0x1000 + 0x7   /* present | writable | user -> PDPT */
+    .quad BASE + 0x1000 + 0x7         /* present | writable | user -> PDPT */
     .org 0x1000
 pdpt:
-    .quad GUEST_BASE + 0x2000 + 0x7   /* -> PD */
+    .quad BASE + 0x2000 + 0x7         /* -> PD */
     .org 0x2000
 pd:
     .quad 0x0 + 0x83                  /* present | writable | 2 MiB page at 0 */

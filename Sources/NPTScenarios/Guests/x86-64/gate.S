@@ -1,6 +1,6 @@
 /*
  * gate.S - two vCPUs in different MBEC hierarchies in one VM, for the KVM plugin's layout gate
- * (GNU as; sh build.sh writes gate_guest.h next to hello_guest.h).
+ * (GNU as; sh build.sh writes gate_guest.h).
  *
  * A flat image loaded at guest-physical 0x1000, identity-mapped by its own page tables. No GDT,
  * IDT or stack: the host sets the segments (npt_vcpu_set_regs, the plugin's long-mode convention)
@@ -17,8 +17,12 @@
  *   0x6000 user code                                 [U]
  *   0x7000 data: user counter, go flag, marker       [U]
  */
+    .globl BASE, CR3, kernel, user, data, END, PORT
     .set BASE, 0x1000
+    .set END, 0x8000
+    .set PORT, 0x10                     /* vCPU 0's count */
     .text
+    .set CR3, pml4
 pml4:
     .quad 0x2000 + 7
     .org 0x2000 - BASE
@@ -38,7 +42,7 @@ kernel:
     movq $0xBAD, 0x7010
 1:  inc %rbx
     mov %ebx, %eax
-    out %eax, $0x10
+    out %eax, $PORT
     jmp 1b
 
     .org 0x6000 - BASE
@@ -50,5 +54,6 @@ user:
     jmp *%rax
 
     .org 0x7000 - BASE
+data:
     .quad 0, 0, 0
-    .org 0x8000 - BASE
+    .org END - BASE
