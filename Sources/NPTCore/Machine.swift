@@ -435,6 +435,9 @@ public final class VirtualMachine: Sendable {
         backendVM.destroy()
     }
 
+    /// The backend's own counters for this VM (npt_vm_backend_stats). Any thread.
+    public func backendStatistics() throws(NPTError) -> [BackendStatistic] { try backendVM.backendStatistics() }
+
     public func statistics() -> VMStatistics {
         var s = VMStatistics()
         let c = counters

@@ -159,6 +159,27 @@ public func npt_plugin_load(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?
     }
 }
 
+@_cdecl("npt_plugin_load_with")
+public func npt_plugin_load_with(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ args: UnsafePointer<npt_plugin_arg>?,
+                                 _ argc: Int, _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) -> npt_status {
+    api("npt_plugin_load_with") { () throws(NPTError) in
+        let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        let p = String(cString: try require(path, "path"))
+        guard argc >= 0, argc <= 4096 else { throw .invalid("argc \(argc) is out of range (0...4096)") }
+        var arguments: [PluginArgument] = []
+        if argc > 0 {
+            let a = try require(args, "args")
+            for i in 0..<argc {
+                guard let k = a[i].key, let v = a[i].value else { throw .invalid("args[\(i)] has a NULL key or value") }
+                arguments.append(PluginArgument(key: String(cString: k), value: String(cString: v)))
+            }
+        }
+        let b = try PluginLoader.load(p, arguments: arguments)
+        try c.registry.register(b)
+        name?.pointee = c.cString(b.name)
+    }
+}
+
 // MARK: VMs
 
 @_cdecl("npt_vm_create")
@@ -393,6 +414,24 @@ public func npt_vm_guest_isa(_ vm: OpaquePointer?, _ isa: UnsafeMutablePointer<U
         let v = try Handles.get(vm, VMBox.self, "vm")
         let out = try require(isa, "isa")
         out.pointee = v.vm.guestISA.rawValue
+    }
+}
+
+@_cdecl("npt_vm_backend_stats")
+public func npt_vm_backend_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_backend_stat>?, _ cap: Int,
+                                 _ count: UnsafeMutablePointer<Int>?) -> npt_status {
+    api("npt_vm_backend_stats") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        try copyStatistics(try v.vm.backendStatistics(), stats, cap, count)
+    }
+}
+
+@_cdecl("npt_vcpu_backend_stats")
+public func npt_vcpu_backend_stats(_ vcpu: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_backend_stat>?, _ cap: Int,
+                                   _ count: UnsafeMutablePointer<Int>?) -> npt_status {
+    api("npt_vcpu_backend_stats") { () throws(NPTError) in
+        let v = try Handles.get(vcpu, VCPUBox.self, "vcpu")
+        try copyStatistics(try v.vcpu.backendStatistics(), stats, cap, count)
     }
 }
 

@@ -38,10 +38,11 @@ public enum NPTKitRuntime {
         }
     }
 
-    /// Loads a backend plugin (.so) into `registry`; returns the backend's name.
+    /// Loads a backend plugin (.so) into `registry`, giving it `arguments` (plugin interface 2:
+    /// npt_plugin_init; a plugin of interface 1 takes none); returns the backend's name.
     @discardableResult
-    public static func loadPlugin(_ path: String, into registry: BackendRegistry) throws(NPTError) -> String {
-        let b = try PluginLoader.load(path)
+    public static func loadPlugin(_ path: String, arguments: [PluginArgument] = [], into registry: BackendRegistry) throws(NPTError) -> String {
+        let b = try PluginLoader.load(path, arguments: arguments)
         try registry.register(b)
         return b.name
     }
