@@ -260,9 +260,6 @@ public protocol BackendVM: AnyObject, Sendable {
     /// removed and every translation to it invalidated (nil). A backend may check with it that no
     /// other CPU runs meanwhile.
     func regionVisibility(holder: UInt32?)
-    /// Instructions a vCPU outside the mode ran while the region was visible, where the backend
-    /// can tell (the invariant keeps it 0).
-    var outsideWhileVisible: UInt64 { get }
     /// The host's persistent memory as this VM sees it, where that is fixed per VM (the simulator:
     /// the platform the VM was created on, which a later `SimulatorBackend.setPlatform` does not
     /// change); nil: the backend's `hostPersistence()` answers.
@@ -295,6 +292,18 @@ public struct BackendStatistic: Sendable, Equatable, CustomStringConvertible {
     public var value: UInt64
     public init(name: String, value: UInt64) { self.name = name; self.value = value }
     public var description: String { "\(name)=\(value)" }
+
+    /// Names the core itself reads, where a backend keeps them: a vCPU's "instructions" (retired),
+    /// "tlb_hits", "tlb_misses" (summed into `VMStatistics`), a VM's "outside_while_visible"
+    /// (instructions a vCPU outside the privileged mode ran while the region was visible: the
+    /// invariant keeps it 0).
+    public static let instructions = "instructions", tlbHits = "tlb_hits", tlbMisses = "tlb_misses"
+    public static let outsideWhileVisible = "outside_while_visible"
+}
+
+extension Array where Element == BackendStatistic {
+    /// The value of statistic `name`, nil where the backend does not keep it.
+    public func value(_ name: String) -> UInt64? { first { $0.name == name }?.value }
 }
 
 /// A privileged-mode entry as the core tells it to the backend (npt_privileged_entry): the core
@@ -326,7 +335,6 @@ extension BackendVM {
         throw .unsupported("this backend cannot back a privileged-mode region")
     }
     public func regionVisibility(holder: UInt32?) {}
-    public var outsideWhileVisible: UInt64 { 0 }
     public var hostPersistence: HostPersistence? { nil }
     public func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError) {
         throw .unsupported("this backend cannot back NVDIMM ranges")
@@ -352,8 +360,6 @@ public protocol BackendVCPU: AnyObject, Sendable {
     func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError)
     /// Makes a `run` in progress (or the next one) return `.kicked` soon; callable from any thread.
     func kick()
-    /// Guest instructions retired, TLB hits and misses, where the backend knows them.
-    var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { get }
     /// Makes every earlier store and cache-line write-back of this vCPU reach the memory
     /// controllers (what SFENCE guarantees), before the core writes a physical flush hint for it.
     func fence() throws(NPTError)

@@ -300,7 +300,6 @@ final class CBackendVCPU: BackendVCPU, @unchecked Sendable {
         guard let f = ops.vcpu_stats else { return [] }
         return try readStatistics(b.name, "vcpu_stats") { (p, cap, count) in f(data, p, cap, count) }
     }
-    var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { (0, 0, 0) }
     func kick() { ops.vcpu_kick?(data) }
     func destroy() { ops.vcpu_destroy?(data) }
 }

@@ -11,8 +11,11 @@ final class ContextBox: @unchecked Sendable {
 
     let liveVMs = Atomic<Int>(0)
     private let strings = Mutex<[String: UnsafeMutablePointer<CChar>]>([:])
-    let registry = NPTKitRuntime.makeRegistry()
-    init() {}
+    /// The built-in simulator, kept typed: its own configuration (npt_sim_set_platform) needs no
+    /// lookup by name and no cast.
+    let simulator: SimulatorBackend
+    let registry: BackendRegistry
+    init() { (registry, simulator) = NPTKitRuntime.makeRegistryWithSimulator() }
 
     /// A C string owned by the context, valid until it is destroyed.
     func cString(_ s: String) -> UnsafePointer<CChar> {
@@ -506,7 +509,7 @@ public func npt_vm_get_privileged_stats(_ vm: OpaquePointer?, _ stats: UnsafeMut
         o.requests = s.requests; o.entries = s.entries; o.failures = s.failures
         o.deferred_interrupts = s.deferredInterrupts; o.entry_latency_total_ns = s.entryLatencyTotal
         o.entry_latency_max_ns = s.entryLatencyMax; o.stopped_total_ns = s.stoppedTotal
-        o.outside_while_visible = v.vm.backendVM.outsideWhileVisible
+        o.outside_while_visible = (try? v.vm.backendStatistics())?.value(BackendStatistic.outsideWhileVisible) ?? 0
         try writeVersioned(o, stats, "stats")
     }
 }

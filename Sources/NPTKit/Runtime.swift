@@ -6,10 +6,13 @@ import Synchronization
 /// plugin loading that the C ABI uses.
 public enum NPTKitRuntime {
     /// A registry with the built-in simulator as the default backend.
-    public static func makeRegistry() -> BackendRegistry {
+    public static func makeRegistry() -> BackendRegistry { makeRegistryWithSimulator().registry }
+
+    static func makeRegistryWithSimulator() -> (registry: BackendRegistry, simulator: SimulatorBackend) {
         let r = BackendRegistry()
-        try! r.register(SimulatorBackend(), makeDefault: true)
-        return r
+        let sim = SimulatorBackend()
+        try! r.register(sim, makeDefault: true)
+        return (r, sim)
     }
 
     private static let context = ContextBox()

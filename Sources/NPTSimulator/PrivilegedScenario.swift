@@ -186,7 +186,7 @@ public struct PrivilegedScenario: Sendable {
         out.wallNanos = Monitor.now() - t0
         out.stats = vm.privileged.statistics
         out.records = vm.privileged.entryRecords
-        out.outsideWhileVisible = vm.backendVM.outsideWhileVisible
+        out.outsideWhileVisible = try vm.backendStatistics().value(BackendStatistic.outsideWhileVisible) ?? 0
         out.finalState = vm.privileged.protocolState
         return out
     }

@@ -188,7 +188,7 @@ public final class SimVM: BackendVM {
     }
 
     public func backendStatistics() throws(NPTError) -> [BackendStatistic] {
-        [BackendStatistic(name: "outside_while_visible", value: outsideWhileVisible),
+        [BackendStatistic(name: BackendStatistic.outsideWhileVisible, value: outsideWhileVisible),
          BackendStatistic(name: "untrapped_flush_hint_writes", value: untrappedFlushHintWrites),
          BackendStatistic(name: "nvdimm_ranges", value: UInt64(pmem.withLock { $0.count })),
          BackendStatistic(name: "vcpus", value: UInt64(vcpus.withLock { $0.count }))]
