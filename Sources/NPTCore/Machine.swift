@@ -51,7 +51,7 @@ public struct VMStatistics: Sendable, Equatable {
 public final class VirtualMachine: Sendable {
     public let config: VMConfig
     public let backend: any Backend
-    public let backendVM: any BackendVM
+    package let backendVM: any BackendVM
     public let counters = VMCounters()
     let publisher: ShadowPublisher
 
@@ -435,6 +435,9 @@ public final class VirtualMachine: Sendable {
         backendVM.destroy()
     }
 
+    /// The backend's own counters for this VM (npt_vm_backend_stats). Any thread.
+    public func backendStatistics() throws(NPTError) -> [BackendStatistic] { try backendVM.backendStatistics() }
+
     public func statistics() -> VMStatistics {
         var s = VMStatistics()
         let c = counters
@@ -447,8 +450,10 @@ public final class VirtualMachine: Sendable {
         s.policyUpdates = c.policyUpdates.load(ordering: .relaxed)
         s.invalidations = c.invalidations.load(ordering: .relaxed)
         for v in allVCPUs {
-            let k = v.backend.counters
-            s.instructions += k.instructions; s.tlbHits += k.tlbHits; s.tlbMisses += k.tlbMisses
+            guard let k = try? v.backend.backendStatistics() else { continue }
+            s.instructions += k.value(BackendStatistic.instructions) ?? 0
+            s.tlbHits += k.value(BackendStatistic.tlbHits) ?? 0
+            s.tlbMisses += k.value(BackendStatistic.tlbMisses) ?? 0
         }
         let n = snapshot.nodeCounts()
         s.shadowNodes = UInt64(n.all)

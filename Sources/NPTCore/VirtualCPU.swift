@@ -48,6 +48,10 @@ public final class VirtualCPU: @unchecked Sendable {
 
     public var isRunning: Bool { running.load(ordering: .acquiring) }
 
+    /// The backend's own counters for this vCPU (npt_vcpu_backend_stats). Any thread, also while
+    /// it runs.
+    public func backendStatistics() throws(NPTError) -> [BackendStatistic] { try backend.backendStatistics() }
+
     private func exclusive<T>(_ body: () throws(NPTError) -> T) throws(NPTError) -> T {
         guard running.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else {
             throw NPTError(.busy, "vCPU \(index) is being driven by another thread")

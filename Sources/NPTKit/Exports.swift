@@ -11,8 +11,11 @@ final class ContextBox: @unchecked Sendable {
 
     let liveVMs = Atomic<Int>(0)
     private let strings = Mutex<[String: UnsafeMutablePointer<CChar>]>([:])
-    let registry = NPTKitRuntime.makeRegistry()
-    init() {}
+    /// The built-in simulator, kept typed: its own configuration (npt_sim_set_platform) needs no
+    /// lookup by name and no cast.
+    let simulator: SimulatorBackend
+    let registry: BackendRegistry
+    init() { (registry, simulator) = NPTKitRuntime.makeRegistryWithSimulator() }
 
     /// A C string owned by the context, valid until it is destroyed.
     func cString(_ s: String) -> UnsafePointer<CChar> {
@@ -154,6 +157,27 @@ public func npt_plugin_load(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
         let p = String(cString: try require(path, "path"))
         let b = try PluginLoader.load(p)
+        try c.registry.register(b)
+        name?.pointee = c.cString(b.name)
+    }
+}
+
+@_cdecl("npt_plugin_load_with")
+public func npt_plugin_load_with(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ args: UnsafePointer<npt_plugin_arg>?,
+                                 _ argc: Int, _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) -> npt_status {
+    api("npt_plugin_load_with") { () throws(NPTError) in
+        let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        let p = String(cString: try require(path, "path"))
+        guard argc >= 0, argc <= 4096 else { throw .invalid("argc \(argc) is out of range (0...4096)") }
+        var arguments: [PluginArgument] = []
+        if argc > 0 {
+            let a = try require(args, "args")
+            for i in 0..<argc {
+                guard let k = a[i].key, let v = a[i].value else { throw .invalid("args[\(i)] has a NULL key or value") }
+                arguments.append(PluginArgument(key: String(cString: k), value: String(cString: v)))
+            }
+        }
+        let b = try PluginLoader.load(p, arguments: arguments)
         try c.registry.register(b)
         name?.pointee = c.cString(b.name)
     }
@@ -396,6 +420,24 @@ public func npt_vm_guest_isa(_ vm: OpaquePointer?, _ isa: UnsafeMutablePointer<U
     }
 }
 
+@_cdecl("npt_vm_backend_stats")
+public func npt_vm_backend_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_backend_stat>?, _ cap: Int,
+                                 _ count: UnsafeMutablePointer<Int>?) -> npt_status {
+    api("npt_vm_backend_stats") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        try copyStatistics(try v.vm.backendStatistics(), stats, cap, count)
+    }
+}
+
+@_cdecl("npt_vcpu_backend_stats")
+public func npt_vcpu_backend_stats(_ vcpu: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_backend_stat>?, _ cap: Int,
+                                   _ count: UnsafeMutablePointer<Int>?) -> npt_status {
+    api("npt_vcpu_backend_stats") { () throws(NPTError) in
+        let v = try Handles.get(vcpu, VCPUBox.self, "vcpu")
+        try copyStatistics(try v.vcpu.backendStatistics(), stats, cap, count)
+    }
+}
+
 // MARK: privileged mode
 
 @_cdecl("npt_region_set")
@@ -467,7 +509,7 @@ public func npt_vm_get_privileged_stats(_ vm: OpaquePointer?, _ stats: UnsafeMut
         o.requests = s.requests; o.entries = s.entries; o.failures = s.failures
         o.deferred_interrupts = s.deferredInterrupts; o.entry_latency_total_ns = s.entryLatencyTotal
         o.entry_latency_max_ns = s.entryLatencyMax; o.stopped_total_ns = s.stoppedTotal
-        o.outside_while_visible = v.vm.backendVM.outsideWhileVisible
+        o.outside_while_visible = (try? v.vm.backendStatistics())?.value(BackendStatistic.outsideWhileVisible) ?? 0
         try writeVersioned(o, stats, "stats")
     }
 }

@@ -242,8 +242,10 @@ public struct PrivilegedScenario: Sendable {
         o.probesBlocked = o.probes - min(o.probes, UInt64(o.leaks))
         o.stats = vm.privileged.statistics
         o.records = vm.privileged.entryRecords
-        o.instructionsCounted = vm.statistics().instructions > 0
-        o.outsideWhileVisible = vm.backendVM.outsideWhileVisible
+        // The backend's own check, where it keeps one (a statistic of that name).
+        let checked = try vm.backendStatistics().value(BackendStatistic.outsideWhileVisible)
+        o.instructionsCounted = checked != nil
+        o.outsideWhileVisible = checked ?? 0
         o.finalState = vm.privileged.protocolState
         o.regionAbsentAfter = HierarchyID.allCases.allSatisfy { !vm.snapshot.translate(GPA(image.region.start), in: $0).present }
         return o

@@ -187,6 +187,13 @@ public final class SimVM: BackendVM {
         if let src = contents.baseAddress { dst.copyMemory(from: src, byteCount: contents.count) }
     }
 
+    public func backendStatistics() throws(NPTError) -> [BackendStatistic] {
+        [BackendStatistic(name: BackendStatistic.outsideWhileVisible, value: outsideWhileVisible),
+         BackendStatistic(name: "untrapped_flush_hint_writes", value: untrappedFlushHintWrites),
+         BackendStatistic(name: "nvdimm_ranges", value: UInt64(pmem.withLock { $0.count })),
+         BackendStatistic(name: "vcpus", value: UInt64(vcpus.withLock { $0.count }))]
+    }
+
     public func regionVisibility(holder: UInt32?) {
         visibleHolder.store(holder.map { Int64($0) } ?? -1, ordering: .sequentiallyConsistent)
     }

@@ -85,6 +85,12 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
     }
 
     var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { (retired, tlb.hits, tlb.misses) }
+    func backendStatistics() throws(NPTError) -> [BackendStatistic] {
+        let c = counters
+        return [BackendStatistic(name: BackendStatistic.instructions, value: c.instructions),
+                BackendStatistic(name: BackendStatistic.tlbHits, value: c.tlbHits),
+                BackendStatistic(name: BackendStatistic.tlbMisses, value: c.tlbMisses)]
+    }
 
     func kick() { kickFlag.store(true, ordering: .releasing) }
 

@@ -21,6 +21,15 @@ struct BackendOptions: ParsableArguments {
     var backend: String = "sim"
     @Option(help: "Backend plugin (.so) to load first; repeatable.")
     var plugin: [String] = []
+    @Option(name: .customLong("backend-opt"), help: ArgumentHelp("An argument for the plugins this command loads (KEY=VALUE; repeatable), e.g. pmem-dir=/dev/shm for kvm.", valueName: "key=value"))
+    var backendOpt: [String] = []
+
+    func pluginArguments() throws -> [PluginArgument] {
+        try backendOpt.map { text in
+            guard let a = PluginArgument(parsing: text) else { throw ValidationError("--backend-opt '\(text)' is not KEY=VALUE") }
+            return a
+        }
+    }
 
     /// A registry with the built-in simulator and the plugins asked for (or the one named by
     /// --backend, found beside this binary). `hostPMemNeedsFlush`: the kind of host
@@ -30,11 +39,15 @@ struct BackendOptions: ParsableArguments {
         let r = BackendRegistry()
         try r.register(SimulatorBackend(platform: .standard(needsWPQFlush: hostPMemNeedsFlush ?? true)), makeDefault: true)
         PluginV2.configure(hostPMemNeedsFlush: hostPMemNeedsFlush)
-        for p in plugin { try NPTKitRuntime.loadPlugin(p, into: r) }
+        let args = try pluginArguments()
+        for p in plugin { try NPTKitRuntime.loadPlugin(p, arguments: args, into: r) }
         // The backend plugins built beside this binary are found without --plugin.
         if !r.all.contains(where: { $0.name == backend }), let dir = executableDirectory() {
             let path = dir + "/libnptkit-\(backend).so"
-            if access(path, R_OK) == 0 { try NPTKitRuntime.loadPlugin(path, into: r) }
+            if access(path, R_OK) == 0 { try NPTKitRuntime.loadPlugin(path, arguments: args, into: r) }
+        }
+        if !args.isEmpty, !r.all.contains(where: { $0.name == backend && $0.isPlugin }) {
+            throw ValidationError("--backend-opt is for a plugin backend; '\(backend)' is built in")
         }
         guard r.all.contains(where: { $0.name == backend }) else {
             throw ValidationError("no backend '\(backend)' (registered: \(r.all.map(\.name).joined(separator: ", "))): libnptkit-\(backend).so is not beside this binary (`swift build` builds every product), or load one with --plugin PATH")

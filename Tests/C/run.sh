@@ -72,6 +72,8 @@ echo "-- building plugins and C programs into $OUT"
 plugins_ok=1
 build libnptkit-sample.so "$CC" "${CFLAGS[@]}" -shared -fPIC "$ROOT/examples/plugin/sample_backend.c" \
     -o "$OUT/libnptkit-sample.so" -pthread || plugins_ok=0
+build libnptkit-sample1.so "$CC" "${CFLAGS[@]}" -shared -fPIC -DSAMPLE_INTERFACE_1_ONLY \
+    "$ROOT/examples/plugin/sample_backend.c" -o "$OUT/libnptkit-sample1.so" -pthread || plugins_ok=0
 build libnptkit-badabi.so "$CC" "${CFLAGS[@]}" -shared -fPIC "$ROOT/Tests/C/plugin_bad_abi.c" \
     -o "$OUT/libnptkit-badabi.so" || plugins_ok=0
 build libnptkit-noentry.so "$CC" "${CFLAGS[@]}" -shared -fPIC "$ROOT/Tests/C/plugin_no_entry.c" \
@@ -94,7 +96,8 @@ fi
 echo "-- test_plugins"
 if [ "$plugins_ok" = 1 ] &&
     build test_plugins "$CC" "${CFLAGS[@]}" "$ROOT/Tests/C/test_plugins.c" "${LINK[@]}" -ldl -o "$OUT/test_plugins"; then
-    run test_plugins "$OUT/test_plugins" "$OUT/libnptkit-sample.so" "$OUT/libnptkit-badabi.so" "$OUT/libnptkit-noentry.so"
+    run test_plugins "$OUT/test_plugins" "$OUT/libnptkit-sample.so" "$OUT/libnptkit-badabi.so" "$OUT/libnptkit-noentry.so" \
+        "$OUT/libnptkit-sample1.so"
 elif [ "$plugins_ok" != 1 ]; then
     fail test_plugins "a plugin did not compile"
 fi

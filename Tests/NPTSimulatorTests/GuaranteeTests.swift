@@ -193,7 +193,7 @@ import Testing
         sleepNanos(50_000_000)
         let ranDuringMode = ran.load(ordering: .acquiring)
         #expect(!ranDuringMode, "a vCPU created during the mode ran while the region was visible")
-        #expect(vm.backendVM.outsideWhileVisible == 0)
+        #expect(try vm.backendStatistics().value(BackendStatistic.outsideWhileVisible) == 0)
         stopHolder.store(true, ordering: .releasing)
         t.join()
         try holder.leavePrivileged()

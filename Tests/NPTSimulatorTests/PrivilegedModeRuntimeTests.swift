@@ -169,7 +169,7 @@ final class StubbornBackend: Backend, @unchecked Sendable {
             try inner.defineRegion(range, hostOffset: hostOffset, contents: contents)
         }
         func regionVisibility(holder: UInt32?) { inner.regionVisibility(holder: holder) }
-        var outsideWhileVisible: UInt64 { inner.outsideWhileVisible }
+        func backendStatistics() throws(NPTError) -> [BackendStatistic] { try inner.backendStatistics() }
         func destroy() { inner.destroy() }
     }
     final class StubbornVCPU: BackendVCPU, @unchecked Sendable {
@@ -195,7 +195,7 @@ final class StubbornBackend: Backend, @unchecked Sendable {
             try inner.injectFault(vector: vector, errorCode: errorCode, address: address)
         }
         func kick() { if owner.released.load(ordering: .acquiring) { inner.kick() } }
-        var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { inner.counters }
+        func backendStatistics() throws(NPTError) -> [BackendStatistic] { try inner.backendStatistics() }
         func destroy() { inner.destroy() }
     }
 }
