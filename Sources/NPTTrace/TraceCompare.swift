@@ -59,9 +59,25 @@ extension TraceRecord: CustomStringConvertible {
         case .physicalFlush(let r, let c, let a): return "physical-flush region \(r) controller \(c) address \(hex(a))"
         case .fence(let v): return "fence vcpu \(v)"
         case .trappedWriteCompleted(let v): return "trapped-write-completed vcpu \(v)"
+        case .memoryDigest(let gpa, let len, let crc): return "memory-write gpa \(hex(gpa)) \(len) bytes crc32c \(hex(UInt64(crc)))"
+        case .powerFailure: return "power-failure"
+        case .note(let k, let vs): return "note \(k): \(vs.map(String.init).joined(separator: " "))"
+        case .vmSelect(let vm): return "vm-select \(vm)"
+        case .backendInfo(let b):
+            return "backend \(b.name): capabilities \(hex(b.capabilities)) guest-isa \(b.guestISA) abi \(hex(UInt64(b.abiVersion))) \"\(b.description)\""
+        case .backendStats(let v, let st):
+            return "backend-stats \(scopeText(v)): \(st.map { "\($0.name)=\($0.value)" }.joined(separator: " "))"
+        case .untrappedWrites(let n): return "untrapped-flush-hint-writes \(n)"
+        case .hostPMemCount(let n): return "host-pmem-count \(n)"
+        case .failure(let v, let k, let st, let m):
+            return "failure \(scopeText(v)) of the last kind-\(hex(UInt64(k))) call: status \(st): \(m)"
+        case .privilegedEnter(let v, let gpa, let size, let rip):
+            return "privileged-enter vcpu \(v): region gpa \(hex(gpa)) size \(hex(size)) entry rip \(hex(rip))"
         }
     }
 }
+
+func scopeText(_ v: UInt32?) -> String { v.map { "vcpu \($0)" } ?? "vm" }
 
 /// "R|W|Xs|Xu" for NPT_PERM_* bits (EPT bits 0, 1, 2, 10).
 public func permsText(_ p: UInt64) -> String {

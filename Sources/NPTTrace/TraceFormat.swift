@@ -6,7 +6,9 @@ public enum TraceFormat {
     public static let magic: [UInt8] = Array("NPTTRACE".utf8)
     public static let major: UInt16 = 1
     /// Minor versions only add record kinds or trailing fields; a reader of this major reads every minor.
-    public static let minor: UInt16 = 0
+    /// 1.1: vm-select, memory digests, power failure, notes, backend identities and statistics,
+    /// untrapped flush-hint writes, host region counts, failures with their message, privileged entries.
+    public static let minor: UInt16 = 1
     /// magic (8) + major (2) + minor (2) + flags (4) + CRC-32C of bytes 0..<16 (4).
     public static let headerSize = 20
     /// length (4) + CRC-32C (4) + base timestamp (8) + record count (4).
