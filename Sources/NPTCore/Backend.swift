@@ -376,6 +376,10 @@ public protocol BackendVCPU: AnyObject, Sendable {
     func leavePrivileged() throws(NPTError)
     /// The backend's own counters for this vCPU; [] where it keeps none.
     func backendStatistics() throws(NPTError) -> [BackendStatistic]
+    /// The core's answer to an exit of this vCPU (its run loop, or `handle` for a tool's own loop):
+    /// the action and the exit as rewritten for the VMM. Told so that a recording can keep it and a
+    /// replay can compare it; a throw fails the call that decided. Default: nothing (BackendHooks.swift).
+    func exitDecided(_ action: ExitAction, exit: VMExit) throws(NPTError)
     func destroy()
 }
 

@@ -178,7 +178,9 @@ public final class VirtualCPU: @unchecked Sendable {
             while true {
                 if let x = try vm.privileged.checkpoint(self) { return x }
                 var exit = try runBackend()
-                if try decide(&exit) != .resume { return exit }
+                let action = try decide(&exit)
+                try backend.exitDecided(action, exit: exit)
+                if action != .resume { return exit }
             }
         }
     }
@@ -194,7 +196,11 @@ public final class VirtualCPU: @unchecked Sendable {
 
     /// Decides what to do with an exit from `runRaw` and applies it.
     public func handle(_ exit: inout VMExit) throws(NPTError) -> ExitAction {
-        try exclusive { () throws(NPTError) in try decide(&exit) }
+        try exclusive { () throws(NPTError) in
+            let action = try decide(&exit)
+            try backend.exitDecided(action, exit: exit)
+            return action
+        }
     }
 
     private func decide(_ exit: inout VMExit) throws(NPTError) -> ExitAction {
