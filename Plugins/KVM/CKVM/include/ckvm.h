@@ -99,6 +99,7 @@ struct ckvm_escalation_probe {
     int mechanism;    /* 1: KVM_EXIT_SHUTDOWN, the event lost (identified by a sentinel, re-injected);
                          2: KVM_EXIT_INTERNAL_ERROR / KVM_INTERNAL_ERROR_DELIVERY_EV, KVM keeps the event */
     char reason[240]; /* what was found, or why it is not usable */
+    int cpl3_debugregs; /* 1: the guest's DR0-3/DR7 act on CPL 3 code (or could not be shown not to) */
 };
 int ckvm_probe_escalation(struct ckvm_escalation_probe *out);
 
