@@ -8,7 +8,7 @@
 # be opened. Tests/C/test_backend_swap.c runs the same scenarios on "sim" and "kvm" and compares
 # them (its kvm half is SKIPPED the same way; the sim half always runs).
 # Tests/C/test_kvm_privileged.c runs the privileged mode on it (vCPU threads, Guest/priv.S).
-# Plugins/KVM/Guest/hello_guest.h, kernel_guest.h, gate_guest.h, pmem_guest.h and priv_guest.h are checked
+# Plugins/KVM/Guest/hello_guest.h, kernel_guest.h, gate_guest.h, smp_guest.h, pmem_guest.h and priv_guest.h are checked
 # against their .S sources when `as` is installed.
 #
 # Everything is built with  cc -std=c11 -Wall -Wextra -Werror -pedantic  into BIN_DIR/ctests/:
@@ -189,6 +189,13 @@ if command -v as >/dev/null && command -v objcopy >/dev/null; then
         pass
     else
         fail kvm-gate-guest-bytes "Plugins/KVM/Guest/gate_guest.h does not match gate.S (run build.sh)"
+    fi
+    if [ -f "$OUT/smp_guest.h" ] &&
+        diff -q "$OUT/smp_guest.h" "$ROOT/Plugins/KVM/Guest/smp_guest.h" >/dev/null; then
+        echo "c-test kvm-smp-guest-bytes: ok (smp_guest.h matches smp.S)"
+        pass
+    else
+        fail kvm-smp-guest-bytes "Plugins/KVM/Guest/smp_guest.h does not match smp.S (run build.sh)"
     fi
 else
     echo "c-test kvm-guest-bytes: SKIPPED (no as/objcopy to re-assemble hello.S)"

@@ -31,6 +31,7 @@
 #include "../../Plugins/KVM/Guest/pmem_guest.h"
 #include "../../Plugins/KVM/Guest/kernel_guest.h"
 #include "../../Plugins/KVM/Guest/gate_guest.h"
+#include "../../Plugins/KVM/Guest/smp_guest.h"
 #include <stdatomic.h>
 
 #include "check.h"
@@ -1189,6 +1190,159 @@ static void test_kick_thread(void) {
 #define PMEM_N 64
 
 
+/* ------------------------------------------------------------------------ */
+/* Views (Plugins/KVM/Sources/Views.swift) on Guest/smp.S: a kernel for two vCPUs, each with a user
+ * process making system calls through INT3, under the HVCI-like policy (kernel code R|SX, user code
+ * R|UX, everything else R|W|SX|UX: page tables, system tables, stacks and data in both layouts). */
+static npt_vm *smp_vm(npt_context *ctx, uint32_t mode) {
+    npt_vm *vm = kvm_vm_mode(ctx, RAM, NPT_PERM_ALL, mode);
+    if (!vm) return NULL;
+    CHECK_OK(npt_vm_write_memory(vm, SMP_GUEST_BASE, smp_guest, sizeof smp_guest));
+    CHECK_OK(npt_policy_set(vm, SMP_GUEST_CODE, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
+    CHECK_OK(npt_policy_set(vm, SMP_GUEST_KFUNC, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
+    CHECK_OK(npt_policy_set(vm, SMP_GUEST_USER, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_UX));
+    return vm;
+}
+
+struct smp_cpu {
+    npt_vm *vm;
+    uint32_t index;
+    uint64_t calls, probe;
+    char out[1024];
+    size_t len;
+    npt_exit last;
+    npt_status status;
+    atomic_ullong progress; /* system calls seen so far (bytes on port 0xE9) */
+    atomic_ullong other_mid; /* the other vCPU's progress when this one was half way */
+    struct smp_cpu *other;
+};
+
+static void *smp_thread(void *arg) {
+    struct smp_cpu *c = arg;
+    npt_vcpu *v = NULL;
+    c->status = npt_vcpu_create(c->vm, c->index, &v);
+    if (c->status != NPT_OK) return NULL;
+    npt_regs r;
+    long_mode_regs(&r, SMP_GUEST_CODE);
+    r.cr3 = SMP_GUEST_CR3;
+    r.gpr[7] = c->index;   /* rdi */
+    r.gpr[14] = c->calls;
+    r.gpr[15] = c->probe;
+    c->status = npt_vcpu_set_regs(v, &r);
+    while (c->status == NPT_OK) {
+        npt_exit e;
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        c->status = npt_vcpu_run(v, &e);
+        if (c->status != NPT_OK) break;
+        if (e.reason == NPT_EXIT_IO && e.io_port == 0xE9) {
+            if (c->len + 1 < sizeof c->out) c->out[c->len++] = (char)e.io_value;
+            unsigned long long n = atomic_fetch_add(&c->progress, 1) + 1;
+            if (c->other && n == c->calls / 2) atomic_store(&c->other_mid, atomic_load(&c->other->progress));
+            continue;
+        }
+        c->last = e;
+        break;
+    }
+    c->out[c->len] = 0;
+    if (v) npt_vcpu_destroy(v);
+    return NULL;
+}
+
+/* The guest kernel changes a user page's translation while its vCPU is in the supervisor view
+ * (INVLPG, then a CR3 reload no KVM statistic shows): the user view, whose shadow MMU cached the
+ * old translation, must see each change when the vCPU comes back (the plugin reads the supervisor
+ * view's dirty log and zaps the user view's shadow MMU when a page table of it was written). Lazy
+ * mode (a guarded user view, page tables tracked) and violation-only mode (no guarded view). */
+static void test_views_coherence(npt_context *ctx, uint32_t mode) {
+    npt_vm *vm = smp_vm(ctx, mode);
+    if (!vm) return;
+    uint64_t nv0 = 0, mv0 = 0, zp0 = 0, lr0 = 0, nv1 = 0, mv1 = 0, zp1 = 0, lr1 = 0;
+    if (view_stats) view_stats(&nv0, &mv0, &zp0, &lr0);
+    struct smp_cpu c;
+    memset(&c, 0, sizeof c);
+    c.vm = vm; c.index = 0; c.calls = 3; c.probe = 4;
+    smp_thread(&c);
+    if (view_stats) view_stats(&nv1, &mv1, &zp1, &lr1);
+    printf("test_kvm: views: page-table coherence (%s): printed \"%s\", exit %u rip %#" PRIx64 "; %" PRIu64 " moves, %"
+           PRIu64 " zaps, %" PRIu64 " dirty-log reads\n", mode == NPT_MBEC_LAZY ? "lazy" : "violation-only", c.out,
+           c.last.reason, c.last.rip, mv1 - mv0, zp1 - zp0, lr1 - lr0);
+    CHECK_OK(c.status);
+    CHECK(strcmp(c.out, "012ONO") == 0);
+    CHECK_EQ(c.last.reason, NPT_EXIT_HALT);
+    CHECK_EQ(c.last.rip, SMP_GUEST_EXIT_HLT + 1);
+    CHECK(zp1 - zp0 >= 2); /* the two page-table changes */
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
+/* Two vCPUs in different hierarchies at the same time, each making system calls (every call moves
+ * it from the user view to the supervisor view and back): what each prints is exactly its own, the
+ * MBEC violations are reported exactly (vCPU 0's user process jumps into a supervisor-only page,
+ * vCPU 1's kernel jumps into a user-only page), and they ran together: each was half way while the
+ * other had made calls and had calls left. */
+static void test_views_concurrent(npt_context *ctx) {
+    npt_vm *vm = smp_vm(ctx, NPT_MBEC_LAZY);
+    if (!vm) return;
+    uint64_t w0 = 0, k0 = 0, ns0 = 0, w1 = 0, k1 = 0, ns1 = 0;
+    uint64_t nv0 = 0, mv0 = 0, zp0 = 0, lr0 = 0, nv1 = 0, mv1 = 0, zp1 = 0, lr1 = 0;
+    if (gate_stats) gate_stats(&w0, &k0, &ns0);
+    if (view_stats) view_stats(&nv0, &mv0, &zp0, &lr0);
+    static struct smp_cpu c[2];
+    memset(c, 0, sizeof c);
+    const uint64_t calls = 300;
+    for (int i = 0; i < 2; i++) {
+        c[i].vm = vm;
+        c[i].index = (uint32_t)i;
+        c[i].calls = calls;
+        c[i].probe = i == 0 ? KPROBE_USER_RUNS_KERNEL : KPROBE_KERNEL_RUNS_USER;
+        c[i].other = &c[1 - i];
+    }
+    double t0 = now_s();
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++) pthread_create(&t[i], NULL, smp_thread, &c[i]);
+    for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
+    double t1 = now_s();
+    if (gate_stats) gate_stats(&w1, &k1, &ns1);
+    if (view_stats) view_stats(&nv1, &mv1, &zp1, &lr1);
+    for (int i = 0; i < 2; i++) {
+        printf("test_kvm: views: vCPU %d: %zu bytes printed, exit %u gpa %#" PRIx64 " cpl %u rip %#" PRIx64 " q %#" PRIx64
+               "; the other vCPU had made %llu calls when it was half way\n", i, c[i].len, c[i].last.reason, c[i].last.gpa,
+               c[i].last.cpl, c[i].last.rip, c[i].last.qualification, (unsigned long long)atomic_load(&c[i].other_mid));
+        CHECK_OK(c[i].status);
+        CHECK_EQ(c[i].len, calls);
+        int in_order = 1;
+        for (size_t k = 0; k < c[i].len; k++) in_order &= c[i].out[k] == (char)('0' + k % 10);
+        CHECK(in_order);
+    }
+    printf("test_kvm: views: 2 vCPUs x %" PRIu64 " system calls in %.3f s: %" PRIu64 " moves, %" PRIu64 " views created, %"
+           PRIu64 " zaps, %" PRIu64 " gate waits\n", calls, t1 - t0, mv1 - mv0, nv1 - nv0, zp1 - zp0, w1 - w0);
+    /* vCPU 0: the user process runs a supervisor-only page (mapped U/S = 1 by the guest) */
+    CHECK_EQ(c[0].last.reason, NPT_EXIT_MBEC_VIOLATION);
+    CHECK_EQ(c[0].last.gpa, SMP_GUEST_KFUNC);
+    CHECK_EQ(c[0].last.rip, SMP_GUEST_KFUNC);
+    CHECK_EQ(c[0].last.cpl, 3);
+    CHECK_EQ(c[0].last.qualification & 0x7f, NPT_EPTQ_FETCH | NPT_EPTQ_READABLE | NPT_EPTQ_EXECUTABLE);
+    /* vCPU 1: the kernel runs the user-only page */
+    CHECK_EQ(c[1].last.reason, NPT_EXIT_MBEC_VIOLATION);
+    CHECK_EQ(c[1].last.gpa, SMP_GUEST_USER);
+    CHECK_EQ(c[1].last.rip, SMP_GUEST_USER);
+    CHECK_EQ(c[1].last.cpl, 0);
+    CHECK_EQ(c[1].last.qualification & 0x7f, NPT_EPTQ_FETCH | NPT_EPTQ_READABLE | NPT_EPTQ_UEXECUTABLE);
+    CHECK(mv1 - mv0 >= 4 * calls);
+    CHECK_EQ(w1 - w0, 0);
+    /* they overlapped: each was half way while the other had started and not finished */
+    int overlapped = 0;
+    for (int i = 0; i < 2; i++) {
+        unsigned long long m = atomic_load(&c[i].other_mid);
+        overlapped |= m > 0 && m < calls;
+    }
+    CHECK(overlapped);
+    npt_stats st = kernel_stats(vm);
+    printf("test_kvm: views: the VM: %" PRIu64 " exits, %" PRIu64 " escalations, %" PRIu64 " EPT violations, %" PRIu64
+           " violations reported\n", st.exits_total, st.exits_escalation, st.exits_ept_violation, st.violations_reported);
+    CHECK_EQ(st.violations_reported, 2);
+    CHECK_OK(npt_vm_destroy(vm));
+}
 
 static double now_s(void) {
     struct timespec ts;
@@ -1583,6 +1737,9 @@ int main(int argc, char **argv) {
         test_switch_cost_independent_of_size(ctx);
         test_image_too_large(ctx);
         test_gate(ctx);
+        test_views_coherence(ctx, NPT_MBEC_LAZY);
+        test_views_coherence(ctx, NPT_MBEC_VIOLATION_ONLY);
+        test_views_concurrent(ctx);
     }
     CHECK_OK(npt_context_destroy(ctx));
     printf("c-test test_kvm: %d passed, %d failed, %d skipped\n", passed, failed, skipped);
