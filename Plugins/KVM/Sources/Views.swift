@@ -189,6 +189,8 @@ final class ViewCPU {
     /// The view's key as this vCPU last saw it under `layout` (nil: not entered yet): a run whose key
     /// is this one needs no move (the primary view adopts its key once, under the lock).
     var key: ViewKey?
+    /// The CR3 the vCPU entered the view with (the page tables the view's set was told about).
+    var enteredCR3: UInt64 = 0
     /// The last exit was KVM_EXIT_IO or KVM_EXIT_MMIO: KVM finishes the instruction at the next
     /// KVM_RUN (and writes its registers then).
     var completionPending = false
@@ -450,8 +452,20 @@ extension KVMVCPU {
                 }
                 if key != current.key || current.view.isRetired {
                     try move(to: key)
-                } else if key.region && !current.view.regionMapped {
-                    _ = try vm.layout.withLock { (st) throws(Errno) -> UInt64 in try vm.syncRegionSlot(current.view, want: true) }
+                } else {
+                    if key.region && !current.view.regionMapped {
+                        _ = try vm.layout.withLock { (st) throws(Errno) -> UInt64 in try vm.syncRegionSlot(current.view, want: true) }
+                    }
+                    // Paging turned on, or another CR3 set by the VMM, without a move: the view is told
+                    // (its page-table set, Views.swift), as at a move.
+                    let c = current
+                    let s = c.cpu.sync.pointee.sregs
+                    if s.cr0 & cr0PG != 0 && (!c.view.ptUsed.load(ordering: .acquiring) || (c.view.guarded && s.cr3 != c.enteredCR3)) {
+                        try vm.layout.withLock { (st) throws(Errno) in
+                            try vm.enter(c.view, leaving: nil, index: index, cr3: s.cr3, cr4: s.cr4, efer: s.efer, &st)
+                        }
+                        c.enteredCR3 = s.cr3
+                    }
                 }
             } catch {
                 throw .kvm(error)
@@ -482,6 +496,7 @@ extension KVMVCPU {
         }
         if dst !== src { try carry(from: src, to: dst) }
         dst.key = key
+        dst.enteredCR3 = s.cr3
         current = dst
         runner.withLock { st in
             // A kick that landed in the old kvm_run applies to the next run.
