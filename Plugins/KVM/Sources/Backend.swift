@@ -23,8 +23,9 @@ final class KVMVM: @unchecked Sendable {
     let layoutDirty = Atomic<Bool>(false)
     /// NVDIMM ranges and the vFHA (Pmem.swift).
     let pmem = Mutex(PmemVMState())
-    /// The privileged-mode region (Region.swift).
+    /// The privileged-mode region (Region.swift), and whether one was defined (checked before runs).
     let region = Mutex(RegionState())
+    let regionDefined = Atomic<Bool>(false)
 
     private init(system: KVMSystem, primary: KVMView, memory: GuestMemory, handle: OpaquePointer?, cpuid: KVMCPUID) {
         self.system = system; self.primary = primary; self.memory = memory; self.handle = handle; self.cpuid = cpuid

@@ -136,6 +136,18 @@ final class KVMVirtualMachine {
         _ = try handle.ioctl(ckvm_req_set_user_memory_region(), &r)
     }
 
+    func checkExtension(_ cap: Int32) throws(Errno) -> Int32 {
+        try handle.ioctl(ckvm_req_check_extension(), int: UInt(cap))
+    }
+
+    /// KVM_ENABLE_CAP on the VM.
+    func enableCap(_ cap: UInt32, _ arg0: UInt64) throws(Errno) {
+        var c = kvm_enable_cap()
+        c.cap = cap
+        c.args.0 = arg0
+        _ = try handle.ioctl(ckvm_req_enable_cap(), &c)
+    }
+
     /// KVM_GET_DIRTY_LOG of memslot `slot` into `bitmap` (one bit per page of the memslot, cleared by
     /// the call). A VM ioctl: no vCPU is loaded (0.5-0.9 µs here, Tests/probes/kvm/probe_coherence.c).
     func dirtyLog(slot: UInt32, into bitmap: UnsafeMutableRawPointer) throws(Errno) {

@@ -411,6 +411,18 @@ extension KVMVM {
         }
     }
 
+    /// Deletes and creates again view `v`'s NVDIMM memslot `slot` (run `r`) with `flags` (a zap of its
+    /// pages' shadows, Views.swift). Under `layout`.
+    func recreatePmemRun(_ v: KVMView, _ slot: UInt32, _ r: MappedRange, flags: UInt32) throws(Errno) {
+        try pmem.withLock { (st) throws(Errno) in
+            guard let a = st.attachments.first(where: { r.gpa >= $0.range.gpa && r.gpa + r.size <= $0.range.gpa + $0.range.size }) else {
+                return
+            }
+            try v.vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
+            try v.vm.setUserMemoryRegion(slot: slot, flags: flags, gpa: r.gpa, size: r.size, host: a.mapping.base + Int(r.gpa - a.range.gpa))
+        }
+    }
+
     /// Runs `body` on the backing of [gpa, gpa+len) if it lies in RAM or in one NVDIMM range.
     func withBacking(_ gpa: UInt64, _ len: Int, _ body: (UnsafeMutableRawPointer) -> Void) -> Bool {
         if memory.contains(gpa, len) { body(memory.base + Int(gpa)); return true }

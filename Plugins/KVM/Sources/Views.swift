@@ -25,7 +25,8 @@
 //    another view where CPL 0 code may run. A guarded user view (the escalation exit armed: no
 //    event from CPL 3 reaches CPL 0 there, Escalation.swift) runs only CPL 3 code, so it gets only
 //    what CPL 3 observes: XCR0 (XGETBV, and which XSAVE features fault) on every move into it
-//    (one KVM_GET_XCRS of the owner, a set only when it changed), and DR0-3/DR7 where the guest's
+//    while CR4.OSXSAVE is set (one KVM_GET_XCRS of the owner, a set only when it changed; without
+//    OSXSAVE both fault whatever XCR0 holds), and DR0-3/DR7 where the guest's
 //    debug registers act at CPL 3 (escalation_probe.c checks; not on this KVM). DR6, which a #DB
 //    at CPL 3 changes, is copied out with that escalation;
 //  - TSC: guest TSC = host TSC in every VM here (the offsets are 0 and this KVM ignores
@@ -70,6 +71,9 @@ import SystemPackage
 import Glibc
 #endif
 
+let cr4OSXSAVE: UInt64 = 1 << 18
+/// KVM_X86_QUIRK_SLOT_ZAP_ALL (KVM_CAP_DISABLE_QUIRKS2).
+let slotZapAllQuirk: UInt64 = 0x80
 /// KVM_MEM_LOG_DIRTY_PAGES.
 let kvmMemLogDirty: UInt32 = 1 << 0
 /// The memslot ids of the views' own slots (RAM layouts use ids from 0, NVDIMM runs from
@@ -86,9 +90,7 @@ let maxGuardedViews = 4
 /// The layout a run needs.
 struct ViewKey: Hashable, Sendable, CustomStringConvertible {
     var layout: LayoutKey
-    /// The privileged-mode region's memslot is mapped (Region.swift).
-    var region = false
-    var description: String { region ? "\(layout) with the privileged-mode region" : layout.description }
+    var description: String { layout.description }
 }
 
 /// Process-wide counters (exported as npt_kvm_view_stats).
@@ -96,9 +98,13 @@ let viewsCreated = Atomic<UInt64>(0)
 let viewMoves = Atomic<UInt64>(0)
 let viewZaps = Atomic<UInt64>(0)
 let dirtyLogReads = Atomic<UInt64>(0)
+let steadyMoves = Atomic<UInt64>(0)
+let steadyMoveNanos = Atomic<UInt64>(0)
 
 /// Views (KVM VMs) created, vCPU moves between views (hierarchy switches and privileged-mode
-/// entries), zaps of a view's shadow MMU (coherence), KVM_GET_DIRTY_LOG calls.
+/// entries), zaps of a view's shadow MMU (coherence), KVM_GET_DIRTY_LOG calls. npt_kvm_move_stats:
+/// the moves into a view and KVM vCPU that existed already and needed no zap, and the time they took
+/// in total (ns: the plugin's side of a switch: view lookup, coherence check, state carried).
 @_cdecl("npt_kvm_view_stats")
 public func npt_kvm_view_stats(_ views: UnsafeMutablePointer<UInt64>?, _ moves: UnsafeMutablePointer<UInt64>?,
                                _ zaps: UnsafeMutablePointer<UInt64>?, _ logReads: UnsafeMutablePointer<UInt64>?) {
@@ -106,6 +112,12 @@ public func npt_kvm_view_stats(_ views: UnsafeMutablePointer<UInt64>?, _ moves: 
     moves?.pointee = viewMoves.load(ordering: .relaxed)
     zaps?.pointee = viewZaps.load(ordering: .relaxed)
     logReads?.pointee = dirtyLogReads.load(ordering: .relaxed)
+}
+
+@_cdecl("npt_kvm_move_stats")
+public func npt_kvm_move_stats(_ moves: UnsafeMutablePointer<UInt64>?, _ nanos: UnsafeMutablePointer<UInt64>?) {
+    moves?.pointee = steadyMoves.load(ordering: .relaxed)
+    nanos?.pointee = steadyMoveNanos.load(ordering: .relaxed)
 }
 
 /// One KVM VM showing one layout. Its memslot and coherence state is guarded by the owning
@@ -131,8 +143,13 @@ final class KVMView: @unchecked Sendable {
     var flushHintMapped = false
     let zapPage: GuestMemory
     var zapAt = zapGPAs.0
+    /// KVM's SLOT_ZAP_ALL quirk is disabled in this VM (KVM_CAP_DISABLE_QUIRKS2): deleting a memslot
+    /// drops only that memslot's translations and shadow pages, not the whole shadow MMU.
+    var quirkOff = false
     // coherence
-    var needsZap = false
+    /// Pages another view (or the plugin, or the VMM) wrote that this view may hold a stale shadow
+    /// of as page tables: its shadows of them are dropped before a vCPU next moves in.
+    var stalePages = Set<UInt64>()
     /// A vCPU ran here with paging on since the last zap: KVM may hold shadows of guest page tables.
     let ptUsed = Atomic<Bool>(false)
     /// The page-table pages (gpa >> 12) the view may have shadowed (guarded views), or unknown.
@@ -153,10 +170,19 @@ final class KVMView: @unchecked Sendable {
     let retired = Atomic<Bool>(false)
     var isRetired: Bool { retired.load(ordering: .acquiring) }
 
+    /// A view on a new KVM VM (no memslot yet). With KVM's SLOT_ZAP_ALL quirk disabled where KVM
+    /// allows it (a memslot deletion then drops only that memslot's translations: the privileged-mode
+    /// region's removal and a coherence zap leave the rest of the working set mapped); without, a
+    /// zap moves a small memslot of its own, which empties the whole shadow MMU.
     init(id: Int, vm: KVMVirtualMachine, key: ViewKey?) throws(Errno) {
         self.id = id; self.vm = vm; self.key = key
         zapPage = try GuestMemory(size: 4096)
-        try vm.setUserMemoryRegion(slot: zapSlot, flags: kvmMemReadonly, gpa: zapAt, size: 4096, host: zapPage.base)
+        if let q = try? vm.checkExtension(Int32(KVM_CAP_DISABLE_QUIRKS2)), UInt64(q) & slotZapAllQuirk != 0,
+           (try? vm.enableCap(UInt32(KVM_CAP_DISABLE_QUIRKS2), slotZapAllQuirk)) != nil {
+            quirkOff = true
+        } else {
+            try vm.setUserMemoryRegion(slot: zapSlot, flags: kvmMemReadonly, gpa: zapAt, size: 4096, host: zapPage.base)
+        }
     }
 
     /// Whether this view maps guest-physical page `page` (gpa >> 12) in a RAM or NVDIMM memslot.
@@ -166,13 +192,12 @@ final class KVMView: @unchecked Sendable {
             || pmemRuns.values.contains { gpa >= $0.gpa && gpa - $0.gpa < $0.size }
     }
 
-    /// Empties KVM's shadow MMU of this view: a memslot move with SLOT_ZAP_ALL (KVM's default quirk)
-    /// zaps every shadow page (Tests/probes/kvm/probe_coherence.c (b)).
-    func zap() throws(Errno) {
+    /// Empties KVM's whole shadow MMU of this view (with SLOT_ZAP_ALL, KVM's default quirk): a move of
+    /// the view's small memslot (Tests/probes/kvm/probe_coherence.c (b)).
+    func zapAll() throws(Errno) {
         let to = zapAt == zapGPAs.0 ? zapGPAs.1 : zapGPAs.0
         try vm.setUserMemoryRegion(slot: zapSlot, flags: kvmMemReadonly, gpa: to, size: 4096, host: zapPage.base)
         zapAt = to
-        viewZaps.add(1, ordering: .relaxed)
     }
 }
 
@@ -203,6 +228,10 @@ final class ViewCPU {
     var xcrsAt: UInt64 = .max
     var debugRegs = kvm_debugregs()
     var debugRegsAt: UInt64 = .max
+    /// The copyable MSRs' values (for `msrList`).
+    var msrValues: [UInt64] = []
+    var msrList: [UInt32] = []
+    var msrsAt: UInt64 = .max
 
     init(view: KVMView, cpu: KVMVirtualCPU) {
         self.view = view; self.cpu = cpu
@@ -271,7 +300,7 @@ extension KVMVM {
     func view(for key: ViewKey, _ st: inout LayoutState) throws(Errno) -> KVMView {
         st.clock &+= 1
         if let v = st.byKey[key], !v.isRetired { v.lastEntered = st.clock; return v }
-        if primary.key == nil && !key.layout.guarded && !key.region {
+        if primary.key == nil && !key.layout.guarded {
             try installLayout(primary, key, &st)
             primary.key = key
             st.byKey[key] = primary
@@ -313,15 +342,26 @@ extension KVMVM {
         if let old { old.occupants[index] = nil }
         try harvest(for: v, &st)
         var added = Set<UInt64>()
-        if v.needsZap {
-            v.needsZap = false
+        if !v.stalePages.isEmpty {
+            let stale = v.stalePages
+            v.stalePages = []
             if v.ptUsed.load(ordering: .acquiring) {
-                try v.zap()
-                v.ptUsed.store(false, ordering: .releasing)
-                v.ptPages = []
-                v.walkedRoots = []
-                v.ptUnknown = false
-                for (_, root) in v.occupants where root != 0 { added.formUnion(track(root, in: v, cr4: cr4, efer: efer)) }
+                if v.quirkOff {
+                    // Only the written pages' shadows go (the memslots holding them are recreated);
+                    // the page tables may now link new tables: walk the roots again.
+                    try zapPages(v, stale, &st)
+                    let roots = v.walkedRoots
+                    v.walkedRoots = []
+                    for root in roots { added.formUnion(track(root, in: v, cr4: cr4, efer: efer)) }
+                } else {
+                    try v.zapAll()
+                    v.ptUsed.store(false, ordering: .releasing)
+                    v.ptPages = []
+                    v.walkedRoots = []
+                    v.ptUnknown = false
+                    for (_, root) in v.occupants where root != 0 { added.formUnion(track(root, in: v, cr4: cr4, efer: efer)) }
+                }
+                viewZaps.add(1, ordering: .relaxed)
             }
         }
         v.occupants[index] = cr3 ?? 0
@@ -380,25 +420,7 @@ extension KVMVM {
             let full = targets == nil
             if full && runs == x.runsAtHarvest { continue }   // nothing ran there since
             var written: [UInt64] = []
-            func read(_ slot: UInt32, _ r: MappedRange) throws(Errno) {
-                let pages = Int(r.size >> 12)
-                let words = (pages + 63) / 64
-                if st.bitmap.count < words { st.bitmap = [UInt64](repeating: 0, count: words) }
-                var failure: Errno?
-                st.bitmap.withUnsafeMutableBytes { b in
-                    do throws(Errno) { try x.vm.dirtyLog(slot: slot, into: b.baseAddress!) } catch { failure = error }
-                }
-                if let failure { throw failure }
-                dirtyLogReads.add(1, ordering: .relaxed)
-                for w in 0..<words where st.bitmap[w] != 0 {
-                    var bits = st.bitmap[w]
-                    while bits != 0 {
-                        let b = bits.trailingZeroBitCount
-                        written.append((r.gpa >> 12) + UInt64(w * 64 + b))
-                        bits &= bits - 1
-                    }
-                }
-            }
+            func read(_ slot: UInt32, _ r: MappedRange) throws(Errno) { written += try readDirtyLog(x, slot, r, &st) }
             for (slot, r) in x.slots where !r.readonly {
                 if let targets, !targets.contains(where: { $0 >= r.gpa >> 12 && $0 < (r.gpa + r.size) >> 12 }) { continue }
                 try read(slot, r)
@@ -414,13 +436,60 @@ extension KVMVM {
     /// Pages written by view `x` (nil: by the plugin or the VMM): the views that may hold a shadow
     /// of one of them as a page table are marked for a zap.
     func distribute(_ pages: [UInt64], from x: KVMView?, sparing spared: KVMView? = nil, _ st: inout LayoutState) {
-        for w in st.views where w !== x && w !== spared && !w.needsZap && w.ptUsed.load(ordering: .acquiring) {
+        for w in st.views where w !== x && w !== spared && w.ptUsed.load(ordering: .acquiring) {
             if w.guarded && !w.ptUnknown {
-                if pages.contains(where: { w.ptPages.contains($0) }) { w.needsZap = true }
-            } else if pages.contains(where: { w.maps(page: $0) }) {
-                w.needsZap = true
+                for p in pages where w.ptPages.contains(p) { w.stalePages.insert(p) }
+            } else {
+                for p in pages where w.maps(page: p) { w.stalePages.insert(p) }
             }
         }
+    }
+
+    /// Drops view `v`'s shadows of `pages` (SLOT_ZAP_ALL off): each memslot holding one is deleted and
+    /// created again (KVM zaps the shadow pages of the memslot's pages and its translations; probe_coherence.c
+    /// (c)). The pages `v` itself wrote there and nobody read yet are read from its dirty log first.
+    private func zapPages(_ v: KVMView, _ pages: Set<UInt64>, _ st: inout LayoutState) throws(Errno) {
+        func holds(_ r: MappedRange) -> Bool { pages.contains { $0 >= r.gpa >> 12 && $0 < (r.gpa + r.size) >> 12 } }
+        for (slot, r) in v.slots.sorted(by: { $0.key < $1.key }) where holds(r) {
+            let logged = v.logging && !r.readonly
+            if logged {
+                let written = try readDirtyLog(v, slot, r, &st)
+                if !written.isEmpty { distribute(written, from: v, &st) }
+            }
+            let flags = r.readonly ? kvmMemReadonly : (logged ? kvmMemLogDirty : 0)
+            try v.vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
+            try v.vm.setUserMemoryRegion(slot: slot, flags: flags, gpa: r.gpa, size: r.size, host: memory.base + Int(r.gpa))
+        }
+        for (slot, r) in v.pmemRuns.sorted(by: { $0.key < $1.key }) where holds(r) {
+            let logged = v.logging && !r.readonly
+            if logged {
+                let written = try readDirtyLog(v, slot, r, &st)
+                if !written.isEmpty { distribute(written, from: v, &st) }
+            }
+            try recreatePmemRun(v, slot, r, flags: r.readonly ? kvmMemReadonly : (logged ? kvmMemLogDirty : 0))
+        }
+    }
+
+    /// KVM_GET_DIRTY_LOG of view `x`'s memslot `slot` (mapping `r`): the pages (gpa >> 12) written.
+    func readDirtyLog(_ x: KVMView, _ slot: UInt32, _ r: MappedRange, _ st: inout LayoutState) throws(Errno) -> [UInt64] {
+        let pages = Int(r.size >> 12)
+        let words = (pages + 63) / 64
+        if st.bitmap.count < words { st.bitmap = [UInt64](repeating: 0, count: words) }
+        var failure: Errno?
+        st.bitmap.withUnsafeMutableBytes { b in
+            do throws(Errno) { try x.vm.dirtyLog(slot: slot, into: b.baseAddress!) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        dirtyLogReads.add(1, ordering: .relaxed)
+        var written: [UInt64] = []
+        for w in 0..<words where st.bitmap[w] != 0 {
+            var bits = st.bitmap[w]
+            while bits != 0 {
+                written.append((r.gpa >> 12) + UInt64(w * 64 + bits.trailingZeroBitCount))
+                bits &= bits - 1
+            }
+        }
+        return written
     }
 
     /// RAM written outside KVM (an MMIO store the plugin completed in view `x`, or the VMM's
@@ -445,7 +514,7 @@ extension KVMVCPU {
         if vm.handle != nil {
             let layout: LayoutKey
             do { layout = try layoutKey() } catch { throw .escalation(error) }
-            let key = ViewKey(layout: layout, region: vm.regionWanted(hierarchy))
+            let key = ViewKey(layout: layout)
             do {
                 if vm.layoutDirty.load(ordering: .acquiring) {
                     try vm.layout.withLock { (st) throws(Errno) in try vm.refreshViews(&st) }
@@ -453,9 +522,6 @@ extension KVMVCPU {
                 if key != current.key || current.view.isRetired {
                     try move(to: key)
                 } else {
-                    if key.region && !current.view.regionMapped {
-                        _ = try vm.layout.withLock { (st) throws(Errno) -> UInt64 in try vm.syncRegionSlot(current.view, want: true) }
-                    }
                     // Paging turned on, or another CR3 set by the VMM, without a move: the view is told
                     // (its page-table set, Views.swift), as at a move.
                     let c = current
@@ -467,6 +533,14 @@ extension KVMVCPU {
                         c.enteredCR3 = s.cr3
                     }
                 }
+                // The privileged-mode region's memslot in the view this vCPU runs in, while its
+                // hierarchy maps it (Region.swift).
+                if vm.regionDefined.load(ordering: .acquiring) {
+                    let want = vm.regionWanted(hierarchy)
+                    if want != current.view.regionMapped {
+                        _ = try vm.layout.withLock { (st) throws(Errno) -> UInt64 in try vm.syncRegionSlot(current.view, want: want) }
+                    }
+                }
             } catch {
                 throw .kvm(error)
             }
@@ -476,6 +550,15 @@ extension KVMVCPU {
 
     /// Moves this vCPU into the view for `key` (Views.swift: what is carried, and the coherence check).
     func move(to key: ViewKey) throws(Errno) {
+        let t0 = monotonicNanos()
+        let zaps0 = viewZaps.load(ordering: .relaxed), views0 = viewsCreated.load(ordering: .relaxed)
+        var steady = true
+        defer {
+            if steady && viewZaps.load(ordering: .relaxed) == zaps0 && viewsCreated.load(ordering: .relaxed) == views0 {
+                steadyMoves.add(1, ordering: .relaxed)
+                steadyMoveNanos.add(monotonicNanos() &- t0, ordering: .relaxed)
+            }
+        }
         let src = current
         completePending(src)
         let s = src.cpu.sync.pointee.sregs
@@ -490,6 +573,7 @@ extension KVMVCPU {
         if let c = cpus[dstView.id] {
             dst = c
         } else {
+            steady = false
             dst = try vm.makeViewCPU(dstView, index)
             cpus[dstView.id] = dst
             try copyCPL0State(from: owner, to: dst)   // a new KVM vCPU starts from KVM's reset values
@@ -508,9 +592,6 @@ extension KVMVCPU {
         }
         if src.view.isRetired { cpus[src.view.id] = nil }
         if dst !== src { viewMoves.add(1, ordering: .relaxed) }
-        let wasRegion = src.key?.region ?? false
-        if key.region && !wasRegion { regionSlotAdds.add(1, ordering: .relaxed) }
-        if !key.region && wasRegion { regionSlotRemoves.add(1, ordering: .relaxed) }
     }
 
     /// The state a move carries (Views.swift).
@@ -536,7 +617,9 @@ extension KVMVCPU {
         // What only CPL 0 code changes lives in the owner (the last view where CPL 0 code ran).
         if !src.view.guarded { owner = src }
         if dst.view.guarded {
-            try dst.writeXCRS(try owner.readXCRS())
+            // XCR0 is seen at CPL 3 only with CR4.OSXSAVE (XGETBV, and which XSAVE features fault);
+            // without it both #UD whatever XCR0 holds.
+            if dst.cpu.sync.pointee.sregs.cr4 & cr4OSXSAVE != 0 { try dst.writeXCRS(try owner.readXCRS()) }
             if escalationSupport.cpl3DebugRegs { try dst.writeDebugRegs(try owner.readDebugRegs()) }
         } else if dst !== owner {
             try copyCPL0State(from: owner, to: dst)
@@ -550,15 +633,17 @@ extension KVMVCPU {
         }
     }
 
-    /// MSRs, XCR0 and debug registers from `o` into `d`.
+    /// MSRs, XCR0 and debug registers from `o` into `d`: read from `o` (unless it has not run since
+    /// the last read), written into `d` only where they differ from what `d` holds.
     func copyCPL0State(from o: ViewCPU, to d: ViewCPU) throws(Errno) {
-        if o !== d {
-            var list = copyableMSRs.withLock { l in
-                if l == nil { l = initialCopyableMSRs(vm.system) }
-                return l!
-            }
-            // KVM stops at the first MSR it cannot read or write back: that one is dropped for good.
-            while !list.isEmpty {
+        guard o !== d else { return }
+        var list = copyableMSRs.withLock { l in
+            if l == nil { l = initialCopyableMSRs(vm.system) }
+            return l!
+        }
+        // KVM stops at the first MSR it cannot read or write back: that one is dropped for good.
+        while !list.isEmpty {
+            if o.msrsAt != o.runs || o.msrList != list {
                 let values = try o.cpu.msrs(list)
                 if values.count < list.count {
                     let bad = list[values.count]
@@ -566,17 +651,20 @@ extension KVMVCPU {
                     copyableMSRs.withLock { $0?.removeAll { $0 == bad } }
                     continue
                 }
-                let n = try d.cpu.setMSRs(list, values)
-                if n < list.count {
-                    let bad = list[n]
-                    list.removeAll { $0 == bad }
-                    copyableMSRs.withLock { $0?.removeAll { $0 == bad } }
-                    continue
-                }
-                break
+                o.msrValues = values; o.msrList = list; o.msrsAt = o.runs
             }
-            try d.writeXCRS(try o.readXCRS())
-            try d.writeDebugRegs(try o.readDebugRegs())
+            if d.msrsAt == d.runs && d.msrList == list && d.msrValues == o.msrValues { break }
+            let n = try d.cpu.setMSRs(list, o.msrValues)
+            if n < list.count {
+                let bad = list[n]
+                list.removeAll { $0 == bad }
+                copyableMSRs.withLock { $0?.removeAll { $0 == bad } }
+                continue
+            }
+            d.msrValues = o.msrValues; d.msrList = list; d.msrsAt = d.runs
+            break
         }
+        try d.writeXCRS(try o.readXCRS())
+        try d.writeDebugRegs(try o.readDebugRegs())
     }
 }
