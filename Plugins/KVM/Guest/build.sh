@@ -137,6 +137,8 @@ assemble smp
     echo "#define SMP_GUEST_USTACK 0xA000u /* user stacks */"
     echo "#define SMP_GUEST_DATA 0xB000u   /* 0xB000 'O', 0xC000 the window, 0xD000 'N' */"
     echo "#define SMP_GUEST_EXIT_HLT 0x614Au /* the kernel's HLT on \"exit\" */"
+    echo "#define SMP_GUEST_OUTLOOP 0x6080u  /* CPL 0: 1: out %al, \$0xE9; jmp 1b */"
+    echo "#define SMP_GUEST_MMIOLOOP 0x6090u /* CPL 0: 1: movl %eax, 0xD000; jmp 1b */"
     echo "#define SMP_GUEST_END 0xE000u"
     carray smp_guest "$TMP/smp.bin"
     echo "#endif"

@@ -19,6 +19,8 @@
  *            value (a flush no KVM statistic shows: Tests/probes/kvm/probe_flushstats.c)
  *   eax = 60 exit: the kernel HLTs (probe 2: it jumps to the user page instead)
  * A fault the kernel does not expect OUTs its vector to port 0xEF and HLTs.
+ * Entries 0x6080 (`1: out %al, $0xE9; jmp 1b`) and 0x6090 (`1: movl %eax, 0xD000; jmp 1b`) are bare
+ * CPL 0 loops for exit round trips (the benchmark, `nptkit-cli bench --only kvm`).
  *
  * Coherence probe (r15 = 4), after the K calls: the user process writes the byte at 0xC000, remaps,
  * writes it again, remaps back, writes it again: "ONO" when every view sees the kernel's page-table
@@ -42,6 +44,8 @@
     .set IDT, 0x5200
     .set DESC, 0x5400
     .set KCODE, 0x6000
+    .set OUTLOOP, 0x6080
+    .set MMIOLOOP, 0x6090
     .set KSYS, 0x6100
     .set KFAULT, 0x6200
     .set KSTUBS, 0x6300
@@ -124,6 +128,7 @@ kentry:
     mov %edi, %eax                      /* TR = 0x38 + 16 * index */
     shl $4, %eax
     add $0x38, %eax
+    andb $0xFD, GDT + 5(%eax)           /* available again (busy after an earlier entry): re-entrant */
     ltr %ax
     mov %edi, %eax                      /* kernel stack: 0x7800 + 0x800 * index */
     shl $11, %eax
@@ -138,6 +143,17 @@ kentry:
     pushq $0x33                         /* CS */
     pushq $USER                         /* RIP */
     iretq
+
+    /* Two CPL 0 loops for exit round trips (the benchmark's; no GDT/IDT needed): an OUT, and a
+     * store to 0xD000 (an MMIO exit where that page is a KVM_MEM_READONLY memslot). */
+    .org OUTLOOP - SMP_BASE
+outloop:
+    out %al, $0xE9
+    jmp outloop
+    .org MMIOLOOP - SMP_BASE
+mmioloop:
+    movl %eax, 0xD000
+    jmp mmioloop
 
     .org KSYS - SMP_BASE
 ksys:                                   /* INT3 from the user process */
