@@ -150,8 +150,8 @@ extension KVMVM {
         return s == NPT_OK ? LayoutPlan(ram: c.ranges, beyond: c.beyond) : nil
     }
 
-    /// Installs `v`'s layout (its key's hierarchy, minus the hidden pages), changing only the
-    /// memslots that differ: deletions first (memslots may not
+    /// Installs `v`'s layout (its key's hierarchy, minus the hidden pages, plus the region where the
+    /// key says so), changing only the memslots that differ: deletions first (memslots may not
     /// overlap), a READONLY flag is part of a range's identity. Writable memslots of a view where CPL 0
     /// code may run log the pages written (Views.swift, coherence).
     func installLayout(_ v: KVMView, _ key: ViewKey, _ st: inout LayoutState) throws(Errno) {
@@ -187,6 +187,7 @@ extension KVMVM {
         }
         // The NVDIMM ranges' runs (their own memslot ids; never overlapping RAM).
         updates += try syncPmemRuns(v, MappedRange.subtracting(key.layout.hidden, from: plan.beyond))
+        updates += try syncRegionSlot(v, want: key.region)
         if updates > 0 {
             layoutSwitches.add(1, ordering: .relaxed)
             memslotUpdates.add(updates, ordering: .relaxed)

@@ -8,15 +8,16 @@
 //    (the first 1 GiB boundary past RAM), which the plugin checks.
 //  - the memslot: before each KVM_RUN the plugin asks the core (hierarchy_translate, a snapshot
 //    read) whether the exposed hierarchy maps the region executable at the region's host offset;
-//    if so, memslot `regionSlot` maps the region's GPA range to the backing in the KVM VM the vCPU
-//    runs in (its view, Views.swift), if not it is deleted there. An invalidate that covers the
-//    region (the core removes the region at RSM and invalidates it in every hierarchy) deletes the
-//    memslot from every view at once. Adding needs the check before each run because the core
-//    issues no invalidate when it adds translations. The memslot is VM-wide (view-wide), which is
-//    exactly the mode's global view: the core adds the region only while every other vCPU is
-//    parked outside KVM_RUN and removes it before any resumes. Where KVM allows it each view has
-//    KVM's SLOT_ZAP_ALL quirk disabled, so the deletion drops the region's translations only (about
-//    17 µs here) instead of emptying the shadow MMU (43 µs and the working set faulted in again).
+//    if so, the run's view (Views.swift) is the one of the hierarchy's layout *with* memslot
+//    `regionSlot` mapping the region's GPA range to the backing, if not the one without. Entering
+//    and leaving the mode are moves of the vCPU between two KVM VMs, no memslot update (the
+//    region's view is created, with its memslot, at the first entry): a memslot update waits for
+//    an SRCU grace period, which took 0.5-2 ms here while other work loaded the machine (11-17 µs
+//    when it was quiet), a move does not. Only the vCPU in the mode ever runs in that view, which is
+//    the mode's global view: the core adds the region to a hierarchy only while every other vCPU is
+//    parked outside KVM_RUN and removes it before any resumes; those vCPUs' views never map it at
+//    all. An invalidate that covers the region while a vCPU runs in a view that maps it deletes the
+//    memslot there at once (a revocation).
 //  - reads of the region's window while it is absent (a vCPU outside the mode probing it) arrive
 //    as KVM_EXIT_MMIO outside RAM: the plugin answers all ones (an open bus) and drops writes, and
 //    the guest runs on. Data accesses to the window while the region is present but the exposed
@@ -75,7 +76,7 @@ let regionUnbackedReads = Atomic<UInt64>(0)
 let regionAddNanos = Atomic<UInt64>(0)
 let regionRemoveNanos = Atomic<UInt64>(0)
 
-/// The time the region's memslot additions and removals took in total (ns; their counts are
+/// The time the moves into and out of the region's view took in total (ns; their counts are
 /// npt_kvm_region_stats').
 @_cdecl("npt_kvm_region_times")
 public func npt_kvm_region_times(_ addNanos: UnsafeMutablePointer<UInt64>?, _ removeNanos: UnsafeMutablePointer<UInt64>?) {
@@ -83,8 +84,9 @@ public func npt_kvm_region_times(_ addNanos: UnsafeMutablePointer<UInt64>?, _ re
     removeNanos?.pointee = regionRemoveNanos.load(ordering: .relaxed)
 }
 
-/// KVM_SET_USER_MEMORY_REGION calls that added and removed the region's memslot, and the reads of
-/// the region's window answered with all ones while it was absent.
+/// How often the region became visible to a vCPU (its entry into the mode: set_regs into the
+/// region) and invisible again (the exit: set_regs out of it), and the reads of the region's window
+/// answered with all ones while it was absent.
 @_cdecl("npt_kvm_region_stats")
 public func npt_kvm_region_stats(_ adds: UnsafeMutablePointer<UInt64>?, _ removes: UnsafeMutablePointer<UInt64>?,
                                  _ unbackedReads: UnsafeMutablePointer<UInt64>?) {
@@ -113,6 +115,7 @@ extension KVMVM {
                 region.withLock { st in
                     st.gpa = gpa; st.size = size; st.hostOffset = hostOffset; st.backing = b
                 }
+                for v in lst.views where v.key?.region == true { _ = try syncRegionSlot(v, want: true) }
             }
             regionDefined.store(true, ordering: .releasing)
             return NPT_OK
@@ -121,14 +124,18 @@ extension KVMVM {
         }
     }
 
-    /// invalidate, then: an invalidate that covers the region deletes its memslot from every view now.
+    /// invalidate, then: an invalidate that covers the region removes its memslot at once from a view
+    /// a vCPU is running in (a revocation; the core itself removes the region only while its
+    /// holder is stopped, and the region's view is left as it is then).
     func invalidateWithRegion(_ hierarchy: UInt32, _ gpa: UInt64, _ size: UInt64) -> npt_status {
         let s = invalidate(hierarchy, gpa, size)
         do {
             try layout.withLock { (lst) throws(Errno) in
                 let (defined, start, length) = region.withLock { ($0.backing != nil, $0.gpa, $0.size) }
                 guard defined, gpa < start + length, start < gpa &+ size || gpa &+ size < gpa else { return }
-                for v in lst.views where v.regionMapped { _ = try syncRegionSlot(v, want: false) }
+                for v in lst.views where v.regionMapped && v.inside.load(ordering: .acquiring) > 0 {
+                    _ = try syncRegionSlot(v, want: false)
+                }
             }
         } catch {
             return fail(error, "invalidate: removing the privileged-mode region's memslot")
@@ -150,18 +157,11 @@ extension KVMVM {
         try region.withLock { (st) throws(Errno) -> UInt64 in
             let mapped = want && st.backing != nil
             if mapped == v.regionMapped { return 0 }
-            let t0 = monotonicNanos()
-            defer {
-                if mapped { regionAddNanos.add(monotonicNanos() &- t0, ordering: .relaxed) }
-                else { regionRemoveNanos.add(monotonicNanos() &- t0, ordering: .relaxed) }
-            }
             if mapped, let b = st.backing {
                 try v.vm.setUserMemoryRegion(slot: regionSlot, gpa: st.gpa, size: st.size, host: b.base)
                 v.regionGPA = st.gpa
-                regionSlotAdds.add(1, ordering: .relaxed)
             } else {
                 try v.vm.setUserMemoryRegion(slot: regionSlot, gpa: v.regionGPA, size: 0, host: nil)
-                regionSlotRemoves.add(1, ordering: .relaxed)
             }
             v.regionMapped = mapped
             return 1
@@ -257,6 +257,7 @@ extension KVMVCPU {
                 try cpu.setRegs(kvmRegs(n, rip: n.rip - segBase))
                 mode = .real
                 vm.region.withLock { $0.saved[index] = old }
+                regionSlotAdds.add(1, ordering: .relaxed)
                 return NPT_OK
             }
             if !inRegion, let saved {
@@ -270,6 +271,7 @@ extension KVMVCPU {
                     mode = .real
                 }
                 vm.region.withLock { _ = $0.saved.removeValue(forKey: index) }
+                regionSlotRemoves.add(1, ordering: .relaxed)
                 return NPT_OK
             }
         } catch {
@@ -297,10 +299,10 @@ extension KVMVCPU {
         return r
     }
 
-    /// vcpu_run with the region: its memslot follows the exposed hierarchy before the run (Views.swift,
-    /// prepareRun; the region's presence cannot change during one vcpu_run: the core adds or removes
-    /// it only while this vCPU's thread is outside vcpu_run); probes of the region's window are
-    /// answered; RSM is reported as NPT_EXIT_LEAVE_MODE.
+    /// vcpu_run with the region: the run enters the view that maps the region when the exposed
+    /// hierarchy maps it (Views.swift; its presence cannot change during one vcpu_run: the core adds
+    /// or removes it only while this vCPU's thread is outside vcpu_run); probes of the region's
+    /// window are answered; RSM is reported as NPT_EXIT_LEAVE_MODE.
     func runWithRegion(_ e: UnsafeMutablePointer<npt_exit>?) -> npt_status {
         while true {
             let s = run(e)

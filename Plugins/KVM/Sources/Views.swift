@@ -90,7 +90,9 @@ let maxGuardedViews = 4
 /// The layout a run needs.
 struct ViewKey: Hashable, Sendable, CustomStringConvertible {
     var layout: LayoutKey
-    var description: String { layout.description }
+    /// The privileged-mode region's memslot is mapped (Region.swift).
+    var region = false
+    var description: String { region ? "\(layout) with the privileged-mode region" : layout.description }
 }
 
 /// Process-wide counters (exported as npt_kvm_view_stats).
@@ -300,7 +302,7 @@ extension KVMVM {
     func view(for key: ViewKey, _ st: inout LayoutState) throws(Errno) -> KVMView {
         st.clock &+= 1
         if let v = st.byKey[key], !v.isRetired { v.lastEntered = st.clock; return v }
-        if primary.key == nil && !key.layout.guarded {
+        if primary.key == nil && !key.layout.guarded && !key.region {
             try installLayout(primary, key, &st)
             primary.key = key
             st.byKey[key] = primary
@@ -514,7 +516,7 @@ extension KVMVCPU {
         if vm.handle != nil {
             let layout: LayoutKey
             do { layout = try layoutKey() } catch { throw .escalation(error) }
-            let key = ViewKey(layout: layout)
+            let key = ViewKey(layout: layout, region: vm.regionDefined.load(ordering: .acquiring) && vm.regionWanted(hierarchy))
             do {
                 if vm.layoutDirty.load(ordering: .acquiring) {
                     try vm.layout.withLock { (st) throws(Errno) in try vm.refreshViews(&st) }
@@ -533,13 +535,9 @@ extension KVMVCPU {
                         c.enteredCR3 = s.cr3
                     }
                 }
-                // The privileged-mode region's memslot in the view this vCPU runs in, while its
-                // hierarchy maps it (Region.swift).
-                if vm.regionDefined.load(ordering: .acquiring) {
-                    let want = vm.regionWanted(hierarchy)
-                    if want != current.view.regionMapped {
-                        _ = try vm.layout.withLock { (st) throws(Errno) -> UInt64 in try vm.syncRegionSlot(current.view, want: want) }
-                    }
+                // The region's view lost its memslot to a revocation: back before the run.
+                if key.region && !current.view.regionMapped {
+                    _ = try vm.layout.withLock { (st) throws(Errno) -> UInt64 in try vm.syncRegionSlot(current.view, want: true) }
                 }
             } catch {
                 throw .kvm(error)
@@ -592,6 +590,11 @@ extension KVMVCPU {
         }
         if src.view.isRetired { cpus[src.view.id] = nil }
         if dst !== src { viewMoves.add(1, ordering: .relaxed) }
+        let wasRegion = src.key?.region ?? false
+        if key.region != wasRegion {
+            if key.region { regionAddNanos.add(monotonicNanos() &- t0, ordering: .relaxed) }
+            else { regionRemoveNanos.add(monotonicNanos() &- t0, ordering: .relaxed) }
+        }
     }
 
     /// The state a move carries (Views.swift).
