@@ -220,6 +220,9 @@ extension Bench {
     }
 }
 
+/// Keeps `x` alive (a loop the optimizer may not drop).
+@inline(never) func blackHole(_ x: UInt64) { if x == 0x5EED_5EED_5EED_5EED { print("") } }
+
 /// The load average (/proc/loadavg) and the number of online cores.
 struct LoadAverage {
     var oneMinute: Double
@@ -444,10 +447,23 @@ extension Bench {
             try check(rawSyscalls(2, Int32(calls), 1, 1, nil, &w2), "raw system calls, two vCPUs")
             rawRatios.append(2 * Double(w1) / Double(w2))
         }
+        // The host's own headroom in the same run: a CPU-bound loop on one thread against two.
+        var spinRatios: [Double] = []
+        for _ in 0..<reps {
+            @Sendable func spin() { var x: UInt64 = 0; for i in 0..<UInt64(quick ? 20_000_000 : 100_000_000) { x = x &+ i; blackHole(x) } }
+            let t0 = Monitor.now()
+            spin()
+            let one = Monitor.now() &- t0
+            let t1 = Monitor.now()
+            let ths = [HostThread { spin() }, HostThread { spin() }]
+            for th in ths { th.join() }
+            spinRatios.append(2 * Double(one) / Double(Monitor.now() &- t1))
+        }
         print("   Two vCPUs in different hierarchies at once (each \(calls) MBEC system calls; \(reps) repetitions): total throughput")
         print("   \(spreadRatio(libRatios)) one vCPU alone through NPTKit (one vCPU: \(spread(lib1.map { $0 / UInt64(calls) })) per call;")
         print("   two: \(spread(lib2.map { $0 / UInt64(2 * calls) })) per call of either); the raw two-VM loop on the same two vCPU ids,")
-        print("   same run: \(spreadRatio(rawRatios)) (what this machine's load leaves for a second vCPU).")
+        print("   same run: \(spreadRatio(rawRatios)); a CPU-bound host loop on two threads against one: \(spreadRatio(spinRatios))")
+        print("   (what this machine's load leaves for a second thread).")
 
         // 4. The privileged-mode region: entering and leaving the mode, one vCPU, raised from its own thread.
         do {
