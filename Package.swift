@@ -27,16 +27,18 @@ let package = Package(
         .target(name: "NPTTrace", swiftSettings: strict),
         .target(name: "NPTSimulator", dependencies: ["NPTCore"], swiftSettings: strict),
         .target(name: "NPTKit", dependencies: ["CNPTKit", "NPTCore", "NPTSimulator"], swiftSettings: strict),
+        // Raw KVM loops (plain ioctls, no NPTKit code) the KVM benchmark measures the library against.
+        .target(name: "CRawKVM", path: "Sources/CRawKVM"),
         // The scenarios: one driver per scenario against the VM/vCPU API, one guest image per guest
         // ISA (the simulator's built in Swift; x86-64 assembled into committed headers, CScenarioGuests).
         .target(name: "CScenarioGuests", path: "Sources/NPTScenarios/Guests",
                 exclude: ["x86-64/build.sh", "x86-64/system.inc", "x86-64/gate.S", "x86-64/hello.S", "x86-64/hvci.S",
-                          "x86-64/kernel.S", "x86-64/pmem.S", "x86-64/priv.S"]),
+                          "x86-64/kernel.S", "x86-64/pmem.S", "x86-64/priv.S", "x86-64/smp.S"]),
         .target(name: "NPTScenarios", dependencies: ["NPTCore", "NPTSimulator", "CScenarioGuests"], exclude: ["Guests"],
                 swiftSettings: strict),
         .executableTarget(
             name: "nptkit",
-            dependencies: ["NPTKit", "NPTCore", "NPTSimulator", "NPTScenarios", "NPTTrace",
+            dependencies: ["NPTKit", "NPTCore", "NPTSimulator", "NPTScenarios", "NPTTrace", "CRawKVM",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
         // The KVM backend plugin (Plugins/ needs explicit paths: SwiftPM reserves it for package plugins).

@@ -55,13 +55,7 @@ public struct WhatIfPolicy: Sendable {
 
     public static func parse(_ text: String, file: String = "policy") throws(WhatIfInputError) -> WhatIfPolicy {
         var p = WhatIfPolicy()
-        var n = 0
-        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
-            n += 1
-            var line = rawLine
-            if let h = line.firstIndex(of: "#") { line = line[..<h] }
-            let t = line.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\r" })
-            if t.isEmpty { continue }
+        for (n, t) in tokenizedLines(text) {
             func fail(_ m: String) -> WhatIfInputError { WhatIfInputError(file: file, line: n, m) }
             func num(_ s: Substring, _ what: String) throws(WhatIfInputError) -> UInt64 {
                 guard let v = parseNumber(s) else { throw fail("\(what) \"\(s)\" is not a number (0x... or decimal)") }
@@ -139,13 +133,7 @@ public struct WhatIfCosts: Sendable {
     /// `exit_ns N` and `switch_ns N` lines, '#' comments.
     public static func parse(_ text: String, file: String) throws(WhatIfInputError) -> WhatIfCosts {
         var c = WhatIfCosts(exitNs: kvmBuildMachine.exitNs, switchNs: kvmBuildMachine.switchNs, source: "costs file \(file)")
-        var n = 0
-        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
-            n += 1
-            var line = rawLine
-            if let h = line.firstIndex(of: "#") { line = line[..<h] }
-            let t = line.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\r" })
-            if t.isEmpty { continue }
+        for (n, t) in tokenizedLines(text) {
             guard t.count == 2, let v = Double(t[1]), v >= 0, v.isFinite else {
                 throw WhatIfInputError(file: file, line: n, "expected \"exit_ns N\" or \"switch_ns N\" with N >= 0")
             }
@@ -292,4 +280,17 @@ public struct WhatIfModel: Sendable {
         t.lastTimestamp = last
         return t
     }
+}
+
+/// The non-empty lines of a what-if input file as (line number from 1, whitespace-separated tokens),
+/// '#' starting a comment.
+func tokenizedLines(_ text: String) -> [(line: Int, tokens: [Substring])] {
+    var out: [(line: Int, tokens: [Substring])] = []
+    for (i, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+        var line = rawLine
+        if let h = line.firstIndex(of: "#") { line = line[..<h] }
+        let t = line.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\r" })
+        if !t.isEmpty { out.append((i + 1, t)) }
+    }
+    return out
 }

@@ -59,7 +59,8 @@ public struct WhatIfReport: Sendable {
     func us(_ ns: Double) -> String { ns >= 1e6 ? fmt(ns / 1e6, 3) + " ms" : fmt(ns / 1e3, 1) + " us" }
 }
 
-func fmt(_ d: Double, _ digits: Int) -> String {
+/// `d` rounded to `digits` decimals, always written with that many ("2.50").
+public func fmt(_ d: Double, _ digits: Int = 2) -> String {
     var m = 1.0
     for _ in 0..<digits { m *= 10 }
     let r = (d * m).rounded() / m

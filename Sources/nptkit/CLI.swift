@@ -3,6 +3,7 @@ import NPTCore
 import NPTKit
 import NPTScenarios
 import NPTSimulator
+import NPTTrace
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -119,17 +120,6 @@ func qualText(_ q: ViolationQualification) -> String {
     return q.contains(.userLinear) ? " (user-mode address)" : " (supervisor-mode address)"
 }
 
-func fmt(_ d: Double, _ digits: Int = 2) -> String {
-    var m = 1.0
-    for _ in 0..<digits { m *= 10 }
-    let r = (d * m).rounded() / m
-    var s = String(r)
-    if let dot = s.firstIndex(of: ".") {
-        let decimals = s.distance(from: dot, to: s.endIndex) - 1
-        if decimals < digits { s += String(repeating: "0", count: digits - decimals) }
-    }
-    return s
-}
 
 /// `text` broken into lines of at most `width` characters at spaces.
 func wrapped(_ text: String, width: Int = 116) -> String {
@@ -140,6 +130,9 @@ func wrapped(_ text: String, width: Int = 116) -> String {
     }
     return (lines + [line]).joined(separator: "\n")
 }
+
+/// `d` with `digits` decimals (the one formatter, NPTTrace's).
+func fmt(_ d: Double, _ digits: Int = 2) -> String { NPTTrace.fmt(d, digits) }
 
 /// A plain text table.
 struct Table {

@@ -318,6 +318,22 @@ int ckvm_probe_escalation(struct ckvm_escalation_probe *out) {
                 goto out;
             }
         }
+        /* Do the guest's own debug registers act at CPL 3? (A two-VM switch must then carry DR0-3/DR7
+         * into the user layout's VM.) DR0 = an execute breakpoint on the read of MARK: honoured, the
+         * #DB reaches its stub (the IDT page is mapped again); ignored, the read exits as MMIO. */
+        {
+            static const uint8_t nop[] = {0x90};
+            user_code(&p, nop, 1, 0);
+            struct kvm_debugregs d;
+            memset(&d, 0, sizeof d);
+            int rc = -1;
+            if (user_state(&p, 0) == 0 && ioctl(p.cpu, KVM_GET_DEBUGREGS, &d) == 0) {
+                d.db[0] = UCODE + 1;
+                d.dr7 = 0x401; /* L0, execute, length 1 */
+                if (ioctl(p.cpu, KVM_SET_DEBUGREGS, &d) == 0) rc = run_bounded(&p);
+            }
+            out->cpl3_debugregs = !(rc == KVM_EXIT_MMIO && p.run->mmio.phys_addr == MARK);
+        }
         ok = 1;
         out->usable = 1;
         snprintf(why, wn, "every entry path from CPL 3 stops before CPL 0 (%s)",

@@ -46,6 +46,8 @@ struct EscalationSupport: Sendable {
     /// 0: not usable; 1: KVM_EXIT_SHUTDOWN + sentinel + re-injection; 2: DELIVERY_EV (event kept).
     let mechanism: Int32
     let reason: String
+    /// The guest's DR0-3/DR7 act on CPL 3 code: a guarded view needs them (Views.swift).
+    let cpl3DebugRegs: Bool
     var usable: Bool { mechanism != 0 }
 }
 
@@ -55,7 +57,7 @@ let escalationSupport: EscalationSupport = {
     let reason = withUnsafeBytes(of: &p.reason) { b in
         String(decoding: b.prefix { $0 != 0 }, as: UTF8.self)
     }
-    return EscalationSupport(mechanism: ok ? p.mechanism : 0, reason: reason)
+    return EscalationSupport(mechanism: ok ? p.mechanism : 0, reason: reason, cpl3DebugRegs: p.cpl3_debugregs != 0)
 }()
 
 /// Why the escalation exit could not be armed for a run.
@@ -99,27 +101,13 @@ extension KVMVCPU {
         return s
     }
 
-    /// The layout this run needs; prepares the guarded state (IDT pages hidden, SCE cleared, the
-    /// events' sentinel) or leaves it (SCE restored, a pending re-delivery done).
-    func prepareEntry() throws(EscalationError) -> LayoutKey {
-        do { return try prepareEntryOrErrno() } catch let e as EscalationError { throw e } catch { throw .kvm(error as! Errno) }
-    }
-
-    private func prepareEntryOrErrno() throws -> LayoutKey {
-        guard guarded else {
-            if sceHidden {
-                var s = try cpu.sregs
-                s.efer |= eferSCE
-                try cpu.setSregs(s)
-                sceHidden = false
-            }
-            if let p = pendingEntry {
-                pendingEntry = nil
-                try deliver(p)
-            }
-            return LayoutKey(hierarchy: hierarchy)
-        }
-        var s = try cpu.sregs
+    /// The layout this run needs: the exposed hierarchy's, and while the escalation exit is armed in
+    /// the user hierarchy (long mode with paging), the guarded one without the guest's IDT pages. A
+    /// guarded layout runs in a view of its own (Views.swift) where EFER.SCE is kept clear and the
+    /// events carry the sentinel (afterMove).
+    func layoutKey() throws(EscalationError) -> LayoutKey {
+        guard guarded else { return LayoutKey(hierarchy: hierarchy) }
+        let s = cpu.sync.pointee.sregs
         guard s.cr0 & cr0PG != 0, s.efer & eferLMA != 0 else { return LayoutKey(hierarchy: hierarchy) }
         // The IDT's pages, as the guest's page tables map them now. A page the tables do not map
         // holds no gate a delivery could read (it faults, and the fault's delivery stops here too);
@@ -144,22 +132,28 @@ extension KVMVCPU {
         for t in vm.walkedTables(s.idt.base, cr3: s.cr3) where hidden.contains(t) {
             throw EscalationError.idtOnPageTable(t, s.idt.base, limit)
         }
-        if s.efer & eferSCE != 0 {
-            s.efer &= ~eferSCE
-            try cpu.setSregs(s)
-            sceHidden = true
+        return LayoutKey(hierarchy: hierarchy, hidden: hidden, guarded: true)
+    }
+
+    /// In the view the run needs: outside a guarded view, a pending re-delivery (or SYSCALL) is done;
+    /// in one, the events carry the sentinel (mechanism 1: a lost exception overwrites it).
+    func afterMove() throws(Errno) {
+        if !current.view.guarded {
+            if let p = pendingEntry {
+                pendingEntry = nil
+                try deliver(p)
+            }
+            return
         }
         if escalationSupport.mechanism == 1 {
             var ev = try cpu.events
             if ev.exception.injected == 0 && ev.exception.pending == 0 && ev.exception.nr != exceptionSentinel {
-                ev.flags = 0
                 ev.exception.nr = exceptionSentinel
                 ev.exception.has_error_code = 0
                 ev.exception.error_code = 0
                 try cpu.setEvents(ev)
             }
         }
-        return LayoutKey(hierarchy: hierarchy, hidden: hidden, guarded: true)
     }
 
     /// After a KVM_EXIT_SHUTDOWN or an internal error in a guarded run: the escalation it was, if
@@ -180,7 +174,6 @@ extension KVMVCPU {
         if nr == 6, sceHidden, let r = try? cpu.regs, let gpa = vm.translate(r.rip, cr0: s.cr0, cr3: s.cr3),
            vm.peek(gpa, 2) == [0x0F, 0x05] {
             if !shutdown {
-                ev.flags = 0
                 ev.exception.injected = 0
                 ev.exception.pending = 0
                 _ = try? cpu.setEvents(ev)
@@ -196,7 +189,6 @@ extension KVMVCPU {
             return
         case .reinject(let nr, let hasError, let error):
             var ev = try cpu.events
-            ev.flags = 0
             ev.exception.injected = 1
             ev.exception.pending = 0
             ev.exception.nr = nr
@@ -211,9 +203,9 @@ extension KVMVCPU {
             // SS = STAR[47:32] + 8, RIP = LSTAR (64-bit) or CSTAR (compatibility mode).
             var r = try cpu.regs
             var s = try cpu.sregs
-            let star = try cpu.msr(msrSTAR)
-            let target = try cpu.msr(compat ? msrCSTAR : msrLSTAR)
-            let mask = try cpu.msr(msrSFMASK)
+            let star = try owner.cpu.msr(msrSTAR)
+            let target = try owner.cpu.msr(compat ? msrCSTAR : msrLSTAR)
+            let mask = try owner.cpu.msr(msrSFMASK)
             let rf: UInt64 = 1 << 16
             r.rcx = r.rip &+ 2
             r.r11 = r.rflags & ~rf

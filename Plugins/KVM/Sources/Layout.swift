@@ -4,7 +4,8 @@
 // mapped: those H also lets the guest write in ordinary memslots, the others in KVM_MEM_READONLY
 // ones. The pages H does not let the guest execute are left out (the RAM memslot is split around
 // them; an NVDIMM range keeps one memslot per executable run of its file mapping, Pmem.swift). On
-// this KVM every guest instruction is emulated, so:
+// this KVM CPL 0 code (and 32-bit and real-mode code) is emulated and 64-bit CPL 3 code runs
+// natively (docs/kvm-on-this-machine.md); either way:
 //  - a data access to a page left out arrives as KVM_EXIT_MMIO; the backend checks it against H's
 //    R/W (hierarchy_translate) and completes it from the backing memory (RAM, or an NVDIMM range's
 //    file mapping; reads fill
@@ -14,9 +15,8 @@
 //    (is_write) and is reported the same way;
 //  - an instruction fetch from a page left out fails emulation (KVM_EXIT_INTERNAL_ERROR); the
 //    backend reports it as NPT_EXIT_EPT_VIOLATION for the core to decide.
-// Memslots belong to the VM (this KVM has no multiple address spaces), so one layout is installed
-// at a time: the layout gate (Gate.swift) lets a vCPU into KVM_RUN only under its own hierarchy's
-// layout, and installs another only when no vCPU is inside KVM_RUN.
+// Memslots belong to the VM (this KVM has no multiple address spaces), so each layout lives in a
+// KVM VM of its own, a view (Views.swift): a hierarchy switch moves the vCPU to the other view.
 import CKVM
 import CNPTKit
 import Synchronization
@@ -58,22 +58,26 @@ struct LayoutKey: Hashable, Sendable, CustomStringConvertible {
 }
 
 struct LayoutState: Sendable {
-    /// KVM memslot id -> the range it maps now.
-    var slots: [UInt32: MappedRange] = [:]
-    /// The layout installed; nil: all RAM (the layout at creation).
-    var installed: LayoutKey?
-    /// The policy changed since the layouts were computed (invalidate).
-    var dirty = true
-    /// Layouts computed from the core's leaves, per hierarchy.
+    /// The views (Views.swift), the one for each key, and the clock of their last entries.
+    var views: [KVMView] = []
+    var byKey: [ViewKey: KVMView] = [:]
+    var nextID = 1
+    var clock: UInt64 = 0
+    /// Layouts computed from the core's leaves, per hierarchy (emptied when the policy changes).
     var cache: [UInt32: LayoutPlan] = [:]
+    /// Scratch for KVM_GET_DIRTY_LOG bitmaps.
+    var bitmap: [UInt64] = []
 }
 
-/// Process-wide counters (exported as npt_kvm_layout_stats).
+/// Process-wide counters (exported as npt_kvm_layout_stats): layouts installed into a view (at its
+/// creation, after an invalidate or an NVDIMM attachment, when it changed anything), memslot updates
+/// in total and in the last install.
 let layoutSwitches = Atomic<UInt64>(0)
 let memslotUpdates = Atomic<UInt64>(0)
 let lastSwitchUpdates = Atomic<UInt64>(0)
 
-/// Layout switches, KVM_SET_USER_MEMORY_REGION calls they made in total, and in the last switch.
+/// Layout installs, KVM_SET_USER_MEMORY_REGION calls they made in total, and in the last install.
+/// (A hierarchy switch moves the vCPU to another view and updates no memslot: npt_kvm_view_stats.)
 @_cdecl("npt_kvm_layout_stats")
 public func npt_kvm_layout_stats(_ switches: UnsafeMutablePointer<UInt64>?, _ updates: UnsafeMutablePointer<UInt64>?,
                                  _ last: UnsafeMutablePointer<UInt64>?) {
@@ -146,62 +150,49 @@ extension KVMVM {
         return s == NPT_OK ? LayoutPlan(ram: c.ranges, beyond: c.beyond) : nil
     }
 
-    /// Installs the layout `key` (before a run), changing only the memslots that differ.
-    func install(_ key: LayoutKey) throws(Errno) {
-        try layout.withLock { (st) throws(Errno) in try install(key, &st) }
-    }
-
-    /// After an invalidate: the installed layout is brought up to date at once (vCPUs inside
-    /// KVM_RUN see the change before the core's policy call returns: a memslot change is
-    /// synchronous for running vCPUs, measured by Tests/probes/kvm/probe_revoke.c), the others
-    /// before their next run.
-    func refreshInstalled() throws(Errno) {
-        try layout.withLock { (st) throws(Errno) in
-            guard let key = st.installed else { return }
-            try install(key, &st)
+    /// Installs `v`'s layout (its key's hierarchy, minus the hidden pages, plus the region where the
+    /// key says so), changing only the memslots that differ: deletions first (memslots may not
+    /// overlap), a READONLY flag is part of a range's identity. Writable memslots of a view where CPL 0
+    /// code may run log the pages written (Views.swift, coherence).
+    func installLayout(_ v: KVMView, _ key: ViewKey, _ st: inout LayoutState) throws(Errno) {
+        let hierarchy = key.layout.hierarchy
+        let plan: LayoutPlan
+        if let c = st.cache[hierarchy] {
+            plan = c
+        } else if let r = executableRanges(hierarchy) {
+            plan = r
+            st.cache[hierarchy] = r
+        } else if handle == nil {
+            return   // a VM created straight from the ops has no core and so no policy: all RAM stays mapped
+        } else {
+            // The core could not list the hierarchy: refuse to run rather than run without MBEC.
+            throw Errno.ioError
         }
-    }
-
-    private func install(_ key: LayoutKey, _ st: inout LayoutState) throws(Errno) {
-            let hierarchy = key.hierarchy
-            if st.dirty { st.cache = [:]; st.dirty = false }
-            else if st.installed == key { return }
-            let plan: LayoutPlan
-            if let c = st.cache[hierarchy] {
-                plan = c
-            } else if let r = executableRanges(hierarchy) {
-                plan = r
-                st.cache[hierarchy] = r
-            } else if handle == nil {
-                return   // a VM created straight from the ops has no core and so no policy: all RAM stays mapped
-            } else {
-                // The core could not list the hierarchy: refuse to run rather than run without MBEC.
-                throw Errno.ioError
-            }
-            let want = MappedRange.subtracting(key.hidden, from: plan.ram)
-            let wantSet = Set(want)
-            var updates: UInt64 = 0
-            // Delete first: memslots must never overlap.
-            for (slot, r) in st.slots.sorted(by: { $0.key < $1.key }) where !wantSet.contains(r) {
-                try vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
-                st.slots[slot] = nil
-                updates += 1
-            }
-            let have = Set(st.slots.values)
-            var next: UInt32 = 0
-            for r in want where !have.contains(r) {
-                while st.slots[next] != nil { next += 1 }
-                try vm.setUserMemoryRegion(slot: next, flags: r.readonly ? kvmMemReadonly : 0, gpa: r.gpa, size: r.size,
-                                           host: memory.base + Int(r.gpa))
-                st.slots[next] = r
-                updates += 1
-            }
-            // The NVDIMM ranges' runs (their own memslot ids; never overlapping RAM).
-            updates += try syncPmemRuns(MappedRange.subtracting(key.hidden, from: plan.beyond))
-            st.installed = key
+        let want = MappedRange.subtracting(key.layout.hidden, from: plan.ram)
+        let wantSet = Set(want)
+        var updates: UInt64 = 0
+        for (slot, r) in v.slots.sorted(by: { $0.key < $1.key }) where !wantSet.contains(r) {
+            try v.vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
+            v.slots[slot] = nil
+            updates += 1
+        }
+        let have = Set(v.slots.values)
+        var next: UInt32 = 0
+        for r in want where !have.contains(r) {
+            while v.slots[next] != nil { next += 1 }
+            let flags = r.readonly ? kvmMemReadonly : (v.logging ? kvmMemLogDirty : 0)
+            try v.vm.setUserMemoryRegion(slot: next, flags: flags, gpa: r.gpa, size: r.size, host: memory.base + Int(r.gpa))
+            v.slots[next] = r
+            updates += 1
+        }
+        // The NVDIMM ranges' runs (their own memslot ids; never overlapping RAM).
+        updates += try syncPmemRuns(v, MappedRange.subtracting(key.layout.hidden, from: plan.beyond))
+        updates += try syncRegionSlot(v, want: key.region)
+        if updates > 0 {
             layoutSwitches.add(1, ordering: .relaxed)
             memslotUpdates.add(updates, ordering: .relaxed)
             lastSwitchUpdates.store(updates, ordering: .relaxed)
+        }
     }
 
     /// What `hierarchy` permits at `gpa` (NPT_PERM_* bits as hierarchy_translate reports them: R bit 0,
@@ -215,10 +206,9 @@ extension KVMVM {
         return t.perms
     }
 
-    /// Whether `gpa` is mapped in the installed layout (RAM, or a run of an NVDIMM range).
-    func isMapped(_ gpa: UInt64) -> Bool {
-        layout.withLock { st in st.slots.values.contains { gpa >= $0.gpa && gpa - $0.gpa < $0.size } }
-            || isPmemMapped(gpa)
+    /// Whether `gpa` is mapped in view `v`'s layout (RAM, or a run of an NVDIMM range).
+    func isMapped(_ gpa: UInt64, in v: KVMView) -> Bool {
+        layout.withLock { _ in v.maps(page: gpa >> 12) }
     }
 
     /// The translation of linear `va` through 4-level paging at `cr3`, and whether it is a user-mode

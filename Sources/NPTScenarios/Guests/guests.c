@@ -5,6 +5,7 @@
 #include "x86-64/hvci_guest.h"
 #include "x86-64/pmem_guest.h"
 #include "x86-64/priv_guest.h"
+#include "x86-64/smp_guest.h"
 #include "include/scenario_guests.h"
 
 #define GUEST(array) {#array, {array, sizeof array}}
@@ -13,6 +14,7 @@ static const struct {
     scenario_guest_bytes bytes;
 } guests[] = {
     GUEST(hello_guest), GUEST(hvci_guest), GUEST(pmem_guest), GUEST(priv_guest), GUEST(priv_guest_region),
+    GUEST(smp_guest),
 };
 
 scenario_guest_bytes scenario_x86_guest(const char *name) {

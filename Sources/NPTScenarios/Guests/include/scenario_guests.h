@@ -11,6 +11,7 @@
 #include "../x86-64/hvci_guest.h"
 #include "../x86-64/pmem_guest.h"
 #include "../x86-64/priv_guest.h"
+#include "../x86-64/smp_guest.h"
 #undef GUEST_SYMBOLS_ONLY
 
 typedef struct scenario_guest_bytes {
