@@ -1,3 +1,5 @@
+import NPTTrace
+
 /// The mechanism side. A backend exposes hierarchies to vCPUs, configures exits, runs guest code and
 /// reports exits; it never decides policy (design.md section 1).
 
@@ -199,6 +201,9 @@ public struct VMConfig: Sendable {
     public var mbecMode: MBECMode
     public var maxStepsPerRun: UInt64
     public var backendName: String?
+    /// Records every call between the core and the backend of this VM into a trace (Recording.swift;
+    /// `npt_vm_config.record_path`, the CLI's `--record`). nil: no recording.
+    public var recorder: TraceRecorder?
     public init(ramSize: UInt64, defaultPermissions: EPTPermissions = [.read, .write],
                 mbecMode: MBECMode = .exact, maxStepsPerRun: UInt64 = 0, backendName: String? = nil) {
         self.ramSize = ramSize; self.defaultPermissions = defaultPermissions
@@ -399,7 +404,7 @@ public enum NPTABI {
     /// 10-11, policies on NVDIMM ranges, guest NVDIMM SSDT, host NVDIMM discovery from sysfs;
     /// 1.3: guest ISAs, plugin interface 2 (arguments, error channel, privileged enter/leave,
     /// backend statistics).
-    public static let minor: UInt32 = 3
+    public static let minor: UInt32 = 4
     public static let version: UInt32 = (major << 16) | minor
     public static func major(of v: UInt32) -> UInt32 { v >> 16 }
 }

@@ -1,0 +1,140 @@
+// A replay session: one pass over one trace, shared by every load of the plugin that names the
+// same session (default: the trace's path), so a VMM that loads the plugin again for a later part
+// of its run (the CLI's NVDIMM section makes a registry per kind of host region) continues the
+// same pass. Memory is O(1) in the trace's length: one reader, one pending record, the context
+// window, and the numbers of the recorded VMs that are not replayed.
+import CNPTKit
+import NPTTrace
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a replayed call gets: the recorded record, or the status and message it must fail with.
+enum Outcome {
+    case record(TraceRecord)
+    case failure(npt_status, String)
+}
+
+final class ReplaySession: @unchecked Sendable {
+    let path: String
+    let backend: TraceBackendInfo
+    /// Recorded VMs that used the privileged mode (a define-region): this backend withholds
+    /// NPT_CAP_PRIVILEGED_MODE (how other threads' timing stops vCPUs is not fixed by a recording), so
+    /// the core never creates them again: their records are passed over.
+    let skippedVMs: Set<UInt32>
+    let recordCount: UInt64
+    let waitNanos: UInt64
+
+    private struct State {
+        var reader: TraceReader
+        var pending: TraceEvent?
+        var currentVM: UInt32 = 0
+        var checker: DecisionChecker
+        var failure: String?
+        var compared: UInt64 = 0
+    }
+    private let state: Mutex<State>
+
+    /// Reads the whole trace once (every block checked: a bad trace is refused here, before
+    /// anything is replayed) for its backend and the VMs not replayed, then opens it for the pass.
+    init(path: String, context: Int, waitNanos: UInt64) throws(TraceError) {
+        self.path = path
+        self.waitNanos = waitNanos
+        let scan = try TraceReader(path: path)
+        var info: TraceBackendInfo?
+        var vm: UInt32 = 0
+        var skipped = Set<UInt32>()
+        while let e = try scan.next() {
+            switch e.record {
+            case .vmSelect(let v): vm = v
+            case .backendInfo(let b): if info == nil { info = b }
+            case .defineRegion: skipped.insert(vm)
+            default: break
+            }
+        }
+        guard let info else {
+            throw TraceError(.invalidRecord, at: 0, "the trace has no backend record: it was not written by NPTKit's recording layer (record with --record or npt_vm_config.record_path)")
+        }
+        backend = info
+        skippedVMs = skipped
+        recordCount = scan.recordIndex
+        state = Mutex(State(reader: try TraceReader(path: path), checker: DecisionChecker(context: context)))
+    }
+
+    /// The next record of VM `vm` (nil: whichever VM the trace is at) and vCPU `owner` (nil: a
+    /// VM-wide record), which must be of `kind` and satisfy `matches`; `what` describes the call for
+    /// a divergence. Another thread's record first: waits (up to waitNanos) for that thread to take
+    /// it, so a run whose threads made calls in a recorded order is replayed in that order.
+    func take(vm: UInt32?, owner: UInt32?, kind: UInt8, what: @autoclosure () -> String,
+              matches: (TraceRecord) -> Bool = { _ in true }) -> (Outcome, vm: UInt32) {
+        var waited: UInt64 = 0
+        while true {
+            let r: (Outcome, UInt32)? = state.withLock { s in
+                if let f = s.failure { return (.failure(NPT_ERR_STATE, f), s.currentVM) }
+                while true {
+                    if s.pending == nil {
+                        do throws(TraceError) { s.pending = try s.reader.next() } catch {
+                            s.failure = "replay of '\(path)': \(error); nothing after it is replayed"
+                            return (.failure(NPT_ERR_INVALID_ARGUMENT, s.failure!), s.currentVM)
+                        }
+                    }
+                    guard let e = s.pending else {
+                        return (fail(&s, nil, what()), s.currentVM)
+                    }
+                    switch e.record {
+                    case .vmSelect(let v): s.currentVM = v; s.pending = nil; continue
+                    case .meta, .note, .backendInfo, .kick, .end: s.checker.observe(e); s.pending = nil; continue
+                    default: break
+                    }
+                    if skippedVMs.contains(s.currentVM) { s.pending = nil; continue }
+                    // Someone else's record: wait for its thread.
+                    if let vm, vm != s.currentVM { return nil }
+                    if e.record.vcpu != owner && !(kind == RecordKind.vcpuCreate && owner != nil) { return nil }
+                    s.pending = nil
+                    if case .failure(_, let k, let status, let message) = e.record, k == kind {
+                        s.checker.observe(e)
+                        return (.failure(npt_status(rawValue: status), message), s.currentVM)
+                    }
+                    guard e.record.kind == kind && matches(e.record) else {
+                        return (fail(&s, e, what()), s.currentVM)
+                    }
+                    s.checker.observe(e)
+                    s.compared += 1
+                    return (.record(e.record), s.currentVM)
+                }
+            }
+            if let r { return (r.0, r.1) }
+            if waited >= waitNanos {
+                let text: String = state.withLock { s in
+                    let next = s.pending.map { "#\($0.index) (vm \(s.currentVM)) \($0.record)" } ?? "nothing"
+                    return "replay of '\(path)': \(what()) waited \(waitNanos / 1_000_000) ms for another thread to take the recorded \(next)"
+                }
+                return (.failure(NPT_ERR_STATE, text), vm ?? 0)
+            }
+            var ts = timespec(tv_sec: 0, tv_nsec: 50_000)
+            nanosleep(&ts, nil)
+            waited += 50_000
+        }
+    }
+
+    /// Records the first divergence (sticky: every later call fails with it).
+    private func fail(_ s: inout State, _ e: TraceEvent?, _ what: String) -> Outcome {
+        var m = "replay of '\(path)' diverged at event \(e.map { String($0.index) } ?? "end (the trace ends)")"
+        if let e { m += " (byte offset \(e.offset), \(e.timestamp) ns), vm \(s.currentVM)" }
+        m += "\n  recorded: \(e.map { $0.record.description } ?? "nothing (the trace ends)")"
+        m += "\n  replayed: \(what)"
+        let ctx = s.checker.window.events
+        if !ctx.isEmpty {
+            m += "\n  before it:"
+            for c in ctx { m += "\n    #\(c.index) \(c.record)" }
+        }
+        s.failure = m
+        return .failure(NPT_ERR_STATE, m)
+    }
+
+    var compared: UInt64 { state.withLock { $0.compared } }
+}
+
+/// Sessions by name, for the life of the process (the plugin is never unloaded).
+let sessions = Mutex<[String: ReplaySession]>([:])
