@@ -101,6 +101,14 @@ final class ReplaySession: @unchecked Sendable {
                     }
                     s.checker.observe(e)
                     s.compared += 1
+                    // A call the recording layer records before making it (a decision) and whose
+                    // failure follows: the same failure now.
+                    if s.pending == nil { s.pending = try? s.reader.next() }
+                    if let f = s.pending, case .failure(let v, let k, let status, let message) = f.record, k == kind, v == owner {
+                        s.pending = nil
+                        s.checker.observe(f)
+                        return (.failure(npt_status(rawValue: status), message), s.currentVM)
+                    }
                     return (.record(e.record), s.currentVM)
                 }
             }
