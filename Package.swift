@@ -68,6 +68,6 @@ let package = Package(
         .testTarget(name: "NPTTraceTests", dependencies: ["NPTTrace"], swiftSettings: strict),
         .testTarget(name: "NPTKitTests", dependencies: ["NPTCore", "NPTKit"], swiftSettings: strict),
         // The scenarios library on every backend: the simulator, and KVM through its plugin.
-        .testTarget(name: "NPTScenariosTests", dependencies: ["NPTCore", "NPTKit", "NPTScenarios", "NPTSimulator"], swiftSettings: strict),
+        .testTarget(name: "NPTScenariosTests", dependencies: ["NPTCore", "NPTKit", "NPTScenarios", "NPTSimulator", "NPTTrace"], swiftSettings: strict),
     ]
 )
