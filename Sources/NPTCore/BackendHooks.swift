@@ -6,9 +6,10 @@ extension BackendVCPU {
     public func exitDecided(_ action: ExitAction, exit: VMExit) throws(NPTError) {}
 }
 
-/// A backend that adds something around another one (the recording layer, a backend with
-/// capabilities withheld): `wrapped` is the one that does the work, for a VMM that looks for a
-/// property of the real backend (a scenario's crash checker watching the simulator's platform).
+/// A backend that changes what another one advertises and passes its work on to it
+/// (`WithheldCapabilities` in NPTScenarios): `wrapped` is the one that does the work, for a VMM that
+/// looks for a property of the real backend (the NVDIMM scenario's crash checker watching the
+/// simulator's platform). The recording layer is not one: it wraps a backend's VMs, not the backend.
 public protocol BackendWrapper: Backend {
     var wrapped: any Backend { get }
 }
