@@ -45,7 +45,11 @@ final class ReplayVM {
     }
     /// A decision: the recorded record must equal `replayed`.
     func decided(_ owner: UInt32?, _ replayed: TraceRecord) -> npt_status {
-        call(owner, replayed.kind, replayed.description, matches: { $0 == replayed })
+        switch session.take(vm: number, owner: owner, kind: replayed.kind, what: replayed.description,
+                            matches: { $0 == replayed }, replayed: replayed).0 {
+        case .record: return NPT_OK
+        case .failure(let s, let m): return fail(s, m)
+        }
     }
 }
 
@@ -258,6 +262,7 @@ public func npt_plugin_init(_ info: UnsafePointer<npt_plugin_info>?, _ ops: Unsa
     }
     switch made {
     case .success(let s):
+        installExitCheck()
         ops.pointee = UnsafePointer(makeOps(s))
         return NPT_OK
     case .failure(let e):

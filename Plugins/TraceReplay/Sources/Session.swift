@@ -23,6 +23,8 @@ final class ReplaySession: @unchecked Sendable {
     /// NPT_CAP_PRIVILEGED_MODE (how other threads' timing stops vCPUs is not fixed by a recording), so
     /// the core never creates them again: their records are passed over.
     let skippedVMs: Set<UInt32>
+    /// The recorded VMs (vm-create records), those passed over included.
+    let recordedVMs: Int
     let recordCount: UInt64
     let waitNanos: UInt64
 
@@ -45,9 +47,11 @@ final class ReplaySession: @unchecked Sendable {
         var info: TraceBackendInfo?
         var vm: UInt32 = 0
         var skipped = Set<UInt32>()
+        var vms = 0
         while let e = try scan.next() {
             switch e.record {
             case .vmSelect(let v): vm = v
+            case .vmCreate: vms += 1
             case .backendInfo(let b): if info == nil { info = b }
             case .defineRegion: skipped.insert(vm)
             default: break
@@ -58,6 +62,7 @@ final class ReplaySession: @unchecked Sendable {
         }
         backend = info
         skippedVMs = skipped
+        recordedVMs = vms
         recordCount = scan.recordIndex
         state = Mutex(State(reader: try TraceReader(path: path), checker: DecisionChecker(context: context)))
     }
@@ -67,7 +72,7 @@ final class ReplaySession: @unchecked Sendable {
     /// a divergence. Another thread's record first: waits (up to waitNanos) for that thread to take
     /// it, so a run whose threads made calls in a recorded order is replayed in that order.
     func take(vm: UInt32?, owner: UInt32?, kind: UInt8, what: @autoclosure () -> String,
-              matches: (TraceRecord) -> Bool = { _ in true }) -> (Outcome, vm: UInt32) {
+              matches: (TraceRecord) -> Bool = { _ in true }, replayed: TraceRecord? = nil) -> (Outcome, vm: UInt32) {
         var waited: UInt64 = 0
         while true {
             let r: (Outcome, UInt32)? = state.withLock { s in
@@ -97,7 +102,7 @@ final class ReplaySession: @unchecked Sendable {
                         return (.failure(npt_status(rawValue: status), message), s.currentVM)
                     }
                     guard e.record.kind == kind && matches(e.record) else {
-                        return (fail(&s, e, what()), s.currentVM)
+                        return (fail(&s, e, what(), replayed: replayed), s.currentVM)
                     }
                     s.checker.observe(e)
                     s.compared += 1
@@ -127,11 +132,16 @@ final class ReplaySession: @unchecked Sendable {
     }
 
     /// Records the first divergence (sticky: every later call fails with it).
-    private func fail(_ s: inout State, _ e: TraceEvent?, _ what: String) -> Outcome {
+    private func fail(_ s: inout State, _ e: TraceEvent?, _ what: String, replayed: TraceRecord? = nil) -> Outcome {
         var m = "replay of '\(path)' diverged at event \(e.map { String($0.index) } ?? "end (the trace ends)")"
         if let e { m += " (byte offset \(e.offset), \(e.timestamp) ns), vm \(s.currentVM)" }
         m += "\n  recorded: \(e.map { $0.record.description } ?? "nothing (the trace ends)")"
         m += "\n  replayed: \(what)"
+        // The fields that differ (recorded -> replayed), e.g. "rbx 0x2 -> 0x3" of regs-written.
+        if let e, let replayed {
+            let d = e.record.differingFields(replayed)
+            if !d.isEmpty { m += "\n  differs in: \(d.joined(separator: ", "))" }
+        }
         let ctx = s.checker.window.events
         if !ctx.isEmpty {
             m += "\n  before it:"
@@ -142,6 +152,79 @@ final class ReplaySession: @unchecked Sendable {
     }
 
     var compared: UInt64 { state.withLock { $0.compared } }
+
+    /// What of the trace this session never replayed, as a divergence: a run that made fewer VMs
+    /// than recorded (or stopped short of a VM's recorded end) is not the recorded run. nil: the
+    /// pass is complete, it already failed (that divergence was reported), or it replayed nothing
+    /// (a plugin loaded to list the recorded backend). Consumes the rest of the trace: for the end of
+    /// the process (`checkSessionsAtExit`), the only end of a session the C ABI lets a plugin see.
+    func unfinished() -> String? {
+        state.withLock { s in
+            guard s.failure == nil, s.compared > 0 else { return nil }
+            var vm = s.currentVM
+            var left = 0
+            var first: (TraceEvent, UInt32)?
+            var vmsNotMade: [UInt32] = []
+            while true {
+                let next: TraceEvent?
+                if let p = s.pending { next = p; s.pending = nil } else {
+                    do throws(TraceError) { next = try s.reader.next() } catch {
+                        return "replay of '\(path)': \(error) after the run's last call"
+                    }
+                }
+                guard let e = next else { break }
+                switch e.record {
+                case .vmSelect(let v): vm = v; continue
+                case .meta, .note, .backendInfo, .kick, .end: continue
+                default: break
+                }
+                if skippedVMs.contains(vm) { continue }
+                left += 1
+                if first == nil { first = (e, vm) }
+                if case .vmCreate = e.record { vmsNotMade.append(vm) }
+            }
+            guard let (e, v) = first else { return nil }
+            let replayedVMs = recordedVMs - skippedVMs.count - vmsNotMade.count
+            var m = "replay of '\(path)' diverged at event \(e.index) (byte offset \(e.offset), \(e.timestamp) ns), vm \(v): the run ended there"
+            if vmsNotMade.isEmpty {
+                m += ", \(left) recorded calls before the recorded end were never made"
+            } else {
+                m += ": it created fewer VMs than recorded (\(replayedVMs) of \(recordedVMs - skippedVMs.count); never created: vm \(vmsNotMade.map(String.init).joined(separator: ", vm ")))"
+            }
+            m += "\n  recorded: \(e.record)\n  replayed: nothing (the run ended)"
+            let ctx = s.checker.window.events
+            if !ctx.isEmpty {
+                m += "\n  before it:"
+                for c in ctx { m += "\n    #\(c.index) \(c.record)" }
+            }
+            s.failure = m
+            return m
+        }
+    }
+}
+
+/// At the end of the process: every session that stopped short of its trace's end is reported on
+/// stderr as a divergence, and the process exits with status 1 (buffers flushed first).
+func checkSessionsAtExit() {
+    let all = sessions.withLock { Array($0.values) }
+    var failed = false
+    for s in all {
+        guard let m = s.unfinished() else { continue }
+        let text = m + "\n"
+        _ = text.withCString { write(2, $0, strlen($0)) }
+        failed = true
+    }
+    if failed {
+        fflush(nil)
+        _exit(1)
+    }
+}
+
+let exitCheckInstalled = Atomic<Bool>(false)
+/// Installs `checkSessionsAtExit` once.
+func installExitCheck() {
+    guard exitCheckInstalled.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
+    atexit { checkSessionsAtExit() }
 }
 
 /// Sessions by name, for the life of the process (the plugin is never unloaded).
