@@ -3,6 +3,7 @@ import NPTKit
 import NPTScenarios
 import NPTSimulator
 import NPTTrace
+import Synchronization
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -43,6 +44,22 @@ enum Replay {
         let result = try HVCIScenario(syscalls: 5).run(host: host, mode: mode)
         try recorder.finish()
         return result
+    }
+
+    /// Runs `path` with `args`, its stderr to the file `stderr`: the exit status.
+    static func spawn(_ path: String, _ args: [String], stderr: String) throws -> Int32 {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 2, stderr, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        var argv: [UnsafeMutablePointer<CChar>?] = ([path] + args).map { strdup($0) } + [nil]
+        defer { for p in argv { free(p) } }
+        var pid: pid_t = 0
+        guard posix_spawn(&pid, path, &actions, nil, &argv, environ) == 0 else { throw NPTError(.backend, "cannot run \(path)") }
+        var status: Int32 = 0
+        guard waitpid(pid, &status, 0) == pid else { throw NPTError(.backend, "waitpid failed") }
+        return (status & 0x7f) == 0 ? (status >> 8) & 0xff : -1
     }
 
     /// A copy of `path` with the `which`-th hierarchy decision flipped; its event number.
@@ -149,6 +166,149 @@ enum Replay {
         }
     }
 
+    /// A divergence names the field that differs: a register write whose recorded rbx was changed
+    /// is reported with "differs in: rbx RECORDED -> REPLAYED", and nothing else of it.
+    @Test func aDivergenceNamesTheDifferingRegister() throws {
+        let path = Replay.temp("regs-src"), changed = Replay.temp("regs-changed")
+        defer { unlink(path); unlink(changed) }
+        _ = try Replay.recordHVCI(path, mode: .exact)
+        let r = try TraceReader(path: path)
+        let w = try TraceWriter(path: changed)
+        var event: UInt64 = .max
+        var original: UInt64 = 0
+        while let e = try r.next() {
+            if case .end = e.record { break }
+            var rec = e.record
+            if case .regsWritten(let v, var regs) = rec, event == .max {
+                original = regs.gpr[3]
+                regs.gpr[3] ^= 0x5A
+                rec = .regsWritten(vcpu: v, regs)
+                event = e.index
+            }
+            try w.append(rec, at: e.timestamp)
+        }
+        try w.finish()
+        try #require(event != .max)
+        let host = try Replay.host(changed, session: changed)
+        do {
+            _ = try HVCIScenario(syscalls: 5).run(host: host, mode: .exact)
+            Issue.record("the replay of a changed register write did not fail")
+        } catch let e as NPTError {
+            #expect(e.message.contains("diverged at event \(event) "), "\(e.message)")
+            let expected = "differs in: rbx 0x\(String(original ^ 0x5A, radix: 16)) -> 0x\(String(original, radix: 16))\n"
+            #expect(e.message.contains(expected), "\(e.message)")
+        }
+        // The same for an exit the core rewrote (a decision) and for a record of another kind.
+        let x = TraceExit(reason: .io, ioPort: 1, ioValue: 7, rip: 0x1000)
+        var y = x
+        y.rip = 0x1008
+        #expect(TraceRecord.decision(vcpu: 0, action: .tool, exit: x).differingFields(.decision(vcpu: 0, action: .tool, exit: y)) == ["exit.rip 0x1000 -> 0x1008"])
+        #expect(TraceRecord.hierarchy(vcpu: 0, hierarchy: 1).differingFields(.fence(vcpu: 0)) == ["kind hierarchy -> fence"])
+        #expect(TraceRecord.fence(vcpu: 0).differingFields(.fence(vcpu: 0)).isEmpty)
+    }
+
+    /// Two vCPU threads: the recording interleaves their calls (forced: the threads take turns exit
+    /// by exit); the replay's threads run free, vCPU 1's started first and vCPU 0's 20 ms later, so
+    /// vCPU 1's thread must wait for vCPU 0's to take the records before its own (the replay's
+    /// "wait for the thread whose record is next"). Both see their recorded exits, in order.
+    @Test func twoVCPUThreadsReplayInTheRecordedOrder() throws {
+        let path = Replay.temp("smp")
+        defer { unlink(path) }
+        let config = VMConfig(ramSize: 1 << 20, defaultPermissions: .all, mbecMode: .exact, backendName: "sim")
+        /// vCPU k: OUT (k * 1000 + i) on port 1 for i in 0..<40, then HLT.
+        func load(_ vm: VirtualMachine) throws -> [VirtualCPU] {
+            try (0..<2).map { k in
+                let origin = UInt64(0x1000 * (k + 1))
+                var a = Assembler(origin: origin)
+                a.emit(.movi, 1, 0, 40)
+                a.emit(.movi, 0, 0, Int32(k * 1000))
+                let loop = a.here
+                a.out(0, port: 1)
+                a.emit(.addi, 0, 0, 1)
+                a.emit(.addi, 1, 0, -1)
+                a.jnz(1, to: loop)
+                a.emit(.hlt)
+                try a.bytes.withUnsafeBytes { try vm.writeMemory(GPA(origin), $0) }
+                let cpu = try vm.makeVCPU(index: UInt32(k))
+                var r = Registers()
+                r.rip = origin
+                try cpu.setRegisters(r)
+                return cpu
+            }
+        }
+        /// Runs vCPU `cpu` to its halt; `turn`: take turns with the other thread exit by exit.
+        @Sendable func drive(_ cpu: VirtualCPU, turn: Locked<(Int, [Bool])>?, into out: Locked<[[UInt64]]>) {
+            let k = Int(cpu.index)
+            while true {
+                if let turn {
+                    while !turn.m.withLock({ $0.0 == k || $0.1[1 - k] }) { sched_yield() }
+                }
+                guard let x = try? cpu.run() else { return }
+                if x.reason == .io { out.m.withLock { $0[k].append(x.ioValue) } }
+                let halted = x.reason != .io
+                turn?.m.withLock { t in t.0 = 1 - k; if halted { t.1[k] = true } }
+                if halted { return }
+            }
+        }
+        // Recorded on sim, the threads taking turns.
+        let recorder = try TraceRecorder(path: path)
+        var rc = config
+        rc.recorder = recorder
+        let recorded = Locked<[[UInt64]]>([[], []])
+        do {
+            let vm = try VirtualMachine(config: rc, registry: NPTKitRuntime.makeRegistry())
+            let cpus = try load(vm)
+            let turn = Locked<(Int, [Bool])>((0, [false, false]))
+            let threads = cpus.map { c in HostThread { drive(c, turn: turn, into: recorded) } }
+            for t in threads { t.join() }
+            try vm.destroy()
+        }
+        try recorder.finish()
+        let rec = recorded.m.withLock { $0 }
+        let expected: [[UInt64]] = [Array(0..<40), Array(1000..<1040)]
+        #expect(rec == expected)
+        // The trace holds the two vCPUs' exits interleaved.
+        var order: [UInt32] = []
+        let reader = try TraceReader(path: path)
+        while let e = try reader.next() { if case .exit(let v, _) = e.record { order.append(v) } }
+        let changes = zip(order, order.dropFirst()).filter { $0.0 != $0.1 }.count
+        #expect(changes >= 40, "the recording did not interleave the vCPUs: \(order)")
+        // Replayed with free threads, vCPU 1's first.
+        let host = try Replay.host(path, session: path)
+        var c = config
+        c.backendName = "replay"
+        let replayed = Locked<[[UInt64]]>([[], []])
+        let vm = try host.makeVM(c)
+        let cpus = try load(vm)
+        let t1 = HostThread { drive(cpus[1], turn: nil, into: replayed) }
+        sleepNanos(20_000_000)
+        let t0 = HostThread { drive(cpus[0], turn: nil, into: replayed) }
+        t1.join(); t0.join()
+        try host.destroyVM(vm)
+        #expect(replayed.m.withLock { $0 } == rec)
+    }
+
+    /// A replay that creates fewer VMs than recorded is a divergence, reported when the process ends
+    /// (the only end of a session a plugin sees through the C ABI: it is never unloaded, and a
+    /// context's end is not told to backends): the plugin's exit handler prints it with the event of
+    /// the first VM never created and makes the exit status 1. Run in child processes (nptkit-cli).
+    @Test func aReplayWithFewerVMsThanRecordedFailsAtTheEnd() throws {
+        let cli = String(Replay.plugin.dropLast("libnptkit-replay.so".count)) + "nptkit-cli"
+        try #require(access(cli, X_OK) == 0, "\(cli) is not built")
+        let two = Replay.temp("two-vms"), one = Replay.temp("one-vm"), err = Replay.temp("fewer.err")
+        defer { unlink(two); unlink(one); unlink(err) }
+        #expect(try Replay.spawn(cli, ["bench", "--replay-record", two, "--replay-child-syscalls", "3", "--replay-record-vms", "2"], stderr: err) == 0)
+        #expect(try Replay.spawn(cli, ["bench", "--replay-record", one, "--replay-child-syscalls", "3"], stderr: err) == 0)
+        // One VM of one recorded: complete, status 0.
+        #expect(try Replay.spawn(cli, ["bench", "--replay-child", one, "--replay-child-syscalls", "3"], stderr: err) == 0)
+        // One VM of two recorded: status 1, the VM never created named with its event.
+        #expect(try Replay.spawn(cli, ["bench", "--replay-child", two, "--replay-child-syscalls", "3"], stderr: err) == 1)
+        let text = String(decoding: try readAll(err), as: UTF8.self)
+        #expect(text.contains("created fewer VMs than recorded (1 of 2; never created: vm 1)"), "\(text)")
+        #expect(text.contains("recorded: vm-create backend sim"), "\(text)")
+        #expect(text.contains("diverged at event "), "\(text)")
+    }
+
     /// The committed KVM traces load on any machine (no /dev/kvm needed): the recorded backend's
     /// capabilities and guest ISA, without the privileged mode. (Their full replay against the
     /// recorded output runs in scripts/test.sh through nptkit-cli demo.)
@@ -161,6 +321,12 @@ enum Replay {
             #expect(host.backend.summary.contains("backend 'kvm'"))
         }
     }
+}
+
+/// A value shared by threads.
+final class Locked<T: Sendable>: Sendable {
+    let m: Mutex<T>
+    init(_ v: T) { m = Mutex(v) }
 }
 
 func fixture(_ name: String) -> String {
