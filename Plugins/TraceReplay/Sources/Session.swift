@@ -20,8 +20,15 @@ final class ReplaySession: @unchecked Sendable {
     let path: String
     let backend: TraceBackendInfo
     /// Recorded VMs that used the privileged mode (a define-region): this backend withholds
-    /// NPT_CAP_PRIVILEGED_MODE (how other threads' timing stops vCPUs is not fixed by a recording), so
-    /// the core never creates them again: their records are passed over.
+    /// NPT_CAP_PRIVILEGED_MODE, so the core never creates them again: their records are passed over.
+    /// Why: which backend calls such a run makes depends on things outside the backend boundary.
+    /// Tried (issue 14): keeping the capability, replaying vcpu_enter/leave_privileged, and letting
+    /// each call wait until its record is next (the vCPU threads serialised in recorded order). The
+    /// demo's privileged section then fails every time: the VMM's thread raises a request (not a
+    /// backend call) at another point of the vCPUs' runs, so the core parks a vCPU whose record is
+    /// next (a wait-ms timeout) or reads its registers where the recording has an exit; which vCPUs
+    /// a request kicks depends on which are inside run at that instant; and each vCPU thread runs
+    /// until the driver's own flag stops it, so a thread calls run once more than recorded.
     let skippedVMs: Set<UInt32>
     /// The recorded VMs (vm-create records), those passed over included.
     let recordedVMs: Int
