@@ -62,23 +62,43 @@ enum Replay {
         return (status & 0x7f) == 0 ? (status >> 8) & 0xff : -1
     }
 
-    /// A copy of `path` with the `which`-th hierarchy decision flipped; its event number.
-    static func flipHierarchy(_ path: String, to out: String, which: Int) throws -> UInt64 {
+    /// A copy of `path` in which `change` rewrites records (nil: kept); the event number of the
+    /// first record it changed (.max: none).
+    static func rewrite(_ path: String, to out: String, _ change: (TraceRecord) -> TraceRecord?) throws -> UInt64 {
         let r = try TraceReader(path: path)
         let w = try TraceWriter(path: out)
-        var seen = 0
-        var flipped: UInt64 = .max
+        var first: UInt64 = .max
         while let e = try r.next() {
             if case .end = e.record { break }
             var rec = e.record
-            if case .hierarchy(let v, let h) = rec {
-                if seen == which { rec = .hierarchy(vcpu: v, hierarchy: 1 - h); flipped = e.index }
-                seen += 1
-            }
+            if let c = change(rec) { rec = c; first = min(first, e.index) }
             try w.append(rec, at: e.timestamp)
         }
         try w.finish()
-        return flipped
+        return first
+    }
+
+    /// A copy of `path` with the `which`-th hierarchy decision flipped; its event number.
+    static func flipHierarchy(_ path: String, to out: String, which: Int) throws -> UInt64 {
+        var seen = 0
+        return try rewrite(path, to: out) { rec in
+            guard case .hierarchy(let v, let h) = rec else { return nil }
+            defer { seen += 1 }
+            return seen == which ? .hierarchy(vcpu: v, hierarchy: 1 - h) : nil
+        }
+    }
+
+    /// The replay of HVCI (5 system calls, exact mode) against `trace`, which must fail: its message
+    /// (nil, and an issue recorded, if it did not fail).
+    static func divergence(_ trace: String) throws -> String? {
+        let host = try Replay.host(trace, session: trace)
+        do {
+            _ = try HVCIScenario(syscalls: 5).run(host: host, mode: .exact)
+        } catch let e as NPTError {
+            return e.message
+        }
+        Issue.record("the replay of '\(trace)' did not fail")
+        return nil
     }
 }
 
@@ -117,16 +137,12 @@ enum Replay {
         _ = try Replay.recordHVCI(path, mode: .exact)
         let event = try Replay.flipHierarchy(path, to: flipped, which: which)
         try #require(event != .max)
-        let host = try Replay.host(flipped, session: flipped)
-        do {
-            _ = try HVCIScenario(syscalls: 5).run(host: host, mode: .exact)
-            Issue.record("the replay of a flipped decision did not fail")
-        } catch let e as NPTError {
-            #expect(e.message.contains("diverged at event \(event) "), "\(e.message)")
-            #expect(e.message.contains("recorded: hierarchy vcpu 0"), "\(e.message)")
-            #expect(e.message.contains("replayed: hierarchy vcpu 0"), "\(e.message)")
-            #expect(e.message.contains("before it:"), "\(e.message)")
-        }
+        let m = try #require(try Replay.divergence(flipped))
+        #expect(m.contains("diverged at event \(event) "), "\(m)")
+        #expect(m.contains("recorded: hierarchy vcpu 0"), "\(m)")
+        #expect(m.contains("replayed: hierarchy vcpu 0"), "\(m)")
+        #expect(m.contains("differs in: hierarchy "), "\(m)")
+        #expect(m.contains("before it:"), "\(m)")
     }
 
     /// Bad traces are refused when the plugin loads (it reads the whole trace first), with the
@@ -172,32 +188,17 @@ enum Replay {
         let path = Replay.temp("regs-src"), changed = Replay.temp("regs-changed")
         defer { unlink(path); unlink(changed) }
         _ = try Replay.recordHVCI(path, mode: .exact)
-        let r = try TraceReader(path: path)
-        let w = try TraceWriter(path: changed)
-        var event: UInt64 = .max
-        var original: UInt64 = 0
-        while let e = try r.next() {
-            if case .end = e.record { break }
-            var rec = e.record
-            if case .regsWritten(let v, var regs) = rec, event == .max {
-                original = regs.gpr[3]
-                regs.gpr[3] ^= 0x5A
-                rec = .regsWritten(vcpu: v, regs)
-                event = e.index
-            }
-            try w.append(rec, at: e.timestamp)
+        var original: UInt64?
+        let event = try Replay.rewrite(path, to: changed) { rec in
+            guard original == nil, case .regsWritten(let v, var regs) = rec else { return nil }
+            original = regs.gpr[3]
+            regs.gpr[3] ^= 0x5A
+            return .regsWritten(vcpu: v, regs)
         }
-        try w.finish()
-        try #require(event != .max)
-        let host = try Replay.host(changed, session: changed)
-        do {
-            _ = try HVCIScenario(syscalls: 5).run(host: host, mode: .exact)
-            Issue.record("the replay of a changed register write did not fail")
-        } catch let e as NPTError {
-            #expect(e.message.contains("diverged at event \(event) "), "\(e.message)")
-            let expected = "differs in: rbx 0x\(String(original ^ 0x5A, radix: 16)) -> 0x\(String(original, radix: 16))\n"
-            #expect(e.message.contains(expected), "\(e.message)")
-        }
+        let rbx = try #require(original)
+        let m = try #require(try Replay.divergence(changed))
+        #expect(m.contains("diverged at event \(event) "), "\(m)")
+        #expect(m.contains("differs in: rbx 0x\(String(rbx ^ 0x5A, radix: 16)) -> 0x\(String(rbx, radix: 16))\n"), "\(m)")
         // The same for an exit the core rewrote (a decision) and for a record of another kind.
         let x = TraceExit(reason: .io, ioPort: 1, ioValue: 7, rip: 0x1000)
         var y = x

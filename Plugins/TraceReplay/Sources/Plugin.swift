@@ -62,6 +62,10 @@ final class ReplayVCPU {
     func call(_ kind: UInt8, _ what: @autoclosure () -> String, _ use: (TraceRecord) -> npt_status) -> npt_status {
         vm.call(index, kind, what(), matches: { _ in true }, use)
     }
+    /// An input of this vCPU: the recorded record of `kind` handed to `fill` (false: not its payload).
+    func input(_ kind: UInt8, _ what: @autoclosure () -> String, _ fill: (TraceRecord) -> Bool) -> npt_status {
+        call(kind, what()) { fill($0) ? NPT_OK : NPT_ERR_BACKEND }
+    }
 }
 
 func session(_ d: UnsafeMutableRawPointer?) -> ReplaySession { Unmanaged<ReplaySession>.fromOpaque(d!).takeUnretainedValue() }
@@ -85,10 +89,8 @@ func stats(_ r: TraceRecord, _ out: UnsafeMutablePointer<npt_backend_stat>?, _ c
 }
 
 func makeOps(_ s: ReplaySession) -> UnsafeMutablePointer<npt_backend_ops> {
-    let p = UnsafeMutablePointer<npt_backend_ops>.allocate(capacity: 1)
     var o = npt_backend_ops()
-    o.abi_version = abiVersion
-    o.size = UInt32(MemoryLayout<npt_backend_ops>.size)
+    (o.abi_version, o.size) = (abiVersion, UInt32(MemoryLayout<npt_backend_ops>.size))
     o.name = UnsafePointer(strdup("replay"))
     o.description = UnsafePointer(strdup("replay of '\(s.path)': a run on backend '\(s.backend.name)' (\(s.recordCount) records"
         + (s.skippedVMs.isEmpty ? "" : "; \(s.skippedVMs.count) VMs that used the privileged mode not replayed") + ")"))
@@ -138,11 +140,7 @@ func makeOps(_ s: ReplaySession) -> UnsafeMutablePointer<npt_backend_ops> {
     }
     o.vcpu_get_regs = { d, regs in
         let v = ReplayVCPU.from(d)
-        return v.call(RecordKind.regsRead, "regs-read vcpu \(v.index)") { r in
-            guard case .regsRead(_, let t) = r else { return NPT_ERR_BACKEND }
-            t.fill(regs!)
-            return NPT_OK
-        }
+        return v.input(RecordKind.regsRead, "regs-read vcpu \(v.index)") { if case .regsRead(_, let t) = $0 { t.fill(regs!); return true }; return false }
     }
     o.vcpu_set_regs = { d, regs in let v = ReplayVCPU.from(d); return v.decided(.regsWritten(vcpu: v.index, TraceRegs(regs!.pointee))) }
     o.vcpu_set_hierarchy = { d, h in let v = ReplayVCPU.from(d); return v.decided(.hierarchy(vcpu: v.index, hierarchy: h)) }
@@ -150,11 +148,7 @@ func makeOps(_ s: ReplaySession) -> UnsafeMutablePointer<npt_backend_ops> {
     o.invalidate = { d, h, gpa, size in ReplayVM.from(d).decided(nil, .invalidate(hierarchy: h, gpa: gpa, size: size)) }
     o.vcpu_run = { d, e in
         let v = ReplayVCPU.from(d)
-        return v.call(RecordKind.exit, "vcpu-run vcpu \(v.index)") { r in
-            guard case .exit(_, let x) = r else { return NPT_ERR_BACKEND }
-            x.fill(e!)
-            return NPT_OK
-        }
+        return v.input(RecordKind.exit, "vcpu-run vcpu \(v.index)") { if case .exit(_, let x) = $0 { x.fill(e!); return true }; return false }
     }
     o.vcpu_inject_fault = { d, vector, code, address in
         let v = ReplayVCPU.from(d)
@@ -218,6 +212,7 @@ func makeOps(_ s: ReplaySession) -> UnsafeMutablePointer<npt_backend_ops> {
         let v = ReplayVCPU.from(d)
         return v.decided(.decision(vcpu: v.index, action: TraceAction(rawValue: UInt8(truncatingIfNeeded: action)) ?? .tool, exit: TraceExit(e!.pointee)))
     }
+    let p = UnsafeMutablePointer<npt_backend_ops>.allocate(capacity: 1)
     p.initialize(to: o)
     return p
 }
