@@ -125,7 +125,7 @@ extension Bench {
     }
 
     func benchReplay() throws {
-        let syscalls = quick ? 2_000 : 20_000
+        let syscalls = quick ? 2_000 : 50_000
         let rounds = quick ? 3 : 9
         print("10. Recording and replay (HVCI system-call loop; exact mode on sim, lazy on KVM; files in /tmp; load average \(Bench.loadAverage()))")
         let pid = getpid()
