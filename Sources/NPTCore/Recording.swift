@@ -48,7 +48,8 @@ public final class TraceRecorder: Sendable {
     func newVM() -> UInt32 { state.withLock { s in defer { s.vms += 1 }; return s.vms } }
 
     /// Appends `record` of VM `vm`; the first failure is kept (`finish` reports it) and fails the call.
-    func append(_ record: TraceRecord, vm: UInt32) throws(NPTError) {
+    /// (`package`: the CLI's bench measures it alone.)
+    package func append(_ record: TraceRecord, vm: UInt32) throws(NPTError) {
         let now = TraceClock.monotonicNanoseconds() &- clockBase
         let failed: NPTError? = state.withLock { s in
             if let e = s.error { return e }

@@ -18,7 +18,7 @@ enum ExitField {
 enum TraceCodec {
     static func delta(_ new: UInt64, _ old: UInt64) -> Int64 { Int64(bitPattern: new &- old) }
 
-    static func encodeExit(_ e: TraceExit, _ enc: inout ByteEncoder, _ st: inout ExitState) {
+    static func encodeExit(_ e: TraceExit, _ enc: inout BlockBuffer, _ st: inout ExitState) {
         let p = st.last
         var mask: UInt64 = 0
         if e.gpa != p.gpa { mask |= ExitField.gpa }
@@ -62,7 +62,7 @@ enum TraceCodec {
         return e
     }
 
-    static func encodeRegs(_ r: TraceRegs, _ enc: inout ByteEncoder) {
+    static func encodeRegs(_ r: TraceRegs, _ enc: inout BlockBuffer) {
         var mask: UInt64 = 0
         for i in 0..<TraceRegs.fieldCount where r.field(i) != 0 { mask |= 1 << UInt64(i) }
         enc.varint(mask)
@@ -79,7 +79,7 @@ enum TraceCodec {
     }
 
     /// Encodes the payload of `r` (the frame is the writer's).
-    static func encode(_ r: TraceRecord, _ enc: inout ByteEncoder, _ st: inout ExitState) {
+    static func encode(_ r: TraceRecord, _ enc: inout BlockBuffer, _ st: inout ExitState) {
         switch r {
         case .meta(let k, let v): enc.string(k); enc.string(v)
         case .end(let n): enc.varint(n)
@@ -147,7 +147,7 @@ enum TraceCodec {
     }
 
     /// A record's vCPU or none (the VM): 0 for none, n + 1 for vCPU n.
-    static func encodeScope(_ v: UInt32?, _ enc: inout ByteEncoder) { enc.varint(v.map { UInt64($0) + 1 } ?? 0) }
+    static func encodeScope(_ v: UInt32?, _ enc: inout BlockBuffer) { enc.varint(v.map { UInt64($0) + 1 } ?? 0) }
     static func decodeScope(_ d: inout ByteDecoder) throws(TraceError) -> UInt32? {
         let s = try d.varint()
         guard s <= UInt64(UInt32.max) + 1 else { throw d.fail("vCPU \(s - 1) does not fit 32 bits") }

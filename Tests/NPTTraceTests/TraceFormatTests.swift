@@ -111,6 +111,17 @@ func readAll(_ bytes: [UInt8]) throws(TraceError) -> [TraceEvent] {
     return out
 }
 
+/// The record sequence of the 1.1 golden trace: every kind the random generator makes, then
+/// records whose body needs a 2- and 3-byte length and one larger than a block's target.
+func golden11Records() -> [TraceRecord] {
+    var r = Rng(s: 0x1_1)
+    var recs = (0..<1500).map { _ in randomRecord(&r) }
+    recs.insert(.memoryWrite(gpa: 0x1000, data: (0..<200).map { UInt8(truncatingIfNeeded: $0) }), at: 700)
+    recs.insert(.memoryRead(gpa: 0x2000, data: (0..<3000).map { UInt8(truncatingIfNeeded: $0 &* 7) }), at: 900)
+    recs.insert(.defineRegion(gpa: 0x4000_0000, size: 1 << 20, hostOffset: 0, contents: (0..<20_000).map { UInt8(truncatingIfNeeded: $0 >> 3) }), at: 1100)
+    return recs
+}
+
 /// Every block's start offset, walking the block headers (the test's own reading of the layout).
 func blockOffsets(_ b: [UInt8]) -> [Int] {
     var out: [Int] = []
@@ -124,6 +135,29 @@ func blockOffsets(_ b: [UInt8]) -> [Int] {
 }
 
 @Suite struct TraceFormatTests {
+    /// The published check values (RFC 3720 B.4 and the CRC catalogue's "123456789"), and the
+    /// slicing-by-8 loop equal to the bytewise definition at every length and alignment, chained.
+    @Test func crc32cMatchesTheStandardAndTheBytewiseDefinition() {
+        #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
+        #expect(CRC32C.checksum([UInt8](repeating: 0, count: 32)) == 0x8A91_36AA)
+        #expect(CRC32C.checksum([UInt8](repeating: 0xFF, count: 32)) == 0x62A8_AB43)
+        #expect(CRC32C.checksum((0..<32).map { UInt8($0) }) == 0x46DD_794E)
+        var r = Rng(s: 32)
+        let data = r.bytes(300) + (0..<300).map { _ in UInt8(truncatingIfNeeded: r.next()) }
+        data.withUnsafeBytes { b in
+            for offset in 0..<9 {
+                for length in 0..<(b.count - offset) where length < 80 || length % 37 == 0 {
+                    let part = UnsafeRawBufferPointer(rebasing: b[offset..<offset + length])
+                    let seed = UInt32(truncatingIfNeeded: r.next())
+                    #expect(CRC32C.update(seed, part) == CRC32C.bytewise(seed, part), "offset \(offset) length \(length)")
+                }
+            }
+            let whole = CRC32C.update(0, b)
+            let split = CRC32C.update(CRC32C.update(0, UnsafeRawBufferPointer(rebasing: b[0..<13])), UnsafeRawBufferPointer(rebasing: b[13...]))
+            #expect(whole == split && whole == CRC32C.bytewise(0, b))
+        }
+    }
+
     @Test func randomRecordsRoundTrip() throws {
         var r = Rng(s: 42)
         let records = (0..<5000).map { _ in randomRecord(&r) }
@@ -404,6 +438,24 @@ func blockOffsets(_ b: [UInt8]) -> [Int] {
             (7000, .vcpuDestroy(vcpu: 0)),
             (7001, .vmDestroy),
         ]
+    }
+
+    /// Tests/Fixtures/npttrace/golden-1.1.trace was written by the writer before it encoded in place
+    /// (commit b7055ea: a frame array and a scratch array a record, two writes a block): the
+    /// in-place writer must produce the same bytes for every record kind, long bodies and blocks
+    /// split at the target included.
+    @Test func golden11TraceIsWrittenByteForByte() throws {
+        let path = fixturesDirectory() + "/npttrace/golden-1.1.trace"
+        let (bytes, events) = try writeTrace(golden11Records(), seed: 0x11, blockPayload: 512)
+        let src = try FileTraceSource(path: path)
+        var golden = [UInt8](repeating: 0, count: 1 << 20)
+        let n = try golden.withUnsafeMutableBytes { try src.read(into: $0) }
+        golden = Array(golden[0..<n])
+        #expect(golden.count == bytes.count)
+        #expect(golden == bytes, "the writer's bytes changed: a format change needs a new version")
+        let read = try readAll(golden)
+        #expect(read.map(\.record) == events.map(\.record) + [.end(recordCount: UInt64(events.count))])
+        #expect(blockOffsets(golden).count > 20)
     }
 
     @Test func goldenTraceReadsAndWritesTheSameBytes() throws {
