@@ -32,7 +32,7 @@ public final class TraceRecorder: Sendable {
         do throws(TraceError) {
             let w = try TraceWriter(sink: sink)
             try w.append(.meta(key: "recorder", value: "nptkit recording layer"), at: 0)
-            try w.append(.meta(key: "clock", value: "CLOCK_MONOTONIC, ns since the recorder started"), at: 0)
+            try w.append(.meta(key: "clock", value: "CLOCK_MONOTONIC, ns since the recorder started, read at each exit and each VM-wide call; other records carry the latest reading"), at: 0)
             state = Mutex(State(writer: w))
         } catch { throw NPTError(.invalidArgument, "cannot record: \(error)") }
     }
@@ -48,17 +48,22 @@ public final class TraceRecorder: Sendable {
     func newVM() -> UInt32 { state.withLock { s in defer { s.vms += 1 }; return s.vms } }
 
     /// Appends `record` of VM `vm`; the first failure is kept (`finish` reports it) and fails the call.
+    /// `readClock`: stamp it with a new reading of the clock (an exit, a call of the VMM's or one
+    /// VM-wide); else with the latest reading (the records the core writes while it handles an exit
+    /// carry that exit's time, or a later record's of another vCPU: never a time before the one they
+    /// were written after). A clock read costs about as much as the record's encoding (bench 10).
     /// (`package`: the CLI's bench measures it alone.)
-    package func append(_ record: TraceRecord, vm: UInt32) throws(NPTError) {
-        let now = TraceClock.monotonicNanoseconds() &- clockBase
+    package func append(_ record: TraceRecord, vm: UInt32, readClock: Bool = true) throws(NPTError) {
+        let now = readClock ? TraceClock.monotonicNanoseconds() &- clockBase : 0
         let failed: NPTError? = state.withLock { s in
             if let e = s.error { return e }
             do throws(TraceError) {
+                let t = max(now, s.writer.lastTimestamp)
                 if s.selected != vm {
-                    try s.writer.append(.vmSelect(vm: vm), at: max(now, s.writer.lastTimestamp))
+                    try s.writer.append(.vmSelect(vm: vm), at: t)
                     s.selected = vm
                 }
-                try s.writer.append(record, at: max(now, s.writer.lastTimestamp))
+                try s.writer.append(record, at: t)
                 return nil
             } catch {
                 s.error = NPTError(.backend, "recording failed: \(error)")
@@ -97,10 +102,15 @@ protocol RecordingLayer: AnyObject {
     var recorder: TraceRecorder { get }
     var vmNumber: UInt32 { get }
     var vcpuIndex: UInt32? { get }
+    /// Whether its records read the clock (TraceRecorder.append): the VM's calls do, a vCPU's only
+    /// at an exit, its creation and destruction, and a kick.
+    var readsClock: Bool { get }
 }
 
 extension RecordingLayer {
-    func log(_ r: TraceRecord) throws(NPTError) { try recorder.append(r, vm: vmNumber) }
+    func log(_ r: TraceRecord, readClock: Bool? = nil) throws(NPTError) {
+        try recorder.append(r, vm: vmNumber, readClock: readClock ?? readsClock)
+    }
     /// Records a failure and returns it to be thrown.
     func failed(_ kind: UInt8, _ e: NPTError) -> NPTError {
         try? log(.failure(vcpu: vcpuIndex, kind: kind, status: e.code.rawValue, message: e.message))
@@ -112,10 +122,11 @@ extension RecordingLayer {
         do throws(NPTError) { return try body() } catch { throw failed(record.kind, error) }
     }
     /// `input`: the answer recorded after the call.
-    func answered<T>(_ kind: UInt8, _ body: () throws(NPTError) -> T, _ record: (T) -> TraceRecord) throws(NPTError) -> T {
+    func answered<T>(_ kind: UInt8, readClock: Bool? = nil, _ body: () throws(NPTError) -> T,
+                     _ record: (T) -> TraceRecord) throws(NPTError) -> T {
         let v: T
         do throws(NPTError) { v = try body() } catch { throw failed(kind, error) }
-        try log(record(v))
+        try log(record(v), readClock: readClock)
         return v
     }
 }
@@ -126,6 +137,7 @@ final class RecordingVM: BackendVM, RecordingLayer, @unchecked Sendable {
     let recorder: TraceRecorder
     let vmNumber: UInt32
     var vcpuIndex: UInt32? { nil }
+    var readsClock: Bool { true }
     init(inner: any BackendVM, backend: any Backend, recorder: TraceRecorder, vm: UInt32) {
         self.inner = inner; self.backend = backend; self.recorder = recorder; self.vmNumber = vm
     }
@@ -213,6 +225,7 @@ final class RecordingVCPU: BackendVCPU, RecordingLayer, @unchecked Sendable {
     var recorder: TraceRecorder { vm.recorder }
     var vmNumber: UInt32 { vm.vmNumber }
     var vcpuIndex: UInt32? { index }
+    var readsClock: Bool { false }
     init(inner: any BackendVCPU, vm: RecordingVM, index: UInt32) { self.inner = inner; self.vm = vm; self.index = index }
 
     func registers() throws(NPTError) -> Registers {
@@ -228,7 +241,7 @@ final class RecordingVCPU: BackendVCPU, RecordingLayer, @unchecked Sendable {
         try decided(.exitControls(vcpu: index, controls: c.rawValue)) { () throws(NPTError) in try inner.setExitControls(c) }
     }
     func run() throws(NPTError) -> VMExit {
-        try answered(RecordKind.exit, { () throws(NPTError) in try inner.run() }, { .exit(vcpu: index, TraceExit($0)) })
+        try answered(RecordKind.exit, readClock: true, { () throws(NPTError) in try inner.run() }, { .exit(vcpu: index, TraceExit($0)) })
     }
     func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError) {
         try decided(.injectFault(vcpu: index, vector: vector, errorCode: errorCode, address: address)) { () throws(NPTError) in
@@ -236,7 +249,7 @@ final class RecordingVCPU: BackendVCPU, RecordingLayer, @unchecked Sendable {
         }
     }
     func kick() {
-        try? log(.kick(vcpu: index))
+        try? log(.kick(vcpu: index), readClock: true)
         inner.kick()
     }
     func fence() throws(NPTError) { try decided(.fence(vcpu: index)) { () throws(NPTError) in try inner.fence() } }
@@ -262,7 +275,7 @@ final class RecordingVCPU: BackendVCPU, RecordingLayer, @unchecked Sendable {
     }
     func destroy() {
         inner.destroy()
-        try? log(.vcpuDestroy(vcpu: index))
+        try? log(.vcpuDestroy(vcpu: index), readClock: true)
     }
 }
 

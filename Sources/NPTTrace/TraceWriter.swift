@@ -17,16 +17,16 @@ public final class TraceWriter {
 
         /// Encodes `record` at the end of the block (frame and body in place): the frame's length
         /// field is written as one byte, and the body moved when its length needs more. Returns the
-        /// record's size and the exit state after it; the block's count includes the record (the
-        /// caller commits it or sets the count back).
-        mutating func encode(_ record: TraceRecord, at timestamp: UInt64) -> (size: Int, exits: ExitState) {
+        /// record's size; the block's count includes the record (the caller commits it, or sets the
+        /// count back and either flushes, which resets the exit state, or refuses a record too large
+        /// for a block, which holds no exit: an exit record is never that large).
+        mutating func encode(_ record: TraceRecord, at timestamp: UInt64) -> Int {
             let start = block.count
-            var st = exits
             block.u8(record.kind)
             block.varint(blockCount == 0 ? 0 : timestamp - lastTimestamp)
             let lengthAt = block.count
             block.u8(0)
-            TraceCodec.encode(record, &block, &st)
+            TraceCodec.encode(record, &block, &exits)
             let body = block.count - lengthAt - 1
             if body < 0x80 {
                 block.base[lengthAt] = UInt8(body)
@@ -39,7 +39,7 @@ public final class TraceWriter {
                 block.varint(UInt64(body))
                 block.count = end
             }
-            return (block.count - start, st)
+            return block.count - start
         }
     }
 
@@ -102,7 +102,7 @@ public final class TraceWriter {
         var flushed = false
         while true {
             let start = s.pointee.block.count
-            let (size, exits) = s.pointee.encode(record, at: timestamp)
+            let size = s.pointee.encode(record, at: timestamp)
             let count = s.pointee.blockCount
             if count > 0 && !flushed
                 && (start - TraceFormat.blockHeaderSize + size > targetBlock || count == UInt32.max) {
@@ -118,7 +118,6 @@ public final class TraceWriter {
             }
             if count == 0 { s.pointee.blockBase = timestamp }
             s.pointee.blockCount = count + 1
-            s.pointee.exits = exits
             s.pointee.lastTimestamp = timestamp
             if case .end = record {} else { s.pointee.recordCount += 1 }
             return
