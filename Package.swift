@@ -26,7 +26,9 @@ let package = Package(
         .target(name: "CNPTKit", path: "Sources/CNPTKit"),
                 // The trace format (writer, reader), the kernel-tracepoint text parser and the what-if model.
         // Depends on nothing of NPTKit, so the replay plugin can link it without a second core.
-        .target(name: "NPTTrace", swiftSettings: strict),
+        // Its CPU helpers: the time stamp counter and the crc32 instruction (Swift fallbacks elsewhere).
+        .target(name: "NPTTrace", dependencies: ["CNPTTraceFast"], swiftSettings: strict),
+        .target(name: "CNPTTraceFast", path: "Sources/CNPTTraceFast"),
         // The core; its recording layer (Recording.swift) writes NPTKit traces.
         .target(name: "NPTCore", dependencies: ["NPTTrace"], swiftSettings: strict),
         .target(name: "NPTSimulator", dependencies: ["NPTCore"], swiftSettings: strict),

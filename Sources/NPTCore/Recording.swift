@@ -23,7 +23,7 @@ public final class TraceRecorder: Sendable {
         var error: NPTError?
     }
     private let state: Mutex<State>
-    private let clockBase = TraceClock.monotonicNanoseconds()
+    private let clockBase = TraceClock.now()
     /// The recorder of one VM (npt_vm_config.record_path): finished when that VM is destroyed.
     let finishWithVM: Bool
 
@@ -32,7 +32,7 @@ public final class TraceRecorder: Sendable {
         do throws(TraceError) {
             let w = try TraceWriter(sink: sink)
             try w.append(.meta(key: "recorder", value: "nptkit recording layer"), at: 0)
-            try w.append(.meta(key: "clock", value: "CLOCK_MONOTONIC, ns since the recorder started, read at each exit and each VM-wide call; other records carry the latest reading"), at: 0)
+            try w.append(.meta(key: "clock", value: "\(TraceClock.name), ns since the recorder started, read at each exit and each VM-wide call; other records carry the latest reading"), at: 0)
             state = Mutex(State(writer: w))
         } catch { throw NPTError(.invalidArgument, "cannot record: \(error)") }
     }
@@ -54,7 +54,7 @@ public final class TraceRecorder: Sendable {
     /// were written after). A clock read costs about as much as the record's encoding (bench 10).
     /// (`package`: the CLI's bench measures it alone.)
     package func append(_ record: TraceRecord, vm: UInt32, readClock: Bool = true) throws(NPTError) {
-        let now = readClock ? TraceClock.monotonicNanoseconds() &- clockBase : 0
+        let now = readClock ? TraceClock.now() &- clockBase : 0
         let failed: NPTError? = state.withLock { s in
             if let e = s.error { return e }
             do throws(TraceError) {
@@ -220,13 +220,15 @@ final class RecordingVM: BackendVM, RecordingLayer, @unchecked Sendable {
 
 final class RecordingVCPU: BackendVCPU, RecordingLayer, @unchecked Sendable {
     let inner: any BackendVCPU
-    let vm: RecordingVM
+    /// Its VM's (kept here: reaching them through the VM cost a retain and release a record).
+    let recorder: TraceRecorder
+    let vmNumber: UInt32
     let index: UInt32
-    var recorder: TraceRecorder { vm.recorder }
-    var vmNumber: UInt32 { vm.vmNumber }
     var vcpuIndex: UInt32? { index }
     var readsClock: Bool { false }
-    init(inner: any BackendVCPU, vm: RecordingVM, index: UInt32) { self.inner = inner; self.vm = vm; self.index = index }
+    init(inner: any BackendVCPU, vm: RecordingVM, index: UInt32) {
+        self.inner = inner; recorder = vm.recorder; vmNumber = vm.vmNumber; self.index = index
+    }
 
     func registers() throws(NPTError) -> Registers {
         try answered(RecordKind.regsRead, { () throws(NPTError) in try inner.registers() }, { .regsRead(vcpu: index, TraceRegs($0)) })

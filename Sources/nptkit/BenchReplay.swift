@@ -152,11 +152,11 @@ extension Bench {
     }
 
     /// ns a record: the writer alone (timestamps given, a sink that discards), the recorder (its
-    /// lock and writer, and its clock read at each exit record as the recording layer does), and one
-    /// read of the recorder's clock; medians of `rounds`.
-    static func recordCosts(records: Int, rounds: Int) throws -> (writer: [Double], recorder: [Double], clock: [Double]) {
+    /// lock and writer, and its clock read at each exit record as the recording layer does), one
+    /// read of the recorder's clock (TraceClock.now) and one of clock_gettime; medians of `rounds`.
+    static func recordCosts(records: Int, rounds: Int) throws -> (writer: [Double], recorder: [Double], clock: [Double], gettime: [Double]) {
         let clock = ContinuousClock()
-        var w: [Double] = [], r: [Double] = [], c: [Double] = []
+        var w: [Double] = [], r: [Double] = [], c: [Double] = [], g: [Double] = []
         for _ in 0..<rounds {
             let writer = try TraceWriter(sink: NullSink())
             var t0 = clock.now
@@ -176,11 +176,14 @@ extension Bench {
             r.append(seconds(clock.now - t0) * 1e9 / Double(i))
             var sink: UInt64 = 0
             t0 = clock.now
-            for _ in 0..<records { sink &+= TraceClock.monotonicNanoseconds() }
+            for _ in 0..<records { sink &+= TraceClock.now() }
             c.append(seconds(clock.now - t0) * 1e9 / Double(records))
+            t0 = clock.now
+            for _ in 0..<records { sink &+= TraceClock.monotonicNanoseconds() }
+            g.append(seconds(clock.now - t0) * 1e9 / Double(records))
             if sink == 42 { print("") }
         }
-        return (w, r, c)
+        return (w, r, c, g)
     }
 
     func benchReplay() throws {
@@ -244,7 +247,8 @@ extension Bench {
         try overhead(sim, "sim", .exact, syscalls: syscalls, rounds: rounds)
         let costs = try Bench.recordCosts(records: quick ? 100_000 : 2_000_000, rounds: rounds)
         let ns1 = { (x: Double) in fmt(x, 1) + " ns" }
-        print("   a record of the sim loop's (exit, hierarchy, exit-controls, decision): writer alone \(Bench.spread(costs.writer, ns1)), recorder (lock, writer, a clock read an exit) \(Bench.spread(costs.recorder, ns1)); one clock read \(Bench.spread(costs.clock, ns1)); n = \(rounds)")
+        print("   a record of the sim loop's (exit, hierarchy, exit-controls, decision): writer alone \(Bench.spread(costs.writer, ns1)), recorder (lock, writer, a clock read an exit) \(Bench.spread(costs.recorder, ns1)); n = \(rounds)")
+        print("   the recorder's clock (\(TraceClock.name)): \(Bench.spread(costs.clock, ns1)) a read; clock_gettime(CLOCK_MONOTONIC) \(Bench.spread(costs.gettime, ns1))")
         if let dir = executableDirectory(), access(dir + "/libnptkit-kvm.so", R_OK) == 0 {
             let kvm = NPTKitRuntime.makeRegistry()
             try NPTKitRuntime.loadPlugin(dir + "/libnptkit-kvm.so", into: kvm)

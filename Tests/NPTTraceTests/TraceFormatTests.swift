@@ -1,4 +1,7 @@
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import NPTTrace
 
 /// A deterministic generator (SplitMix64) so failures reproduce.
@@ -135,8 +138,9 @@ func blockOffsets(_ b: [UInt8]) -> [Int] {
 }
 
 @Suite struct TraceFormatTests {
-    /// The published check values (RFC 3720 B.4 and the CRC catalogue's "123456789"), and the
-    /// slicing-by-8 loop equal to the bytewise definition at every length and alignment, chained.
+    /// The published check values (RFC 3720 B.4 and the CRC catalogue's "123456789"), and both
+    /// fast paths (the crc32 instruction where this CPU has it, slicing-by-8) equal to the bytewise
+    /// definition at every length and alignment, chained.
     @Test func crc32cMatchesTheStandardAndTheBytewiseDefinition() {
         #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
         #expect(CRC32C.checksum([UInt8](repeating: 0, count: 32)) == 0x8A91_36AA)
@@ -149,7 +153,9 @@ func blockOffsets(_ b: [UInt8]) -> [Int] {
                 for length in 0..<(b.count - offset) where length < 80 || length % 37 == 0 {
                     let part = UnsafeRawBufferPointer(rebasing: b[offset..<offset + length])
                     let seed = UInt32(truncatingIfNeeded: r.next())
-                    #expect(CRC32C.update(seed, part) == CRC32C.bytewise(seed, part), "offset \(offset) length \(length)")
+                    let reference = CRC32C.bytewise(seed, part)
+                    #expect(CRC32C.update(seed, part) == reference, "offset \(offset) length \(length)")
+                    #expect(CRC32C.sliced(seed, part) == reference, "offset \(offset) length \(length)")
                 }
             }
             let whole = CRC32C.update(0, b)
@@ -479,5 +485,51 @@ func blockOffsets(_ b: [UInt8]) -> [Int] {
         #expect(read.map(\.record) == GoldenTraceTests.records().map(\.1) + [.end(recordCount: 27)])
         #expect(read.map(\.timestamp) == GoldenTraceTests.records().map(\.0) + [7001])
         #expect(blockOffsets(golden).count >= 2)
+    }
+}
+
+/// The recorder's clock: the TSC only where it can stand for CLOCK_MONOTONIC, and then in step with it.
+@Suite struct TraceClockTests {
+    @Test func theTSCIsUsedOnlyWhenInvariantAndTheKernelsClocksource() {
+        let both: [Substring] = ["fpu", "constant_tsc", "nonstop_tsc", "rdtscp"]
+#if arch(x86_64)
+        #expect(TSCClock.usable(cpuFlags: both, clocksource: "tsc"))
+#else
+        #expect(!TSCClock.usable(cpuFlags: both, clocksource: "tsc"))
+#endif
+        #expect(!TSCClock.usable(cpuFlags: ["fpu", "constant_tsc"], clocksource: "tsc"), "not invariant across C-states")
+        #expect(!TSCClock.usable(cpuFlags: ["nonstop_tsc"], clocksource: "tsc"), "rate changes with the P-state")
+        #expect(!TSCClock.usable(cpuFlags: both, clocksource: "kvm-clock"), "the kernel does not trust it")
+        #expect(!TSCClock.usable(cpuFlags: [], clocksource: ""))
+        // This machine's answer agrees with what the kernel says.
+        let flags = TSCClock.cpuFlags(), source = TSCClock.clocksource()
+        #expect((TraceClock.tsc != nil) == TSCClock.usable(cpuFlags: flags, clocksource: source), "\(source)")
+    }
+
+    /// Over 50 ms of sleep, `TraceClock.now()` advances as CLOCK_MONOTONIC does (within 0.5% and
+    /// the reads' own spread), and it never goes backwards.
+    @Test func nowKeepsStepWithClockMonotonic() {
+        func together() -> (now: UInt64, mono: UInt64) {
+            var best = (UInt64(0), UInt64(0)), width = UInt64.max
+            for _ in 0..<20 {
+                let a = TraceClock.monotonicNanoseconds(), n = TraceClock.now(), b = TraceClock.monotonicNanoseconds()
+                if b - a < width { width = b - a; best = (n, a / 2 + b / 2) }
+            }
+            return best
+        }
+        let x = together()
+        usleep(50_000)
+        let y = together()
+        let dNow = Double(y.now - x.now), dMono = Double(y.mono - x.mono)
+        #expect(dMono >= 50e6)
+        #expect(abs(dNow - dMono) <= dMono * 0.005 + 20_000, "TraceClock \(dNow) ns, CLOCK_MONOTONIC \(dMono) ns (\(TraceClock.name))")
+        var last = TraceClock.now(), backwards = 0
+        for _ in 0..<100_000 {
+            let t = TraceClock.now()
+            if t < last { backwards += 1 }
+            last = t
+        }
+        #expect(backwards == 0)
+        if let t = TraceClock.tsc { #expect(t.calibrationNs >= 2_000_000 && t.megahertz > 100, "\(TraceClock.name)") }
     }
 }
