@@ -122,11 +122,11 @@ extension Bench {
               + "(p10-based: \(nanos(UInt64(max(0, perSwitch(libMBEC, libNone, 0.1))))) = "
               + "\(fmt(perSwitch(libMBEC, libNone, 0.1) / Double(Bench.percentile(libOut, 0.1))))x); raw two VMs "
               + "\(nanos(UInt64(max(0, rawSwitch)))) = \(fmt(rawSwitch / p50(rawOut)))x the raw exit.")
-        print(wrapped("   Views during the MBEC system-call runs (the plugin's vm statistics): \(fmt(Double(moves) / Double(max(1, mbecCalls)))) "
+        print(indented("Views during the MBEC system-call runs (the plugin's vm statistics): \(fmt(Double(moves) / Double(max(1, mbecCalls)))) "
                       + "moves per call (view_moves), \(zaps) zaps (view_zaps), \(fmt(Double(logReads) / Double(max(1, mbecCalls)))) "
                       + "dirty-log reads per call (dirty_log_reads); the plugin's side of a move (view, coherence check, state carried): "
                       + "\(nanos(steadyNs / max(1, steady))) mean over \(steady) moves (steady_move_ns / steady_moves, descheduled ones "
-                      + "included); 0 memslot updates per switch (a switch is a move between two KVM VMs).", width: 119))
+                      + "included); 0 memslot updates per switch (a switch is a move between two KVM VMs)."))
 
         // 3. Two vCPUs in different hierarchies at once, each making system calls, against one alone.
         let reps = quick ? 2 : 5, calls = quick ? 200 : 1000
@@ -242,7 +242,7 @@ extension Bench {
             try runTo(PRIV_PORT_HEARTBEAT)
         }
         let b = try vm.backendStatistics()
-        var line = "   Privileged mode, one vCPU raising on its own thread (\(iterations) entries): raise -> the handler's first OUT "
+        var line = "Privileged mode, one vCPU raising on its own thread (\(iterations) entries): raise -> the handler's first OUT "
             + "\(spread(enter)) = \(fmt(Double(Bench.percentile(enter, 0.5)) / libExit))x the exit round trip (the core saves the"
             + " state, the plugin's vcpu_enter_privileged sets the entry state, the vCPU moves into the region's view, the handler"
             + " runs emulated to its OUT)"
@@ -253,7 +253,12 @@ extension Bench {
                 + "\(fmt(add / libExit))x the exit round trip, the move out \(nanos(UInt64(remove))) = \(fmt(remove / libExit))x "
                 + "(no memslot update per entry)"
         }
-        print(wrapped(line + ".", width: 119))
+        print(indented(line + "."))
         return Double(Bench.percentile(enter, 0.5))
     }
+}
+
+/// `text` wrapped and indented as the bench's other lines.
+func indented(_ text: String) -> String {
+    wrapped(text, width: 116).split(separator: "\n", omittingEmptySubsequences: false).map { "   " + $0 }.joined(separator: "\n")
 }
