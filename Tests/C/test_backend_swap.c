@@ -774,16 +774,6 @@ static void sim_priv_region(uint8_t *img) {
     emit(&a, OP_RSM, 0, 0, 0);
 }
 
-/* The backend's statistic `name` of `vm` (npt_vm_backend_stats); 0 and a failed check where absent. */
-static uint64_t backend_stat(npt_vm *vm, const char *name) {
-    npt_backend_stat st[64];
-    size_t n = 0;
-    CHECK_OK(npt_vm_backend_stats(vm, st, 64, &n));
-    for (size_t i = 0; i < n && i < 64; i++) if (strcmp(st[i].name, name) == 0) return st[i].value;
-    fprintf(stderr, "test_backend_swap: no backend statistic %s\n", name);
-    CHECK(!"a statistic the backend documents is missing");
-    return 0;
-}
 
 typedef struct {
     int ran;

@@ -105,41 +105,28 @@ static npt_exit run_to_halt(npt_vcpu *v, char *out, size_t cap, size_t *len) {
 /* ------------------------------------------------------------------------ */
 static const npt_backend_ops *entry_ops; /* the table from a direct call of npt_plugin_init */
 
-/* The plugin's statistic `name` of `vm` (npt_vm_backend_stats); a missing name fails the test. */
-static uint64_t vm_stat(npt_vm *vm, const char *name) {
-    npt_backend_stat st[64];
-    size_t n = 0;
-    if (npt_vm_backend_stats(vm, st, 64, &n) != NPT_OK) {
-        CHECK(!"npt_vm_backend_stats failed");
-        return 0;
-    }
-    for (size_t i = 0; i < n; i++) if (strcmp(st[i].name, name) == 0) return st[i].value;
-    fprintf(stderr, "test_kvm: the kvm plugin reports no statistic %s\n", name);
-    CHECK(!"a statistic the plugin documents is missing");
-    return 0;
-}
 /* Layout installs, memslot updates in total and in the last install. */
 static void layout_stats(npt_vm *vm, uint64_t *installs, uint64_t *updates, uint64_t *last) {
-    *installs = vm_stat(vm, "layout_installs");
-    *updates = vm_stat(vm, "memslot_updates");
-    *last = vm_stat(vm, "memslot_updates_last_install");
+    *installs = backend_stat(vm, "layout_installs");
+    *updates = backend_stat(vm, "memslot_updates");
+    *last = backend_stat(vm, "memslot_updates_last_install");
 }
 /* Physical flushes (msync) and their time. */
 static void pmem_stats(npt_vm *vm, uint64_t *flushes, uint64_t *nanos) {
-    *flushes = vm_stat(vm, "physical_flushes");
-    *nanos = vm_stat(vm, "physical_flush_ns");
+    *flushes = backend_stat(vm, "physical_flushes");
+    *nanos = backend_stat(vm, "physical_flush_ns");
 }
 /* Data accesses the plugin completed after an MMIO exit, RAM and NVDIMM. */
 static void mmio_stats(npt_vm *vm, uint64_t *ram, uint64_t *nvdimm) {
-    *ram = vm_stat(vm, "mmio_completed_ram");
-    *nvdimm = vm_stat(vm, "mmio_completed_nvdimm");
+    *ram = backend_stat(vm, "mmio_completed_ram");
+    *nvdimm = backend_stat(vm, "mmio_completed_nvdimm");
 }
 /* Views created, moves between them, zaps, dirty-log reads. */
 static void view_stats(npt_vm *vm, uint64_t *views, uint64_t *moves, uint64_t *zaps, uint64_t *reads) {
-    *views = vm_stat(vm, "views_created");
-    *moves = vm_stat(vm, "view_moves");
-    *zaps = vm_stat(vm, "view_zaps");
-    *reads = vm_stat(vm, "dirty_log_reads");
+    *views = backend_stat(vm, "views_created");
+    *moves = backend_stat(vm, "view_moves");
+    *zaps = backend_stat(vm, "view_zaps");
+    *reads = backend_stat(vm, "dirty_log_reads");
 }
 
 static npt_status fake_translate(npt_vm *vm, uint32_t h, uint64_t gpa, npt_translation *out) {

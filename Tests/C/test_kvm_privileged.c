@@ -68,16 +68,6 @@ static uint32_t nvcpu = 3;
 
 static const npt_backend_ops *entry_ops;
 
-/* The plugin's statistic `name` of `vm` (npt_vm_backend_stats); a missing name fails the test. */
-static uint64_t vm_stat(npt_vm *vm, const char *name) {
-    npt_backend_stat st[64];
-    size_t n = 0;
-    CHECK_OK(npt_vm_backend_stats(vm, st, 64, &n));
-    for (size_t i = 0; i < n && i < 64; i++) if (strcmp(st[i].name, name) == 0) return st[i].value;
-    fprintf(stderr, "test_kvm_privileged: no statistic %s\n", name);
-    CHECK(!"a statistic the plugin documents is missing");
-    return 0;
-}
 
 static void real_regs(npt_regs *r, uint64_t rip, uint32_t index) {
     memset(r, 0, sizeof *r);
@@ -263,19 +253,26 @@ static int wait_served(uint64_t n, uint64_t timeout_ns) {
     return atomic_load(&served) >= n;
 }
 
-static void test_mode(npt_context *ctx, int requests) {
+/* A VM of `backend` (RAM 0xA0000 R|W, lazy) with priv.S's loop at its base; NULL if refused. */
+static npt_vm *priv_vm(npt_context *ctx, const char *backend) {
     npt_vm_config cfg = {0};
     cfg.size = sizeof cfg;
     cfg.mbec_mode = NPT_MBEC_LAZY;
-    cfg.backend = "kvm";
+    cfg.backend = backend;
     cfg.ram_size = RAM;
     cfg.default_perms = NPT_PERM_READ | NPT_PERM_WRITE;
     npt_vm *vm = NULL;
     CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
-    if (!vm) return;
+    if (!vm) return NULL;
     /* real mode (paging off): every address is user-mode, so the loop needs UX under MBEC */
     CHECK_OK(npt_policy_set(vm, PRIV_GUEST_BASE, 0x1000, 0x1000, NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_UX));
     CHECK_OK(npt_vm_write_memory(vm, PRIV_GUEST_BASE, priv_guest, sizeof priv_guest));
+    return vm;
+}
+
+static void test_mode(npt_context *ctx, int requests) {
+    npt_vm *vm = priv_vm(ctx, "kvm");
+    if (!vm) return;
 
     /* a region inside RAM is refused by the core; the real one at 0xA0000 */
     npt_region reg;
@@ -375,11 +372,11 @@ static void test_mode(npt_context *ctx, int requests) {
     }
     uint32_t beats[MAXVCPU] = {0};
     CHECK_OK(npt_vm_read_memory(vm, PRIV_GUEST_HEARTBEATS, beats, sizeof beats));
-    uint64_t adds = vm_stat(vm, "privileged_entries"), removes = vm_stat(vm, "privileged_leaves");
-    uint64_t unbacked = vm_stat(vm, "region_unbacked_reads");
+    uint64_t adds = backend_stat(vm, "privileged_entries"), removes = backend_stat(vm, "privileged_leaves");
+    uint64_t unbacked = backend_stat(vm, "region_unbacked_reads");
     CHECK_EQ(adds, (uint64_t)total);
     CHECK_EQ(removes, (uint64_t)total);
-    CHECK_EQ(vm_stat(vm, "rsm_exits"), (uint64_t)total);
+    CHECK_EQ(backend_stat(vm, "rsm_exits"), (uint64_t)total);
     CHECK(unbacked > 0);
     for (uint32_t i = 0; i < nvcpu; i++) {
         npt_backend_stat st[16];
@@ -424,6 +421,19 @@ static npt_exit run1(npt_vcpu *v) {
     return e;
 }
 
+/* The privileged-mode region of priv.S at 0xA0000 (legacy SMRAM), entry offset 8, R|W|SX|UX. */
+static void set_priv_region(npt_vm *vm) {
+    npt_region reg;
+    memset(&reg, 0, sizeof reg);
+    reg.size = sizeof reg;
+    reg.gpa = PRIV_GUEST_REGION;
+    reg.length = sizeof priv_guest_region;
+    reg.contents = priv_guest_region;
+    reg.contents_len = sizeof priv_guest_region;
+    reg.entry_offset = PRIV_GUEST_REGION_ENTRY;
+    CHECK_OK(npt_region_set(vm, &reg));
+}
+
 static void test_long_mode_round_trip(npt_context *ctx) {
     npt_vm_config cfg = {0};
     cfg.size = sizeof cfg;
@@ -435,15 +445,7 @@ static void test_long_mode_round_trip(npt_context *ctx) {
     CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
     if (!vm) return;
     CHECK_OK(npt_vm_write_memory(vm, HELLO_GUEST_BASE, hello_guest, sizeof hello_guest));
-    npt_region reg;
-    memset(&reg, 0, sizeof reg);
-    reg.size = sizeof reg;
-    reg.gpa = PRIV_GUEST_REGION;
-    reg.length = sizeof priv_guest_region;
-    reg.contents = priv_guest_region;
-    reg.contents_len = sizeof priv_guest_region;
-    reg.entry_offset = PRIV_GUEST_REGION_ENTRY;
-    CHECK_OK(npt_region_set(vm, &reg));
+    set_priv_region(vm);
     npt_vcpu *v = NULL;
     CHECK_OK(npt_vcpu_create(vm, 0, &v));
     if (!v) return;
@@ -569,26 +571,9 @@ static void test_fails_closed(npt_context *ctx) {
     blind.vcpu_enter_privileged = NULL;
     blind.vcpu_leave_privileged = NULL;
     CHECK_OK(npt_backend_register(ctx, &blind));
-    npt_vm_config cfg = {0};
-    cfg.size = sizeof cfg;
-    cfg.mbec_mode = NPT_MBEC_LAZY;
-    cfg.backend = blind.name;
-    cfg.ram_size = RAM;
-    cfg.default_perms = NPT_PERM_READ | NPT_PERM_WRITE;
-    npt_vm *vm = NULL;
-    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    npt_vm *vm = priv_vm(ctx, blind.name);
     if (!vm) return;
-    CHECK_OK(npt_policy_set(vm, PRIV_GUEST_BASE, 0x1000, 0x1000, NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_UX));
-    CHECK_OK(npt_vm_write_memory(vm, PRIV_GUEST_BASE, priv_guest, sizeof priv_guest));
-    npt_region reg;
-    memset(&reg, 0, sizeof reg);
-    reg.size = sizeof reg;
-    reg.gpa = PRIV_GUEST_REGION;
-    reg.length = sizeof priv_guest_region;
-    reg.contents = priv_guest_region;
-    reg.contents_len = sizeof priv_guest_region;
-    reg.entry_offset = PRIV_GUEST_REGION_ENTRY;
-    CHECK_OK(npt_region_set(vm, &reg));
+    set_priv_region(vm);
     npt_vcpu *v = NULL;
     CHECK_OK(npt_vcpu_create(vm, 0, &v));
     if (!v) return;
@@ -615,13 +600,13 @@ static void test_fails_closed(npt_context *ctx) {
            ", the vCPU stopped with exit %u (qualification %#" PRIx64 ", gpa %#" PRIx64 ", rip %#" PRIx64
            ") after %d I/O exits; handler ran: %s, region read: %s; plugin's privileged_entries %" PRIu64 "\n", holder,
            last.reason, last.qualification, last.gpa, last.rip, exits, handler ? "YES" : "no", leaked ? "YES" : "no",
-           vm_stat(vm, "privileged_entries"));
+           backend_stat(vm, "privileged_entries"));
     CHECK_EQ((uint64_t)holder, 0);
     CHECK(!handler);
     CHECK(!leaked);
     CHECK(last.reason != NPT_EXIT_NONE && last.reason != NPT_EXIT_LEAVE_MODE);
-    CHECK_EQ(vm_stat(vm, "privileged_entries"), 0);
-    CHECK_EQ(vm_stat(vm, "rsm_exits"), 0);
+    CHECK_EQ(backend_stat(vm, "privileged_entries"), 0);
+    CHECK_EQ(backend_stat(vm, "rsm_exits"), 0);
     /* the VMM ends the mode; the vCPU is back in its loop */
     CHECK_OK(npt_vcpu_leave_privileged(v));
     CHECK_OK(npt_vm_privileged_holder(vm, &holder));
