@@ -92,6 +92,8 @@ public struct PrivilegedScenario: Sendable {
         /// instructions (`instructionsCounted`).
         public var outsideWhileVisible: UInt64 = 0
         public var instructionsCounted = false
+        /// The backend's own statistics of the VM at the end (npt_vm_backend_stats; [] where it keeps none).
+        public var backendStatistics: [BackendStatistic] = []
         public var finalState = PMState(cpus: 0)
         /// The region is in no hierarchy once the requests were served.
         public var regionAbsentAfter = false
@@ -243,7 +245,8 @@ public struct PrivilegedScenario: Sendable {
         o.stats = vm.privileged.statistics
         o.records = vm.privileged.entryRecords
         // The backend's own check, where it keeps one (a statistic of that name).
-        let checked = try vm.backendStatistics().value(BackendStatistic.outsideWhileVisible)
+        o.backendStatistics = try vm.backendStatistics()
+        let checked = o.backendStatistics.value(BackendStatistic.outsideWhileVisible)
         o.instructionsCounted = checked != nil
         o.outsideWhileVisible = checked ?? 0
         o.finalState = vm.privileged.protocolState

@@ -16,6 +16,8 @@ struct Bench: ParsableCommand {
     var only: [String] = []
     @Option(help: "nvdimm group: the simulated platform's flush hint drain time (the writing CPU spins this long), ns.")
     var flushLatencyNs: UInt64 = 1000
+    @Option(name: .customLong("backend-opt"), help: ArgumentHelp("kvm group: an argument for the kvm plugin (KEY=VALUE; repeatable), e.g. pmem-dir=/dev/shm.", valueName: "key=value"))
+    var backendOpt: [String] = []
 
     func wants(_ g: String) -> Bool { only.isEmpty || only.contains(g) }
 

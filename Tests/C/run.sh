@@ -111,14 +111,15 @@ elif [ "$plugins_ok" != 1 ]; then
 fi
 
 # The one host NVDIMM discovery (ABI 1.2): the public call and the host table on the sysfs
-# fixtures ("core"), then the KVM plugin on each fixture, one process each (it discovers once per
-# process): it must report what the core's discovery finds. "none" is a missing tree (the plugin's
-# file region), "broken" a malformed one, kvm-old a host table of ABI 1.1's size. No /dev/kvm needed.
+# fixtures ("core"), then the KVM plugin on each fixture (its argument nd-root), one process each: it
+# must report what the core's discovery finds. "none" is a missing tree (the plugin's file region),
+# "broken" a malformed one, kvm-old a host table of ABI 1.1's size; "args": the plugin's arguments
+# refused or accepted through npt_plugin_load_with. No /dev/kvm needed.
 echo "-- test_pmem_discovery"
 if [ "$plugins_ok" = 1 ] && [ -f "$BIN/libnptkit-kvm.so" ] &&
     build test_pmem_discovery "$CC" "${CFLAGS[@]}" "$ROOT/Tests/C/test_pmem_discovery.c" "${LINK[@]}" -ldl \
         -o "$OUT/test_pmem_discovery"; then
-    for mode in core kvm:domains kvm:numbering kvm:wpq/bus/nd/devices kvm:adr kvm:none kvm:broken kvm-old:domains; do
+    for mode in core kvm:domains kvm:numbering kvm:wpq/bus/nd/devices kvm:adr kvm:none kvm:broken kvm-old:domains args; do
         run "test_pmem_discovery $mode" "$OUT/test_pmem_discovery" "$OUT/libnptkit-sample.so" "$BIN/libnptkit-kvm.so" \
             "$ROOT/Tests/Fixtures/sysfs" "$mode"
     done
