@@ -91,16 +91,22 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
                 inGuest.append(false)
                 conds.append(monitor.makeCondition())
             }
-            state.phase[i] = busy ? .stopped : .running
-            state.stopRequested[i] = busy
-            state.pending[i] = 0
-            state.deferred[i] = 0
-            state.reachesRegion[i] = false
-            raisedAt[i] = []
-            deferred[i] = []
-            inGuest[i] = false
+            resetSlot(i, stopped: busy, stopRequested: busy)
             return i
         }
+    }
+
+    /// Slot `i` as a fresh vCPU's (or a departed one's): nothing pending, deferred or raised, not in
+    /// the guest. Caller holds the monitor.
+    private func resetSlot(_ i: Int, stopped: Bool, stopRequested: Bool) {
+        state.phase[i] = stopped ? .stopped : .running
+        state.stopRequested[i] = stopRequested
+        state.pending[i] = 0
+        state.deferred[i] = 0
+        state.reachesRegion[i] = false
+        raisedAt[i] = []
+        deferred[i] = []
+        inGuest[i] = false
     }
 
     /// A destroyed vCPU leaves the protocol; its slot is reused. Refused while it holds the mode or
@@ -114,14 +120,7 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
                 throw NPTError(.busy, "vCPU \(cpu.index) is in (or entering) the privileged mode")
             }
             state.queue.removeAll { $0 == UInt8(truncatingIfNeeded: i) }
-            state.phase[i] = .stopped
-            state.stopRequested[i] = false
-            state.pending[i] = 0
-            state.deferred[i] = 0
-            state.reachesRegion[i] = false
-            raisedAt[i] = []
-            deferred[i] = []
-            inGuest[i] = false
+            resetSlot(i, stopped: true, stopRequested: false)
             slots[i] = nil
             freeSlots.append(i)
             wake()

@@ -2,6 +2,7 @@ import CNPTKit
 import NPTCore
 #if canImport(Glibc)
 import Glibc
+import NPTHost
 #endif
 
 // MARK: guest NVDIMM tables and the one host NVDIMM discovery (ABI 1.2)

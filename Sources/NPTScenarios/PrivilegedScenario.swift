@@ -3,6 +3,7 @@ import NPTCore
 import Synchronization
 #if canImport(Glibc)
 import Glibc
+import NPTHost
 #endif
 
 /// A guest image of the privileged-mode scenario for one guest ISA (protocol PRIV_* of

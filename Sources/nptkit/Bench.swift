@@ -5,6 +5,7 @@ import NPTKit
 import NPTScenarios
 import NPTSimulator
 import Synchronization
+import NPTHost
 
 /// `nptkit bench`: the speed and memory figures of the README. Every figure is a median over
 /// repetitions measured in this one run, and ratios are taken between figures of the same run.

@@ -4,6 +4,7 @@ import NPTScenarios
 import NPTSimulator
 #if canImport(Glibc)
 import Glibc
+import NPTHost
 #endif
 
 // `nptkit-cli nfit` and `nptkit-cli host-pmem`. File I/O through Glibc
