@@ -1,6 +1,7 @@
 import CRawKVM
 import CScenarioGuests
 import NPTCore
+import NPTHost
 import NPTKit
 import NPTScenarios
 import Synchronization
