@@ -21,6 +21,10 @@ let package = Package(
     targets: [
         // Vends include/nptkit.h (symlinked) to Swift.
         .target(name: "CNPTKit", path: "Sources/CNPTKit"),
+        // The system's libffi: `nptkit-cli replay-calls` calls the library's functions from a recorded
+        // call trace through ffi_call, from the signature table generated from include/nptkit.h.
+        .systemLibrary(name: "CFFI", path: "Sources/CFFI", pkgConfig: "libffi",
+                       providers: [.apt(["libffi-dev"])]),
         .target(name: "NPTCore", swiftSettings: strict),
         // The trace format (writer, reader), the kernel-tracepoint text parser and the what-if model.
         // Depends on nothing of NPTKit, so the replay plugin can link it without a second core.
@@ -38,7 +42,7 @@ let package = Package(
                 swiftSettings: strict),
         .executableTarget(
             name: "nptkit",
-            dependencies: ["NPTKit", "NPTCore", "NPTSimulator", "NPTScenarios", "NPTTrace", "CRawKVM",
+            dependencies: ["NPTKit", "NPTCore", "NPTSimulator", "NPTScenarios", "NPTTrace", "CRawKVM", "CFFI",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
         // The KVM backend plugin (Plugins/ needs explicit paths: SwiftPM reserves it for package plugins).
