@@ -123,8 +123,8 @@ public struct PrivilegedScenario: Sendable {
     public func run(on vm: VirtualMachine) throws -> Outcome {
         let cpus = try prepare(vm)
         let done = Atomic<Bool>(false)
-        let results = Mutex(Outcome())
-        let failure = Mutex<NPTError?>(nil)
+        let results = NPTMutex(Outcome())
+        let failure = NPTMutex<NPTError?>(nil)
         let t0 = Monitor.now()
         var threads: [HostThread] = []
         for cpu in cpus {
