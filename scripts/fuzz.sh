@@ -53,7 +53,7 @@ for t in "${TARGETS[@]}"; do
     dict=()
     [ -s "$ROOT/Tests/Fuzz/$t.dict" ] && dict=(-dict="$ROOT/Tests/Fuzz/$t.dict")
     rc=0
-    ASAN_OPTIONS="detect_leaks=1:allocator_may_return_null=1" \
+    SWIFT_BACKTRACE=enable=no ASAN_OPTIONS="detect_leaks=1:allocator_may_return_null=1" \
         "$exe" "$work" -max_total_time="$SECS" -print_final_stats=1 -timeout=10 -rss_limit_mb=4096 \
         -artifact_prefix="$art/" "${dict[@]}" "$@" > "$log" 2>&1 || rc=$?
     execs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}' | tail -1)

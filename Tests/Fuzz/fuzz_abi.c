@@ -45,20 +45,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         case 0: { /* vm_create */
             uint8_t slot = in_u8(&in) % NVM;
             if (vms[slot]) break;
-            npt_vm_config cfg = { sizeof cfg, in_u8(&in) % 4, NULL, in_addr(&in), in_u16(&in) & 0x7FF, in_u16(&in) };
+            /* A budget always (without one a looping guest runs until it exits, as documented). */
+            npt_vm_config cfg = { sizeof cfg, in_u8(&in) % 4, NULL, in_addr(&in), in_u16(&in) & 0x7FF, 1 + in_u16(&in) % 4096 };
             if (in_u8(&in) & 1) cfg.ram_size = (uint64_t)(1 + in_u8(&in) % 16) << 20;
             if (in_u8(&in) == 7) cfg.size = in_u8(&in);
             checked(npt_vm_create(ctx, &cfg, &vms[slot]));
             break;
         }
         case 1: { /* vm_destroy */
-            uint8_t slot = in_u8(&in) % NVM;
-            npt_vm *vm = vms[slot];
-            npt_status s = checked(npt_vm_destroy(vm ? vm : pick_vm(&in)));
-            if (vm && s == NPT_OK) {
+            npt_vm *vm = pick_vm(&in);
+            npt_status s = checked(npt_vm_destroy(vm));
+            if (s == NPT_OK) {
+                int known = 0;
+                for (int i = 0; i < NVM; i++)
+                    if (vms[i] == vm) { vms[i] = NULL; known = 1; }
+                FUZZ_ASSERT(known); /* only a live handle of ours can be destroyed */
                 dead_vm = vm;
-                vms[slot] = NULL;
-                for (int i = 0; i < NCPU; i++) cpus[i] = NULL; /* their handles died with some VM; keep it simple */
+                for (int i = 0; i < NCPU; i++) cpus[i] = NULL; /* forget the vCPU handles (some died with it) */
                 FUZZ_ASSERT(npt_vm_destroy(vm) == NPT_ERR_BAD_HANDLE);
             }
             break;
@@ -70,14 +73,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             break;
         }
         case 3: { /* vcpu_destroy */
-            uint8_t slot = in_u8(&in) % NCPU;
-            npt_vcpu *c = cpus[slot];
-            if (c && checked(npt_vcpu_destroy(c)) == NPT_OK) {
+            npt_vcpu *c = pick_cpu(&in);
+            if (checked(npt_vcpu_destroy(c)) == NPT_OK) {
+                for (int i = 0; i < NCPU; i++)
+                    if (cpus[i] == c) cpus[i] = NULL;
                 dead_cpu = c;
-                cpus[slot] = NULL;
                 FUZZ_ASSERT(npt_vcpu_destroy(c) == NPT_ERR_BAD_HANDLE);
-            } else if (!c) {
-                checked(npt_vcpu_destroy(pick_cpu(&in)));
             }
             break;
         }

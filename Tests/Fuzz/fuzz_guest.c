@@ -15,7 +15,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     input in = { data, size, 0 };
     uint8_t flags = in_u8(&in);
     npt_vm_config cfg = { sizeof cfg, (uint32_t)(flags % 3), NULL, RAM, NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_SX | NPT_PERM_UX,
-                          200 + in_u8(&in) * 8u };
+                          50 + in_u8(&in) * 2u };
     npt_vm *vm;
     FUZZ_ASSERT(checked(npt_vm_create(ctx, &cfg, &vm)) == NPT_OK);
     /* Policy: up to 8 ranges of the first 256 pages. */
@@ -55,7 +55,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     npt_vcpu *cpu;
     FUZZ_ASSERT(checked(npt_vcpu_create(vm, 0, &cpu)) == NPT_OK);
     if (checked(npt_vcpu_set_regs(cpu, &regs)) == NPT_OK) {
-        for (int k = 0; k < 12; k++) {
+        for (int k = 0; k < 8; k++) {
             npt_exit e = { .size = sizeof e };
             npt_status s;
             if (k % 3 == 2) {
