@@ -40,17 +40,13 @@ public enum DifferentialSuite {
                 // (per / 200 of them): about 3.2 per steps a job.
                 let total = Double(steps) / 3.2
                 let jobsNeeded = max(1, Int((total / 6000).rounded(.up)))
-                let per = max(200, Int((total / Double(jobsNeeded)).rounded(.up)))
+                let per = max(200, Int(total) / jobsNeeded)
                 for e in 0..<jobsNeeded {
                     jobs.append(Job(part: i, seed: seed &* 1_000_003 &+ UInt64(i * 7919 + e), steps: per))
                 }
             } else {
                 let n = max(1, Int((Double(steps) / Double(stepsPerEpisode)).rounded(.up)))
-                // The remainder of the division goes to the first episodes: the parts add up to totalSteps.
-                for e in 0..<n {
-                    let share = steps / n + (e < steps % n ? 1 : 0)
-                    jobs.append(Job(part: i, seed: seed &* 1_000_003 &+ UInt64(i * 7919 + e), steps: max(1, share)))
-                }
+                for e in 0..<n { jobs.append(Job(part: i, seed: seed &* 1_000_003 &+ UInt64(i * 7919 + e), steps: max(1, steps / n))) }
             }
         }
         let queue = Mutex(jobs)
