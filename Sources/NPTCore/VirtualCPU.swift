@@ -263,11 +263,25 @@ public final class VirtualCPU: @unchecked Sendable {
             defer { vm.privileged.leftGuest(self) }
             pendingRaw = nil
             unaskedKicks = 0
+            var repeats = 0
+            var last: (reason: VMExit.Reason, rip: UInt64)?
             while true {
                 if let x = try vm.privileged.checkpoint(self) { return x }
                 var exit = try runBackend()
                 if exit.reason == .kicked { try countKick() } else { unaskedKicks = 0 }
+                let seen = (exit.reason, exit.rip)
                 if try decide(&exit) != .resume { return exit }
+                // Every other exit the core resumes from moves the guest on: the same one at the same
+                // rip again and again is a backend that makes no progress.
+                if seen.0 != .kicked, let l = last, l.reason == seen.0, l.rip == seen.1 {
+                    repeats += 1
+                    if repeats + 1 >= VirtualCPU.maxUnaskedKicks {
+                        throw NPTError(.backend, "backend '\(vm.backend.name)' reported exit \(seen.0.rawValue) at rip \(hex(seen.1)) \(repeats + 1) times in a row, each resumed by the core without progress")
+                    }
+                } else {
+                    repeats = 0
+                }
+                last = seen
             }
         }
     }

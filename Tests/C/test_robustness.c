@@ -40,7 +40,7 @@ static double now_s(void) {
 /* ------------------------------------------------------------------------ */
 #define ALIVE 0x11115555u
 #define DEAD 0xDEADDEADu
-enum run_mode { RUN_HALT, RUN_SLOW_HALT, RUN_KICKED_FOREVER, RUN_BAD_REASON, RUN_BAD_HIERARCHY };
+enum run_mode { RUN_HALT, RUN_SLOW_HALT, RUN_KICKED_FOREVER, RUN_BAD_REASON, RUN_BAD_HIERARCHY, RUN_RSM_FOREVER };
 
 typedef struct fvm { _Atomic unsigned magic; npt_vm *handle; _Atomic int destroys; } fvm;
 typedef struct fvcpu { _Atomic unsigned magic; fvm *vm; _Atomic int destroys; _Atomic int kicked; } fvcpu;
@@ -155,6 +155,7 @@ static npt_status f_run(void *d, npt_exit *e) {
         e->reason = NPT_EXIT_HALT;
         break;
     case RUN_KICKED_FOREVER: e->reason = NPT_EXIT_KICKED; break;
+    case RUN_RSM_FOREVER: e->reason = NPT_EXIT_LEAVE_MODE; e->rip = 0x1000; break; /* the core injects #UD, resumes */
     case RUN_BAD_REASON: e->reason = 999; break;
     case RUN_BAD_HIERARCHY: e->reason = NPT_EXIT_HALT; e->hierarchy = 7; break;
     default: e->reason = NPT_EXIT_HALT; break;
@@ -659,6 +660,15 @@ static void row13(void) {
     double t0 = now_s();
     CHECK_ST(npt_vcpu_run(c, &e), NPT_ERR_BACKEND);
     CHECK(strstr(npt_last_error(), "KICKED") != NULL);
+    CHECK(now_s() - t0 < 10.0);
+    CHECK(atomic_load(&run_calls) <= 10000);
+    /* The same exit at the same rip, resumed by the core each time (an RSM outside the mode whose #UD
+     * the backend never delivers): also bounded. */
+    atomic_store(&run_mode, RUN_RSM_FOREVER);
+    atomic_store(&run_calls, 0);
+    t0 = now_s();
+    CHECK_ST(npt_vcpu_run(c, &e), NPT_ERR_BACKEND);
+    CHECK(strstr(npt_last_error(), "without progress") != NULL);
     CHECK(now_s() - t0 < 10.0);
     CHECK(atomic_load(&run_calls) <= 10000);
     atomic_store(&run_mode, RUN_HALT);
