@@ -103,14 +103,22 @@ if [ "$MODE" = asan ]; then
     fi
 else
     # The rows where threads race (TSan sees a data race even where no check fails), the privileged
-    # mode's vCPU threads, and the KVM plugin loaded into this process (its host discovery on a
-    # fixture: no /dev/kvm needed).
+    # mode's vCPU threads, the API, NVDIMM and plugin tests, and the KVM plugin loaded into this
+    # process (its host discovery on a fixture: no /dev/kvm needed).
     if cbuild test_robustness "$ROOT/Tests/C/test_robustness.c" "${LINK[@]}"; then
         for row in 1 3 4 5 6 8 9 15; do run "test_robustness $row" "$OUT/test_robustness" "$row"; done
     fi
     cbuild test_privileged "$ROOT/Tests/C/test_privileged.c" "${LINK[@]}" && run test_privileged "$OUT/test_privileged"
+    cbuild test_api "$ROOT/Tests/C/test_api.c" "${LINK[@]}" && run test_api "$OUT/test_api"
+    cbuild test_nvdimm "$ROOT/Tests/C/test_nvdimm.c" "${LINK[@]}" &&
+        run test_nvdimm "$OUT/test_nvdimm" "$ROOT/Tests/Fixtures/nfit/nfit.aml"
     if cbuild libnptkit-sample.so "$ROOT/examples/plugin/sample_backend.c" -shared -fPIC &&
-        cbuild test_pmem_discovery "$ROOT/Tests/C/test_pmem_discovery.c" "${LINK[@]}" -ldl; then
+        cbuild libnptkit-badabi.so "$ROOT/Tests/C/plugin_bad_abi.c" -shared -fPIC &&
+        cbuild libnptkit-noentry.so "$ROOT/Tests/C/plugin_no_entry.c" -shared -fPIC &&
+        cbuild test_plugins "$ROOT/Tests/C/test_plugins.c" "${LINK[@]}" -ldl; then
+        run test_plugins "$OUT/test_plugins" "$OUT/libnptkit-sample.so" "$OUT/libnptkit-badabi.so" "$OUT/libnptkit-noentry.so"
+    fi
+    if cbuild test_pmem_discovery "$ROOT/Tests/C/test_pmem_discovery.c" "${LINK[@]}" -ldl; then
         run "test_pmem_discovery kvm:domains (KVM plugin under TSan)" "$OUT/test_pmem_discovery" "$OUT/libnptkit-sample.so" \
             "$BIN/libnptkit-kvm.so" "$ROOT/Tests/Fixtures/sysfs" kvm:domains
     fi
