@@ -49,7 +49,7 @@ for t in "${TARGETS[@]}"; do
     mkdir -p "$work" "$art"
     seeds="$ROOT/Tests/Fuzz/corpus/$t"
     [ -d "$seeds" ] && cp -n "$seeds"/* "$work"/ 2>/dev/null || true
-    log="$OUT/$t.log"
+    log="$OUT/$t-$$.log"   # one per run: runs of one target may overlap
     dict=()
     [ -s "$ROOT/Tests/Fuzz/$t.dict" ] && dict=(-dict="$ROOT/Tests/Fuzz/$t.dict")
     rc=0
