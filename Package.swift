@@ -22,15 +22,25 @@ let package = Package(
         // Vends include/nptkit.h (symlinked) to Swift.
         .target(name: "CNPTKit", path: "Sources/CNPTKit"),
         .target(name: "NPTCore", swiftSettings: strict),
+        // The trace format (writer, reader), the kernel-tracepoint text parser and the what-if model.
+        // Depends on nothing of NPTKit, so the replay plugin can link it without a second core.
+        .target(name: "NPTTrace", swiftSettings: strict),
         .target(name: "NPTSimulator", dependencies: ["NPTCore"], swiftSettings: strict),
         .target(name: "NPTKit", dependencies: ["CNPTKit", "NPTCore", "NPTSimulator"], swiftSettings: strict),
+        // Raw KVM loops (plain ioctls, no NPTKit code) the KVM benchmark measures the library against.
+        .target(name: "CRawKVM", path: "Sources/CRawKVM"),
+        // The scenarios: one driver per scenario against the VM/vCPU API, one guest image per guest
+        // ISA (the simulator's built in Swift; x86-64 assembled into committed headers, CScenarioGuests).
+        .target(name: "CScenarioGuests", path: "Sources/NPTScenarios/Guests",
+                exclude: ["x86-64/build.sh", "x86-64/system.inc", "x86-64/gate.S", "x86-64/hello.S", "x86-64/hvci.S",
+                          "x86-64/kernel.S", "x86-64/pmem.S", "x86-64/priv.S", "x86-64/smp.S"]),
+        .target(name: "NPTScenarios", dependencies: ["NPTCore", "NPTSimulator", "CScenarioGuests"], exclude: ["Guests"],
+                swiftSettings: strict),
         .executableTarget(
             name: "nptkit",
-            dependencies: ["NPTKit", "NPTCore", "NPTSimulator", "CKVMGuests",
+            dependencies: ["NPTKit", "NPTCore", "NPTSimulator", "NPTScenarios", "NPTTrace", "CRawKVM",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
-        // The KVM plugin's test guests (bytes committed in Plugins/KVM/Guest), for the CLI's benchmark.
-        .target(name: "CKVMGuests", path: "Sources/CKVMGuests"),
         // The KVM backend plugin (Plugins/ needs explicit paths: SwiftPM reserves it for package plugins).
         .target(name: "CKVM", path: "Plugins/KVM/CKVM"),
         .target(
@@ -47,8 +57,11 @@ let package = Package(
         .executableTarget(name: "nptkit-differential", dependencies: ["NPTDifferential"],
                           path: "Tests/Support/DifferentialMain", swiftSettings: strict),
         .testTarget(name: "NPTCoreTests", dependencies: ["NPTCore"], swiftSettings: strict),
-        .testTarget(name: "NPTSimulatorTests", dependencies: ["NPTCore", "NPTSimulator", "MBECReference", "NPTDifferential"],
+        .testTarget(name: "NPTSimulatorTests", dependencies: ["NPTCore", "NPTSimulator", "NPTScenarios", "MBECReference", "NPTDifferential"],
                     swiftSettings: strict),
+        .testTarget(name: "NPTTraceTests", dependencies: ["NPTTrace"], swiftSettings: strict),
         .testTarget(name: "NPTKitTests", dependencies: ["NPTCore", "NPTKit"], swiftSettings: strict),
+        // The scenarios library on every backend: the simulator, and KVM through its plugin.
+        .testTarget(name: "NPTScenariosTests", dependencies: ["NPTCore", "NPTKit", "NPTScenarios", "NPTSimulator"], swiftSettings: strict),
     ]
 )

@@ -59,11 +59,16 @@ extern "C" {
 
 /* ABI version: major changes break compatibility; minor ones only add. */
 #define NPT_ABI_VERSION_MAJOR 1u
-#define NPT_ABI_VERSION_MINOR 2u /* 1.1: virtualized NVDIMM WPQ flushing;
+#define NPT_ABI_VERSION_MINOR 3u /* 1.1: virtualized NVDIMM WPQ flushing;
                                     1.2: MBEC guarantees per mode (NPT_MBEC_VIOLATION_ONLY, NPT_ERR_GUARANTEE,
                                     npt_mbec_mode_check), qualification bits 10-11, policies on NVDIMM
                                     ranges; guest NVDIMM SSDT, host NVDIMM discovery from sysfs (also for
-                                    plugins) */
+                                    plugins);
+                                    1.3: guest ISAs (npt_backend_ops.guest_isa, npt_vm_guest_isa); plugin
+                                    interface 2 (npt_plugin_init with key/value arguments,
+                                    npt_plugin_load_with, npt_host_api.set_error, explicit
+                                    privileged-mode enter/leave and statistics operations,
+                                    npt_vm_backend_stats, npt_vcpu_backend_stats) */
 #define NPT_ABI_VERSION ((NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR)
 #define NPT_ABI_MAJOR(v) ((uint32_t)(v) >> 16)
 
@@ -141,6 +146,12 @@ npt_status npt_context_destroy(npt_context *ctx);
                                                         it only if its table has every operation it needs,
                                                         see npt_backend_ops) */
 
+/* (ABI 1.3) Guest instruction sets: what a backend's vCPUs execute. */
+#define NPT_GUEST_ISA_UNKNOWN 0u /* not said (a backend table older than ABI 1.3) */
+#define NPT_GUEST_ISA_SIM     1u /* the simulator's 32-bit-instruction ISA (docs/guest-isa.md) */
+#define NPT_GUEST_ISA_X86_64  2u /* x86-64 (the KVM backend) */
+#define NPT_GUEST_ISA_NONE    3u /* runs no guest code (trace replay: recorded exits) */
+
 typedef struct npt_backend_info {
     uint32_t size;            /* in: sizeof(npt_backend_info) */
     uint32_t abi_version;     /* ABI the backend was built for */
@@ -152,6 +163,9 @@ typedef struct npt_backend_info {
 } npt_backend_info;
 
 npt_status npt_backend_count(const npt_context *ctx, size_t *count);
+/* (ABI 1.3) The guest ISA (NPT_GUEST_ISA_*) of the backend that runs `vm`. NPT_ERR_BAD_HANDLE once
+ * the VM is destroyed. */
+npt_status npt_vm_guest_isa(npt_vm *vm, uint32_t *isa);
 npt_status npt_backend_get(const npt_context *ctx, size_t index, npt_backend_info *info);
 /* Makes `name` the default backend for VMs created with backend == NULL. */
 npt_status npt_backend_set_default(npt_context *ctx, const char *name);
@@ -529,31 +543,7 @@ npt_status npt_vm_get_flush_stats(npt_vm *vm, npt_flush_stats *stats);
  * run. */
 npt_status npt_vm_power_failure(npt_vm *vm);
 
-/* The simulator's host platform (the backend "sim" of ctx; NPT_ERR_NOT_FOUND if ctx has none).
- *  - nfit NULL: the standard platform: 3 memory controllers; region 1 = 1 GiB interleaved over 2
- *    controllers, region 2 = 512 MiB on a third. Its WPQs are outside the persistence domain (WPQ
- *    flushing needed) unless wpq_drains_on_power_loss is set.
- *  - nfit != NULL: the platform the NFIT binary (nfit_len bytes, e.g. an iasl-compiled .aml)
- *    describes: a region per persistent-memory SPA range, interleaved over its DIMMs' controllers,
- *    with their flush hints; the persistence domain is the NFIT's unless wpq_drains_on_power_loss
- *    is set, which puts the WPQs in it. A malformed table gives NPT_ERR_INVALID_ARGUMENT and
- *    npt_last_error() says what and at which offset; so does an NFIT without persistent memory.
- * flush_latency_ns: the time each physical flush hint write takes (spent by the flushing thread).
- * The new platform starts with empty media. VMs created from now on use it; a VM that exists keeps
- * the platform it was created with, so set the platform before creating VMs.
- * NPT_ERR_BUSY while a VM has NVDIMM ranges on the current platform. Default: the standard
- * platform, WPQ flushing needed, no latency. */
-typedef struct npt_sim_platform {
-    uint32_t size;                 /* sizeof(npt_sim_platform) */
-    int wpq_drains_on_power_loss;  /* 1: the WPQs are in the persistence domain (ADR) */
-    uint64_t flush_latency_ns;
-    const void *nfit;              /* NULL: the standard platform; copied, need not outlive the call. Its
-                                      persistent-memory SPA ranges must be non-empty, 4 KiB aligned, not
-                                      wrap past 2^64 and not overlap (else NPT_ERR_INVALID_ARGUMENT) */
-    size_t nfit_len;
-} npt_sim_platform;
-
-npt_status npt_sim_set_platform(npt_context *ctx, const npt_sim_platform *platform);
+/* The simulator's own configuration (npt_sim_set_platform) is in nptkit_sim.h, included at the end. */
 
 /* ------------------------------------------------------------------------ */
 /* Statistics                                                                 */
@@ -586,6 +576,21 @@ npt_status npt_vm_get_stats(npt_vm *vm, npt_stats *stats);
 #define NPT_EXITCTL_RETURN     (1u << 1)
 
 typedef struct npt_host_api npt_host_api;
+
+/* (ABI 1.3) A privileged-mode entry as the core tells it to a backend (vcpu_enter_privileged). */
+typedef struct npt_privileged_entry {
+    uint32_t size;        /* sizeof(npt_privileged_entry) */
+    uint32_t vcpu_index;
+    uint64_t region_gpa;  /* the special region, now in the view */
+    uint64_t region_size;
+    uint64_t entry_rip;   /* region_gpa + the region's entry offset */
+} npt_privileged_entry;
+
+/* (ABI 1.3) One statistic of a backend: npt_backend_ops.vm_stats / vcpu_stats, npt_vm_backend_stats. */
+typedef struct npt_backend_stat {
+    const char *name;     /* static, owned by the backend */
+    uint64_t value;
+} npt_backend_stat;
 
 /* A physical flush hint of a host persistent-memory region, as a backend reports it
  * (npt_backend_ops.host_pmem_get) and as the core asks the backend to write it (physical_flush). */
@@ -691,6 +696,31 @@ typedef struct npt_backend_ops {
     /* A power failure of the host's persistent memory, if the backend models one (may be NULL:
      * npt_vm_power_failure answers NPT_ERR_UNSUPPORTED). */
     npt_status (*power_failure)(void *vm_data);
+
+    /* ---- ABI 1.3 ---- */
+    /* The instruction set its vCPUs run (NPT_GUEST_ISA_*): which guest image a scenario or a VMM
+     * loads. A table without this member (an older size) or with 0 is NPT_GUEST_ISA_UNKNOWN. */
+    uint64_t guest_isa;
+    /* The privileged mode, said explicitly (NPT_CAP_PRIVILEGED_MODE). The core has decided that the
+     * vCPU enters the mode now: every other vCPU is stopped outside guest code and the region is in
+     * the view (the hierarchy the core exposes next maps it). The backend saves whatever it needs to
+     * give the vCPU back its interrupted state exactly (the core keeps the npt_regs it read) and puts
+     * it in the mode's entry state: CPL 0, paging off, rip = entry->entry_rip, gpr[0] = the vCPU's
+     * index (on x86-64: 16-bit real mode, CS base entry_rip & ~0xFFFF, as SMM enters at SMBASE). A
+     * table without it: the core writes that state with vcpu_set_regs (the backend cannot tell an
+     * entry from any other register write). */
+    npt_status (*vcpu_enter_privileged)(void *vcpu_data, const npt_privileged_entry *entry);
+    /* The vCPU leaves the mode (its RSM was reported as NPT_EXIT_LEAVE_MODE, or the core undoes an
+     * entry that failed half-way): the backend restores what it saved at entry; the core then writes
+     * the npt_regs it saved with vcpu_set_regs. Called before the region leaves the view. */
+    npt_status (*vcpu_leave_privileged)(void *vcpu_data);
+    /* Statistics the backend keeps (its own counters: exits by its own reasons, memslot changes,
+     * layout switches...), as name/value pairs: *count (never NULL) is set to how many there are;
+     * when cap < *count return NPT_ERR_BUFFER_TOO_SMALL and write nothing. Names are static strings
+     * (valid while the backend is registered), lower_case_with_underscores, stable between calls.
+     * The core answers npt_vm_backend_stats / npt_vcpu_backend_stats with them (NULL: none). */
+    npt_status (*vm_stats)(void *vm_data, npt_backend_stat *stats, size_t cap, size_t *count);
+    npt_status (*vcpu_stats)(void *vcpu_data, npt_backend_stat *stats, size_t cap, size_t *count);
 } npt_backend_ops;
 
 /* Registers a backend in `ctx`. The ops table must stay valid until the
@@ -768,20 +798,74 @@ struct npt_host_api {
                                            size_t *target_count);
     /* npt_last_error: the detail of the last failed call of this table on the calling thread. */
     const char *(*last_error)(void);
+    /* ---- ABI 1.3 ---- */
+    /* The error channel. A plugin's init or operation that fails says why here, on the calling
+     * thread, before it returns its status: the core puts the message (copied) in npt_last_error()
+     * of the NPTKit call that failed ("backend 'kvm' vcpu_run: <message>"). A message set by an
+     * operation that then returns NPT_OK is dropped. */
+    void (*set_error)(const char *message);
 };
 
-/* The one symbol a plugin .so exports. It checks host->abi_version, and
- * returns its ops table in *ops. */
+/* Plugin interface 1 (ABI 1.0): the symbol a plugin .so exports. It checks host->abi_version, and
+ * returns its ops table in *ops. It takes no configuration: such a plugin is loaded with no arguments
+ * (npt_plugin_load_with refuses arguments for it). */
 #define NPT_PLUGIN_ENTRY_SYMBOL "npt_plugin_entry"
 typedef npt_status (*npt_plugin_entry_fn)(const npt_host_api *host, const npt_backend_ops **ops);
 
-/* dlopen()s `path`, calls its entry and registers the backend. On success
- * *name (may be NULL) receives the backend's name (owned by the context).
- * NPT_ERR_PLUGIN: not loadable or no entry symbol; NPT_ERR_ABI_MISMATCH:
- * another ABI major version. */
+/* Plugin interface 2 (ABI 1.3), as qemu-plugin.h's qemu_plugin_install and sqlite3ext.h's
+ * extension entry: the plugin gets the host table and the caller's key/value arguments. */
+typedef struct npt_plugin_arg {
+    const char *key;      /* not NULL, not empty, no '=' */
+    const char *value;    /* not NULL (may be empty) */
+} npt_plugin_arg;
+
+typedef struct npt_plugin_info {
+    uint32_t size;              /* sizeof(npt_plugin_info) as the core was built: read members it covers */
+    uint32_t abi_version;       /* the core's NPT_ABI_VERSION */
+    const npt_host_api *host;   /* valid while the plugin is loaded */
+    const char *path;           /* the file the core loaded; valid during the call */
+    size_t argc;
+    const npt_plugin_arg *args; /* valid during the call only: copy what you keep */
+} npt_plugin_info;
+
+/* The entry of a plugin of interface 2 (preferred to npt_plugin_entry when a .so exports both). It
+ * checks NPT_ABI_MAJOR(info->abi_version) (NPT_ERR_ABI_MISMATCH for another major), parses every
+ * argument and refuses one it does not know or cannot use (NPT_ERR_INVALID_ARGUMENT), explaining why
+ * through info->host->set_error (the core makes it npt_last_error() of the load), and only then
+ * returns its ops table in *ops. Called once per load, on the loading thread. */
+#define NPT_PLUGIN_INIT_SYMBOL "npt_plugin_init"
+typedef npt_status (*npt_plugin_init_fn)(const npt_plugin_info *info, const npt_backend_ops **ops);
+
+/* dlopen()s `path` (RTLD_NOW | RTLD_LOCAL), calls its entry and registers the backend. On success
+ * *name (may be NULL) receives the backend's name (owned by the context). A library is never
+ * dlclose()d (its code may hold runtime state: a Swift image cannot be unloaded), also when it is
+ * refused. NPT_ERR_PLUGIN: not loadable, or no entry symbol; NPT_ERR_ABI_MISMATCH: another ABI major
+ * version; a plugin's own refusal keeps its status, and npt_last_error() carries its message. */
 npt_status npt_plugin_load(npt_context *ctx, const char *path, const char **name);
+
+/* (ABI 1.3) npt_plugin_load with arguments for the plugin (args may be NULL when argc is 0).
+ * NPT_ERR_INVALID_ARGUMENT: a NULL key or value, an empty key, a key with '=', a key given twice,
+ * or arguments for a plugin of interface 1 (which cannot take any); argc above 4096 (up to SIZE_MAX:
+ * refused with its value). Nothing is registered when the plugin refuses. Both loads hold the
+ * context: npt_context_destroy waits for a load in flight. */
+npt_status npt_plugin_load_with(npt_context *ctx, const char *path, const npt_plugin_arg *args, size_t argc,
+                                const char **name);
+
+/* (ABI 1.3) The backend's own statistics for `vm` / `vcpu` (npt_backend_ops.vm_stats / vcpu_stats;
+ * the simulator's are built in): *count (not NULL) is always set to how many there are; they are
+ * copied when cap >= *count, else NPT_ERR_BUFFER_TOO_SMALL and nothing is written (stats may be NULL
+ * with cap 0 to ask the count). Names stay valid while the context lives. A backend without them:
+ * *count = 0, NPT_OK. Any thread, also while the vCPU runs; the backend's vm_stats / vcpu_stats is
+ * never called after the object's destroy (NPT_ERR_BAD_HANDLE, or NPT_ERR_BUSY while a destroy is in
+ * progress). cap may be anything up to SIZE_MAX. A backend that asks for room for more than 4096 or
+ * reports more than it had room for: NPT_ERR_BACKEND. */
+npt_status npt_vm_backend_stats(npt_vm *vm, npt_backend_stat *stats, size_t cap, size_t *count);
+npt_status npt_vcpu_backend_stats(npt_vcpu *vcpu, npt_backend_stat *stats, size_t cap, size_t *count);
 
 #ifdef __cplusplus
 }
 #endif
+
+/* The built-in simulator's own configuration. */
+#include "nptkit_sim.h"
 #endif /* NPTKIT_H */

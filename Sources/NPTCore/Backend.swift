@@ -31,6 +31,10 @@ extension BackendCapabilities {
             (.run, "NPT_CAP_RUN"), (.privilegedMode, "NPT_CAP_PRIVILEGED_MODE"), (.persistentMemory, "NPT_CAP_PERSISTENT_MEMORY")]
         return all.filter { contains($0.0) }.map(\.1)
     }
+    /// Short names of the bits (NPT_CAP_ without the prefix), for tables.
+    public var shortNames: [String] {
+        names.map { String($0.split(separator: " ").first ?? "").replacingPrefix("NPT_CAP_") }
+    }
     /// Every bit the ABI defines.
     public static let defined: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
                                                       .privilegedMode, .persistentMemory]
@@ -178,14 +182,16 @@ public struct VMConfig: Sendable {
         }
 
         /// Why a backend with `caps` cannot run this mode (nil: it can).
-        public func refusal(backend: String, capabilities caps: BackendCapabilities) -> NPTError? {
+        public func refusal(backend: String, capabilities caps: BackendCapabilities, summary: String? = nil) -> NPTError? {
             let missing = requiredCapabilities.subtracting(caps)
             guard !missing.isEmpty else { return nil }
             let names = missing.names.joined(separator: ", ")
             let weaker = VMConfig.MBECMode.allCases.filter { $0.requiredCapabilities.isSubset(of: caps) }
             let hint = weaker.isEmpty ? "no MBEC mode is possible on it"
                 : "modes it can keep: \(weaker.map(\.description).joined(separator: ", "))"
-            return NPTError(.guarantee, "MBEC mode \(self) needs \(names), which backend '\(backend)' lacks; \(hint)")
+            var m = "MBEC mode \(self) needs \(names), which backend '\(backend)' lacks; \(hint)"
+            if let summary { m += " (backend '\(backend)': \(summary))" }
+            return NPTError(.guarantee, m)
         }
     }
     public var ramSize: UInt64
@@ -200,10 +206,31 @@ public struct VMConfig: Sendable {
     }
 }
 
+/// The instruction set a backend's vCPUs execute: which guest image a scenario or a VMM loads
+/// (NPT_GUEST_ISA_*).
+public enum GuestISA: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+    /// Not said (a backend table older than ABI 1.3).
+    case unknown = 0
+    /// The simulator's ISA (docs/guest-isa.md).
+    case simulator = 1
+    case x86_64 = 2
+    /// Runs no guest code (trace replay).
+    case none = 3
+    public var description: String {
+        switch self {
+        case .unknown: "unknown"
+        case .simulator: "simulator"
+        case .x86_64: "x86-64"
+        case .none: "none"
+        }
+    }
+}
+
 public protocol Backend: AnyObject, Sendable {
     var name: String { get }
     var summary: String { get }
     var capabilities: BackendCapabilities { get }
+    var guestISA: GuestISA { get }
     var abiVersion: UInt32 { get }
     var isPlugin: Bool { get }
     func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM
@@ -233,9 +260,6 @@ public protocol BackendVM: AnyObject, Sendable {
     /// removed and every translation to it invalidated (nil). A backend may check with it that no
     /// other CPU runs meanwhile.
     func regionVisibility(holder: UInt32?)
-    /// Instructions a vCPU outside the mode ran while the region was visible, where the backend
-    /// can tell (the invariant keeps it 0).
-    var outsideWhileVisible: UInt64 { get }
     /// The host's persistent memory as this VM sees it, where that is fixed per VM (the simulator:
     /// the platform the VM was created on, which a later `SimulatorBackend.setPlatform` does not
     /// change); nil: the backend's `hostPersistence()` answers.
@@ -256,7 +280,54 @@ public protocol BackendVM: AnyObject, Sendable {
     /// A power failure of the host's persistent memory: afterwards the VM's NVDIMM ranges hold
     /// what reached the media (where the backend can model one).
     func powerFailure() throws(NPTError)
+    /// The backend's own counters for this VM (exits by its own reasons, memslot changes...),
+    /// by stable names; [] where it keeps none.
+    func backendStatistics() throws(NPTError) -> [BackendStatistic]
     func destroy()
+}
+
+/// One counter a backend keeps itself (npt_backend_stat).
+public struct BackendStatistic: Sendable, Equatable, CustomStringConvertible {
+    public var name: String
+    public var value: UInt64
+    public init(name: String, value: UInt64) { self.name = name; self.value = value }
+    public var description: String { "\(name)=\(value)" }
+
+    /// Names the core itself reads, where a backend keeps them: a vCPU's "instructions" (retired),
+    /// "tlb_hits", "tlb_misses" (summed into `VMStatistics`), a VM's "outside_while_visible"
+    /// (instructions a vCPU outside the privileged mode ran while the region was visible: the
+    /// invariant keeps it 0).
+    public static let instructions = "instructions", tlbHits = "tlb_hits", tlbMisses = "tlb_misses"
+    public static let outsideWhileVisible = "outside_while_visible"
+}
+
+extension Array where Element == BackendStatistic {
+    /// The value of statistic `name`, nil where the backend does not keep it.
+    public func value(_ name: String) -> UInt64? { first { $0.name == name }?.value }
+}
+
+/// A privileged-mode entry as the core tells it to the backend (npt_privileged_entry): the core
+/// has stopped every other vCPU and added the region to the view.
+public struct PrivilegedEntry: Sendable, Equatable {
+    public var vcpuIndex: UInt32
+    public var region: GPARange
+    /// `region.start` + the region's entry offset.
+    public var entryRIP: UInt64
+    public init(vcpuIndex: UInt32, region: GPARange, entryRIP: UInt64) {
+        self.vcpuIndex = vcpuIndex; self.region = region; self.entryRIP = entryRIP
+    }
+
+    /// The mode's entry state from the interrupted one (SMM's: CPL 0, paging off, at the entry
+    /// point, the vCPU's index in gpr[0]), as the core writes it with `setRegisters` for a backend
+    /// that has no entry of its own.
+    public func entryState(from interrupted: Registers) -> Registers {
+        var e = interrupted
+        e.cpl = 0
+        e.cr0 = 0
+        e.rip = entryRIP
+        e.gpr[0] = UInt64(vcpuIndex)
+        return e
+    }
 }
 
 extension BackendVM {
@@ -264,7 +335,6 @@ extension BackendVM {
         throw .unsupported("this backend cannot back a privileged-mode region")
     }
     public func regionVisibility(holder: UInt32?) {}
-    public var outsideWhileVisible: UInt64 { 0 }
     public var hostPersistence: HostPersistence? { nil }
     public func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError) {
         throw .unsupported("this backend cannot back NVDIMM ranges")
@@ -277,6 +347,7 @@ extension BackendVM {
     }
     public var untrappedFlushHintWrites: UInt64 { 0 }
     public func powerFailure() throws(NPTError) { throw .unsupported("this backend cannot model a power failure") }
+    public func backendStatistics() throws(NPTError) -> [BackendStatistic] { [] }
 }
 
 /// A vCPU of a backend. Driven by one thread at a time (the core enforces it).
@@ -289,27 +360,46 @@ public protocol BackendVCPU: AnyObject, Sendable {
     func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError)
     /// Makes a `run` in progress (or the next one) return `.kicked` soon; callable from any thread.
     func kick()
-    /// Guest instructions retired, TLB hits and misses, where the backend knows them.
-    var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { get }
     /// Makes every earlier store and cache-line write-back of this vCPU reach the memory
     /// controllers (what SFENCE guarantees), before the core writes a physical flush hint for it.
     func fence() throws(NPTError)
     /// Completes the guest instruction whose write to a write-protected page exited, once the core
     /// has emulated it (the write itself is dropped).
     func completeTrappedWrite() throws(NPTError)
+    /// The core has decided that this vCPU enters the privileged mode now (the others are stopped,
+    /// the region is in the view): save what the backend needs to restore the interrupted state
+    /// exactly, and put the vCPU in the mode's entry state (`entry.entryState(from: interrupted)`,
+    /// in the backend's own terms). The default writes that state with `setRegisters`.
+    func enterPrivileged(_ entry: PrivilegedEntry, interrupted: Registers) throws(NPTError)
+    /// The vCPU leaves the mode (its RSM, or an entry undone): restore what `enterPrivileged`
+    /// saved. The core then writes the registers it saved. The default does nothing.
+    func leavePrivileged() throws(NPTError)
+    /// The backend's own counters for this vCPU; [] where it keeps none.
+    func backendStatistics() throws(NPTError) -> [BackendStatistic]
     func destroy()
 }
 
 extension BackendVCPU {
     public func fence() throws(NPTError) { throw .unsupported("this backend cannot fence a vCPU's stores") }
     public func completeTrappedWrite() throws(NPTError) { throw .unsupported("this backend cannot complete a trapped write") }
+    public func enterPrivileged(_ entry: PrivilegedEntry, interrupted: Registers) throws(NPTError) {
+        try setRegisters(entry.entryState(from: interrupted))
+    }
+    public func leavePrivileged() throws(NPTError) {}
+    public func backendStatistics() throws(NPTError) -> [BackendStatistic] { [] }
 }
 
 public enum NPTABI {
     public static let major: UInt32 = 1
     /// 1.1: virtualized NVDIMM WPQ flushing; 1.2: MBEC guarantees per mode, qualification bits
-    /// 10-11, policies on NVDIMM ranges, guest NVDIMM SSDT, host NVDIMM discovery from sysfs.
-    public static let minor: UInt32 = 2
+    /// 10-11, policies on NVDIMM ranges, guest NVDIMM SSDT, host NVDIMM discovery from sysfs;
+    /// 1.3: guest ISAs, plugin interface 2 (arguments, error channel, privileged enter/leave,
+    /// backend statistics).
+    public static let minor: UInt32 = 3
     public static let version: UInt32 = (major << 16) | minor
     public static func major(of v: UInt32) -> UInt32 { v >> 16 }
+}
+
+extension String {
+    func replacingPrefix(_ p: String) -> String { hasPrefix(p) ? String(dropFirst(p.count)) : self }
 }

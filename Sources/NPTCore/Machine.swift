@@ -51,7 +51,7 @@ public struct VMStatistics: Sendable, Equatable {
 public final class VirtualMachine: Sendable {
     public let config: VMConfig
     public let backend: any Backend
-    public let backendVM: any BackendVM
+    package let backendVM: any BackendVM
     public let counters = VMCounters()
     let publisher: ShadowPublisher
 
@@ -120,7 +120,7 @@ public final class VirtualMachine: Sendable {
             throw .unsupported("backend '\(backend.name)' cannot expose shadow hierarchies (no MBEC emulation)")
         }
         // A guarantee is earned: a mode the backend cannot keep is refused, naming what is missing.
-        if let refusal = config.mbecMode.refusal(backend: backend.name, capabilities: backend.capabilities) { throw refusal }
+        if let refusal = config.mbecMode.refusal(backend: backend.name, capabilities: backend.capabilities, summary: backend.summary) { throw refusal }
         let tree = PolicyTree(ramSize: config.ramSize, defaultPermissions: config.defaultPermissions)
         var builder = ShadowBuilder()
         let snap = builder.snapshot(of: tree, generation: 0)
@@ -133,6 +133,9 @@ public final class VirtualMachine: Sendable {
         self.exitNeeds.store(VirtualMachine.exitNeeds(of: tree.root.mask), ordering: .relaxed)
         self.backendVM = try backend.makeVM(config: config, hierarchies: publisher, handle: handle)
     }
+
+    /// The instruction set the VM's vCPUs execute (its backend's).
+    public var guestISA: GuestISA { backend.guestISA }
 
     /// Before a policy that has user-execute-only (or supervisor-execute-only) pages where the
     /// current one has none is published, every vCPU must have armed the exit that keeps the
@@ -527,6 +530,12 @@ public final class VirtualMachine: Sendable {
         if life.current != .closed { tearDown(allVCPUs) }
     }
 
+    /// The backend's own counters for this VM (npt_vm_backend_stats). Any thread; refused once the
+    /// VM is destroyed (the backend's VM is never reached after its destroy).
+    public func backendStatistics() throws(NPTError) -> [BackendStatistic] {
+        try life.withLease { () throws(NPTError) in try backendVM.backendStatistics() }
+    }
+
     public func statistics() -> VMStatistics {
         var s = VMStatistics()
         let c = counters
@@ -539,8 +548,11 @@ public final class VirtualMachine: Sendable {
         s.policyUpdates = c.policyUpdates.load(ordering: .relaxed)
         s.invalidations = c.invalidations.load(ordering: .relaxed)
         for v in allVCPUs {
-            let k = v.backendCounters
-            s.instructions += k.instructions; s.tlbHits += k.tlbHits; s.tlbMisses += k.tlbMisses
+            // A vCPU destroyed meanwhile is skipped (its backend is never reached after its destroy).
+            guard let k = try? v.backendStatistics() else { continue }
+            s.instructions += k.value(BackendStatistic.instructions) ?? 0
+            s.tlbHits += k.value(BackendStatistic.tlbHits) ?? 0
+            s.tlbMisses += k.value(BackendStatistic.tlbMisses) ?? 0
         }
         let n = snapshot.nodeCounts()
         s.shadowNodes = UInt64(n.all)

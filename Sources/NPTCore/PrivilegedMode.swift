@@ -262,19 +262,25 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
         guard let cpu = slots[i] else { throw NPTError(.state, "privileged-mode slot \(i) has no vCPU") }
         let vm = cpu.vm
         vm.backendVM.regionVisibility(holder: cpu.index)
+        var entered = false
         do throws(NPTError) {
             try vm.setRegionMapped(true)
             let r = try cpu.backend.registers()
             saved = r
-            var e = r
-            e.cpl = 0
-            e.cr0 = 0 // the mode runs with paging off, like SMM's entry state
             guard let region = vm.region else { throw NPTError(.state, "the privileged-mode region was removed") }
-            e.rip = region.range.start.raw + region.entryOffset
-            e.gpr[0] = UInt64(cpu.index)
-            try cpu.backend.setRegisters(e)
+            // The backend is told, not left to infer it: it saves the interrupted state and puts the
+            // vCPU in the mode's entry state (CPL 0, paging off, at the entry point).
+            try cpu.backend.enterPrivileged(PrivilegedEntry(vcpuIndex: cpu.index, region: region.range,
+                                                            entryRIP: region.range.start.raw + region.entryOffset),
+                                            interrupted: r)
+            entered = true
             try cpu.exposeForMode()
         } catch {
+            if entered {
+                try? cpu.backend.leavePrivileged()
+                if let s = saved { try? cpu.backend.setRegisters(s) }
+            }
+            saved = nil
             try? vm.setRegionMapped(false)
             vm.backendVM.regionVisibility(holder: nil)
             PMProtocol.apply(.timeout(i), to: &state) // same release path: nobody entered
@@ -302,6 +308,7 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
             guard active, state.phase.indices.contains(i), state.phase[i] == .inMode else {
                 throw NPTError(.state, "vCPU \(cpu.index) is not in the privileged mode")
             }
+            try cpu.backend.leavePrivileged()
             try vm.setRegionMapped(false)
             PMProtocol.apply(.leave(i), to: &state)
             let restored: Registers

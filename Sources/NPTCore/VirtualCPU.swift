@@ -69,6 +69,17 @@ public final class VirtualCPU: @unchecked Sendable {
     /// Whether the vCPU has been destroyed.
     public var isDestroyed: Bool { use.withLock { $0.state == .closed } }
 
+    /// The backend's own counters for this vCPU (npt_vcpu_backend_stats). Any thread, also while
+    /// it runs (a shared use); `.badHandle` once the vCPU is destroyed.
+    public func backendStatistics() throws(NPTError) -> [BackendStatistic] {
+        let index = index
+        let r = shared { () -> Result<[BackendStatistic], NPTError> in
+            do throws(NPTError) { return .success(try backend.backendStatistics()) } catch { return .failure(error) }
+        }
+        guard let r else { throw NPTError(.badHandle, "vCPU \(index) is destroyed") }
+        return try r.get()
+    }
+
     private func exclusive<T>(_ body: () throws(NPTError) -> T) throws(NPTError) -> T {
         let index = index
         try use.withLock { (u: inout Use) throws(NPTError) in
@@ -103,11 +114,6 @@ public final class VirtualCPU: @unchecked Sendable {
             kicksSent.wrappingAdd(1, ordering: .releasing)
             backend.kick()
         }
-    }
-
-    /// The backend's counters, zero once destroyed.
-    var backendCounters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) {
-        shared { backend.counters } ?? (0, 0, 0)
     }
 
     /// Starts this vCPU's destroy: refused (`.busy`) while a thread drives it; waits out shared

@@ -11,6 +11,7 @@ final class CBackend: Backend, @unchecked Sendable {
     let name: String
     let summary: String
     let capabilities: BackendCapabilities
+    let guestISA: GuestISA
     let abiVersion: UInt32
     let isPlugin: Bool
 
@@ -68,6 +69,8 @@ final class CBackend: Backend, @unchecked Sendable {
         }
         if !hasAll { caps.remove(.persistentMemory) }
         self.capabilities = caps
+        let isaOffset = MemoryLayout<npt_backend_ops>.offset(of: \npt_backend_ops.guest_isa)!
+        self.guestISA = isaOffset + word <= copied ? GuestISA(rawValue: UInt32(truncatingIfNeeded: ops.guest_isa)) ?? .unknown : .unknown
         self.abiVersion = abi
         self.isPlugin = isPlugin
     }
@@ -205,7 +208,42 @@ final class CBackendVM: BackendVM, @unchecked Sendable {
         }
         try status(call("power_failure") { f(data) }, "backend '\(b.name)' power_failure")
     }
+    func backendStatistics() throws(NPTError) -> [BackendStatistic] {
+        guard let f = ops.vm_stats else { return [] }
+        return try readStatistics(b.name, "vm_stats") { (p, cap, count) in call("vm_stats") { f(data, p, cap, count) } }
+    }
     func destroy() { if let f = ops.vm_destroy { call("vm_destroy") { f(data) } } }
+}
+
+/// Asks a backend's vm_stats / vcpu_stats (room for 32, then for what it reports, at most 4096).
+func readStatistics(_ backend: String, _ op: String,
+                    _ call: (UnsafeMutablePointer<npt_backend_stat>?, Int, UnsafeMutablePointer<Int>) -> npt_status) throws(NPTError) -> [BackendStatistic] {
+    var cap = 32
+    while true {
+        var count = 0
+        var buf = [npt_backend_stat](repeating: npt_backend_stat(), count: cap)
+        let s = buf.withUnsafeMutableBufferPointer { call($0.baseAddress, cap, &count) }
+        if s == NPT_ERR_BUFFER_TOO_SMALL && count > cap && count <= 4096 {
+            _ = takeBackendError()
+            cap = count
+            continue
+        }
+        if s == NPT_ERR_BUFFER_TOO_SMALL {
+            // Not the caller's buffer that is too small: the core's, past its bound.
+            _ = takeBackendError()
+            throw NPTError(.backend, "backend '\(backend)' \(op) asks room for \(UInt(bitPattern: count)) statistics (had \(cap), at most 4096)")
+        }
+        try status(s, "backend '\(backend)' \(op)")
+        guard count >= 0 && count <= cap else {
+            throw NPTError(.backend, "backend '\(backend)' \(op) reports \(UInt(bitPattern: count)) statistics with room for \(cap)")
+        }
+        var out: [BackendStatistic] = []
+        for st in buf.prefix(count) {
+            guard let n = st.name else { throw NPTError(.backend, "backend '\(backend)' \(op): a statistic without a name") }
+            out.append(BackendStatistic(name: String(cString: n), value: st.value))
+        }
+        return out
+    }
 }
 
 final class CBackendVCPU: BackendVCPU, @unchecked Sendable {
@@ -261,7 +299,25 @@ final class CBackendVCPU: BackendVCPU, @unchecked Sendable {
         }
         try status(call("vcpu_complete_trapped_write") { f(data) }, "backend '\(b.name)' vcpu_complete_trapped_write")
     }
-    var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { (0, 0, 0) }
+    func enterPrivileged(_ entry: PrivilegedEntry, interrupted: Registers) throws(NPTError) {
+        // A table older than 1.3 is given the entry state as a register write.
+        guard let f = ops.vcpu_enter_privileged else { return try setRegisters(entry.entryState(from: interrupted)) }
+        var e = npt_privileged_entry()
+        e.size = UInt32(MemoryLayout<npt_privileged_entry>.size)
+        e.vcpu_index = entry.vcpuIndex
+        e.region_gpa = entry.region.start.raw
+        e.region_size = entry.region.size
+        e.entry_rip = entry.entryRIP
+        try status(call("vcpu_enter_privileged") { f(data, &e) }, "backend '\(b.name)' vcpu_enter_privileged")
+    }
+    func leavePrivileged() throws(NPTError) {
+        guard let f = ops.vcpu_leave_privileged else { return }
+        try status(call("vcpu_leave_privileged") { f(data) }, "backend '\(b.name)' vcpu_leave_privileged")
+    }
+    func backendStatistics() throws(NPTError) -> [BackendStatistic] {
+        guard let f = ops.vcpu_stats else { return [] }
+        return try readStatistics(b.name, "vcpu_stats") { (p, cap, count) in call("vcpu_stats") { f(data, p, cap, count) } }
+    }
     func kick() { if let f = ops.vcpu_kick { call("vcpu_kick") { f(data) } } }
     func destroy() { if let f = ops.vcpu_destroy { call("vcpu_destroy") { f(data) } } }
 }
@@ -282,39 +338,88 @@ nonisolated(unsafe) let hostAPI: UnsafeMutablePointer<npt_host_api> = {
         npt_host_pmem_discover_sysfs(root, regions, rcap, rcount, targets, tcap, tcount)
     }
     h.last_error = { npt_last_error() }
+    // ABI 1.3
+    h.set_error = { message in setBackendError(message) }
     p.initialize(to: h)
     return p
 }()
 
+/// A plugin's key/value argument (npt_plugin_arg).
+public struct PluginArgument: Sendable, Equatable {
+    public var key: String
+    public var value: String
+    public init(key: String, value: String) { self.key = key; self.value = value }
+    /// "key=value" (the CLI's --backend-opt); nil without '=' or with an empty key.
+    public init?(parsing text: String) {
+        guard let eq = text.firstIndex(of: "="), eq != text.startIndex else { return nil }
+        key = String(text[..<eq]); value = String(text[text.index(after: eq)...])
+    }
+}
+
 enum PluginLoader {
-    /// dlopen()s `path`, calls its entry with the host table and returns its backend. The library
-    /// handle stays open for the life of the process (its code may still be running).
-    static func load(_ path: String) throws(NPTError) -> CBackend {
+    /// dlopen()s `path`, calls its entry with the host table (interface 2: and `arguments`) and
+    /// returns its backend. The library is never dlclose()d, also when refused: its image may hold
+    /// runtime state (a Swift image cannot be unloaded).
+    static func load(_ path: String, arguments: [PluginArgument] = []) throws(NPTError) -> CBackend {
+        var seen = Set<String>()
+        for a in arguments {
+            guard !a.key.isEmpty, !a.key.contains("=") else {
+                throw .invalid("plugin argument key '\(a.key)' is empty or contains '='")
+            }
+            guard seen.insert(a.key).inserted else { throw .invalid("plugin argument '\(a.key)' is given twice") }
+        }
         guard let lib = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
             let why = dlerror().map { String(cString: $0) } ?? "unknown reason"
             throw NPTError(.plugin, "cannot load '\(path)' as a plugin: \(why)")
         }
-        guard let sym = dlsym(lib, NPT_PLUGIN_ENTRY_SYMBOL) else {
-            dlclose(lib)
-            throw NPTError(.plugin, "'\(path)' is a shared library but not an NPTKit plugin: no symbol \(NPT_PLUGIN_ENTRY_SYMBOL)")
-        }
-        let entry = unsafeBitCast(sym, to: npt_plugin_entry_fn.self)
         var ops: UnsafePointer<npt_backend_ops>?
-        let s = entry(hostAPI, &ops)
+        _ = takeBackendError()
+        let s: npt_status
+        if let sym = dlsym(lib, NPT_PLUGIN_INIT_SYMBOL) {
+            let initFn = unsafeBitCast(sym, to: npt_plugin_init_fn.self)
+            s = withPluginInfo(path, arguments) { info in initFn(info, &ops) }
+        } else if let sym = dlsym(lib, NPT_PLUGIN_ENTRY_SYMBOL) {
+            guard arguments.isEmpty else {
+                throw .invalid("plugin '\(path)' has interface 1 (\(NPT_PLUGIN_ENTRY_SYMBOL), no \(NPT_PLUGIN_INIT_SYMBOL)): it takes no arguments, got \(arguments.map(\.key).joined(separator: ", "))")
+            }
+            s = unsafeBitCast(sym, to: npt_plugin_entry_fn.self)(hostAPI, &ops)
+        } else {
+            throw NPTError(.plugin, "'\(path)' is a shared library but not an NPTKit plugin: no symbol \(NPT_PLUGIN_INIT_SYMBOL) or \(NPT_PLUGIN_ENTRY_SYMBOL)")
+        }
+        let detail = takeBackendError()
         if s != NPT_OK {
-            dlclose(lib)
             let code = NPTError.Code(rawValue: s.rawValue) ?? .plugin
-            throw NPTError(code, "plugin '\(path)' refused to load: \(String(cString: npt_status_string(s)))")
+            throw NPTError(code, "plugin '\(path)' refused to load: \(detail ?? String(cString: npt_status_string(s)))")
         }
-        guard let ops else {
-            dlclose(lib)
-            throw NPTError(.plugin, "plugin '\(path)' returned no ops table")
-        }
+        guard let ops else { throw NPTError(.plugin, "plugin '\(path)' returned no ops table") }
         do throws(NPTError) {
             return try CBackend(ops, isPlugin: true)
         } catch {
-            dlclose(lib)
             throw NPTError(error.code, "plugin '\(path)': \(error.message)")
+        }
+    }
+
+    /// An npt_plugin_info for the call: C strings that live until `body` returns.
+    private static func withPluginInfo(_ path: String, _ arguments: [PluginArgument],
+                                       _ body: (UnsafePointer<npt_plugin_info>) -> npt_status) -> npt_status {
+        var strings: [UnsafeMutablePointer<CChar>] = []
+        defer { strings.forEach { free($0) } }
+        func dup(_ s: String) -> UnsafePointer<CChar> {
+            let p = strdup(s)!
+            strings.append(p)
+            return UnsafePointer(p)
+        }
+        var args = arguments.map { npt_plugin_arg(key: dup($0.key), value: dup($0.value)) }
+        let cpath = dup(path)
+        return args.withUnsafeMutableBufferPointer { a in
+            var info = npt_plugin_info()
+            info.size = UInt32(MemoryLayout<npt_plugin_info>.size)
+            info.abi_version = NPTABI.version
+            info.host = UnsafePointer(hostAPI)
+            info.path = cpath
+            info.argc = a.count
+            info.args = UnsafePointer(a.baseAddress)
+            return body(&info)
         }
     }
 }

@@ -14,8 +14,11 @@ final class ContextBox: @unchecked Sendable {
     /// them, so no VM is created from a context that is gone.
     let life = Lifetime("the context")
     private let strings = NPTMutex<[String: UnsafeMutablePointer<CChar>]>([:])
-    let registry = NPTKitRuntime.makeRegistry()
-    init() {}
+    /// The built-in simulator, kept typed: its own configuration (npt_sim_set_platform) needs no
+    /// lookup by name and no cast.
+    let simulator: SimulatorBackend
+    let registry: BackendRegistry
+    init() { (registry, simulator) = NPTKitRuntime.makeRegistryWithSimulator() }
 
     /// A C string owned by the context, valid until it is destroyed.
     func cString(_ s: String) -> UnsafePointer<CChar> {
@@ -149,7 +152,7 @@ public func npt_mbec_mode_check(_ ctx: OpaquePointer?, _ name: UnsafePointer<CCh
         let n = name.map { String(cString: $0) }
         let b = try c.life.withLease { () throws(NPTError) in try c.registry.lookup(n) }
         missing?.pointee = m.requiredCapabilities.subtracting(b.capabilities).rawValue
-        if let refusal = m.refusal(backend: b.name, capabilities: b.capabilities) { throw refusal }
+        if let refusal = m.refusal(backend: b.name, capabilities: b.capabilities, summary: b.summary) { throw refusal }
     }
 }
 
@@ -164,14 +167,36 @@ public func npt_backend_register(_ ctx: OpaquePointer?, _ ops: UnsafePointer<npt
 
 @_cdecl("npt_plugin_load")
 public func npt_plugin_load(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) -> npt_status {
-    api("npt_plugin_load") { () throws(NPTError) in
-        let c = try Handles.get(ctx, ContextBox.self, "ctx")
-        let p = String(cString: try require(path, "path"))
-        try c.life.withLease { () throws(NPTError) in
-            let b = try PluginLoader.load(p)
-            try c.registry.register(b)
-            name?.pointee = c.cString(b.name)
+    api("npt_plugin_load") { () throws(NPTError) in try loadPlugin(ctx, path, [], name) }
+}
+
+@_cdecl("npt_plugin_load_with")
+public func npt_plugin_load_with(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ args: UnsafePointer<npt_plugin_arg>?,
+                                 _ argc: Int, _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) -> npt_status {
+    api("npt_plugin_load_with") { () throws(NPTError) in
+        let n = sizeArg(argc)
+        guard n <= 4096 else { throw .invalid("argc \(n) is out of range (0...4096)") }
+        var arguments: [PluginArgument] = []
+        if n > 0 {
+            let a = try require(args, "args")
+            for i in 0..<Int(n) {
+                guard let k = a[i].key, let v = a[i].value else { throw .invalid("args[\(i)] has a NULL key or value") }
+                arguments.append(PluginArgument(key: String(cString: k), value: String(cString: v)))
+            }
         }
+        try loadPlugin(ctx, path, arguments, name)
+    }
+}
+
+/// Loads and registers a plugin under the context's lease (npt_context_destroy waits for it).
+private func loadPlugin(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ arguments: [PluginArgument],
+                        _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) throws(NPTError) {
+    let c = try Handles.get(ctx, ContextBox.self, "ctx")
+    let p = String(cString: try require(path, "path"))
+    try c.life.withLease { () throws(NPTError) in
+        let b = try PluginLoader.load(p, arguments: arguments)
+        try c.registry.register(b)
+        name?.pointee = c.cString(b.name)
     }
 }
 
@@ -430,6 +455,33 @@ public func npt_vm_get_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer
     }
 }
 
+@_cdecl("npt_vm_guest_isa")
+public func npt_vm_guest_isa(_ vm: OpaquePointer?, _ isa: UnsafeMutablePointer<UInt32>?) -> npt_status {
+    api("npt_vm_guest_isa") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        let out = try require(isa, "isa")
+        out.pointee = v.vm.guestISA.rawValue
+    }
+}
+
+@_cdecl("npt_vm_backend_stats")
+public func npt_vm_backend_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_backend_stat>?, _ cap: Int,
+                                 _ count: UnsafeMutablePointer<Int>?) -> npt_status {
+    api("npt_vm_backend_stats") { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm")
+        try copyStatistics(try v.vm.backendStatistics(), stats, cap, count)
+    }
+}
+
+@_cdecl("npt_vcpu_backend_stats")
+public func npt_vcpu_backend_stats(_ vcpu: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_backend_stat>?, _ cap: Int,
+                                   _ count: UnsafeMutablePointer<Int>?) -> npt_status {
+    api("npt_vcpu_backend_stats") { () throws(NPTError) in
+        let v = try Handles.get(vcpu, VCPUBox.self, "vcpu")
+        try copyStatistics(try v.vcpu.backendStatistics(), stats, cap, count)
+    }
+}
+
 // MARK: privileged mode
 
 @_cdecl("npt_region_set")
@@ -502,7 +554,7 @@ public func npt_vm_get_privileged_stats(_ vm: OpaquePointer?, _ stats: UnsafeMut
         o.requests = s.requests; o.entries = s.entries; o.failures = s.failures
         o.deferred_interrupts = s.deferredInterrupts; o.entry_latency_total_ns = s.entryLatencyTotal
         o.entry_latency_max_ns = s.entryLatencyMax; o.stopped_total_ns = s.stoppedTotal
-        o.outside_while_visible = v.vm.backendVM.outsideWhileVisible
+        o.outside_while_visible = (try? v.vm.backendStatistics())?.value(BackendStatistic.outsideWhileVisible) ?? 0
         try writeVersioned(o, stats, "stats")
     }
 }

@@ -145,9 +145,7 @@ public func npt_sim_set_platform(_ ctx: OpaquePointer?, _ platform: UnsafePointe
         try c.life.enter()
         defer { c.life.leave() }
         let p = try readVersioned(platform, "platform")
-        guard let sim = c.registry.all.first(where: { $0.name == "sim" }) as? SimulatorBackend else {
-            throw NPTError(.notFound, "the context has no simulator backend named 'sim'")
-        }
+        let sim = c.simulator
         let drains = p.wpq_drains_on_power_loss != 0
         var description: PlatformDescription
         let nfitLen = sizeArg(p.nfit_len)

@@ -6,10 +6,13 @@ import Synchronization
 /// plugin loading that the C ABI uses.
 public enum NPTKitRuntime {
     /// A registry with the built-in simulator as the default backend.
-    public static func makeRegistry() -> BackendRegistry {
+    public static func makeRegistry() -> BackendRegistry { makeRegistryWithSimulator().registry }
+
+    static func makeRegistryWithSimulator() -> (registry: BackendRegistry, simulator: SimulatorBackend) {
         let r = BackendRegistry()
-        try! r.register(SimulatorBackend(), makeDefault: true)
-        return r
+        let sim = SimulatorBackend()
+        try! r.register(sim, makeDefault: true)
+        return (r, sim)
     }
 
     private static let context = ContextBox()
@@ -38,10 +41,11 @@ public enum NPTKitRuntime {
         }
     }
 
-    /// Loads a backend plugin (.so) into `registry`; returns the backend's name.
+    /// Loads a backend plugin (.so) into `registry`, giving it `arguments` (plugin interface 2:
+    /// npt_plugin_init; a plugin of interface 1 takes none); returns the backend's name.
     @discardableResult
-    public static func loadPlugin(_ path: String, into registry: BackendRegistry) throws(NPTError) -> String {
-        let b = try PluginLoader.load(path)
+    public static func loadPlugin(_ path: String, arguments: [PluginArgument] = [], into registry: BackendRegistry) throws(NPTError) -> String {
+        let b = try PluginLoader.load(path, arguments: arguments)
         try registry.register(b)
         return b.name
     }

@@ -26,6 +26,30 @@ func lastErrorPointer() -> UnsafePointer<CChar> {
     return UnsafeRawPointer(empty.utf8Start).assumingMemoryBound(to: CChar.self)
 }
 
+// MARK: a backend's error channel (npt_host_api.set_error)
+
+/// The message a backend operation (or a plugin's init) gave through `set_error` on this thread,
+/// until the core takes it after the operation returns.
+private let backendErrorKey: pthread_key_t = {
+    var k = pthread_key_t()
+    pthread_key_create(&k) { p in free(p) }
+    return k
+}()
+
+func setBackendError(_ message: UnsafePointer<CChar>?) {
+    let old = pthread_getspecific(backendErrorKey)
+    pthread_setspecific(backendErrorKey, message.map { strdup($0) } ?? nil)
+    free(old)
+}
+
+/// The message a backend left on this thread (nil: none); the slot is emptied.
+func takeBackendError() -> String? {
+    guard let p = pthread_getspecific(backendErrorKey) else { return nil }
+    pthread_setspecific(backendErrorKey, nil)
+    defer { free(p) }
+    return String(cString: p.assumingMemoryBound(to: CChar.self))
+}
+
 /// Runs `body`; maps a thrown error to its status and records the detail for `npt_last_error`.
 @inline(__always)
 func api(_ function: String, _ body: () throws(NPTError) -> Void) -> npt_status {
@@ -71,6 +95,9 @@ enum Callout {
     @inline(__always)
     static func around<T>(_ vm: UInt, _ op: StaticString, _ body: () -> T) -> T {
         let s = stack()
+        // A message a backend gave through set_error belongs to the operation that gave it: one
+        // left over from an earlier operation that then succeeded must not explain this one's failure.
+        if s.entries.isEmpty { _ = takeBackendError() }
         s.entries.append((vm, op))
         defer { s.entries.removeLast() }
         return body()
@@ -210,8 +237,40 @@ extension VMExit {
     }
 }
 
+/// A backend operation's status: NPT_OK, or an error with the backend's own message (set_error).
+/// A message left by an operation that succeeded is dropped.
 func status(_ s: npt_status, _ what: String) throws(NPTError) {
+    let detail = takeBackendError()
     guard s != NPT_OK else { return }
     let code = NPTError.Code(rawValue: s.rawValue) ?? .backend
-    throw NPTError(code, what)
+    throw NPTError(code, detail.map { "\(what): \($0)" } ?? what)
+}
+
+// MARK: backend statistics
+
+/// Statistic names as C strings that live for the process (one copy per distinct name).
+private let statisticNames = NPTMutex<[String: UInt]>([:])
+
+func statisticName(_ name: String) -> UnsafePointer<CChar> {
+    let address = statisticNames.withLock { names in
+        if let p = names[name] { return p }
+        let p = UInt(bitPattern: strdup(name))
+        names[name] = p
+        return p
+    }
+    return UnsafePointer(bitPattern: address)!
+}
+
+/// The npt_vm_backend_stats contract: *count always; the pairs only when they all fit.
+func copyStatistics(_ list: [BackendStatistic], _ out: UnsafeMutablePointer<npt_backend_stat>?, _ capacity: Int,
+                    _ count: UnsafeMutablePointer<Int>?) throws(NPTError) {
+    let count = try require(count, "count")
+    let cap = sizeArg(capacity)
+    guard out != nil || cap == 0 else { throw .invalid("stats is NULL with cap \(cap)") }
+    count.pointee = list.count
+    guard cap >= UInt(list.count) else {
+        throw NPTError(.bufferTooSmall, "\(list.count) statistics, room for \(cap)")
+    }
+    guard let out else { return }
+    for (i, s) in list.enumerated() { out[i] = npt_backend_stat(name: statisticName(s.name), value: s.value) }
 }

@@ -11,6 +11,7 @@ public final class SimulatorBackend: Backend {
     public let name: String
     public let summary: String
     public let capabilities: BackendCapabilities
+    public var guestISA: GuestISA { .simulator }
     public static let allCapabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
                                                               .privilegedMode, .persistentMemory]
     private let platformBox: NPTMutex<PersistentPlatform>
@@ -244,6 +245,13 @@ public final class SimVM: BackendVM {
         }
         let seg = try setSegment(start: hostOffset, size: range.size)   // zero-filled
         if let src = contents.baseAddress { seg.mem.base.copyMemory(from: src, byteCount: contents.count) }
+    }
+
+    public func backendStatistics() throws(NPTError) -> [BackendStatistic] {
+        [BackendStatistic(name: BackendStatistic.outsideWhileVisible, value: outsideWhileVisible),
+         BackendStatistic(name: "untrapped_flush_hint_writes", value: untrappedFlushHintWrites),
+         BackendStatistic(name: "nvdimm_ranges", value: UInt64(pmem.withLock { $0.count })),
+         BackendStatistic(name: "vcpus", value: UInt64(vcpus.withLock { $0.count }))]
     }
 
     public func regionVisibility(holder: UInt32?) {

@@ -95,8 +95,16 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
         if let x = deliver(vector: vector, error: errorCode, address: address) { pendingExit = finish(x) }
     }
 
+    /// The counters as last published by the thread that runs the vCPU (readable from any
+    /// thread while it runs: issue 11 row 8).
     var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) {
         (publishedInstructions.load(ordering: .relaxed), publishedHits.load(ordering: .relaxed), publishedMisses.load(ordering: .relaxed))
+    }
+    func backendStatistics() throws(NPTError) -> [BackendStatistic] {
+        let c = counters
+        return [BackendStatistic(name: BackendStatistic.instructions, value: c.instructions),
+                BackendStatistic(name: BackendStatistic.tlbHits, value: c.tlbHits),
+                BackendStatistic(name: BackendStatistic.tlbMisses, value: c.tlbMisses)]
     }
 
     @inline(__always) private func publishCounters() {

@@ -1,15 +1,16 @@
-import CKVMGuests
+import CScenarioGuests
 import NPTCore
 import NPTKit
+import NPTScenarios
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// Group 8: the KVM backend plugin on this machine's /dev/kvm, with the plugin's real x86-64 test
-/// guests (Plugins/KVM/Guest). Skipped, with the reason, where the plugin or /dev/kvm is missing.
+/// Group 8: the KVM backend plugin on this machine's /dev/kvm, with real x86-64 guests (the
+/// scenarios' drivers and images, Sources/NPTScenarios; the hello guest for the raw exit). Skipped,
+/// with the reason, where the plugin or /dev/kvm is missing.
 extension Bench {
     static let cr0Long: UInt64 = 0x8001_0033   // PG WP NE ET MP PE
-    static let pmemGPA: UInt64 = 0x4000_0000
 
     func longMode(rip: UInt64, cr3: UInt64) -> Registers {
         var r = Registers()
@@ -18,31 +19,13 @@ extension Bench {
         return r
     }
 
-    func kvmVM(_ registry: BackendRegistry, ram: UInt64 = 2 << 20) throws -> VirtualMachine {
-        try NPTKitRuntime.makeVM(config: VMConfig(ramSize: ram, defaultPermissions: .all, mbecMode: .lazy, backendName: "kvm"),
+    func kvmVM(_ registry: BackendRegistry, ram: UInt64 = 2 << 20, mode: VMConfig.MBECMode = .lazy) throws -> VirtualMachine {
+        try NPTKitRuntime.makeVM(config: VMConfig(ramSize: ram, defaultPermissions: .all, mbecMode: mode, backendName: "kvm"),
                                  registry: registry)
     }
 
-    /// The plugin's extra export (npt_kvm_layout_stats): layout switches and memslot updates.
-    func layoutStats(_ plugin: String) -> (switches: UInt64, updates: UInt64)? {
-        guard let h = dlopen(plugin, RTLD_NOW | RTLD_NOLOAD), let f = dlsym(h, "npt_kvm_layout_stats") else { return nil }
-        typealias Fn = @convention(c) (UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?) -> Void
-        var s: UInt64 = 0, u: UInt64 = 0, l: UInt64 = 0
-        unsafeBitCast(f, to: Fn.self)(&s, &u, &l)
-        return (s, u)
-    }
-
-    /// The plugin's extra export (npt_kvm_mmio_stats): data accesses it completed (RAM, NVDIMM).
-    func mmioStats(_ plugin: String) -> UInt64? {
-        guard let h = dlopen(plugin, RTLD_NOW | RTLD_NOLOAD), let f = dlsym(h, "npt_kvm_mmio_stats") else { return nil }
-        typealias Fn = @convention(c) (UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?) -> Void
-        var r: UInt64 = 0, n: UInt64 = 0
-        unsafeBitCast(f, to: Fn.self)(&r, &n)
-        return r + n
-    }
-
     func benchKVM() throws {
-        print("8. KVM backend (libnptkit-kvm.so on this machine's /dev/kvm; real x86-64 guests; lazy MBEC)")
+        print("8. KVM backend (libnptkit-kvm.so on this machine's /dev/kvm; real x86-64 guests; lazy MBEC unless stated)")
         guard let dir = executableDirectory(), access(dir + "/libnptkit-kvm.so", R_OK) == 0 else {
             print("   SKIPPED: libnptkit-kvm.so is not beside this binary\n"); return
         }
@@ -54,17 +37,16 @@ extension Bench {
         }
 
         // (a) Raw exit round trip: each OUT of the hello guest is one exit (npt_vcpu_run returns it).
-        var helloEntry: UInt64 = 0
-        let hello = nptk_guest_hello(&helloEntry)
+        let hello = scenario_x86_guest("hello_guest")
         var exitSamples: [UInt64] = []
         let helloRuns = quick ? 20 : 200
         do {
             let vm = try kvmVM(registry)
             defer { try? NPTKitRuntime.destroyVM(vm) }
-            try vm.writeMemory(GPA(hello.base), UnsafeRawBufferPointer(start: hello.bytes, count: hello.length))
+            try vm.writeMemory(GPA(UInt64(HELLO_GUEST_BASE)), UnsafeRawBufferPointer(start: hello.bytes, count: hello.length))
             let v = try vm.makeVCPU(index: 0)
             for _ in 0..<helloRuns {
-                try v.setRegisters(longMode(rip: helloEntry, cr3: hello.cr3))
+                try v.setRegisters(longMode(rip: UInt64(HELLO_GUEST_LONG_ENTRY), cr3: UInt64(HELLO_GUEST_CR3)))
                 while true {
                     let t0 = Monitor.now()
                     let x = try v.run()
@@ -77,42 +59,24 @@ extension Bench {
         let rawExit = Bench.percentile(exitSamples, 0.5)
         print("   Raw exit round trip (an OUT exit through npt_vcpu_run, hello guest, median of \(exitSamples.count)): \(nanos(rawExit)), p99 \(nanos(Bench.percentile(exitSamples, 0.99)))")
 
-        // (b) System-call round trip: the guest kernel's user process, K1 against K2 calls.
-        var entry: UInt64 = 0, kcode: UInt64 = 0, kstack: UInt64 = 0, kfunc: UInt64 = 0, ucode: UInt64 = 0, ustack: UInt64 = 0
-        let kernel = nptk_guest_kernel(&entry, &kcode, &kstack, &kfunc, &ucode, &ustack)
-        func kernelRun(mbec: Bool, calls: UInt64) throws -> (UInt64, VMStatistics, (UInt64, UInt64)?, UInt64) {
-            let vm = try kvmVM(registry)
+        // (b) System-call round trip: the HVCI scenario's user process (its driver, without the attacks), K1 against K2 calls.
+        let hvci = try HVCIScenario.image(for: .x86_64)
+        func kernelRun(mbec: Bool, calls: UInt64, mode: VMConfig.MBECMode = .lazy,
+                       shape: PolicyShape = .hvci) throws -> (UInt64, VMStatistics, (UInt64, UInt64)?, UInt64) {
+            let vm = try kvmVM(registry, mode: mode)
             defer { try? NPTKitRuntime.destroyVM(vm) }
-            try vm.writeMemory(GPA(kernel.base), UnsafeRawBufferPointer(start: kernel.bytes, count: kernel.length))
-            if mbec {
-                // As Tests/C/test_kvm.c: the CPU's own structures (page tables, GDT/IDT/TSS, kernel
-                // stack) stay executable in both hierarchies (a limit of this KVM, Plugins/KVM/README.md).
-                try vm.setPolicy([
-                    PolicyRange(start: GPA(kcode), size: 0x1000, pageSize: .size4K, permissions: [.read, .supervisorExecute]),
-                    PolicyRange(start: GPA(kfunc), size: 0x1000, pageSize: .size4K, permissions: [.read, .supervisorExecute]),
-                    PolicyRange(start: GPA(ucode), size: 0x1000, pageSize: .size4K, permissions: [.read, .userExecute]),
-                    PolicyRange(start: GPA(ustack), size: 0x1000, pageSize: .size4K, permissions: [.read, .write]),
-                ])
-            }
-            let v = try vm.makeVCPU(index: 0)
-            var r = longMode(rip: entry, cr3: kernel.cr3)
-            r.gpr[14] = calls; r.gpr[15] = 0
-            try v.setRegisters(r)
-            let before = layoutStats(plugin)
-            let mmio0 = mmioStats(plugin) ?? 0
+            // mbec: the image's policy (the CPU's own structures keep R|W|SX|UX, a limit of this KVM).
+            let policy = mbec ? shape.apply(hvci.policy.map(\.range)) : []
+            let v = try HVCIScenario(syscalls: Int(calls), attacks: false).prepare(vm, policy: policy)
+            let before = PluginV2.layoutStats
+            let mmio0 = PluginV2.mmioStats ?? 0
             let t0 = Monitor.now()
-            var printed: UInt64 = 0
-            while true {
-                let x = try v.run()
-                if x.reason == .io && x.ioPort == 0xE9 { printed += 1; continue }
-                guard x.reason == .halt else { throw NPTError(.state, "kernel guest: unexpected exit \(x)") }
-                break
-            }
+            let o = try HVCIScenario.drive(v)
             let dt = Monitor.now() - t0
-            guard printed == calls else { throw NPTError(.state, "kernel guest printed \(printed) of \(calls)") }
-            let after = layoutStats(plugin)
+            guard o.printed.count == calls else { throw NPTError(.state, "the HVCI guest printed \(o.printed.count) of \(calls)") }
+            let after = PluginV2.layoutStats
             let slots = before.flatMap { b in after.map { ($0.switches - b.switches, $0.updates - b.updates) } }
-            return (dt, vm.statistics(), slots, (mmioStats(plugin) ?? 0) &- mmio0)
+            return (dt, vm.statistics(), slots, (PluginV2.mmioStats ?? 0) &- mmio0)
         }
         let (k1, k2): (UInt64, UInt64) = quick ? (5, 25) : (20, 220)
         let reps = quick ? 1 : 3
@@ -140,50 +104,49 @@ extension Bench {
         print("   System-call round trip (INT3 into the guest kernel, IRETQ back; \(k2) against \(k1) calls, \(reps) runs):")
         print(t.render())
         if let a = perCall[false], let b = perCall[true], switchesPerCall > 0 {
-            print("   One hierarchy switch (its EPT-violation exit and the memslot updates): about \(nanos(UInt64(Double(b &- a) / switchesPerCall))) (the per-call difference / switches per call)")
+            print("   One hierarchy switch (its exit and the memslot updates): about \(nanos(UInt64(Double(b &- a) / switchesPerCall))) (the per-call difference / switches per call)")
         }
+        // Exits per call per policy shape and mode (exact is refused here: no exit on the return).
+        var shapes = Table(["policy", "mode", "exits / call", "escalation", "EPT violation", "switches / call", "wall time / call"])
+        for shape in PolicyShape.allCases {
+            for mode in [VMConfig.MBECMode.lazy, .violationOnly] {
+                let (d1, s1, _, _) = try kernelRun(mbec: true, calls: k1, mode: mode, shape: shape)
+                let (d2, s2, _, _) = try kernelRun(mbec: true, calls: k2, mode: mode, shape: shape)
+                let n = Double(k2 - k1)
+                shapes.add([shape.rawValue, "\(mode)", fmt(Double(s2.exitsTotal - s1.exitsTotal) / n - 1),
+                            fmt(Double(s2.exitsEscalation - s1.exitsEscalation) / n), fmt(Double(s2.exitsEPTViolation - s1.exitsEPTViolation) / n),
+                            fmt(Double(s2.hierarchySwitches - s1.hierarchySwitches) / n), nanos((d2 &- d1) / (k2 - k1))])
+            }
+        }
+        print("   MBEC exits per call (the call's own OUT not counted) per policy shape and mode; exact is refused on this backend:")
+        print(shapes.render())
 
-        // (c) Guest flush latency, the vFHA trapped (host region needs flushing) and not.
-        var flushEntry: UInt64 = 0
-        let pmem = nptk_guest_pmem(&flushEntry)
+        // (c) Guest flush latency, the vFHA trapped (host region needs flushing) and not: the NVDIMM scenario's
+        // driver and image.
         let records: UInt64 = quick ? 16 : 64
         var ft = Table(["backing file", "vFHA trapped", "flush exits", "guest flush latency (median)", "p99", "wall time per record"])
         // The plugin creates its backing file once per process, in $NPTKIT_KVM_PMEM_DIR (default /tmp).
         let dirName = String(cString: getenv("NPTKIT_KVM_PMEM_DIR") ?? strdup("/tmp"))
-        do {
-            for needs in [true, false] {
-                setenv("NPTKIT_KVM_PMEM_NEEDS_FLUSH", needs ? "1" : "0", 1)
-                let vm = try kvmVM(registry)
-                defer { try? NPTKitRuntime.destroyVM(vm) }
-                try vm.addNVDIMM(gpa: GPA(Bench.pmemGPA), size: 2 << 20, hostRegion: 1, regionOffset: 0)
-                guard let vfha = vm.virtualFlushHint else { throw NPTError(.state, "no vFHA") }
-                try vm.writeMemory(GPA(pmem.base), UnsafeRawBufferPointer(start: pmem.bytes, count: pmem.length))
-                let v = try vm.makeVCPU(index: 0)
-                var r = longMode(rip: flushEntry, cr3: pmem.cr3)
-                r.gpr[7] = Bench.pmemGPA; r.gpr[6] = vfha.raw; r.gpr[1] = records
-                try v.setRegisters(r)
-                vm.recordFlushLatencies(true)
-                let t0 = Monitor.now()
-                var outs: UInt64 = 0
-                while true {
-                    let x = try v.run()
-                    if x.reason == .io && x.ioPort == 0xE9 { outs += 1; continue }
-                    guard x.reason == .halt else { throw NPTError(.state, "pmem guest: unexpected exit \(x)") }
-                    break
-                }
-                let dt = Monitor.now() - t0
-                guard outs == records else { throw NPTError(.state, "pmem guest wrote \(outs) of \(records) records") }
-                let lat = vm.flushLatencies()
-                let f = vm.flushStatistics()
-                ft.add([dirName, vm.flushHintTrapped ? "yes" : "no", "\(f.exits)",
-                        lat.isEmpty ? "- (no exit)" : nanos(Bench.percentile(lat, 0.5)),
-                        lat.isEmpty ? "-" : nanos(Bench.percentile(lat, 0.99)), nanos(dt / records)])
-            }
+        for (k, needs) in [true, false].enumerated() {
+            PluginV2.configure(hostPMemNeedsFlush: needs)
+            let vm = try kvmVM(registry)
+            defer { try? NPTKitRuntime.destroyVM(vm) }
+            let v = try NVDIMMScenario(needsWPQFlush: needs, records: Int(records), tail: false,
+                                       logOffset: UInt64(k) * NVDIMMScenario.logStride).setUp(vm)[0]
+            vm.recordFlushLatencies(true)
+            let t0 = Monitor.now()
+            let outs = UInt64(try NVDIMMScenario.runToHalt(v).count)
+            let dt = Monitor.now() - t0
+            guard outs == records else { throw NPTError(.state, "the NVDIMM guest announced \(outs) of \(records) records") }
+            let lat = vm.flushLatencies()
+            let f = vm.flushStatistics()
+            ft.add([dirName, vm.flushHintTrapped ? "yes" : "no", "\(f.exits)",
+                    lat.isEmpty ? "- (no exit)" : nanos(Bench.percentile(lat, 0.5)),
+                    lat.isEmpty ? "-" : nanos(Bench.percentile(lat, 0.99)), nanos(dt / records)])
         }
-        unsetenv("NPTKIT_KVM_PMEM_NEEDS_FLUSH")
         print("   Guest flush (\(records) records: store, CLFLUSHOPT, SFENCE, vFHA write; the physical flush is an msync of the backing file):")
         print(ft.render())
         print("   Latency = the core's exit-to-resume handling of a trapped vFHA write (the msync included, KVM's own exit and")
-        print("   re-entry not). Every guest instruction is emulated on this KVM (docs/kvm-on-this-machine.md).\n")
+        print("   re-entry not). CPL 0 code is emulated on this KVM (docs/kvm-on-this-machine.md).\n")
     }
 }

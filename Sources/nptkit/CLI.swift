@@ -1,7 +1,9 @@
 import ArgumentParser
 import NPTCore
 import NPTKit
+import NPTScenarios
 import NPTSimulator
+import NPTTrace
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -11,7 +13,7 @@ struct NPTKitCLI: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nptkit",
         abstract: "Memory-virtualization controls hypervisors need and hardware does not always give.",
-        subcommands: [Demo.self, Backends.self, Bench.self, Nfit.self, HostPMem.self],
+        subcommands: [Demo.self, Backends.self, Bench.self, Nfit.self, HostPMem.self, WhatIf.self, TraceDump.self],
         defaultSubcommand: Demo.self)
 }
 
@@ -20,19 +22,46 @@ struct BackendOptions: ParsableArguments {
     var backend: String = "sim"
     @Option(help: "Backend plugin (.so) to load first; repeatable.")
     var plugin: [String] = []
+    @Option(name: .customLong("backend-opt"), help: ArgumentHelp("An argument for the plugins this command loads (KEY=VALUE; repeatable), e.g. pmem-dir=/dev/shm for kvm.", valueName: "key=value"))
+    var backendOpt: [String] = []
 
-    func registry() throws -> BackendRegistry {
-        let r = NPTKitRuntime.makeRegistry()
-        for p in plugin { try NPTKitRuntime.loadPlugin(p, into: r) }
+    func pluginArguments() throws -> [PluginArgument] {
+        try backendOpt.map { text in
+            guard let a = PluginArgument(parsing: text) else { throw ValidationError("--backend-opt '\(text)' is not KEY=VALUE") }
+            return a
+        }
+    }
+
+    /// A registry with the built-in simulator and the plugins asked for (or the one named by
+    /// --backend, found beside this binary). `hostPMemNeedsFlush`: the kind of host
+    /// persistent-memory region each backend is to offer (the simulator's platform; a plugin's
+    /// configuration), nil for each one's default.
+    func registry(hostPMemNeedsFlush: Bool? = nil) throws -> BackendRegistry {
+        let r = BackendRegistry()
+        try r.register(SimulatorBackend(platform: .standard(needsWPQFlush: hostPMemNeedsFlush ?? true)), makeDefault: true)
+        PluginV2.configure(hostPMemNeedsFlush: hostPMemNeedsFlush)
+        let args = try pluginArguments()
+        for p in plugin { try NPTKitRuntime.loadPlugin(p, arguments: args, into: r) }
         // The backend plugins built beside this binary are found without --plugin.
         if !r.all.contains(where: { $0.name == backend }), let dir = executableDirectory() {
             let path = dir + "/libnptkit-\(backend).so"
-            if access(path, R_OK) == 0 { try NPTKitRuntime.loadPlugin(path, into: r) }
+            if access(path, R_OK) == 0 { try NPTKitRuntime.loadPlugin(path, arguments: args, into: r) }
+        }
+        if !args.isEmpty, !r.all.contains(where: { $0.name == backend && $0.isPlugin }) {
+            throw ValidationError("--backend-opt is for a plugin backend; '\(backend)' is built in")
         }
         guard r.all.contains(where: { $0.name == backend }) else {
             throw ValidationError("no backend '\(backend)' (registered: \(r.all.map(\.name).joined(separator: ", "))): libnptkit-\(backend).so is not beside this binary (`swift build` builds every product), or load one with --plugin PATH")
         }
         return r
+    }
+
+    /// The backend asked for, in `registry`, its VMs made as `npt_vm_create` makes them (with a
+    /// handle: plugins reach the core by it).
+    func host(_ registry: BackendRegistry, backend name: String? = nil) throws -> ScenarioHost {
+        try ScenarioHost(registry: registry, backendName: name ?? backend,
+                         makeVM: { c, r throws(NPTError) in try NPTKitRuntime.makeVM(config: c, registry: r) },
+                         destroyVM: { vm throws(NPTError) in try NPTKitRuntime.destroyVM(vm) })
     }
 }
 
@@ -48,7 +77,10 @@ func executableDirectory() -> String? {
 
 enum ModeArgument: String, ExpressibleByArgument, CaseIterable {
     case exact, lazy
-    var mode: VMConfig.MBECMode { self == .exact ? .exact : .lazy }
+    case violationOnly = "violation-only"
+    var mode: VMConfig.MBECMode {
+        switch self { case .exact: .exact; case .lazy: .lazy; case .violationOnly: .violationOnly }
+    }
 }
 
 struct Backends: ParsableCommand {
@@ -69,106 +101,9 @@ struct Backends: ParsableCommand {
     }
 }
 
-struct Demo: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "Run the HVCI-like MBEC scenario (a kernel, a user process making system calls, two attacks).")
-    @OptionGroup var options: BackendOptions
-    @Option(help: "MBEC emulation mode: exact (exit on return to user; the default) or lazy (the patent's minimum; the only one on kvm).")
-    var mode: ModeArgument?
-    @Option(help: "System calls the user process makes.")
-    var syscalls: Int = 10
-
-    func run() throws {
-        let registry = try options.registry()
-        if options.backend == "kvm" {
-            // The KVM scenarios run the plugin's real x86-64 guests (DemoKVM.swift).
-            try runKVM(registry: registry)
-            return
-        }
-        let mode = self.mode ?? .exact
-        print("NPTKit demo: emulated mode-based execute control on backend '\(options.backend)', mode \(mode.rawValue), guest SMEP on\n")
-        print("Guest: an HVCI-like kernel and a user process. Policy (EPT bits R W Xs Xu), the rest of RAM R W:")
-        var p = Table(["guest-physical", "what", "policy"])
-        for r in HVCIScenario(syscalls: syscalls).policy {
-            let what: String
-            switch r.range.start.raw {
-            case HVCIScenario.kernelCode: what = "kernel code"
-            case HVCIScenario.userCode: what = "user code"
-            case HVCIScenario.userJIT: what = "user JIT page (also at a kernel direct-map address)"
-            default: what = "driver page, also mapped at a user-mode address"
-            }
-            p.add([hex(r.range.start.raw), what, r.permissions.description])
-        }
-        print(p.render())
-
-        let (outcome, stats) = try runScenario(registry: registry, mode: mode.mode, syscalls: syscalls)
-        print("\nGuest output (system call 'write'): \(outcome.printed.map(String.init).joined(separator: " "))")
-        print("\nViolations stopped (reported to the VMM with an EPT-violation qualification, then injected as #VE):")
-        var v = Table(["#", "attempt", "cpl", "linear address", "guest-physical", "access", "policy of page", "qualification"])
-        for (i, x) in outcome.violations.enumerated() {
-            let q = x.violation
-            let who = x.cpl == 3 ? "user runs a supervisor-only page" : "kernel runs a user page"
-            v.add(["\(i + 1)", who, "\(x.cpl)", hex(x.gva.raw), hex(x.gpa.raw),
-                   q.contains(.fetch) ? "fetch" : q.contains(.write) ? "write" : "read",
-                   policyText(q), "\(hex(q.rawValue)) \(qualText(q))"])
-        }
-        print(v.render())
-        print("Attacks that ran guest code: \(outcome.attacksSucceeded)   Faults the guest kernel saw: \(outcome.faultsSeenByGuest.map { "vector \($0.vector) at \(hex($0.rip))" }.joined(separator: ", "))")
-
-        print("\nExits by reason:")
-        var e = Table(["reason", "count", "handled by"])
-        e.add(["escalation (user -> supervisor)", "\(stats.exitsEscalation)", "core: expose supervisor hierarchy"])
-        e.add(["return to user", "\(stats.exitsReturnToUser)", "core: expose user hierarchy"])
-        e.add(["EPT violation", "\(stats.exitsEPTViolation)", "core: switch, or report (\(stats.violationsReported) reported)"])
-        e.add(["IO (guest output)", "\(outcome.printed.count + 2 * outcome.faultsSeenByGuest.count)", "VMM"])
-        e.add(["halt", outcome.halted ? "1" : "0", "VMM"])
-        print(e.render())
-        print("Hierarchy switches: \(stats.hierarchySwitches)   Guest instructions: \(stats.instructions)   TLB hits/misses: \(stats.tlbHits)/\(stats.tlbMisses)")
-
-        // Exits per system-call round trip, isolated: the difference between two runs.
-        let (_, longer) = try runScenario(registry: registry, mode: mode.mode, syscalls: syscalls + 100)
-        let perCall = Double(mbecExits(longer) - mbecExits(stats)) / 100
-        print("Exits per system-call round trip: \(fmt(perCall)) (mode \(mode.rawValue); the lower bound is 1, the escalation)")
-
-        if options.backend == "sim" {
-            try privilegedSection(registry: registry)
-            try nvdimmSection()
-        }
-    }
-
-    /// The privileged-mode section: 4 vCPU threads, requests raised concurrently.
-    func privilegedSection(registry: BackendRegistry) throws {
-        print("\n--- Privileged mode (SMM-like) with a secure global view ---")
-        print("4 vCPUs on their own threads run a guest that bumps a heartbeat and tries to read the special region;")
-        print("another thread raises 8 enter-mode interrupts on random vCPUs. The region's handler checks that no")
-        print("heartbeat moves while it runs, counts its entry, and returns with RSM.\n")
-        let vm = try VirtualMachine(config: VMConfig(ramSize: PrivilegedScenario.ram, maxStepsPerRun: 2000), registry: registry)
-        defer { try? vm.destroy() }
-        let o = try PrivilegedScenario(cpus: 4, requests: 8, seed: 11, pauseNanos: 300_000).run(on: vm)
-        let t0 = o.records.map(\.raisedAt).min() ?? 0
-        var t = Table(["#", "vCPU", "requested at", "entered at", "left at", "others stopped for", "handler count"])
-        for (k, r) in o.records.enumerated() {
-            t.add(["\(k + 1)", "\(r.cpu)", micros(r.raisedAt - t0), micros(r.enteredAt - t0), micros(r.leftAt - t0),
-                   micros(r.othersStopped), k < o.handlerCounts.count ? "\(o.handlerCounts.sorted()[k])" : ""])
-        }
-        print(t.render())
-        print("Entries \(o.stats.entries) of \(o.stats.requests) requests, failures \(o.stats.failures); reads of the region from outside the mode: \(o.probesBlocked) blocked, \(o.leaks) succeeded")
-        print("Heartbeats that moved while the region was visible: \(o.movedWhileVisible); instructions run outside the mode while it was visible: \(o.outsideWhileVisible)")
-    }
-}
-
 func micros(_ ns: UInt64) -> String { fmt(Double(ns) / 1000, 1) + " us" }
 
 func mbecExits(_ s: VMStatistics) -> UInt64 { s.exitsEscalation + s.exitsReturnToUser + s.exitsEPTViolation }
-
-func runScenario(registry: BackendRegistry, backend: String? = nil, mode: VMConfig.MBECMode, syscalls: Int,
-                 smep: Bool = true) throws -> (HVCIScenario.Outcome, VMStatistics) {
-    let vm = try NPTKitRuntime.makeVM(config: VMConfig(ramSize: HVCIScenario.ram, mbecMode: mode, backendName: backend),
-                                registry: registry)
-    defer { try? NPTKitRuntime.destroyVM(vm) }
-    let o = try HVCIScenario(syscalls: syscalls, smep: smep).run(on: vm)
-    return (o, vm.statistics())
-}
 
 func policyText(_ q: ViolationQualification) -> String {
     var s = ""
@@ -179,21 +114,25 @@ func policyText(_ q: ViolationQualification) -> String {
     return s
 }
 
+/// The linear address's kind, where the qualification carries it.
 func qualText(_ q: ViolationQualification) -> String {
-    q.contains(.userLinear) ? "(user-mode address)" : "(supervisor-mode address)"
+    guard q.contains(.linearValid) else { return "" }
+    return q.contains(.userLinear) ? " (user-mode address)" : " (supervisor-mode address)"
 }
 
-func fmt(_ d: Double, _ digits: Int = 2) -> String {
-    var m = 1.0
-    for _ in 0..<digits { m *= 10 }
-    let r = (d * m).rounded() / m
-    var s = String(r)
-    if let dot = s.firstIndex(of: ".") {
-        let decimals = s.distance(from: dot, to: s.endIndex) - 1
-        if decimals < digits { s += String(repeating: "0", count: digits - decimals) }
+
+/// `text` broken into lines of at most `width` characters at spaces.
+func wrapped(_ text: String, width: Int = 116) -> String {
+    var lines: [String] = [], line = ""
+    for word in text.split(separator: " ") {
+        if !line.isEmpty && line.count + 1 + word.count > width { lines.append(line); line = "" }
+        line += (line.isEmpty ? "" : " ") + word
     }
-    return s
+    return (lines + [line]).joined(separator: "\n")
 }
+
+/// `d` with `digits` decimals (the one formatter, NPTTrace's).
+func fmt(_ d: Double, _ digits: Int = 2) -> String { NPTTrace.fmt(d, digits) }
 
 /// A plain text table.
 struct Table {

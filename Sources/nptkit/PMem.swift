@@ -1,11 +1,12 @@
 import ArgumentParser
 import NPTCore
+import NPTScenarios
 import NPTSimulator
 #if canImport(Glibc)
 import Glibc
 #endif
 
-// `nptkit-cli nfit`, `nptkit-cli host-pmem` and the demo's NVDIMM section. File I/O through Glibc
+// `nptkit-cli nfit` and `nptkit-cli host-pmem`. File I/O through Glibc
 // (no Foundation, as in the rest of the CLI).
 
 enum PlatformArgument: String, ExpressibleByArgument, CaseIterable {
@@ -20,9 +21,16 @@ enum PlatformArgument: String, ExpressibleByArgument, CaseIterable {
 /// The guest NVDIMM ranges of `nfit` (deterministic): 2 MiB from host region 1 (interleaved over
 /// two controllers) at the scenario's address, 2 MiB from host region 2 (one controller) above it.
 let guestNVDIMMs: [(gpa: UInt64, size: UInt64, region: UInt32, offset: UInt64)] = [
-    (PersistenceScenario.nvdimmGPA, PersistenceScenario.nvdimmSize, 1, 0),
-    (PersistenceScenario.nvdimmGPA + 0x40_0000, 2 << 20, 2, 0),
+    (NVDIMMSim.nvdimmGPA, NVDIMMSim.nvdimmSize, 1, 0),
+    (NVDIMMSim.nvdimmGPA + 0x40_0000, 2 << 20, 2, 0),
 ]
+
+/// A VM of the NVDIMM scenario's size on a simulator backend of its own (its own platform).
+func simVM(_ backend: SimulatorBackend, budget: UInt64 = 0) throws(NPTError) -> VirtualMachine {
+    let reg = BackendRegistry()
+    try reg.register(backend, makeDefault: true)
+    return try VirtualMachine(config: VMConfig(ramSize: NVDIMMSim.ram, maxStepsPerRun: budget), registry: reg)
+}
 
 struct Nfit: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -43,7 +51,7 @@ struct Nfit: ParsableCommand {
 
     func run() throws {
         let backend = try SimulatorBackend(platform: platform.description())
-        let vm = try PersistenceScenario.makeVM(backend: backend)
+        let vm = try simVM(backend)
         defer { try? vm.destroy() }
         for r in guestNVDIMMs {
             try vm.addNVDIMM(gpa: GPA(r.gpa), size: r.size, hostRegion: r.region, regionOffset: r.offset)
@@ -56,7 +64,7 @@ struct Nfit: ParsableCommand {
         if let ssdt, let err = writeFile(ssdt, ssdtBytes) { fail("nfit: cannot write \(ssdt): \(err)") }
         guard let vfha = vm.virtualFlushHint else { throw NPTError(.state, "no vFHA") }
 
-        print("Guest NFIT of a VM with \(PersistenceScenario.ram >> 20) MiB of RAM and \(guestNVDIMMs.count) NVDIMM ranges")
+        print("Guest NFIT of a VM with \(NVDIMMSim.ram >> 20) MiB of RAM and \(guestNVDIMMs.count) NVDIMM ranges")
         print("Host platform (simulator): \(platform.text)")
         print("vFHA: \(hex(vfha.raw))   trapped: \(vm.flushHintTrapped ? "yes (a guest write exits)" : "no (a guest write costs no exit)")")
         print("Physical flush hints behind it: \(vm.flushTargets.map(\.description).joined(separator: "; "))")
@@ -133,80 +141,6 @@ struct HostPMem: ParsableCommand {
         }
         print(t.render())
         print("\(host.regions.count) region\(host.regions.count == 1 ? "" : "s"); WPQ flushing needed: \(host.needsWPQFlush ? "yes (guest flushes must trap)" : "no (guest flushes cost no exit)")")
-    }
-}
-
-// MARK: the demo section
-
-extension Demo {
-    struct PMemRow {
-        var name: String
-        var trapped: Bool
-        var stats: FlushStatistics
-        var survived: Int
-        var records: Int
-        var storedOnly: Bool
-        var fencedOnly: Bool
-        var report: CrashChecker.Report
-        var lostRecords: Int { Set(report.losses.map(\.spa)).count }
-    }
-
-    /// One configuration: the scenario with a crash checker, then a power failure, then the records read back.
-    func pmemRun(_ name: String, needsFlush: Bool, trap: FlushOptions.Trap, records: Int) throws -> PMemRow {
-        typealias S = PersistenceScenario
-        let backend = try SimulatorBackend(platform: .standard(needsWPQFlush: needsFlush))
-        let vm = try S.makeVM(backend: backend)
-        defer { try? vm.destroy() }
-        try vm.addNVDIMM(gpa: GPA(S.nvdimmGPA), size: S.nvdimmSize, hostRegion: 1, regionOffset: 0)
-        try vm.setFlushOptions(FlushOptions(trap: trap))
-        let checker = CrashChecker(platform: backend.platform)
-        let v = try S(cpus: 1, records: records, tail: true).setUp(vm)[0]
-        let printed = try PersistenceScenario.runToHalt(v)
-        let report = checker.stop()
-        guard printed.filter({ $0.0 == S.portDurable }).count == records else {
-            throw NPTError(.state, "the guest announced \(printed) instead of \(records) durable records")
-        }
-        let stats = vm.flushStatistics()
-        try vm.powerFailure()
-        var survived = 0
-        for k in 0..<records where try readGuest64(vm, S.recordGPA(cpu: 0, k)) == S.recordValue(cpu: 0, k) { survived += 1 }
-        let stored = try readGuest64(vm, S.recordGPA(cpu: 0, records)) == S.recordValue(cpu: 0, records)
-        let fenced = try readGuest64(vm, S.recordGPA(cpu: 0, records + 1)) == S.recordValue(cpu: 0, records + 1)
-        return PMemRow(name: name, trapped: vm.flushHintTrapped, stats: stats, survived: survived, records: records,
-                       storedOnly: stored, fencedOnly: fenced, report: report)
-    }
-
-    func nvdimmSection() throws {
-        let records = 4
-        print("\n--- Virtualized NVDIMM WPQ flushing ---")
-        print("A guest makes a record durable by the documented protocol: store, CLWB, SFENCE, then a write to the")
-        print("virtual flush hint address (vFHA) its NFIT names. Where the host's write-pending queues are outside the")
-        print("persistence domain, the vFHA is write-protected: the write exits and the core writes the physical flush")
-        print("hint of each memory controller behind the VM's NVDIMM range before resuming the guest. On an ADR host")
-        print("the vFHA is plain memory: no exit. One vCPU writes \(records) durable records, then one it only stores and")
-        print("one it writes back and fences but does not flush. A crash checker treats every persistence event as a")
-        print("possible power failure; then the power does fail, and the records are read back.\n")
-        let rows = [
-            try pmemRun("needs flushing", needsFlush: true, trap: .auto, records: records),
-            try pmemRun("ADR", needsFlush: false, trap: .auto, records: records),
-            try pmemRun("needs flushing, traps off", needsFlush: true, trap: .never, records: records),
-        ]
-        var t = Table(["host platform", "vFHA trapped", "flush exits", "guest flushes", "physical flushes",
-                       "untrapped vFHA writes", "durable survived", "stored-only", "fenced-only",
-                       "crash points", "losses found"])
-        for r in rows {
-            let s = r.stats
-            t.add([r.name, r.trapped ? "yes" : "no", "\(s.exits)", "\(s.guestFlushes)", "\(s.physicalFlushes)", "\(s.untrappedWrites)",
-                   "\(r.survived)/\(r.records)", r.storedOnly ? "survived" : "lost", r.fencedOnly ? "survived" : "lost",
-                   "\(r.report.crashPoints)",
-                   r.report.losses.isEmpty ? "0" : "\(r.report.losses.count) (\(r.lostRecords) of \(r.records) records)"])
-        }
-        print(t.render())
-        print("Crash checker: \(rows[0].report.losses.count) losses with trapped flushes on the platform that needs WPQ flushing, \(rows[1].report.losses.count) on ADR, \(rows[2].report.losses.count) with traps disabled there")
-        print("Each trapped guest flush costs one exit and drains both controllers region 1 is interleaved over; the")
-        print("durable records survive where the protocol is honoured. Records never flushed are lost except that ADR")
-        print("drains the WPQ, so the fenced one survives it. With traps disabled the same guest's durable records sit")
-        print("in the WPQ at the power failure and are lost, and the checker finds every one of them.")
     }
 }
 

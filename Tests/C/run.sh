@@ -7,9 +7,9 @@
 # Tests/C/test_kvm.c; its guest runs are SKIPPED (counted on the last line) where /dev/kvm cannot
 # be opened. Tests/C/test_backend_swap.c runs the same scenarios on "sim" and "kvm" and compares
 # them (its kvm half is SKIPPED the same way; the sim half always runs).
-# Tests/C/test_kvm_privileged.c runs the privileged mode on it (vCPU threads, Guest/priv.S).
-# Plugins/KVM/Guest/hello_guest.h, kernel_guest.h, gate_guest.h, pmem_guest.h and priv_guest.h are checked
-# against their .S sources when `as` is installed.
+# Tests/C/test_kvm_privileged.c runs the privileged mode on it (vCPU threads, Guests/x86-64/priv.S).
+# Every Sources/NPTScenarios/Guests/x86-64/NAME_guest.h is checked against its NAME.S (the one generator,
+# build.sh, run into a scratch directory) when `as`, `objcopy` and `nm` are installed.
 #
 # Everything is built with  cc -std=c11 -Wall -Wextra -Werror -pedantic  into BIN_DIR/ctests/:
 #   libnptkit-sample.so   examples/plugin/sample_backend.c  (plugins: -shared -fPIC, no -lnptkit)
@@ -72,6 +72,8 @@ echo "-- building plugins and C programs into $OUT"
 plugins_ok=1
 build libnptkit-sample.so "$CC" "${CFLAGS[@]}" -shared -fPIC "$ROOT/examples/plugin/sample_backend.c" \
     -o "$OUT/libnptkit-sample.so" -pthread || plugins_ok=0
+build libnptkit-sample1.so "$CC" "${CFLAGS[@]}" -shared -fPIC -DSAMPLE_INTERFACE_1_ONLY \
+    "$ROOT/examples/plugin/sample_backend.c" -o "$OUT/libnptkit-sample1.so" -pthread || plugins_ok=0
 build libnptkit-badabi.so "$CC" "${CFLAGS[@]}" -shared -fPIC "$ROOT/Tests/C/plugin_bad_abi.c" \
     -o "$OUT/libnptkit-badabi.so" || plugins_ok=0
 build libnptkit-noentry.so "$CC" "${CFLAGS[@]}" -shared -fPIC "$ROOT/Tests/C/plugin_no_entry.c" \
@@ -94,7 +96,8 @@ fi
 echo "-- test_plugins"
 if [ "$plugins_ok" = 1 ] &&
     build test_plugins "$CC" "${CFLAGS[@]}" "$ROOT/Tests/C/test_plugins.c" "${LINK[@]}" -ldl -o "$OUT/test_plugins"; then
-    run test_plugins "$OUT/test_plugins" "$OUT/libnptkit-sample.so" "$OUT/libnptkit-badabi.so" "$OUT/libnptkit-noentry.so"
+    run test_plugins "$OUT/test_plugins" "$OUT/libnptkit-sample.so" "$OUT/libnptkit-badabi.so" "$OUT/libnptkit-noentry.so" \
+        "$OUT/libnptkit-sample1.so"
 elif [ "$plugins_ok" != 1 ]; then
     fail test_plugins "a plugin did not compile"
 fi
@@ -168,42 +171,26 @@ else
         fi
     fi
 fi
-if command -v as >/dev/null && command -v objcopy >/dev/null; then
-    if sh "$ROOT/Plugins/KVM/Guest/build.sh" "$OUT/hello_guest.h" &&
-        diff -q "$OUT/hello_guest.h" "$ROOT/Plugins/KVM/Guest/hello_guest.h" >/dev/null; then
-        echo "c-test kvm-guest-bytes: ok (hello_guest.h matches hello.S)"
-        pass
+# The x86-64 guest images (Sources/NPTScenarios/Guests/x86-64): the committed NAME_guest.h must be
+# what the one generator makes of NAME.S today.
+GUESTS="$ROOT/Sources/NPTScenarios/Guests/x86-64"
+if command -v as >/dev/null && command -v objcopy >/dev/null && command -v nm >/dev/null; then
+    rm -rf "$OUT/guests"
+    if sh "$GUESTS/build.sh" "$OUT/guests"; then
+        for src in "$GUESTS"/*.S; do
+            h="$(basename "$src" .S)_guest.h"
+            if diff -q "$OUT/guests/$h" "$GUESTS/$h" >/dev/null 2>&1; then
+                echo "c-test guest-bytes $h: ok (matches $(basename "$src"))"
+                pass
+            else
+                fail "guest-bytes $h" "Sources/NPTScenarios/Guests/x86-64/$h does not match $(basename "$src") (run build.sh)"
+            fi
+        done
     else
-        fail kvm-guest-bytes "Plugins/KVM/Guest/hello_guest.h does not match hello.S (run build.sh)"
-    fi
-    if [ -f "$OUT/kernel_guest.h" ] &&
-        diff -q "$OUT/kernel_guest.h" "$ROOT/Plugins/KVM/Guest/kernel_guest.h" >/dev/null; then
-        echo "c-test kvm-kernel-bytes: ok (kernel_guest.h matches kernel.S)"
-        pass
-    else
-        fail kvm-kernel-bytes "Plugins/KVM/Guest/kernel_guest.h does not match kernel.S (run build.sh)"
-    fi
-    if [ -f "$OUT/gate_guest.h" ] &&
-        diff -q "$OUT/gate_guest.h" "$ROOT/Plugins/KVM/Guest/gate_guest.h" >/dev/null; then
-        echo "c-test kvm-gate-guest-bytes: ok (gate_guest.h matches gate.S)"
-        pass
-    else
-        fail kvm-gate-guest-bytes "Plugins/KVM/Guest/gate_guest.h does not match gate.S (run build.sh)"
+        fail guest-bytes "build.sh failed"
     fi
 else
-    echo "c-test kvm-guest-bytes: SKIPPED (no as/objcopy to re-assemble hello.S)"
-    skip=$((skip + 1))
-fi
-if command -v as >/dev/null && command -v objcopy >/dev/null; then
-    if sh "$ROOT/Plugins/KVM/Guest/build.sh" "$OUT/hello_guest.h" "$OUT/pmem_guest.h" &&
-        diff -q "$OUT/pmem_guest.h" "$ROOT/Plugins/KVM/Guest/pmem_guest.h" >/dev/null; then
-        echo "c-test kvm-pmem-guest-bytes: ok (pmem_guest.h matches pmem.S)"
-        pass
-    else
-        fail kvm-pmem-guest-bytes "Plugins/KVM/Guest/pmem_guest.h does not match pmem.S (run build.sh)"
-    fi
-else
-    echo "c-test kvm-pmem-guest-bytes: SKIPPED (no as/objcopy to re-assemble pmem.S)"
+    echo "c-test guest-bytes: SKIPPED (no as/objcopy/nm to re-assemble the guests)"
     skip=$((skip + 1))
 fi
 
@@ -239,16 +226,6 @@ if [ -f "$BIN/libnptkit-kvm.so" ] &&
         fail test_kvm_privileged "exit status $rc"
     fi
 fi
-if command -v as >/dev/null && command -v objcopy >/dev/null; then
-    if PRIV_OUT="$OUT/priv_guest.h" sh "$ROOT/Plugins/KVM/Guest/build.sh" "$OUT/hello_guest.h" &&
-        diff -q "$OUT/priv_guest.h" "$ROOT/Plugins/KVM/Guest/priv_guest.h" >/dev/null; then
-        echo "c-test kvm-priv-guest-bytes: ok (priv_guest.h matches priv.S)"
-        pass
-    else
-        fail kvm-priv-guest-bytes "Plugins/KVM/Guest/priv_guest.h does not match priv.S (run build.sh)"
-    fi
-fi
-
 # Issue 11's rows, each its own process (a crash or hang in one names its row): races between
 # destroy, run and create, limits, a misbehaving backend, size_t arguments of 2^63 and up.
 echo "-- test_robustness (one process per row)"

@@ -5,11 +5,11 @@
  *
  * The scenarios of the earlier issues (a kernel with a user process making system calls under an
  * MBEC policy, with three probes (two fetches, one write into kernel code); durable records in an NVDIMM range; a power cut) are described once
- * (the guest-physical layout of Plugins/KVM/Guest/kernel.S and pmem.S, the policy, K, N, the probes)
+ * (the guest-physical layout of Sources/NPTScenarios/Guests/x86-64/kernel.S and pmem.S, the policy, K, N, the probes)
  * and run through the C ABI on backend "sim" and on backend "kvm" by the same functions,
  * run_scenario() and run_pmem_scenario(). They differ only in the guest image they load and
  * in the registers each backend needs:
- *   - "kvm": Plugins/KVM/Guest/kernel_guest.h / pmem_guest.h (x86-64), long mode set up as
+ *   - "kvm": Sources/NPTScenarios/Guests/x86-64/kernel_guest.h / pmem_guest.h (x86-64), long mode set up as
  *     test_kvm.c does;
  *   - "sim": the same programs written in the simulator's ISA (docs/guest-isa.md), encoded below by
  *     a tiny emitter and laid out at the same addresses, under the same page tables (the bytes of
@@ -22,7 +22,7 @@
  * NPTKIT_KVM_PMEM_NEEDS_FLUSH=0); needs it but NPT_FLUSH_TRAP_NEVER, a crash test): the flush
  * statistics and the records read back with npt_vm_read_memory, and what survives
  * npt_vm_power_failure;
- * for the privileged mode with its secure global view (run_priv_scenario: Plugins/KVM/Guest/priv.S's
+ * for the privileged mode with its secure global view (run_priv_scenario: Sources/NPTScenarios/Guests/x86-64/priv.S's
  * layout, RAM 0xA0000, the region at 0xA0000 + 4 KiB, entry offset 8; 3 vCPU threads in
  * npt_vcpu_run; 12 requests raised from the main thread, 6 one at a time, 6 in bursts; sim: the
  * same loop and handler in its ISA, paging off, same ports and values): every request served once
@@ -69,9 +69,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../../Plugins/KVM/Guest/kernel_guest.h"
-#include "../../Plugins/KVM/Guest/pmem_guest.h"
-#include "../../Plugins/KVM/Guest/priv_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/kernel_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/pmem_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/priv_guest.h"
 
 #include "check.h"
 
@@ -689,7 +689,7 @@ static int set_sim_platform(npt_context *ctx, int adr) {
 /* The privileged mode (SMM-like, its secure global view): Guest/priv.S       */
 /* ------------------------------------------------------------------------ */
 /* RAM 0xA0000 (640 KiB) R|W, the loop's code page 0x1000 R|W|SX; the region at 0xA0000 (legacy
- * SMRAM), sizeof priv_region = 4 KiB, entry offset 8, its first bytes the magic PRIV_GUEST_REGION_MAGIC,
+ * SMRAM), sizeof priv_guest_region = 4 KiB, entry offset 8, its first bytes the magic PRIV_GUEST_REGION_MAGIC,
  * its entry counter at offset 0x800. `cpus` vCPU threads in npt_vcpu_run run the loop: bump their
  * heartbeat, probe the region (a read of 0xA0000: must never return its bytes; if it does, OUT the
  * value to PORT_PRIV_LEAK), every 64 iterations OUT the probe's low byte (0xFF) to PORT_PRIV_BEAT.
@@ -698,8 +698,8 @@ static int set_sim_platform(npt_context *ctx, int adr) {
  * and OUTs it (PORT_PRIV_COUNT), RSM. `requests` enter-mode requests come from the main thread. */
 #define PRIV_RAM UINT64_C(0xA0000)
 #define PRIV_REGION PRIV_GUEST_REGION
-#define PRIV_REGION_LEN ((uint64_t)sizeof priv_region)
-#define PRIV_CODE PRIV_GUEST_LOOP_BASE
+#define PRIV_REGION_LEN ((uint64_t)sizeof priv_guest_region)
+#define PRIV_CODE PRIV_GUEST_BASE
 #define PRIV_BEATS PRIV_GUEST_HEARTBEATS
 #define PRIV_MAXCPU 3
 #define PRIV_MAXREQ 64
@@ -916,21 +916,23 @@ static void run_priv_scenario(npt_context *ctx, const char *backend, uint32_t cp
     npt_vm *vm = NULL;
     CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
     if (!vm) return;
-    CHECK_OK(npt_policy_set(vm, PRIV_CODE, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_SX));
-    static uint8_t sim_loop[SIM_PRIV_LOOP_LEN], sim_region[sizeof priv_region];
+    /* the vCPU loop runs with paging off: every address is user-mode (Intel SDM), so under MBEC it
+     * needs UX */
+    CHECK_OK(npt_policy_set(vm, PRIV_CODE, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_UX));
+    static uint8_t sim_loop[SIM_PRIV_LOOP_LEN], sim_region[sizeof priv_guest_region];
     if (sim) {
         sim_priv_loop(sim_loop);
         sim_priv_region(sim_region);
         CHECK_OK(npt_vm_write_memory(vm, PRIV_CODE, sim_loop, sizeof sim_loop));
     } else {
-        CHECK_OK(npt_vm_write_memory(vm, PRIV_CODE, priv_loop, sizeof priv_loop));
+        CHECK_OK(npt_vm_write_memory(vm, PRIV_CODE, priv_guest, sizeof priv_guest));
     }
     npt_region reg;
     memset(&reg, 0, sizeof reg);
     reg.size = sizeof reg;
     reg.gpa = PRIV_REGION;
     reg.length = PRIV_REGION_LEN;
-    reg.contents = sim ? (const void *)sim_region : (const void *)priv_region;
+    reg.contents = sim ? (const void *)sim_region : (const void *)priv_guest_region;
     reg.contents_len = PRIV_REGION_LEN;
     reg.entry_offset = PRIV_GUEST_REGION_ENTRY;
     reg.perms = 0; /* R|W|SX|UX */

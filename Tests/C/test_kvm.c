@@ -1,13 +1,13 @@
 /*
  * test_kvm.c - the KVM backend plugin (libnptkit-kvm.so, Plugins/KVM) through the real plugin
- * loader, running a real x86-64 guest (Plugins/KVM/Guest/hello.S) through /dev/kvm.
+ * loader, running a real x86-64 guest (Sources/NPTScenarios/Guests/x86-64/hello.S) through /dev/kvm.
  *
  * Usage: test_kvm KVM_SO
  * Always run: the plugin's entry refuses a host of another ABI major, returns a well-formed ops
  * table, and npt_plugin_load registers it as "kvm".
  * Needs a usable /dev/kvm: guest runs (long mode and real mode), the printed bytes and the HALT,
  * register round trips, out-of-range memory access refused (by the core and by the plugin itself),
- * kicks; persistent memory (Plugins/KVM/Guest/pmem.S: N flushes of records into an NVDIMM range
+ * kicks; persistent memory (Sources/NPTScenarios/Guests/x86-64/pmem.S: N flushes of records into an NVDIMM range
  * backed by the plugin's file, exactly N trapped vFHA exits and msyncs, none with
  * NPTKIT_KVM_PMEM_NEEDS_FLUSH=0; timings printed). Without /dev/kvm (missing, EACCES) those are SKIPPED with the reason, vm_create must fail
  * with NPT_ERR_UNSUPPORTED, and the program exits 77.
@@ -27,10 +27,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../../Plugins/KVM/Guest/hello_guest.h"
-#include "../../Plugins/KVM/Guest/pmem_guest.h"
-#include "../../Plugins/KVM/Guest/kernel_guest.h"
-#include "../../Plugins/KVM/Guest/gate_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/hello_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/pmem_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/kernel_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/gate_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/smp_guest.h"
 #include <stdatomic.h>
 
 #include "check.h"
@@ -51,7 +52,20 @@ static void long_mode_regs(npt_regs *r, uint64_t rip) {
     r->efer = 0x500;    /* LME|LMA */
 }
 
-/* A lazy-mode VM on backend "kvm" (every test VM of this file is one); NULL after a failed check. */
+/* A VM on backend "kvm" in MBEC mode `mode`; NULL after a failed check. */
+static npt_vm *kvm_vm_mode(npt_context *ctx, uint64_t ram, uint64_t default_perms, uint32_t mode) {
+    npt_vm_config cfg = {0};
+    cfg.size = sizeof cfg;
+    cfg.mbec_mode = mode;
+    cfg.backend = "kvm";
+    cfg.ram_size = ram;
+    cfg.default_perms = default_perms;
+    npt_vm *vm = NULL;
+    CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
+    return vm;
+}
+
+/* A lazy-mode VM on backend "kvm" (most test VMs of this file are one); NULL after a failed check. */
 static npt_vm *kvm_vm(npt_context *ctx, uint64_t ram, uint64_t default_perms) {
     npt_vm_config cfg = {0};
     cfg.size = sizeof cfg;
@@ -97,6 +111,8 @@ typedef void (*gate_stats_fn)(uint64_t *waits, uint64_t *kicks, uint64_t *wait_n
 static gate_stats_fn gate_stats;
 typedef void (*mmio_stats_fn)(uint64_t *ram, uint64_t *nvdimm);
 static mmio_stats_fn mmio_stats;
+typedef void (*view_stats_fn)(uint64_t *views, uint64_t *moves, uint64_t *zaps, uint64_t *log_reads);
+static view_stats_fn view_stats;
 
 static npt_status fake_translate(npt_vm *vm, uint32_t h, uint64_t gpa, npt_translation *out) {
     (void)vm; (void)h; (void)gpa; (void)out;
@@ -151,6 +167,8 @@ static void test_entry(const char *so) {
     CHECK(gate_stats != NULL);
     mmio_stats = (mmio_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_mmio_stats");
     CHECK(mmio_stats != NULL);
+    view_stats = (view_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_view_stats");
+    CHECK(view_stats != NULL);
     /* the library stays loaded (npt_plugin_load opens it again) */
 }
 
@@ -229,6 +247,9 @@ static void *kick_later(void *arg) {
 static void test_guest(npt_context *ctx) {
     npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
     if (!vm) return;
+    uint32_t isa = 0;
+    CHECK_OK(npt_vm_guest_isa(vm, &isa));
+    CHECK_EQ(isa, NPT_GUEST_ISA_X86_64);
 
     /* out of range through the core */
     uint8_t b[8] = {0};
@@ -514,7 +535,7 @@ static void test_mbec_rw(npt_context *ctx) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* A guest kernel with a user process (Plugins/KVM/Guest/kernel.S): system calls through INT3,
+/* A guest kernel with a user process (Sources/NPTScenarios/Guests/x86-64/kernel.S): system calls through INT3,
  * the MBEC policy of the simulator's HVCI scenario (kernel code R|SX, user code R|UX, data R|W),
  * and two attacks. This KVM cannot exit on a change of privilege, so in lazy mode the escalation
  * (user -> kernel) and the return (kernel -> user) are both seen as EPT violations on the first
@@ -530,8 +551,8 @@ static void test_mbec_rw(npt_context *ctx) {
 #define KGUEST_TABLES_PERMS NPT_PERM_ALL
 enum { KPROBE_NONE = 0, KPROBE_USER_RUNS_KERNEL = 1, KPROBE_KERNEL_RUNS_USER = 2 };
 
-static npt_vm *kernel_vm(npt_context *ctx, int mbec) {
-    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
+static npt_vm *kernel_vm_mode(npt_context *ctx, int mbec, uint32_t mode) {
+    npt_vm *vm = kvm_vm_mode(ctx, RAM, NPT_PERM_ALL, mode);
     if (!vm) return NULL;
     CHECK_OK(npt_vm_write_memory(vm, KERNEL_GUEST_BASE, kernel_guest, sizeof kernel_guest));
     if (mbec) {
@@ -545,6 +566,8 @@ static npt_vm *kernel_vm(npt_context *ctx, int mbec) {
     }
     return vm;
 }
+
+static npt_vm *kernel_vm(npt_context *ctx, int mbec) { return kernel_vm_mode(ctx, mbec, NPT_MBEC_LAZY); }
 
 /* Starts the kernel on vCPU 0 with K system calls and the probe; runs to the first exit that is
  * not a byte on port 0xE9. */
@@ -660,11 +683,14 @@ static void test_kernel(npt_context *ctx) {
     CHECK_EQ(e.reason, NPT_EXIT_HALT);
     CHECK_EQ(e.cpl, 0);
     CHECK_EQ(e.rip, KGUEST_EXIT_HLT + 1);
-    /* per system call: the kernel's first fetch (cpl 0, user hierarchy exposed) and the user's first
-     * fetch after the IRETQ (cpl 3, supervisor hierarchy) are EPT violations resolved by a switch;
-     * plus the first user fetch after the kernel's start */
+    /* per system call: the INT3 from CPL 3 cannot read its gate (the IDT page is out of the user
+     * layout while the escalation exit is armed): an escalation exit, the supervisor hierarchy
+     * exposed, the #BP delivered again; after the IRETQ the user's first fetch (cpl 3, supervisor
+     * hierarchy) is an EPT violation resolved by a switch (lazy mode: no exit on the return).
+     * Plus the first user fetch after the kernel's start, and the exit system call's escalation. */
+    CHECK_EQ(st.exits_escalation, 12 + 1);
+    CHECK_EQ(st.exits_ept_violation, 12 + 1);
     CHECK_EQ(st.hierarchy_switches, 2 * 12 + 2);
-    CHECK_EQ(st.exits_ept_violation, 2 * 12 + 2);
     CHECK_EQ(st.violations_reported, 0);
     CHECK_OK(npt_vm_destroy(vm));
 
@@ -762,6 +788,81 @@ static int kernel_frame(npt_vm *vm, npt_vcpu *v, uint64_t *frame, size_t n) {
     return npt_vm_read_memory(vm, r.gpr[4], frame, n * sizeof *frame) == NPT_OK;
 }
 
+/* Issue 9, finding 1: ret2dir through the IDT. An attacker with a kernel data write makes two guest
+ * memory writes: a PTE making linear 0xB000 a supervisor-mode alias of the user page 0x9000 (R|UX by
+ * the policy: user-execute only), and IDT vector 3 (the guest's system call) pointed at 0xB800,
+ * where the user's "JIT" bytes print 'P' and halt. The user process's next system call enters the
+ * kernel straight at the alias.
+ *  - lazy mode (escalation exit: the INT3 from CPL 3 stops before delivery because the IDT page is
+ *    out of the user layout; the supervisor hierarchy is exposed first): the kernel's first fetch at
+ *    0xB800 is an MBEC violation (gpa in the R|UX page, cpl 0): stopped, as hardware MBEC would.
+ *  - violation-only mode (no escalation exit, the weaker named guarantee): the bytes run at CPL 0
+ *    under the user hierarchy: the documented hole of that mode. */
+static void test_ret2dir_idt(npt_context *ctx, uint32_t mode) {
+    npt_vm *vm = kernel_vm_mode(ctx, 1, mode);
+    if (!vm) return;
+    const uint64_t alias_pte = 0x4000 + 8 * 0xB, alias = 0x9000 | 3; /* P|W, U/S = 0: supervisor-mode */
+    const uint64_t h = 0xB800;
+    uint64_t gate[2] = {(h & 0xffff) | (0x10ull << 16) | (0xeeull << 40) | (((h >> 16) & 0xffff) << 48), 0};
+    const uint8_t jit[] = {0xb0, 'P', 0xe6, 0xe9, 0xf4, 0xeb, 0xfe}; /* mov $'P',%al; out %al,$0xe9; hlt */
+    CHECK_OK(npt_vm_write_memory(vm, alias_pte, &alias, sizeof alias));
+    CHECK_OK(npt_vm_write_memory(vm, 0x5200 + 3 * 16, gate, sizeof gate));
+    CHECK_OK(npt_vm_write_memory(vm, 0x9800, jit, sizeof jit));
+    char out[64];
+    size_t len = 0;
+    npt_exit e = kernel_run(vm, 2, KPROBE_NONE, out, sizeof out, &len, NULL);
+    npt_stats st = kernel_stats(vm);
+    printf("test_kvm: ret2dir through the IDT, mode %s: exit %u cpl %u rip %#" PRIx64 " gpa %#" PRIx64 " hierarchy %u, "
+           "printed \"%s\", %" PRIu64 " escalation exits\n", mode == NPT_MBEC_LAZY ? "lazy" : "violation-only", e.reason,
+           e.cpl, e.rip, e.gpa, e.hierarchy, out, st.exits_escalation);
+    if (mode == NPT_MBEC_LAZY) {
+        CHECK_EQ(e.reason, NPT_EXIT_MBEC_VIOLATION);
+        CHECK_EQ(e.cpl, 0);
+        CHECK_EQ(e.rip, h);
+        CHECK_EQ(e.gpa & ~0xfffull, KERNEL_GUEST_USER);
+        CHECK((e.qualification & NPT_EPTQ_FETCH) != 0);
+        /* the qualification hardware MBEC gives: R|UX page, not supervisor-executable */
+        CHECK((e.qualification & NPT_EPTQ_UEXECUTABLE) != 0);
+        CHECK((e.qualification & NPT_EPTQ_EXECUTABLE) == 0);
+        CHECK(strchr(out, 'P') == NULL);
+        CHECK_EQ(st.exits_escalation, 1);
+    } else {
+        /* the JIT bytes ran in the kernel: the hole violation-only mode names */
+        CHECK(strchr(out, 'P') != NULL);
+        CHECK_EQ(e.reason, NPT_EXIT_HALT);
+        CHECK_EQ(e.cpl, 0);
+        CHECK_EQ(e.hierarchy, NPT_HIERARCHY_USER);
+        CHECK_EQ(st.exits_escalation, 0);
+    }
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
+/* A guest whose IDT covers a page user mode can reach cannot have the escalation exit (leaving the
+ * page out of the user layout would stop the guest): the run is refused (NPT_ERR_STATE) rather than
+ * run with the exit unarmed. The gate guest has no IDT of its own (KVM's reset IDTR: base 0, limit
+ * 0xffff, over its own user code and data). */
+static void test_escalation_needs_an_idt(npt_context *ctx) {
+    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
+    if (!vm) return;
+    CHECK_OK(npt_vm_write_memory(vm, GATE_GUEST_BASE, gate_guest, sizeof gate_guest));
+    CHECK_OK(npt_policy_set(vm, GATE_GUEST_KERNEL, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
+    CHECK_OK(npt_policy_set(vm, GATE_GUEST_USER, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_UX));
+    npt_vcpu *v = NULL;
+    CHECK_OK(npt_vcpu_create(vm, 0, &v));
+    if (v) {
+        npt_regs r;
+        long_mode_regs(&r, GATE_GUEST_USER);
+        r.cr3 = GATE_GUEST_CR3;
+        r.cpl = 3;
+        CHECK_OK(npt_vcpu_set_regs(v, &r));
+        npt_exit e;
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        CHECK_ST(npt_vcpu_run(v, &e), NPT_ERR_STATE);
+    }
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
 static void test_inject(npt_context *ctx) {
     static const struct { uint64_t probe; uint64_t gpa; uint32_t cpl; uint64_t cs; const char *what; } probes[] = {
         {KPROBE_USER_RUNS_KERNEL, KERNEL_GUEST_KFUNC, 3, 0x33, "user jump into kernel code"},
@@ -852,9 +953,11 @@ static void test_inject(npt_context *ctx) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* The layout gate (Plugins/KVM/Sources/Gate.swift): two vCPU threads in one VM on Guest/gate.S,
- * vCPU 0 in kernel-only code (R|SX) at CPL 0, vCPU 1 in user-only code (R|UX) at CPL 3. Memslots
- * are per VM, so each may enter KVM_RUN only under its own hierarchy's layout. */
+/* vCPUs of different hierarchies (Plugins/KVM/Sources/Views.swift): two vCPU threads in one VM on
+ * Guest/gate.S, vCPU 0 in kernel-only code (R|SX) at CPL 0, vCPU 1 in user-only code (R|UX) at CPL 3.
+ * Memslots are per KVM VM, so each hierarchy's layout is a KVM VM of its own (a view) and the two run
+ * at the same time (they used to take turns at a per-VM layout gate, which reported its waits and
+ * kicks through npt_kvm_gate_stats: still exported, now always 0). */
 struct gate_cpu {
     npt_vcpu *v;
     atomic_int stop;
@@ -901,11 +1004,12 @@ static uint64_t gate_user_count(npt_vm *vm) {
 static double now_s(void);
 
 static void test_gate(npt_context *ctx) {
-    if (!gate_stats) { CHECK(!"npt_kvm_gate_stats export missing"); return; }
-    uint64_t w0, k0, ns0, w1, k1, ns1, sw0, sw1, up, last;
+    if (!gate_stats || !view_stats) { CHECK(!"npt_kvm_gate_stats / npt_kvm_view_stats export missing"); return; }
+    uint64_t w0, k0, ns0, w1, k1, ns1, sw0, sw1, up, last, nv0, mv0, zp0, lr0, nv1, mv1, zp1, lr1;
 
-    /* A single vCPU never waits at the gate, not even across hierarchy switches: the guest kernel's
-     * 12 system calls (26 switches) on one vCPU. */
+    /* A single vCPU through the guest kernel's 12 system calls: each call moves it from the user
+     * view to the supervisor view and back (26 moves), no memslot is updated after the two views'
+     * layouts are installed, nothing waits. */
     {
         char out[256];
         size_t len;
@@ -913,19 +1017,27 @@ static void test_gate(npt_context *ctx) {
         if (!vm) return;
         gate_stats(&w0, &k0, &ns0);
         layout_stats(&sw0, &up, &last);
+        uint64_t up0 = up;
+        view_stats(&nv0, &mv0, &zp0, &lr0);
         npt_exit e = kernel_run(vm, 12, KPROBE_NONE, out, sizeof out, &len, NULL);
         gate_stats(&w1, &k1, &ns1);
         layout_stats(&sw1, &up, &last);
+        view_stats(&nv1, &mv1, &zp1, &lr1);
         CHECK_EQ(e.reason, NPT_EXIT_HALT);
-        printf("test_kvm: gate: one vCPU, %" PRIu64 " layout switches: %" PRIu64 " gate waits, %" PRIu64 " gate kicks\n",
-               sw1 - sw0, w1 - w0, k1 - k0);
-        CHECK(sw1 - sw0 >= 26);
+        printf("test_kvm: views: one vCPU, 12 system calls: %" PRIu64 " moves between views, %" PRIu64 " views created, %"
+               PRIu64 " layout installs (%" PRIu64 " memslot updates), %" PRIu64 " zaps, %" PRIu64
+               " dirty-log reads; %" PRIu64 " waits, %" PRIu64 " kicks\n", mv1 - mv0, nv1 - nv0, sw1 - sw0, up - up0,
+               zp1 - zp0, lr1 - lr0, w1 - w0, k1 - k0);
+        CHECK(mv1 - mv0 >= 26);
+        CHECK(sw1 - sw0 <= 2);      /* the supervisor layout (adopted by the VM's first KVM VM), the user view's */
+        CHECK_EQ(zp1 - zp0, 0);     /* the kernel writes no page table */
         CHECK_EQ(w1 - w0, 0);
         CHECK_EQ(k1 - k0, 0);
         CHECK_OK(npt_vm_destroy(vm));
     }
 
-    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
+    /* violation-only mode: the gate guest has no IDT (see test_escalation_needs_an_idt) */
+    npt_vm *vm = kvm_vm_mode(ctx, RAM, NPT_PERM_ALL, NPT_MBEC_VIOLATION_ONLY);
     if (!vm) return;
     CHECK_OK(npt_vm_write_memory(vm, GATE_GUEST_BASE, gate_guest, sizeof gate_guest));
     /* page tables in both hierarchies (see KGUEST_TABLES_PERMS), kernel code R|SX, user code R|UX,
@@ -947,6 +1059,7 @@ static void test_gate(npt_context *ctx) {
     }
     gate_stats(&w0, &k0, &ns0);
     layout_stats(&sw0, &up, &last);
+    view_stats(&nv0, &mv0, &zp0, &lr0);
     double t0 = now_s();
     pthread_t t[2];
     for (int i = 0; i < 2; i++) pthread_create(&t[i], NULL, gate_thread, &c[i]);
@@ -1023,7 +1136,11 @@ static void test_gate(npt_context *ctx) {
     CHECK_EQ(marker, 0);                    /* it never executed at the kernel page */
     CHECK(a_after > a_user_exit);           /* the kernel vCPU was running around it */
     CHECK_EQ(c[0].last.reason, NPT_EXIT_IO);
-    CHECK(w1 - w0 > 0);
+    CHECK_EQ(w1 - w0, 0);      /* nobody waits: the two hierarchies' views run concurrently */
+    CHECK_EQ(k1 - k0, 0);
+    view_stats(&nv1, &mv1, &zp1, &lr1);
+    printf("test_kvm: views: the two vCPUs: %" PRIu64 " views created, %" PRIu64 " moves, %" PRIu64 " zaps\n", nv1 - nv0,
+           mv1 - mv0, zp1 - zp0);
     double secs = t2 - t0;
     printf("test_kvm: gate: %.3f s, %" PRIu64 " layout switches (%.1f us each incl. waits), %" PRIu64
            " gate waits (%.1f us mean), %" PRIu64 " gate kicks, kicked runs: kernel %llu user %llu\n",
@@ -1074,6 +1191,161 @@ static void test_kick_thread(void) {
 #define NVD_GPA UINT64_C(0x40000000)
 #define NVD_LEN (UINT64_C(2) << 20)
 #define PMEM_N 64
+
+
+/* ------------------------------------------------------------------------ */
+/* Views (Plugins/KVM/Sources/Views.swift) on Guest/smp.S: a kernel for two vCPUs, each with a user
+ * process making system calls through INT3, under the HVCI-like policy (kernel code R|SX, user code
+ * R|UX, everything else R|W|SX|UX: page tables, system tables, stacks and data in both layouts). */
+static npt_vm *smp_vm(npt_context *ctx, uint32_t mode) {
+    npt_vm *vm = kvm_vm_mode(ctx, RAM, NPT_PERM_ALL, mode);
+    if (!vm) return NULL;
+    CHECK_OK(npt_vm_write_memory(vm, SMP_GUEST_BASE, smp_guest, sizeof smp_guest));
+    CHECK_OK(npt_policy_set(vm, SMP_GUEST_CODE, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
+    CHECK_OK(npt_policy_set(vm, SMP_GUEST_KFUNC, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX));
+    CHECK_OK(npt_policy_set(vm, SMP_GUEST_USER, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_UX));
+    return vm;
+}
+
+struct smp_cpu {
+    npt_vm *vm;
+    uint32_t index;
+    uint64_t calls, probe;
+    char out[1024];
+    size_t len;
+    npt_exit last;
+    npt_status status;
+    atomic_ullong progress; /* system calls seen so far (bytes on port 0xE9) */
+    atomic_ullong other_mid; /* the other vCPU's progress when this one was half way */
+    struct smp_cpu *other;
+};
+
+static void *smp_thread(void *arg) {
+    struct smp_cpu *c = arg;
+    npt_vcpu *v = NULL;
+    c->status = npt_vcpu_create(c->vm, c->index, &v);
+    if (c->status != NPT_OK) return NULL;
+    npt_regs r;
+    long_mode_regs(&r, SMP_GUEST_CODE);
+    r.cr3 = SMP_GUEST_CR3;
+    r.gpr[7] = c->index;   /* rdi */
+    r.gpr[14] = c->calls;
+    r.gpr[15] = c->probe;
+    c->status = npt_vcpu_set_regs(v, &r);
+    while (c->status == NPT_OK) {
+        npt_exit e;
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        c->status = npt_vcpu_run(v, &e);
+        if (c->status != NPT_OK) break;
+        if (e.reason == NPT_EXIT_IO && e.io_port == 0xE9) {
+            if (c->len + 1 < sizeof c->out) c->out[c->len++] = (char)e.io_value;
+            unsigned long long n = atomic_fetch_add(&c->progress, 1) + 1;
+            if (c->other && n == c->calls / 2) atomic_store(&c->other_mid, atomic_load(&c->other->progress));
+            continue;
+        }
+        c->last = e;
+        break;
+    }
+    c->out[c->len] = 0;
+    if (v) npt_vcpu_destroy(v);
+    return NULL;
+}
+
+/* The guest kernel changes a user page's translation while its vCPU is in the supervisor view
+ * (INVLPG, then a CR3 reload no KVM statistic shows): the user view, whose shadow MMU cached the
+ * old translation, must see each change when the vCPU comes back (the plugin reads the supervisor
+ * view's dirty log and zaps the user view's shadow MMU when a page table of it was written). Lazy
+ * mode (a guarded user view, page tables tracked) and violation-only mode (no guarded view). */
+static void test_views_coherence(npt_context *ctx, uint32_t mode) {
+    npt_vm *vm = smp_vm(ctx, mode);
+    if (!vm) return;
+    uint64_t nv0 = 0, mv0 = 0, zp0 = 0, lr0 = 0, nv1 = 0, mv1 = 0, zp1 = 0, lr1 = 0;
+    if (view_stats) view_stats(&nv0, &mv0, &zp0, &lr0);
+    struct smp_cpu c;
+    memset(&c, 0, sizeof c);
+    c.vm = vm; c.index = 0; c.calls = 3; c.probe = 4;
+    smp_thread(&c);
+    if (view_stats) view_stats(&nv1, &mv1, &zp1, &lr1);
+    printf("test_kvm: views: page-table coherence (%s): printed \"%s\", exit %u rip %#" PRIx64 "; %" PRIu64 " moves, %"
+           PRIu64 " zaps, %" PRIu64 " dirty-log reads\n", mode == NPT_MBEC_LAZY ? "lazy" : "violation-only", c.out,
+           c.last.reason, c.last.rip, mv1 - mv0, zp1 - zp0, lr1 - lr0);
+    CHECK_OK(c.status);
+    CHECK(strcmp(c.out, "012ONO") == 0);
+    CHECK_EQ(c.last.reason, NPT_EXIT_HALT);
+    CHECK_EQ(c.last.rip, SMP_GUEST_EXIT_HLT + 1);
+    CHECK(zp1 - zp0 >= 2); /* the two page-table changes */
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
+/* Two vCPUs in different hierarchies at the same time, each making system calls (every call moves
+ * it from the user view to the supervisor view and back): what each prints is exactly its own, the
+ * MBEC violations are reported exactly (vCPU 0's user process jumps into a supervisor-only page,
+ * vCPU 1's kernel jumps into a user-only page), and they ran together: each was half way while the
+ * other had made calls and had calls left. */
+static void test_views_concurrent(npt_context *ctx) {
+    npt_vm *vm = smp_vm(ctx, NPT_MBEC_LAZY);
+    if (!vm) return;
+    uint64_t w0 = 0, k0 = 0, ns0 = 0, w1 = 0, k1 = 0, ns1 = 0;
+    uint64_t nv0 = 0, mv0 = 0, zp0 = 0, lr0 = 0, nv1 = 0, mv1 = 0, zp1 = 0, lr1 = 0;
+    if (gate_stats) gate_stats(&w0, &k0, &ns0);
+    if (view_stats) view_stats(&nv0, &mv0, &zp0, &lr0);
+    static struct smp_cpu c[2];
+    memset(c, 0, sizeof c);
+    const uint64_t calls = 300;
+    for (int i = 0; i < 2; i++) {
+        c[i].vm = vm;
+        c[i].index = (uint32_t)i;
+        c[i].calls = calls;
+        c[i].probe = i == 0 ? KPROBE_USER_RUNS_KERNEL : KPROBE_KERNEL_RUNS_USER;
+        c[i].other = &c[1 - i];
+    }
+    double t0 = now_s();
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++) pthread_create(&t[i], NULL, smp_thread, &c[i]);
+    for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
+    double t1 = now_s();
+    if (gate_stats) gate_stats(&w1, &k1, &ns1);
+    if (view_stats) view_stats(&nv1, &mv1, &zp1, &lr1);
+    for (int i = 0; i < 2; i++) {
+        printf("test_kvm: views: vCPU %d: %zu bytes printed, exit %u gpa %#" PRIx64 " cpl %u rip %#" PRIx64 " q %#" PRIx64
+               "; the other vCPU had made %llu calls when it was half way\n", i, c[i].len, c[i].last.reason, c[i].last.gpa,
+               c[i].last.cpl, c[i].last.rip, c[i].last.qualification, (unsigned long long)atomic_load(&c[i].other_mid));
+        CHECK_OK(c[i].status);
+        CHECK_EQ(c[i].len, calls);
+        int in_order = 1;
+        for (size_t k = 0; k < c[i].len; k++) in_order &= c[i].out[k] == (char)('0' + k % 10);
+        CHECK(in_order);
+    }
+    printf("test_kvm: views: 2 vCPUs x %" PRIu64 " system calls in %.3f s: %" PRIu64 " moves, %" PRIu64 " views created, %"
+           PRIu64 " zaps, %" PRIu64 " gate waits\n", calls, t1 - t0, mv1 - mv0, nv1 - nv0, zp1 - zp0, w1 - w0);
+    /* vCPU 0: the user process runs a supervisor-only page (mapped U/S = 1 by the guest) */
+    CHECK_EQ(c[0].last.reason, NPT_EXIT_MBEC_VIOLATION);
+    CHECK_EQ(c[0].last.gpa, SMP_GUEST_KFUNC);
+    CHECK_EQ(c[0].last.rip, SMP_GUEST_KFUNC);
+    CHECK_EQ(c[0].last.cpl, 3);
+    CHECK_EQ(c[0].last.qualification & 0x7f, NPT_EPTQ_FETCH | NPT_EPTQ_READABLE | NPT_EPTQ_EXECUTABLE);
+    /* vCPU 1: the kernel runs the user-only page */
+    CHECK_EQ(c[1].last.reason, NPT_EXIT_MBEC_VIOLATION);
+    CHECK_EQ(c[1].last.gpa, SMP_GUEST_USER);
+    CHECK_EQ(c[1].last.rip, SMP_GUEST_USER);
+    CHECK_EQ(c[1].last.cpl, 0);
+    CHECK_EQ(c[1].last.qualification & 0x7f, NPT_EPTQ_FETCH | NPT_EPTQ_READABLE | NPT_EPTQ_UEXECUTABLE);
+    CHECK(mv1 - mv0 >= 4 * calls);
+    CHECK_EQ(w1 - w0, 0);
+    /* they overlapped: each was half way while the other had started and not finished */
+    int overlapped = 0;
+    for (int i = 0; i < 2; i++) {
+        unsigned long long m = atomic_load(&c[i].other_mid);
+        overlapped |= m > 0 && m < calls;
+    }
+    CHECK(overlapped);
+    npt_stats st = kernel_stats(vm);
+    printf("test_kvm: views: the VM: %" PRIu64 " exits, %" PRIu64 " escalations, %" PRIu64 " EPT violations, %" PRIu64
+           " violations reported\n", st.exits_total, st.exits_escalation, st.exits_ept_violation, st.violations_reported);
+    CHECK_EQ(st.violations_reported, 2);
+    CHECK_OK(npt_vm_destroy(vm));
+}
 
 static double now_s(void) {
     struct timespec ts;
@@ -1429,6 +1701,12 @@ int main(int argc, char **argv) {
         cfg.ram_size = RAM;
         cfg.default_perms = NPT_PERM_ALL;
         npt_vm *vm = NULL;
+        /* Without /dev/kvm the plugin's probe cannot show its escalation exit: lazy mode is refused
+         * as a guarantee it cannot keep, naming why; violation-only mode reaches the backend,
+         * which cannot open /dev/kvm. */
+        CHECK_ST(npt_vm_create(ctx, &cfg, &vm), NPT_ERR_GUARANTEE);
+        CHECK(strstr(npt_last_error(), "cannot open /dev/kvm") != NULL);
+        cfg.mbec_mode = NPT_MBEC_VIOLATION_ONLY;
         CHECK_ST(npt_vm_create(ctx, &cfg, &vm), NPT_ERR_UNSUPPORTED);
     } else {
         close(fd);
@@ -1436,7 +1714,8 @@ int main(int argc, char **argv) {
             test_ops_memory();
             test_kick_thread();
         }
-        /* exact MBEC needs exits on return to user mode, which the KVM backend lacks */
+        /* exact MBEC needs exits on return to user mode, which the KVM backend lacks: refused as a
+         * guarantee it cannot keep, naming the capability */
         npt_vm_config cfg = {0};
         cfg.size = sizeof cfg;
         cfg.mbec_mode = NPT_MBEC_EXACT;
@@ -1444,7 +1723,8 @@ int main(int argc, char **argv) {
         cfg.ram_size = RAM;
         cfg.default_perms = NPT_PERM_ALL;
         npt_vm *vm = NULL;
-        CHECK_ST(npt_vm_create(ctx, &cfg, &vm), NPT_ERR_UNSUPPORTED);
+        CHECK_ST(npt_vm_create(ctx, &cfg, &vm), NPT_ERR_GUARANTEE);
+        CHECK(strstr(npt_last_error(), "NPT_CAP_EXIT_ON_RETURN") != NULL);
         test_guest(ctx);
         test_mbec(ctx);
         test_mbec_rw(ctx);
@@ -1453,10 +1733,16 @@ int main(int argc, char **argv) {
         test_pmem(ctx, 0);
         test_pmem_nx(ctx);
         test_kernel(ctx);
+        test_ret2dir_idt(ctx, NPT_MBEC_LAZY);
+        test_ret2dir_idt(ctx, NPT_MBEC_VIOLATION_ONLY);
+        test_escalation_needs_an_idt(ctx);
         test_inject(ctx);
         test_switch_cost_independent_of_size(ctx);
         test_image_too_large(ctx);
         test_gate(ctx);
+        test_views_coherence(ctx, NPT_MBEC_LAZY);
+        test_views_coherence(ctx, NPT_MBEC_VIOLATION_ONLY);
+        test_views_concurrent(ctx);
     }
     CHECK_OK(npt_context_destroy(ctx));
     printf("c-test test_kvm: %d passed, %d failed, %d skipped\n", passed, failed, skipped);

@@ -1,6 +1,6 @@
 /*
  * test_kvm_privileged.c - the privileged mode (SMM-like, global view) on the KVM backend plugin,
- * with real vCPU threads running the real-mode guest Plugins/KVM/Guest/priv.S.
+ * with real vCPU threads running the real-mode guest Sources/NPTScenarios/Guests/x86-64/priv.S.
  *
  * Usage: test_kvm_privileged KVM_SO [REQUESTS [VCPUS]]   (defaults 60, 3; VCPUS 2 or 3)
  * Always run: the plugin loads and advertises NPT_CAP_PRIVILEGED_MODE.
@@ -37,8 +37,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../../Plugins/KVM/Guest/hello_guest.h"
-#include "../../Plugins/KVM/Guest/priv_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/hello_guest.h"
+#include "../../Sources/NPTScenarios/Guests/x86-64/priv_guest.h"
 
 #include "check.h"
 
@@ -124,14 +124,14 @@ static void test_kick_latency(void) {
     uint8_t ones[4096];
     memset(ones, 0xFF, sizeof ones);
     CHECK_OK(o->memory_write(vm, PRIV_GUEST_REGION, ones, sizeof ones));
-    CHECK_OK(o->memory_write(vm, PRIV_GUEST_LOOP_BASE, priv_loop, sizeof priv_loop));
+    CHECK_OK(o->memory_write(vm, PRIV_GUEST_BASE, priv_guest, sizeof priv_guest));
     static struct kick_run k;
     memset(&k, 0, sizeof k);
     k.o = o;
     CHECK_OK(o->vcpu_create(vm, 0, &k.vc));
     if (k.vc) {
         npt_regs r;
-        real_regs(&r, PRIV_GUEST_LOOP_BASE, 0);
+        real_regs(&r, PRIV_GUEST_BASE, 0);
         CHECK_OK(o->vcpu_set_regs(k.vc, &r));
         pthread_t t;
         pthread_create(&t, NULL, kick_runner, &k);
@@ -259,8 +259,9 @@ static void test_mode(npt_context *ctx, int requests) {
     npt_vm *vm = NULL;
     CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
     if (!vm) return;
-    CHECK_OK(npt_policy_set(vm, PRIV_GUEST_LOOP_BASE, 0x1000, 0x1000, NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_SX));
-    CHECK_OK(npt_vm_write_memory(vm, PRIV_GUEST_LOOP_BASE, priv_loop, sizeof priv_loop));
+    /* real mode (paging off): every address is user-mode, so the loop needs UX under MBEC */
+    CHECK_OK(npt_policy_set(vm, PRIV_GUEST_BASE, 0x1000, 0x1000, NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_UX));
+    CHECK_OK(npt_vm_write_memory(vm, PRIV_GUEST_BASE, priv_guest, sizeof priv_guest));
 
     /* a region inside RAM is refused by the core; the real one at 0xA0000 */
     npt_region reg;
@@ -270,9 +271,9 @@ static void test_mode(npt_context *ctx, int requests) {
     reg.length = 0x1000;
     CHECK_ST(npt_region_set(vm, &reg), NPT_ERR_OVERLAP);
     reg.gpa = PRIV_GUEST_REGION;
-    reg.length = sizeof priv_region;
-    reg.contents = priv_region;
-    reg.contents_len = sizeof priv_region;
+    reg.length = sizeof priv_guest_region;
+    reg.contents = priv_guest_region;
+    reg.contents_len = sizeof priv_guest_region;
     reg.entry_offset = PRIV_GUEST_REGION_ENTRY;
     reg.perms = 0; /* R|W|SX|UX */
     CHECK_OK(npt_region_set(vm, &reg));
@@ -292,7 +293,7 @@ static void test_mode(npt_context *ctx, int requests) {
         CHECK_OK(npt_vcpu_create(vm, i, &cpus[i].v));
         if (!cpus[i].v) return;
         npt_regs r;
-        real_regs(&r, PRIV_GUEST_LOOP_BASE, i);
+        real_regs(&r, PRIV_GUEST_BASE, i);
         CHECK_OK(npt_vcpu_set_regs(cpus[i].v, &r));
     }
     for (uint32_t i = 0; i < nvcpu; i++) pthread_create(&cpus[i].thread, NULL, vcpu_thread, &cpus[i]);
@@ -421,9 +422,9 @@ static void test_long_mode_round_trip(npt_context *ctx) {
     memset(&reg, 0, sizeof reg);
     reg.size = sizeof reg;
     reg.gpa = PRIV_GUEST_REGION;
-    reg.length = sizeof priv_region;
-    reg.contents = priv_region;
-    reg.contents_len = sizeof priv_region;
+    reg.length = sizeof priv_guest_region;
+    reg.contents = priv_guest_region;
+    reg.contents_len = sizeof priv_guest_region;
     reg.entry_offset = PRIV_GUEST_REGION_ENTRY;
     CHECK_OK(npt_region_set(vm, &reg));
     npt_vcpu *v = NULL;
@@ -490,7 +491,7 @@ static void test_long_mode_round_trip(npt_context *ctx) {
 
     /* RSM outside the mode, real mode: KVM itself raises #UD, delivered through the guest's IVT
        (IVT[6] = 0:0x1110, a handler that OUTs 6 to port 0x23 and halts) */
-    CHECK_OK(npt_vm_write_memory(vm, 0x1000, priv_loop, 0x200));
+    CHECK_OK(npt_vm_write_memory(vm, 0x1000, priv_guest, 0x200));
     uint16_t ivt6[2] = {PRIV_GUEST_UD_HANDLER, 0};
     CHECK_OK(npt_vm_write_memory(vm, 6 * 4, ivt6, sizeof ivt6));
     memset(&r, 0, sizeof r);

@@ -2,7 +2,7 @@
  * test_plugins.c - backends given to libnptkit.so from C: plugins loaded with npt_plugin_load and
  * ops tables registered with npt_backend_register.
  *
- * Usage: test_plugins SAMPLE_SO BAD_ABI_SO NO_ENTRY_SO
+ * Usage: test_plugins SAMPLE_SO BAD_ABI_SO NO_ENTRY_SO SAMPLE_INTERFACE_1_SO
  *   SAMPLE_SO    examples/plugin/sample_backend.c built as libnptkit-sample.so
  *   BAD_ABI_SO   Tests/C/plugin_bad_abi.c  (ops for ABI major + 1)
  *   NO_ENTRY_SO  Tests/C/plugin_no_entry.c (a shared library without npt_plugin_entry)
@@ -168,6 +168,15 @@ static void test_sample_plugin(npt_context *ctx, const char *path) {
           (NPT_CAP_MBEC_EMULATION | NPT_CAP_RUN | NPT_CAP_LINEAR_MODE_INFO));
     CHECK((info.capabilities & NPT_CAP_PRIVILEGED_MODE) == 0);
     CHECK(info.description != NULL && strstr(info.description, "sample") != NULL);
+    {
+        npt_vm *svm = make_vm(ctx, SAMPLE_BACKEND_NAME, 16 * K4, NPT_MBEC_LAZY);
+        uint32_t isa = 99;
+        if (svm) {
+            CHECK_OK(npt_vm_guest_isa(svm, &isa));
+            CHECK_EQ(isa, NPT_GUEST_ISA_NONE); /* it plays scripted exits */
+            CHECK_OK(npt_vm_destroy(svm));
+        }
+    }
 
     /* loading it again: the name is taken; nothing changes */
     const char *again = "unchanged";
@@ -613,12 +622,144 @@ static void test_register(npt_context *ctx) {
         CHECK_ST(npt_vcpu_run(cpu, &e), NPT_ERR_UNSUPPORTED);
         CHECK_EQ(inl.runs, 0);
     }
+    /* (ABI 1.3) a table that ends before guest_isa says nothing about its ISA */
+    uint32_t isa = 99;
+    CHECK_OK(npt_vm_guest_isa(vm, &isa));
+    CHECK_EQ(isa, NPT_GUEST_ISA_UNKNOWN);
+    CHECK_OK(npt_vm_destroy(vm));
+
+    /* guest_isa as the table gives it: the full inline table says x86-64; NULL and bad handles */
+    static npt_backend_ops x86;
+    x86 = inline_ops;
+    x86.name = "c-x86";
+    x86.guest_isa = NPT_GUEST_ISA_X86_64;
+    CHECK_OK(npt_backend_register(ctx, &x86));
+    vm = make_vm(ctx, "c-x86", 16 * K4, NPT_MBEC_LAZY);
+    if (!vm) return;
+    isa = 99;
+    CHECK_OK(npt_vm_guest_isa(vm, &isa));
+    CHECK_EQ(isa, NPT_GUEST_ISA_X86_64);
+    CHECK_ST(npt_vm_guest_isa(vm, NULL), NPT_ERR_INVALID_ARGUMENT);
+    CHECK_ST(npt_vm_guest_isa(NULL, &isa), NPT_ERR_INVALID_ARGUMENT);
+    CHECK_ST(npt_vm_guest_isa((npt_vm *)(uintptr_t)0x1234, &isa), NPT_ERR_BAD_HANDLE);
+    CHECK_OK(npt_vm_destroy(vm));
+    vm = make_vm(ctx, "sim", 16 * K4, NPT_MBEC_LAZY);
+    if (!vm) return;
+    CHECK_OK(npt_vm_guest_isa(vm, &isa));
+    CHECK_EQ(isa, NPT_GUEST_ISA_SIM);
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
+/* ------------------------------------------------------------------------ */
+/* (f) plugin interface 2: arguments, the error channel, backend statistics  */
+/* ------------------------------------------------------------------------ */
+static void test_interface2(npt_context *ctx, const char *sample, const char *sample_v1) {
+    size_t before = backend_count(ctx);
+    const char *name = "unchanged";
+
+    /* arguments reach the plugin: a second instance of the sample under its own name */
+    npt_plugin_arg args[2] = {{"name", "sample-two"}, {"description", "the second sample"}};
+    CHECK_OK(npt_plugin_load_with(ctx, sample, args, 2, &name));
+    CHECK(name != NULL && strcmp(name, "sample-two") == 0);
+    npt_backend_info info;
+    memset(&info, 0, sizeof info);
+    CHECK(find_backend(ctx, "sample-two", &info));
+    CHECK(info.description != NULL && strcmp(info.description, "the second sample") == 0);
+    CHECK_EQ(backend_count(ctx), before + 1);
+
+    /* the plugin refuses what it does not know, and says why through the error channel */
+    name = "unchanged";
+    npt_plugin_arg unknown[1] = {{"colour", "blue"}};
+    CHECK_ST(npt_plugin_load_with(ctx, sample, unknown, 1, &name), NPT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(npt_last_error(), "unknown argument") != NULL);
+    CHECK(strstr(npt_last_error(), "refused to load") != NULL);
+    npt_plugin_arg empty_name[1] = {{"name", ""}};
+    CHECK_ST(npt_plugin_load_with(ctx, sample, empty_name, 1, &name), NPT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(npt_last_error(), "name must be") != NULL);
+    /* the core refuses malformed arguments before loading anything */
+    npt_plugin_arg twice[2] = {{"name", "a"}, {"name", "b"}};
+    CHECK_ST(npt_plugin_load_with(ctx, sample, twice, 2, &name), NPT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(npt_last_error(), "twice") != NULL);
+    npt_plugin_arg eq[1] = {{"na=me", "x"}};
+    CHECK_ST(npt_plugin_load_with(ctx, sample, eq, 1, &name), NPT_ERR_INVALID_ARGUMENT);
+    npt_plugin_arg nokey[1] = {{"", "x"}};
+    CHECK_ST(npt_plugin_load_with(ctx, sample, nokey, 1, &name), NPT_ERR_INVALID_ARGUMENT);
+    npt_plugin_arg nullkey[1] = {{NULL, "x"}};
+    CHECK_ST(npt_plugin_load_with(ctx, sample, nullkey, 1, &name), NPT_ERR_INVALID_ARGUMENT);
+    npt_plugin_arg nullvalue[1] = {{"name", NULL}};
+    CHECK_ST(npt_plugin_load_with(ctx, sample, nullvalue, 1, &name), NPT_ERR_INVALID_ARGUMENT);
+    CHECK_ST(npt_plugin_load_with(ctx, sample, NULL, 1, &name), NPT_ERR_INVALID_ARGUMENT);
+    CHECK_ST(npt_plugin_load_with(ctx, NULL, NULL, 0, &name), NPT_ERR_INVALID_ARGUMENT);
+    /* an interface-1 plugin takes no arguments; without any it loads through either call */
+    npt_plugin_arg renamed[1] = {{"name", "sample-v1"}};
+    CHECK_ST(npt_plugin_load_with(ctx, sample_v1, renamed, 1, &name), NPT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(npt_last_error(), "interface 1") != NULL);
+    CHECK(strcmp(name, "unchanged") == 0);
+    CHECK_EQ(backend_count(ctx), before + 1);
+    npt_context *other = NULL;
+    CHECK_OK(npt_context_create(&other));
+    if (other) {
+        CHECK_OK(npt_plugin_load_with(other, sample_v1, NULL, 0, &name));
+        CHECK(name != NULL && strcmp(name, SAMPLE_BACKEND_NAME) == 0);
+        CHECK_OK(npt_context_destroy(other));
+    }
+
+    /* statistics through the ops table; the count asked first, then the pairs */
+    npt_vm *vm = make_vm(ctx, "sample-two", 16 * K4, NPT_MBEC_LAZY);
+    if (!vm) return;
+    size_t count = 99;
+    CHECK_ST(npt_vm_backend_stats(vm, NULL, 0, &count), NPT_ERR_BUFFER_TOO_SMALL);
+    CHECK_EQ(count, 2);
+    npt_backend_stat st[4];
+    memset(st, 0xAB, sizeof st);
+    CHECK_ST(npt_vm_backend_stats(vm, st, 1, &count), NPT_ERR_BUFFER_TOO_SMALL);
+    CHECK_EQ(st[0].value, UINT64_C(0xABABABABABABABAB)); /* nothing written */
+    CHECK_OK(npt_vm_backend_stats(vm, st, 4, &count));
+    CHECK_EQ(count, 2);
+    CHECK(st[0].name != NULL && strcmp(st[0].name, "ram_bytes") == 0);
+    CHECK_EQ(st[0].value, 16 * K4);
+    CHECK_ST(npt_vm_backend_stats(vm, st, 4, NULL), NPT_ERR_INVALID_ARGUMENT);
+    CHECK_ST(npt_vm_backend_stats(vm, NULL, 4, &count), NPT_ERR_INVALID_ARGUMENT);
+    CHECK_ST(npt_vm_backend_stats(NULL, st, 4, &count), NPT_ERR_INVALID_ARGUMENT);
+
+    npt_vcpu *cpu = NULL;
+    CHECK_OK(npt_vcpu_create(vm, 0, &cpu));
+    void *lib = dlopen(sample, RTLD_NOW | RTLD_NOLOAD);
+    sample_backend_set_script_fn set_script = NULL;
+    CHECK(plugin_symbol(lib, "sample_backend_set_script", &set_script, sizeof set_script) != NULL);
+    if (cpu && set_script) {
+        npt_exit halt = scripted(NPT_EXIT_HALT, 0, 0, 0);
+        set_script(&halt, 1);
+        npt_exit e = exit_init();
+        CHECK_OK(npt_vcpu_run(cpu, &e));
+        CHECK_EQ(e.reason, NPT_EXIT_HALT);
+        CHECK_OK(npt_vcpu_backend_stats(cpu, st, 4, &count));
+        CHECK_EQ(count, 2);
+        CHECK(st[0].name != NULL && strcmp(st[0].name, "scripted_exits") == 0);
+        CHECK_EQ(st[0].value, 1);
+        /* the error channel on an operation: the script is exhausted, and the plugin says so */
+        e = exit_init();
+        CHECK_ST(npt_vcpu_run(cpu, &e), NPT_ERR_STATE);
+        CHECK(strstr(npt_last_error(), "script is exhausted") != NULL);
+        CHECK(strstr(npt_last_error(), "sample-two") != NULL);
+        set_script(NULL, 0);
+    }
+    if (lib) dlclose(lib);
+    CHECK_OK(npt_vm_destroy(vm));
+
+    /* the simulator's own statistics */
+    vm = make_vm(ctx, "sim", 16 * K4, NPT_MBEC_LAZY);
+    if (!vm) return;
+    CHECK_OK(npt_vm_backend_stats(vm, st, 4, &count));
+    int found = 0;
+    for (size_t i = 0; i < count; i++) found |= strcmp(st[i].name, "outside_while_visible") == 0 && st[i].value == 0;
+    CHECK(found);
     CHECK_OK(npt_vm_destroy(vm));
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s SAMPLE_SO BAD_ABI_SO NO_ENTRY_SO\n", argv[0]);
+    if (argc != 5) {
+        fprintf(stderr, "usage: %s SAMPLE_SO BAD_ABI_SO NO_ENTRY_SO SAMPLE_INTERFACE_1_SO\n", argv[0]);
         return 2;
     }
     npt_context *ctx = NULL;
@@ -627,6 +768,7 @@ int main(int argc, char **argv) {
         test_sample_plugin(ctx, argv[1]);
         test_refused_plugins(ctx, argv[2], argv[3]);
         test_register(ctx);
+        test_interface2(ctx, argv[1], argv[4]);
         CHECK_OK(npt_context_destroy(ctx));
     }
 

@@ -55,7 +55,7 @@ static _Atomic int slow_vcpu_destroy, slow_create, in_create;
 static _Atomic int destroy_started;
 /* Row 9: what the backend's invalidate saw when it called the public API on its own VM. */
 static _Atomic int reentry_mode;
-static _Atomic int reentry_get_status = 99, reentry_set_status = 99, reentry_destroy_status = 99;
+static _Atomic int reentry_get_status = 99, reentry_set_status = 99, reentry_destroy_status = 99, reentry_stats_status = 99;
 static _Atomic uint64_t reentry_perms;
 
 static void touch_vm(fvm *v) { if (atomic_load(&v->magic) != ALIVE) atomic_fetch_add(&after_destroy, 1); }
@@ -137,6 +137,8 @@ static npt_status f_invalidate(void *d, uint32_t h, uint64_t gpa, uint64_t size)
         atomic_store(&reentry_perms, perms);
         atomic_store(&reentry_set_status, npt_policy_set(v->handle, 0, 0x1000, NPT_PAGE_4K, R));
         atomic_store(&reentry_destroy_status, npt_vm_destroy(v->handle));
+        size_t n = 0;
+        atomic_store(&reentry_stats_status, npt_vm_backend_stats(v->handle, NULL, 0, &n));
     }
     return NPT_OK;
 }
@@ -162,6 +164,17 @@ static npt_status f_run(void *d, npt_exit *e) {
     }
     return NPT_OK;
 }
+/* Backend statistics (ABI 1.3): one each; row 10's backend asks for room it cannot be given. */
+static _Atomic int huge_stats;
+static npt_status f_stats(npt_backend_stat *st, size_t cap, size_t *count, const char *name) {
+    *count = atomic_load(&huge_stats) ? SIZE_MAX : 1;
+    if (cap < *count) return NPT_ERR_BUFFER_TOO_SMALL;
+    st[0].name = name;
+    st[0].value = 1;
+    return NPT_OK;
+}
+static npt_status f_vm_stats(void *d, npt_backend_stat *st, size_t cap, size_t *count) { touch_vm(d); return f_stats(st, cap, count, "vm_calls"); }
+static npt_status f_vcpu_stats(void *d, npt_backend_stat *st, size_t cap, size_t *count) { touch_cpu(d); return f_stats(st, cap, count, "vcpu_calls"); }
 static npt_status f_inject(void *d, uint32_t v, uint64_t e, uint64_t a) { (void)v; (void)e; (void)a; touch_cpu(d); return NPT_OK; }
 static void f_kick(void *d) { fvcpu *c = d; touch_cpu(c); atomic_store(&c->kicked, 1); }
 
@@ -179,6 +192,7 @@ static npt_backend_ops faulty_ops(void) {
     o.vcpu_get_regs = f_get_regs; o.vcpu_set_regs = f_set_regs;
     o.vcpu_set_hierarchy = f_set_h; o.vcpu_set_exit_controls = f_set_ctl;
     o.invalidate = f_invalidate; o.vcpu_run = f_run; o.vcpu_inject_fault = f_inject; o.vcpu_kick = f_kick;
+    o.vm_stats = f_vm_stats; o.vcpu_stats = f_vcpu_stats;
     return o;
 }
 static npt_backend_ops ops_storage;
@@ -362,6 +376,21 @@ static void *run_loop(void *arg) {
     }
     return NULL;
 }
+/* Reads a vCPU's backend statistics (ABI 1.3) until it is destroyed: the backend's vcpu_stats must
+ * never run after its vcpu_destroy (touch_cpu counts it). */
+typedef struct { npt_vcpu *cpu; _Atomic int stop; int ok, other; } stats_racer;
+static void *stats_loop(void *arg) {
+    stats_racer *r = arg;
+    while (!atomic_load(&r->stop)) {
+        npt_backend_stat st[2];
+        size_t n = 0;
+        npt_status s = npt_vcpu_backend_stats(r->cpu, st, 2, &n);
+        if (s == NPT_OK) r->ok++;
+        else if (s == NPT_ERR_BAD_HANDLE) break;
+        else if (s != NPT_ERR_BUSY) { r->other++; fprintf(stderr, "    stats: %s\n", npt_last_error()); break; }
+    }
+    return NULL;
+}
 static void row3(void) {
     atomic_store(&run_mode, RUN_SLOW_HALT);
     npt_context *ctx = new_context();
@@ -371,8 +400,10 @@ static void row3(void) {
         npt_vcpu *c;
         CHECK_OK(npt_vcpu_create(vm, 0, &c));
         runner r = { c, 0, 0, 0, 0 };
-        pthread_t t;
+        stats_racer sr = { c, 0, 0, 0 };
+        pthread_t t, ts;
         pthread_create(&t, NULL, run_loop, &r);
+        pthread_create(&ts, NULL, stats_loop, &sr);
         nap_us(k % 7 * 100);
         npt_status s = NPT_ERR_BUSY;
         for (int tries = 0; tries < 100000 && s == NPT_ERR_BUSY; tries++) {
@@ -382,11 +413,19 @@ static void row3(void) {
         CHECK_OK(s);
         destroyed++;
         atomic_store(&r.stop, 1);
+        atomic_store(&sr.stop, 1);
         pthread_join(t, NULL);
+        pthread_join(ts, NULL);
         CHECK_EQ(r.other, 0);
+        CHECK_EQ(sr.other, 0);
         npt_exit e = exit_init();
         CHECK_ST(npt_vcpu_run(c, &e), NPT_ERR_BAD_HANDLE);
+        size_t n = 0;
+        CHECK_ST(npt_vcpu_backend_stats(c, NULL, 0, &n), NPT_ERR_BAD_HANDLE);
         CHECK_OK(npt_vm_destroy(vm));
+        CHECK_ST(npt_vm_backend_stats(vm, NULL, 0, &n), NPT_ERR_BAD_HANDLE);
+        uint32_t isa = 0;
+        CHECK_ST(npt_vm_guest_isa(vm, &isa), NPT_ERR_BAD_HANDLE);
     }
     CHECK_EQ(atomic_load(&after_destroy), 0);
     CHECK_EQ(atomic_load(&double_destroys), 0);
@@ -603,6 +642,7 @@ static void row9(void) {
     CHECK_EQ(atomic_load(&reentry_perms), R);
     CHECK_EQ(atomic_load(&reentry_set_status), NPT_ERR_STATE);
     CHECK_EQ(atomic_load(&reentry_destroy_status), NPT_ERR_STATE);
+    CHECK_EQ(atomic_load(&reentry_stats_status), NPT_ERR_STATE); /* ABI 1.3's statistics too */
     uint64_t p = 0;
     CHECK_OK(npt_policy_get(vm, 0, &p));
     CHECK_EQ(p, R | W); /* the refused npt_policy_set changed nothing */
@@ -625,6 +665,16 @@ static void row10(void) {
     CHECK_ST(npt_vcpu_run(c, &e), NPT_ERR_BACKEND);
     CHECK(strstr(npt_last_error(), "hierarchy") != NULL);
     atomic_store(&run_mode, RUN_HALT);
+    /* A backend's statistics asking for room for SIZE_MAX: the backend's fault, not the caller's. */
+    npt_backend_stat st[4];
+    size_t count = 0;
+    atomic_store(&huge_stats, 1);
+    CHECK_ST(npt_vcpu_backend_stats(c, st, 4, &count), NPT_ERR_BACKEND);
+    CHECK(strstr(npt_last_error(), "18446744073709551615") != NULL);
+    CHECK_ST(npt_vm_backend_stats(vm, st, 4, &count), NPT_ERR_BACKEND);
+    atomic_store(&huge_stats, 0);
+    CHECK_OK(npt_vcpu_backend_stats(c, st, 4, &count));
+    CHECK_EQ(count, 1);
     CHECK_OK(npt_vcpu_run(c, &e));
     CHECK_EQ(e.reason, NPT_EXIT_HALT);
     CHECK_OK(npt_vm_destroy(vm));
@@ -862,6 +912,12 @@ static void row19(void) {
     size_t rc, tc;
     CHECK_ST(npt_host_pmem_discover_sysfs("/nonexistent", NULL, SIZE_MAX, &rc, NULL, 0, &tc), NPT_ERR_INVALID_ARGUMENT);
     CHECK(strstr(npt_last_error(), "18446744073709551615") != NULL);
+    /* ABI 1.3's size_t arguments. */
+    size_t count = 0;
+    CHECK_ST(npt_vm_backend_stats(vm, NULL, SIZE_MAX, &count), NPT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(npt_last_error(), "18446744073709551615") != NULL);
+    CHECK_ST(npt_plugin_load_with(ctx, "/nonexistent.so", NULL, big, NULL), NPT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(npt_last_error(), "9223372036854775808") != NULL);
     CHECK_OK(npt_vm_destroy(vm));
     CHECK_OK(npt_context_destroy(ctx));
 }

@@ -141,6 +141,7 @@ let validPerms: [EPTPermissions] = [[], [.read], [.read, .write], [.read, .super
         let name: String
         let summary = "test"
         let capabilities: BackendCapabilities
+        let guestISA = GuestISA.none
         let abiVersion: UInt32
         init(_ name: String, caps: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo],
              abi: UInt32 = NPTABI.version) {

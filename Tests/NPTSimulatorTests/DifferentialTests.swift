@@ -10,7 +10,7 @@ import Testing
 @Suite struct DifferentialTests {
     @Test("2 million differential steps: every divergence documented, exact mode with SMEP exact")
     func twoMillionSteps() throws {
-        let reports = try DifferentialSuite.runParts(totalSteps: 2_000_000, seed: 20261129)
+        let reports = try DifferentialSuite.runParts(totalSteps: 2_040_000, seed: 20261129)
         var total = DifferentialReport()
         for (p, r) in zip(DifferentialSuite.parts, reports) {
             print("differential \(p.name): \(r.summary)")

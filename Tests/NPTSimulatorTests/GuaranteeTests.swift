@@ -1,4 +1,5 @@
 @testable import NPTCore
+import NPTScenarios
 import NPTSimulator
 import Synchronization
 import Testing
@@ -11,7 +12,7 @@ import Testing
         return reg
     }
 
-    func vm(_ mode: VMConfig.MBECMode, withoutExits: BackendCapabilities = [], ram: UInt64 = HVCIScenario.ram) throws(NPTError) -> VirtualMachine {
+    func vm(_ mode: VMConfig.MBECMode, withoutExits: BackendCapabilities = [], ram: UInt64 = HVCISim.ram) throws(NPTError) -> VirtualMachine {
         try VirtualMachine(config: VMConfig(ramSize: ram, mbecMode: mode), registry: registry(withoutExits: withoutExits))
     }
 
@@ -48,12 +49,12 @@ import Testing
     @Test(arguments: [VMConfig.MBECMode.exact, .lazy, .violationOnly])
     func ret2dirThroughTheEntry(mode: VMConfig.MBECMode) throws {
         let withoutExits: BackendCapabilities = mode == .violationOnly ? [.exitOnEscalation, .exitOnReturn] : []
-        let outcome = try HVCIScenario().runEntryAttack(on: vm(mode, withoutExits: withoutExits))
+        let outcome = try EntryAttackScenario().run(on: vm(mode, withoutExits: withoutExits))
         switch (mode, outcome) {
         case (.exact, .stopped(let x)), (.lazy, .stopped(let x)):
             #expect(x.cpl == 0)
-            #expect(x.gva.raw == HVCIScenario.syscallVA)
-            #expect(x.gpa.raw == HVCIScenario.userJIT + (HVCIScenario.syscallVA - HVCIScenario.kernelCodeVA))
+            #expect(x.gva.raw == HVCISim.syscallVA)
+            #expect(x.gpa.raw == HVCISim.userJIT)
             #expect(x.violation.isSuperset(of: [.fetch, .readable, .writable, .userExecutable, .linearTranslation]))
             #expect(!x.violation.contains(.executable) && !x.violation.contains(.userLinear))
         case (.violationOnly, .ran(let cpl, _, let h)):
@@ -103,6 +104,42 @@ import Testing
         let x = try v1.run()
         #expect(x.reason == .mbecViolation, "the new vCPU ran the revoked page: \(x)")
         #expect(x.gpa.raw == page && x.violation.contains(.fetch))
+    }
+
+    /// Finding 4: NVDIMM ranges carry policies like RAM (npt_policy_set used to refuse them).
+    @Test func nvdimmRangesCarryPolicies() throws {
+        let vm = try vm(.exact, ram: 1 << 20)
+        let base: UInt64 = 0x4000_0000
+        _ = try vm.addNVDIMM(gpa: GPA(base), size: 0x4000, hostRegion: 1, regionOffset: 0)
+        #expect(try vm.permissions(at: GPA(base)) == [.read, .write])   // the default permissions
+        // Paging off: every address is user-mode, so Xu governs. R|Xs on the first page: no fetch.
+        try vm.setPolicy(PolicyRange(start: GPA(base), size: 0x1000, pageSize: .size4K, permissions: [.read, .supervisorExecute]))
+        try vm.setPolicy(PolicyRange(start: GPA(base + 0x1000), size: 0x1000, pageSize: .size4K, permissions: [.read, .userExecute]))
+        #expect(try vm.permissions(at: GPA(base)) == [.read, .supervisorExecute])
+        #expect(vm.snapshot.translate(GPA(base), in: .supervisor).permissions == [.read, .execute])
+        #expect(vm.snapshot.translate(GPA(base), in: .user).permissions == [.read])
+        // A range crossing the NVDIMM range's end, or its alignment, is refused and changes nothing.
+        #expect(code { () throws(NPTError) in try vm.setPolicy(PolicyRange(start: GPA(base + 0x3000), size: 0x2000, pageSize: .size4K, permissions: .all)) } == .outOfRange)
+        #expect(code { () throws(NPTError) in try vm.setPolicy(PolicyRange(start: GPA(base + 0x800), size: 0x1000, pageSize: .size4K, permissions: .all)) } == .misaligned)
+        #expect(try vm.permissions(at: GPA(base + 0x3000)) == [.read, .write])
+        // The guest: a jump into the R|Xs page is refused, the R|Xu page runs.
+        var loop = Assembler(origin: 0x1000)
+        loop.jump(to: base + 0x1000, via: 1)
+        try vm.writeMemory(GPA(0x1000), bytes: loop.bytes)
+        try vm.setPolicy(PolicyRange(start: GPA(0x1000), size: 0x1000, pageSize: .size4K, permissions: [.read, .userExecute]))
+        let cpu = try vm.makeVCPU(index: 0)
+        var r = Registers()
+        r.rip = 0x1000
+        try cpu.setRegisters(r)
+        // The R|Xu page holds zeros (NOPs): it runs through to the next page (R|W): refused there.
+        let x = try cpu.run()
+        #expect(x.reason == .mbecViolation && x.gpa.raw == base + 0x2000 && x.violation.contains(.fetch), "\(x)")
+        // A jump to the R|Xs page: refused at once (Xu governs with paging off).
+        var r2 = Registers()
+        r2.rip = base
+        try cpu.setRegisters(r2)
+        let y = try cpu.run()
+        #expect(y.reason == .mbecViolation && y.gpa.raw == base && y.violation.contains([.fetch, .executable, .userLinear]), "\(y)")
     }
 
     /// Finding 5: destroyed vCPUs leave the privileged-mode coordinator (their slots are reused).
@@ -156,7 +193,7 @@ import Testing
         sleepNanos(50_000_000)
         let ranDuringMode = ran.load(ordering: .acquiring)
         #expect(!ranDuringMode, "a vCPU created during the mode ran while the region was visible")
-        #expect(vm.backendVM.outsideWhileVisible == 0)
+        #expect(try vm.backendStatistics().value(BackendStatistic.outsideWhileVisible) == 0)
         stopHolder.store(true, ordering: .releasing)
         t.join()
         try holder.leavePrivileged()
@@ -170,9 +207,9 @@ import Testing
 @Suite struct ExitArmingTests {
     func exitsPerCall(_ mode: VMConfig.MBECMode, policy: (inout [PolicyRange]) -> Void) throws -> (escalation: Double, ret: Double, violation: Double, printed: Int) {
         func run(_ n: Int) throws -> (VMStatistics, HVCIScenario.Outcome) {
-            let vm = try makeSimVM(ram: HVCIScenario.ram, mode: mode)
+            let vm = try makeSimVM(ram: HVCISim.ram, mode: mode)
             let s = HVCIScenario(syscalls: n)
-            var p = s.policy
+            var p = try HVCIScenario.image(for: .simulator).policy.map(\.range)
             policy(&p)
             let o = try s.run(on: vm, policy: p)
             return (vm.statistics(), o)
@@ -215,34 +252,37 @@ import Testing
     /// (no user-only page yet, so no escalation exit armed) until the test, after `setPolicy`
     /// returned, lets it make the system call into the attacker's alias. It must be stopped.
     @Test func addingTheFirstUserOnlyPageArmsTheEscalationExitFirst() throws {
-        let vm = try makeSimVM(ram: HVCIScenario.ram, mode: .lazy)
-        let s = HVCIScenario()
-        var (img, regs) = try s.entryAttackImage()
+        let vm = try makeSimVM(ram: HVCISim.ram, mode: .lazy)
+        let image = try HVCIScenario.image(for: .simulator)
+        var img = image.attackedMemory
+        var regs = image.boot
+        regs.cpl = 3
+        regs.rip = HVCISim.userCodeVA
         // The user process waits for a flag in its data page, then makes the system call.
-        var u = Assembler(origin: HVCIScenario.userCodeVA)
-        u.load64(2, HVCIScenario.userDataVA)
+        var u = Assembler(origin: HVCISim.userCodeVA)
+        u.load64(2, HVCISim.userDataVA)
         let wait = u.here
         u.emit(.load, 0, 2, 0)
         u.jz(0, to: wait)
         u.emit(.syscall)
-        img.write(HVCIScenario.userCode, u.bytes)
-        var before = s.policy
+        img.write(HVCISim.userCode, u.bytes)
+        var before = image.policy.map(\.range)
         for i in before.indices where before[i].permissions.contains(.userExecute) { before[i].permissions.insert(.supervisorExecute) }
         try vm.setPolicy(before)
         #expect(vm.exitNeeds.load(ordering: .relaxed) & VirtualMachine.needsUserOnly == 0)
         try img.load(into: vm)
         let cpu = try vm.makeVCPU(index: 0)
         try cpu.setRegisters(regs)
-        let outcome = Mutex<HVCIScenario.EntryAttackOutcome?>(nil)
-        let t = HostThread { let o = try? s.finishEntryAttack(cpu); outcome.withLock { $0 = o } }
+        let outcome = Mutex<EntryAttackScenario.Outcome?>(nil)
+        let t = HostThread { let o = try? EntryAttackScenario.finish(cpu); outcome.withLock { $0 = o } }
         while !cpu.isRunning { sleepNanos(100_000) }
         sleepNanos(2_000_000)
-        try vm.setPolicy(s.policy)     // JIT and user code become user-execute only
-        try vm.writeMemory(GPA(HVCIScenario.userData), bytes: [1, 0, 0, 0, 0, 0, 0, 0])
+        try vm.setPolicy(image.policy.map(\.range))     // JIT and user code become user-execute only
+        try vm.writeMemory(GPA(HVCISim.userData), bytes: [1, 0, 0, 0, 0, 0, 0, 0])
         t.join()
         let o = try #require(outcome.withLock { $0 })
         guard case .stopped(let x) = o else { Issue.record("the attack ran: \(o)"); return }
-        #expect(x.cpl == 0 && x.gva.raw == HVCIScenario.syscallVA)
+        #expect(x.cpl == 0 && x.gva.raw == HVCISim.syscallVA)
         #expect(vm.statistics().exitsEscalation >= 1)
     }
 }

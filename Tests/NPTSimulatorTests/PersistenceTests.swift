@@ -1,10 +1,25 @@
 @testable import NPTCore
+import NPTScenarios
 import NPTSimulator
 import Synchronization
 import Testing
 
 @discardableResult
-func runToHalt(_ v: VirtualCPU) throws -> [(Int32, UInt64)] { try PersistenceScenario.runToHalt(v) }
+func runToHalt(_ v: VirtualCPU) throws -> [(port: Int32, value: UInt64)] { try NVDIMMScenario.runToHalt(v) }
+
+/// The NVDIMM scenario on simulator VMs of their own backend (its own platform).
+extension NVDIMMScenario {
+    static let ram = NVDIMMSim.ram
+    static let nvdimmGPA = NVDIMMSim.nvdimmGPA
+    static let nvdimmSize = NVDIMMSim.nvdimmSize
+    static func makeVM(backend: SimulatorBackend, budget: UInt64 = 0) throws(NPTError) -> VirtualMachine {
+        let reg = BackendRegistry()
+        try reg.register(backend, makeDefault: true)
+        return try VirtualMachine(config: VMConfig(ramSize: ram, maxStepsPerRun: budget), registry: reg)
+    }
+    /// Record k of vCPU 0's log on the media after a power failure: its first word (the magic), 0 if lost.
+    func magic(_ vm: VirtualMachine, _ k: Int) throws -> UInt64 { try read64(vm, recordGPA(NVDIMMSim.image, cpu: 0, k)) }
+}
 
 func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
     var v: UInt64 = 0
@@ -13,7 +28,7 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
 }
 
 @Suite struct PersistenceTests {
-    typealias S = PersistenceScenario
+    typealias S = NVDIMMScenario
 
     @Test func platformNeedingFlushTrapsEveryGuestFlushOnceAndKeepsDurableData() throws {
         let backend = try SimulatorBackend(platform: .standard(needsWPQFlush: true))
@@ -24,7 +39,7 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
         #expect(vm.flushHintTrapped)
         let printed = try runToHalt(v)
         let report = checker.stop()
-        #expect(printed.filter { $0.0 == S.portDurable }.map(\.1) == [0, 1, 2, 3])
+        #expect(printed.filter { $0.port == S.Port.durable }.map(\.value) == [0, 1, 2, 3])
         let f = vm.flushStatistics()
         // Exactly one exit per guest flush; region 1 is interleaved across two controllers.
         #expect(f.exits == 4 && f.guestFlushes == 4)
@@ -33,21 +48,22 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
         #expect(f.untrappedWrites == 0)
         #expect(vm.statistics().exitsEPTViolation == 4)
         #expect(report.losses.isEmpty, "\(report.losses)")
-        #expect(report.durableStores == 4)
+        #expect(report.durableStores == 8)    // two stores a record: the magic and the index
         #expect(report.crashPoints > 20)
         // The power cut: the durable records survive; the two the guest did not flush do not
         // (the WPQ is outside this platform's persistence domain).
         try vm.powerFailure()
-        for k in 0..<4 { #expect(try read64(vm, S.recordGPA(cpu: 0, k)) == S.recordValue(cpu: 0, k)) }
-        #expect(try read64(vm, S.recordGPA(cpu: 0, 4)) == 0)
-        #expect(try read64(vm, S.recordGPA(cpu: 0, 5)) == 0)
+        for k in 0..<4 { #expect(try scenario.holdsRecord(vm, cpu: 0, k)) }
+        #expect(try scenario.magic(vm, 4) == 0)
+        #expect(try scenario.magic(vm, 5) == 0)
     }
 
     @Test func platformWithoutWPQFlushingCostsNoExit() throws {
         let backend = try SimulatorBackend(platform: .standard(needsWPQFlush: false))
         let vm = try S.makeVM(backend: backend)
         let checker = CrashChecker(platform: backend.platform)
-        let v = try S(cpus: 1, records: 4).setUp(vm)[0]
+        let scenario = S(needsWPQFlush: false, cpus: 1, records: 4)
+        let v = try scenario.setUp(vm)[0]
         #expect(!vm.flushHintTrapped)
         try runToHalt(v)
         let report = checker.stop()
@@ -56,12 +72,12 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
         #expect(f.untrappedWrites == 4)
         #expect(vm.statistics().exitsEPTViolation == 0)
         #expect(report.losses.isEmpty, "\(report.losses)")
-        #expect(report.durableStores == 4)
+        #expect(report.durableStores == 8)
         try vm.powerFailure()
-        for k in 0..<4 { #expect(try read64(vm, S.recordGPA(cpu: 0, k)) == S.recordValue(cpu: 0, k)) }
+        for k in 0..<4 { #expect(try scenario.holdsRecord(vm, cpu: 0, k)) }
         // ADR drains the WPQ at the power failure: fenced data survives, cached data does not.
-        #expect(try read64(vm, S.recordGPA(cpu: 0, 4)) == 0)
-        #expect(try read64(vm, S.recordGPA(cpu: 0, 5)) == S.recordValue(cpu: 0, 5))
+        #expect(try scenario.magic(vm, 4) == 0)
+        #expect(try scenario.holdsRecord(vm, cpu: 0, 5))
     }
 
     @Test func disablingTrapsWhereFlushingIsNeededLosesDataAndTheCheckerSaysSo() throws {
@@ -70,16 +86,17 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
         try vm.addNVDIMM(gpa: GPA(S.nvdimmGPA), size: S.nvdimmSize, hostRegion: 1, regionOffset: 0)
         try vm.setFlushOptions(FlushOptions(trap: .never))
         let checker = CrashChecker(platform: backend.platform)
-        let v = try S(cpus: 1, records: 4).setUp(vm)[0]
+        let scenario = S(cpus: 1, records: 4)
+        let v = try scenario.setUp(vm)[0]
         #expect(!vm.flushHintTrapped)
         try runToHalt(v)
         let report = checker.stop()
         #expect(vm.flushStatistics().exits == 0)
-        #expect(report.durableStores == 4)
+        #expect(report.durableStores == 8)
         #expect(!report.losses.isEmpty)
-        #expect(Set(report.losses.map(\.spa)).count == 4, "every durable record is lost at some crash point")
+        #expect(Set(report.losses.map { $0.spa & ~63 }).count == 4, "every durable record is lost at some crash point")
         try vm.powerFailure()
-        #expect(try read64(vm, S.recordGPA(cpu: 0, 0)) == 0)
+        #expect(try scenario.magic(vm, 0) == 0)
     }
 
     /// Several vCPUs interleaved instruction by instruction in seeded random orders; every event of
@@ -102,7 +119,7 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
         }
         let report = checker.stop()
         #expect(report.losses.isEmpty, "seed \(seed): \(report.losses.prefix(3))")
-        #expect(report.durableStores == 9)
+        #expect(report.durableStores == 18)
         let f = vm.flushStatistics()
         #expect(f.exits == 9 && f.guestFlushes == 9)
         // One thread drives every vCPU: nothing is concurrent, so nothing coalesces.
@@ -329,7 +346,7 @@ func read64(_ vm: VirtualMachine, _ gpa: UInt64) throws -> UInt64 {
             let backend = try SimulatorBackend(platform: d)
             let vm = try S.makeVM(backend: backend)
             let checker = CrashChecker(platform: backend.platform)
-            let v = try S(cpus: 1, records: 2, hostRegion: host.regions[0].id).setUp(vm)[0]
+            let v = try S(needsWPQFlush: needs, cpus: 1, records: 2).setUp(vm)[0]
             try runToHalt(v)
             #expect(checker.stop().losses.isEmpty)
             #expect(vm.flushStatistics().exits == (needs ? 2 : 0))
@@ -341,6 +358,7 @@ final class NoPMemBackend: Backend {
     let name = "nopmem"
     let summary = "a backend with no persistent memory"
     let capabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .run]
+    let guestISA = GuestISA.simulator
     func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
         try SimulatorBackend().makeVM(config: config, hierarchies: hierarchies, handle: handle)
     }
@@ -355,6 +373,7 @@ final class FlakyBackend: Backend {
     let failInvalidate = Atomic<Bool>(false)
     let failDefine = Atomic<Bool>(false)
     var capabilities: BackendCapabilities { inner.capabilities }
+    var guestISA: GuestISA { inner.guestISA }
     func hostPersistence() throws(NPTError) -> HostPersistence { try inner.hostPersistence() }
     func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
         FlakyVM(inner: try inner.makeVM(config: config, hierarchies: hierarchies, handle: handle), backend: self)

@@ -1,11 +1,12 @@
 import NPTCore
+import NPTScenarios
 import NPTSimulator
 import Synchronization
 import Testing
 
 @Suite(.serialized) struct PrivilegedModeRuntimeTests {
     func vm(budget: UInt64 = 2000) throws -> VirtualMachine {
-        try makeSimVM(ram: PrivilegedScenario.ram, perms: [.read, .write], budget: budget)
+        try makeSimVM(ram: PrivilegedSim.ram, perms: [.read, .write], budget: budget)
     }
 
     func checkInvariant(_ o: PrivilegedScenario.Outcome, requests: Int) {
@@ -56,7 +57,7 @@ import Testing
         let v = try vm()
         _ = try PrivilegedScenario(cpus: 2, requests: 0).prepare(v)
         for h in HierarchyID.allCases {
-            #expect(!v.snapshot.translate(GPA(PrivilegedScenario.regionBase), in: h).present)
+            #expect(!v.snapshot.translate(GPA(PrivilegedSim.regionBase), in: h).present)
         }
         #expect(v.privileged.holder == nil)
     }
@@ -67,7 +68,7 @@ import Testing
             do { try body(); return nil } catch let e as NPTError { return e.code } catch { return nil }
         }
         #expect(code { try v.defineRegion(start: GPA(0x1000), size: 0x1000, contents: []) } == .overlap)
-        #expect(code { try v.defineRegion(start: GPA(PrivilegedScenario.ram - 0x1000), size: 0x2000, contents: []) } == .overlap)
+        #expect(code { try v.defineRegion(start: GPA(PrivilegedSim.ram - 0x1000), size: 0x2000, contents: []) } == .overlap)
         #expect(code { try v.defineRegion(start: GPA(0x8000_0000), size: 0, contents: []) } == .invalidArgument)
         #expect(code { try v.defineRegion(start: GPA(0x8000_0800), size: 0x1000, contents: []) } == .misaligned)
         #expect(code { try v.defineRegion(start: GPA(0x8000_0000), size: 0x1800, contents: []) } == .misaligned)
@@ -93,11 +94,14 @@ import Testing
         let reg = BackendRegistry()
         let stubborn = StubbornBackend()
         try reg.register(stubborn, makeDefault: true)
-        let v = try VirtualMachine(config: VMConfig(ramSize: PrivilegedScenario.ram), registry: reg)
+        let v = try VirtualMachine(config: VMConfig(ramSize: PrivilegedSim.ram), registry: reg)
         let cpus = try PrivilegedScenario(cpus: 2, requests: 0, stopTimeoutNanos: 50_000_000).prepare(v)
-        // vCPU 1 probes RAM instead of the region, so its loop never exits by itself.
+        // vCPU 1 spins in place (in the loop's executable page), so it never exits by itself.
+        var spin = Assembler(origin: PrivilegedSim.code + 0x800)
+        spin.jmp(to: spin.here)
+        try v.writeMemory(GPA(spin.origin), bytes: spin.bytes)
         var r = try cpus[1].registers()
-        r.gpr[10] = PrivilegedScenario.heartbeats
+        r.rip = spin.origin
         try cpus[1].setRegisters(r)
         let runner = HostThread { _ = try? cpus[1].run() }
         while !cpus[1].isRunning { sleepNanos(100_000) }
@@ -109,7 +113,7 @@ import Testing
         #expect(v.lastPrivilegedError.contains("did not stop"))
         #expect(v.privileged.statistics.failures == 1)
         #expect(v.privileged.statistics.entries == 0)
-        #expect(!v.snapshot.translate(GPA(PrivilegedScenario.regionBase), in: .supervisor).present)
+        #expect(!v.snapshot.translate(GPA(PrivilegedSim.regionBase), in: .supervisor).present)
         #expect(v.privileged.holder == nil)
         #expect(v.privileged.protocolState.stopRequested.allSatisfy { !$0 }, "the others were not released")
         stubborn.release()
@@ -137,6 +141,7 @@ final class StubbornBackend: Backend, @unchecked Sendable {
     let name = "stubborn"
     let summary = "simulator whose vCPU 1 ignores kicks"
     var capabilities: BackendCapabilities { inner.capabilities }
+    var guestISA: GuestISA { inner.guestISA }
     private let released = Atomic<Bool>(false)
     private var vcpus: [StubbornVCPU] = []
     func release() {
@@ -164,7 +169,7 @@ final class StubbornBackend: Backend, @unchecked Sendable {
             try inner.defineRegion(range, hostOffset: hostOffset, contents: contents)
         }
         func regionVisibility(holder: UInt32?) { inner.regionVisibility(holder: holder) }
-        var outsideWhileVisible: UInt64 { inner.outsideWhileVisible }
+        func backendStatistics() throws(NPTError) -> [BackendStatistic] { try inner.backendStatistics() }
         func destroy() { inner.destroy() }
     }
     final class StubbornVCPU: BackendVCPU, @unchecked Sendable {
@@ -190,7 +195,7 @@ final class StubbornBackend: Backend, @unchecked Sendable {
             try inner.injectFault(vector: vector, errorCode: errorCode, address: address)
         }
         func kick() { if owner.released.load(ordering: .acquiring) { inner.kick() } }
-        var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { inner.counters }
+        func backendStatistics() throws(NPTError) -> [BackendStatistic] { try inner.backendStatistics() }
         func destroy() { inner.destroy() }
     }
 }

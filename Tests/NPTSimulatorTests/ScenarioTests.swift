@@ -1,6 +1,7 @@
 import MBECReference
 import NPTCore
 import NPTDifferential
+import NPTScenarios
 import NPTSimulator
 import Synchronization
 import Testing
@@ -13,27 +14,27 @@ import Testing
         try #require(o.violations.count == 2)
         let user = o.violations[0], kernel = o.violations[1]
         // Attack 1: user fetch of a supervisor-execute-only page at a user-mode address.
-        #expect(user.gva.raw == HVCIScenario.driverUserAliasVA)
-        #expect(user.gpa.raw == HVCIScenario.driver)
+        #expect(user.gva.raw == HVCISim.driverUserAliasVA)
+        #expect(user.gpa.raw == HVCISim.driver)
         #expect(user.cpl == 3)
         #expect(user.violation.isSuperset(of: [.fetch, .readable, .executable, .linearValid, .linearTranslation, .userLinear]))
         #expect(!user.violation.contains(.userExecutable))
         #expect(!user.violation.contains(.writable))
         // Attack 2: kernel fetch of a user-execute-only page through a supervisor-mode alias.
-        #expect(kernel.gva.raw == HVCIScenario.jitKernelAliasVA)
-        #expect(kernel.gpa.raw == HVCIScenario.userJIT)
+        #expect(kernel.gva.raw == HVCISim.jitKernelAliasVA)
+        #expect(kernel.gpa.raw == HVCISim.userJIT)
         #expect(kernel.cpl == 0)
         #expect(kernel.violation.isSuperset(of: [.fetch, .readable, .writable, .userExecutable]))
         #expect(!kernel.violation.contains(.executable))
         #expect(!kernel.violation.contains(.userLinear))
         // The guest kernel's handler saw both as #VE at the faulting addresses.
         #expect(o.faultsSeenByGuest.map(\.vector) == [20, 20])
-        #expect(o.faultsSeenByGuest.map(\.rip) == [HVCIScenario.driverUserAliasVA, HVCIScenario.jitKernelAliasVA])
+        #expect(o.faultsSeenByGuest.map(\.rip) == [HVCISim.driverUserAliasVA, HVCISim.jitKernelAliasVA])
     }
 
     @Test(arguments: [VMConfig.MBECMode.exact, .lazy])
     func stopsBothAttacks(mode: VMConfig.MBECMode) throws {
-        let vm = try makeSimVM(ram: HVCIScenario.ram, mode: mode)
+        let vm = try makeSimVM(ram: HVCISim.ram, mode: mode)
         let o = try HVCIScenario(syscalls: 10).run(on: vm)
         try check(o, syscalls: 10)
         let s = vm.statistics()
@@ -52,7 +53,7 @@ import Testing
     @Test(arguments: [VMConfig.MBECMode.exact, .lazy])
     func twoExitsPerSystemCallRoundTrip(mode: VMConfig.MBECMode) throws {
         func exits(_ n: Int) throws -> UInt64 {
-            let vm = try makeSimVM(ram: HVCIScenario.ram, mode: mode)
+            let vm = try makeSimVM(ram: HVCISim.ram, mode: mode)
             _ = try HVCIScenario(syscalls: n).run(on: vm)
             let s = vm.statistics()
             return s.exitsEscalation + s.exitsReturnToUser + s.exitsEPTViolation
@@ -63,13 +64,13 @@ import Testing
     /// The QEMU-style loop (raw exits, the tool asks the core) gives the same outcome as the
     /// library's loop.
     @Test func rawLoopMatchesLibraryLoop() throws {
-        let vm = try makeSimVM(ram: HVCIScenario.ram)
+        let vm = try makeSimVM(ram: HVCISim.ram)
         let s = HVCIScenario(syscalls: 5)
-        let (img, regs) = try s.image()
-        try vm.setPolicy(s.policy)
-        try img.load(into: vm)
+        let image = try HVCIScenario.image(for: .simulator)
+        try vm.setPolicy(image.policy.map(\.range))
+        try image.memory.load(into: vm)
         let cpu = try vm.makeVCPU(index: 0)
-        try cpu.setRegisters(regs)
+        try cpu.setRegisters(s.bootRegisters(image))
         var printed: [UInt64] = [], violations: [VMExit] = [], actions: [VMExit.Reason: Int] = [:]
         loop: for _ in 0..<10_000 {
             var x = try cpu.runRaw()
@@ -82,10 +83,10 @@ import Testing
                 try cpu.injectFault(vector: 20, errorCode: x.qualification, address: x.gva.raw)
             case .tool:
                 if x.reason == .halt { break loop }
-                if x.reason == .io && x.ioPort == 1 { printed.append(x.ioValue) }
+                if x.reason == .io && x.ioPort == HVCIScenario.Port.print { printed.append(x.ioValue) }
             }
         }
-        let reference = try HVCIScenario(syscalls: 5).run(on: try makeSimVM(ram: HVCIScenario.ram))
+        let reference = try HVCIScenario(syscalls: 5).run(on: try makeSimVM(ram: HVCISim.ram))
         #expect(printed == reference.printed)
         #expect(violations == reference.violations)
         #expect(actions[.escalation] == 8 && actions[.returnToUser] == 8)

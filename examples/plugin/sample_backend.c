@@ -3,7 +3,10 @@
  *
  * Build:  cc -std=c11 -shared -fPIC -I include examples/plugin/sample_backend.c \
  *            -o libnptkit-sample.so -lpthread
- * Load:   npt_plugin_load(ctx, "./libnptkit-sample.so", &name)   (name == "sample")
+ * Load:   npt_plugin_load(ctx, "./libnptkit-sample.so", &name)   (name == "sample"), or with
+ *         arguments (plugin interface 2, npt_plugin_init):
+ *           npt_plugin_arg a[] = {{"name", "sample-two"}};
+ *           npt_plugin_load_with(ctx, "./libnptkit-sample.so", a, 1, &name)
  *
  * What a backend is (include/nptkit.h, "Backends as a table of function pointers"): the
  * mechanism, never the policy. The core decides which shadow hierarchy a vCPU must see and tells
@@ -17,8 +20,10 @@
  *
  * Rules a plugin follows:
  *  - it does not link libnptkit.so: whatever it needs from the core comes in the npt_host_api
- *    table given to npt_plugin_entry (kept in `host` below);
- *  - npt_plugin_entry checks the host's ABI major version and refuses another one;
+ *    table given to npt_plugin_init / npt_plugin_entry (kept in `host` below);
+ *  - its entry checks the host's ABI major version and refuses another one, and refuses an
+ *    argument it does not know, saying why through host->set_error (the core's error channel:
+ *    the message becomes npt_last_error() of the call that failed, also for operations);
  *  - the ops table it returns stays valid for as long as the plugin is loaded (it is static).
  *
  * Persistent memory (NPT_CAP_PERSISTENT_MEMORY, ABI 1.1): the backend reports one host region
@@ -37,6 +42,7 @@
  */
 #include <nptkit.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -44,7 +50,13 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
-static const npt_host_api *host; /* the core's functions; this backend needs none of them (tests read it) */
+static const npt_host_api *host; /* the core's functions (the error channel; tests read it) */
+
+/* Says why an operation fails, through the core's error channel (ABI 1.3) when the host has one. */
+static void say(const char *message) {
+    if (host != NULL && host->size >= offsetof(npt_host_api, set_error) + sizeof host->set_error && host->set_error)
+        host->set_error(message);
+}
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct sample_counters counters;
@@ -81,6 +93,7 @@ struct sample_vcpu {
     uint32_t hierarchy;     /* what the core last exposed: NPT_HIERARCHY_* */
     uint32_t exit_controls; /* NPT_EXITCTL_* */
     int trapped_write;      /* the last exit was a write to the trapped vFHA, not yet completed */
+    uint64_t runs;          /* exits this vCPU played (under `lock`) */
     npt_regs regs;
 };
 
@@ -89,6 +102,7 @@ static int failing(uint32_t op) {
     if ((fail_pmem & op) == 0) return 0;
     fail_pmem &= ~op;
     counters.pmem_failures++;
+    say("failure injected by sample_backend_fail_pmem");
     return 1;
 }
 
@@ -226,7 +240,11 @@ static npt_status sample_vcpu_run(void *vcpu_data, npt_exit *exit) {
         counters.runs++;
     }
     pthread_mutex_unlock(&lock);
-    if (!have) return NPT_ERR_STATE; /* nothing left to play */
+    if (!have) { /* nothing left to play */
+        say("the exit script is exhausted (sample_backend_set_script)");
+        return NPT_ERR_STATE;
+    }
+    COUNT(c->runs++);
     /* A write to the vFHA while it traps: the guest instruction stays pending until the core
      * completes it (vcpu_complete_trapped_write). */
     pthread_mutex_lock(&lock);
@@ -385,6 +403,32 @@ static npt_status sample_vcpu_complete_trapped_write(void *vcpu_data) {
 
 /* ---- the ops table and the entry ---------------------------------------- */
 
+/* ---- statistics (ABI 1.3) ---------------------------------------------- */
+
+static npt_status give_stats(const npt_backend_stat *have, size_t n, npt_backend_stat *stats, size_t cap,
+                             size_t *count) {
+    if (count == NULL) return NPT_ERR_INVALID_ARGUMENT;
+    *count = n;
+    if (cap < n) return NPT_ERR_BUFFER_TOO_SMALL;
+    if (stats == NULL) return NPT_ERR_INVALID_ARGUMENT;
+    memcpy(stats, have, n * sizeof *have);
+    return NPT_OK;
+}
+
+static npt_status sample_vm_stats(void *vm_data, npt_backend_stat *stats, size_t cap, size_t *count) {
+    struct sample_vm *v = vm_data;
+    npt_backend_stat have[2] = {{"ram_bytes", v->ram_size}, {"nvdimm_ranges", 0}};
+    COUNT(have[1].value = v->nvdimm_count);
+    return give_stats(have, 2, stats, cap, count);
+}
+
+static npt_status sample_vcpu_stats(void *vcpu_data, npt_backend_stat *stats, size_t cap, size_t *count) {
+    struct sample_vcpu *c = vcpu_data;
+    npt_backend_stat have[2] = {{"scripted_exits", 0}, {"hierarchy", 0}};
+    COUNT(have[0].value = c->runs; have[1].value = c->hierarchy);
+    return give_stats(have, 2, stats, cap, count);
+}
+
 static const npt_backend_ops sample_ops = {
     .abi_version = NPT_ABI_VERSION,
     .size = sizeof(npt_backend_ops),
@@ -422,8 +466,63 @@ static const npt_backend_ops sample_ops = {
     .vcpu_complete_trapped_write = sample_vcpu_complete_trapped_write,
     .untrapped_flush_hint_writes = NULL,
     .power_failure = NULL,
+    /* It executes nothing: its exits are a script. */
+    .guest_isa = NPT_GUEST_ISA_NONE,
+    /* No privileged mode (NPT_CAP_PRIVILEGED_MODE is not claimed): no enter/leave. */
+    .vm_stats = sample_vm_stats,
+    .vcpu_stats = sample_vcpu_stats,
 };
 
+/* ---- the entries --------------------------------------------------------- */
+
+#ifndef SAMPLE_INTERFACE_1_ONLY
+static char *copy_string(const char *s) {
+    size_t n = strlen(s) + 1;
+    char *p = malloc(n);
+    if (p != NULL) memcpy(p, s, n);
+    return p;
+}
+
+/* Plugin interface 2 (ABI 1.3): arguments name=NAME (register under another name, e.g. to load it
+ * twice) and description=TEXT; any other key is refused. Each load gets its own ops table (never
+ * freed: the core keeps using it while the context lives). */
+EXPORT npt_status npt_plugin_init(const npt_plugin_info *info, const npt_backend_ops **ops) {
+    if (info == NULL || ops == NULL || info->size < offsetof(npt_plugin_info, args) + sizeof info->args)
+        return NPT_ERR_INVALID_ARGUMENT;
+    if (NPT_ABI_MAJOR(info->abi_version) != NPT_ABI_VERSION_MAJOR) return NPT_ERR_ABI_MISMATCH;
+    host = info->host;
+    const char *name = SAMPLE_BACKEND_NAME, *description = sample_ops.description;
+    for (size_t i = 0; i < info->argc; i++) {
+        const npt_plugin_arg *a = &info->args[i];
+        if (strcmp(a->key, "name") == 0) {
+            if (a->value[0] == '\0' || strlen(a->value) > 63) {
+                say("sample: name must be 1 to 63 characters");
+                return NPT_ERR_INVALID_ARGUMENT;
+            }
+            name = a->value;
+        } else if (strcmp(a->key, "description") == 0) {
+            description = a->value;
+        } else {
+            say("sample: unknown argument (it takes name and description)");
+            return NPT_ERR_INVALID_ARGUMENT;
+        }
+    }
+    npt_backend_ops *mine = malloc(sizeof *mine);
+    char *n = copy_string(name), *d = copy_string(description);
+    if (mine == NULL || n == NULL || d == NULL) {
+        free(mine), free(n), free(d);
+        say("sample: out of memory");
+        return NPT_ERR_BACKEND;
+    }
+    *mine = sample_ops;
+    mine->name = n;
+    mine->description = d;
+    *ops = mine;
+    return NPT_OK;
+}
+#endif
+
+/* Plugin interface 1: no arguments. */
 EXPORT npt_status npt_plugin_entry(const npt_host_api *h, const npt_backend_ops **ops) {
     if (h == NULL || ops == NULL) return NPT_ERR_INVALID_ARGUMENT;
     if (NPT_ABI_MAJOR(h->abi_version) != NPT_ABI_VERSION_MAJOR) return NPT_ERR_ABI_MISMATCH;

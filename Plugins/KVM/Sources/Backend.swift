@@ -7,25 +7,28 @@ import SystemPackage
 import Glibc
 #endif
 
-/// A VM of the KVM backend: a KVM VM whose guest RAM (anonymous shared memory) is mapped at GPA 0.
+/// A VM of the KVM backend: guest RAM (anonymous shared memory) mapped at GPA 0 in one or more KVM
+/// VMs, one per memslot layout its vCPUs need (views, Views.swift).
 final class KVMVM: @unchecked Sendable {
     let system: KVMSystem
-    let vm: KVMVirtualMachine
     let memory: GuestMemory
     /// The core's handle of this VM (for npt_host_api calls).
     let handle: OpaquePointer?
     let cpuid: KVMCPUID
-    /// The memslot layout (Layout.swift).
+    /// The KVM VM created with the VM (all RAM mapped until it adopts the first layout).
+    let primary: KVMView
+    /// The views and their memslot layouts (Layout.swift, Views.swift).
     let layout = Mutex(LayoutState())
-    /// Which layout the vCPUs inside KVM_RUN run under (Gate.swift).
-    let gate = LayoutGate()
+    /// An NVDIMM range was attached: the views' layouts are brought up to date before the next run.
+    let layoutDirty = Atomic<Bool>(false)
     /// NVDIMM ranges and the vFHA (Pmem.swift).
     let pmem = Mutex(PmemVMState())
-    /// The privileged-mode region (Region.swift).
+    /// The privileged-mode region (Region.swift), and whether one was defined (checked before runs).
     let region = Mutex(RegionState())
+    let regionDefined = Atomic<Bool>(false)
 
-    private init(system: KVMSystem, vm: KVMVirtualMachine, memory: GuestMemory, handle: OpaquePointer?, cpuid: KVMCPUID) {
-        self.system = system; self.vm = vm; self.memory = memory; self.handle = handle; self.cpuid = cpuid
+    private init(system: KVMSystem, primary: KVMView, memory: GuestMemory, handle: OpaquePointer?, cpuid: KVMCPUID) {
+        self.system = system; self.primary = primary; self.memory = memory; self.handle = handle; self.cpuid = cpuid
     }
 
     static func from(_ p: UnsafeMutableRawPointer?) -> KVMVM { Unmanaged<KVMVM>.fromOpaque(p!).takeUnretainedValue() }
@@ -52,11 +55,13 @@ final class KVMVM: @unchecked Sendable {
             let api = try system.apiVersion
             guard api == 12 else { return fail(NPT_ERR_UNSUPPORTED, "/dev/kvm speaks API \(api), not 12") }
             let cpuid = try system.supportedCPUID()
-            let vm = try system.createVM()
+            cpuid.hideParavirtualFeatures()
             let memory = try GuestMemory(size: Int(ram))
-            try vm.setUserMemoryRegion(slot: 0, gpa: 0, size: ram, host: memory.base)
-            let v = KVMVM(system: system, vm: vm, memory: memory, handle: handle, cpuid: cpuid)
-            v.layout.withLock { $0.slots[0] = MappedRange(gpa: 0, size: ram) }
+            let primary = try KVMView(id: 0, vm: try system.createVM(), key: nil)
+            try primary.vm.setUserMemoryRegion(slot: 0, flags: kvmMemLogDirty, gpa: 0, size: ram, host: memory.base)
+            primary.slots[0] = MappedRange(gpa: 0, size: ram)
+            let v = KVMVM(system: system, primary: primary, memory: memory, handle: handle, cpuid: cpuid)
+            v.layout.withLock { $0.views = [primary] }
             out.pointee = Unmanaged.passRetained(v).toOpaque()
             return NPT_OK
         } catch {
@@ -65,7 +70,7 @@ final class KVMVM: @unchecked Sendable {
     }
 
     deinit {
-        vm.close()
+        layout.withLock { st in for v in st.views { v.vm.close() } }
         system.close()
     }
 
@@ -75,6 +80,7 @@ final class KVMVM: @unchecked Sendable {
         guard withBacking(gpa, len, { if len > 0 { $0.copyMemory(from: data!, byteCount: len) } }) else {
             return fail(NPT_ERR_OUT_OF_RANGE, "memory_write: [\(hex(gpa)), +\(hex(UInt64(len)))) is outside guest RAM (\(hex(UInt64(memory.size)))) and the NVDIMM ranges")
         }
+        hostWrote(gpa, len, from: nil)   // it may be a page table a view holds a shadow of
         return NPT_OK
     }
 
@@ -89,9 +95,8 @@ final class KVMVM: @unchecked Sendable {
     func createVCPU(_ index: UInt32, _ out: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> npt_status {
         guard let out else { return fail(NPT_ERR_INVALID_ARGUMENT, "vcpu_create: NULL out") }
         do {
-            let cpu = try vm.createVCPU(id: index)
-            try cpu.setCPUID(cpuid)
-            let v = KVMVCPU(vm: self, cpu: cpu, index: index)
+            let first = try makeViewCPU(primary, index)
+            let v = KVMVCPU(vm: self, first: first, index: index)
             out.pointee = Unmanaged.passRetained(v).toOpaque()
             return NPT_OK
         } catch {
@@ -99,10 +104,29 @@ final class KVMVM: @unchecked Sendable {
         }
     }
 
-    /// INVEPT analogue: the layouts are recomputed from the core's leaves before the next run. (The
-    /// core calls this while it holds its policy lock, so the leaves are not asked for here.)
+    /// A KVM vCPU for guest vCPU `index` in view `v`, with the VM's CPUID and KVM's paravirtual
+    /// features refused.
+    func makeViewCPU(_ v: KVMView, _ index: UInt32) throws(Errno) -> ViewCPU {
+        let cpu = try v.vm.createVCPU(id: index)
+        try cpu.setCPUID(cpuid)
+        try? cpu.enableCap(UInt32(KVM_CAP_ENFORCE_PV_FEATURE_CPUID), 1)
+        return ViewCPU(view: v, cpu: cpu)
+    }
+
+    /// INVEPT analogue: every view's layout is recomputed from the core's leaves at once, so a
+    /// revocation reaches a vCPU already inside KVM_RUN before the core's policy call returns (a
+    /// memslot change is synchronous for running vCPUs, Tests/probes/kvm/probe_revoke.c; the core
+    /// publishes the new hierarchies before it invalidates, and the leaves are a snapshot read
+    /// that takes none of the core's locks).
     func invalidate(_ hierarchy: UInt32, _ gpa: UInt64, _ size: UInt64) -> npt_status {
-        layout.withLock { $0.dirty = true }
+        do {
+            try layout.withLock { (st) throws(Errno) in
+                st.cache = [:]
+                try refreshViews(&st)
+            }
+        } catch {
+            return fail(error, "invalidate: updating the views' memslot layouts")
+        }
         return NPT_OK
     }
 }

@@ -1,11 +1,12 @@
-// vcpu_inject_fault of the KVM backend: an exception queued with KVM_SET_VCPU_EVENTS, delivered by
-// KVM through the guest's own IDT (or real-mode IVT) at the next KVM_RUN.
+// vcpu_inject_fault of the KVM backend: an exception queued in the vCPU's events (the synchronized
+// copy in kvm_run, written back by the next KVM_RUN like KVM_SET_VCPU_EVENTS would), delivered by
+// KVM through the guest's own IDT (or real-mode IVT) at that KVM_RUN.
 //
 //  - exception.injected = 1, nr = vector; has_error_code only for the vectors that push one in
 //    protected/long mode (8, 10-14, 17, 21; never in real mode), error_code its low 32 bits. #VE
 //    (20) pushes no error code (SDM Vol. 3, 6.15 and 26.5.7: its information would go to the #VE
 //    information area, which this backend does not set up): error_code is ignored for it.
-//  - #PF (14): CR2 = address (KVM_SET_SREGS) before the exception is queued; the other vectors
+//  - #PF (14): CR2 = address (the system registers, also synchronized) with the exception; the other vectors
 //    ignore address.
 //  - Refused: vector >= 32 (NPT_ERR_INVALID_ARGUMENT); vector 2 (NMI is not an exception: KVM's
 //    KVM_SET_VCPU_EVENTS refuses it, NPT_ERR_UNSUPPORTED); a vCPU whose last exit was
@@ -26,20 +27,6 @@ let vectorsWithErrorCode: Set<UInt32> = [8, 10, 11, 12, 13, 14, 17, 21]
 let vectorNMI: UInt32 = 2
 let vectorPF: UInt32 = 14
 
-extension KVMVirtualCPU {
-    var events: kvm_vcpu_events {
-        get throws(Errno) {
-            var e = kvm_vcpu_events()
-            _ = try handle.ioctl(ckvm_req_get_vcpu_events(), &e)
-            return e
-        }
-    }
-    func setEvents(_ e: kvm_vcpu_events) throws(Errno) {
-        var e = e
-        _ = try handle.ioctl(ckvm_req_set_vcpu_events(), &e)
-    }
-}
-
 extension KVMVCPU {
     func injectFault(_ vector: UInt32, _ errorCode: UInt64, _ address: UInt64) -> npt_status {
         guard vector < 32 else {
@@ -53,6 +40,23 @@ extension KVMVCPU {
         }
         do {
             let s = try cpu.sregs
+            if guarded, s.cs.dpl == 3, s.cr0 & cr0PE != 0 {
+                // Delivered from CPL 3 while the escalation exit is armed: that is an escalation.
+                // The next run reports it; the exception is delivered under the supervisor layout.
+                if pendingEntry != nil || escalationNow {
+                    return fail(NPT_ERR_BUSY, "vcpu_inject_fault: an exception is already queued")
+                }
+                if vector == vectorPF {
+                    var s2 = s
+                    s2.cr2 = address
+                    try cpu.setSregs(s2)
+                }
+                let hasError = vectorsWithErrorCode.contains(vector)
+                pendingEntry = .reinject(nr: UInt8(vector), hasErrorCode: hasError,
+                                         errorCode: hasError ? UInt32(truncatingIfNeeded: errorCode) : 0)
+                escalationNow = true
+                return NPT_OK
+            }
             var ev = try cpu.events
             if ev.exception.injected != 0 || ev.exception.pending != 0 {
                 return fail(NPT_ERR_BUSY, "vcpu_inject_fault: exception \(ev.exception.nr) is already queued")
@@ -72,11 +76,6 @@ extension KVMVCPU {
             ev.exception_has_payload = 0
             ev.exception_payload = 0
             try cpu.setEvents(ev)
-            // KVM may accept the ioctl and drop the exception: read it back.
-            let back = try cpu.events
-            guard back.exception.injected != 0 || back.exception.pending != 0, UInt32(back.exception.nr) == vector else {
-                return fail(NPT_ERR_UNSUPPORTED, "vcpu_inject_fault: KVM_SET_VCPU_EVENTS accepted vector \(vector) but did not queue it")
-            }
             return NPT_OK
         } catch {
             return fail(error, "vcpu_inject_fault: KVM_GET/SET_VCPU_EVENTS")

@@ -4,7 +4,8 @@
 // mapped: those H also lets the guest write in ordinary memslots, the others in KVM_MEM_READONLY
 // ones. The pages H does not let the guest execute are left out (the RAM memslot is split around
 // them; an NVDIMM range keeps one memslot per executable run of its file mapping, Pmem.swift). On
-// this KVM every guest instruction is emulated, so:
+// this KVM CPL 0 code (and 32-bit and real-mode code) is emulated and 64-bit CPL 3 code runs
+// natively (docs/kvm-on-this-machine.md); either way:
 //  - a data access to a page left out arrives as KVM_EXIT_MMIO; the backend checks it against H's
 //    R/W (hierarchy_translate) and completes it from the backing memory (RAM, or an NVDIMM range's
 //    file mapping; reads fill
@@ -14,9 +15,8 @@
 //    (is_write) and is reported the same way;
 //  - an instruction fetch from a page left out fails emulation (KVM_EXIT_INTERNAL_ERROR); the
 //    backend reports it as NPT_EXIT_EPT_VIOLATION for the core to decide.
-// Memslots belong to the VM (this KVM has no multiple address spaces), so one layout is installed
-// at a time: the layout gate (Gate.swift) lets a vCPU into KVM_RUN only under its own hierarchy's
-// layout, and installs another only when no vCPU is inside KVM_RUN.
+// Memslots belong to the VM (this KVM has no multiple address spaces), so each layout lives in a
+// KVM VM of its own, a view (Views.swift): a hierarchy switch moves the vCPU to the other view.
 import CKVM
 import CNPTKit
 import Synchronization
@@ -28,25 +28,56 @@ struct MappedRange: Hashable, Sendable {
     /// KVM_MEM_READONLY (executable but not writable in the layout's hierarchy). Part of the
     /// identity: KVM cannot change a memslot's flags in place, so the diff deletes and re-creates.
     var readonly = false
+
+    /// `ranges` with the 4 KiB pages `pages` (sorted) cut out.
+    static func subtracting(_ pages: [UInt64], from ranges: [MappedRange]) -> [MappedRange] {
+        guard !pages.isEmpty else { return ranges }
+        var out: [MappedRange] = []
+        for r in ranges {
+            var start = r.gpa
+            let end = r.gpa + r.size
+            for p in pages where p + 0x1000 > start && p < end {
+                if p > start { out.append(MappedRange(gpa: start, size: p - start, readonly: r.readonly)) }
+                start = p + 0x1000
+            }
+            if start < end { out.append(MappedRange(gpa: start, size: end - start, readonly: r.readonly)) }
+        }
+        return out
+    }
+}
+
+/// Which layout a vCPU needs: its hierarchy's, minus `hidden` pages (the guest's IDT pages while the
+/// escalation exit is armed, Escalation.swift).
+struct LayoutKey: Hashable, Sendable, CustomStringConvertible {
+    var hierarchy: UInt32
+    /// Guest-physical pages (4 KiB aligned, sorted) left out even where the hierarchy executes them.
+    var hidden: [UInt64] = []
+    /// A run of a vCPU with the escalation exit armed (hidden then holds the IDT's pages).
+    var guarded = false
+    var description: String { hidden.isEmpty ? "hierarchy \(hierarchy)" : "hierarchy \(hierarchy) without \(hidden.map(hex))" }
 }
 
 struct LayoutState: Sendable {
-    /// KVM memslot id -> the range it maps now.
-    var slots: [UInt32: MappedRange] = [:]
-    /// The hierarchy whose layout is installed; nil: all RAM (the layout at creation).
-    var installed: UInt32?
-    /// The policy changed since the layouts were computed (invalidate).
-    var dirty = true
-    /// Layouts computed from the core's leaves, per hierarchy.
+    /// The views (Views.swift), the one for each key, and the clock of their last entries.
+    var views: [KVMView] = []
+    var byKey: [ViewKey: KVMView] = [:]
+    var nextID = 1
+    var clock: UInt64 = 0
+    /// Layouts computed from the core's leaves, per hierarchy (emptied when the policy changes).
     var cache: [UInt32: LayoutPlan] = [:]
+    /// Scratch for KVM_GET_DIRTY_LOG bitmaps.
+    var bitmap: [UInt64] = []
 }
 
-/// Process-wide counters (exported as npt_kvm_layout_stats).
+/// Process-wide counters (exported as npt_kvm_layout_stats): layouts installed into a view (at its
+/// creation, after an invalidate or an NVDIMM attachment, when it changed anything), memslot updates
+/// in total and in the last install.
 let layoutSwitches = Atomic<UInt64>(0)
 let memslotUpdates = Atomic<UInt64>(0)
 let lastSwitchUpdates = Atomic<UInt64>(0)
 
-/// Layout switches, KVM_SET_USER_MEMORY_REGION calls they made in total, and in the last switch.
+/// Layout installs, KVM_SET_USER_MEMORY_REGION calls they made in total, and in the last install.
+/// (A hierarchy switch moves the vCPU to another view and updates no memslot: npt_kvm_view_stats.)
 @_cdecl("npt_kvm_layout_stats")
 public func npt_kvm_layout_stats(_ switches: UnsafeMutablePointer<UInt64>?, _ updates: UnsafeMutablePointer<UInt64>?,
                                  _ last: UnsafeMutablePointer<UInt64>?) {
@@ -119,44 +150,45 @@ extension KVMVM {
         return s == NPT_OK ? LayoutPlan(ram: c.ranges, beyond: c.beyond) : nil
     }
 
-    /// Installs the layout of `hierarchy` (before a run), changing only the memslots that differ.
-    func install(_ hierarchy: UInt32) throws(Errno) {
-        try layout.withLock { (st) throws(Errno) in
-            if st.dirty { st.cache = [:]; st.dirty = false }
-            else if st.installed == hierarchy { return }
-            let plan: LayoutPlan
-            if let c = st.cache[hierarchy] {
-                plan = c
-            } else if let r = executableRanges(hierarchy) {
-                plan = r
-                st.cache[hierarchy] = r
-            } else if handle == nil {
-                return   // a VM created straight from the ops has no core and so no policy: all RAM stays mapped
-            } else {
-                // The core could not list the hierarchy: refuse to run rather than run without MBEC.
-                throw Errno.ioError
-            }
-            let want = plan.ram
-            let wantSet = Set(want)
-            var updates: UInt64 = 0
-            // Delete first: memslots must never overlap.
-            for (slot, r) in st.slots.sorted(by: { $0.key < $1.key }) where !wantSet.contains(r) {
-                try vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
-                st.slots[slot] = nil
-                updates += 1
-            }
-            let have = Set(st.slots.values)
-            var next: UInt32 = 0
-            for r in want where !have.contains(r) {
-                while st.slots[next] != nil { next += 1 }
-                try vm.setUserMemoryRegion(slot: next, flags: r.readonly ? kvmMemReadonly : 0, gpa: r.gpa, size: r.size,
-                                           host: memory.base + Int(r.gpa))
-                st.slots[next] = r
-                updates += 1
-            }
-            // The NVDIMM ranges' runs (their own memslot ids; never overlapping RAM).
-            updates += try syncPmemRuns(plan.beyond)
-            st.installed = hierarchy
+    /// Installs `v`'s layout (its key's hierarchy, minus the hidden pages, plus the region where the
+    /// key says so), changing only the memslots that differ: deletions first (memslots may not
+    /// overlap), a READONLY flag is part of a range's identity. Writable memslots of a view where CPL 0
+    /// code may run log the pages written (Views.swift, coherence).
+    func installLayout(_ v: KVMView, _ key: ViewKey, _ st: inout LayoutState) throws(Errno) {
+        let hierarchy = key.layout.hierarchy
+        let plan: LayoutPlan
+        if let c = st.cache[hierarchy] {
+            plan = c
+        } else if let r = executableRanges(hierarchy) {
+            plan = r
+            st.cache[hierarchy] = r
+        } else if handle == nil {
+            return   // a VM created straight from the ops has no core and so no policy: all RAM stays mapped
+        } else {
+            // The core could not list the hierarchy: refuse to run rather than run without MBEC.
+            throw Errno.ioError
+        }
+        let want = MappedRange.subtracting(key.layout.hidden, from: plan.ram)
+        let wantSet = Set(want)
+        var updates: UInt64 = 0
+        for (slot, r) in v.slots.sorted(by: { $0.key < $1.key }) where !wantSet.contains(r) {
+            try v.vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
+            v.slots[slot] = nil
+            updates += 1
+        }
+        let have = Set(v.slots.values)
+        var next: UInt32 = 0
+        for r in want where !have.contains(r) {
+            while v.slots[next] != nil { next += 1 }
+            let flags = r.readonly ? kvmMemReadonly : (v.logging ? kvmMemLogDirty : 0)
+            try v.vm.setUserMemoryRegion(slot: next, flags: flags, gpa: r.gpa, size: r.size, host: memory.base + Int(r.gpa))
+            v.slots[next] = r
+            updates += 1
+        }
+        // The NVDIMM ranges' runs (their own memslot ids; never overlapping RAM).
+        updates += try syncPmemRuns(v, MappedRange.subtracting(key.layout.hidden, from: plan.beyond))
+        updates += try syncRegionSlot(v, want: key.region)
+        if updates > 0 {
             layoutSwitches.add(1, ordering: .relaxed)
             memslotUpdates.add(updates, ordering: .relaxed)
             lastSwitchUpdates.store(updates, ordering: .relaxed)
@@ -174,10 +206,45 @@ extension KVMVM {
         return t.perms
     }
 
-    /// Whether `gpa` is mapped in the installed layout (RAM, or a run of an NVDIMM range).
-    func isMapped(_ gpa: UInt64) -> Bool {
-        layout.withLock { st in st.slots.values.contains { gpa >= $0.gpa && gpa - $0.gpa < $0.size } }
-            || isPmemMapped(gpa)
+    /// Whether `gpa` is mapped in view `v`'s layout (RAM, or a run of an NVDIMM range).
+    func isMapped(_ gpa: UInt64, in v: KVMView) -> Bool {
+        layout.withLock { _ in v.maps(page: gpa >> 12) }
+    }
+
+    /// The translation of linear `va` through 4-level paging at `cr3`, and whether it is a user-mode
+    /// address (U/S = 1 at every level); nil if not present.
+    func translateWithMode(_ va: UInt64, cr3: UInt64) -> (UInt64, Bool)? {
+        var table = cr3 & 0x000F_FFFF_FFFF_F000
+        var user = true
+        for level in stride(from: 3, through: 0, by: -1) {
+            let at = table + ((va >> (12 + 9 * UInt64(level))) & 0x1FF) * 8
+            guard memory.contains(at, 8) else { return nil }
+            let e = memory.base.load(fromByteOffset: Int(at), as: UInt64.self)
+            guard e & 1 != 0 else { return nil }
+            user = user && e & 4 != 0
+            let frame = e & 0x000F_FFFF_FFFF_F000
+            if level == 0 || (level <= 2 && e & 0x80 != 0) {
+                let pageMask: UInt64 = (1 << (12 + 9 * UInt64(level))) - 1
+                return ((frame & ~pageMask) | (va & pageMask), user)
+            }
+            table = frame
+        }
+        return nil
+    }
+
+    /// The guest-physical pages of the page tables a walk of `va` at `cr3` reads (4-level paging).
+    func walkedTables(_ va: UInt64, cr3: UInt64) -> [UInt64] {
+        var out: [UInt64] = []
+        var table = cr3 & 0x000F_FFFF_FFFF_F000
+        for level in stride(from: 3, through: 0, by: -1) {
+            out.append(table)
+            let at = table + ((va >> (12 + 9 * UInt64(level))) & 0x1FF) * 8
+            guard memory.contains(at, 8) else { break }
+            let e = memory.base.load(fromByteOffset: Int(at), as: UInt64.self)
+            guard e & 1 != 0, level > 0, !(level <= 2 && e & 0x80 != 0) else { break }
+            table = e & 0x000F_FFFF_FFFF_F000
+        }
+        return out
     }
 
     /// Guest-physical address of linear `va` through the guest's 4-level page tables at `cr3`

@@ -54,13 +54,18 @@ public func npt_kvm_last_error(_ buf: UnsafeMutablePointer<CChar>?, _ len: Int) 
 ///  - PERSISTENT_MEMORY: NVDIMM ranges backed by a file (or a real NVDIMM region), the vFHA as a
 ///    KVM_MEM_READONLY memslot when trapped, physical flushes as msync (Pmem.swift).
 ///  - PRIVILEGED_MODE: vCPUs are stopped by the kick; the region is a memslot (Region.swift).
-/// Not advertised: EXIT_ON_ESCALATE / EXIT_ON_RETURN (KVM gives no exit on a CPL change; a VM needs
-/// mbec_mode lazy), LINEAR_MODE_INFO.
+///  - EXIT_ON_ESCALATE: the IDT page left out of the user layout (Escalation.swift), where the probe
+///    at load finds that every entry path from CPL 3 stops before CPL 0 (escalation_probe.c).
+/// Not advertised: EXIT_ON_RETURN (KVM gives no exit on a return to user mode: a VM needs
+/// mbec_mode lazy or violation-only), LINEAR_MODE_INFO.
 // NPT_CAP_* are UINT64_C() macros, which Swift does not import: the values are copied here.
 let capMBECEmulation: UInt64 = 1 << 0  // NPT_CAP_MBEC_EMULATION
 let capRun: UInt64 = 1 << 4            // NPT_CAP_RUN
 let capPrivilegedMode: UInt64 = 1 << 5 // NPT_CAP_PRIVILEGED_MODE (Region.swift)
-let kvmCapabilities: UInt64 = capRun | capMBECEmulation | capPrivilegedMode | capPersistentMemory
+let capExitOnEscalate: UInt64 = 1 << 1 // NPT_CAP_EXIT_ON_ESCALATE (Escalation.swift), where the probe allows it
+var kvmCapabilities: UInt64 {
+    capRun | capMBECEmulation | capPrivilegedMode | capPersistentMemory | (escalationSupport.usable ? capExitOnEscalate : 0)
+}
 
 nonisolated(unsafe) let kvmOps: UnsafeMutablePointer<npt_backend_ops> = {
     let p = UnsafeMutablePointer<npt_backend_ops>.allocate(capacity: 1)
@@ -68,8 +73,10 @@ nonisolated(unsafe) let kvmOps: UnsafeMutablePointer<npt_backend_ops> = {
     o.abi_version = pluginABIVersion
     o.size = UInt32(MemoryLayout<npt_backend_ops>.size)
     o.name = UnsafePointer(strdup("kvm"))
-    o.description = UnsafePointer(strdup("real x86-64 guest code through /dev/kvm (hierarchies as memslot layouts)"))
+    o.description = UnsafePointer(strdup("real x86-64 guest code through /dev/kvm (hierarchies as memslot layouts); escalation exit: "
+        + (escalationSupport.usable ? "yes, " : "no: ") + escalationSupport.reason))
     o.capabilities = kvmCapabilities
+    o.guest_isa = UInt64(NPT_GUEST_ISA_X86_64)
     o.backend_data = nil
     o.vm_create = { _, vm, config, out in KVMVM.create(handle: vm, config: config, out: out) }
     o.vm_destroy = { d in if let d { Unmanaged<KVMVM>.fromOpaque(d).release() } }

@@ -238,9 +238,8 @@ final class FileMapping: @unchecked Sendable {
 }
 
 struct PmemAttachment {
-    /// The memslots mapping runs of the range now (slot -> run; a run at gpa maps the file mapping
-    /// at gpa - range.gpa). The whole range at attach; the installed layout's executable runs after.
-    var runs: [UInt32: MappedRange]
+    /// The range (its memslots are per view: KVMView.pmemRuns; a run at gpa maps the file mapping at
+    /// gpa - range.gpa).
     var range: MappedRange
     var region: UInt32
     var mapping: FileMapping
@@ -248,36 +247,42 @@ struct PmemAttachment {
 
 struct PmemVMState: @unchecked Sendable {
     var attachments: [PmemAttachment] = []
-    /// The vFHA: its page, memslot, whether it is read-only, and the scratch page behind it.
-    var flushHint: (gpa: UInt64, slot: UInt32, trapped: Bool)?
+    /// The vFHA: its page, whether it is read-only, and the scratch page behind it (memslot
+    /// `flushHintSlot` in every view).
+    var flushHint: (gpa: UInt64, trapped: Bool)?
     var scratch: GuestMemory?
     var physicalFlushes: UInt64 = 0
+}
 
-    func freeSlot() -> UInt32 {
+extension KVMView {
+    /// A memslot id for an NVDIMM run in this view.
+    func freePmemSlot() -> UInt32 {
         var s = pmemFirstSlot
-        while attachments.contains(where: { $0.runs[s] != nil }) || flushHint?.slot == s { s += 1 }
+        while pmemRuns[s] != nil { s += 1 }
         return s
     }
 }
 
 extension KVMVM {
-    /// Deletes the attachments and the vFHA memslot overlapping [gpa, gpa+size) (a replaced or
-    /// forgotten attachment: the ABI lets the core attach again at the same gpa).
-    private func removeOverlapping(_ st: inout PmemVMState, _ gpa: UInt64, _ size: UInt64) throws(Errno) {
+    /// Deletes the attachments and the vFHA memslots overlapping [gpa, gpa+size) in every view (a
+    /// replaced or forgotten attachment: the ABI lets the core attach again at the same gpa).
+    /// Called under `layout` (views) and `pmem`.
+    private func removeOverlapping(_ views: [KVMView], _ st: inout PmemVMState, _ gpa: UInt64, _ size: UInt64) throws(Errno) {
         func overlaps(_ r: MappedRange) -> Bool { r.gpa < gpa + size && gpa < r.gpa + r.size }
-        var kept: [PmemAttachment] = []
-        for a in st.attachments {
-            if overlaps(a.range) {
-                for (slot, r) in a.runs.sorted(by: { $0.key < $1.key }) {
-                    try vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
+        for a in st.attachments where overlaps(a.range) {
+            for v in views {
+                for (slot, r) in v.pmemRuns.sorted(by: { $0.key < $1.key }) where overlaps(r) {
+                    try v.vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
+                    v.pmemRuns[slot] = nil
                 }
-            } else {
-                kept.append(a)
             }
         }
-        st.attachments = kept
+        st.attachments.removeAll { overlaps($0.range) }
         if let h = st.flushHint, overlaps(MappedRange(gpa: h.gpa, size: 4096)) {
-            try vm.setUserMemoryRegion(slot: h.slot, gpa: h.gpa, size: 0, host: nil)
+            for v in views where v.flushHintMapped {
+                try v.vm.setUserMemoryRegion(slot: flushHintSlot, gpa: h.gpa, size: 0, host: nil)
+                v.flushHintMapped = false
+            }
             st.flushHint = nil
         }
     }
@@ -297,15 +302,21 @@ extension KVMVM {
         }
         do {
             let m = try FileMapping(fd: fd, offset: regionOffset, size: Int(size))
-            try pmem.withLock { (st) throws(Errno) in
-                try removeOverlapping(&st, gpa, size)
-                let slot = st.freeSlot()
-                try vm.setUserMemoryRegion(slot: slot, gpa: gpa, size: size, host: m.base)
-                let whole = MappedRange(gpa: gpa, size: size)
-                st.attachments.append(PmemAttachment(runs: [slot: whole], range: whole, region: region, mapping: m))
+            try layout.withLock { (lst) throws(Errno) in
+                try pmem.withLock { (st) throws(Errno) in
+                    try removeOverlapping(lst.views, &st, gpa, size)
+                    let whole = MappedRange(gpa: gpa, size: size)
+                    for v in lst.views {
+                        let slot = v.freePmemSlot()
+                        try v.vm.setUserMemoryRegion(slot: slot, flags: v.logging ? kvmMemLogDirty : 0, gpa: gpa, size: size, host: m.base)
+                        v.pmemRuns[slot] = whole
+                    }
+                    st.attachments.append(PmemAttachment(range: whole, region: region, mapping: m))
+                }
+                lst.cache = [:]
             }
-            // The next layout install keeps only the runs the exposed hierarchy may execute.
-            layout.withLock { $0.dirty = true }
+            // The next run brings the views' layouts up to date: only the runs the hierarchy executes.
+            layoutDirty.store(true, ordering: .releasing)
             return NPT_OK
         } catch {
             return fail(error, "attach_pmem at \(hex(gpa))")
@@ -313,26 +324,39 @@ extension KVMVM {
     }
 
     /// The vFHA: a scratch page of its own (the core's host_offset names it; the plugin needs no
-    /// more), read-only (KVM_MEM_READONLY: a guest write exits as KVM_EXIT_MMIO) when trapped.
-    /// KVM cannot change a memslot's READONLY flag, so the slot is deleted and created again.
+    /// more), read-only (KVM_MEM_READONLY: a guest write exits as KVM_EXIT_MMIO) when trapped, in
+    /// every view. KVM cannot change a memslot's READONLY flag, so the slot is deleted and created again.
     func defineFlushHintPage(_ gpa: UInt64, _ hostOffset: UInt64, _ trapped: Bool) -> npt_status {
         guard gpa % 4096 == 0 else { return fail(NPT_ERR_MISALIGNED, "define_flush_hint_page: gpa \(hex(gpa))") }
         do {
-            try pmem.withLock { (st) throws(Errno) in
-                if st.scratch == nil { st.scratch = try GuestMemory(size: 4096) }
-                if let h = st.flushHint {
-                    try vm.setUserMemoryRegion(slot: h.slot, gpa: h.gpa, size: 0, host: nil)
-                    st.flushHint = nil
+            try layout.withLock { (lst) throws(Errno) in
+                try pmem.withLock { (st) throws(Errno) in
+                    if st.scratch == nil { st.scratch = try GuestMemory(size: 4096) }
+                    if let h = st.flushHint {
+                        for v in lst.views where v.flushHintMapped {
+                            try v.vm.setUserMemoryRegion(slot: flushHintSlot, gpa: h.gpa, size: 0, host: nil)
+                            v.flushHintMapped = false
+                        }
+                        st.flushHint = nil
+                    }
+                    try removeOverlapping(lst.views, &st, gpa, 4096)
+                    st.flushHint = (gpa, trapped)
                 }
-                try removeOverlapping(&st, gpa, 4096)
-                let slot = st.freeSlot()
-                try vm.setUserMemoryRegion(slot: slot, flags: trapped ? kvmMemReadonly : 0, gpa: gpa, size: 4096,
-                                           host: st.scratch!.base)
-                st.flushHint = (gpa, slot, trapped)
+                for v in lst.views { try addFlushHintSlot(v) }
             }
             return NPT_OK
         } catch {
             return fail(error, "define_flush_hint_page at \(hex(gpa))")
+        }
+    }
+
+    /// The vFHA's memslot in view `v` (a new view, or after define_flush_hint_page). Under `layout`.
+    func addFlushHintSlot(_ v: KVMView) throws(Errno) {
+        try pmem.withLock { (st) throws(Errno) in
+            guard let h = st.flushHint, let scratch = st.scratch, !v.flushHintMapped else { return }
+            try v.vm.setUserMemoryRegion(slot: flushHintSlot, flags: h.trapped ? kvmMemReadonly : 0, gpa: h.gpa, size: 4096,
+                                         host: scratch.base)
+            v.flushHintMapped = true
         }
     }
 
@@ -353,50 +377,49 @@ extension KVMVM {
         }
     }
 
-    /// Whether `gpa` is in a memslot run of an NVDIMM range now.
-    func isPmemMapped(_ gpa: UInt64) -> Bool {
-        pmem.withLock { st in
-            st.attachments.contains { a in a.runs.values.contains { gpa >= $0.gpa && gpa - $0.gpa < $0.size } }
+    /// Makes view `v`'s NVDIMM memslots exactly the runs of `executable` (the hierarchy's executable
+    /// ranges outside RAM, READONLY where it may not write) that lie in the attached ranges: deletes
+    /// the runs not wanted first (memslots must never overlap), then creates the missing ones.
+    /// Returns the KVM_SET_USER_MEMORY_REGION calls made. Called by installLayout under `layout`.
+    func syncPmemRuns(_ v: KVMView, _ executable: [MappedRange]) throws(Errno) -> UInt64 {
+        try pmem.withLock { (st) throws(Errno) -> UInt64 in
+            var updates: UInt64 = 0
+            var wanted: [(MappedRange, PmemAttachment)] = []
+            for a in st.attachments {
+                let lo = a.range.gpa, hi = a.range.gpa + a.range.size
+                for r in executable where r.gpa < hi && lo < r.gpa + r.size {
+                    let s = max(r.gpa, lo), e = min(r.gpa + r.size, hi)
+                    wanted.append((MappedRange(gpa: s, size: e - s, readonly: r.readonly), a))
+                }
+            }
+            let want = Set(wanted.map { $0.0 })
+            for (slot, r) in v.pmemRuns.sorted(by: { $0.key < $1.key }) where !want.contains(r) {
+                try v.vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
+                v.pmemRuns[slot] = nil
+                updates += 1
+            }
+            let have = Set(v.pmemRuns.values)
+            for (r, a) in wanted where !have.contains(r) {
+                let slot = v.freePmemSlot()
+                let flags = r.readonly ? kvmMemReadonly : (v.logging ? kvmMemLogDirty : 0)
+                try v.vm.setUserMemoryRegion(slot: slot, flags: flags, gpa: r.gpa, size: r.size,
+                                             host: a.mapping.base + Int(r.gpa - a.range.gpa))
+                v.pmemRuns[slot] = r
+                updates += 1
+            }
+            return updates
         }
     }
 
-    /// Makes the NVDIMM ranges' memslots exactly the runs of `executable` (the installed hierarchy's
-    /// executable ranges outside RAM, READONLY where it may not write) that lie in them: deletes the
-    /// runs not wanted first (memslots must never overlap), then creates the missing ones. Returns
-    /// the KVM_SET_USER_MEMORY_REGION calls made. Called by install with the layout lock held.
-    func syncPmemRuns(_ executable: [MappedRange]) throws(Errno) -> UInt64 {
-        try pmem.withLock { (st) throws(Errno) -> UInt64 in
-            var updates: UInt64 = 0
-            var wanted: [[MappedRange]] = []
-            for a in st.attachments {
-                let lo = a.range.gpa, hi = a.range.gpa + a.range.size
-                var w: [MappedRange] = []
-                for r in executable where r.gpa < hi && lo < r.gpa + r.size {
-                    let s = max(r.gpa, lo), e = min(r.gpa + r.size, hi)
-                    w.append(MappedRange(gpa: s, size: e - s, readonly: r.readonly))
-                }
-                wanted.append(w)
+    /// Deletes and creates again view `v`'s NVDIMM memslot `slot` (run `r`) with `flags` (a zap of its
+    /// pages' shadows, Views.swift). Under `layout`.
+    func recreatePmemRun(_ v: KVMView, _ slot: UInt32, _ r: MappedRange, flags: UInt32) throws(Errno) {
+        try pmem.withLock { (st) throws(Errno) in
+            guard let a = st.attachments.first(where: { r.gpa >= $0.range.gpa && r.gpa + r.size <= $0.range.gpa + $0.range.size }) else {
+                return
             }
-            for i in st.attachments.indices {
-                let want = Set(wanted[i])
-                for (slot, r) in st.attachments[i].runs.sorted(by: { $0.key < $1.key }) where !want.contains(r) {
-                    try vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
-                    st.attachments[i].runs[slot] = nil
-                    updates += 1
-                }
-            }
-            for i in st.attachments.indices {
-                let have = Set(st.attachments[i].runs.values)
-                for r in wanted[i] where !have.contains(r) {
-                    let slot = st.freeSlot()
-                    let a = st.attachments[i]
-                    try vm.setUserMemoryRegion(slot: slot, flags: r.readonly ? kvmMemReadonly : 0, gpa: r.gpa, size: r.size,
-                                               host: a.mapping.base + Int(r.gpa - a.range.gpa))
-                    st.attachments[i].runs[slot] = r
-                    updates += 1
-                }
-            }
-            return updates
+            try v.vm.setUserMemoryRegion(slot: slot, gpa: r.gpa, size: 0, host: nil)
+            try v.vm.setUserMemoryRegion(slot: slot, flags: flags, gpa: r.gpa, size: r.size, host: a.mapping.base + Int(r.gpa - a.range.gpa))
         }
     }
 

@@ -6,14 +6,18 @@
 //  - define_region: the region's backing is anonymous shared memory of its size, filled with the
 //    contents; the core's leaves for the region's pages carry host_offset = the region window
 //    (the first 1 GiB boundary past RAM), which the plugin checks.
-//  - the memslot: before each vcpu_run the plugin asks the core (hierarchy_translate, a snapshot
+//  - the memslot: before each KVM_RUN the plugin asks the core (hierarchy_translate, a snapshot
 //    read) whether the exposed hierarchy maps the region executable at the region's host offset;
-//    if so, memslot `regionSlot` maps the region's GPA range to the backing, if not it is deleted.
-//    An invalidate that covers the region (the core removes the region at RSM and invalidates it
-//    in every hierarchy) deletes the memslot at once. Adding needs no invalidate (the core issues
-//    none: nothing caches a not-present entry), hence the check before each run. The memslot is
-//    VM-wide, which is exactly the mode's global view: the core adds the region only while every
-//    other vCPU is parked outside KVM_RUN and removes it before any resumes.
+//    if so, the run's view (Views.swift) is the one of the hierarchy's layout *with* memslot
+//    `regionSlot` mapping the region's GPA range to the backing, if not the one without. Entering
+//    and leaving the mode are moves of the vCPU between two KVM VMs, no memslot update (the
+//    region's view is created, with its memslot, at the first entry): a memslot update waits for
+//    an SRCU grace period, which took 0.5-2 ms here while other work loaded the machine (11-17 µs
+//    when it was quiet), a move does not. Only the vCPU in the mode ever runs in that view, which is
+//    the mode's global view: the core adds the region to a hierarchy only while every other vCPU is
+//    parked outside KVM_RUN and removes it before any resumes; those vCPUs' views never map it at
+//    all. An invalidate that covers the region while a vCPU runs in a view that maps it deletes the
+//    memslot there at once (a revocation).
 //  - reads of the region's window while it is absent (a vCPU outside the mode probing it) arrive
 //    as KVM_EXIT_MMIO outside RAM: the plugin answers all ones (an open bus) and drops writes, and
 //    the guest runs on. Data accesses to the window while the region is present but the exposed
@@ -57,14 +61,8 @@ struct RegionState: @unchecked Sendable {
     var size: UInt64 = 0
     var hostOffset: UInt64 = 0
     var backing: GuestMemory?
-    /// Whether memslot `regionSlot` maps the region now.
-    var mapped = false
-    /// Bumped by every invalidate that covers the region (a check computed before it is stale).
-    var epoch: UInt64 = 0
     /// The interrupted state of the vCPUs inside the region (by vCPU index).
     var saved: [UInt32: kvm_sregs] = [:]
-    /// vCPUs whose last exit was an OUT that KVM completes only at the next KVM_RUN.
-    var pendingIO: Set<UInt32> = []
 
     func contains(_ gpa: UInt64, _ len: UInt64 = 1) -> Bool {
         backing != nil && gpa >= self.gpa && gpa - self.gpa < size && len <= size - (gpa - self.gpa)
@@ -75,9 +73,20 @@ struct RegionState: @unchecked Sendable {
 let regionSlotAdds = Atomic<UInt64>(0)
 let regionSlotRemoves = Atomic<UInt64>(0)
 let regionUnbackedReads = Atomic<UInt64>(0)
+let regionAddNanos = Atomic<UInt64>(0)
+let regionRemoveNanos = Atomic<UInt64>(0)
 
-/// KVM_SET_USER_MEMORY_REGION calls that added and removed the region's memslot, and the reads of
-/// the region's window answered with all ones while it was absent.
+/// The time the moves into and out of the region's view took in total (ns; their counts are
+/// npt_kvm_region_stats').
+@_cdecl("npt_kvm_region_times")
+public func npt_kvm_region_times(_ addNanos: UnsafeMutablePointer<UInt64>?, _ removeNanos: UnsafeMutablePointer<UInt64>?) {
+    addNanos?.pointee = regionAddNanos.load(ordering: .relaxed)
+    removeNanos?.pointee = regionRemoveNanos.load(ordering: .relaxed)
+}
+
+/// How often the region became visible to a vCPU (its entry into the mode: set_regs into the
+/// region) and invisible again (the exit: set_regs out of it), and the reads of the region's window
+/// answered with all ones while it was absent.
 @_cdecl("npt_kvm_region_stats")
 public func npt_kvm_region_stats(_ adds: UnsafeMutablePointer<UInt64>?, _ removes: UnsafeMutablePointer<UInt64>?,
                                  _ unbackedReads: UnsafeMutablePointer<UInt64>?) {
@@ -101,38 +110,62 @@ extension KVMVM {
         do {
             let b = try GuestMemory(size: Int(size))
             if len > 0 { b.base.copyMemory(from: contents!, byteCount: len) }
-            try region.withLock { (st) throws(Errno) in
-                if st.mapped {
-                    try vm.setUserMemoryRegion(slot: regionSlot, gpa: st.gpa, size: 0, host: nil)
-                    regionSlotRemoves.add(1, ordering: .relaxed)
-                    st.mapped = false
+            try layout.withLock { (lst) throws(Errno) in
+                for v in lst.views where v.regionMapped { _ = try syncRegionSlot(v, want: false) }
+                region.withLock { st in
+                    st.gpa = gpa; st.size = size; st.hostOffset = hostOffset; st.backing = b
                 }
-                st.gpa = gpa; st.size = size; st.hostOffset = hostOffset; st.backing = b
-                st.epoch &+= 1
+                for v in lst.views where v.key?.region == true { _ = try syncRegionSlot(v, want: true) }
             }
+            regionDefined.store(true, ordering: .releasing)
             return NPT_OK
         } catch {
             return fail(error, "define_region")
         }
     }
 
-    /// invalidate, then: an invalidate that covers the region deletes its memslot now.
+    /// invalidate, then: an invalidate that covers the region removes its memslot at once from a view
+    /// a vCPU is running in (a revocation; the core itself removes the region only while its
+    /// holder is stopped, and the region's view is left as it is then).
     func invalidateWithRegion(_ hierarchy: UInt32, _ gpa: UInt64, _ size: UInt64) -> npt_status {
         let s = invalidate(hierarchy, gpa, size)
         do {
-            try region.withLock { (st) throws(Errno) in
-                guard st.backing != nil, gpa < st.gpa + st.size, st.gpa < gpa &+ size || gpa &+ size < gpa else { return }
-                st.epoch &+= 1
-                if st.mapped {
-                    try vm.setUserMemoryRegion(slot: regionSlot, gpa: st.gpa, size: 0, host: nil)
-                    regionSlotRemoves.add(1, ordering: .relaxed)
-                    st.mapped = false
+            try layout.withLock { (lst) throws(Errno) in
+                let (defined, start, length) = region.withLock { ($0.backing != nil, $0.gpa, $0.size) }
+                guard defined, gpa < start + length, start < gpa &+ size || gpa &+ size < gpa else { return }
+                for v in lst.views where v.regionMapped && v.inside.load(ordering: .acquiring) > 0 {
+                    _ = try syncRegionSlot(v, want: false)
                 }
             }
         } catch {
             return fail(error, "invalidate: removing the privileged-mode region's memslot")
         }
         return s
+    }
+
+    /// Whether the run of a vCPU exposing `hierarchy` needs the region: the hierarchy maps the
+    /// region's first page executable at the region's host offset (a snapshot read of the core's).
+    func regionWanted(_ hierarchy: UInt32) -> Bool {
+        let (defined, gpa, host) = region.withLock { ($0.backing != nil, $0.gpa, $0.hostOffset) }
+        guard defined else { return false }
+        return regionPerms(hierarchy, gpa, host) & 0x4 != 0
+    }
+
+    /// Under `layout`: the region's memslot in view `v` mapped (if defined) or not. Returns the
+    /// memslot updates made.
+    func syncRegionSlot(_ v: KVMView, want: Bool) throws(Errno) -> UInt64 {
+        try region.withLock { (st) throws(Errno) -> UInt64 in
+            let mapped = want && st.backing != nil
+            if mapped == v.regionMapped { return 0 }
+            if mapped, let b = st.backing {
+                try v.vm.setUserMemoryRegion(slot: regionSlot, gpa: st.gpa, size: st.size, host: b.base)
+                v.regionGPA = st.gpa
+            } else {
+                try v.vm.setUserMemoryRegion(slot: regionSlot, gpa: v.regionGPA, size: 0, host: nil)
+            }
+            v.regionMapped = mapped
+            return 1
+        }
     }
 
     /// Whether `hierarchy` maps the region's first page at the region's host offset, with its
@@ -143,26 +176,6 @@ extension KVMVM {
         t.size = UInt32(MemoryLayout<npt_translation>.size)
         guard tr(handle, hierarchy, gpa, &t) == NPT_OK, t.perms != 0, t.host_offset == hostOffset else { return 0 }
         return t.perms
-    }
-
-    /// Before a run: the region's memslot follows the exposed hierarchy (mapped iff the hierarchy
-    /// executes the region's pages).
-    func syncRegion(_ hierarchy: UInt32) throws(Errno) {
-        while true {
-            let (defined, gpa, host, epoch) = region.withLock { ($0.backing != nil, $0.gpa, $0.hostOffset, $0.epoch) }
-            guard defined else { return }
-            let want = regionPerms(hierarchy, gpa, host) & 0x4 != 0
-            let done = try region.withLock { (st) throws(Errno) -> Bool in
-                guard st.epoch == epoch else { return false }
-                if want != st.mapped, let b = st.backing {
-                    try vm.setUserMemoryRegion(slot: regionSlot, gpa: st.gpa, size: want ? st.size : 0, host: want ? b.base : nil)
-                    if want { regionSlotAdds.add(1, ordering: .relaxed) } else { regionSlotRemoves.add(1, ordering: .relaxed) }
-                    st.mapped = want
-                }
-                return true
-            }
-            if done { return }
-        }
     }
 
     /// A data access to the region's window that exited as MMIO: completed from the backing if the
@@ -203,7 +216,7 @@ extension KVMVM {
 extension KVMVCPU {
     /// get_regs; in real mode rip is reported as the linear address (CS.base + ip).
     func getRegsWithRegion(_ out: UnsafeMutablePointer<npt_regs>?) -> npt_status {
-        completePendingIO()
+        if vm.region.withLock({ $0.backing != nil }) { completePending(current) }
         let s = getRegs(out)
         guard s == NPT_OK, let out, mode == .real, out.pointee.cr0 & cr0PE == 0, let sr = try? cpu.sregs else { return s }
         out.pointee.rip = sr.cs.base &+ out.pointee.rip
@@ -214,7 +227,7 @@ extension KVMVCPU {
     /// state, enter 16-bit real mode with CS = the rip's 64 KiB segment) and out of it (restore).
     func setRegsWithRegion(_ p: UnsafePointer<npt_regs>?) -> npt_status {
         guard let p, p.pointee.size >= UInt32(MemoryLayout<npt_regs>.size) else { return setRegs(p) }
-        completePendingIO()
+        completePending(current)
         let n = p.pointee
         let (inRegion, saved) = vm.region.withLock { ($0.contains(n.rip), $0.saved[index]) }
         do {
@@ -244,6 +257,7 @@ extension KVMVCPU {
                 try cpu.setRegs(kvmRegs(n, rip: n.rip - segBase))
                 mode = .real
                 vm.region.withLock { $0.saved[index] = old }
+                regionSlotAdds.add(1, ordering: .relaxed)
                 return NPT_OK
             }
             if !inRegion, let saved {
@@ -251,12 +265,13 @@ extension KVMVCPU {
                 let real = saved.cr0 & cr0PE == 0
                 try cpu.setRegs(kvmRegs(n, rip: real ? n.rip &- saved.cs.base : n.rip))
                 if saved.cr0 & cr0PG != 0 {
-                    try cpu.setMSR(msrLSTAR, n.lstar)
+                    try owner.cpu.setMSR(msrLSTAR, n.lstar)
                     mode = .long(cpl: UInt32(saved.cs.dpl))
                 } else {
                     mode = .real
                 }
                 vm.region.withLock { _ = $0.saved.removeValue(forKey: index) }
+                regionSlotRemoves.add(1, ordering: .relaxed)
                 return NPT_OK
             }
         } catch {
@@ -274,18 +289,6 @@ extension KVMVCPU {
         return setRegs(p)
     }
 
-    /// KVM completes an OUT (it is emulated here) only at the next KVM_RUN, writing rip back then:
-    /// a state read or replaced before that would be clobbered. With a region defined, the
-    /// state calls first finish it with a KVM_RUN that has immediate_exit set (KVM completes the
-    /// pending operation, then returns EINTR without running guest code).
-    func completePendingIO() {
-        guard vm.region.withLock({ $0.pendingIO.remove(index) != nil }) else { return }
-        let prev = ckvm_run_immediate_exit(cpu.run)
-        ckvm_run_set_immediate_exit(cpu.run, 1)
-        try? cpu.runOnce()
-        ckvm_run_set_immediate_exit(cpu.run, prev)
-    }
-
     private func kvmRegs(_ n: npt_regs, rip: UInt64) -> kvm_regs {
         var r = kvm_regs()
         let g = withUnsafeBytes(of: n.gpr) { b in (0..<16).map { b.load(fromByteOffset: $0 * 8, as: UInt64.self) } }
@@ -296,21 +299,13 @@ extension KVMVCPU {
         return r
     }
 
-    /// vcpu_run with the region: its memslot follows the exposed hierarchy before the run (the
-    /// region's presence cannot change during one vcpu_run: the core adds or removes it only while
-    /// this vCPU's thread is outside vcpu_run); probes of the region's window are answered; RSM is
-    /// reported as NPT_EXIT_LEAVE_MODE.
+    /// vcpu_run with the region: the run enters the view that maps the region when the exposed
+    /// hierarchy maps it (Views.swift; its presence cannot change during one vcpu_run: the core adds
+    /// or removes it only while this vCPU's thread is outside vcpu_run); probes of the region's
+    /// window are answered; RSM is reported as NPT_EXIT_LEAVE_MODE.
     func runWithRegion(_ e: UnsafeMutablePointer<npt_exit>?) -> npt_status {
-        do {
-            try vm.syncRegion(hierarchy)
-        } catch {
-            return fail(error, "vcpu_run: the privileged-mode region's memslot")
-        }
         while true {
             let s = run(e)
-            if s == NPT_OK, let e, e.pointee.reason == NPT_EXIT_IO.rawValue {
-                vm.region.withLock { st in if st.backing != nil { st.pendingIO.insert(index) } }
-            }
             guard s == NPT_OK, let e, e.pointee.reason == NPT_EXIT_INTERNAL_ERROR.rawValue else { return s }
             let kvmReason = Int32(truncatingIfNeeded: e.pointee.qualification >> 32)
             if kvmReason == KVM_EXIT_MMIO, vm.completeRegionMMIO(cpu.run, hierarchy) { continue }

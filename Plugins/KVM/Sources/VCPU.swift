@@ -22,24 +22,64 @@ let kernelCS: UInt16 = 0x10, kernelDS: UInt16 = 0x18, userDS: UInt16 = 0x2b, use
 
 enum CPUMode: Equatable { case real, long(cpl: UInt32) }
 
+/// What vcpu_kick needs from another thread: the thread inside vcpu_run, and the kvm_run of the
+/// KVM vCPU it runs (or will run) next.
+struct RunnerState: @unchecked Sendable {
+    var thread: pthread_t?
+    var run: UnsafeMutablePointer<kvm_run>
+}
+
 final class KVMVCPU: @unchecked Sendable {
     let vm: KVMVM
-    let cpu: KVMVirtualCPU
     let index: UInt32
     // Driven by one thread at a time (the core serializes calls on a vCPU).
+    /// This vCPU's KVM vCPU in each view it entered (by view id), the one it runs in now, and the one
+    /// holding the state only CPL 0 code changes (Views.swift).
+    var cpus: [Int: ViewCPU]
+    var current: ViewCPU
+    var owner: ViewCPU
+    var cpu: KVMVirtualCPU { current.cpu }
     var hierarchy: UInt32 = NPT_HIERARCHY_SUPERVISOR
     var exitControls: UInt32 = 0
     /// The segments last loaded by set_regs (nil: KVM's reset state).
     var mode: CPUMode?
-    /// The thread inside vcpu_run, for vcpu_kick.
-    let runner = Mutex<pthread_t?>(nil)
+    /// For vcpu_kick (any thread).
+    let runner: Mutex<RunnerState>
     /// The last exit was a guest write to the trapped vFHA (Pmem.swift); KVM completes it on the
     /// next KVM_RUN.
     var trappedWritePending = false
+    /// The escalation exit (Escalation.swift): a guarded view runs with EFER.SCE clear in KVM; the
+    /// guest's own value; the guest's event or SYSCALL to perform in the supervisor view; an
+    /// injected fault that is itself the escalation (reported by the next run).
+    var guestSCE = false
+    var sceHidden: Bool { current.view.guarded && guestSCE }
+    var pendingEntry: PendingEntry?
+    var escalationNow = false
 
-    init(vm: KVMVM, cpu: KVMVirtualCPU, index: UInt32) { self.vm = vm; self.cpu = cpu; self.index = index }
+    init(vm: KVMVM, first: ViewCPU, index: UInt32) {
+        self.vm = vm; self.index = index
+        cpus = [first.view.id: first]
+        current = first
+        owner = first
+        runner = Mutex(RunnerState(thread: nil, run: first.cpu.run))
+    }
 
     static func from(_ p: UnsafeMutableRawPointer?) -> KVMVCPU { Unmanaged<KVMVCPU>.fromOpaque(p!).takeUnretainedValue() }
+
+    /// KVM finishes an I/O or MMIO instruction pending in `c` (a KVM_RUN with immediate_exit: KVM
+    /// completes it and returns EINTR without running the guest; the registers land in kvm_run).
+    /// Under the runner lock, so that a kick meanwhile is not lost when immediate_exit is restored.
+    func completePending(_ c: ViewCPU) {
+        guard c.completionPending else { return }
+        c.completionPending = false
+        runner.withLock { _ in
+            let prev = ckvm_run_immediate_exit(c.cpu.run)
+            ckvm_run_set_immediate_exit(c.cpu.run, 1)
+            c.runs &+= 1
+            try? c.cpu.runOnce()
+            ckvm_run_set_immediate_exit(c.cpu.run, prev)
+        }
+    }
 
     // MARK: registers
 
@@ -59,9 +99,9 @@ final class KVMVCPU: @unchecked Sendable {
             withUnsafeMutableBytes(of: &n.gpr) { b in
                 for i in 0..<16 { b.storeBytes(of: g[i], toByteOffset: i * 8, as: UInt64.self) }
             }
-            n.cr0 = s.cr0; n.cr2 = s.cr2; n.cr3 = s.cr3; n.cr4 = s.cr4; n.efer = s.efer
+            n.cr0 = s.cr0; n.cr2 = s.cr2; n.cr3 = s.cr3; n.cr4 = s.cr4; n.efer = s.efer | (sceHidden ? eferSCE : 0)
             n.cpl = s.cr0 & cr0PE == 0 ? 0 : UInt32(s.cs.dpl)
-            n.lstar = try cpu.msr(msrLSTAR)
+            n.lstar = try owner.cpu.msr(msrLSTAR)
             n.fault_handler = 0
             out.pointee = n
             return NPT_OK
@@ -90,6 +130,7 @@ final class KVMVCPU: @unchecked Sendable {
         } else {
             return fail(NPT_ERR_UNSUPPORTED, "vcpu_set_regs: protected mode without paging is not supported (cr0 \(hex(n.cr0)))")
         }
+        completePending(current)
         do {
             var s = try cpu.sregs
             switch want {
@@ -116,6 +157,11 @@ final class KVMVCPU: @unchecked Sendable {
                 }
             }
             s.cr2 = n.cr2
+            if current.view.guarded {
+                // The guarded view keeps EFER.SCE clear (Escalation.swift); the guest's value is kept.
+                guestSCE = s.efer & eferSCE != 0
+                s.efer &= ~eferSCE
+            }
             try cpu.setSregs(s)
             var r = kvm_regs()
             let g = withUnsafeBytes(of: n.gpr) { b in (0..<16).map { b.load(fromByteOffset: $0 * 8, as: UInt64.self) } }
@@ -124,8 +170,11 @@ final class KVMVCPU: @unchecked Sendable {
             r.rip = n.rip
             r.rflags = n.rflags | 2
             try cpu.setRegs(r)
-            if case .long = want { try cpu.setMSR(msrLSTAR, n.lstar) }
+            if case .long = want { try owner.cpu.setMSR(msrLSTAR, n.lstar) }
             mode = want
+            // The state is the caller's now: nothing of the escalation exit's is pending.
+            pendingEntry = nil
+            escalationNow = false
             return NPT_OK
         } catch {
             return fail(error, "vcpu_set_regs")
@@ -141,9 +190,15 @@ final class KVMVCPU: @unchecked Sendable {
         return NPT_OK
     }
 
-    /// Recorded only: KVM has no exit on a CPL change, which is why the plugin advertises neither
-    /// NPT_CAP_EXIT_ON_ESCALATE nor NPT_CAP_EXIT_ON_RETURN.
+    /// The escalation exit is the guarded user layout (Escalation.swift), where this KVM allows it;
+    /// there is no exit on a return to user mode (NPT_CAP_EXIT_ON_RETURN is not advertised).
     func setExitControls(_ c: UInt32) -> npt_status {
+        if c & exitControlReturn != 0 {
+            return fail(NPT_ERR_UNSUPPORTED, "vcpu_set_exit_controls: KVM has no exit on a return to user mode")
+        }
+        if c & exitControlEscalation != 0 && !escalationSupport.usable {
+            return fail(NPT_ERR_UNSUPPORTED, "vcpu_set_exit_controls: no escalation exit on this KVM: \(escalationSupport.reason)")
+        }
         exitControls = c
         return NPT_OK
     }
@@ -151,9 +206,9 @@ final class KVMVCPU: @unchecked Sendable {
     // MARK: running
 
     func kick() {
-        ckvm_run_set_immediate_exit(cpu.run, 1)
-        runner.withLock { t in
-            if let t { _ = ckvm_kick_thread(t) }
+        runner.withLock { st in
+            ckvm_run_set_immediate_exit(st.run, 1)
+            if let t = st.thread { _ = ckvm_kick_thread(t) }
         }
     }
 
@@ -161,37 +216,62 @@ final class KVMVCPU: @unchecked Sendable {
         guard let e, e.pointee.size >= UInt32(MemoryLayout<npt_exit>.size) else {
             return fail(NPT_ERR_INVALID_ARGUMENT, "vcpu_run: NULL or short npt_exit")
         }
-        runner.withLock { $0 = pthread_self() }
-        defer { runner.withLock { $0 = nil } }
+        runner.withLock { $0.thread = pthread_self() }
+        defer { runner.withLock { $0.thread = nil } }
         var x = npt_exit()
         x.size = e.pointee.size
-        let run = cpu.run
         trappedWritePending = false
-        // The layout gate (Gate.swift): KVM_RUN only under this vCPU's hierarchy's layout. The vCPU
-        // stays in the gate until its exit is decoded (fetchViolation asks the installed layout),
-        // and leaves it before every further KVM_RUN and before returning.
-        var inGate = false
-        defer { if inGate { vm.gate.leave(self) } }
+        if escalationNow {
+            // An exception injected at CPL 3 while the escalation exit was armed: its delivery is
+            // the escalation; it is delivered once the supervisor view is entered.
+            escalationNow = false
+            x.reason = NPT_EXIT_ESCALATION.rawValue
+            return finish(&x, e)
+        }
         while true {
-            if inGate { vm.gate.leave(self); inGate = false }
+            // The view this run needs (a move when the hierarchy, the guarded IDT pages or the
+            // region's presence changed), then what the escalation exit needs in it.
             do {
-                try vm.gate.enter(self, hierarchy) { (h) throws(Errno) in try vm.install(h) }
-                inGate = true
+                try prepareRun()
             } catch {
-                return fail(error, "vcpu_run: installing the memslot layout of hierarchy \(hierarchy)")
+                switch error {
+                case .kvm(let errno): return fail(errno, "vcpu_run: entering the view")
+                case .escalation(let why): return fail(NPT_ERR_STATE, "vcpu_run: cannot arm the escalation exit: \(why)")
+                }
             }
-            do {
-                try cpu.runOnce()
-            } catch {
-                if error == .interrupted || error == .resourceTemporarilyUnavailable {
+            let c = current
+            let run = c.cpu.run
+            let ranGuarded = c.view.guarded
+            c.runs &+= 1
+            c.view.runs.add(1, ordering: .relaxed)
+            c.view.inside.add(1, ordering: .relaxed)
+            var failure: Errno?
+            do { try c.cpu.runOnce() } catch { failure = error }
+            c.view.inside.subtract(1, ordering: .relaxed)
+            if let failure {
+                if failure == .interrupted || failure == .resourceTemporarilyUnavailable {
                     // immediate_exit or the kick signal (or another signal): leave run.
                     ckvm_run_set_immediate_exit(run, 0)
                     x.reason = NPT_EXIT_KICKED.rawValue
                     return finish(&x, e)
                 }
-                return fail(error, "vcpu_run: KVM_RUN")
+                return fail(failure, "vcpu_run: KVM_RUN")
             }
             let reason = ckvm_run_exit_reason(run)
+            c.completionPending = Int32(reason) == KVM_EXIT_IO || Int32(reason) == KVM_EXIT_MMIO
+            if c.cpu.sync.pointee.sregs.cr0 & cr0PG != 0 && !c.view.ptUsed.load(ordering: .relaxed) {
+                c.view.ptUsed.store(true, ordering: .releasing)   // a guest that turned paging on inside the run
+            }
+            // In a guarded view, an event from CPL 3 that could not read its gate (a SHUTDOWN, or
+            // DELIVERY_EV on a stock KVM) is the escalation (Escalation.swift).
+            if ranGuarded && (Int32(reason) == KVM_EXIT_SHUTDOWN
+                              || (Int32(reason) == KVM_EXIT_INTERNAL_ERROR
+                                  && ckvm_run_internal_suberror(run) == UInt32(KVM_INTERNAL_ERROR_DELIVERY_EV))),
+               let p = escalation(shutdown: Int32(reason) == KVM_EXIT_SHUTDOWN) {
+                pendingEntry = p
+                x.reason = NPT_EXIT_ESCALATION.rawValue
+                return finish(&x, e)
+            }
             switch Int32(reason) {
             case KVM_EXIT_IO:
                 let size = Int(ckvm_run_io_size(run))
@@ -243,7 +323,9 @@ final class KVMVCPU: @unchecked Sendable {
                     // complete it from the backing memory (RAM, or the NVDIMM range's file mapping).
                     if isWrite { mem.copyMemory(from: data, byteCount: len) } else { data.copyMemory(from: mem, byteCount: len) }
                 }) {
-                    countMMIOCompletion(ram: vm.memory.contains(gpa, len))
+                    let ram = vm.memory.contains(gpa, len)
+                    countMMIOCompletion(ram: ram)
+                    if isWrite && ram { vm.hostWrote(gpa, len, from: c.view) }   // not in KVM's dirty log
                     continue
                 }
                 x.reason = NPT_EXIT_INTERNAL_ERROR.rawValue
@@ -279,7 +361,7 @@ final class KVMVCPU: @unchecked Sendable {
         guard let r = try? cpu.regs, let s = try? cpu.sregs else { return nil }
         let linear = s.cr0 & cr0PE == 0 ? s.cs.base &+ r.rip : r.rip
         guard let gpa = vm.translate(linear, cr0: s.cr0, cr3: s.cr3),
-              vm.memory.contains(gpa, 1) || vm.isPmem(gpa, 1), !vm.isMapped(gpa) else { return nil }
+              vm.memory.contains(gpa, 1) || vm.isPmem(gpa, 1), !vm.isMapped(gpa, in: current.view) else { return nil }
         return gpa & ~0xFFF
     }
 
@@ -316,16 +398,12 @@ final class KVMVCPU: @unchecked Sendable {
         return q
     }
 
-    /// Adds the state common to every exit (rip, CPL, exposed hierarchy) and hands it to the core.
+    /// Adds the state common to every exit (rip, CPL, exposed hierarchy; from kvm_run, no ioctl) and
+    /// hands it to the core.
     private func finish(_ x: inout npt_exit, _ e: UnsafeMutablePointer<npt_exit>) -> npt_status {
-        do {
-            let r = try cpu.regs
-            let s = try cpu.sregs
-            x.rip = r.rip
-            x.cpl = s.cr0 & cr0PE == 0 ? 0 : UInt32(s.cs.dpl)
-        } catch {
-            return fail(error, "vcpu_run: reading the state at the exit")
-        }
+        let sync = cpu.sync
+        x.rip = sync.pointee.regs.rip
+        x.cpl = sync.pointee.sregs.cr0 & cr0PE == 0 ? 0 : UInt32(sync.pointee.sregs.cs.dpl)
         x.hierarchy = hierarchy
         e.pointee = x
         return NPT_OK

@@ -40,13 +40,13 @@ public enum DifferentialSuite {
                 // (per / 200 of them): about 3.2 per steps a job.
                 let total = Double(steps) / 3.2
                 let jobsNeeded = max(1, Int((total / 6000).rounded(.up)))
-                let per = max(200, Int(total) / jobsNeeded)
+                let per = max(200, (Int(total) + jobsNeeded - 1) / jobsNeeded)
                 for e in 0..<jobsNeeded {
                     jobs.append(Job(part: i, seed: seed &* 1_000_003 &+ UInt64(i * 7919 + e), steps: per))
                 }
             } else {
                 let n = max(1, Int((Double(steps) / Double(stepsPerEpisode)).rounded(.up)))
-                for e in 0..<n { jobs.append(Job(part: i, seed: seed &* 1_000_003 &+ UInt64(i * 7919 + e), steps: max(1, steps / n))) }
+                for e in 0..<n { jobs.append(Job(part: i, seed: seed &* 1_000_003 &+ UInt64(i * 7919 + e), steps: max(1, (steps + n - 1) / n))) }
             }
         }
         let queue = Mutex(jobs)

@@ -9,6 +9,10 @@
  *  5. CPL 3 MMIO round trip: `1: mov (0x13000), %eax; jmp 1b` with the page 0x13000 (a user page
  *     in the guest page tables) without memslot: one KVM_EXIT_MMIO per iteration; 6. the same at
  *     CPL 0.
+ *  7. CPL 3 `1: int3; jmp 1b` with the IDT page without memslot: every KVM_RUN ends in
+ *     KVM_EXIT_SHUTDOWN (the plugin's escalation exit); 8. CPL 3 fetch from a page without
+ *     memslot: every KVM_RUN ends in an emulation failure (the plugin's fetch violation, e.g. the
+ *     return to user mode in the supervisor layout). Both are the exits of a hierarchy switch.
  * Each: N round trips (default 5000) after 50 warm-up ones; p10/p50/p90 of the wall time of one
  * KVM_RUN (+ the reads), and the load average.
  * Run: cc -O2 -Wall -o probe_exit probe_exit.c && ./probe_exit [N]
@@ -18,6 +22,8 @@
 BLOB(g_outloop, "1: out %al, $0xE0\n jmp 1b\n")
 BLOB(g_mmioloop, "1: mov 0x13000, %eax\n jmp 1b\n")
 BLOB(u_out, "out %al, $0xE0\n jmp .\n")
+BLOB(u_int3loop, "1: int3\n jmp 1b\n")
+BLOB(u_fetchout, "mov $0x13000, %eax\n jmp *%rax\n")
 
 static int N = 5000;
 
@@ -26,6 +32,7 @@ static void loop(const char *label, const uint8_t *s, const uint8_t *e, int cpl,
     guest_build(&vm);
     put_code(&vm, cpl ? G_UCODE : G_KCODE, s, e);
     if (mode >= 5) page_mode(&vm, 0x13000, 0);
+    if (mode == 7) page_mode(&vm, G_IDT, 0);
     struct vcpu v = vcpu_create(&vm, 0);
     vcpu_longmode(&v, cpl, cpl ? G_UCODE : G_KCODE, cpl ? G_USTACK_TOP : G_KSTACK_TOP);
     if (mode == 3 || mode == 4) v.run->kvm_valid_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS;
@@ -35,8 +42,9 @@ static void loop(const char *label, const uint8_t *s, const uint8_t *e, int cpl,
     for (int i = -50; i < N; i++) {
         uint64_t t0 = now_ns();
         int rc = vcpu_run(&v);
-        if (rc != (mode >= 5 ? KVM_EXIT_MMIO : KVM_EXIT_IO)) { print_exit(&v, rc, "  unexpected: "); print_state(&v, "    "); break; }
-        if (mode >= 5) memset(v.run->mmio.data, 0, 8);
+        int want = mode == 7 ? KVM_EXIT_SHUTDOWN : mode == 8 ? KVM_EXIT_INTERNAL_ERROR : mode >= 5 ? KVM_EXIT_MMIO : KVM_EXIT_IO;
+        if (rc != want) { print_exit(&v, rc, "  unexpected: "); print_state(&v, "    "); break; }
+        if (mode == 5 || mode == 6) memset(v.run->mmio.data, 0, 8);
         if (mode == 2) { ioctl(v.fd, KVM_GET_REGS, &r); ioctl(v.fd, KVM_GET_SREGS, &sr); sink += r.rip + sr.cr3; }
         if (mode == 3) sink += v.run->s.regs.regs.rip + v.run->s.regs.sregs.cr3 + v.run->s.regs.events.exception.nr;
         if (mode == 4) { sink += v.run->s.regs.regs.rip + v.run->s.regs.sregs.cr3; v.run->s.regs.regs.rbx++; v.run->kvm_dirty_regs = KVM_SYNC_X86_REGS; }
@@ -95,5 +103,7 @@ int main(int argc, char **argv) {
     cpl3_out(1);
     loop("5. CPL 3 MMIO read (no memslot), raw KVM_RUN", g_mmioloop_s, g_mmioloop_e, 3, 5);
     loop("6. CPL 0 MMIO read (no memslot), raw KVM_RUN", g_mmioloop_s, g_mmioloop_e, 0, 6);
+    loop("7. CPL 3 INT3, IDT page without memslot: KVM_EXIT_SHUTDOWN", u_int3loop_s, u_int3loop_e, 3, 7);
+    loop("8. CPL 3 fetch from a page without memslot: emulation failure", u_fetchout_s, u_fetchout_e, 3, 8);
     return 0;
 }

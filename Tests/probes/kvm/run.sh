@@ -8,7 +8,7 @@ set -e
 cd "$(dirname "$0")"
 out=${1:-$(mktemp -d /tmp/kvmprobes.XXXXXX)}
 mkdir -p "$out"
-probes="probe_caps probe_native probe_delivery probe_entry probe_guestdebug probe_msr probe_return probe_escalation probe_exit probe_twovm probe_memslot probe_revoke"
+probes="probe_caps probe_native probe_delivery probe_entry probe_guestdebug probe_msr probe_return probe_escalation probe_exit probe_twovm probe_memslot probe_revoke probe_flushstats probe_coherence probe_vcpustate"
 for p in $probes; do
     extra=""
     [ "$p" = probe_revoke ] && extra="-lpthread"

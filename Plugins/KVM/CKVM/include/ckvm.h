@@ -32,6 +32,17 @@ static inline unsigned long ckvm_req_set_cpuid2(void) { return KVM_SET_CPUID2; }
 static inline unsigned long ckvm_req_get_vcpu_events(void) { return KVM_GET_VCPU_EVENTS; }
 static inline unsigned long ckvm_req_set_vcpu_events(void) { return KVM_SET_VCPU_EVENTS; }
 
+static inline unsigned long ckvm_req_get_xsave2(void) { return KVM_GET_XSAVE2; }
+static inline unsigned long ckvm_req_set_xsave(void) { return KVM_SET_XSAVE; }
+static inline unsigned long ckvm_req_get_xcrs(void) { return KVM_GET_XCRS; }
+static inline unsigned long ckvm_req_set_xcrs(void) { return KVM_SET_XCRS; }
+static inline unsigned long ckvm_req_get_debugregs(void) { return KVM_GET_DEBUGREGS; }
+static inline unsigned long ckvm_req_set_debugregs(void) { return KVM_SET_DEBUGREGS; }
+static inline unsigned long ckvm_req_get_dirty_log(void) { return KVM_GET_DIRTY_LOG; }
+static inline unsigned long ckvm_req_enable_cap(void) { return KVM_ENABLE_CAP; }
+static inline unsigned long ckvm_req_get_msr_index_list(void) { return KVM_GET_MSR_INDEX_LIST; }
+static inline unsigned long ckvm_req_get_stats_fd(void) { return KVM_GET_STATS_FD; }
+
 /* Non-variadic ioctl(2). Return what ioctl returns; errno is set on -1. */
 int ckvm_ioctl(int fd, unsigned long req, void *arg);
 int ckvm_ioctl_int(int fd, unsigned long req, unsigned long arg);
@@ -61,6 +72,17 @@ static inline uint64_t ckvm_run_internal_data(const struct kvm_run *r, uint32_t 
 static inline uint64_t ckvm_run_fail_entry_reason(const struct kvm_run *r) {
     return r->fail_entry.hardware_entry_failure_reason;
 }
+/* KVM_CAP_SYNC_REGS: the vCPU's registers, system registers and events live in kvm_run->s.regs.
+ * With kvm_valid_regs set, KVM stores them there at the end of every KVM_RUN (no KVM_GET_* ioctl);
+ * the bits in kvm_dirty_regs make the next KVM_RUN load them from there first (no KVM_SET_*). */
+static inline struct kvm_sync_regs *ckvm_run_sync(struct kvm_run *r) { return &r->s.regs; }
+static inline uint64_t ckvm_sync_all(void) { return KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS; }
+static inline uint64_t ckvm_sync_regs_bit(void) { return KVM_SYNC_X86_REGS; }
+static inline uint64_t ckvm_sync_sregs_bit(void) { return KVM_SYNC_X86_SREGS; }
+static inline uint64_t ckvm_sync_events_bit(void) { return KVM_SYNC_X86_EVENTS; }
+static inline void ckvm_run_set_valid_regs(struct kvm_run *r, uint64_t bits) { r->kvm_valid_regs = bits; }
+static inline void ckvm_run_mark_dirty(struct kvm_run *r, uint64_t bits) { r->kvm_dirty_regs |= bits; }
+static inline uint64_t ckvm_run_dirty_regs(const struct kvm_run *r) { return r->kvm_dirty_regs; }
 static inline uint32_t ckvm_run_exception(const struct kvm_run *r) { return r->ex.exception; }
 static inline uint32_t ckvm_run_exception_error_code(const struct kvm_run *r) { return r->ex.error_code; }
 
@@ -69,5 +91,16 @@ static inline uint32_t ckvm_run_exception_error_code(const struct kvm_run *r) { 
 int ckvm_kick_signal_install(void);
 /* pthread_kill(thread, the kick signal); returns its result. */
 int ckvm_kick_thread(pthread_t thread);
+
+/* The escalation-exit probe (escalation_probe.c): whether leaving the IDT page out of the user
+ * layout stops every CPL 3 -> CPL 0 transition on this KVM, and how. */
+struct ckvm_escalation_probe {
+    int usable;       /* 1: every entry path tried stops at CPL 3 before CPL 0 */
+    int mechanism;    /* 1: KVM_EXIT_SHUTDOWN, the event lost (identified by a sentinel, re-injected);
+                         2: KVM_EXIT_INTERNAL_ERROR / KVM_INTERNAL_ERROR_DELIVERY_EV, KVM keeps the event */
+    char reason[240]; /* what was found, or why it is not usable */
+    int cpl3_debugregs; /* 1: the guest's DR0-3/DR7 act on CPL 3 code (or could not be shown not to) */
+};
+int ckvm_probe_escalation(struct ckvm_escalation_probe *out);
 
 #endif

@@ -1,0 +1,1 @@
+../../../include/nptkit_sim.h

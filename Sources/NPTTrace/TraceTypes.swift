@@ -1,0 +1,334 @@
+// The value types of an NPTKit trace: what a backend reported to the core and what the core
+// decided, mirroring the C ABI (include/nptkit.h) field by field. NPTTrace depends on no other
+// module of NPTKit, so a plugin (the replay backend) can link it without a second copy of the core.
+
+/// `npt_exit_reason`: the numbers of include/nptkit.h.
+public struct TraceExitReason: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    public var rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let none = TraceExitReason(rawValue: 0)
+    public static let halt = TraceExitReason(rawValue: 1)
+    public static let io = TraceExitReason(rawValue: 2)
+    public static let mbecViolation = TraceExitReason(rawValue: 3)
+    public static let guestFault = TraceExitReason(rawValue: 4)
+    public static let budget = TraceExitReason(rawValue: 5)
+    public static let escalation = TraceExitReason(rawValue: 6)
+    public static let returnToUser = TraceExitReason(rawValue: 7)
+    public static let eptViolation = TraceExitReason(rawValue: 8)
+    public static let internalError = TraceExitReason(rawValue: 9)
+    public static let kicked = TraceExitReason(rawValue: 10)
+    public static let leaveMode = TraceExitReason(rawValue: 11)
+    public static let privilegedFailed = TraceExitReason(rawValue: 12)
+
+    static let names = ["NONE", "HALT", "IO", "MBEC_VIOLATION", "GUEST_FAULT", "BUDGET", "ESCALATION",
+                        "RETURN_TO_USER", "EPT_VIOLATION", "INTERNAL_ERROR", "KICKED", "LEAVE_MODE", "PRIVILEGED_FAILED"]
+    /// "EPT_VIOLATION" (the NPT_EXIT_ suffix), or the number for a reason this library does not know.
+    public var description: String { rawValue < TraceExitReason.names.count ? TraceExitReason.names[Int(rawValue)] : "reason \(rawValue)" }
+}
+
+/// `npt_exit`: one exit as the backend reported it (or as the core rewrote it).
+public struct TraceExit: Hashable, Sendable {
+    public var reason: TraceExitReason
+    public var gpa: UInt64
+    public var gva: UInt64
+    /// NPT_EPTQ_* for violations; the error code for faults.
+    public var qualification: UInt64
+    public var vector: UInt32
+    public var cpl: UInt32
+    /// The hierarchy exposed at the exit (NPT_HIERARCHY_*).
+    public var hierarchy: UInt32
+    public var ioPort: UInt32
+    public var ioValue: UInt64
+    public var rip: UInt64
+
+    public init(reason: TraceExitReason = .none, gpa: UInt64 = 0, gva: UInt64 = 0, qualification: UInt64 = 0,
+                vector: UInt32 = 0, cpl: UInt32 = 0, hierarchy: UInt32 = 0, ioPort: UInt32 = 0, ioValue: UInt64 = 0,
+                rip: UInt64 = 0) {
+        self.reason = reason; self.gpa = gpa; self.gva = gva; self.qualification = qualification
+        self.vector = vector; self.cpl = cpl; self.hierarchy = hierarchy; self.ioPort = ioPort
+        self.ioValue = ioValue; self.rip = rip
+    }
+}
+
+/// `npt_regs`: the registers the core reads (and writes, e.g. entering the privileged mode).
+public struct TraceRegs: Hashable, Sendable {
+    public var cpl: UInt32 = 0
+    public var rip: UInt64 = 0
+    public var rflags: UInt64 = 0
+    /// rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8..r15 (always 16 entries).
+    public var gpr: [UInt64] = Array(repeating: 0, count: 16)
+    public var cr0: UInt64 = 0, cr2: UInt64 = 0, cr3: UInt64 = 0, cr4: UInt64 = 0, efer: UInt64 = 0
+    public var lstar: UInt64 = 0
+    public var faultHandler: UInt64 = 0
+    public init() {}
+
+    /// The 26 fields in encoding order (docs/trace-format.md): cpl, rip, rflags, gpr[0..15], cr0, cr2,
+    /// cr3, cr4, efer, lstar, fault_handler.
+    public static let fieldCount = 26
+    func field(_ i: Int) -> UInt64 {
+        switch i {
+        case 0: return UInt64(cpl)
+        case 1: return rip
+        case 2: return rflags
+        case 3..<19: return gpr[i - 3]
+        case 19: return cr0
+        case 20: return cr2
+        case 21: return cr3
+        case 22: return cr4
+        case 23: return efer
+        case 24: return lstar
+        default: return faultHandler
+        }
+    }
+    mutating func setField(_ i: Int, _ v: UInt64) {
+        switch i {
+        case 0: cpl = UInt32(truncatingIfNeeded: v)
+        case 1: rip = v
+        case 2: rflags = v
+        case 3..<19: gpr[i - 3] = v
+        case 19: cr0 = v
+        case 20: cr2 = v
+        case 21: cr3 = v
+        case 22: cr4 = v
+        case 23: efer = v
+        case 24: lstar = v
+        default: faultHandler = v
+        }
+    }
+}
+
+/// `npt_action`: what `npt_handle_exit` told the VMM to do.
+public enum TraceAction: UInt8, Hashable, Sendable, CustomStringConvertible {
+    case resume = 0, reportViolation = 1, tool = 2
+    public var description: String {
+        switch self {
+        case .resume: return "RESUME"
+        case .reportViolation: return "REPORT_VIOLATION"
+        case .tool: return "TOOL"
+        }
+    }
+}
+
+/// `npt_vm_config`, as the recording layer saw it.
+public struct TraceVMConfig: Hashable, Sendable {
+    public var mbecMode: UInt32
+    public var ramSize: UInt64
+    public var defaultPerms: UInt64
+    public var maxStepsPerRun: UInt64
+    /// The backend's name ("sim", "kvm", ...).
+    public var backend: String
+    public init(mbecMode: UInt32 = 0, ramSize: UInt64 = 0, defaultPerms: UInt64 = 0, maxStepsPerRun: UInt64 = 0, backend: String = "") {
+        self.mbecMode = mbecMode; self.ramSize = ramSize; self.defaultPerms = defaultPerms
+        self.maxStepsPerRun = maxStepsPerRun; self.backend = backend
+    }
+}
+
+/// One host persistent-memory region as the backend answered `host_pmem_get`.
+public struct TraceHostPMemRegion: Hashable, Sendable {
+    public var index: UInt32
+    public var id: UInt32
+    public var base: UInt64
+    public var length: UInt64
+    public var controllerCount: UInt32
+    public var needsWPQFlush: Bool
+    /// (controller key, physical flush hint address) per flush target.
+    public var targets: [FlushTarget]
+    public struct FlushTarget: Hashable, Sendable {
+        public var controller: UInt32
+        public var address: UInt64
+        public init(controller: UInt32, address: UInt64) { self.controller = controller; self.address = address }
+    }
+    public init(index: UInt32, id: UInt32, base: UInt64, length: UInt64, controllerCount: UInt32, needsWPQFlush: Bool,
+                targets: [FlushTarget]) {
+        self.index = index; self.id = id; self.base = base; self.length = length
+        self.controllerCount = controllerCount; self.needsWPQFlush = needsWPQFlush; self.targets = targets
+    }
+}
+
+/// A step of the privileged (SMM-like) mode protocol.
+public enum TracePrivilegedStep: UInt8, Hashable, Sendable, CaseIterable, CustomStringConvertible {
+    /// `vcpu` raised the enter-mode interrupt (the core asks every other vCPU to stop).
+    case requested = 0
+    /// `vcpu` acknowledged the stop (it is parked or outside guest code).
+    case stopAcknowledged = 1
+    /// The region [gpa, gpa+length) was added to every hierarchy.
+    case regionMapped = 2
+    /// `vcpu` entered the mode.
+    case entered = 3
+    /// `vcpu` left the mode (RSM).
+    case left = 4
+    /// The region was removed and every translation to it invalidated.
+    case regionUnmapped = 5
+    /// `vcpu` resumed after the mode was left.
+    case resumed = 6
+    /// The request of `vcpu` failed (a vCPU did not stop in time; `gpa` holds its index).
+    case failed = 7
+    public var description: String {
+        switch self {
+        case .requested: return "requested"
+        case .stopAcknowledged: return "stop-acknowledged"
+        case .regionMapped: return "region-mapped"
+        case .entered: return "entered"
+        case .left: return "left"
+        case .regionUnmapped: return "region-unmapped"
+        case .resumed: return "resumed"
+        case .failed: return "failed"
+        }
+    }
+}
+
+/// Who caused a record: the backend's answers are the replay's inputs, the core's calls are the
+/// decisions a replay compares, the VMM's calls set the scene.
+public enum TraceDirection: Sendable {
+    case backendToCore, coreToBackend, vmm, trace
+}
+
+/// One record of a trace (docs/trace-format.md lists every kind with its number and fields).
+public enum TraceRecord: Hashable, Sendable {
+    // trace-level
+    case meta(key: String, value: String)
+    case end(recordCount: UInt64)
+    // the VMM's calls (through the C ABI)
+    case vmCreate(TraceVMConfig)
+    case vmDestroy
+    case vcpuCreate(vcpu: UInt32)
+    case vcpuDestroy(vcpu: UInt32)
+    case policySet(gpa: UInt64, size: UInt64, pageSize: UInt64, perms: UInt64)
+    case memoryWrite(gpa: UInt64, data: [UInt8])
+    // what the backend reported to the core
+    case exit(vcpu: UInt32, TraceExit)
+    case regsRead(vcpu: UInt32, TraceRegs)
+    case memoryRead(gpa: UInt64, data: [UInt8])
+    case hostPMemRegion(TraceHostPMemRegion)
+    /// The backend answered the call recorded by the last record of kind `kind` with `status` (not NPT_OK).
+    case status(kind: UInt8, status: Int32)
+    // the core's decisions (calls into the backend, and its answer to an exit)
+    case hierarchy(vcpu: UInt32, hierarchy: UInt32)
+    case exitControls(vcpu: UInt32, controls: UInt32)
+    case invalidate(hierarchy: UInt32, gpa: UInt64, size: UInt64)
+    case injectFault(vcpu: UInt32, vector: UInt32, errorCode: UInt64, address: UInt64)
+    case kick(vcpu: UInt32)
+    /// The core's answer to an exit: the action and the exit as the core rewrote it (what
+    /// `npt_handle_exit` / `npt_vcpu_run` gave the VMM).
+    case decision(vcpu: UInt32, action: TraceAction, exit: TraceExit)
+    case regsWritten(vcpu: UInt32, TraceRegs)
+    case privileged(vcpu: UInt32, step: TracePrivilegedStep, gpa: UInt64, length: UInt64)
+    case defineRegion(gpa: UInt64, size: UInt64, hostOffset: UInt64, contents: [UInt8])
+    case attachPMem(gpa: UInt64, size: UInt64, region: UInt32, regionOffset: UInt64, hostOffset: UInt64)
+    case flushHintPage(gpa: UInt64, hostOffset: UInt64, trapped: Bool)
+    case physicalFlush(region: UInt32, controller: UInt32, address: UInt64)
+    case fence(vcpu: UInt32)
+    case trappedWriteCompleted(vcpu: UInt32)
+
+    /// The record kind byte (docs/trace-format.md).
+    public var kind: UInt8 {
+        switch self {
+        case .meta: return RecordKind.meta
+        case .end: return RecordKind.end
+        case .vmCreate: return RecordKind.vmCreate
+        case .vmDestroy: return RecordKind.vmDestroy
+        case .vcpuCreate: return RecordKind.vcpuCreate
+        case .vcpuDestroy: return RecordKind.vcpuDestroy
+        case .policySet: return RecordKind.policySet
+        case .memoryWrite: return RecordKind.memoryWrite
+        case .exit: return RecordKind.exit
+        case .regsRead: return RecordKind.regsRead
+        case .memoryRead: return RecordKind.memoryRead
+        case .hostPMemRegion: return RecordKind.hostPMemRegion
+        case .status: return RecordKind.status
+        case .hierarchy: return RecordKind.hierarchy
+        case .exitControls: return RecordKind.exitControls
+        case .invalidate: return RecordKind.invalidate
+        case .injectFault: return RecordKind.injectFault
+        case .kick: return RecordKind.kick
+        case .decision: return RecordKind.decision
+        case .regsWritten: return RecordKind.regsWritten
+        case .privileged: return RecordKind.privileged
+        case .defineRegion: return RecordKind.defineRegion
+        case .attachPMem: return RecordKind.attachPMem
+        case .flushHintPage: return RecordKind.flushHintPage
+        case .physicalFlush: return RecordKind.physicalFlush
+        case .fence: return RecordKind.fence
+        case .trappedWriteCompleted: return RecordKind.trappedWriteCompleted
+        }
+    }
+
+    public var direction: TraceDirection {
+        switch self {
+        case .meta, .end: return .trace
+        case .vmCreate, .vmDestroy, .vcpuCreate, .vcpuDestroy, .policySet, .memoryWrite: return .vmm
+        case .exit, .regsRead, .memoryRead, .hostPMemRegion, .status: return .backendToCore
+        default: return .coreToBackend
+        }
+    }
+
+    /// A decision of the core a replay compares with what the core decides again.
+    public var isDecision: Bool { direction == .coreToBackend }
+
+    /// The vCPU the record is about, if it is about one.
+    public var vcpu: UInt32? {
+        switch self {
+        case .vcpuCreate(let v), .vcpuDestroy(let v), .exit(let v, _), .regsRead(let v, _), .hierarchy(let v, _),
+             .exitControls(let v, _), .injectFault(let v, _, _, _), .kick(let v), .decision(let v, _, _),
+             .regsWritten(let v, _), .privileged(let v, _, _, _), .fence(let v), .trappedWriteCompleted(let v):
+            return v
+        default:
+            return nil
+        }
+    }
+}
+
+/// Record kind numbers (docs/trace-format.md, "Record kinds").
+public enum RecordKind {
+    public static let meta: UInt8 = 0x01
+    public static let vmCreate: UInt8 = 0x02
+    public static let vmDestroy: UInt8 = 0x03
+    public static let vcpuCreate: UInt8 = 0x04
+    public static let vcpuDestroy: UInt8 = 0x05
+    public static let policySet: UInt8 = 0x06
+    public static let memoryWrite: UInt8 = 0x07
+    public static let exit: UInt8 = 0x10
+    public static let regsRead: UInt8 = 0x11
+    public static let memoryRead: UInt8 = 0x12
+    public static let hostPMemRegion: UInt8 = 0x13
+    public static let status: UInt8 = 0x14
+    public static let hierarchy: UInt8 = 0x20
+    public static let exitControls: UInt8 = 0x21
+    public static let invalidate: UInt8 = 0x22
+    public static let injectFault: UInt8 = 0x23
+    public static let kick: UInt8 = 0x24
+    public static let decision: UInt8 = 0x25
+    public static let regsWritten: UInt8 = 0x26
+    public static let privileged: UInt8 = 0x30
+    public static let defineRegion: UInt8 = 0x31
+    public static let attachPMem: UInt8 = 0x40
+    public static let flushHintPage: UInt8 = 0x41
+    public static let physicalFlush: UInt8 = 0x42
+    public static let fence: UInt8 = 0x43
+    public static let trappedWriteCompleted: UInt8 = 0x44
+    public static let end: UInt8 = 0x7F
+    /// Whether this version reads records of `kind` (a reader skips others: a newer minor's).
+    @inline(__always) public static func isKnown(_ kind: UInt8) -> Bool {
+        switch kind {
+        case 0x01...0x07, 0x10...0x14, 0x20...0x26, 0x30, 0x31, 0x40...0x44, 0x7F: return true
+        default: return false
+        }
+    }
+    /// Every kind this version reads; a reader skips others (a newer minor's).
+    public static let known: Set<UInt8> = [meta, vmCreate, vmDestroy, vcpuCreate, vcpuDestroy, policySet, memoryWrite,
+                                           exit, regsRead, memoryRead, hostPMemRegion, status, hierarchy, exitControls,
+                                           invalidate, injectFault, kick, decision, regsWritten, privileged, defineRegion,
+                                           attachPMem, flushHintPage, physicalFlush, fence, trappedWriteCompleted, end]
+}
+
+/// A record with where it is: its number (0-based, skipped unknown kinds included), its byte
+/// offset in the trace and its timestamp in nanoseconds.
+public struct TraceEvent: Hashable, Sendable {
+    public var index: UInt64
+    public var offset: UInt64
+    public var timestamp: UInt64
+    public var record: TraceRecord
+    public init(index: UInt64, offset: UInt64, timestamp: UInt64, record: TraceRecord) {
+        self.index = index; self.offset = offset; self.timestamp = timestamp; self.record = record
+    }
+}
