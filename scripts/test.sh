@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of NPTKit: the Swift tests (unit, property, differential, scenario, trace format) and the C
 # programs compiled against libnptkit.so (API, plugins, the C example, one under AddressSanitizer),
-# the guest NVDIMM tables through iasl and through a real Linux kernel booted in QEMU.
+# the sanitizer jobs (scripts/sanitize.sh asan, tsan), short fuzz runs of every target
+# (scripts/fuzz.sh all 20; NPTKIT_FUZZ_SECONDS changes the time), the guest NVDIMM tables through
+# iasl and through a real Linux kernel booted in QEMU, and the demo 100 times in a row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +16,15 @@ swift test --skip-build
 
 echo "== C tests against libnptkit.so"
 bash Tests/C/run.sh "$(swift build --show-bin-path)"
+
+echo "== sanitizers: libnptkit.so under AddressSanitizer, the C tests under ASan+UBSan+LSan"
+bash scripts/sanitize.sh asan
+
+echo "== sanitizers: libnptkit.so and the KVM plugin under ThreadSanitizer (TSan-visible locks), racing C tests"
+bash scripts/sanitize.sh tsan
+
+echo "== fuzzing: every target for a short fixed time on a coverage-instrumented library (long runs: scripts/fuzz.sh TARGET SECONDS)"
+bash scripts/fuzz.sh all "${NPTKIT_FUZZ_SECONDS:-20}"
 
 echo "== Promela model of the privileged-mode protocol (spin)"
 bash Tests/Promela/check.sh
@@ -46,6 +57,17 @@ demo_expect "^Instructions run outside the mode while the region was visible: 0;
 # NVDIMM section: no loss where the protocol is honoured (trapped flushes; ADR), losses found with traps off.
 grep -Eq "^Crash checker: 0 losses with trapped flushes on the platform that needs WPQ flushing, 0 on ADR, [1-9][0-9]* with traps disabled there$" /tmp/nptkit-demo.log
 echo "demo: ok"
+# The demo hung now and then (1 run in 30 to 400: an entry failed and a vCPU stayed in the mode):
+# it must complete many runs in a row, each within a bound (1,000 in a row: README).
+runs="${NPTKIT_DEMO_RUNS:-100}"
+for i in $(seq 1 "$runs"); do
+    if ! timeout 60 "$(swift build --show-bin-path)/nptkit-cli" demo > /tmp/nptkit-demo-loop.log 2>&1; then
+        echo "demo run $i of $runs failed or hung:" >&2
+        tail -20 /tmp/nptkit-demo-loop.log >&2
+        exit 1
+    fi
+done
+echo "demo: $runs runs in a row: ok"
 
 echo "== what-if on real kernel traces (nptkit-cli whatif, Tests/Fixtures/kvmtrace)"
 # The four captures of one guest run (tracefs trace and trace_pipe, perf script, trace-cmd report) give the

@@ -10,7 +10,10 @@ import Glibc
 final class ContextBox: @unchecked Sendable {
 
     let liveVMs = Atomic<Int>(0)
-    private let strings = Mutex<[String: UnsafeMutablePointer<CChar>]>([:])
+    /// Calls on the context hold a lease (npt_vm_create among them): npt_context_destroy waits for
+    /// them, so no VM is created from a context that is gone.
+    let life = Lifetime("the context")
+    private let strings = NPTMutex<[String: UnsafeMutablePointer<CChar>]>([:])
     /// The built-in simulator, kept typed: its own configuration (npt_sim_set_platform) needs no
     /// lookup by name and no cast.
     let simulator: SimulatorBackend
@@ -34,7 +37,7 @@ final class VMBox: @unchecked Sendable {
     let vm: VirtualMachine
     let ctx: ContextBox
     let handle: OpaquePointer
-    let vcpuHandles = Mutex<[UInt32: UInt]>([:])
+    let vcpuHandles = NPTMutex<[UInt32: UInt]>([:])
     init(vm: VirtualMachine, ctx: ContextBox, handle: OpaquePointer) { self.vm = vm; self.ctx = ctx; self.handle = handle }
 }
 
@@ -90,9 +93,15 @@ public func npt_context_create(_ out: UnsafeMutablePointer<OpaquePointer?>?) -> 
 @_cdecl("npt_context_destroy")
 public func npt_context_destroy(_ ctx: OpaquePointer?) -> npt_status {
     api("npt_context_destroy") { () throws(NPTError) in
+        try Callout.refuseDestroy("npt_context_destroy")
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        try c.life.beginClose(timeoutNanos: VirtualMachine.destroyWaitNanos)
         let n = c.liveVMs.load(ordering: .acquiring)
-        if n > 0 { throw NPTError(.busy, "\(n) VM(s) created from this context are alive; destroy them first") }
+        if n > 0 {
+            c.life.cancelClose()
+            throw NPTError(.busy, "\(n) VM(s) created from this context are alive; destroy them first")
+        }
+        c.life.finishClose()
         Handles.remove(ctx!)
     }
 }
@@ -101,17 +110,19 @@ public func npt_context_destroy(_ ctx: OpaquePointer?) -> npt_status {
 public func npt_backend_count(_ ctx: OpaquePointer?, _ count: UnsafeMutablePointer<Int>?) -> npt_status {
     api("npt_backend_count") { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
-        try require(count, "count").pointee = c.registry.all.count
+        try require(count, "count").pointee = try c.life.withLease { () throws(NPTError) in c.registry.all.count }
     }
 }
 
 @_cdecl("npt_backend_get")
-public func npt_backend_get(_ ctx: OpaquePointer?, _ index: Int, _ info: UnsafeMutablePointer<npt_backend_info>?) -> npt_status {
+public func npt_backend_get(_ ctx: OpaquePointer?, _ index: UInt, _ info: UnsafeMutablePointer<npt_backend_info>?) -> npt_status {
     api("npt_backend_get") { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        try c.life.enter()
+        defer { c.life.leave() }
         let all = c.registry.all
-        guard index >= 0 && index < all.count else { throw NPTError(.notFound, "index \(index) is past the \(all.count) backends") }
-        let b = all[index]
+        guard index < UInt(all.count) else { throw NPTError(.notFound, "index \(index) is past the \(all.count) backends") }
+        let b = all[Int(index)]
         var i = npt_backend_info()
         i.abi_version = b.abiVersion
         i.name = c.cString(b.name)
@@ -127,7 +138,8 @@ public func npt_backend_get(_ ctx: OpaquePointer?, _ index: Int, _ info: UnsafeM
 public func npt_backend_set_default(_ ctx: OpaquePointer?, _ name: UnsafePointer<CChar>?) -> npt_status {
     api("npt_backend_set_default") { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
-        try c.registry.setDefault(String(cString: try require(name, "name")))
+        let n = String(cString: try require(name, "name"))
+        try c.life.withLease { () throws(NPTError) in try c.registry.setDefault(n) }
     }
 }
 
@@ -137,7 +149,8 @@ public func npt_mbec_mode_check(_ ctx: OpaquePointer?, _ name: UnsafePointer<CCh
     api("npt_mbec_mode_check") { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
         guard let m = VMConfig.MBECMode(rawValue: mode) else { throw .invalid("mode \(mode) is not an npt_mbec_mode") }
-        let b = try c.registry.lookup(name.map { String(cString: $0) })
+        let n = name.map { String(cString: $0) }
+        let b = try c.life.withLease { () throws(NPTError) in try c.registry.lookup(n) }
         missing?.pointee = m.requiredCapabilities.subtracting(b.capabilities).rawValue
         if let refusal = m.refusal(backend: b.name, capabilities: b.capabilities, summary: b.summary) { throw refusal }
     }
@@ -147,36 +160,40 @@ public func npt_mbec_mode_check(_ ctx: OpaquePointer?, _ name: UnsafePointer<CCh
 public func npt_backend_register(_ ctx: OpaquePointer?, _ ops: UnsafePointer<npt_backend_ops>?) -> npt_status {
     api("npt_backend_register") { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
-        try c.registry.register(try CBackend(try require(ops, "ops"), isPlugin: false))
+        let b = try CBackend(try require(ops, "ops"), isPlugin: false)
+        try c.life.withLease { () throws(NPTError) in try c.registry.register(b) }
     }
 }
 
 @_cdecl("npt_plugin_load")
 public func npt_plugin_load(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) -> npt_status {
-    api("npt_plugin_load") { () throws(NPTError) in
-        let c = try Handles.get(ctx, ContextBox.self, "ctx")
-        let p = String(cString: try require(path, "path"))
-        let b = try PluginLoader.load(p)
-        try c.registry.register(b)
-        name?.pointee = c.cString(b.name)
-    }
+    api("npt_plugin_load") { () throws(NPTError) in try loadPlugin(ctx, path, [], name) }
 }
 
 @_cdecl("npt_plugin_load_with")
 public func npt_plugin_load_with(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ args: UnsafePointer<npt_plugin_arg>?,
                                  _ argc: Int, _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) -> npt_status {
     api("npt_plugin_load_with") { () throws(NPTError) in
-        let c = try Handles.get(ctx, ContextBox.self, "ctx")
-        let p = String(cString: try require(path, "path"))
-        guard argc >= 0, argc <= 4096 else { throw .invalid("argc \(argc) is out of range (0...4096)") }
+        let n = sizeArg(argc)
+        guard n <= 4096 else { throw .invalid("argc \(n) is out of range (0...4096)") }
         var arguments: [PluginArgument] = []
-        if argc > 0 {
+        if n > 0 {
             let a = try require(args, "args")
-            for i in 0..<argc {
+            for i in 0..<Int(n) {
                 guard let k = a[i].key, let v = a[i].value else { throw .invalid("args[\(i)] has a NULL key or value") }
                 arguments.append(PluginArgument(key: String(cString: k), value: String(cString: v)))
             }
         }
+        try loadPlugin(ctx, path, arguments, name)
+    }
+}
+
+/// Loads and registers a plugin under the context's lease (npt_context_destroy waits for it).
+private func loadPlugin(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ arguments: [PluginArgument],
+                        _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) throws(NPTError) {
+    let c = try Handles.get(ctx, ContextBox.self, "ctx")
+    let p = String(cString: try require(path, "path"))
+    try c.life.withLease { () throws(NPTError) in
         let b = try PluginLoader.load(p, arguments: arguments)
         try c.registry.register(b)
         name?.pointee = c.cString(b.name)
@@ -197,40 +214,56 @@ public func npt_vm_create(_ ctx: OpaquePointer?, _ config: UnsafePointer<npt_vm_
         let vc = VMConfig(ramSize: cfg.ram_size, defaultPermissions: EPTPermissions(rawValue: cfg.default_perms),
                           mbecMode: mode, maxStepsPerRun: cfg.max_steps_per_run,
                           backendName: cfg.backend.map { String(cString: $0) })
-        let h = Handles.reserve()
-        let vm = try VirtualMachine(config: vc, registry: c.registry, handle: UnsafeMutableRawPointer(h))
-        c.liveVMs.wrappingAdd(1, ordering: .acquiringAndReleasing)
-        Handles.bind(h, VMBox(vm: vm, ctx: c, handle: h))
-        out.pointee = h
+        // Under a lease on the context: npt_context_destroy waits for this create, then sees its VM.
+        try c.life.withLease { () throws(NPTError) in
+            let h = Handles.reserve()
+            let vm = try VirtualMachine(config: vc, registry: c.registry, handle: UnsafeMutableRawPointer(h))
+            c.liveVMs.wrappingAdd(1, ordering: .acquiringAndReleasing)
+            Handles.bind(h, VMBox(vm: vm, ctx: c, handle: h))
+            out.pointee = h
+        }
     }
 }
 
 @_cdecl("npt_vm_destroy")
 public func npt_vm_destroy(_ vm: OpaquePointer?) -> npt_status {
     api("npt_vm_destroy") { () throws(NPTError) in
+        try Callout.refuseDestroy("npt_vm_destroy")
         let v = try Handles.get(vm, VMBox.self, "vm")
-        try v.vm.destroy()
-        for h in v.vcpuHandles.withLock({ Array($0.values) }) { Handles.remove(OpaquePointer(bitPattern: h)!) }
+        try v.vm.destroy()   // all or nothing, once: a second destroy gets NPT_ERR_BAD_HANDLE here
+        for h in v.vcpuHandles.withLock({ m -> [UInt] in defer { m.removeAll() }; return Array(m.values) }) {
+            Handles.remove(OpaquePointer(bitPattern: h)!)
+        }
         Handles.remove(vm!)
         v.ctx.liveVMs.wrappingSubtract(1, ordering: .acquiringAndReleasing)
     }
 }
 
 @_cdecl("npt_vm_write_memory")
-public func npt_vm_write_memory(_ vm: OpaquePointer?, _ gpa: UInt64, _ data: UnsafeRawPointer?, _ len: Int) -> npt_status {
+public func npt_vm_write_memory(_ vm: OpaquePointer?, _ gpa: UInt64, _ data: UnsafeRawPointer?, _ len: UInt) -> npt_status {
     api("npt_vm_write_memory") { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         if len == 0 { return }
-        try v.vm.writeMemory(GPA(gpa), UnsafeRawBufferPointer(start: try require(data, "data"), count: len))
+        try checkLength(gpa, len)
+        try v.vm.writeMemory(GPA(gpa), UnsafeRawBufferPointer(start: try require(data, "data"), count: Int(len)))
     }
 }
 
 @_cdecl("npt_vm_read_memory")
-public func npt_vm_read_memory(_ vm: OpaquePointer?, _ gpa: UInt64, _ data: UnsafeMutableRawPointer?, _ len: Int) -> npt_status {
+public func npt_vm_read_memory(_ vm: OpaquePointer?, _ gpa: UInt64, _ data: UnsafeMutableRawPointer?, _ len: UInt) -> npt_status {
     api("npt_vm_read_memory") { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         if len == 0 { return }
-        try v.vm.readMemory(GPA(gpa), UnsafeMutableRawBufferPointer(start: try require(data, "data"), count: len))
+        try checkLength(gpa, len)
+        try v.vm.readMemory(GPA(gpa), UnsafeMutableRawBufferPointer(start: try require(data, "data"), count: Int(len)))
+    }
+}
+
+/// A memory access's length: `size_t`, so up to 2^64 - 1; no guest memory is that large (48 bits).
+private func checkLength(_ gpa: UInt64, _ len: UInt) throws(NPTError) {
+    let (end, o) = gpa.addingReportingOverflow(UInt64(len))
+    if o || end > PolicyTree.maxGuestPhysical {
+        throw NPTError(.outOfRange, "[\(hex(gpa)), +\(hex(UInt64(len)))) is outside guest memory (len is \(len))")
     }
 }
 
@@ -252,13 +285,16 @@ public func npt_policy_set(_ vm: OpaquePointer?, _ gpa: UInt64, _ size: UInt64, 
 }
 
 @_cdecl("npt_policy_set_ranges")
-public func npt_policy_set_ranges(_ vm: OpaquePointer?, _ ranges: UnsafePointer<npt_policy_range>?, _ count: Int) -> npt_status {
+public func npt_policy_set_ranges(_ vm: OpaquePointer?, _ ranges: UnsafePointer<npt_policy_range>?, _ count: UInt) -> npt_status {
     api("npt_policy_set_ranges") { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         let rs = try require(ranges, "ranges")
         guard count > 0 else { throw .invalid("count is 0") }
+        guard count <= maxPolicyRanges else {
+            throw .invalid("count is \(count), more than the \(maxPolicyRanges) ranges one call may apply")
+        }
         var list: [PolicyRange] = []
-        for i in 0..<count {
+        for i in 0..<Int(count) {
             let r = rs[i]
             list.append(try policyRange(r.gpa, r.size, r.page_size, r.perms, "ranges[\(i)]."))
         }
@@ -268,10 +304,13 @@ public func npt_policy_set_ranges(_ vm: OpaquePointer?, _ ranges: UnsafePointer<
     }
 }
 
+/// Ranges one npt_policy_set_ranges call may apply.
+let maxPolicyRanges: UInt = 1 << 20
+
 @_cdecl("npt_policy_get")
 public func npt_policy_get(_ vm: OpaquePointer?, _ gpa: UInt64, _ perms: UnsafeMutablePointer<UInt64>?) -> npt_status {
     api("npt_policy_get") { () throws(NPTError) in
-        let v = try Handles.get(vm, VMBox.self, "vm")
+        let v = try Handles.get(vm, VMBox.self, "vm", reentrant: true)
         let out = try require(perms, "perms")
         out.pointee = try v.vm.permissions(at: GPA(gpa)).rawValue
     }
@@ -289,7 +328,7 @@ func hierarchy(_ h: UInt32) throws(NPTError) -> HierarchyID {
 @_cdecl("npt_hierarchy_translate")
 public func npt_hierarchy_translate(_ vm: OpaquePointer?, _ h: UInt32, _ gpa: UInt64, _ out: UnsafeMutablePointer<npt_translation>?) -> npt_status {
     api("npt_hierarchy_translate") { () throws(NPTError) in
-        let v = try Handles.get(vm, VMBox.self, "vm")
+        let v = try Handles.get(vm, VMBox.self, "vm", reentrant: true)
         let id = try hierarchy(h)
         guard gpa < PolicyTree.maxGuestPhysical else { throw NPTError(.outOfRange, "gpa \(hex(gpa)) is beyond 48 bits") }
         let t = v.vm.snapshot.translate(GPA(gpa), in: id)
@@ -305,7 +344,7 @@ public func npt_hierarchy_translate(_ vm: OpaquePointer?, _ h: UInt32, _ gpa: UI
 @_cdecl("npt_hierarchy_leaves")
 public func npt_hierarchy_leaves(_ vm: OpaquePointer?, _ h: UInt32, _ cb: npt_leaf_cb?, _ user: UnsafeMutableRawPointer?) -> npt_status {
     api("npt_hierarchy_leaves") { () throws(NPTError) in
-        let v = try Handles.get(vm, VMBox.self, "vm")
+        let v = try Handles.get(vm, VMBox.self, "vm", reentrant: true)
         let id = try hierarchy(h)
         let cb = try require(cb, "cb")
         v.vm.snapshot.forEachLeaf(in: id) { gpa, size, perms in cb(gpa.raw, size, perms.rawValue, user) }
@@ -319,19 +358,24 @@ public func npt_vcpu_create(_ vm: OpaquePointer?, _ index: UInt32, _ out: Unsafe
     api("npt_vcpu_create") { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         let out = try require(out, "out")
-        let cpu = try v.vm.makeVCPU(index: index)
-        let h = Handles.make(VCPUBox(vcpu: cpu, vm: v))
-        let bits = UInt(bitPattern: h)
-        v.vcpuHandles.withLock { $0[index] = bits }
-        out.pointee = h
+        // The handle is made under the VM's lease: a racing npt_vm_destroy waits for it and then
+        // destroys the vCPU with the VM (no vCPU handle outlives its VM).
+        try v.vm.withLease { () throws(NPTError) in
+            let cpu = try v.vm.makeVCPU(index: index)
+            let h = Handles.make(VCPUBox(vcpu: cpu, vm: v))
+            let bits = UInt(bitPattern: h)
+            v.vcpuHandles.withLock { $0[index] = bits }
+            out.pointee = h
+        }
     }
 }
 
 @_cdecl("npt_vcpu_destroy")
 public func npt_vcpu_destroy(_ vcpu: OpaquePointer?) -> npt_status {
     api("npt_vcpu_destroy") { () throws(NPTError) in
+        try Callout.refuseDestroy("npt_vcpu_destroy")
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
-        try c.vm.vm.removeVCPU(c.vcpu)
+        try c.vm.vm.removeVCPU(c.vcpu)   // all or nothing, once
         let index = c.vcpu.index
         c.vm.vcpuHandles.withLock { _ = $0.removeValue(forKey: index) }
         Handles.remove(vcpu!)
@@ -397,7 +441,7 @@ public func npt_vcpu_inject_fault(_ vcpu: OpaquePointer?, _ vector: UInt32, _ er
 @_cdecl("npt_vm_get_stats")
 public func npt_vm_get_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_stats>?) -> npt_status {
     api("npt_vm_get_stats") { () throws(NPTError) in
-        let v = try Handles.get(vm, VMBox.self, "vm")
+        let v = try Handles.get(vm, VMBox.self, "vm", reentrant: true)
         _ = try require(stats, "stats")
         let s = v.vm.statistics()
         var o = npt_stats()
@@ -446,12 +490,13 @@ public func npt_region_set(_ vm: OpaquePointer?, _ region: UnsafePointer<npt_reg
         let v = try Handles.get(vm, VMBox.self, "vm")
         let r = try readVersioned(region, "region")
         var bytes: [UInt8] = []
-        if r.contents_len > 0 {
-            guard let c = r.contents else { throw .invalid("region->contents is NULL but contents_len is \(r.contents_len)") }
-            guard UInt64(r.contents_len) <= r.length else {
-                throw .invalid("region->contents_len \(r.contents_len) is larger than region->length \(hex(r.length))")
+        let len = sizeArg(r.contents_len)
+        if len > 0 {
+            guard UInt64(len) <= r.length else {
+                throw .invalid("region->contents_len \(len) is larger than region->length \(hex(r.length))")
             }
-            bytes = Array(UnsafeRawBufferPointer(start: c, count: r.contents_len))
+            guard let c = r.contents else { throw .invalid("region->contents is NULL but contents_len is \(len)") }
+            bytes = Array(UnsafeRawBufferPointer(start: c, count: Int(len)))
         }
         let perms = r.perms == 0 ? EPTPermissions.all : EPTPermissions(rawValue: r.perms)
         try v.vm.defineRegion(start: GPA(r.gpa), size: r.length, contents: bytes, entryOffset: r.entry_offset, permissions: perms)

@@ -22,15 +22,15 @@ public func npt_vm_host_pmem_count(_ vm: OpaquePointer?, _ count: UnsafeMutableP
 }
 
 @_cdecl("npt_vm_host_pmem_get")
-public func npt_vm_host_pmem_get(_ vm: OpaquePointer?, _ index: Int, _ out: UnsafeMutablePointer<npt_host_pmem_region>?) -> npt_status {
+public func npt_vm_host_pmem_get(_ vm: OpaquePointer?, _ index: UInt, _ out: UnsafeMutablePointer<npt_host_pmem_region>?) -> npt_status {
     api("npt_vm_host_pmem_get") { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         _ = try readVersioned(UnsafePointer(out), "out")
         let regions = try hostRegions(v)
-        guard index >= 0 && index < regions.count else {
+        guard index < UInt(regions.count) else {
             throw NPTError(.notFound, "index \(index) is past the \(regions.count) host persistent-memory regions")
         }
-        let r = regions[index]
+        let r = regions[Int(index)]
         var o = npt_host_pmem_region()
         o.id = r.id; o.base = r.base; o.length = r.size
         o.controller_count = UInt32(r.controllers.count)
@@ -74,7 +74,7 @@ public func npt_vm_get_flush_hint(_ vm: OpaquePointer?, _ info: UnsafeMutablePoi
 }
 
 @_cdecl("npt_vm_get_flush_target")
-public func npt_vm_get_flush_target(_ vm: OpaquePointer?, _ index: Int, _ hostRegion: UnsafeMutablePointer<UInt32>?,
+public func npt_vm_get_flush_target(_ vm: OpaquePointer?, _ index: UInt, _ hostRegion: UnsafeMutablePointer<UInt32>?,
                                     _ controller: UnsafeMutablePointer<UInt32>?, _ address: UnsafeMutablePointer<UInt64>?) -> npt_status {
     api("npt_vm_get_flush_target") { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
@@ -83,10 +83,10 @@ public func npt_vm_get_flush_target(_ vm: OpaquePointer?, _ index: Int, _ hostRe
         let a = try require(address, "address")
         _ = try requireFlushHint(v)
         let targets = v.vm.flushTargets
-        guard index >= 0 && index < targets.count else {
+        guard index < UInt(targets.count) else {
             throw NPTError(.notFound, "index \(index) is past the VM's \(targets.count) flush targets")
         }
-        let t = targets[index]
+        let t = targets[Int(index)]
         r.pointee = t.region; c.pointee = t.target.controller; a.pointee = t.target.address
     }
 }
@@ -103,7 +103,7 @@ public func npt_vm_set_flush_options(_ vm: OpaquePointer?, _ trap: UInt32, _ coa
 }
 
 @_cdecl("npt_vm_get_nfit")
-public func npt_vm_get_nfit(_ vm: OpaquePointer?, _ buf: UnsafeMutableRawPointer?, _ bufLen: Int,
+public func npt_vm_get_nfit(_ vm: OpaquePointer?, _ buf: UnsafeMutableRawPointer?, _ bufLen: UInt,
                             _ needed: UnsafeMutablePointer<Int>?) -> npt_status {
     api("npt_vm_get_nfit") { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
@@ -111,7 +111,7 @@ public func npt_vm_get_nfit(_ vm: OpaquePointer?, _ buf: UnsafeMutableRawPointer
         if buf == nil && bufLen != 0 { throw .invalid("buf is NULL but buf_len is \(bufLen)") }
         let table = try v.vm.guestNFIT()
         n.pointee = table.count
-        guard bufLen >= table.count, let buf else {
+        guard bufLen >= UInt(table.count), let buf else {
             throw NPTError(.bufferTooSmall, "the NFIT is \(table.count) bytes, buf_len is \(bufLen) (*needed is set)")
         }
         table.withUnsafeBytes { buf.copyMemory(from: $0.baseAddress!, byteCount: table.count) }
@@ -142,17 +142,23 @@ public func npt_vm_power_failure(_ vm: OpaquePointer?) -> npt_status {
 public func npt_sim_set_platform(_ ctx: OpaquePointer?, _ platform: UnsafePointer<npt_sim_platform>?) -> npt_status {
     api("npt_sim_set_platform") { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        try c.life.enter()
+        defer { c.life.leave() }
         let p = try readVersioned(platform, "platform")
         let sim = c.simulator
         let drains = p.wpq_drains_on_power_loss != 0
         var description: PlatformDescription
+        let nfitLen = sizeArg(p.nfit_len)
         if let nfit = p.nfit {
-            guard p.nfit_len > 0 else { throw .invalid("platform->nfit is set but platform->nfit_len is 0") }
-            let bytes = Array(UnsafeRawBufferPointer(start: nfit, count: p.nfit_len))
+            guard nfitLen > 0 else { throw .invalid("platform->nfit is set but platform->nfit_len is 0") }
+            guard nfitLen <= UInt(UInt32.max) else {
+                throw .invalid("platform->nfit_len is \(nfitLen); an ACPI table is at most 4 GiB (its length field is 32 bits)")
+            }
+            let bytes = Array(UnsafeRawBufferPointer(start: nfit, count: Int(nfitLen)))
             description = try PlatformDescription.from(nfit: try NFIT.parse(bytes), flushLatencyNanos: p.flush_latency_ns)
             if drains { description.domain = .memoryController }
         } else {
-            guard p.nfit_len == 0 else { throw .invalid("platform->nfit is NULL but platform->nfit_len is \(p.nfit_len)") }
+            guard nfitLen == 0 else { throw .invalid("platform->nfit is NULL but platform->nfit_len is \(nfitLen)") }
             description = .standard(needsWPQFlush: !drains, flushLatencyNanos: p.flush_latency_ns)
         }
         try sim.setPlatform(description)

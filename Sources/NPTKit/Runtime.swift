@@ -16,7 +16,7 @@ public enum NPTKitRuntime {
     }
 
     private static let context = ContextBox()
-    private static let vmHandles = Mutex<[ObjectIdentifier: UInt]>([:])
+    private static let vmHandles = NPTMutex<[ObjectIdentifier: UInt]>([:])
 
     /// Creates a VM as `npt_vm_create` does, with a handle, so that C-table backends and plugins
     /// (which reach the core through the host API by that handle) work from Swift too. Destroy it

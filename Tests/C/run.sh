@@ -16,7 +16,7 @@
 #   libnptkit-badabi.so   Tests/C/plugin_bad_abi.c
 #   libnptkit-noentry.so  Tests/C/plugin_no_entry.c
 #   test_api, test_plugins, test_plugin_pmem, test_pmem_discovery, test_kvm, test_backend_swap,
-#   test_privileged, test_nvdimm,
+#   test_privileged, test_nvdimm, test_robustness (issue 11's rows, one process each),
 #   client (examples/client.c),
 #   test_api-asan and test_nvdimm-asan (AddressSanitizer + LSan)
 # and include/nptkit.h is compiled alone as C11 and as C++17 (syntax only).
@@ -226,6 +226,16 @@ if [ -f "$BIN/libnptkit-kvm.so" ] &&
         fail test_kvm_privileged "exit status $rc"
     fi
 fi
+# Issue 11's rows, each its own process (a crash or hang in one names its row): races between
+# destroy, run and create, limits, a misbehaving backend, size_t arguments of 2^63 and up.
+echo "-- test_robustness (one process per row)"
+if build test_robustness "$CC" "${CFLAGS[@]}" -I"$ROOT/Tests/C" -pthread "$ROOT/Tests/C/test_robustness.c" "${LINK[@]}" \
+    -o "$OUT/test_robustness"; then
+    for row in $("$OUT/test_robustness" list); do
+        run "test_robustness $row" "$OUT/test_robustness" "$row"
+    done
+fi
+
 echo "-- test_privileged"
 if build test_privileged "$CC" "${CFLAGS[@]}" -pthread "$ROOT/Tests/C/test_privileged.c" "${LINK[@]}" -o "$OUT/test_privileged"; then
     run test_privileged "$OUT/test_privileged"
