@@ -210,7 +210,7 @@ enum CallTrace {
         switch r {
         case let s as npt_status: result = Int64(s.rawValue); ok = s == NPT_OK
         case let v as UInt32: result = Int64(v)
-        case let p as UnsafePointer<CChar>: result = 0; resultString = p
+        case let p as UnsafePointer<CChar>?: result = 0; resultString = p
         default: result = 0
         }
         for (i, p) in f.params.enumerated() { recordOutput(t, p, i, args, ok) }
@@ -346,6 +346,8 @@ enum CallTrace {
 @inline(__always) func raw(_ v: Int64) -> UInt64 { UInt64(bitPattern: v) }
 @inline(__always) func raw(_ v: Int) -> UInt64 { UInt64(bitPattern: Int64(v)) }
 @inline(__always) func raw(_ v: npt_status) -> UInt64 { UInt64(bitPattern: Int64(v.rawValue)) }
+@inline(__always) func raw(_ v: UInt) -> UInt64 { UInt64(v) }
+@inline(__always) func raw(_ v: npt_leaf_cb?) -> UInt64 { UInt64(unsafeBitCast(v, to: UInt.self)) }
 
 /// Runs an export's body, recording the call when tracing is on. `args` is evaluated only then.
 @inline(__always)

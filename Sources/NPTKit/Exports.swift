@@ -49,8 +49,12 @@ final class VCPUBox: @unchecked Sendable {
 
 // MARK: status and version
 
-@_cdecl("npt_status_string")
-public func npt_status_string(_ s: npt_status) -> UnsafePointer<CChar> {
+@c @implementation
+public func npt_status_string(_ s: npt_status) -> UnsafePointer<CChar>? {
+    traced(.npt_status_string, [raw(s)]) { statusText(s) }
+}
+
+private func statusText(_ s: npt_status) -> UnsafePointer<CChar> {
     let text: StaticString
     switch s {
     case NPT_OK: text = "NPT_OK: success"
@@ -74,25 +78,25 @@ public func npt_status_string(_ s: npt_status) -> UnsafePointer<CChar> {
     return UnsafeRawPointer(text.utf8Start).assumingMemoryBound(to: CChar.self)
 }
 
-@_cdecl("npt_last_error")
-public func npt_last_error() -> UnsafePointer<CChar> { lastErrorPointer() }
+@c @implementation
+public func npt_last_error() -> UnsafePointer<CChar>? { traced(.npt_last_error, []) { lastErrorPointer() } }
 
-@_cdecl("npt_abi_version")
-public func npt_abi_version() -> UInt32 { NPTABI.version }
+@c @implementation
+public func npt_abi_version() -> UInt32 { traced(.npt_abi_version, []) { NPTABI.version } }
 
 // MARK: context and backends
 
-@_cdecl("npt_context_create")
+@c @implementation
 public func npt_context_create(_ out: UnsafeMutablePointer<OpaquePointer?>?) -> npt_status {
-    api("npt_context_create") { () throws(NPTError) in
+    api(.npt_context_create, [raw(out)]) { () throws(NPTError) in
         let out = try require(out, "out")
         out.pointee = Handles.make(ContextBox())
     }
 }
 
-@_cdecl("npt_context_destroy")
+@c @implementation
 public func npt_context_destroy(_ ctx: OpaquePointer?) -> npt_status {
-    api("npt_context_destroy") { () throws(NPTError) in
+    api(.npt_context_destroy, [raw(ctx)]) { () throws(NPTError) in
         try Callout.refuseDestroy("npt_context_destroy")
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
         try c.life.beginClose(timeoutNanos: VirtualMachine.destroyWaitNanos)
@@ -106,17 +110,18 @@ public func npt_context_destroy(_ ctx: OpaquePointer?) -> npt_status {
     }
 }
 
-@_cdecl("npt_backend_count")
+@c @implementation
 public func npt_backend_count(_ ctx: OpaquePointer?, _ count: UnsafeMutablePointer<Int>?) -> npt_status {
-    api("npt_backend_count") { () throws(NPTError) in
+    api(.npt_backend_count, [raw(ctx), raw(count)]) { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
         try require(count, "count").pointee = try c.life.withLease { () throws(NPTError) in c.registry.all.count }
     }
 }
 
-@_cdecl("npt_backend_get")
-public func npt_backend_get(_ ctx: OpaquePointer?, _ index: UInt, _ info: UnsafeMutablePointer<npt_backend_info>?) -> npt_status {
-    api("npt_backend_get") { () throws(NPTError) in
+@c @implementation
+public func npt_backend_get(_ ctx: OpaquePointer?, _ index: Int, _ info: UnsafeMutablePointer<npt_backend_info>?) -> npt_status {
+    let index = sizeArg(index)
+    return api(.npt_backend_get, [raw(ctx), raw(index), raw(info)]) { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
         try c.life.enter()
         defer { c.life.leave() }
@@ -134,19 +139,19 @@ public func npt_backend_get(_ ctx: OpaquePointer?, _ index: UInt, _ info: Unsafe
     }
 }
 
-@_cdecl("npt_backend_set_default")
+@c @implementation
 public func npt_backend_set_default(_ ctx: OpaquePointer?, _ name: UnsafePointer<CChar>?) -> npt_status {
-    api("npt_backend_set_default") { () throws(NPTError) in
+    api(.npt_backend_set_default, [raw(ctx), raw(name)]) { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
         let n = String(cString: try require(name, "name"))
         try c.life.withLease { () throws(NPTError) in try c.registry.setDefault(n) }
     }
 }
 
-@_cdecl("npt_mbec_mode_check")
+@c @implementation
 public func npt_mbec_mode_check(_ ctx: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ mode: UInt32,
                                 _ missing: UnsafeMutablePointer<UInt64>?) -> npt_status {
-    api("npt_mbec_mode_check") { () throws(NPTError) in
+    api(.npt_mbec_mode_check, [raw(ctx), raw(name), raw(mode), raw(missing)]) { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
         guard let m = VMConfig.MBECMode(rawValue: mode) else { throw .invalid("mode \(mode) is not an npt_mbec_mode") }
         let n = name.map { String(cString: $0) }
@@ -156,24 +161,24 @@ public func npt_mbec_mode_check(_ ctx: OpaquePointer?, _ name: UnsafePointer<CCh
     }
 }
 
-@_cdecl("npt_backend_register")
+@c @implementation
 public func npt_backend_register(_ ctx: OpaquePointer?, _ ops: UnsafePointer<npt_backend_ops>?) -> npt_status {
-    api("npt_backend_register") { () throws(NPTError) in
+    api(.npt_backend_register, [raw(ctx), raw(ops)]) { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
         let b = try CBackend(try require(ops, "ops"), isPlugin: false)
         try c.life.withLease { () throws(NPTError) in try c.registry.register(b) }
     }
 }
 
-@_cdecl("npt_plugin_load")
+@c @implementation
 public func npt_plugin_load(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) -> npt_status {
-    api("npt_plugin_load") { () throws(NPTError) in try loadPlugin(ctx, path, [], name) }
+    api(.npt_plugin_load, [raw(ctx), raw(path), raw(name)]) { () throws(NPTError) in try loadPlugin(ctx, path, [], name) }
 }
 
-@_cdecl("npt_plugin_load_with")
+@c @implementation
 public func npt_plugin_load_with(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ args: UnsafePointer<npt_plugin_arg>?,
                                  _ argc: Int, _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) -> npt_status {
-    api("npt_plugin_load_with") { () throws(NPTError) in
+    api(.npt_plugin_load_with, [raw(ctx), raw(path), raw(args), raw(argc), raw(name)]) { () throws(NPTError) in
         let n = sizeArg(argc)
         guard n <= 4096 else { throw .invalid("argc \(n) is out of range (0...4096)") }
         var arguments: [PluginArgument] = []
@@ -202,9 +207,9 @@ private func loadPlugin(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ 
 
 // MARK: VMs
 
-@_cdecl("npt_vm_create")
+@c @implementation
 public func npt_vm_create(_ ctx: OpaquePointer?, _ config: UnsafePointer<npt_vm_config>?, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> npt_status {
-    api("npt_vm_create") { () throws(NPTError) in
+    api(.npt_vm_create, [raw(ctx), raw(config), raw(out)]) { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
         let cfg = try readVersioned(config, "config")
         let out = try require(out, "out")
@@ -225,9 +230,9 @@ public func npt_vm_create(_ ctx: OpaquePointer?, _ config: UnsafePointer<npt_vm_
     }
 }
 
-@_cdecl("npt_vm_destroy")
+@c @implementation
 public func npt_vm_destroy(_ vm: OpaquePointer?) -> npt_status {
-    api("npt_vm_destroy") { () throws(NPTError) in
+    api(.npt_vm_destroy, [raw(vm)]) { () throws(NPTError) in
         try Callout.refuseDestroy("npt_vm_destroy")
         let v = try Handles.get(vm, VMBox.self, "vm")
         try v.vm.destroy()   // all or nothing, once: a second destroy gets NPT_ERR_BAD_HANDLE here
@@ -239,9 +244,10 @@ public func npt_vm_destroy(_ vm: OpaquePointer?) -> npt_status {
     }
 }
 
-@_cdecl("npt_vm_write_memory")
-public func npt_vm_write_memory(_ vm: OpaquePointer?, _ gpa: UInt64, _ data: UnsafeRawPointer?, _ len: UInt) -> npt_status {
-    api("npt_vm_write_memory") { () throws(NPTError) in
+@c @implementation
+public func npt_vm_write_memory(_ vm: OpaquePointer?, _ gpa: UInt64, _ data: UnsafeRawPointer?, _ len: Int) -> npt_status {
+    let len = sizeArg(len)
+    return api(.npt_vm_write_memory, [raw(vm), raw(gpa), raw(data), raw(len)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         if len == 0 { return }
         try checkLength(gpa, len)
@@ -249,9 +255,10 @@ public func npt_vm_write_memory(_ vm: OpaquePointer?, _ gpa: UInt64, _ data: Uns
     }
 }
 
-@_cdecl("npt_vm_read_memory")
-public func npt_vm_read_memory(_ vm: OpaquePointer?, _ gpa: UInt64, _ data: UnsafeMutableRawPointer?, _ len: UInt) -> npt_status {
-    api("npt_vm_read_memory") { () throws(NPTError) in
+@c @implementation
+public func npt_vm_read_memory(_ vm: OpaquePointer?, _ gpa: UInt64, _ data: UnsafeMutableRawPointer?, _ len: Int) -> npt_status {
+    let len = sizeArg(len)
+    return api(.npt_vm_read_memory, [raw(vm), raw(gpa), raw(data), raw(len)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         if len == 0 { return }
         try checkLength(gpa, len)
@@ -276,17 +283,18 @@ func policyRange(_ gpa: UInt64, _ size: UInt64, _ pageSize: UInt64, _ perms: UIn
     return PolicyRange(start: GPA(gpa), size: size, pageSize: ps, permissions: EPTPermissions(rawValue: perms))
 }
 
-@_cdecl("npt_policy_set")
+@c @implementation
 public func npt_policy_set(_ vm: OpaquePointer?, _ gpa: UInt64, _ size: UInt64, _ pageSize: UInt64, _ perms: UInt64) -> npt_status {
-    api("npt_policy_set") { () throws(NPTError) in
+    api(.npt_policy_set, [raw(vm), raw(gpa), raw(size), raw(pageSize), raw(perms)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         try v.vm.setPolicy(try policyRange(gpa, size, pageSize, perms, ""))
     }
 }
 
-@_cdecl("npt_policy_set_ranges")
-public func npt_policy_set_ranges(_ vm: OpaquePointer?, _ ranges: UnsafePointer<npt_policy_range>?, _ count: UInt) -> npt_status {
-    api("npt_policy_set_ranges") { () throws(NPTError) in
+@c @implementation
+public func npt_policy_set_ranges(_ vm: OpaquePointer?, _ ranges: UnsafePointer<npt_policy_range>?, _ count: Int) -> npt_status {
+    let count = sizeArg(count)
+    return api(.npt_policy_set_ranges, [raw(vm), raw(ranges), raw(count)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         let rs = try require(ranges, "ranges")
         guard count > 0 else { throw .invalid("count is 0") }
@@ -307,9 +315,9 @@ public func npt_policy_set_ranges(_ vm: OpaquePointer?, _ ranges: UnsafePointer<
 /// Ranges one npt_policy_set_ranges call may apply.
 let maxPolicyRanges: UInt = 1 << 20
 
-@_cdecl("npt_policy_get")
+@c @implementation
 public func npt_policy_get(_ vm: OpaquePointer?, _ gpa: UInt64, _ perms: UnsafeMutablePointer<UInt64>?) -> npt_status {
-    api("npt_policy_get") { () throws(NPTError) in
+    api(.npt_policy_get, [raw(vm), raw(gpa), raw(perms)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm", reentrant: true)
         let out = try require(perms, "perms")
         out.pointee = try v.vm.permissions(at: GPA(gpa)).rawValue
@@ -325,9 +333,9 @@ func hierarchy(_ h: UInt32) throws(NPTError) -> HierarchyID {
     return id
 }
 
-@_cdecl("npt_hierarchy_translate")
+@c @implementation
 public func npt_hierarchy_translate(_ vm: OpaquePointer?, _ h: UInt32, _ gpa: UInt64, _ out: UnsafeMutablePointer<npt_translation>?) -> npt_status {
-    api("npt_hierarchy_translate") { () throws(NPTError) in
+    api(.npt_hierarchy_translate, [raw(vm), raw(h), raw(gpa), raw(out)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm", reentrant: true)
         let id = try hierarchy(h)
         guard gpa < PolicyTree.maxGuestPhysical else { throw NPTError(.outOfRange, "gpa \(hex(gpa)) is beyond 48 bits") }
@@ -341,21 +349,24 @@ public func npt_hierarchy_translate(_ vm: OpaquePointer?, _ h: UInt32, _ gpa: UI
     }
 }
 
-@_cdecl("npt_hierarchy_leaves")
+@c @implementation
 public func npt_hierarchy_leaves(_ vm: OpaquePointer?, _ h: UInt32, _ cb: npt_leaf_cb?, _ user: UnsafeMutableRawPointer?) -> npt_status {
-    api("npt_hierarchy_leaves") { () throws(NPTError) in
+    api(.npt_hierarchy_leaves, [raw(vm), raw(h), raw(cb), raw(user)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm", reentrant: true)
         let id = try hierarchy(h)
         let cb = try require(cb, "cb")
-        v.vm.snapshot.forEachLeaf(in: id) { gpa, size, perms in cb(gpa.raw, size, perms.rawValue, user) }
+        v.vm.snapshot.forEachLeaf(in: id) { gpa, size, perms in
+            CallTrace.callbackCalled(gpa.raw, size, perms.rawValue)
+            cb(gpa.raw, size, perms.rawValue, user)
+        }
     }
 }
 
 // MARK: vCPUs
 
-@_cdecl("npt_vcpu_create")
+@c @implementation
 public func npt_vcpu_create(_ vm: OpaquePointer?, _ index: UInt32, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> npt_status {
-    api("npt_vcpu_create") { () throws(NPTError) in
+    api(.npt_vcpu_create, [raw(vm), raw(index), raw(out)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         let out = try require(out, "out")
         // The handle is made under the VM's lease: a racing npt_vm_destroy waits for it and then
@@ -370,9 +381,9 @@ public func npt_vcpu_create(_ vm: OpaquePointer?, _ index: UInt32, _ out: Unsafe
     }
 }
 
-@_cdecl("npt_vcpu_destroy")
+@c @implementation
 public func npt_vcpu_destroy(_ vcpu: OpaquePointer?) -> npt_status {
-    api("npt_vcpu_destroy") { () throws(NPTError) in
+    api(.npt_vcpu_destroy, [raw(vcpu)]) { () throws(NPTError) in
         try Callout.refuseDestroy("npt_vcpu_destroy")
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         try c.vm.vm.removeVCPU(c.vcpu)   // all or nothing, once
@@ -382,44 +393,44 @@ public func npt_vcpu_destroy(_ vcpu: OpaquePointer?) -> npt_status {
     }
 }
 
-@_cdecl("npt_vcpu_get_regs")
+@c @implementation
 public func npt_vcpu_get_regs(_ vcpu: OpaquePointer?, _ regs: UnsafeMutablePointer<npt_regs>?) -> npt_status {
-    api("npt_vcpu_get_regs") { () throws(NPTError) in
+    api(.npt_vcpu_get_regs, [raw(vcpu), raw(regs)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         _ = try require(regs, "regs")
         try writeVersioned(try c.vcpu.registers().c, regs, "regs")
     }
 }
 
-@_cdecl("npt_vcpu_set_regs")
+@c @implementation
 public func npt_vcpu_set_regs(_ vcpu: OpaquePointer?, _ regs: UnsafePointer<npt_regs>?) -> npt_status {
-    api("npt_vcpu_set_regs") { () throws(NPTError) in
+    api(.npt_vcpu_set_regs, [raw(vcpu), raw(regs)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         try c.vcpu.setRegisters(Registers(try readVersioned(regs, "regs")))
     }
 }
 
-@_cdecl("npt_vcpu_run")
+@c @implementation
 public func npt_vcpu_run(_ vcpu: OpaquePointer?, _ exit: UnsafeMutablePointer<npt_exit>?) -> npt_status {
-    api("npt_vcpu_run") { () throws(NPTError) in
+    api(.npt_vcpu_run, [raw(vcpu), raw(exit)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         _ = try readVersioned(UnsafePointer(exit), "exit")
         try writeVersioned(try c.vcpu.run().c, exit, "exit")
     }
 }
 
-@_cdecl("npt_vcpu_run_raw")
+@c @implementation
 public func npt_vcpu_run_raw(_ vcpu: OpaquePointer?, _ exit: UnsafeMutablePointer<npt_exit>?) -> npt_status {
-    api("npt_vcpu_run_raw") { () throws(NPTError) in
+    api(.npt_vcpu_run_raw, [raw(vcpu), raw(exit)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         _ = try readVersioned(UnsafePointer(exit), "exit")
         try writeVersioned(try c.vcpu.runRaw().c, exit, "exit")
     }
 }
 
-@_cdecl("npt_handle_exit")
+@c @implementation
 public func npt_handle_exit(_ vcpu: OpaquePointer?, _ exit: UnsafeMutablePointer<npt_exit>?, _ action: UnsafeMutablePointer<UInt32>?) -> npt_status {
-    api("npt_handle_exit") { () throws(NPTError) in
+    api(.npt_handle_exit, [raw(vcpu), raw(exit), raw(action)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         var e = try VMExit(try readVersioned(UnsafePointer(exit), "exit"))
         let out = try require(action, "action")
@@ -429,18 +440,18 @@ public func npt_handle_exit(_ vcpu: OpaquePointer?, _ exit: UnsafeMutablePointer
     }
 }
 
-@_cdecl("npt_vcpu_inject_fault")
+@c @implementation
 public func npt_vcpu_inject_fault(_ vcpu: OpaquePointer?, _ vector: UInt32, _ error: UInt64, _ address: UInt64) -> npt_status {
-    api("npt_vcpu_inject_fault") { () throws(NPTError) in
+    api(.npt_vcpu_inject_fault, [raw(vcpu), raw(vector), raw(error), raw(address)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         guard vector < 32 else { throw .invalid("vector \(vector) is not an exception vector (0-31)") }
         try c.vcpu.injectFault(vector: vector, errorCode: error, address: address)
     }
 }
 
-@_cdecl("npt_vm_get_stats")
+@c @implementation
 public func npt_vm_get_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_stats>?) -> npt_status {
-    api("npt_vm_get_stats") { () throws(NPTError) in
+    api(.npt_vm_get_stats, [raw(vm), raw(stats)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm", reentrant: true)
         _ = try require(stats, "stats")
         let s = v.vm.statistics()
@@ -455,28 +466,28 @@ public func npt_vm_get_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer
     }
 }
 
-@_cdecl("npt_vm_guest_isa")
+@c @implementation
 public func npt_vm_guest_isa(_ vm: OpaquePointer?, _ isa: UnsafeMutablePointer<UInt32>?) -> npt_status {
-    api("npt_vm_guest_isa") { () throws(NPTError) in
+    api(.npt_vm_guest_isa, [raw(vm), raw(isa)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         let out = try require(isa, "isa")
         out.pointee = v.vm.guestISA.rawValue
     }
 }
 
-@_cdecl("npt_vm_backend_stats")
+@c @implementation
 public func npt_vm_backend_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_backend_stat>?, _ cap: Int,
                                  _ count: UnsafeMutablePointer<Int>?) -> npt_status {
-    api("npt_vm_backend_stats") { () throws(NPTError) in
+    api(.npt_vm_backend_stats, [raw(vm), raw(stats), raw(cap), raw(count)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         try copyStatistics(try v.vm.backendStatistics(), stats, cap, count)
     }
 }
 
-@_cdecl("npt_vcpu_backend_stats")
+@c @implementation
 public func npt_vcpu_backend_stats(_ vcpu: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_backend_stat>?, _ cap: Int,
                                    _ count: UnsafeMutablePointer<Int>?) -> npt_status {
-    api("npt_vcpu_backend_stats") { () throws(NPTError) in
+    api(.npt_vcpu_backend_stats, [raw(vcpu), raw(stats), raw(cap), raw(count)]) { () throws(NPTError) in
         let v = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         try copyStatistics(try v.vcpu.backendStatistics(), stats, cap, count)
     }
@@ -484,9 +495,9 @@ public func npt_vcpu_backend_stats(_ vcpu: OpaquePointer?, _ stats: UnsafeMutabl
 
 // MARK: privileged mode
 
-@_cdecl("npt_region_set")
+@c @implementation
 public func npt_region_set(_ vm: OpaquePointer?, _ region: UnsafePointer<npt_region>?) -> npt_status {
-    api("npt_region_set") { () throws(NPTError) in
+    api(.npt_region_set, [raw(vm), raw(region)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         let r = try readVersioned(region, "region")
         var bytes: [UInt8] = []
@@ -503,16 +514,16 @@ public func npt_region_set(_ vm: OpaquePointer?, _ region: UnsafePointer<npt_reg
     }
 }
 
-@_cdecl("npt_vcpu_raise_privileged")
+@c @implementation
 public func npt_vcpu_raise_privileged(_ vcpu: OpaquePointer?) -> npt_status {
-    api("npt_vcpu_raise_privileged") { () throws(NPTError) in
+    api(.npt_vcpu_raise_privileged, [raw(vcpu)]) { () throws(NPTError) in
         try Handles.get(vcpu, VCPUBox.self, "vcpu").vcpu.raisePrivileged()
     }
 }
 
-@_cdecl("npt_vcpu_raise_interrupt")
+@c @implementation
 public func npt_vcpu_raise_interrupt(_ vcpu: OpaquePointer?, _ vector: UInt32, _ deferred: UnsafeMutablePointer<Int32>?) -> npt_status {
-    api("npt_vcpu_raise_interrupt") { () throws(NPTError) in
+    api(.npt_vcpu_raise_interrupt, [raw(vcpu), raw(vector), raw(deferred)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         guard vector < 256 else { throw .invalid("vector \(vector) is not 0-255") }
         let d = try c.vcpu.raiseInterrupt(vector: vector)
@@ -520,33 +531,33 @@ public func npt_vcpu_raise_interrupt(_ vcpu: OpaquePointer?, _ vector: UInt32, _
     }
 }
 
-@_cdecl("npt_vcpu_leave_privileged")
+@c @implementation
 public func npt_vcpu_leave_privileged(_ vcpu: OpaquePointer?) -> npt_status {
-    api("npt_vcpu_leave_privileged") { () throws(NPTError) in
+    api(.npt_vcpu_leave_privileged, [raw(vcpu)]) { () throws(NPTError) in
         try Handles.get(vcpu, VCPUBox.self, "vcpu").vcpu.leavePrivileged()
     }
 }
 
-@_cdecl("npt_vm_privileged_holder")
+@c @implementation
 public func npt_vm_privileged_holder(_ vm: OpaquePointer?, _ index: UnsafeMutablePointer<Int64>?) -> npt_status {
-    api("npt_vm_privileged_holder") { () throws(NPTError) in
+    api(.npt_vm_privileged_holder, [raw(vm), raw(index)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         try require(index, "index").pointee = v.vm.privileged.holder.map { Int64($0) } ?? -1
     }
 }
 
-@_cdecl("npt_vm_set_stop_timeout")
+@c @implementation
 public func npt_vm_set_stop_timeout(_ vm: OpaquePointer?, _ ns: UInt64) -> npt_status {
-    api("npt_vm_set_stop_timeout") { () throws(NPTError) in
+    api(.npt_vm_set_stop_timeout, [raw(vm), raw(ns)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         guard ns > 0 else { throw .invalid("nanoseconds is 0") }
         v.vm.privileged.stopTimeoutNanos = ns
     }
 }
 
-@_cdecl("npt_vm_get_privileged_stats")
+@c @implementation
 public func npt_vm_get_privileged_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_privileged_stats>?) -> npt_status {
-    api("npt_vm_get_privileged_stats") { () throws(NPTError) in
+    api(.npt_vm_get_privileged_stats, [raw(vm), raw(stats)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         _ = try require(stats, "stats")
         let s = v.vm.privileged.statistics

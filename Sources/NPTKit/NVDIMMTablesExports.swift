@@ -6,13 +6,13 @@ import Glibc
 
 // MARK: guest NVDIMM tables and the one host NVDIMM discovery (ABI 1.2)
 //
-// `@c @implementation` (design.md §3): the compiler checks each signature against its declaration
-// in include/nptkit.h (the older exports use @_cdecl, which does not).
+// `@c @implementation` (design.md §3), as every export: the compiler checks each signature against
+// its declaration in include/nptkit.h.
 
 @c @implementation
 public func npt_vm_get_nvdimm_ssdt(_ vm: OpaquePointer?, _ buf: UnsafeMutableRawPointer?, _ bufLen: Int,
                                    _ needed: UnsafeMutablePointer<Int>?) -> npt_status {
-    api("npt_vm_get_nvdimm_ssdt") { () throws(NPTError) in
+    api(.npt_vm_get_nvdimm_ssdt, [raw(vm), raw(buf), raw(bufLen), raw(needed)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         let n = try require(needed, "needed")
         let bufLen = sizeArg(bufLen)
@@ -32,7 +32,7 @@ public func npt_host_pmem_discover_sysfs(_ root: UnsafePointer<CChar>?,
                                          _ regionCount: UnsafeMutablePointer<Int>?,
                                          _ targets: UnsafeMutablePointer<npt_flush_target>?, _ targetsCap: Int,
                                          _ targetCount: UnsafeMutablePointer<Int>?) -> npt_status {
-    api("npt_host_pmem_discover_sysfs") { () throws(NPTError) in
+    api(.npt_host_pmem_discover_sysfs, [raw(root), raw(regions), raw(regionsCap), raw(regionCount), raw(targets), raw(targetsCap), raw(targetCount)]) { () throws(NPTError) in
         let rc = try require(regionCount, "region_count")
         let tc = try require(targetCount, "target_count")
         let regionsCap = sizeArg(regionsCap), targetsCap = sizeArg(targetsCap)
