@@ -215,8 +215,10 @@ def generate():
         s = structs[name]
         versioned = bool(s["fields"]) and s["fields"][0]["name"] == "size" and s["fields"][0]["type"] == "uint32_t"
         ptrs = ", ".join("CallPointer(kind: .%s, offset: %d, lengthOffset: %d)" % p for p in pointer_members(s))
-        L.append('        CallStruct(name: "%s", size: %d, firstSize: %d, versioned: %s, pointers: [%s]),'
-                 % (name, s["size"], firsts.get(name, s["size"]), "true" if versioned else "false", ptrs))
+        # Durations (members named ..._ns...) differ from run to run: the replayer does not compare them.
+        times = ", ".join(str(f["offset"]) for f in s["fields"] if re.search(r"(^|_)ns(_|$)", f["name"]))
+        L.append('        CallStruct(name: "%s", size: %d, firstSize: %d, versioned: %s, pointers: [%s], timeOffsets: [%s]),'
+                 % (name, s["size"], firsts.get(name, s["size"]), "true" if versioned else "false", ptrs, times))
     L.append("    ]")
     L.append("    public static let functions: [CallFunction] = [")
     for f in funcs:

@@ -45,6 +45,8 @@ public struct CallStruct: Sendable {
     /// Starts with `uint32_t size`.
     public let versioned: Bool
     public let pointers: [CallPointer]
+    /// Offsets of its uint64_t durations (members named *_ns*): not compared on replay.
+    public let timeOffsets: [Int]
 }
 
 public struct CallParam: Sendable {
@@ -102,27 +104,60 @@ struct CallWriter {
 
 /// The call tracer: on when NPTKIT_CALL_TRACE names a file (read once, at the first call).
 enum CallTrace {
-    /// The open trace, or nil (tracing off). Initialized once, at the first traced entry point.
-    static let sink: Sink? = {
-        guard let path = getenv("NPTKIT_CALL_TRACE"), path.pointee != 0 else { return nil }
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else {
-            let why = String(cString: strerror(errno))
-            let message = "nptkit: NPTKIT_CALL_TRACE=\(String(cString: path)): cannot open (\(why)); calls are not traced\n"
-            _ = message.withCString { Glibc.write(2, $0, strlen($0)) }
-            return nil
+    /// 0: NPTKIT_CALL_TRACE not read yet; 1: tracing off; else the Sink (retained for the process).
+    private static let current = Atomic<UInt>(0)
+    private static let startLock = Mutex(())
+
+    /// The open trace, or nil (tracing off). The first call reads NPTKIT_CALL_TRACE.
+    @inline(__always)
+    static var sink: Sink? {
+        let v = current.load(ordering: .acquiring)
+        if v == 1 { return nil }
+        if v == 0 { return fromEnvironment() }
+        return Unmanaged<Sink>.fromOpaque(UnsafeRawPointer(bitPattern: v)!).takeUnretainedValue()
+    }
+
+    private static func fromEnvironment() -> Sink? {
+        startLock.withLock { _ in
+            if current.load(ordering: .acquiring) == 0 {
+                var sink: Sink?
+                if let path = getenv("NPTKIT_CALL_TRACE"), path.pointee != 0 {
+                    do throws(NPTError) { sink = try Sink(path: String(cString: path)) } catch {
+                        let message = "nptkit: NPTKIT_CALL_TRACE: \(error.message); calls are not traced\n"
+                        _ = message.withCString { Glibc.write(2, $0, strlen($0)) }
+                    }
+                }
+                install(sink)
+                atexit { CallTrace.sink?.flush() }
+            }
         }
-        let s = Sink(fd: fd)
-        atexit { CallTrace.sink?.flush() }
-        return s
-    }()
+        return sink
+    }
+
+    private static func install(_ sink: Sink?) {
+        current.store(sink.map { UInt(bitPattern: Unmanaged.passRetained($0).toOpaque()) } ?? 1, ordering: .releasing)
+    }
+
+    /// Starts tracing into `path` (replacing NPTKIT_CALL_TRACE's trace, which is written out first).
+    static func start(path: String) throws(NPTError) {
+        let s = try Sink(path: path)
+        _ = sink // the environment is read first, so it cannot start a trace later
+        startLock.withLock { _ in sink?.flush(); install(s) }
+    }
+
+    /// Writes out and stops the trace (calls in flight may still add their record to it).
+    static func stop() {
+        _ = sink
+        startLock.withLock { _ in sink?.flush(); install(nil) }
+    }
 
     final class Sink: @unchecked Sendable {
         private struct State { var buffer: [UInt8] = []; var threads = 0 }
         private let state = Mutex(State())
         private let fd: Int32
-        init(fd: Int32) {
-            self.fd = fd
+        init(path: String) throws(NPTError) {
+            fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            guard fd >= 0 else { throw .invalid("cannot open \(path) for the call trace: \(String(cString: strerror(errno)))") }
             var w = CallWriter()
             w.bytes.append(contentsOf: CallTraceFormat.magic)
             w.u32(CallTraceFormat.version)
@@ -137,7 +172,7 @@ enum CallTrace {
                 if s.buffer.count >= 1 << 20 { write(&s.buffer) }
             }
         }
-        func flush() { state.withLock { write(&$0.buffer) } }
+        func flush() { state.withLock { write(&$0.buffer); _ = fsync(fd) } }
         private func write(_ b: inout [UInt8]) {
             b.withUnsafeBytes { p in
                 var off = 0
@@ -319,7 +354,8 @@ enum CallTrace {
             if ok, p.filledParam >= 0, let f = pointer(args[p.filledParam]) { n = min(cap, f.load(as: Int.self)) }
             t.writer.blob(pointer(v), n)
         case .structInOut:
-            recordStruct(&t.writer, CallTable.structs[p.structIndex], pointer(v), count: nil, .strings)
+            // A failed call wrote nothing: what its pointer members hold is the caller's.
+            recordStruct(&t.writer, CallTable.structs[p.structIndex], pointer(v), count: nil, ok ? .strings : .none)
         case .arrayOut:
             let cap = Int(bitPattern: UInt(args[p.countParam]))
             var n = 0

@@ -49,4 +49,10 @@ public enum NPTKitRuntime {
         try registry.register(b)
         return b.name
     }
+
+    /// Starts recording every npt_ call of this process into `path` (the call-trace format of
+    /// `nptkit-cli replay-calls`), as NPTKIT_CALL_TRACE does from the first call; `bench` uses it.
+    public static func startCallTrace(path: String) throws(NPTError) { try CallTrace.start(path: path) }
+    /// Writes the trace out and stops recording.
+    public static func stopCallTrace() { CallTrace.stop() }
 }

@@ -296,6 +296,9 @@ struct CallReplayer {
                         try patchPointers(st, s.memory!, st.size, count: b.count / max(st.size, 1), &s)
                     } else if p.kind == .structIn {
                         try patchPointers(st, s.memory!, b.count, count: 1, &s)
+                    } else {
+                        // An output's pointer members held the recorded process's addresses.
+                        for m in st.pointers where m.offset + 8 <= b.count { s.memory!.storeBytes(of: UInt(0), toByteOffset: m.offset, as: UInt.self) }
                     }
                 }
                 shown.append(b == nil ? "\(p.name)=NULL" : "\(p.name){\(b!.count) bytes}")
@@ -418,11 +421,13 @@ struct CallReplayer {
                 let got = Array(UnsafeRawBufferPointer(start: m, count: recorded.count))
                 // Pointer members are compared by what they point to.
                 var skip = Set<Int>()
-                for e in 0..<count { for ptr in st.pointers where ptr.offset + 8 <= length { for b in 0..<8 { skip.insert(e * st.size + ptr.offset + b) } } }
+                for e in 0..<count {
+                    for o in st.pointers.map(\.offset) + st.timeOffsets where o + 8 <= length { for b in 0..<8 { skip.insert(e * st.size + o + b) } }
+                }
                 if let at = recorded.indices.first(where: { !skip.contains($0) && got[$0] != recorded[$0] }) {
                     return differ("\(p.name) byte \(at) (\(st.name))", hexText(UInt64(got[at])), hexText(UInt64(recorded[at])))
                 }
-                for e in 0..<count {
+                for e in 0..<count where ok {
                     for ptr in st.pointers where ptr.offset + 8 <= length && ptr.kind == .string {
                         let want = try cursor.string()
                         let g = UnsafePointer<CChar>(bitPattern: (m + e * st.size + ptr.offset).load(as: UInt.self)).map { String(cString: $0) }
