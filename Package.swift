@@ -64,7 +64,7 @@ let package = Package(
         .testTarget(name: "NPTSimulatorTests", dependencies: ["NPTCore", "NPTSimulator", "NPTScenarios", "MBECReference", "NPTDifferential"],
                     swiftSettings: strict),
         .testTarget(name: "NPTTraceTests", dependencies: ["NPTTrace"], swiftSettings: strict),
-        .testTarget(name: "NPTKitTests", dependencies: ["NPTCore", "NPTKit"], swiftSettings: strict),
+        .testTarget(name: "NPTKitTests", dependencies: ["CNPTKit", "NPTCore", "NPTKit"], swiftSettings: strict),
         // The scenarios library on every backend: the simulator, and KVM through its plugin.
         .testTarget(name: "NPTScenariosTests", dependencies: ["NPTCore", "NPTKit", "NPTScenarios", "NPTSimulator"], swiftSettings: strict),
     ]

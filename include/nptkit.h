@@ -69,7 +69,7 @@ extern "C" {
                                     npt_plugin_load_with, npt_host_api.set_error, explicit
                                     privileged-mode enter/leave and statistics operations,
                                     npt_vm_backend_stats, npt_vcpu_backend_stats) */
-#define NPT_ABI_VERSION ((NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR)
+#define NPT_ABI_VERSION 0x10003u /* (NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR */
 #define NPT_ABI_MAJOR(v) ((uint32_t)(v) >> 16)
 
 /* ------------------------------------------------------------------------ */
@@ -108,15 +108,15 @@ uint32_t npt_abi_version(void);
 /* ------------------------------------------------------------------------ */
 /* Permissions: Intel EPT bit positions                                       */
 /* ------------------------------------------------------------------------ */
-#define NPT_PERM_READ  (UINT64_C(1) << 0)
-#define NPT_PERM_WRITE (UINT64_C(1) << 1)
-#define NPT_PERM_SX    (UINT64_C(1) << 2)  /* supervisor-mode execute (X with MBEC) */
-#define NPT_PERM_UX    (UINT64_C(1) << 10) /* user-mode execute (MBEC) */
-#define NPT_PERM_ALL   (NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_SX | NPT_PERM_UX)
+#define NPT_PERM_READ  0x1ull
+#define NPT_PERM_WRITE 0x2ull
+#define NPT_PERM_SX    0x4ull  /* supervisor-mode execute (X with MBEC) */
+#define NPT_PERM_UX    0x400ull /* user-mode execute (MBEC) */
+#define NPT_PERM_ALL   0x407ull /* NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_SX | NPT_PERM_UX */
 
-#define NPT_PAGE_4K (UINT64_C(1) << 12)
-#define NPT_PAGE_2M (UINT64_C(1) << 21)
-#define NPT_PAGE_1G (UINT64_C(1) << 30)
+#define NPT_PAGE_4K 0x1000ull
+#define NPT_PAGE_2M 0x200000ull
+#define NPT_PAGE_1G 0x40000000ull
 
 /* ------------------------------------------------------------------------ */
 /* Handles                                                                    */
@@ -135,13 +135,13 @@ npt_status npt_context_create(npt_context **out);
  * on it first (so no VM outlives its context). NPT_ERR_STATE from inside a backend operation. */
 npt_status npt_context_destroy(npt_context *ctx);
 
-#define NPT_CAP_MBEC_EMULATION    (UINT64_C(1) << 0) /* can expose a hierarchy per vCPU */
-#define NPT_CAP_EXIT_ON_ESCALATE  (UINT64_C(1) << 1) /* exits on user->supervisor */
-#define NPT_CAP_EXIT_ON_RETURN    (UINT64_C(1) << 2) /* exits on supervisor->user */
-#define NPT_CAP_LINEAR_MODE_INFO  (UINT64_C(1) << 3) /* violation reports the U/S of the linear address */
-#define NPT_CAP_RUN               (UINT64_C(1) << 4) /* runs guest code */
-#define NPT_CAP_PRIVILEGED_MODE   (UINT64_C(1) << 5) /* can stop vCPUs and back the privileged-mode region */
-#define NPT_CAP_PERSISTENT_MEMORY (UINT64_C(1) << 6) /* backs NVDIMM ranges, traps vFHA writes, writes physical
+#define NPT_CAP_MBEC_EMULATION    0x1ull /* can expose a hierarchy per vCPU */
+#define NPT_CAP_EXIT_ON_ESCALATE  0x2ull /* exits on user->supervisor */
+#define NPT_CAP_EXIT_ON_RETURN    0x4ull /* exits on supervisor->user */
+#define NPT_CAP_LINEAR_MODE_INFO  0x8ull /* violation reports the U/S of the linear address */
+#define NPT_CAP_RUN               0x10ull /* runs guest code */
+#define NPT_CAP_PRIVILEGED_MODE   0x20ull /* can stop vCPUs and back the privileged-mode region */
+#define NPT_CAP_PERSISTENT_MEMORY 0x40ull /* backs NVDIMM ranges, traps vFHA writes, writes physical
                                                         flush hints (ABI 1.1; an npt_backend_ops backend keeps
                                                         it only if its table has every operation it needs,
                                                         see npt_backend_ops) */
@@ -285,9 +285,9 @@ typedef struct npt_regs {
     uint64_t fault_handler; /* guest handler for faults (simulator IDT analogue), 0 = exit */
 } npt_regs;
 
-#define NPT_CR4_SMEP (UINT64_C(1) << 20)
-#define NPT_CR4_SMAP (UINT64_C(1) << 21)
-#define NPT_EFER_NXE (UINT64_C(1) << 11)
+#define NPT_CR4_SMEP 0x100000ull
+#define NPT_CR4_SMAP 0x200000ull
+#define NPT_EFER_NXE 0x800ull
 
 typedef enum npt_exit_reason {
     NPT_EXIT_NONE = 0,
@@ -308,19 +308,19 @@ typedef enum npt_exit_reason {
 
 /* EPT-violation exit qualification bits (Intel SDM, table "Exit Qualification
  * for EPT Violations"). */
-#define NPT_EPTQ_READ         (UINT64_C(1) << 0)  /* access was a data read */
-#define NPT_EPTQ_WRITE        (UINT64_C(1) << 1)  /* access was a data write */
-#define NPT_EPTQ_FETCH        (UINT64_C(1) << 2)  /* access was an instruction fetch */
-#define NPT_EPTQ_READABLE     (UINT64_C(1) << 3)  /* entry permitted read */
-#define NPT_EPTQ_WRITABLE     (UINT64_C(1) << 4)  /* entry permitted write */
-#define NPT_EPTQ_EXECUTABLE   (UINT64_C(1) << 5)  /* entry permitted (supervisor) execute */
-#define NPT_EPTQ_UEXECUTABLE  (UINT64_C(1) << 6)  /* entry permitted user execute (MBEC) */
-#define NPT_EPTQ_GLA_VALID    (UINT64_C(1) << 7)
-#define NPT_EPTQ_GLA_TRANSL   (UINT64_C(1) << 8)
-#define NPT_EPTQ_USER_LINEAR  (UINT64_C(1) << 9)  /* with GLA_TRANSL: a user-mode linear address (U/S = 1 at
+#define NPT_EPTQ_READ         0x1ull  /* access was a data read */
+#define NPT_EPTQ_WRITE        0x2ull  /* access was a data write */
+#define NPT_EPTQ_FETCH        0x4ull  /* access was an instruction fetch */
+#define NPT_EPTQ_READABLE     0x8ull  /* entry permitted read */
+#define NPT_EPTQ_WRITABLE     0x10ull  /* entry permitted write */
+#define NPT_EPTQ_EXECUTABLE   0x20ull  /* entry permitted (supervisor) execute */
+#define NPT_EPTQ_UEXECUTABLE  0x40ull  /* entry permitted user execute (MBEC) */
+#define NPT_EPTQ_GLA_VALID    0x80ull
+#define NPT_EPTQ_GLA_TRANSL   0x100ull
+#define NPT_EPTQ_USER_LINEAR  0x200ull  /* with GLA_TRANSL: a user-mode linear address (U/S = 1 at
                                                      every level; every address with paging off) */
-#define NPT_EPTQ_GLA_WRITABLE (UINT64_C(1) << 10) /* with GLA_TRANSL: guest paging maps it writable (1.2) */
-#define NPT_EPTQ_GLA_NX       (UINT64_C(1) << 11) /* with GLA_TRANSL: guest paging maps it execute-disable (1.2) */
+#define NPT_EPTQ_GLA_WRITABLE 0x400ull /* with GLA_TRANSL: guest paging maps it writable (1.2) */
+#define NPT_EPTQ_GLA_NX       0x800ull /* with GLA_TRANSL: guest paging maps it execute-disable (1.2) */
 
 typedef struct npt_exit {
     uint32_t size;         /* sizeof(npt_exit) */
@@ -459,6 +459,7 @@ typedef struct npt_host_pmem_region {
     uint32_t controller_count;   /* memory controllers behind it */
     uint32_t flush_target_count; /* physical flush hints (one per controller that has one) */
     int needs_wpq_flush;         /* 1: data is durable only once a flush hint drained the WPQs */
+    uint32_t reserved;           /* 0 (explicit tail padding, 1.3; the size was always 40) */
 } npt_host_pmem_region;
 
 /* Number of host persistent-memory regions (sorted by id; index them with npt_vm_host_pmem_get).
@@ -572,8 +573,8 @@ npt_status npt_vm_get_stats(npt_vm *vm, npt_stats *stats);
 /* Backends as a table of function pointers                                   */
 /* ------------------------------------------------------------------------ */
 /* Exit controls a backend is asked to configure per vCPU. */
-#define NPT_EXITCTL_ESCALATION (1u << 0)
-#define NPT_EXITCTL_RETURN     (1u << 1)
+#define NPT_EXITCTL_ESCALATION 0x1u
+#define NPT_EXITCTL_RETURN     0x2u
 
 typedef struct npt_host_api npt_host_api;
 

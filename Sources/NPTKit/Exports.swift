@@ -82,7 +82,7 @@ private func statusText(_ s: npt_status) -> UnsafePointer<CChar> {
 public func npt_last_error() -> UnsafePointer<CChar>? { traced(.npt_last_error, []) { lastErrorPointer() } }
 
 @c @implementation
-public func npt_abi_version() -> UInt32 { traced(.npt_abi_version, []) { NPTABI.version } }
+public func npt_abi_version() -> UInt32 { traced(.npt_abi_version, []) { NPT_ABI_VERSION } }
 
 // MARK: context and backends
 

@@ -167,28 +167,39 @@ enum Handles {
 
 // MARK: versioned structs
 
-/// Reads a caller's struct whose first field is its size: at least the v1 layout is required; a
-/// larger (newer) caller struct is read up to what this library knows.
-func readVersioned<T>(_ p: UnsafePointer<T>?, _ name: String) throws(NPTError) -> T {
-    guard let p else { throw .invalid("\(name) is NULL") }
-    let size = UnsafeRawPointer(p).load(as: UInt32.self)
-    guard size >= MemoryLayout<T>.size else {
-        throw .invalid("\(name)->size is \(size), expected at least \(MemoryLayout<T>.size) (sizeof(\(T.self)))")
-    }
-    return p.pointee
-}
+/// A struct that starts with its `size`, with the smallest size a published header gave it
+/// (CallTable.generated.swift conforms every one of them, from Tests/C/abi/*).
+protocol NPTVersioned { static var firstPublishedSize: Int { get } }
 
-/// Writes `value` into a caller's struct, never past the caller's declared size.
-func writeVersioned<T>(_ value: T, _ p: UnsafeMutablePointer<T>?, _ name: String) throws(NPTError) {
+/// Reads a caller's struct whose first field is its size (ABI growth, include/nptkit.h): any size
+/// from the first published one upward is accepted; the library reads only what the caller has
+/// (at most what it knows) and takes the members the caller's size does not cover as 0.
+func readVersioned<T: NPTVersioned>(_ p: UnsafePointer<T>?, _ name: String) throws(NPTError) -> T {
     guard let p else { throw .invalid("\(name) is NULL") }
     let size = Int(UnsafeRawPointer(p).load(as: UInt32.self))
-    guard size >= MemoryLayout<T>.size else {
-        throw .invalid("\(name)->size is \(size), expected at least \(MemoryLayout<T>.size) (sizeof(\(T.self)))")
+    if size == MemoryLayout<T>.size { return p.pointee }
+    guard size >= T.firstPublishedSize else {
+        throw .invalid("\(name)->size is \(size), expected at least \(T.firstPublishedSize) (sizeof(\(T.self)) in the oldest header that has it)")
+    }
+    return withUnsafeTemporaryAllocation(byteCount: MemoryLayout<T>.size, alignment: MemoryLayout<T>.alignment) { b in
+        b.initializeMemory(as: UInt8.self, repeating: 0)
+        b.baseAddress!.copyMemory(from: UnsafeRawPointer(p), byteCount: min(size, MemoryLayout<T>.size))
+        return b.baseAddress!.load(as: T.self)
+    }
+}
+
+/// Writes `value` into a caller's struct, never past the caller's declared size (the `size` member
+/// keeps the caller's value). The same sizes as readVersioned are accepted.
+func writeVersioned<T: NPTVersioned>(_ value: T, _ p: UnsafeMutablePointer<T>?, _ name: String) throws(NPTError) {
+    guard let p else { throw .invalid("\(name) is NULL") }
+    let size = Int(UnsafeRawPointer(p).load(as: UInt32.self))
+    guard size >= T.firstPublishedSize else {
+        throw .invalid("\(name)->size is \(size), expected at least \(T.firstPublishedSize) (sizeof(\(T.self)) in the oldest header that has it)")
     }
     var v = value
     withUnsafeMutableBytes(of: &v) { b in
         b.storeBytes(of: UInt32(size), as: UInt32.self)
-        UnsafeMutableRawPointer(p).copyMemory(from: b.baseAddress!, byteCount: MemoryLayout<T>.size)
+        UnsafeMutableRawPointer(p).copyMemory(from: b.baseAddress!, byteCount: min(size, MemoryLayout<T>.size))
     }
 }
 
