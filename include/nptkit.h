@@ -837,6 +837,9 @@ typedef struct npt_plugin_info {
 #define NPT_PLUGIN_INIT_SYMBOL "npt_plugin_init"
 typedef npt_status (*npt_plugin_init_fn)(const npt_plugin_info *info, const npt_backend_ops **ops);
 
+/* A bare file name (no '/', e.g. "libnptkit-kvm.so") is looked up first in the plugin directory of
+ * the installed library, LIBDIR/nptkit/plugins (`pkg-config --variable=plugindir nptkit`), then in
+ * the library's own directory; a name found in neither goes to dlopen() as it is. */
 /* dlopen()s `path` (RTLD_NOW | RTLD_LOCAL), calls its entry and registers the backend. On success
  * *name (may be NULL) receives the backend's name (owned by the context). A library is never
  * dlclose()d (its code may hold runtime state: a Swift image cannot be unloaded), also when it is

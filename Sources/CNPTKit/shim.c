@@ -9,3 +9,9 @@ const char *nptkit_internal_symbol_name(const void *address) {
     if (address == NULL || dladdr(address, &info) == 0) return NULL;
     return info.dli_sname;
 }
+
+const char *nptkit_internal_object_path(void) {
+    Dl_info info;
+    if (dladdr((const void *)&nptkit_internal_object_path, &info) == 0) return NULL;
+    return info.dli_fname;
+}

@@ -368,6 +368,7 @@ enum PluginLoader {
             }
             guard seen.insert(a.key).inserted else { throw .invalid("plugin argument '\(a.key)' is given twice") }
         }
+        let path = resolve(path)
         guard let lib = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
             let why = dlerror().map { String(cString: $0) } ?? "unknown reason"
             throw NPTError(.plugin, "cannot load '\(path)' as a plugin: \(why)")
@@ -397,6 +398,24 @@ enum PluginLoader {
         } catch {
             throw NPTError(error.code, "plugin '\(path)': \(error.message)")
         }
+    }
+
+    /// The directories a bare plugin name (no '/') is looked up in, in order: the installed plugin
+    /// directory beside the library (LIBDIR/nptkit/plugins, what scripts/install.sh fills), the
+    /// library's own directory (a build tree), and PREFIX/lib/nptkit/plugins beside an installed
+    /// PREFIX/bin (the CLI, which holds the core itself). A name found in none goes to dlopen as is.
+    static func pluginDirectories() -> [String] {
+        guard let me = nptkit_internal_object_path(), me.pointee != 0 else { return [] }
+        let file = String(cString: me)
+        guard let slash = file.lastIndex(of: "/") else { return [] }
+        let dir = String(file[..<slash])
+        return [dir + "/nptkit/plugins", dir, dir + "/../lib/nptkit/plugins"]
+    }
+
+    static func resolve(_ name: String) -> String {
+        guard !name.contains("/"), !name.isEmpty else { return name }
+        for d in pluginDirectories() where access(d + "/" + name, R_OK) == 0 { return d + "/" + name }
+        return name
     }
 
     /// An npt_plugin_info for the call: C strings that live until `body` returns.
