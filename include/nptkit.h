@@ -108,15 +108,15 @@ uint32_t npt_abi_version(void);
 /* ------------------------------------------------------------------------ */
 /* Permissions: Intel EPT bit positions                                       */
 /* ------------------------------------------------------------------------ */
-#define NPT_PERM_READ  0x1ull
-#define NPT_PERM_WRITE 0x2ull
-#define NPT_PERM_SX    0x4ull  /* supervisor-mode execute (X with MBEC) */
-#define NPT_PERM_UX    0x400ull /* user-mode execute (MBEC) */
-#define NPT_PERM_ALL   0x407ull /* NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_SX | NPT_PERM_UX */
+#define NPT_PERM_READ  ((uint64_t)0x1)
+#define NPT_PERM_WRITE ((uint64_t)0x2)
+#define NPT_PERM_SX    ((uint64_t)0x4)  /* supervisor-mode execute (X with MBEC) */
+#define NPT_PERM_UX    ((uint64_t)0x400) /* user-mode execute (MBEC) */
+#define NPT_PERM_ALL   ((uint64_t)0x407) /* NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_SX | NPT_PERM_UX */
 
-#define NPT_PAGE_4K 0x1000ull
-#define NPT_PAGE_2M 0x200000ull
-#define NPT_PAGE_1G 0x40000000ull
+#define NPT_PAGE_4K ((uint64_t)0x1000)
+#define NPT_PAGE_2M ((uint64_t)0x200000)
+#define NPT_PAGE_1G ((uint64_t)0x40000000)
 
 /* ------------------------------------------------------------------------ */
 /* Handles                                                                    */
@@ -135,13 +135,13 @@ npt_status npt_context_create(npt_context **out);
  * on it first (so no VM outlives its context). NPT_ERR_STATE from inside a backend operation. */
 npt_status npt_context_destroy(npt_context *ctx);
 
-#define NPT_CAP_MBEC_EMULATION    0x1ull /* can expose a hierarchy per vCPU */
-#define NPT_CAP_EXIT_ON_ESCALATE  0x2ull /* exits on user->supervisor */
-#define NPT_CAP_EXIT_ON_RETURN    0x4ull /* exits on supervisor->user */
-#define NPT_CAP_LINEAR_MODE_INFO  0x8ull /* violation reports the U/S of the linear address */
-#define NPT_CAP_RUN               0x10ull /* runs guest code */
-#define NPT_CAP_PRIVILEGED_MODE   0x20ull /* can stop vCPUs and back the privileged-mode region */
-#define NPT_CAP_PERSISTENT_MEMORY 0x40ull /* backs NVDIMM ranges, traps vFHA writes, writes physical
+#define NPT_CAP_MBEC_EMULATION    ((uint64_t)0x1) /* can expose a hierarchy per vCPU */
+#define NPT_CAP_EXIT_ON_ESCALATE  ((uint64_t)0x2) /* exits on user->supervisor */
+#define NPT_CAP_EXIT_ON_RETURN    ((uint64_t)0x4) /* exits on supervisor->user */
+#define NPT_CAP_LINEAR_MODE_INFO  ((uint64_t)0x8) /* violation reports the U/S of the linear address */
+#define NPT_CAP_RUN               ((uint64_t)0x10) /* runs guest code */
+#define NPT_CAP_PRIVILEGED_MODE   ((uint64_t)0x20) /* can stop vCPUs and back the privileged-mode region */
+#define NPT_CAP_PERSISTENT_MEMORY ((uint64_t)0x40) /* backs NVDIMM ranges, traps vFHA writes, writes physical
                                                         flush hints (ABI 1.1; an npt_backend_ops backend keeps
                                                         it only if its table has every operation it needs,
                                                         see npt_backend_ops) */
@@ -285,9 +285,9 @@ typedef struct npt_regs {
     uint64_t fault_handler; /* guest handler for faults (simulator IDT analogue), 0 = exit */
 } npt_regs;
 
-#define NPT_CR4_SMEP 0x100000ull
-#define NPT_CR4_SMAP 0x200000ull
-#define NPT_EFER_NXE 0x800ull
+#define NPT_CR4_SMEP ((uint64_t)0x100000)
+#define NPT_CR4_SMAP ((uint64_t)0x200000)
+#define NPT_EFER_NXE ((uint64_t)0x800)
 
 typedef enum npt_exit_reason {
     NPT_EXIT_NONE = 0,
@@ -308,19 +308,19 @@ typedef enum npt_exit_reason {
 
 /* EPT-violation exit qualification bits (Intel SDM, table "Exit Qualification
  * for EPT Violations"). */
-#define NPT_EPTQ_READ         0x1ull  /* access was a data read */
-#define NPT_EPTQ_WRITE        0x2ull  /* access was a data write */
-#define NPT_EPTQ_FETCH        0x4ull  /* access was an instruction fetch */
-#define NPT_EPTQ_READABLE     0x8ull  /* entry permitted read */
-#define NPT_EPTQ_WRITABLE     0x10ull  /* entry permitted write */
-#define NPT_EPTQ_EXECUTABLE   0x20ull  /* entry permitted (supervisor) execute */
-#define NPT_EPTQ_UEXECUTABLE  0x40ull  /* entry permitted user execute (MBEC) */
-#define NPT_EPTQ_GLA_VALID    0x80ull
-#define NPT_EPTQ_GLA_TRANSL   0x100ull
-#define NPT_EPTQ_USER_LINEAR  0x200ull  /* with GLA_TRANSL: a user-mode linear address (U/S = 1 at
+#define NPT_EPTQ_READ         ((uint64_t)0x1)  /* access was a data read */
+#define NPT_EPTQ_WRITE        ((uint64_t)0x2)  /* access was a data write */
+#define NPT_EPTQ_FETCH        ((uint64_t)0x4)  /* access was an instruction fetch */
+#define NPT_EPTQ_READABLE     ((uint64_t)0x8)  /* entry permitted read */
+#define NPT_EPTQ_WRITABLE     ((uint64_t)0x10)  /* entry permitted write */
+#define NPT_EPTQ_EXECUTABLE   ((uint64_t)0x20)  /* entry permitted (supervisor) execute */
+#define NPT_EPTQ_UEXECUTABLE  ((uint64_t)0x40)  /* entry permitted user execute (MBEC) */
+#define NPT_EPTQ_GLA_VALID    ((uint64_t)0x80)
+#define NPT_EPTQ_GLA_TRANSL   ((uint64_t)0x100)
+#define NPT_EPTQ_USER_LINEAR  ((uint64_t)0x200)  /* with GLA_TRANSL: a user-mode linear address (U/S = 1 at
                                                      every level; every address with paging off) */
-#define NPT_EPTQ_GLA_WRITABLE 0x400ull /* with GLA_TRANSL: guest paging maps it writable (1.2) */
-#define NPT_EPTQ_GLA_NX       0x800ull /* with GLA_TRANSL: guest paging maps it execute-disable (1.2) */
+#define NPT_EPTQ_GLA_WRITABLE ((uint64_t)0x400) /* with GLA_TRANSL: guest paging maps it writable (1.2) */
+#define NPT_EPTQ_GLA_NX       ((uint64_t)0x800) /* with GLA_TRANSL: guest paging maps it execute-disable (1.2) */
 
 typedef struct npt_exit {
     uint32_t size;         /* sizeof(npt_exit) */
