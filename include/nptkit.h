@@ -16,7 +16,16 @@
  *  - Handles are opaque. A handle that was destroyed, or never created, is
  *    refused with NPT_ERR_BAD_HANDLE (handles are never reused).
  *  - Structs that may grow start with `size`: set it to sizeof(the struct) you
- *    were compiled with. The library reads or writes only that many bytes.
+ *    were compiled with. Growth rules (1.3): the library accepts any size from the
+ *    struct's first published size upward (a smaller one: NPT_ERR_INVALID_ARGUMENT);
+ *    it reads only the caller's bytes and takes members past them as 0, and writes
+ *    outputs only up to the caller's size (bytes past what it knows stay the
+ *    caller's). A new member is only ever appended, and no struct has implicit
+ *    padding (reserved members say where it is). npt_backend_ops and npt_host_api
+ *    keep abi_version before size, as published in 1.0. Structs without `size`
+ *    (npt_policy_range, npt_flush_target, ...) never grow.
+ *  - Call tracing: with NPTKIT_CALL_TRACE=FILE in the environment (read at the first
+ *    call) every npt_ call is recorded for `nptkit-cli replay-calls FILE`.
  *  - Ownership: every create has its destroy. Strings the library returns are
  *    owned by the library and stay valid until the owning context is destroyed.
  *  - Thread safety: unless a function says otherwise it may be called from any

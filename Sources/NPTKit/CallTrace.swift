@@ -219,7 +219,7 @@ enum CallTrace {
     }
 
     /// Records `call` around `body`.
-    static func record<R>(_ sink: Sink, _ id: CallID, _ args: [UInt64], _ body: () -> R) -> R {
+    static func record<R: TraceResult>(_ sink: Sink, _ id: CallID, _ args: [UInt64], _ body: () -> R) -> R {
         let t = threadState()
         if t.depth > 0 {
             t.depth += 1
@@ -239,15 +239,9 @@ enum CallTrace {
         t.depth = 1
         let r = body()
         t.depth = 0
-        let result: Int64
-        var ok = true
-        var resultString: UnsafePointer<CChar>?
-        switch r {
-        case let s as npt_status: result = Int64(s.rawValue); ok = s == NPT_OK
-        case let v as UInt32: result = Int64(v)
-        case let p as UnsafePointer<CChar>?: result = 0; resultString = p
-        default: result = 0
-        }
+        let result = r.traceValue
+        let ok = f.result != .status || result == 0
+        let resultString = r.traceString
         for (i, p) in f.params.enumerated() { recordOutput(t, p, i, args, ok) }
         if f.result == .string { t.writer.string(resultString) }
         t.writer.string(f.result == .status && !ok ? lastErrorPointer() : nil)
@@ -385,9 +379,27 @@ enum CallTrace {
 @inline(__always) func raw(_ v: UInt) -> UInt64 { UInt64(v) }
 @inline(__always) func raw(_ v: npt_leaf_cb?) -> UInt64 { UInt64(unsafeBitCast(v, to: UInt.self)) }
 
+/// What an export returns, as the trace records it.
+protocol TraceResult {
+    var traceValue: Int64 { get }
+    var traceString: UnsafePointer<CChar>? { get }
+}
+extension npt_status: TraceResult {
+    var traceValue: Int64 { Int64(rawValue) }
+    var traceString: UnsafePointer<CChar>? { nil }
+}
+extension UInt32: TraceResult {
+    var traceValue: Int64 { Int64(self) }
+    var traceString: UnsafePointer<CChar>? { nil }
+}
+extension Optional: TraceResult where Wrapped == UnsafePointer<CChar> {
+    var traceValue: Int64 { 0 }
+    var traceString: UnsafePointer<CChar>? { self }
+}
+
 /// Runs an export's body, recording the call when tracing is on. `args` is evaluated only then.
 @inline(__always)
-func traced<R>(_ id: CallID, _ args: @autoclosure () -> [UInt64], _ body: () -> R) -> R {
+func traced<R: TraceResult>(_ id: CallID, _ args: @autoclosure () -> [UInt64], _ body: () -> R) -> R {
     if let sink = CallTrace.sink { return CallTrace.record(sink, id, args(), body) }
     return body()
 }

@@ -12,7 +12,7 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Measure the figures quoted in the README (medians of one run).")
     @Flag(help: "Fewer repetitions (a smoke run, e.g. in CI).")
     var quick = false
-    @Option(help: "Run only these groups: build, update, sim, exits, abi, privileged, nvdimm, kvm, trace.")
+    @Option(help: "Run only these groups: build, update, sim, exits, abi, privileged, nvdimm, kvm, trace, calltrace.")
     var only: [String] = []
     @Option(help: "nvdimm group: the simulated platform's flush hint drain time (the writing CPU spins this long), ns.")
     var flushLatencyNs: UInt64 = 1000
@@ -30,6 +30,7 @@ struct Bench: ParsableCommand {
         if wants("nvdimm") { try benchNVDIMM() }
         if wants("kvm") { try benchKVM() }
         if wants("trace") { try benchTrace() }
+        if wants("calltrace") { try benchCallTrace() }
     }
 
     // MARK: 1. shadow hierarchy build
