@@ -86,8 +86,10 @@ if [ "$MODE" = asan ]; then
     cbuild test_privileged "$ROOT/Tests/C/test_privileged.c" "${LINK[@]}" && run test_privileged "$OUT/test_privileged"
     if [ "$sample" = 1 ] && cbuild libnptkit-badabi.so "$ROOT/Tests/C/plugin_bad_abi.c" -shared -fPIC &&
         cbuild libnptkit-noentry.so "$ROOT/Tests/C/plugin_no_entry.c" -shared -fPIC &&
+        cbuild libnptkit-sample1.so "$ROOT/examples/plugin/sample_backend.c" -shared -fPIC -DSAMPLE_INTERFACE_1_ONLY &&
         cbuild test_plugins "$ROOT/Tests/C/test_plugins.c" "${LINK[@]}" -ldl; then
-        run test_plugins "$OUT/test_plugins" "$OUT/libnptkit-sample.so" "$OUT/libnptkit-badabi.so" "$OUT/libnptkit-noentry.so"
+        run test_plugins "$OUT/test_plugins" "$OUT/libnptkit-sample.so" "$OUT/libnptkit-badabi.so" "$OUT/libnptkit-noentry.so" \
+            "$OUT/libnptkit-sample1.so"
     fi
     cbuild client "$ROOT/examples/client.c" "${LINK[@]}" && run client "$OUT/client"
     if cbuild test_robustness "$ROOT/Tests/C/test_robustness.c" "${LINK[@]}"; then
@@ -115,8 +117,10 @@ else
     if cbuild libnptkit-sample.so "$ROOT/examples/plugin/sample_backend.c" -shared -fPIC &&
         cbuild libnptkit-badabi.so "$ROOT/Tests/C/plugin_bad_abi.c" -shared -fPIC &&
         cbuild libnptkit-noentry.so "$ROOT/Tests/C/plugin_no_entry.c" -shared -fPIC &&
+        cbuild libnptkit-sample1.so "$ROOT/examples/plugin/sample_backend.c" -shared -fPIC -DSAMPLE_INTERFACE_1_ONLY &&
         cbuild test_plugins "$ROOT/Tests/C/test_plugins.c" "${LINK[@]}" -ldl; then
-        run test_plugins "$OUT/test_plugins" "$OUT/libnptkit-sample.so" "$OUT/libnptkit-badabi.so" "$OUT/libnptkit-noentry.so"
+        run test_plugins "$OUT/test_plugins" "$OUT/libnptkit-sample.so" "$OUT/libnptkit-badabi.so" "$OUT/libnptkit-noentry.so" \
+            "$OUT/libnptkit-sample1.so"
     fi
     if cbuild test_pmem_discovery "$ROOT/Tests/C/test_pmem_discovery.c" "${LINK[@]}" -ldl; then
         run "test_pmem_discovery kvm:domains (KVM plugin under TSan)" "$OUT/test_pmem_discovery" "$OUT/libnptkit-sample.so" \

@@ -271,16 +271,8 @@ struct Bench: ParsableCommand {
         // The C entry points, called through C function pointers.
         let cSet: @convention(c) (OpaquePointer?, UInt64, UInt64, UInt64, UInt64) -> npt_status = npt_policy_set
         let cGet: @convention(c) (OpaquePointer?, UInt64, UnsafeMutablePointer<UInt64>?) -> npt_status = npt_policy_get
-        var ctx: OpaquePointer?
-        var cvm: OpaquePointer?
-        guard npt_context_create(&ctx) == NPT_OK else { throw NPTError(.state, "npt_context_create failed") }
-        defer { _ = npt_context_destroy(ctx) }
-        var cfg = npt_vm_config()
-        cfg.size = UInt32(MemoryLayout<npt_vm_config>.size)
-        cfg.ram_size = 1 << 30
-        cfg.default_perms = EPTPermissions([.read, .write]).rawValue
-        guard npt_vm_create(ctx, &cfg, &cvm) == NPT_OK else { throw NPTError(.state, String(cString: npt_last_error())) }
-        defer { _ = npt_vm_destroy(cvm) }
+        let (ctx, cvm, _) = try makeCVM()
+        defer { _ = npt_vm_destroy(cvm); _ = npt_context_destroy(ctx) }
 
         var swSet: [Duration] = [], cSetT: [Duration] = [], swGet: [Duration] = [], cGetT: [Duration] = []
         var sink: UInt64 = 0

@@ -5,6 +5,22 @@ import NPTKit
 import Glibc
 #endif
 
+/// A context and a 1 GiB R|W VM made through the C ABI (the C-path benchmarks), and the config used.
+func makeCVM() throws -> (OpaquePointer?, OpaquePointer?, npt_vm_config) {
+    var ctx: OpaquePointer?
+    var vm: OpaquePointer?
+    guard npt_context_create(&ctx) == NPT_OK else { throw NPTError(.state, "npt_context_create failed") }
+    var cfg = npt_vm_config()
+    cfg.size = UInt32(MemoryLayout<npt_vm_config>.size)
+    cfg.ram_size = 1 << 30
+    cfg.default_perms = EPTPermissions([.read, .write]).rawValue
+    guard npt_vm_create(ctx, &cfg, &vm) == NPT_OK else {
+        _ = npt_context_destroy(ctx)
+        throw NPTError(.state, String(cString: npt_last_error()))
+    }
+    return (ctx, vm, cfg)
+}
+
 extension Bench {
     /// Call tracing: npt_policy_get untraced against traced (batches interleaved, one process), and
     /// replay-calls' speed on a trace of the same calls against libnptkit.so beside this executable.
@@ -13,16 +29,8 @@ extension Bench {
         let batches = quick ? 20 : 200
         let batch = 200
         let cGet: @convention(c) (OpaquePointer?, UInt64, UnsafeMutablePointer<UInt64>?) -> npt_status = npt_policy_get
-        var ctx: OpaquePointer?
-        var vm: OpaquePointer?
-        guard npt_context_create(&ctx) == NPT_OK else { throw NPTError(.state, "npt_context_create failed") }
-        defer { _ = npt_context_destroy(ctx) }
-        var cfg = npt_vm_config()
-        cfg.size = UInt32(MemoryLayout<npt_vm_config>.size)
-        cfg.ram_size = 1 << 30
-        cfg.default_perms = EPTPermissions([.read, .write]).rawValue
-        guard npt_vm_create(ctx, &cfg, &vm) == NPT_OK else { throw NPTError(.state, "npt_vm_create failed") }
-        defer { _ = npt_vm_destroy(vm) }
+        var (ctx, vm, cfg) = try makeCVM()
+        defer { _ = npt_vm_destroy(vm); _ = npt_context_destroy(ctx) }
         let path = "/tmp/nptkit-bench-calltrace-\(getpid()).trace"
         defer { unlink(path) }
         var plain: [Duration] = [], traced: [Duration] = []
