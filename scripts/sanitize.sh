@@ -77,6 +77,18 @@ cbuild() { # NAME SOURCE [extra...]
     return 1
 }
 
+# test_plugins with the sample plugin (built before), its interface-1 build, and the two broken ones.
+test_plugins_built() {
+    cbuild libnptkit-sample1.so "$ROOT/examples/plugin/sample_backend.c" -shared -fPIC -DSAMPLE_INTERFACE_1_ONLY &&
+        cbuild libnptkit-badabi.so "$ROOT/Tests/C/plugin_bad_abi.c" -shared -fPIC &&
+        cbuild libnptkit-noentry.so "$ROOT/Tests/C/plugin_no_entry.c" -shared -fPIC &&
+        cbuild test_plugins "$ROOT/Tests/C/test_plugins.c" "${LINK[@]}" -ldl
+}
+run_test_plugins() {
+    run test_plugins "$OUT/test_plugins" "$OUT/libnptkit-sample.so" "$OUT/libnptkit-badabi.so" "$OUT/libnptkit-noentry.so" \
+        "$OUT/libnptkit-sample1.so"
+}
+
 t0=$SECONDS
 if [ "$MODE" = asan ]; then
     cbuild libnptkit-sample.so "$ROOT/examples/plugin/sample_backend.c" -shared -fPIC && sample=1 || sample=0
@@ -84,13 +96,7 @@ if [ "$MODE" = asan ]; then
     cbuild test_nvdimm "$ROOT/Tests/C/test_nvdimm.c" "${LINK[@]}" &&
         run test_nvdimm "$OUT/test_nvdimm" "$ROOT/Tests/Fixtures/nfit/nfit.aml"
     cbuild test_privileged "$ROOT/Tests/C/test_privileged.c" "${LINK[@]}" && run test_privileged "$OUT/test_privileged"
-    if [ "$sample" = 1 ] && cbuild libnptkit-badabi.so "$ROOT/Tests/C/plugin_bad_abi.c" -shared -fPIC &&
-        cbuild libnptkit-noentry.so "$ROOT/Tests/C/plugin_no_entry.c" -shared -fPIC &&
-        cbuild libnptkit-sample1.so "$ROOT/examples/plugin/sample_backend.c" -shared -fPIC -DSAMPLE_INTERFACE_1_ONLY &&
-        cbuild test_plugins "$ROOT/Tests/C/test_plugins.c" "${LINK[@]}" -ldl; then
-        run test_plugins "$OUT/test_plugins" "$OUT/libnptkit-sample.so" "$OUT/libnptkit-badabi.so" "$OUT/libnptkit-noentry.so" \
-            "$OUT/libnptkit-sample1.so"
-    fi
+    if [ "$sample" = 1 ] && test_plugins_built; then run_test_plugins; fi
     cbuild client "$ROOT/examples/client.c" "${LINK[@]}" && run client "$OUT/client"
     if cbuild test_robustness "$ROOT/Tests/C/test_robustness.c" "${LINK[@]}"; then
         for row in $("$OUT/test_robustness" list); do
@@ -114,13 +120,8 @@ else
     cbuild test_api "$ROOT/Tests/C/test_api.c" "${LINK[@]}" && run test_api "$OUT/test_api"
     cbuild test_nvdimm "$ROOT/Tests/C/test_nvdimm.c" "${LINK[@]}" &&
         run test_nvdimm "$OUT/test_nvdimm" "$ROOT/Tests/Fixtures/nfit/nfit.aml"
-    if cbuild libnptkit-sample.so "$ROOT/examples/plugin/sample_backend.c" -shared -fPIC &&
-        cbuild libnptkit-badabi.so "$ROOT/Tests/C/plugin_bad_abi.c" -shared -fPIC &&
-        cbuild libnptkit-noentry.so "$ROOT/Tests/C/plugin_no_entry.c" -shared -fPIC &&
-        cbuild libnptkit-sample1.so "$ROOT/examples/plugin/sample_backend.c" -shared -fPIC -DSAMPLE_INTERFACE_1_ONLY &&
-        cbuild test_plugins "$ROOT/Tests/C/test_plugins.c" "${LINK[@]}" -ldl; then
-        run test_plugins "$OUT/test_plugins" "$OUT/libnptkit-sample.so" "$OUT/libnptkit-badabi.so" "$OUT/libnptkit-noentry.so" \
-            "$OUT/libnptkit-sample1.so"
+    if cbuild libnptkit-sample.so "$ROOT/examples/plugin/sample_backend.c" -shared -fPIC && test_plugins_built; then
+        run_test_plugins
     fi
     if cbuild test_pmem_discovery "$ROOT/Tests/C/test_pmem_discovery.c" "${LINK[@]}" -ldl; then
         run "test_pmem_discovery kvm:domains (KVM plugin under TSan)" "$OUT/test_pmem_discovery" "$OUT/libnptkit-sample.so" \

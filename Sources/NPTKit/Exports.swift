@@ -506,6 +506,12 @@ public func npt_region_set(_ vm: OpaquePointer?, _ region: UnsafePointer<npt_reg
             guard UInt64(len) <= r.length else {
                 throw .invalid("region->contents_len \(len) is larger than region->length \(hex(r.length))")
             }
+            // Checked before the copy: a region's length may be anything up to 2^64 - 1, the
+            // contents of one that can exist are at most 1 GiB (a fuzzer's finding: contents_len
+            // 2^64 - 1 with that length trapped converting to Int).
+            guard UInt64(len) <= PageSize.size1G.bytes else {
+                throw NPTError(.outOfRange, "region->contents_len \(len) is larger than the largest region (1 GiB)")
+            }
             guard let c = r.contents else { throw .invalid("region->contents is NULL but contents_len is \(len)") }
             bytes = Array(UnsafeRawBufferPointer(start: c, count: Int(len)))
         }

@@ -878,6 +878,16 @@ static void row18(void) {
             CHECK_ST(npt_region_set(vm, &r), NPT_ERR_INVALID_ARGUMENT);
             CHECK(strstr(npt_last_error(), "contents_len") != NULL);
         }
+    /* The fuzzer's finding (Tests/Fuzz/corpus/abi/regression-region-contents-len-huge): a region
+     * length as large as the contents_len (up to 2^64 - 1) let a huge contents_len through to the
+     * copy, which trapped. */
+    uint64_t lengths[] = { UINT64_MAX, (uint64_t)1 << 63, (UINT64_C(1) << 30) + 0x1000 };
+    size_t clens[] = { SIZE_MAX, (size_t)1 << 63, ((size_t)1 << 30) + 1 };
+    for (size_t i = 0; i < 3; i++) {
+        npt_region r = { sizeof r, 0, REGION + 0x100000, lengths[i], handler, clens[i], 0, 0 };
+        CHECK_ST(npt_region_set(vm, &r), NPT_ERR_OUT_OF_RANGE);
+        CHECK(strstr(npt_last_error(), "contents_len") != NULL);
+    }
     /* The region is still the one privileged_vm defined: an entry runs its handler. */
     npt_vcpu *c;
     CHECK_OK(npt_vcpu_create(vm, 0, &c));

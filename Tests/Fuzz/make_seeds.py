@@ -72,4 +72,31 @@ put("abi", "policy-run", vm_create(0) + bytes([2, 0, 0, 0]) + bytes([4, 0, 0x81,
     + bytes([12, 0]) + bytes([14, 0, 0]) + bytes([28, 0]) + bytes([1, 0]))
 put("abi", "memory-huge", vm_create(1) + bytes([8, 0xE0, 1, 0x00, 0, 1]) + bytes([9, 0x10, 0x00, 1, 0x00, 0, 1]) + bytes([23, 0, 0, 1, 1, 1]))
 put("abi", "region-raise", vm_create(0) + bytes([2, 0, 0, 0]) + bytes([17] + [0x13] * 64 + [8, 0x04, 0, 0x01, 0, 1, 0, 0, 0, 0]) + bytes([18, 0, 12, 0, 12, 0]))
+# trace: a mode byte (bit 0: the harness repairs the checksums), then the committed golden trace.
+golden = open(os.path.join(FIX, "npttrace", "golden-1.0.trace"), "rb").read()
+put("trace", "golden", b"\x00" + golden)
+put("trace", "golden-repaired", b"\x01" + golden)
+put("trace", "golden-lazy-repaired", b"\x03" + golden)
+
+# kvmtrace: the real captures (their first 3 KiB of whole lines, with and without the what-if
+# policy before a NUL) and the hand-written formats whole.
+KT = os.path.join(FIX, "kvmtrace")
+policy = open(os.path.join(KT, "gen_guest.policy"), "rb").read()
+def head_lines(data, limit=3072):
+    out = b""
+    for line in data.splitlines(keepends=True):
+        if len(out) + len(line) > limit:
+            break
+        out += line
+    return out
+for n in sorted(os.listdir(KT)):
+    if not n.endswith(".txt"):
+        continue
+    text = open(os.path.join(KT, n), "rb").read()
+    base = n[:-4]
+    if n.startswith("handwritten"):
+        put("kvmtrace", base, text)
+    else:
+        put("kvmtrace", base, head_lines(text))
+        put("kvmtrace", base + "-policy", policy + b"\x00" + head_lines(text))
 print("seeds written to", OUT)

@@ -43,7 +43,6 @@
 #include <nptkit.h>
 #include <pthread.h>
 #include <stddef.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -477,13 +476,9 @@ static const npt_backend_ops sample_ops = {
 /* ---- the entries --------------------------------------------------------- */
 
 #ifndef SAMPLE_INTERFACE_1_ONLY
-/* Every load's table, kept reachable for the life of the process (a backend is never told that the
- * core dropped it, and the library is never unloaded): not a leak, and LeakSanitizer agrees. */
-struct sample_load {
-    npt_backend_ops ops;
-    struct sample_load *next;
-};
-static _Atomic(struct sample_load *) sample_loads;
+struct sample_table { npt_backend_ops ops; struct sample_table *next; };
+static struct sample_table *tables;
+static pthread_mutex_t tables_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static char *copy_string(const char *s) {
     size_t n = strlen(s) + 1;
@@ -516,9 +511,21 @@ EXPORT npt_status npt_plugin_init(const npt_plugin_info *info, const npt_backend
             return NPT_ERR_INVALID_ARGUMENT;
         }
     }
-    struct sample_load *mine = malloc(sizeof *mine);
+    /* A plugin is never unloaded, so its tables live as long as the process: one per name and
+     * description, kept in a list (loading the same configuration again reuses its table, so
+     * repeated loads do not grow memory, and the tables stay reachable: no leak). */
+    pthread_mutex_lock(&tables_lock);
+    for (struct sample_table *t = tables; t != NULL; t = t->next) {
+        if (strcmp(t->ops.name, name) == 0 && strcmp(t->ops.description, description) == 0) {
+            *ops = &t->ops;
+            pthread_mutex_unlock(&tables_lock);
+            return NPT_OK;
+        }
+    }
+    struct sample_table *mine = malloc(sizeof *mine);
     char *n = copy_string(name), *d = copy_string(description);
     if (mine == NULL || n == NULL || d == NULL) {
+        pthread_mutex_unlock(&tables_lock);
         free(mine), free(n), free(d);
         say("sample: out of memory");
         return NPT_ERR_BACKEND;
@@ -526,9 +533,10 @@ EXPORT npt_status npt_plugin_init(const npt_plugin_info *info, const npt_backend
     mine->ops = sample_ops;
     mine->ops.name = n;
     mine->ops.description = d;
-    mine->next = atomic_load(&sample_loads);
-    while (!atomic_compare_exchange_weak(&sample_loads, &mine->next, mine)) {}
+    mine->next = tables;
+    tables = mine;
     *ops = &mine->ops;
+    pthread_mutex_unlock(&tables_lock);
     return NPT_OK;
 }
 #endif
