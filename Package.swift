@@ -21,6 +21,10 @@ let package = Package(
     targets: [
         // Vends include/nptkit.h (symlinked) to Swift.
         .target(name: "CNPTKit", path: "Sources/CNPTKit"),
+        // The system's libffi: `nptkit-cli replay-calls` calls the library's functions from a recorded
+        // call trace through ffi_call, from the signature table generated from include/nptkit.h.
+        .systemLibrary(name: "CFFI", path: "Sources/CFFI", pkgConfig: "libffi",
+                       providers: [.apt(["libffi-dev"])]),
         .target(name: "NPTCore", swiftSettings: strict),
         // What the core needs from the host OS beside it: the libnvdimm sysfs discovery and threads.
         .target(name: "NPTHost", dependencies: ["NPTCore"], swiftSettings: strict),
@@ -40,7 +44,7 @@ let package = Package(
                 swiftSettings: strict),
         .executableTarget(
             name: "nptkit",
-            dependencies: ["NPTKit", "NPTCore", "NPTHost", "NPTSimulator", "NPTScenarios", "NPTTrace", "CRawKVM",
+            dependencies: ["NPTKit", "NPTCore", "NPTHost", "NPTSimulator", "NPTScenarios", "NPTTrace", "CRawKVM", "CFFI",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
         // The KVM backend plugin (Plugins/ needs explicit paths: SwiftPM reserves it for package plugins).
@@ -65,7 +69,7 @@ let package = Package(
         .testTarget(name: "NPTSimulatorTests", dependencies: ["NPTCore", "NPTHost", "NPTSimulator", "NPTScenarios", "NPTModelCheck", "MBECReference", "NPTDifferential"],
                     swiftSettings: strict),
         .testTarget(name: "NPTTraceTests", dependencies: ["NPTTrace"], swiftSettings: strict),
-        .testTarget(name: "NPTKitTests", dependencies: ["NPTCore", "NPTKit"], swiftSettings: strict),
+        .testTarget(name: "NPTKitTests", dependencies: ["CNPTKit", "NPTCore", "NPTKit"], swiftSettings: strict),
         // The scenarios library on every backend: the simulator, and KVM through its plugin.
         .testTarget(name: "NPTScenariosTests", dependencies: ["NPTCore", "NPTKit", "NPTScenarios", "NPTSimulator"], swiftSettings: strict),
     ]

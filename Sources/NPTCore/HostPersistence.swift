@@ -95,6 +95,36 @@ public struct HostPersistence: Equatable, Sendable {
 
     /// The persistent-memory regions of an NFIT (SPA ranges whose type GUID is
     /// `NFIT.persistentMemoryGUID`), sorted by SPA range index. See the type's doc comment for the rule.
+    /// The persistent-memory ranges of a platform must be usable as one system-physical map: each
+    /// non-empty, 4 KiB aligned in base and size, not wrapping past 2^64, none overlapping another.
+    /// (An NFIT that breaks this was accepted and made later arithmetic on the ranges overflow.)
+    public static func checkRanges(_ ranges: [(id: UInt32, base: UInt64, size: UInt64)], source: String) throws(NPTError) {
+        for r in ranges {
+            if r.size == 0 { throw .invalid("\(source): persistent-memory range \(r.id) has size 0") }
+            if r.base % 4096 != 0 || r.size % 4096 != 0 {
+                throw .invalid("\(source): persistent-memory range \(r.id) [\(hex(r.base)), +\(hex(r.size))) is not 4 KiB aligned")
+            }
+            if r.base.addingReportingOverflow(r.size).overflow {
+                throw .invalid("\(source): persistent-memory range \(r.id) [\(hex(r.base)), +\(hex(r.size))) wraps past 2^64")
+            }
+        }
+        let sorted = ranges.sorted { $0.base < $1.base }
+        for (a, b) in zip(sorted, sorted.dropFirst()) where a.base + a.size > b.base {
+            throw .invalid("\(source): persistent-memory ranges \(a.id) [\(hex(a.base)), +\(hex(a.size))) and \(b.id) [\(hex(b.base)), +\(hex(b.size))) overlap")
+        }
+        var ids = Set<UInt32>()
+        for r in ranges where !ids.insert(r.id).inserted {
+            throw .invalid("\(source): two persistent-memory ranges have index \(r.id)")
+        }
+    }
+
+    /// `fromNFIT`, refusing ranges that are not one usable map (`checkRanges`).
+    public static func checkedFromNFIT(_ nfit: NFIT) throws(NPTError) -> HostPersistence {
+        let h = fromNFIT(nfit)
+        try checkRanges(h.regions.map { ($0.id, $0.base, $0.size) }, source: "NFIT")
+        return h
+    }
+
     public static func fromNFIT(_ nfit: NFIT) -> HostPersistence {
         var hints: [UInt32: [UInt64]] = [:]
         for f in nfit.flushHints { hints[f.deviceHandle, default: []].append(contentsOf: f.addresses) }

@@ -172,8 +172,8 @@ public struct PrivilegedScenario: Sendable {
         let image = try PrivilegedScenario.image(for: vm.guestISA, cpus: cpus)
         let vcpus = try prepare(vm)
         let done = Atomic<Bool>(false)
-        let seen = Mutex(Seen())
-        let failure = Mutex<NPTError?>(nil)
+        let seen = NPTMutex(Seen())
+        let failure = NPTMutex<NPTError?>(nil)
         let t0 = Monitor.now()
         let threads = vcpus.map { cpu in
             HostThread {

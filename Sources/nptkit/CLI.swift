@@ -13,7 +13,7 @@ struct NPTKitCLI: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nptkit",
         abstract: "Memory-virtualization controls hypervisors need and hardware does not always give.",
-        subcommands: [Demo.self, Backends.self, Bench.self, Nfit.self, HostPMem.self, WhatIf.self, TraceDump.self],
+        subcommands: [Demo.self, Backends.self, Bench.self, Nfit.self, HostPMem.self, WhatIf.self, TraceDump.self, ReplayCalls.self],
         defaultSubcommand: Demo.self)
 }
 
