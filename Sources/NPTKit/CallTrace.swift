@@ -106,7 +106,7 @@ struct CallWriter {
 enum CallTrace {
     /// 0: NPTKIT_CALL_TRACE not read yet; 1: tracing off; else the Sink (retained for the process).
     private static let current = Atomic<UInt>(0)
-    private static let startLock = Mutex(())
+    private static let startLock = NPTMutex(())
 
     /// The open trace, or nil (tracing off). The first call reads NPTKIT_CALL_TRACE.
     @inline(__always)
@@ -153,7 +153,7 @@ enum CallTrace {
 
     final class Sink: @unchecked Sendable {
         private struct State { var buffer: [UInt8] = []; var threads = 0 }
-        private let state = Mutex(State())
+        private let state = NPTMutex(State())
         private let fd: Int32
         init(path: String) throws(NPTError) {
             fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
