@@ -24,15 +24,21 @@ let package = Package(
     targets: [
         // Vends include/nptkit.h (symlinked) to Swift.
         .target(name: "CNPTKit", path: "Sources/CNPTKit"),
-                // The trace format (writer, reader), the kernel-tracepoint text parser and the what-if model.
+        // The system's libffi: `nptkit-cli replay-calls` calls the library's functions from a recorded
+        // call trace through ffi_call, from the signature table generated from include/nptkit.h.
+        .systemLibrary(name: "CFFI", path: "Sources/CFFI", pkgConfig: "libffi",
+                       providers: [.apt(["libffi-dev"])]),
+        // The trace format (writer, reader), the kernel-tracepoint text parser and the what-if model.
         // Depends on nothing of NPTKit, so the replay plugin can link it without a second core.
         // Its CPU helpers: the time stamp counter and the crc32 instruction (Swift fallbacks elsewhere).
         .target(name: "NPTTrace", dependencies: ["CNPTTraceFast"], swiftSettings: strict),
         .target(name: "CNPTTraceFast", path: "Sources/CNPTTraceFast"),
         // The core; its recording layer (Recording.swift) writes NPTKit traces.
         .target(name: "NPTCore", dependencies: ["NPTTrace"], swiftSettings: strict),
+        // What the core needs from the host OS beside it: the libnvdimm sysfs discovery and threads.
+        .target(name: "NPTHost", dependencies: ["NPTCore"], swiftSettings: strict),
         .target(name: "NPTSimulator", dependencies: ["NPTCore"], swiftSettings: strict),
-        .target(name: "NPTKit", dependencies: ["CNPTKit", "NPTCore", "NPTSimulator"], swiftSettings: strict),
+        .target(name: "NPTKit", dependencies: ["CNPTKit", "NPTCore", "NPTHost", "NPTSimulator"], swiftSettings: strict),
         // Raw KVM loops (plain ioctls, no NPTKit code) the KVM benchmark measures the library against.
         .target(name: "CRawKVM", path: "Sources/CRawKVM"),
         // The scenarios: one driver per scenario against the VM/vCPU API, one guest image per guest
@@ -40,11 +46,11 @@ let package = Package(
         .target(name: "CScenarioGuests", path: "Sources/NPTScenarios/Guests",
                 exclude: ["x86-64/build.sh", "x86-64/system.inc", "x86-64/gate.S", "x86-64/hello.S", "x86-64/hvci.S",
                           "x86-64/kernel.S", "x86-64/pmem.S", "x86-64/priv.S", "x86-64/smp.S"]),
-        .target(name: "NPTScenarios", dependencies: ["NPTCore", "NPTSimulator", "CScenarioGuests"], exclude: ["Guests"],
+        .target(name: "NPTScenarios", dependencies: ["NPTCore", "NPTHost", "NPTSimulator", "CScenarioGuests"], exclude: ["Guests"],
                 swiftSettings: strict),
         .executableTarget(
             name: "nptkit",
-            dependencies: ["NPTKit", "NPTCore", "NPTSimulator", "NPTScenarios", "NPTTrace", "CRawKVM",
+            dependencies: ["NPTKit", "NPTCore", "NPTHost", "NPTSimulator", "NPTScenarios", "NPTTrace", "CRawKVM", "CFFI",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
         // The KVM backend plugin (Plugins/ needs explicit paths: SwiftPM reserves it for package plugins).
@@ -60,16 +66,19 @@ let package = Package(
         // with the emulation (it imports nothing of NPTKit), and the differential harness that
         // runs it against the emulation (used by the tests and by `nptkit-differential --steps N`).
         .target(name: "MBECReference", path: "Tests/Support/MBECReference", swiftSettings: strict),
-        .target(name: "NPTDifferential", dependencies: ["NPTCore", "NPTSimulator", "MBECReference"],
+        // The exhaustive checker of the privileged-mode protocol (every interleaving for a few CPUs).
+        .target(name: "NPTModelCheck", dependencies: ["NPTCore"], path: "Tests/Support/ModelCheck", swiftSettings: strict),
+        .target(name: "NPTDifferential", dependencies: ["NPTCore", "NPTHost", "NPTSimulator", "NPTScenarios", "MBECReference"],
                 path: "Tests/Support/Differential", swiftSettings: strict),
         .executableTarget(name: "nptkit-differential", dependencies: ["NPTDifferential"],
                           path: "Tests/Support/DifferentialMain", swiftSettings: strict),
-        .testTarget(name: "NPTCoreTests", dependencies: ["NPTCore"], swiftSettings: strict),
-        .testTarget(name: "NPTSimulatorTests", dependencies: ["NPTCore", "NPTSimulator", "NPTScenarios", "MBECReference", "NPTDifferential"],
+        .testTarget(name: "NPTCoreTests", dependencies: ["NPTCore", "NPTScenarios"], swiftSettings: strict),
+        .testTarget(name: "NPTHostTests", dependencies: ["NPTCore", "NPTHost"], swiftSettings: strict),
+        .testTarget(name: "NPTSimulatorTests", dependencies: ["NPTCore", "NPTHost", "NPTSimulator", "NPTScenarios", "NPTModelCheck", "MBECReference", "NPTDifferential"],
                     swiftSettings: strict),
         .testTarget(name: "NPTTraceTests", dependencies: ["NPTTrace"], swiftSettings: strict),
-        .testTarget(name: "NPTKitTests", dependencies: ["NPTCore", "NPTKit"], swiftSettings: strict),
+        .testTarget(name: "NPTKitTests", dependencies: ["CNPTKit", "NPTCore", "NPTKit"], swiftSettings: strict),
         // The scenarios library on every backend: the simulator, and KVM through its plugin.
-        .testTarget(name: "NPTScenariosTests", dependencies: ["NPTCore", "NPTKit", "NPTScenarios", "NPTSimulator", "NPTTrace"], swiftSettings: strict),
+        .testTarget(name: "NPTScenariosTests", dependencies: ["NPTCore", "NPTHost", "NPTKit", "NPTScenarios", "NPTSimulator", "NPTTrace"], swiftSettings: strict),
     ]
 )

@@ -16,12 +16,45 @@
  *  - Handles are opaque. A handle that was destroyed, or never created, is
  *    refused with NPT_ERR_BAD_HANDLE (handles are never reused).
  *  - Structs that may grow start with `size`: set it to sizeof(the struct) you
- *    were compiled with. The library reads or writes only that many bytes.
+ *    were compiled with. Growth rules (1.3): the library accepts any size from the
+ *    struct's first published size upward (a smaller one: NPT_ERR_INVALID_ARGUMENT);
+ *    it reads only the caller's bytes and takes members past them as 0, and writes
+ *    outputs only up to the caller's size (bytes past what it knows stay the
+ *    caller's). A new member is only ever appended, and no struct has implicit
+ *    padding (reserved members say where it is). npt_backend_ops and npt_host_api
+ *    keep abi_version before size, as published in 1.0. Structs without `size`
+ *    (npt_policy_range, npt_flush_target, ...) never grow.
+ *  - Call tracing: with NPTKIT_CALL_TRACE=FILE in the environment (read at the first
+ *    call) every npt_ call is recorded for `nptkit-cli replay-calls FILE`.
  *  - Ownership: every create has its destroy. Strings the library returns are
  *    owned by the library and stay valid until the owning context is destroyed.
  *  - Thread safety: unless a function says otherwise it may be called from any
- *    thread. Calls on one VM are serialized by the VM; npt_vcpu_run on one vCPU
- *    must not be called from two threads at once (NPT_ERR_BUSY).
+ *    thread, also on the same handle from several threads at once. One thread at a
+ *    time drives a vCPU (npt_vcpu_run, _run_raw, _get_regs, _set_regs,
+ *    npt_handle_exit, npt_vcpu_inject_fault, npt_vcpu_leave_privileged); a second
+ *    one meanwhile gets NPT_ERR_BUSY.
+ *  - Handle lifetime. Create, destroy and run race freely from any thread:
+ *     * a destroy happens completely or not at all, exactly once: of two destroys
+ *       of one handle one succeeds and the other gets NPT_ERR_BAD_HANDLE; a
+ *       destroy that fails (NPT_ERR_BUSY) destroyed nothing;
+ *     * a destroy waits (up to 5 s, then NPT_ERR_BUSY) for calls in flight on the
+ *       same object to return, except runs: while a thread drives a vCPU (a run in
+ *       progress) npt_vcpu_destroy and npt_vm_destroy answer NPT_ERR_BUSY at once;
+ *     * a call made while a destroy of its object is in progress gets NPT_ERR_BUSY,
+ *       after it NPT_ERR_BAD_HANDLE: a run that overlaps a destroy either finished
+ *       before it or is refused;
+ *     * creates hold their parent: npt_context_destroy waits for an npt_vm_create
+ *       in flight on the context (then refuses if the VM exists), npt_vm_destroy
+ *       for an npt_vcpu_create in flight on the VM (then destroys that vCPU too);
+ *     * a backend's operations on an object are never called after its destroy
+ *       operation, and each destroy operation is called once.
+ *    Tested with threads (Tests/C/test_robustness.c) under AddressSanitizer and
+ *    ThreadSanitizer (scripts/sanitize.sh).
+ *  - Bounds: at most 1024 vCPUs per VM; every loop that waits on a backend is
+ *    bounded (npt_vcpu_run gives up with NPT_ERR_BACKEND on a backend that keeps
+ *    returning NPT_EXIT_KICKED unasked; a backend's undefined exit reason or
+ *    hierarchy is NPT_ERR_BACKEND, not the caller's error); size_t arguments are
+ *    read as the unsigned values they are, up to SIZE_MAX.
  */
 #ifndef NPTKIT_H
 #define NPTKIT_H
@@ -48,7 +81,7 @@ extern "C" {
                                     1.4: recording (npt_vm_config.record_path) and the core's answer to
                                     each exit told to the backend (npt_backend_ops.vcpu_exit_decided), for
                                     the trace replay backend */
-#define NPT_ABI_VERSION ((NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR)
+#define NPT_ABI_VERSION 0x10004u /* (NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR */
 #define NPT_ABI_MAJOR(v) ((uint32_t)(v) >> 16)
 
 /* ------------------------------------------------------------------------ */
@@ -87,15 +120,15 @@ uint32_t npt_abi_version(void);
 /* ------------------------------------------------------------------------ */
 /* Permissions: Intel EPT bit positions                                       */
 /* ------------------------------------------------------------------------ */
-#define NPT_PERM_READ  (UINT64_C(1) << 0)
-#define NPT_PERM_WRITE (UINT64_C(1) << 1)
-#define NPT_PERM_SX    (UINT64_C(1) << 2)  /* supervisor-mode execute (X with MBEC) */
-#define NPT_PERM_UX    (UINT64_C(1) << 10) /* user-mode execute (MBEC) */
-#define NPT_PERM_ALL   (NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_SX | NPT_PERM_UX)
+#define NPT_PERM_READ  ((uint64_t)0x1)
+#define NPT_PERM_WRITE ((uint64_t)0x2)
+#define NPT_PERM_SX    ((uint64_t)0x4)  /* supervisor-mode execute (X with MBEC) */
+#define NPT_PERM_UX    ((uint64_t)0x400) /* user-mode execute (MBEC) */
+#define NPT_PERM_ALL   ((uint64_t)0x407) /* NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_SX | NPT_PERM_UX */
 
-#define NPT_PAGE_4K (UINT64_C(1) << 12)
-#define NPT_PAGE_2M (UINT64_C(1) << 21)
-#define NPT_PAGE_1G (UINT64_C(1) << 30)
+#define NPT_PAGE_4K ((uint64_t)0x1000)
+#define NPT_PAGE_2M ((uint64_t)0x200000)
+#define NPT_PAGE_1G ((uint64_t)0x40000000)
 
 /* ------------------------------------------------------------------------ */
 /* Handles                                                                    */
@@ -110,16 +143,17 @@ typedef struct npt_vcpu npt_vcpu;
 /* A context owns a backend registry; the built-in simulator ("sim") is
  * registered in every context and is the default. */
 npt_status npt_context_create(npt_context **out);
-/* Fails with NPT_ERR_BUSY while VMs created from it are alive. */
+/* Fails with NPT_ERR_BUSY while VMs created from it are alive; waits for an npt_vm_create in flight
+ * on it first (so no VM outlives its context). NPT_ERR_STATE from inside a backend operation. */
 npt_status npt_context_destroy(npt_context *ctx);
 
-#define NPT_CAP_MBEC_EMULATION    (UINT64_C(1) << 0) /* can expose a hierarchy per vCPU */
-#define NPT_CAP_EXIT_ON_ESCALATE  (UINT64_C(1) << 1) /* exits on user->supervisor */
-#define NPT_CAP_EXIT_ON_RETURN    (UINT64_C(1) << 2) /* exits on supervisor->user */
-#define NPT_CAP_LINEAR_MODE_INFO  (UINT64_C(1) << 3) /* violation reports the U/S of the linear address */
-#define NPT_CAP_RUN               (UINT64_C(1) << 4) /* runs guest code */
-#define NPT_CAP_PRIVILEGED_MODE   (UINT64_C(1) << 5) /* can stop vCPUs and back the privileged-mode region */
-#define NPT_CAP_PERSISTENT_MEMORY (UINT64_C(1) << 6) /* backs NVDIMM ranges, traps vFHA writes, writes physical
+#define NPT_CAP_MBEC_EMULATION    ((uint64_t)0x1) /* can expose a hierarchy per vCPU */
+#define NPT_CAP_EXIT_ON_ESCALATE  ((uint64_t)0x2) /* exits on user->supervisor */
+#define NPT_CAP_EXIT_ON_RETURN    ((uint64_t)0x4) /* exits on supervisor->user */
+#define NPT_CAP_LINEAR_MODE_INFO  ((uint64_t)0x8) /* violation reports the U/S of the linear address */
+#define NPT_CAP_RUN               ((uint64_t)0x10) /* runs guest code */
+#define NPT_CAP_PRIVILEGED_MODE   ((uint64_t)0x20) /* can stop vCPUs and back the privileged-mode region */
+#define NPT_CAP_PERSISTENT_MEMORY ((uint64_t)0x40) /* backs NVDIMM ranges, traps vFHA writes, writes physical
                                                         flush hints (ABI 1.1; an npt_backend_ops backend keeps
                                                         it only if its table has every operation it needs,
                                                         see npt_backend_ops) */
@@ -141,7 +175,8 @@ typedef struct npt_backend_info {
 } npt_backend_info;
 
 npt_status npt_backend_count(const npt_context *ctx, size_t *count);
-/* (ABI 1.3) The guest ISA (NPT_GUEST_ISA_*) of the backend that runs `vm`. */
+/* (ABI 1.3) The guest ISA (NPT_GUEST_ISA_*) of the backend that runs `vm`. NPT_ERR_BAD_HANDLE once
+ * the VM is destroyed. */
 npt_status npt_vm_guest_isa(npt_vm *vm, uint32_t *isa);
 npt_status npt_backend_get(const npt_context *ctx, size_t index, npt_backend_info *info);
 /* Makes `name` the default backend for VMs created with backend == NULL. */
@@ -202,10 +237,15 @@ typedef struct npt_vm_config {
 } npt_vm_config;
 
 npt_status npt_vm_create(npt_context *ctx, const npt_vm_config *config, npt_vm **out);
-/* Destroys the VM and its vCPUs. NPT_ERR_BUSY if a vCPU is running. */
+/* Destroys the VM and its vCPUs, all or nothing, once (see "Handle lifetime"). NPT_ERR_BUSY if a
+ * thread drives one of its vCPUs (a run in progress): then nothing is destroyed, every vCPU still
+ * works. Waits for other calls in flight on the VM (an npt_vcpu_create among them: its vCPU is
+ * destroyed with the VM). A second destroy gets NPT_ERR_BAD_HANDLE. NPT_ERR_STATE from inside a
+ * backend operation. */
 npt_status npt_vm_destroy(npt_vm *vm);
 
-/* Guest physical memory access (host side, no permission checks). */
+/* Guest physical memory access (host side, no permission checks). len may be anything up to
+ * SIZE_MAX: a range past guest memory is NPT_ERR_OUT_OF_RANGE. */
 npt_status npt_vm_write_memory(npt_vm *vm, uint64_t gpa, const void *data, size_t len);
 npt_status npt_vm_read_memory(npt_vm *vm, uint64_t gpa, void *data, size_t len);
 
@@ -263,9 +303,9 @@ typedef struct npt_regs {
     uint64_t fault_handler; /* guest handler for faults (simulator IDT analogue), 0 = exit */
 } npt_regs;
 
-#define NPT_CR4_SMEP (UINT64_C(1) << 20)
-#define NPT_CR4_SMAP (UINT64_C(1) << 21)
-#define NPT_EFER_NXE (UINT64_C(1) << 11)
+#define NPT_CR4_SMEP ((uint64_t)0x100000)
+#define NPT_CR4_SMAP ((uint64_t)0x200000)
+#define NPT_EFER_NXE ((uint64_t)0x800)
 
 typedef enum npt_exit_reason {
     NPT_EXIT_NONE = 0,
@@ -286,19 +326,19 @@ typedef enum npt_exit_reason {
 
 /* EPT-violation exit qualification bits (Intel SDM, table "Exit Qualification
  * for EPT Violations"). */
-#define NPT_EPTQ_READ         (UINT64_C(1) << 0)  /* access was a data read */
-#define NPT_EPTQ_WRITE        (UINT64_C(1) << 1)  /* access was a data write */
-#define NPT_EPTQ_FETCH        (UINT64_C(1) << 2)  /* access was an instruction fetch */
-#define NPT_EPTQ_READABLE     (UINT64_C(1) << 3)  /* entry permitted read */
-#define NPT_EPTQ_WRITABLE     (UINT64_C(1) << 4)  /* entry permitted write */
-#define NPT_EPTQ_EXECUTABLE   (UINT64_C(1) << 5)  /* entry permitted (supervisor) execute */
-#define NPT_EPTQ_UEXECUTABLE  (UINT64_C(1) << 6)  /* entry permitted user execute (MBEC) */
-#define NPT_EPTQ_GLA_VALID    (UINT64_C(1) << 7)
-#define NPT_EPTQ_GLA_TRANSL   (UINT64_C(1) << 8)
-#define NPT_EPTQ_USER_LINEAR  (UINT64_C(1) << 9)  /* with GLA_TRANSL: a user-mode linear address (U/S = 1 at
+#define NPT_EPTQ_READ         ((uint64_t)0x1)  /* access was a data read */
+#define NPT_EPTQ_WRITE        ((uint64_t)0x2)  /* access was a data write */
+#define NPT_EPTQ_FETCH        ((uint64_t)0x4)  /* access was an instruction fetch */
+#define NPT_EPTQ_READABLE     ((uint64_t)0x8)  /* entry permitted read */
+#define NPT_EPTQ_WRITABLE     ((uint64_t)0x10)  /* entry permitted write */
+#define NPT_EPTQ_EXECUTABLE   ((uint64_t)0x20)  /* entry permitted (supervisor) execute */
+#define NPT_EPTQ_UEXECUTABLE  ((uint64_t)0x40)  /* entry permitted user execute (MBEC) */
+#define NPT_EPTQ_GLA_VALID    ((uint64_t)0x80)
+#define NPT_EPTQ_GLA_TRANSL   ((uint64_t)0x100)
+#define NPT_EPTQ_USER_LINEAR  ((uint64_t)0x200)  /* with GLA_TRANSL: a user-mode linear address (U/S = 1 at
                                                      every level; every address with paging off) */
-#define NPT_EPTQ_GLA_WRITABLE (UINT64_C(1) << 10) /* with GLA_TRANSL: guest paging maps it writable (1.2) */
-#define NPT_EPTQ_GLA_NX       (UINT64_C(1) << 11) /* with GLA_TRANSL: guest paging maps it execute-disable (1.2) */
+#define NPT_EPTQ_GLA_WRITABLE ((uint64_t)0x400) /* with GLA_TRANSL: guest paging maps it writable (1.2) */
+#define NPT_EPTQ_GLA_NX       ((uint64_t)0x800) /* with GLA_TRANSL: guest paging maps it execute-disable (1.2) */
 
 typedef struct npt_exit {
     uint32_t size;         /* sizeof(npt_exit) */
@@ -314,14 +354,23 @@ typedef struct npt_exit {
     uint64_t rip;
 } npt_exit;
 
+/* index: any value not taken in the VM (NPT_ERR_EXISTS); at most 1024 vCPUs per VM at once
+ * (NPT_ERR_OUT_OF_RANGE; a destroyed vCPU's place is free again). */
 npt_status npt_vcpu_create(npt_vm *vm, uint32_t index, npt_vcpu **out);
+/* All or nothing, once: NPT_ERR_BUSY while a thread drives the vCPU (a run in progress) or while it
+ * holds the privileged mode; the backend's vcpu_destroy is called once and nothing of the vCPU after
+ * it. A second destroy gets NPT_ERR_BAD_HANDLE. NPT_ERR_STATE from inside a backend operation. */
 npt_status npt_vcpu_destroy(npt_vcpu *vcpu);
 npt_status npt_vcpu_get_regs(npt_vcpu *vcpu, npt_regs *regs);
 npt_status npt_vcpu_set_regs(npt_vcpu *vcpu, const npt_regs *regs);
 
 /* Library loop: runs until an exit the core does not handle itself (halt, IO,
  * a violation to report, a guest fault, the budget). Escalation, return and
- * violations that a hierarchy switch resolves never come back. */
+ * violations that a hierarchy switch resolves never come back. Refused
+ * (NPT_ERR_BUSY, then NPT_ERR_BAD_HANDLE) once a destroy of the vCPU has begun.
+ * A backend that returns NPT_EXIT_KICKED 10,000 times in a row without a kick
+ * from the core, or an exit reason or hierarchy the ABI does not define, ends
+ * the run with NPT_ERR_BACKEND. */
 npt_status npt_vcpu_run(npt_vcpu *vcpu, npt_exit *exit);
 
 /* QEMU-style loop: npt_vcpu_run_raw returns every exit, including
@@ -336,6 +385,9 @@ typedef enum npt_action {
     NPT_ACTION_TOOL = 2           /* not an MBEC exit: the tool handles it (IO, HLT, ...) */
 } npt_action;
 
+/* Takes only the exit the last npt_vcpu_run_raw on this vCPU returned, once (same reason and gpa):
+ * any other (an escalation that never happened, a leave-mode outside the mode, an exit decided
+ * twice) is refused with NPT_ERR_STATE and changes nothing. */
 npt_status npt_handle_exit(npt_vcpu *vcpu, npt_exit *exit, uint32_t *action);
 
 /* Delivers fault `vector` to the guest's fault handler (as the VMM would
@@ -357,7 +409,7 @@ typedef struct npt_region {
     uint64_t gpa;           /* 4 KiB aligned, outside guest RAM */
     uint64_t length;        /* multiple of 4 KiB, at most 1 GiB */
     const void *contents;   /* copied; may be NULL when contents_len is 0 */
-    size_t contents_len;    /* at most length */
+    size_t contents_len;    /* at most length (any larger value, up to SIZE_MAX, is NPT_ERR_INVALID_ARGUMENT) */
     uint64_t entry_offset;  /* 8-byte aligned offset of the entry point */
     uint64_t perms;         /* policy of the region's pages while visible; 0 = R|W|SX|UX. The mode runs
                                with paging off, where every linear address is a user-mode address
@@ -375,7 +427,7 @@ npt_status npt_vcpu_raise_interrupt(npt_vcpu *vcpu, uint32_t vector, int *deferr
 npt_status npt_vcpu_leave_privileged(npt_vcpu *vcpu);
 /* Index of the vCPU in the mode, or -1. */
 npt_status npt_vm_privileged_holder(npt_vm *vm, int64_t *index);
-/* How long an entry waits for the other vCPUs to stop (default 1 s). */
+/* How long an entry waits for the other vCPUs to stop (default 1 s; > 0; UINT64_MAX: no bound). */
 npt_status npt_vm_set_stop_timeout(npt_vm *vm, uint64_t nanoseconds);
 
 typedef struct npt_privileged_stats {
@@ -425,6 +477,7 @@ typedef struct npt_host_pmem_region {
     uint32_t controller_count;   /* memory controllers behind it */
     uint32_t flush_target_count; /* physical flush hints (one per controller that has one) */
     int needs_wpq_flush;         /* 1: data is durable only once a flush hint drained the WPQs */
+    uint32_t reserved;           /* 0 (explicit tail padding, 1.3; the size was always 40) */
 } npt_host_pmem_region;
 
 /* Number of host persistent-memory regions (sorted by id; index them with npt_vm_host_pmem_get).
@@ -538,8 +591,8 @@ npt_status npt_vm_get_stats(npt_vm *vm, npt_stats *stats);
 /* Backends as a table of function pointers                                   */
 /* ------------------------------------------------------------------------ */
 /* Exit controls a backend is asked to configure per vCPU. */
-#define NPT_EXITCTL_ESCALATION (1u << 0)
-#define NPT_EXITCTL_RETURN     (1u << 1)
+#define NPT_EXITCTL_ESCALATION 0x1u
+#define NPT_EXITCTL_RETURN     0x2u
 
 typedef struct npt_host_api npt_host_api;
 
@@ -701,7 +754,13 @@ typedef struct npt_backend_ops {
 
 /* Registers a backend in `ctx`. The ops table must stay valid until the
  * context is destroyed. NPT_ERR_ABI_MISMATCH if its major version differs,
- * NPT_ERR_EXISTS if the name is taken. */
+ * NPT_ERR_EXISTS if the name is taken, NPT_ERR_INVALID_ARGUMENT if capabilities
+ * has a bit no NPT_CAP_* defines.
+ * The core calls the operations while it holds locks of the VM they serve: from
+ * inside one, only npt_policy_get, npt_hierarchy_translate, npt_hierarchy_leaves
+ * and npt_vm_get_stats may be called on that VM (they see the policy being
+ * applied); any other call on it, and any destroy, gets NPT_ERR_STATE. An exit
+ * reason or hierarchy outside the enums from vcpu_run is NPT_ERR_BACKEND. */
 npt_status npt_backend_register(npt_context *ctx, const npt_backend_ops *ops);
 
 /* ------------------------------------------------------------------------ */
@@ -806,6 +865,9 @@ typedef struct npt_plugin_info {
 #define NPT_PLUGIN_INIT_SYMBOL "npt_plugin_init"
 typedef npt_status (*npt_plugin_init_fn)(const npt_plugin_info *info, const npt_backend_ops **ops);
 
+/* A bare file name (no '/', e.g. "libnptkit-kvm.so") is looked up first in the plugin directory of
+ * the installed library, LIBDIR/nptkit/plugins (`pkg-config --variable=plugindir nptkit`), then in
+ * the library's own directory; a name found in neither goes to dlopen() as it is. */
 /* dlopen()s `path` (RTLD_NOW | RTLD_LOCAL), calls its entry and registers the backend. On success
  * *name (may be NULL) receives the backend's name (owned by the context). A library is never
  * dlclose()d (its code may hold runtime state: a Swift image cannot be unloaded), also when it is
@@ -815,8 +877,9 @@ npt_status npt_plugin_load(npt_context *ctx, const char *path, const char **name
 
 /* (ABI 1.3) npt_plugin_load with arguments for the plugin (args may be NULL when argc is 0).
  * NPT_ERR_INVALID_ARGUMENT: a NULL key or value, an empty key, a key with '=', a key given twice,
- * or arguments for a plugin of interface 1 (which cannot take any). Nothing is registered when the
- * plugin refuses. */
+ * or arguments for a plugin of interface 1 (which cannot take any); argc above 4096 (up to SIZE_MAX:
+ * refused with its value). Nothing is registered when the plugin refuses. Both loads hold the
+ * context: npt_context_destroy waits for a load in flight. */
 npt_status npt_plugin_load_with(npt_context *ctx, const char *path, const npt_plugin_arg *args, size_t argc,
                                 const char **name);
 
@@ -824,7 +887,10 @@ npt_status npt_plugin_load_with(npt_context *ctx, const char *path, const npt_pl
  * the simulator's are built in): *count (not NULL) is always set to how many there are; they are
  * copied when cap >= *count, else NPT_ERR_BUFFER_TOO_SMALL and nothing is written (stats may be NULL
  * with cap 0 to ask the count). Names stay valid while the context lives. A backend without them:
- * *count = 0, NPT_OK. */
+ * *count = 0, NPT_OK. Any thread, also while the vCPU runs; the backend's vm_stats / vcpu_stats is
+ * never called after the object's destroy (NPT_ERR_BAD_HANDLE, or NPT_ERR_BUSY while a destroy is in
+ * progress). cap may be anything up to SIZE_MAX. A backend that asks for room for more than 4096 or
+ * reports more than it had room for: NPT_ERR_BACKEND. */
 npt_status npt_vm_backend_stats(npt_vm *vm, npt_backend_stat *stats, size_t cap, size_t *count);
 npt_status npt_vcpu_backend_stats(npt_vcpu *vcpu, npt_backend_stat *stats, size_t cap, size_t *count);
 

@@ -31,7 +31,9 @@ typedef struct npt_sim_platform {
     uint32_t size;                 /* sizeof(npt_sim_platform) */
     int wpq_drains_on_power_loss;  /* 1: the WPQs are in the persistence domain (ADR) */
     uint64_t flush_latency_ns;
-    const void *nfit;              /* NULL: the standard platform; copied, need not outlive the call */
+    const void *nfit;              /* NULL: the standard platform; copied, need not outlive the call. Its
+                                      persistent-memory SPA ranges must be non-empty, 4 KiB aligned, not
+                                      wrap past 2^64 and not overlap (else NPT_ERR_INVALID_ARGUMENT) */
     size_t nfit_len;
 } npt_sim_platform;
 

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of NPTKit: the Swift tests (unit, property, differential, scenario, trace format) and the C
-# programs compiled against libnptkit.so (API, plugins, the C example, one under AddressSanitizer),
-# the guest NVDIMM tables through iasl and through a real Linux kernel booted in QEMU.
+# programs compiled against libnptkit.so (API, plugins, the C example, one under AddressSanitizer, programs built
+# against the frozen 1.0-1.2 headers, call tracing and replay), the installed library (scripts/install.sh, pkg-config,
+# examples/minivmm),
+# the sanitizer jobs (scripts/sanitize.sh asan, tsan), short fuzz runs of every target
+# (scripts/fuzz.sh all 20; NPTKIT_FUZZ_SECONDS changes the time), the guest NVDIMM tables through
+# iasl and through a real Linux kernel booted in QEMU, and the demo 100 times in a row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +18,43 @@ swift test --skip-build
 
 echo "== C tests against libnptkit.so"
 bash Tests/C/run.sh "$(swift build --show-bin-path)"
+
+echo "== sanitizers: libnptkit.so under AddressSanitizer, the C tests under ASan+UBSan+LSan"
+bash scripts/sanitize.sh asan
+
+echo "== sanitizers: libnptkit.so and the KVM plugin under ThreadSanitizer (TSan-visible locks), racing C tests"
+bash scripts/sanitize.sh tsan
+
+echo "== fuzzing: every target for a short fixed time on a coverage-instrumented library (long runs: scripts/fuzz.sh TARGET SECONDS)"
+bash scripts/fuzz.sh all "${NPTKIT_FUZZ_SECONDS:-20}"
+
+echo "== the installed library (scripts/install.sh into a temporary prefix; every example built with pkg-config alone)"
+PREFIX="$(mktemp -d /tmp/nptkit-prefix.XXXXXX)"
+bash scripts/install.sh --prefix "$PREFIX" --configuration debug > /tmp/nptkit-install.log 2>&1 \
+    || { tail -20 /tmp/nptkit-install.log >&2; echo "install failed" >&2; exit 1; }
+export PKG_CONFIG_PATH="$PREFIX/lib/pkgconfig"
+want="$(sed -n 's/^#define NPT_ABI_VERSION_MAJOR \([0-9]*\)u.*/\1/p' include/nptkit.h).$(sed -n 's/^#define NPT_ABI_VERSION_MINOR \([0-9]*\)u.*/\1/p' include/nptkit.h).0"
+[ "$(pkg-config --modversion nptkit)" = "$want" ] || { echo "pkg-config --modversion nptkit: not $want" >&2; exit 1; }
+readelf -d "$PREFIX/lib/libnptkit.so" | grep -q "Library soname: \[libnptkit.so.1\]" || { echo "no SONAME libnptkit.so.1" >&2; exit 1; }
+# Every symbol the library defines for others is an npt_ function of a version node NPTKIT_1.N.
+bad_syms=$(readelf --dyn-syms -W "$PREFIX/lib/libnptkit.so" | awk '$5 == "GLOBAL" && $7 != "UND" && $7 != "ABS" {print $8}' | grep -Ev '^npt_[a-z0-9_]+@@NPTKIT_1\.[0-9]+$' || true)
+[ -z "$bad_syms" ] || { echo "exported beyond npt_@@NPTKIT_1.N: $bad_syms" >&2; exit 1; }
+nodes=$(readelf --dyn-syms -W "$PREFIX/lib/libnptkit.so" | grep -o '@@NPTKIT_1\.[0-9]*' | sort -u | tr '\n' ' ')
+cc -std=c11 -Wall -Wextra -Werror -pedantic examples/client.c $(pkg-config --cflags --libs nptkit) -o "$PREFIX/client"
+cc -std=c11 -Wall -Wextra -Werror -pedantic examples/minivmm/minivmm.c $(pkg-config --cflags --libs nptkit) -pthread -o "$PREFIX/bin/minivmm"
+cc -std=c11 -Wall -Wextra -Werror -pedantic -shared -fPIC examples/plugin/sample_backend.c $(pkg-config --cflags nptkit) \
+    -pthread -o "$PREFIX/libnptkit-sample.so"
+readelf -d "$PREFIX/client" | grep -q "NEEDED.*\[libnptkit.so.1\]" || { echo "client does not need libnptkit.so.1" >&2; exit 1; }
+NPTKIT_CALL_TRACE="$PREFIX/client.trace" "$PREFIX/client" > /dev/null
+"$PREFIX/bin/nptkit-cli" replay-calls "$PREFIX/client.trace" | grep -q "replayed, 0 mismatches$" \
+    || { echo "the installed CLI did not replay the client's trace" >&2; exit 1; }
+(cd / && "$PREFIX/bin/minivmm" 2) > /tmp/nptkit-minivmm.log || { cat /tmp/nptkit-minivmm.log >&2; exit 1; }
+grep -q "^minivmm: ok$" /tmp/nptkit-minivmm.log
+grep -q "^plugin: loaded backend 'kvm' from the plugin directory$" /tmp/nptkit-minivmm.log \
+    || { cat /tmp/nptkit-minivmm.log >&2; echo "minivmm did not load the KVM plugin from $PREFIX/lib/nptkit/plugins" >&2; exit 1; }
+sed 's/^/  /' /tmp/nptkit-minivmm.log
+echo "install: ok (SONAME libnptkit.so.1, version nodes ${nodes}nptkit.pc $want, examples built with pkg-config, minivmm ran from $PREFIX)"
+rm -rf "$PREFIX"
 
 echo "== Promela model of the privileged-mode protocol (spin)"
 bash Tests/Promela/check.sh
@@ -46,6 +87,17 @@ demo_expect "^Instructions run outside the mode while the region was visible: 0;
 # NVDIMM section: no loss where the protocol is honoured (trapped flushes; ADR), losses found with traps off.
 grep -Eq "^Crash checker: 0 losses with trapped flushes on the platform that needs WPQ flushing, 0 on ADR, [1-9][0-9]* with traps disabled there$" /tmp/nptkit-demo.log
 echo "demo: ok"
+# The demo hung now and then (1 run in 30 to 400: an entry failed and a vCPU stayed in the mode):
+# it must complete many runs in a row, each within a bound (1,000 in a row: README).
+runs="${NPTKIT_DEMO_RUNS:-100}"
+for i in $(seq 1 "$runs"); do
+    if ! timeout 60 "$(swift build --show-bin-path)/nptkit-cli" demo > /tmp/nptkit-demo-loop.log 2>&1; then
+        echo "demo run $i of $runs failed or hung:" >&2
+        tail -20 /tmp/nptkit-demo-loop.log >&2
+        exit 1
+    fi
+done
+echo "demo: $runs runs in a row: ok"
 
 echo "== trace replay (libnptkit-replay.so): the committed KVM runs, and a sim run recorded now"
 # Recorded on this machine's KVM (Tests/Fixtures/npttrace); replayed without /dev/kvm: every decision of

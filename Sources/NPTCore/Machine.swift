@@ -5,9 +5,9 @@ import Glibc
 
 /// Publishes the current shadow hierarchies to backends.
 final class ShadowPublisher: HierarchyProvider {
-    let box: Mutex<ShadowSnapshot>
+    let box: NPTMutex<ShadowSnapshot>
     private let generation: Atomic<UInt64>
-    init(_ s: ShadowSnapshot) { box = Mutex(s); generation = Atomic(s.generation) }
+    init(_ s: ShadowSnapshot) { box = NPTMutex(s); generation = Atomic(s.generation) }
     func currentSnapshot() -> ShadowSnapshot { box.withLock { $0 } }
     var publishedGeneration: UInt64 { generation.load(ordering: .acquiring) }
     func publish(_ s: ShadowSnapshot) {
@@ -64,11 +64,26 @@ public final class VirtualMachine: Sendable {
         var regionMapped = false
         var regionViews: (version: UInt64, unmapped: (PolicyTree, [ShadowNode]), mapped: (PolicyTree, [ShadowNode]))?
     }
-    private let policy: Mutex<PolicyState>
-    private let vcpus = Mutex<[UInt32: VirtualCPU]>([:])
-    private let regionBox = Mutex<PrivilegedRegion?>(nil)
-    private let reserved = Mutex<[(name: String, range: GPARange)]>([])
-    private let privilegedError = Mutex<String>("")
+    private let policy: NPTMutex<PolicyState>
+    /// The policy as last published, for readers: never held while a backend is called, so a
+    /// backend operation may read the policy (npt_policy_get from `invalidate`).
+    private let publishedTree: NPTMutex<PolicyTree>
+    private struct VCPUTable {
+        var map: [UInt32: VirtualCPU] = [:]
+        /// Indices being created (the backend is building them).
+        var creating: Set<UInt32> = []
+    }
+    private let vcpus = NPTMutex(VCPUTable())
+    /// Calls that reach the backend hold a lease; `destroy` waits for them (Lifetime).
+    let life = Lifetime("the VM")
+    /// How long `destroy` waits for calls on other threads to return.
+    public static let destroyWaitNanos: UInt64 = 5_000_000_000
+    /// vCPUs a VM may have at once (each is a slot of the privileged-mode protocol; indices are
+    /// any UInt32). More are refused with `.outOfRange`.
+    public static let maxVCPUs = 1024
+    private let regionBox = NPTMutex<PrivilegedRegion?>(nil)
+    private let reserved = NPTMutex<[(name: String, range: GPARange)]>([])
+    private let privilegedError = NPTMutex<String>("")
     /// The privileged-mode (SMM-like) coordinator of this VM.
     public let privileged = PrivilegedModeCoordinator()
 
@@ -113,7 +128,8 @@ public final class VirtualMachine: Sendable {
         self.config = config
         self.backend = backend
         self.publisher = publisher
-        self.policy = Mutex(PolicyState(tree: tree, builder: builder, generation: 0))
+        self.policy = NPTMutex(PolicyState(tree: tree, builder: builder, generation: 0))
+        self.publishedTree = NPTMutex(tree)
         self.exitNeeds.store(VirtualMachine.exitNeeds(of: tree.root.mask), ordering: .relaxed)
         let made = try backend.makeVM(config: config, hierarchies: publisher, handle: handle)
         // The recording layer (Recording.swift) sits between the core and any backend.
@@ -149,7 +165,7 @@ public final class VirtualMachine: Sendable {
                 return e != 0 && e &- 1 != epoch
             }
             if stale.isEmpty { return }
-            for v in stale where kicked.insert(v.index).inserted { v.backend.kick() }
+            for v in stale where kicked.insert(v.index).inserted { v.kick() }
             if Monitor.now() >= deadline {
                 throw NPTError(.busy, "vCPU \(stale[0].index) did not leave its run to arm the exits the new policy needs within \(armTimeoutNanos / 1_000_000) ms; policy unchanged")
             }
@@ -165,23 +181,37 @@ public final class VirtualMachine: Sendable {
         guard gpa.raw < config.ramSize || nvdimmRanges.contains(where: { $0.range.contains(gpa) }) else {
             throw NPTError(.outOfRange, "gpa \(hex(gpa.raw)) is outside guest RAM (\(hex(config.ramSize))) and the NVDIMM ranges")
         }
-        return policy.withLock { $0.tree.permissions(at: gpa) }
+        return publishedTree.withLock { $0.permissions(at: gpa) }
     }
 
     /// The policy of any guest-physical page (none outside RAM and the visible region); never throws,
     /// for the exit path.
     func policyPermissions(at gpa: GPA) -> EPTPermissions {
         guard gpa.raw < PolicyTree.maxGuestPhysical else { return .none }
-        return policy.withLock { $0.tree.permissions(at: gpa) }
+        return publishedTree.withLock { $0.permissions(at: gpa) }
     }
 
-    public func policyRuns() -> [(GPARange, EPTPermissions)] { policy.withLock { $0.tree.runs() } }
+    public func policyRuns() -> [(GPARange, EPTPermissions)] { publishedTree.withLock { $0 }.runs() }
+
+    /// The policy lock is held: readers see `tree` from now on.
+    private func publishTree(_ tree: PolicyTree) { publishedTree.withLock { $0 = tree } }
+
+    /// Runs `body` holding a lease on the VM: refused once it is destroyed (`.badHandle`) or while
+    /// another thread destroys it (`.busy`); `destroy` waits for it.
+    public func withLease<T>(_ body: () throws(NPTError) -> T) throws(NPTError) -> T { try life.withLease(body) }
+
+    /// Whether the VM has been destroyed.
+    public var isDestroyed: Bool { life.current == .closed }
 
     /// Applies `ranges` atomically: every range is checked first, and if the backend refuses an
     /// invalidation the previous policy is restored.
     @discardableResult
     public func setPolicy(_ ranges: [PolicyRange]) throws(NPTError) -> [Invalidation] {
         if ranges.isEmpty { throw .invalid("count is 0") }
+        return try life.withLease { () throws(NPTError) in try setPolicyLeased(ranges) }
+    }
+
+    private func setPolicyLeased(_ ranges: [PolicyRange]) throws(NPTError) -> [Invalidation] {
         let sorted = ranges.sorted { $0.range.start < $1.range.start }
         for (i, r) in sorted.enumerated() where i > 0 && sorted[i - 1].range.overlaps(r.range) {
             throw NPTError(.overlap, "ranges \(sorted[i - 1].range) and \(r.range) overlap")
@@ -241,6 +271,7 @@ public final class VirtualMachine: Sendable {
             s.generation += 1
             s.version += 1
             publisher.publish(s.builder.snapshot(of: s.tree, generation: s.generation))
+            publishTree(s.tree)
             do throws(NPTError) {
                 for inv in invs { try backendVM.invalidate(inv) }
             } catch {
@@ -248,6 +279,7 @@ public final class VirtualMachine: Sendable {
                 if windows != nil { s.builder.extraWindows = oldWindows }
                 s.version += 1
                 publisher.publish(oldSnapshot)
+                publishTree(oldTree)
                 for inv in invs { try? backendVM.invalidate(inv) }
                 return .failure(NPTError(.backend, "backend '\(backend.name)' failed to invalidate: \(error.message); \(what) unchanged"))
             }
@@ -322,6 +354,13 @@ public final class VirtualMachine: Sendable {
         }
         guard permissions.isValidPolicy, permissions != .none else { throw .invalid("perms \(hex(permissions.rawValue)) are not a valid policy") }
         if privileged.holder != nil { throw NPTError(.busy, "a vCPU is in the privileged mode; the region cannot change now") }
+        try life.withLease { () throws(NPTError) in
+            try defineRegionLeased(range, contents: contents, entryOffset: entryOffset, permissions: permissions)
+        }
+    }
+
+    private func defineRegionLeased(_ range: GPARange, contents: [UInt8], entryOffset: UInt64,
+                                    permissions: EPTPermissions) throws(NPTError) {
         let host = deviceHostBase
         var failure: NPTError?
         contents.withUnsafeBytes { b in
@@ -334,6 +373,7 @@ public final class VirtualMachine: Sendable {
             if let old { _ = s.tree.apply(PolicyRange(start: old.range.start, size: old.range.size, pageSize: .size4K, permissions: .none)) }
             s.builder.region = (range, host)
             s.version += 1
+            publishTree(s.tree)
         }
         regionBox.withLock { $0 = PrivilegedRegion(range: range, permissions: permissions, entryOffset: entryOffset, hostOffset: host) }
         privileged.activate()
@@ -356,6 +396,7 @@ public final class VirtualMachine: Sendable {
             }
             let view = mapped ? s.regionViews!.mapped : s.regionViews!.unmapped
             s.tree = view.0
+            publishTree(s.tree)
             s.regionMapped = mapped
             s.generation += 1
             publisher.publish(ShadowSnapshot(roots: view.1, generation: s.generation))
@@ -378,17 +419,17 @@ public final class VirtualMachine: Sendable {
     }
     public func writeMemory(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(NPTError) {
         try checkMemory(gpa.raw, bytes.count)
-        try backendVM.writeMemory(gpa, bytes)
+        try life.withLease { () throws(NPTError) in try backendVM.writeMemory(gpa, bytes) }
     }
     /// Reads guest RAM, or (on a backend with persistent memory) what the VM sees of an NVDIMM range.
     public func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError) {
         let (end, o) = gpa.raw.addingReportingOverflow(UInt64(into.count))
         if !o, nvdimmRanges.contains(where: { gpa.raw >= $0.range.start.raw && end <= $0.range.end }) {
-            try backendVM.readMemory(gpa, into)
+            try life.withLease { () throws(NPTError) in try backendVM.readMemory(gpa, into) }
             return
         }
         try checkMemory(gpa.raw, into.count)
-        try backendVM.readMemory(gpa, into)
+        try life.withLease { () throws(NPTError) in try backendVM.readMemory(gpa, into) }
     }
     public func writeMemory(_ gpa: GPA, bytes: [UInt8]) throws(NPTError) {
         var err: NPTError?
@@ -403,11 +444,27 @@ public final class VirtualMachine: Sendable {
     /// Creates a vCPU. A policy published while the backend builds it must still reach it: the
     /// backend may have read the hierarchies before it listed the vCPU for invalidations, so if the
     /// published generation moved meanwhile the new vCPU's translations are all invalidated before
-    /// it can run.
+    /// it can run. Holds a lease on the VM throughout: a destroy racing it waits for it, so the
+    /// backend never builds a vCPU of a destroyed VM. At most `maxVCPUs` at once.
     public func makeVCPU(index: UInt32) throws(NPTError) -> VirtualCPU {
-        if vcpus.withLock({ $0[index] != nil }) { throw NPTError(.exists, "vCPU \(index) already exists") }
+        try life.withLease { () throws(NPTError) in try makeVCPULeased(index: index) }
+    }
+
+    private func makeVCPULeased(index: UInt32) throws(NPTError) -> VirtualCPU {
+        let limit = VirtualMachine.maxVCPUs
+        try vcpus.withLock { (t: inout VCPUTable) throws(NPTError) in
+            if t.map[index] != nil || t.creating.contains(index) { throw NPTError(.exists, "vCPU \(index) already exists") }
+            if t.map.count + t.creating.count >= limit {
+                throw NPTError(.outOfRange, "the VM has \(limit) vCPUs, the most a VM may have (destroy one first)")
+            }
+            t.creating.insert(index)
+        }
         let generation = publisher.currentSnapshot().generation
-        let b = try backendVM.makeVCPU(index: index)
+        let b: any BackendVCPU
+        do { b = try backendVM.makeVCPU(index: index) } catch {
+            vcpus.withLock { _ = $0.creating.remove(index) }
+            throw error
+        }
         let v = VirtualCPU(vm: self, index: index, backend: b)
         do throws(NPTError) {
             try b.expose(.supervisor)
@@ -417,35 +474,76 @@ public final class VirtualMachine: Sendable {
                     try backendVM.invalidate(Invalidation(hierarchy: h, range: GPARange(start: GPA(0), size: PolicyTree.maxGuestPhysical)))
                 }
             }
-        } catch { b.destroy(); throw error }
-        v.slot = privileged.register(v)
-        let dup = vcpus.withLock { m -> Bool in
-            if m[index] != nil { return true }
-            m[index] = v
-            return false
+        } catch {
+            b.destroy()
+            vcpus.withLock { _ = $0.creating.remove(index) }
+            throw error
         }
-        if dup { try? privileged.unregister(v); b.destroy(); throw NPTError(.exists, "vCPU \(index) already exists") }
+        v.slot = privileged.register(v)
+        vcpus.withLock { t in
+            t.creating.remove(index)
+            t.map[index] = v
+        }
         return v
     }
 
+    /// Destroys a vCPU, all or nothing, once: `.busy` while a thread drives it (a run in progress)
+    /// or while it holds the privileged mode; `.badHandle` once destroyed.
     public func removeVCPU(_ v: VirtualCPU) throws(NPTError) {
-        if v.isRunning { throw NPTError(.busy, "vCPU \(v.index) is running") }
-        try privileged.unregister(v)
-        _ = vcpus.withLock { $0.removeValue(forKey: v.index) }
-        v.backend.destroy()
+        guard v.vm === self else { throw .invalid("vCPU \(v.index) belongs to another VM") }
+        try life.withLease { () throws(NPTError) in
+            try v.beginClose()
+            do throws(NPTError) { try privileged.unregister(v) } catch {
+                v.cancelClose()
+                throw error
+            }
+            _ = vcpus.withLock { $0.map.removeValue(forKey: v.index) }
+            v.backend.destroy()
+            v.finishClose()
+        }
     }
 
-    public var allVCPUs: [VirtualCPU] { vcpus.withLock { Array($0.values) }.sorted { $0.index < $1.index } }
+    public var allVCPUs: [VirtualCPU] { vcpus.withLock { Array($0.map.values) }.sorted { $0.index < $1.index } }
 
+    /// Destroys the VM and its vCPUs: all or nothing, exactly once. Waits for calls in flight on
+    /// other threads (creates, policy updates, ...; `destroyWaitNanos` at most); refused with
+    /// `.busy` while a vCPU runs (nothing is destroyed then); `.badHandle` once destroyed.
     public func destroy() throws(NPTError) {
+        try life.beginClose(timeoutNanos: VirtualMachine.destroyWaitNanos)
         let all = allVCPUs
-        if let r = all.first(where: { $0.isRunning }) { throw NPTError(.busy, "vCPU \(r.index) is running") }
-        for v in all { try removeVCPU(v) }
+        var closed: [VirtualCPU] = []
+        for v in all {
+            do throws(NPTError) { try v.beginClose() } catch {
+                for c in closed { c.cancelClose() }
+                life.cancelClose()
+                throw error
+            }
+            closed.append(v)
+        }
+        tearDown(all)
+        life.finishClose()
+    }
+
+    private func tearDown(_ all: [VirtualCPU]) {
+        vcpus.withLock { $0.map.removeAll() }
+        for v in all {
+            v.backend.destroy()
+            v.finishClose()
+        }
+        privileged.shutdown()
         backendVM.destroy()
     }
 
-    /// The backend's own counters for this VM (npt_vm_backend_stats). Any thread.
-    public func backendStatistics() throws(NPTError) -> [BackendStatistic] { try backendVM.backendStatistics() }
+    /// A VM dropped without `destroy()` still releases its backend's VM and vCPUs (guest memory).
+    deinit {
+        if life.current != .closed { tearDown(allVCPUs) }
+    }
+
+    /// The backend's own counters for this VM (npt_vm_backend_stats). Any thread; refused once the
+    /// VM is destroyed (the backend's VM is never reached after its destroy).
+    public func backendStatistics() throws(NPTError) -> [BackendStatistic] {
+        try life.withLease { () throws(NPTError) in try backendVM.backendStatistics() }
+    }
 
     public func statistics() -> VMStatistics {
         var s = VMStatistics()
@@ -459,7 +557,8 @@ public final class VirtualMachine: Sendable {
         s.policyUpdates = c.policyUpdates.load(ordering: .relaxed)
         s.invalidations = c.invalidations.load(ordering: .relaxed)
         for v in allVCPUs {
-            guard let k = try? v.backend.backendStatistics() else { continue }
+            // A vCPU destroyed meanwhile is skipped (its backend is never reached after its destroy).
+            guard let k = try? v.backendStatistics() else { continue }
             s.instructions += k.value(BackendStatistic.instructions) ?? 0
             s.tlbHits += k.value(BackendStatistic.tlbHits) ?? 0
             s.tlbMisses += k.value(BackendStatistic.tlbMisses) ?? 0

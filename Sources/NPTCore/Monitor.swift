@@ -43,7 +43,7 @@ public final class Monitor: @unchecked Sendable {
     /// Waits on `c` (the lock held) until signalled or `deadline`; false on timeout.
     @discardableResult
     public func wait(on c: Condition, untilNanos deadline: UInt64?) -> Bool {
-        guard let deadline else { pthread_cond_wait(c.cond, mutex); return true }
+        guard let deadline, deadline != .max else { pthread_cond_wait(c.cond, mutex); return true }
         var ts = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
         return pthread_cond_timedwait(c.cond, mutex, &ts) == 0
     }
@@ -59,9 +59,15 @@ public final class Monitor: @unchecked Sendable {
     /// Waits (the lock held) until woken or until `deadline` (monotonic nanoseconds); false on timeout.
     @discardableResult
     public func wait(untilNanos deadline: UInt64?) -> Bool {
-        guard let deadline else { pthread_cond_wait(cond, mutex); return true }
+        guard let deadline, deadline != .max else { pthread_cond_wait(cond, mutex); return true }
         var ts = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
         return pthread_cond_timedwait(cond, mutex, &ts) == 0
+    }
+
+    /// `now() + nanos`, saturating (a bound of UInt64.max means "no bound", never an overflow).
+    public static func deadline(after nanos: UInt64) -> UInt64 {
+        let (d, o) = now().addingReportingOverflow(nanos)
+        return o ? .max : d
     }
 
     /// Monotonic time in nanoseconds.

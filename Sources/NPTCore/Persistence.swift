@@ -126,10 +126,10 @@ final class PersistenceState: Sendable {
         var options = FlushOptions()
         var nextHostChunk: UInt64 = 0
     }
-    let config = Mutex(Config())
+    let config = NPTMutex(Config())
     /// Serializes configuration changes (adding a range, changing options) against each other.
     let configuring = Monitor()
-    private let sequencers = Mutex<[FlushTargetRef: FlushSequencer]>([:])
+    private let sequencers = NPTMutex<[FlushTargetRef: FlushSequencer]>([:])
     /// The vFHA's page while writes to it trap (UInt64.max: none), read on the exit path.
     let trappedPage = Atomic<UInt64>(.max)
     let guestFlushes = Atomic<UInt64>(0)
@@ -139,7 +139,7 @@ final class PersistenceState: Sendable {
     let flushNanos = Atomic<UInt64>(0)
     /// Per-flush latencies (exit handled to resume), kept only while recording (benchmarks).
     let recording = Atomic<Bool>(false)
-    let samples = Mutex<[UInt64]>([])
+    let samples = NPTMutex<[UInt64]>([])
 
     func sequencer(_ t: FlushTargetRef) -> FlushSequencer {
         sequencers.withLock { m in
@@ -188,6 +188,12 @@ extension VirtualMachine {
     /// `hostRegion` from `regionOffset`. Allocates the vFHA with the first range. All or nothing.
     @discardableResult
     public func addNVDIMM(gpa: GPA, size: UInt64, hostRegion: UInt32, regionOffset: UInt64) throws(NPTError) -> NVDIMMRange {
+        try withLease { () throws(NPTError) in
+            try addNVDIMMLeased(gpa: gpa, size: size, hostRegion: hostRegion, regionOffset: regionOffset)
+        }
+    }
+
+    private func addNVDIMMLeased(gpa: GPA, size: UInt64, hostRegion: UInt32, regionOffset: UInt64) throws(NPTError) -> NVDIMMRange {
         persistence.configuring.lock()
         defer { persistence.configuring.unlock() }
         let host = try hostPersistence()
@@ -273,6 +279,10 @@ extension VirtualMachine {
 
     /// Changes the trap and coalescing options; the vFHA's mapping follows at once.
     public func setFlushOptions(_ o: FlushOptions) throws(NPTError) {
+        try withLease { () throws(NPTError) in try setFlushOptionsLeased(o) }
+    }
+
+    private func setFlushOptionsLeased(_ o: FlushOptions) throws(NPTError) {
         persistence.configuring.lock()
         defer { persistence.configuring.unlock() }
         let old = persistence.config.withLock { c -> FlushOptions in let x = c.options; c.options = o; return x }
@@ -367,7 +377,7 @@ extension VirtualMachine {
     /// the NVDIMM ranges hold what reached the media.
     public func powerFailure() throws(NPTError) {
         if nvdimmRanges.isEmpty { throw NPTError(.state, "the VM has no NVDIMM range") }
-        try backendVM.powerFailure()
+        try withLease { () throws(NPTError) in try backendVM.powerFailure() }
     }
 
     public func flushStatistics() -> FlushStatistics {
@@ -378,7 +388,7 @@ extension VirtualMachine {
         s.physicalFlushes = p.physicalFlushes.load(ordering: .relaxed)
         s.coalesced = p.coalesced.load(ordering: .relaxed)
         s.flushNanosTotal = p.flushNanos.load(ordering: .relaxed)
-        s.untrappedWrites = backendVM.untrappedFlushHintWrites
+        s.untrappedWrites = (try? withLease { () throws(NPTError) in backendVM.untrappedFlushHintWrites }) ?? 0
         return s
     }
 

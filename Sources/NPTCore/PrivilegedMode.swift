@@ -91,16 +91,22 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
                 inGuest.append(false)
                 conds.append(monitor.makeCondition())
             }
-            state.phase[i] = busy ? .stopped : .running
-            state.stopRequested[i] = busy
-            state.pending[i] = 0
-            state.deferred[i] = 0
-            state.reachesRegion[i] = false
-            raisedAt[i] = []
-            deferred[i] = []
-            inGuest[i] = false
+            resetSlot(i, stopped: busy, stopRequested: busy)
             return i
         }
+    }
+
+    /// Slot `i` as a fresh vCPU's (or a departed one's): nothing pending, deferred or raised, not in
+    /// the guest. Caller holds the monitor.
+    private func resetSlot(_ i: Int, stopped: Bool, stopRequested: Bool) {
+        state.phase[i] = stopped ? .stopped : .running
+        state.stopRequested[i] = stopRequested
+        state.pending[i] = 0
+        state.deferred[i] = 0
+        state.reachesRegion[i] = false
+        raisedAt[i] = []
+        deferred[i] = []
+        inGuest[i] = false
     }
 
     /// A destroyed vCPU leaves the protocol; its slot is reused. Refused while it holds the mode or
@@ -110,21 +116,22 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
         try monitor.withLock { () throws(NPTError) in
             let i = cpu.slot
             guard slots.indices.contains(i), slots[i] === cpu else { return }
-            if state.holder == Int8(truncatingIfNeeded: i) {
+            if Int(state.holder) == i {
                 throw NPTError(.busy, "vCPU \(cpu.index) is in (or entering) the privileged mode")
             }
-            state.queue.removeAll { $0 == UInt8(truncatingIfNeeded: i) }
-            state.phase[i] = .stopped
-            state.stopRequested[i] = false
-            state.pending[i] = 0
-            state.deferred[i] = 0
-            state.reachesRegion[i] = false
-            raisedAt[i] = []
-            deferred[i] = []
-            inGuest[i] = false
+            state.queue.removeAll { Int($0) == i }
+            resetSlot(i, stopped: true, stopRequested: false)
             slots[i] = nil
             freeSlots.append(i)
             wake()
+        }
+    }
+
+    /// The VM is destroyed: forget the vCPUs (every one is closed; none runs).
+    func shutdown() {
+        monitor.withLock {
+            for i in slots.indices where slots[i] != nil { slots[i] = nil; freeSlots.append(i) }
+            saved = nil
         }
     }
 
@@ -156,7 +163,7 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
             stats.requests += 1
             wake()
         }
-        cpu.backend.kick()
+        cpu.kick()
     }
 
     /// Another interrupt for `cpu`: delivered now (to the guest's fault handler) if the CPU runs,
@@ -235,9 +242,9 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
         }
         let others = slots.enumerated().filter { $0.offset != i && inGuest[$0.offset] }.compactMap(\.element)
         monitor.unlock()
-        for o in others { o.backend.kick() }
+        for o in others { o.kick() }
         monitor.lock()
-        let deadline = Monitor.now() + timeout
+        let deadline = Monitor.deadline(after: timeout)
         while !PMProtocol.enabled(.enter(i), in: state) {
             if !monitor.wait(on: conds[i], untilNanos: deadline) && !PMProtocol.enabled(.enter(i), in: state) && Monitor.now() >= deadline {
                 let late = (0..<state.cpus).first { $0 != i && state.phase[$0] != .stopped && state.phase[$0] != .waiting } ?? i
@@ -284,7 +291,7 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
         enteredAt = Monitor.now()
         let latency = enteredAt - currentRaise
         stats.entries += 1
-        stats.entryLatencyTotal += latency
+        stats.entryLatencyTotal &+= latency
         stats.entryLatencyMax = max(stats.entryLatencyMax, latency)
         return nil
     }
@@ -311,7 +318,7 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
             vm.backendVM.regionVisibility(holder: nil)
             PMProtocol.apply(.release(i), to: &state)
             let now = Monitor.now()
-            stats.stoppedTotal += now - stopBegan
+            stats.stoppedTotal &+= now - stopBegan
             records.append(PrivilegedEntryRecord(cpu: cpu.index, raisedAt: currentRaise, enteredAt: enteredAt,
                                                  leftAt: now, othersStopped: now - stopBegan))
             wake()

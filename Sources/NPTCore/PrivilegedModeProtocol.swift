@@ -31,9 +31,10 @@ public struct PMState: Hashable, Sendable, CustomStringConvertible {
     public var pending: [UInt32]
     /// Other interrupts that arrived while stopped; delivered after the CPU resumes.
     public var deferred: [UInt32]
-    /// CPUs with a queued request, in arrival order.
-    public var queue: [UInt8]
-    public var holder: Int8
+    /// CPUs with a queued request, in arrival order. (Slot numbers: 32 bits, for any vCPU count a
+    /// VM allows; they were 8 bits and a VM's 128th vCPU overflowed them.)
+    public var queue: [UInt32]
+    public var holder: Int32
     /// The region is part of the global view.
     public var visible: Bool
     /// Some translation cached by the CPU reaches the region.
@@ -134,9 +135,9 @@ public enum PMProtocol {
             return s.phase[i] == .running && s.stopRequested[i]
         case .queueRequest:
             return s.pending[i] > 0 && (s.phase[i] == .running || s.phase[i] == .stopped)
-                && !s.queue.contains(UInt8(i))
+                && !s.queue.contains(UInt32(i))
         case .beginEntry:
-            return s.holder < 0 && s.queue.first == UInt8(i)
+            return s.holder < 0 && s.queue.first == UInt32(i)
                 && (s.phase[i] == .waiting || (s.phase[i] == .stopped && !s.stopRequested[i]))
         case .enter:
             guard s.phase[i] == .coordinating else { return false }
@@ -148,7 +149,7 @@ public enum PMProtocol {
         case .release:
             return s.phase[i] == .leaving
         case .resume:
-            return s.phase[i] == .stopped && !s.stopRequested[i] && !s.queue.contains(UInt8(i))
+            return s.phase[i] == .stopped && !s.stopRequested[i] && !s.queue.contains(UInt32(i))
         }
     }
 
@@ -172,10 +173,10 @@ public enum PMProtocol {
             s.phase[i] = .stopped
         case .queueRequest:
             s.pending[i] -= 1
-            s.queue.append(UInt8(i))
+            s.queue.append(UInt32(i))
             if s.phase[i] == .running { s.phase[i] = .waiting }
         case .beginEntry:
-            s.holder = Int8(i)
+            s.holder = Int32(i)
             s.phase[i] = .coordinating
             for j in 0..<s.cpus where j != i { s.stopRequested[j] = true }
         case .enter:

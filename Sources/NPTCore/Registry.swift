@@ -7,7 +7,7 @@ public final class BackendRegistry: Sendable {
         var backends: [any Backend] = []
         var defaultName: String?
     }
-    private let state = Mutex(State())
+    private let state = NPTMutex(State())
     public init() {}
 
     public func register(_ b: any Backend, makeDefault: Bool = false) throws(NPTError) {

@@ -1,4 +1,7 @@
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// What the core tells a tool that runs its own loop (`npt_handle_exit`).
 public enum ExitAction: UInt32, Sendable {
@@ -40,25 +43,104 @@ public final class VirtualCPU: @unchecked Sendable {
     let inRunEpoch = Atomic<UInt64>(0)
     /// This vCPU's index in the privileged-mode protocol.
     var slot = 0
-    private let running = Atomic<Bool>(false)
+
+    /// Who uses the vCPU now. One thread drives it (run, registers, ...: `exclusive`); other
+    /// threads make short shared uses of its backend (a kick, its counters: `shared`); a destroy
+    /// happens once, only while neither is in progress, and after it every use is refused
+    /// (`.badHandle`), so the backend's vCPU is never reached after its `destroy`.
+    private struct Use { var driven = false; var shared = 0; var state = Lifetime.State.alive }
+    private let use = NPTMutex(Use())
+    /// Kicks the core sent this vCPU (a `.kicked` exit with none sent is the backend's own).
+    private let kicksSent = Atomic<UInt64>(0)
+    private var kicksSeen: UInt64 = 0
+    private var unaskedKicks = 0
+    /// The exit `runRaw` returned last and `handle` has not yet decided (npt_handle_exit accepts
+    /// only that one, once).
+    private var pendingRaw: VMExit?
+    /// `.kicked` exits in a row that the core did not ask for, before `run` gives up with `.backend`.
+    public static let maxUnaskedKicks = 10_000
 
     init(vm: VirtualMachine, index: UInt32, backend: any BackendVCPU) {
         self.vm = vm; self.index = index; self.backend = backend
     }
 
-    public var isRunning: Bool { running.load(ordering: .acquiring) }
+    /// Whether a thread drives the vCPU now.
+    public var isRunning: Bool { use.withLock { $0.driven } }
+    /// Whether the vCPU has been destroyed.
+    public var isDestroyed: Bool { use.withLock { $0.state == .closed } }
 
     /// The backend's own counters for this vCPU (npt_vcpu_backend_stats). Any thread, also while
-    /// it runs.
-    public func backendStatistics() throws(NPTError) -> [BackendStatistic] { try backend.backendStatistics() }
+    /// it runs (a shared use); `.badHandle` once the vCPU is destroyed.
+    public func backendStatistics() throws(NPTError) -> [BackendStatistic] {
+        let index = index
+        let r = shared { () -> Result<[BackendStatistic], NPTError> in
+            do throws(NPTError) { return .success(try backend.backendStatistics()) } catch { return .failure(error) }
+        }
+        guard let r else { throw NPTError(.badHandle, "vCPU \(index) is destroyed") }
+        return try r.get()
+    }
 
     private func exclusive<T>(_ body: () throws(NPTError) -> T) throws(NPTError) -> T {
-        guard running.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else {
-            throw NPTError(.busy, "vCPU \(index) is being driven by another thread")
+        let index = index
+        try use.withLock { (u: inout Use) throws(NPTError) in
+            switch u.state {
+            case .closed: throw NPTError(.badHandle, "vCPU \(index) is destroyed")
+            case .closing: throw NPTError(.busy, "vCPU \(index) is being destroyed by another thread")
+            case .alive: break
+            }
+            if u.driven { throw NPTError(.busy, "vCPU \(index) is being driven by another thread") }
+            u.driven = true
         }
-        defer { running.store(false, ordering: .releasing) }
+        defer { use.withLock { $0.driven = false } }
         return try body()
     }
+
+    /// A short use of the backend's vCPU from any thread; nothing (nil) once it is destroyed.
+    @discardableResult
+    func shared<T>(_ body: () -> T) -> T? {
+        let ok = use.withLock { u -> Bool in
+            guard u.state == .alive else { return false }
+            u.shared += 1
+            return true
+        }
+        guard ok else { return nil }
+        defer { use.withLock { $0.shared -= 1 } }
+        return body()
+    }
+
+    /// Asks a `backend.run` in progress (or the next) to return `.kicked`; nothing once destroyed.
+    func kick() {
+        shared {
+            kicksSent.wrappingAdd(1, ordering: .releasing)
+            backend.kick()
+        }
+    }
+
+    /// Starts this vCPU's destroy: refused (`.busy`) while a thread drives it; waits out shared
+    /// uses (each a kick or a counter read). Ends with `finishClose` or `cancelClose`.
+    func beginClose() throws(NPTError) {
+        let index = index
+        var spins = 0
+        while true {
+            let r: Result<Bool, NPTError> = use.withLock { u in
+                switch u.state {
+                case .closed: return .failure(NPTError(.badHandle, "vCPU \(index) is destroyed"))
+                case .closing: return .failure(NPTError(.busy, "vCPU \(index) is being destroyed by another thread"))
+                case .alive: break
+                }
+                if u.driven { return .failure(NPTError(.busy, "vCPU \(index) is running (or driven by another thread); nothing was destroyed")) }
+                if u.shared > 0 { return .success(false) }
+                u.state = .closing
+                return .success(true)
+            }
+            if try r.get() { return }
+            spins += 1
+            if spins > 100_000 { throw NPTError(.busy, "vCPU \(index) is in use by another thread; nothing was destroyed") }
+            sched_yield()
+        }
+    }
+    func cancelClose() { use.withLock { $0.state = .alive } }
+    func finishClose() { use.withLock { $0.state = .closed } }
 
     public func registers() throws(NPTError) -> Registers { try exclusive { () throws(NPTError) in try backend.registers() } }
 
@@ -96,13 +178,23 @@ public final class VirtualCPU: @unchecked Sendable {
     }
 
     /// Raises the enter-mode interrupt for this vCPU (from any thread).
-    public func raisePrivileged() throws(NPTError) { try vm.privileged.raise(self) }
+    /// Refused (`.badHandle`) once the vCPU is destroyed: its protocol slot may belong to another.
+    public func raisePrivileged() throws(NPTError) {
+        let r: Result<Void, NPTError>? = shared { () -> Result<Void, NPTError> in
+            do throws(NPTError) { try vm.privileged.raise(self); return .success(()) } catch { return .failure(error) }
+        }
+        guard let r else { throw NPTError(.badHandle, "vCPU \(index) is destroyed") }
+        try r.get()
+    }
 
     /// Another interrupt: delivered now to the guest's fault handler, or after the vCPU resumes if
     /// it is stopped (returns true then).
     @discardableResult
     public func raiseInterrupt(vector: UInt32) throws(NPTError) -> Bool {
-        if vm.privileged.interrupt(self, vector: vector) { return true }
+        guard let deferred = shared({ vm.privileged.interrupt(self, vector: vector) }) else {
+            throw NPTError(.badHandle, "vCPU \(index) is destroyed")
+        }
+        if deferred { return true }
         try injectFault(vector: vector, errorCode: 0, address: 0)
         return false
     }
@@ -175,13 +267,43 @@ public final class VirtualCPU: @unchecked Sendable {
     public func run() throws(NPTError) -> VMExit {
         try exclusive { () throws(NPTError) in
             defer { vm.privileged.leftGuest(self) }
+            pendingRaw = nil
+            unaskedKicks = 0
+            var repeats = 0
+            var last: (reason: VMExit.Reason, rip: UInt64)?
             while true {
                 if let x = try vm.privileged.checkpoint(self) { return x }
                 var exit = try runBackend()
+                if exit.reason == .kicked { try countKick() } else { unaskedKicks = 0 }
+                let seen = (exit.reason, exit.rip)
                 let action = try decide(&exit)
                 try backend.exitDecided(action, exit: exit)
                 if action != .resume { return exit }
+                // Every other exit the core resumes from moves the guest on: the same one at the same
+                // rip again and again is a backend that makes no progress.
+                if seen.0 != .kicked, let l = last, l.reason == seen.0, l.rip == seen.1 {
+                    repeats += 1
+                    if repeats + 1 >= VirtualCPU.maxUnaskedKicks {
+                        throw NPTError(.backend, "backend '\(vm.backend.name)' reported exit \(seen.0.rawValue) at rip \(hex(seen.1)) \(repeats + 1) times in a row, each resumed by the core without progress")
+                    }
+                } else {
+                    repeats = 0
+                }
+                last = seen
             }
+        }
+    }
+
+    /// A `.kicked` exit: one the core asked for (a kick since the last one), or the backend's own.
+    /// A backend that keeps returning `.kicked` unasked would make `run` spin forever: after
+    /// `maxUnaskedKicks` in a row it fails with `.backend`.
+    private func countKick() throws(NPTError) {
+        let sent = kicksSent.load(ordering: .acquiring)
+        if sent != kicksSeen { kicksSeen = sent; unaskedKicks = 0; return }
+        unaskedKicks += 1
+        if unaskedKicks >= VirtualCPU.maxUnaskedKicks {
+            unaskedKicks = 0
+            throw NPTError(.backend, "backend '\(vm.backend.name)' returned NPT_EXIT_KICKED \(VirtualCPU.maxUnaskedKicks) times in a row without a kick from the core")
         }
     }
 
@@ -189,14 +311,26 @@ public final class VirtualCPU: @unchecked Sendable {
     public func runRaw() throws(NPTError) -> VMExit {
         try exclusive { () throws(NPTError) in
             defer { vm.privileged.leftGuest(self) }
+            pendingRaw = nil
             if let x = try vm.privileged.checkpoint(self) { return x }
-            return try runBackend()
+            let x = try runBackend()
+            pendingRaw = x
+            return x
         }
     }
 
-    /// Decides what to do with an exit from `runRaw` and applies it.
+    /// Decides what to do with an exit from `runRaw` and applies it. Only the exit `runRaw`
+    /// returned last, once: an exit that did not happen (an escalation out of nowhere, a second
+    /// RSM) is refused with `.state` and changes nothing.
     public func handle(_ exit: inout VMExit) throws(NPTError) -> ExitAction {
         try exclusive { () throws(NPTError) in
+            guard let p = pendingRaw else {
+                throw NPTError(.state, "vCPU \(index) has no exit to decide: npt_handle_exit takes the exit the last npt_vcpu_run_raw returned, once")
+            }
+            guard p.reason == exit.reason, p.gpa == exit.gpa else {
+                throw NPTError(.state, "vCPU \(index): exit reason \(exit.reason.rawValue) at gpa \(hex(exit.gpa.raw)) is not the exit the last npt_vcpu_run_raw returned (reason \(p.reason.rawValue) at \(hex(p.gpa.raw)))")
+            }
+            pendingRaw = nil
             let action = try decide(&exit)
             try backend.exitDecided(action, exit: exit)
             return action

@@ -59,6 +59,10 @@ final class CBackend: Backend, @unchecked Sendable {
         // NPT_ERR_UNSUPPORTED up front instead of failing half-way through (npt_backend_get reports
         // the capabilities without the bit).
         var caps = BackendCapabilities(rawValue: ops.capabilities)
+        let undefined = caps.subtracting(.defined)
+        guard undefined.isEmpty else {
+            throw .invalid("ops->capabilities has bits \(hex(undefined.rawValue)) that no NPT_CAP_* defines (ABI \(NPTABI.major).\(NPTABI.minor) knows \(hex(BackendCapabilities.defined.rawValue)))")
+        }
         let table = ops
         let hasAll = Self.requiredPersistenceOps.allSatisfy { op in
             op.offset + word <= copied && withUnsafeBytes(of: table) { $0.load(fromByteOffset: op.offset, as: UInt.self) != 0 }
@@ -85,12 +89,13 @@ final class CBackend: Backend, @unchecked Sendable {
         c.default_perms = config.defaultPermissions.rawValue
         c.max_steps_per_run = config.maxStepsPerRun
         var data: UnsafeMutableRawPointer?
+        let key = UInt(bitPattern: handle)
         let s = name.withCString { n in
             c.backend = n
-            return create(ops.backend_data, OpaquePointer(handle), &c, &data)
+            return Callout.around(key, "vm_create") { create(ops.backend_data, OpaquePointer(handle), &c, &data) }
         }
         try status(s, "backend '\(name)' vm_create failed")
-        return CBackendVM(backend: self, data: data)
+        return CBackendVM(backend: self, data: data, handle: key)
     }
 
     /// Host discovery through `host_pmem_count` / `host_pmem_get`, checked: distinct region ids, at
@@ -152,60 +157,63 @@ final class CBackend: Backend, @unchecked Sendable {
 final class CBackendVM: BackendVM, @unchecked Sendable {
     let b: CBackend
     let data: UnsafeMutableRawPointer?
-    init(backend: CBackend, data: UnsafeMutableRawPointer?) { b = backend; self.data = data }
+    /// The VM's handle: its operations run marked as this VM's (Callout).
+    let handle: UInt
+    init(backend: CBackend, data: UnsafeMutableRawPointer?, handle: UInt) { b = backend; self.data = data; self.handle = handle }
+    @inline(__always) func call<T>(_ op: StaticString, _ body: () -> T) -> T { Callout.around(handle, op, body) }
     private var ops: npt_backend_ops { b.ops }
     private func unsupported(_ op: String) -> NPTError { .unsupported("backend '\(b.name)' does not implement \(op)") }
 
     func writeMemory(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(NPTError) {
         guard let f = ops.memory_write else { throw unsupported("memory_write") }
-        try status(f(data, gpa.raw, bytes.baseAddress, bytes.count), "backend '\(b.name)' memory_write")
+        try status(call("memory_write") { f(data, gpa.raw, bytes.baseAddress, bytes.count) }, "backend '\(b.name)' memory_write")
     }
     func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError) {
         guard let f = ops.memory_read else { throw unsupported("memory_read") }
-        try status(f(data, gpa.raw, into.baseAddress, into.count), "backend '\(b.name)' memory_read")
+        try status(call("memory_read") { f(data, gpa.raw, into.baseAddress, into.count) }, "backend '\(b.name)' memory_read")
     }
     func invalidate(_ inv: Invalidation) throws(NPTError) {
         guard let f = ops.invalidate else { throw unsupported("invalidate") }
-        try status(f(data, inv.hierarchy.rawValue, inv.range.start.raw, inv.range.size), "backend '\(b.name)' invalidate")
+        try status(call("invalidate") { f(data, inv.hierarchy.rawValue, inv.range.start.raw, inv.range.size) }, "backend '\(b.name)' invalidate")
     }
     func makeVCPU(index: UInt32) throws(NPTError) -> any BackendVCPU {
         guard let f = ops.vcpu_create else { throw unsupported("vcpu_create") }
         var d: UnsafeMutableRawPointer?
-        try status(f(data, index, &d), "backend '\(b.name)' vcpu_create")
-        return CBackendVCPU(b: b, data: d)
+        try status(call("vcpu_create") { f(data, index, &d) }, "backend '\(b.name)' vcpu_create")
+        return CBackendVCPU(b: b, data: d, vm: handle)
     }
     func defineRegion(_ range: GPARange, hostOffset: UInt64, contents: UnsafeRawBufferPointer) throws(NPTError) {
         guard let f = ops.define_region else { throw unsupported("define_region") }
-        try status(f(data, range.start.raw, range.size, hostOffset, contents.baseAddress, contents.count),
+        try status(call("define_region") { f(data, range.start.raw, range.size, hostOffset, contents.baseAddress, contents.count) },
                    "backend '\(b.name)' define_region")
     }
     func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError) {
         guard b.capabilities.contains(.persistentMemory), let f = ops.attach_pmem else { throw unsupported("attach_pmem") }
-        try status(f(data, range.start.raw, range.size, region, regionOffset, hostOffset), "backend '\(b.name)' attach_pmem")
+        try status(call("attach_pmem") { f(data, range.start.raw, range.size, region, regionOffset, hostOffset) }, "backend '\(b.name)' attach_pmem")
     }
     func defineFlushHintPage(_ gpa: GPA, hostOffset: UInt64, trapped: Bool) throws(NPTError) {
         guard b.capabilities.contains(.persistentMemory), let f = ops.define_flush_hint_page else { throw unsupported("define_flush_hint_page") }
-        try status(f(data, gpa.raw, hostOffset, trapped ? 1 : 0), "backend '\(b.name)' define_flush_hint_page")
+        try status(call("define_flush_hint_page") { f(data, gpa.raw, hostOffset, trapped ? 1 : 0) }, "backend '\(b.name)' define_flush_hint_page")
     }
     func physicalFlush(region: UInt32, target: HostPersistence.FlushTarget) throws(NPTError) {
         guard b.capabilities.contains(.persistentMemory), let f = ops.physical_flush else { throw unsupported("physical_flush") }
-        try status(f(data, region, target.controller, target.address), "backend '\(b.name)' physical_flush")
+        try status(call("physical_flush") { f(data, region, target.controller, target.address) }, "backend '\(b.name)' physical_flush")
     }
     var untrappedFlushHintWrites: UInt64 {
         guard b.capabilities.contains(.persistentMemory), let f = ops.untrapped_flush_hint_writes else { return 0 }
-        return f(data)
+        return call("untrapped_flush_hint_writes") { f(data) }
     }
     func powerFailure() throws(NPTError) {
         guard b.capabilities.contains(.persistentMemory), let f = ops.power_failure else {
             throw .unsupported("backend '\(b.name)' does not model a power failure (no power_failure)")
         }
-        try status(f(data), "backend '\(b.name)' power_failure")
+        try status(call("power_failure") { f(data) }, "backend '\(b.name)' power_failure")
     }
     func backendStatistics() throws(NPTError) -> [BackendStatistic] {
         guard let f = ops.vm_stats else { return [] }
-        return try readStatistics(b.name, "vm_stats") { (p, cap, count) in f(data, p, cap, count) }
+        return try readStatistics(b.name, "vm_stats") { (p, cap, count) in call("vm_stats") { f(data, p, cap, count) } }
     }
-    func destroy() { ops.vm_destroy?(data) }
+    func destroy() { if let f = ops.vm_destroy { call("vm_destroy") { f(data) } } }
 }
 
 /// Asks a backend's vm_stats / vcpu_stats (room for 32, then for what it reports, at most 4096).
@@ -221,9 +229,14 @@ func readStatistics(_ backend: String, _ op: String,
             cap = count
             continue
         }
+        if s == NPT_ERR_BUFFER_TOO_SMALL {
+            // Not the caller's buffer that is too small: the core's, past its bound.
+            _ = takeBackendError()
+            throw NPTError(.backend, "backend '\(backend)' \(op) asks room for \(UInt(bitPattern: count)) statistics (had \(cap), at most 4096)")
+        }
         try status(s, "backend '\(backend)' \(op)")
         guard count >= 0 && count <= cap else {
-            throw NPTError(.backend, "backend '\(backend)' \(op) reports \(count) statistics with room for \(cap)")
+            throw NPTError(.backend, "backend '\(backend)' \(op) reports \(UInt(bitPattern: count)) statistics with room for \(cap)")
         }
         var out: [BackendStatistic] = []
         for st in buf.prefix(count) {
@@ -237,7 +250,9 @@ func readStatistics(_ backend: String, _ op: String,
 final class CBackendVCPU: BackendVCPU, @unchecked Sendable {
     let b: CBackend
     let data: UnsafeMutableRawPointer?
-    init(b: CBackend, data: UnsafeMutableRawPointer?) { self.b = b; self.data = data }
+    let vm: UInt
+    init(b: CBackend, data: UnsafeMutableRawPointer?, vm: UInt) { self.b = b; self.data = data; self.vm = vm }
+    @inline(__always) func call<T>(_ op: StaticString, _ body: () -> T) -> T { Callout.around(vm, op, body) }
     private var ops: npt_backend_ops { b.ops }
     private func unsupported(_ op: String) -> NPTError { .unsupported("backend '\(b.name)' does not implement \(op)") }
 
@@ -245,42 +260,45 @@ final class CBackendVCPU: BackendVCPU, @unchecked Sendable {
         guard let f = ops.vcpu_get_regs else { throw unsupported("vcpu_get_regs") }
         var r = npt_regs()
         r.size = UInt32(MemoryLayout<npt_regs>.size)
-        try status(f(data, &r), "backend '\(b.name)' vcpu_get_regs")
+        try status(call("vcpu_get_regs") { f(data, &r) }, "backend '\(b.name)' vcpu_get_regs")
         return Registers(r)
     }
     func setRegisters(_ r: Registers) throws(NPTError) {
         guard let f = ops.vcpu_set_regs else { throw unsupported("vcpu_set_regs") }
         var c = r.c
-        try status(f(data, &c), "backend '\(b.name)' vcpu_set_regs")
+        try status(call("vcpu_set_regs") { f(data, &c) }, "backend '\(b.name)' vcpu_set_regs")
     }
     func expose(_ h: HierarchyID) throws(NPTError) {
         guard let f = ops.vcpu_set_hierarchy else { throw unsupported("vcpu_set_hierarchy") }
-        try status(f(data, h.rawValue), "backend '\(b.name)' vcpu_set_hierarchy")
+        try status(call("vcpu_set_hierarchy") { f(data, h.rawValue) }, "backend '\(b.name)' vcpu_set_hierarchy")
     }
     func setExitControls(_ c: ExitControls) throws(NPTError) {
         guard let f = ops.vcpu_set_exit_controls else { throw unsupported("vcpu_set_exit_controls") }
-        try status(f(data, c.rawValue), "backend '\(b.name)' vcpu_set_exit_controls")
+        try status(call("vcpu_set_exit_controls") { f(data, c.rawValue) }, "backend '\(b.name)' vcpu_set_exit_controls")
     }
     func run() throws(NPTError) -> VMExit {
         guard let f = ops.vcpu_run else { throw unsupported("vcpu_run") }
         var e = npt_exit()
         e.size = UInt32(MemoryLayout<npt_exit>.size)
-        try status(f(data, &e), "backend '\(b.name)' vcpu_run")
-        return try VMExit(e)
+        try status(call("vcpu_run") { f(data, &e) }, "backend '\(b.name)' vcpu_run")
+        // An exit the ABI does not define is the backend's failure, not the caller's.
+        do throws(NPTError) { return try VMExit(e) } catch {
+            throw NPTError(.backend, "backend '\(b.name)' vcpu_run returned an invalid exit: \(error.message)")
+        }
     }
     func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError) {
         guard let f = ops.vcpu_inject_fault else { throw unsupported("vcpu_inject_fault") }
-        try status(f(data, vector, errorCode, address), "backend '\(b.name)' vcpu_inject_fault")
+        try status(call("vcpu_inject_fault") { f(data, vector, errorCode, address) }, "backend '\(b.name)' vcpu_inject_fault")
     }
     func fence() throws(NPTError) {
         guard b.capabilities.contains(.persistentMemory), let f = ops.vcpu_fence else { throw unsupported("vcpu_fence") }
-        try status(f(data), "backend '\(b.name)' vcpu_fence")
+        try status(call("vcpu_fence") { f(data) }, "backend '\(b.name)' vcpu_fence")
     }
     func completeTrappedWrite() throws(NPTError) {
         guard b.capabilities.contains(.persistentMemory), let f = ops.vcpu_complete_trapped_write else {
             throw unsupported("vcpu_complete_trapped_write")
         }
-        try status(f(data), "backend '\(b.name)' vcpu_complete_trapped_write")
+        try status(call("vcpu_complete_trapped_write") { f(data) }, "backend '\(b.name)' vcpu_complete_trapped_write")
     }
     func enterPrivileged(_ entry: PrivilegedEntry, interrupted: Registers) throws(NPTError) {
         // A table older than 1.3 is given the entry state as a register write.
@@ -291,24 +309,24 @@ final class CBackendVCPU: BackendVCPU, @unchecked Sendable {
         e.region_gpa = entry.region.start.raw
         e.region_size = entry.region.size
         e.entry_rip = entry.entryRIP
-        try status(f(data, &e), "backend '\(b.name)' vcpu_enter_privileged")
+        try status(call("vcpu_enter_privileged") { f(data, &e) }, "backend '\(b.name)' vcpu_enter_privileged")
     }
     func leavePrivileged() throws(NPTError) {
         guard let f = ops.vcpu_leave_privileged else { return }
-        try status(f(data), "backend '\(b.name)' vcpu_leave_privileged")
+        try status(call("vcpu_leave_privileged") { f(data) }, "backend '\(b.name)' vcpu_leave_privileged")
     }
     func backendStatistics() throws(NPTError) -> [BackendStatistic] {
         guard let f = ops.vcpu_stats else { return [] }
-        return try readStatistics(b.name, "vcpu_stats") { (p, cap, count) in f(data, p, cap, count) }
+        return try readStatistics(b.name, "vcpu_stats") { (p, cap, count) in call("vcpu_stats") { f(data, p, cap, count) } }
     }
     func exitDecided(_ action: ExitAction, exit: VMExit) throws(NPTError) {
         // ABI 1.4, optional: only a table whose size covers it has it.
         guard b.declaredSize >= CBackend.exitDecidedEnd, let f = ops.vcpu_exit_decided else { return }
         var e = exit.c
-        try status(f(data, action.rawValue, &e), "backend '\(b.name)' vcpu_exit_decided")
+        try status(call("vcpu_exit_decided") { f(data, action.rawValue, &e) }, "backend '\(b.name)' vcpu_exit_decided")
     }
-    func kick() { ops.vcpu_kick?(data) }
-    func destroy() { ops.vcpu_destroy?(data) }
+    func kick() { if let f = ops.vcpu_kick { call("vcpu_kick") { f(data) } } }
+    func destroy() { if let f = ops.vcpu_destroy { call("vcpu_destroy") { f(data) } } }
 }
 
 // MARK: plugins
@@ -357,6 +375,7 @@ enum PluginLoader {
             }
             guard seen.insert(a.key).inserted else { throw .invalid("plugin argument '\(a.key)' is given twice") }
         }
+        let path = resolve(path)
         guard let lib = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
             let why = dlerror().map { String(cString: $0) } ?? "unknown reason"
             throw NPTError(.plugin, "cannot load '\(path)' as a plugin: \(why)")
@@ -386,6 +405,24 @@ enum PluginLoader {
         } catch {
             throw NPTError(error.code, "plugin '\(path)': \(error.message)")
         }
+    }
+
+    /// The directories a bare plugin name (no '/') is looked up in, in order: the installed plugin
+    /// directory beside the library (LIBDIR/nptkit/plugins, what scripts/install.sh fills), the
+    /// library's own directory (a build tree), and PREFIX/lib/nptkit/plugins beside an installed
+    /// PREFIX/bin (the CLI, which holds the core itself). A name found in none goes to dlopen as is.
+    static func pluginDirectories() -> [String] {
+        guard let me = nptkit_internal_object_path(), me.pointee != 0 else { return [] }
+        let file = String(cString: me)
+        guard let slash = file.lastIndex(of: "/") else { return [] }
+        let dir = String(file[..<slash])
+        return [dir + "/nptkit/plugins", dir, dir + "/../lib/nptkit/plugins"]
+    }
+
+    static func resolve(_ name: String) -> String {
+        guard !name.contains("/"), !name.isEmpty else { return name }
+        for d in pluginDirectories() where access(d + "/" + name, R_OK) == 0 { return d + "/" + name }
+        return name
     }
 
     /// An npt_plugin_info for the call: C strings that live until `body` returns.

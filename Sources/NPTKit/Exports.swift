@@ -10,7 +10,10 @@ import Glibc
 final class ContextBox: @unchecked Sendable {
 
     let liveVMs = Atomic<Int>(0)
-    private let strings = Mutex<[String: UnsafeMutablePointer<CChar>]>([:])
+    /// Calls on the context hold a lease (npt_vm_create among them): npt_context_destroy waits for
+    /// them, so no VM is created from a context that is gone.
+    let life = Lifetime("the context")
+    private let strings = NPTMutex<[String: UnsafeMutablePointer<CChar>]>([:])
     /// The built-in simulator, kept typed: its own configuration (npt_sim_set_platform) needs no
     /// lookup by name and no cast.
     let simulator: SimulatorBackend
@@ -34,7 +37,7 @@ final class VMBox: @unchecked Sendable {
     let vm: VirtualMachine
     let ctx: ContextBox
     let handle: OpaquePointer
-    let vcpuHandles = Mutex<[UInt32: UInt]>([:])
+    let vcpuHandles = NPTMutex<[UInt32: UInt]>([:])
     init(vm: VirtualMachine, ctx: ContextBox, handle: OpaquePointer) { self.vm = vm; self.ctx = ctx; self.handle = handle }
 }
 
@@ -46,8 +49,12 @@ final class VCPUBox: @unchecked Sendable {
 
 // MARK: status and version
 
-@_cdecl("npt_status_string")
-public func npt_status_string(_ s: npt_status) -> UnsafePointer<CChar> {
+@c @implementation
+public func npt_status_string(_ s: npt_status) -> UnsafePointer<CChar>? {
+    traced(.npt_status_string, [raw(s)]) { statusText(s) }
+}
+
+private func statusText(_ s: npt_status) -> UnsafePointer<CChar> {
     let text: StaticString
     switch s {
     case NPT_OK: text = "NPT_OK: success"
@@ -71,47 +78,56 @@ public func npt_status_string(_ s: npt_status) -> UnsafePointer<CChar> {
     return UnsafeRawPointer(text.utf8Start).assumingMemoryBound(to: CChar.self)
 }
 
-@_cdecl("npt_last_error")
-public func npt_last_error() -> UnsafePointer<CChar> { lastErrorPointer() }
+@c @implementation
+public func npt_last_error() -> UnsafePointer<CChar>? { traced(.npt_last_error, []) { lastErrorPointer() } }
 
-@_cdecl("npt_abi_version")
-public func npt_abi_version() -> UInt32 { NPTABI.version }
+@c @implementation
+public func npt_abi_version() -> UInt32 { traced(.npt_abi_version, []) { NPT_ABI_VERSION } }
 
 // MARK: context and backends
 
-@_cdecl("npt_context_create")
+@c @implementation
 public func npt_context_create(_ out: UnsafeMutablePointer<OpaquePointer?>?) -> npt_status {
-    api("npt_context_create") { () throws(NPTError) in
+    api(.npt_context_create, [raw(out)]) { () throws(NPTError) in
         let out = try require(out, "out")
         out.pointee = Handles.make(ContextBox())
     }
 }
 
-@_cdecl("npt_context_destroy")
+@c @implementation
 public func npt_context_destroy(_ ctx: OpaquePointer?) -> npt_status {
-    api("npt_context_destroy") { () throws(NPTError) in
+    api(.npt_context_destroy, [raw(ctx)]) { () throws(NPTError) in
+        try Callout.refuseDestroy("npt_context_destroy")
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        try c.life.beginClose(timeoutNanos: VirtualMachine.destroyWaitNanos)
         let n = c.liveVMs.load(ordering: .acquiring)
-        if n > 0 { throw NPTError(.busy, "\(n) VM(s) created from this context are alive; destroy them first") }
+        if n > 0 {
+            c.life.cancelClose()
+            throw NPTError(.busy, "\(n) VM(s) created from this context are alive; destroy them first")
+        }
+        c.life.finishClose()
         Handles.remove(ctx!)
     }
 }
 
-@_cdecl("npt_backend_count")
+@c @implementation
 public func npt_backend_count(_ ctx: OpaquePointer?, _ count: UnsafeMutablePointer<Int>?) -> npt_status {
-    api("npt_backend_count") { () throws(NPTError) in
+    api(.npt_backend_count, [raw(ctx), raw(count)]) { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
-        try require(count, "count").pointee = c.registry.all.count
+        try require(count, "count").pointee = try c.life.withLease { () throws(NPTError) in c.registry.all.count }
     }
 }
 
-@_cdecl("npt_backend_get")
+@c @implementation
 public func npt_backend_get(_ ctx: OpaquePointer?, _ index: Int, _ info: UnsafeMutablePointer<npt_backend_info>?) -> npt_status {
-    api("npt_backend_get") { () throws(NPTError) in
+    let index = sizeArg(index)
+    return api(.npt_backend_get, [raw(ctx), raw(index), raw(info)]) { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
+        try c.life.enter()
+        defer { c.life.leave() }
         let all = c.registry.all
-        guard index >= 0 && index < all.count else { throw NPTError(.notFound, "index \(index) is past the \(all.count) backends") }
-        let b = all[index]
+        guard index < UInt(all.count) else { throw NPTError(.notFound, "index \(index) is past the \(all.count) backends") }
+        let b = all[Int(index)]
         var i = npt_backend_info()
         i.abi_version = b.abiVersion
         i.name = c.cString(b.name)
@@ -123,60 +139,66 @@ public func npt_backend_get(_ ctx: OpaquePointer?, _ index: Int, _ info: UnsafeM
     }
 }
 
-@_cdecl("npt_backend_set_default")
+@c @implementation
 public func npt_backend_set_default(_ ctx: OpaquePointer?, _ name: UnsafePointer<CChar>?) -> npt_status {
-    api("npt_backend_set_default") { () throws(NPTError) in
+    api(.npt_backend_set_default, [raw(ctx), raw(name)]) { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
-        try c.registry.setDefault(String(cString: try require(name, "name")))
+        let n = String(cString: try require(name, "name"))
+        try c.life.withLease { () throws(NPTError) in try c.registry.setDefault(n) }
     }
 }
 
-@_cdecl("npt_mbec_mode_check")
+@c @implementation
 public func npt_mbec_mode_check(_ ctx: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ mode: UInt32,
                                 _ missing: UnsafeMutablePointer<UInt64>?) -> npt_status {
-    api("npt_mbec_mode_check") { () throws(NPTError) in
+    api(.npt_mbec_mode_check, [raw(ctx), raw(name), raw(mode), raw(missing)]) { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
         guard let m = VMConfig.MBECMode(rawValue: mode) else { throw .invalid("mode \(mode) is not an npt_mbec_mode") }
-        let b = try c.registry.lookup(name.map { String(cString: $0) })
+        let n = name.map { String(cString: $0) }
+        let b = try c.life.withLease { () throws(NPTError) in try c.registry.lookup(n) }
         missing?.pointee = m.requiredCapabilities.subtracting(b.capabilities).rawValue
         if let refusal = m.refusal(backend: b.name, capabilities: b.capabilities, summary: b.summary) { throw refusal }
     }
 }
 
-@_cdecl("npt_backend_register")
+@c @implementation
 public func npt_backend_register(_ ctx: OpaquePointer?, _ ops: UnsafePointer<npt_backend_ops>?) -> npt_status {
-    api("npt_backend_register") { () throws(NPTError) in
+    api(.npt_backend_register, [raw(ctx), raw(ops)]) { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
-        try c.registry.register(try CBackend(try require(ops, "ops"), isPlugin: false))
+        let b = try CBackend(try require(ops, "ops"), isPlugin: false)
+        try c.life.withLease { () throws(NPTError) in try c.registry.register(b) }
     }
 }
 
-@_cdecl("npt_plugin_load")
+@c @implementation
 public func npt_plugin_load(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) -> npt_status {
-    api("npt_plugin_load") { () throws(NPTError) in
-        let c = try Handles.get(ctx, ContextBox.self, "ctx")
-        let p = String(cString: try require(path, "path"))
-        let b = try PluginLoader.load(p)
-        try c.registry.register(b)
-        name?.pointee = c.cString(b.name)
-    }
+    api(.npt_plugin_load, [raw(ctx), raw(path), raw(name)]) { () throws(NPTError) in try loadPlugin(ctx, path, [], name) }
 }
 
-@_cdecl("npt_plugin_load_with")
+@c @implementation
 public func npt_plugin_load_with(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ args: UnsafePointer<npt_plugin_arg>?,
                                  _ argc: Int, _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) -> npt_status {
-    api("npt_plugin_load_with") { () throws(NPTError) in
-        let c = try Handles.get(ctx, ContextBox.self, "ctx")
-        let p = String(cString: try require(path, "path"))
-        guard argc >= 0, argc <= 4096 else { throw .invalid("argc \(argc) is out of range (0...4096)") }
+    api(.npt_plugin_load_with, [raw(ctx), raw(path), raw(args), raw(argc), raw(name)]) { () throws(NPTError) in
+        let n = sizeArg(argc)
+        guard n <= 4096 else { throw .invalid("argc \(n) is out of range (0...4096)") }
         var arguments: [PluginArgument] = []
-        if argc > 0 {
+        if n > 0 {
             let a = try require(args, "args")
-            for i in 0..<argc {
+            for i in 0..<Int(n) {
                 guard let k = a[i].key, let v = a[i].value else { throw .invalid("args[\(i)] has a NULL key or value") }
                 arguments.append(PluginArgument(key: String(cString: k), value: String(cString: v)))
             }
         }
+        try loadPlugin(ctx, path, arguments, name)
+    }
+}
+
+/// Loads and registers a plugin under the context's lease (npt_context_destroy waits for it).
+private func loadPlugin(_ ctx: OpaquePointer?, _ path: UnsafePointer<CChar>?, _ arguments: [PluginArgument],
+                        _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?) throws(NPTError) {
+    let c = try Handles.get(ctx, ContextBox.self, "ctx")
+    let p = String(cString: try require(path, "path"))
+    try c.life.withLease { () throws(NPTError) in
         let b = try PluginLoader.load(p, arguments: arguments)
         try c.registry.register(b)
         name?.pointee = c.cString(b.name)
@@ -185,9 +207,9 @@ public func npt_plugin_load_with(_ ctx: OpaquePointer?, _ path: UnsafePointer<CC
 
 // MARK: VMs
 
-@_cdecl("npt_vm_create")
+@c @implementation
 public func npt_vm_create(_ ctx: OpaquePointer?, _ config: UnsafePointer<npt_vm_config>?, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> npt_status {
-    api("npt_vm_create") { () throws(NPTError) in
+    api(.npt_vm_create, [raw(ctx), raw(config), raw(out)]) { () throws(NPTError) in
         let c = try Handles.get(ctx, ContextBox.self, "ctx")
         let cfg = try readVersioned(config, "config")
         let out = try require(out, "out")
@@ -199,40 +221,58 @@ public func npt_vm_create(_ ctx: OpaquePointer?, _ config: UnsafePointer<npt_vm_
                           backendName: cfg.backend.map { String(cString: $0) })
         // ABI 1.4: a trace of this VM alone, finished when it is destroyed.
         if let p = cfg.record_path { vc.recorder = try TraceRecorder(path: String(cString: p), finishWithVM: true) }
-        let h = Handles.reserve()
-        let vm = try VirtualMachine(config: vc, registry: c.registry, handle: UnsafeMutableRawPointer(h))
-        c.liveVMs.wrappingAdd(1, ordering: .acquiringAndReleasing)
-        Handles.bind(h, VMBox(vm: vm, ctx: c, handle: h))
-        out.pointee = h
+        // Under a lease on the context: npt_context_destroy waits for this create, then sees its VM.
+        try c.life.withLease { () throws(NPTError) in
+            let h = Handles.reserve()
+            let vm = try VirtualMachine(config: vc, registry: c.registry, handle: UnsafeMutableRawPointer(h))
+            c.liveVMs.wrappingAdd(1, ordering: .acquiringAndReleasing)
+            Handles.bind(h, VMBox(vm: vm, ctx: c, handle: h))
+            out.pointee = h
+        }
     }
 }
 
-@_cdecl("npt_vm_destroy")
+@c @implementation
 public func npt_vm_destroy(_ vm: OpaquePointer?) -> npt_status {
-    api("npt_vm_destroy") { () throws(NPTError) in
+    api(.npt_vm_destroy, [raw(vm)]) { () throws(NPTError) in
+        try Callout.refuseDestroy("npt_vm_destroy")
         let v = try Handles.get(vm, VMBox.self, "vm")
-        try v.vm.destroy()
-        for h in v.vcpuHandles.withLock({ Array($0.values) }) { Handles.remove(OpaquePointer(bitPattern: h)!) }
+        try v.vm.destroy()   // all or nothing, once: a second destroy gets NPT_ERR_BAD_HANDLE here
+        for h in v.vcpuHandles.withLock({ m -> [UInt] in defer { m.removeAll() }; return Array(m.values) }) {
+            Handles.remove(OpaquePointer(bitPattern: h)!)
+        }
         Handles.remove(vm!)
         v.ctx.liveVMs.wrappingSubtract(1, ordering: .acquiringAndReleasing)
     }
 }
 
-@_cdecl("npt_vm_write_memory")
+@c @implementation
 public func npt_vm_write_memory(_ vm: OpaquePointer?, _ gpa: UInt64, _ data: UnsafeRawPointer?, _ len: Int) -> npt_status {
-    api("npt_vm_write_memory") { () throws(NPTError) in
+    let len = sizeArg(len)
+    return api(.npt_vm_write_memory, [raw(vm), raw(gpa), raw(data), raw(len)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         if len == 0 { return }
-        try v.vm.writeMemory(GPA(gpa), UnsafeRawBufferPointer(start: try require(data, "data"), count: len))
+        try checkLength(gpa, len)
+        try v.vm.writeMemory(GPA(gpa), UnsafeRawBufferPointer(start: try require(data, "data"), count: Int(len)))
     }
 }
 
-@_cdecl("npt_vm_read_memory")
+@c @implementation
 public func npt_vm_read_memory(_ vm: OpaquePointer?, _ gpa: UInt64, _ data: UnsafeMutableRawPointer?, _ len: Int) -> npt_status {
-    api("npt_vm_read_memory") { () throws(NPTError) in
+    let len = sizeArg(len)
+    return api(.npt_vm_read_memory, [raw(vm), raw(gpa), raw(data), raw(len)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         if len == 0 { return }
-        try v.vm.readMemory(GPA(gpa), UnsafeMutableRawBufferPointer(start: try require(data, "data"), count: len))
+        try checkLength(gpa, len)
+        try v.vm.readMemory(GPA(gpa), UnsafeMutableRawBufferPointer(start: try require(data, "data"), count: Int(len)))
+    }
+}
+
+/// A memory access's length: `size_t`, so up to 2^64 - 1; no guest memory is that large (48 bits).
+private func checkLength(_ gpa: UInt64, _ len: UInt) throws(NPTError) {
+    let (end, o) = gpa.addingReportingOverflow(UInt64(len))
+    if o || end > PolicyTree.maxGuestPhysical {
+        throw NPTError(.outOfRange, "[\(hex(gpa)), +\(hex(UInt64(len)))) is outside guest memory (len is \(len))")
     }
 }
 
@@ -245,22 +285,26 @@ func policyRange(_ gpa: UInt64, _ size: UInt64, _ pageSize: UInt64, _ perms: UIn
     return PolicyRange(start: GPA(gpa), size: size, pageSize: ps, permissions: EPTPermissions(rawValue: perms))
 }
 
-@_cdecl("npt_policy_set")
+@c @implementation
 public func npt_policy_set(_ vm: OpaquePointer?, _ gpa: UInt64, _ size: UInt64, _ pageSize: UInt64, _ perms: UInt64) -> npt_status {
-    api("npt_policy_set") { () throws(NPTError) in
+    api(.npt_policy_set, [raw(vm), raw(gpa), raw(size), raw(pageSize), raw(perms)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         try v.vm.setPolicy(try policyRange(gpa, size, pageSize, perms, ""))
     }
 }
 
-@_cdecl("npt_policy_set_ranges")
+@c @implementation
 public func npt_policy_set_ranges(_ vm: OpaquePointer?, _ ranges: UnsafePointer<npt_policy_range>?, _ count: Int) -> npt_status {
-    api("npt_policy_set_ranges") { () throws(NPTError) in
+    let count = sizeArg(count)
+    return api(.npt_policy_set_ranges, [raw(vm), raw(ranges), raw(count)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         let rs = try require(ranges, "ranges")
         guard count > 0 else { throw .invalid("count is 0") }
+        guard count <= maxPolicyRanges else {
+            throw .invalid("count is \(count), more than the \(maxPolicyRanges) ranges one call may apply")
+        }
         var list: [PolicyRange] = []
-        for i in 0..<count {
+        for i in 0..<Int(count) {
             let r = rs[i]
             list.append(try policyRange(r.gpa, r.size, r.page_size, r.perms, "ranges[\(i)]."))
         }
@@ -270,10 +314,13 @@ public func npt_policy_set_ranges(_ vm: OpaquePointer?, _ ranges: UnsafePointer<
     }
 }
 
-@_cdecl("npt_policy_get")
+/// Ranges one npt_policy_set_ranges call may apply.
+let maxPolicyRanges: UInt = 1 << 20
+
+@c @implementation
 public func npt_policy_get(_ vm: OpaquePointer?, _ gpa: UInt64, _ perms: UnsafeMutablePointer<UInt64>?) -> npt_status {
-    api("npt_policy_get") { () throws(NPTError) in
-        let v = try Handles.get(vm, VMBox.self, "vm")
+    api(.npt_policy_get, [raw(vm), raw(gpa), raw(perms)]) { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm", reentrant: true)
         let out = try require(perms, "perms")
         out.pointee = try v.vm.permissions(at: GPA(gpa)).rawValue
     }
@@ -288,10 +335,10 @@ func hierarchy(_ h: UInt32) throws(NPTError) -> HierarchyID {
     return id
 }
 
-@_cdecl("npt_hierarchy_translate")
+@c @implementation
 public func npt_hierarchy_translate(_ vm: OpaquePointer?, _ h: UInt32, _ gpa: UInt64, _ out: UnsafeMutablePointer<npt_translation>?) -> npt_status {
-    api("npt_hierarchy_translate") { () throws(NPTError) in
-        let v = try Handles.get(vm, VMBox.self, "vm")
+    api(.npt_hierarchy_translate, [raw(vm), raw(h), raw(gpa), raw(out)]) { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm", reentrant: true)
         let id = try hierarchy(h)
         guard gpa < PolicyTree.maxGuestPhysical else { throw NPTError(.outOfRange, "gpa \(hex(gpa)) is beyond 48 bits") }
         let t = v.vm.snapshot.translate(GPA(gpa), in: id)
@@ -304,80 +351,88 @@ public func npt_hierarchy_translate(_ vm: OpaquePointer?, _ h: UInt32, _ gpa: UI
     }
 }
 
-@_cdecl("npt_hierarchy_leaves")
+@c @implementation
 public func npt_hierarchy_leaves(_ vm: OpaquePointer?, _ h: UInt32, _ cb: npt_leaf_cb?, _ user: UnsafeMutableRawPointer?) -> npt_status {
-    api("npt_hierarchy_leaves") { () throws(NPTError) in
-        let v = try Handles.get(vm, VMBox.self, "vm")
+    api(.npt_hierarchy_leaves, [raw(vm), raw(h), raw(cb), raw(user)]) { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm", reentrant: true)
         let id = try hierarchy(h)
         let cb = try require(cb, "cb")
-        v.vm.snapshot.forEachLeaf(in: id) { gpa, size, perms in cb(gpa.raw, size, perms.rawValue, user) }
+        v.vm.snapshot.forEachLeaf(in: id) { gpa, size, perms in
+            CallTrace.callbackCalled(gpa.raw, size, perms.rawValue)
+            cb(gpa.raw, size, perms.rawValue, user)
+        }
     }
 }
 
 // MARK: vCPUs
 
-@_cdecl("npt_vcpu_create")
+@c @implementation
 public func npt_vcpu_create(_ vm: OpaquePointer?, _ index: UInt32, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> npt_status {
-    api("npt_vcpu_create") { () throws(NPTError) in
+    api(.npt_vcpu_create, [raw(vm), raw(index), raw(out)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         let out = try require(out, "out")
-        let cpu = try v.vm.makeVCPU(index: index)
-        let h = Handles.make(VCPUBox(vcpu: cpu, vm: v))
-        let bits = UInt(bitPattern: h)
-        v.vcpuHandles.withLock { $0[index] = bits }
-        out.pointee = h
+        // The handle is made under the VM's lease: a racing npt_vm_destroy waits for it and then
+        // destroys the vCPU with the VM (no vCPU handle outlives its VM).
+        try v.vm.withLease { () throws(NPTError) in
+            let cpu = try v.vm.makeVCPU(index: index)
+            let h = Handles.make(VCPUBox(vcpu: cpu, vm: v))
+            let bits = UInt(bitPattern: h)
+            v.vcpuHandles.withLock { $0[index] = bits }
+            out.pointee = h
+        }
     }
 }
 
-@_cdecl("npt_vcpu_destroy")
+@c @implementation
 public func npt_vcpu_destroy(_ vcpu: OpaquePointer?) -> npt_status {
-    api("npt_vcpu_destroy") { () throws(NPTError) in
+    api(.npt_vcpu_destroy, [raw(vcpu)]) { () throws(NPTError) in
+        try Callout.refuseDestroy("npt_vcpu_destroy")
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
-        try c.vm.vm.removeVCPU(c.vcpu)
+        try c.vm.vm.removeVCPU(c.vcpu)   // all or nothing, once
         let index = c.vcpu.index
         c.vm.vcpuHandles.withLock { _ = $0.removeValue(forKey: index) }
         Handles.remove(vcpu!)
     }
 }
 
-@_cdecl("npt_vcpu_get_regs")
+@c @implementation
 public func npt_vcpu_get_regs(_ vcpu: OpaquePointer?, _ regs: UnsafeMutablePointer<npt_regs>?) -> npt_status {
-    api("npt_vcpu_get_regs") { () throws(NPTError) in
+    api(.npt_vcpu_get_regs, [raw(vcpu), raw(regs)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         _ = try require(regs, "regs")
         try writeVersioned(try c.vcpu.registers().c, regs, "regs")
     }
 }
 
-@_cdecl("npt_vcpu_set_regs")
+@c @implementation
 public func npt_vcpu_set_regs(_ vcpu: OpaquePointer?, _ regs: UnsafePointer<npt_regs>?) -> npt_status {
-    api("npt_vcpu_set_regs") { () throws(NPTError) in
+    api(.npt_vcpu_set_regs, [raw(vcpu), raw(regs)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         try c.vcpu.setRegisters(Registers(try readVersioned(regs, "regs")))
     }
 }
 
-@_cdecl("npt_vcpu_run")
+@c @implementation
 public func npt_vcpu_run(_ vcpu: OpaquePointer?, _ exit: UnsafeMutablePointer<npt_exit>?) -> npt_status {
-    api("npt_vcpu_run") { () throws(NPTError) in
+    api(.npt_vcpu_run, [raw(vcpu), raw(exit)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         _ = try readVersioned(UnsafePointer(exit), "exit")
         try writeVersioned(try c.vcpu.run().c, exit, "exit")
     }
 }
 
-@_cdecl("npt_vcpu_run_raw")
+@c @implementation
 public func npt_vcpu_run_raw(_ vcpu: OpaquePointer?, _ exit: UnsafeMutablePointer<npt_exit>?) -> npt_status {
-    api("npt_vcpu_run_raw") { () throws(NPTError) in
+    api(.npt_vcpu_run_raw, [raw(vcpu), raw(exit)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         _ = try readVersioned(UnsafePointer(exit), "exit")
         try writeVersioned(try c.vcpu.runRaw().c, exit, "exit")
     }
 }
 
-@_cdecl("npt_handle_exit")
+@c @implementation
 public func npt_handle_exit(_ vcpu: OpaquePointer?, _ exit: UnsafeMutablePointer<npt_exit>?, _ action: UnsafeMutablePointer<UInt32>?) -> npt_status {
-    api("npt_handle_exit") { () throws(NPTError) in
+    api(.npt_handle_exit, [raw(vcpu), raw(exit), raw(action)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         var e = try VMExit(try readVersioned(UnsafePointer(exit), "exit"))
         let out = try require(action, "action")
@@ -387,19 +442,19 @@ public func npt_handle_exit(_ vcpu: OpaquePointer?, _ exit: UnsafeMutablePointer
     }
 }
 
-@_cdecl("npt_vcpu_inject_fault")
+@c @implementation
 public func npt_vcpu_inject_fault(_ vcpu: OpaquePointer?, _ vector: UInt32, _ error: UInt64, _ address: UInt64) -> npt_status {
-    api("npt_vcpu_inject_fault") { () throws(NPTError) in
+    api(.npt_vcpu_inject_fault, [raw(vcpu), raw(vector), raw(error), raw(address)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         guard vector < 32 else { throw .invalid("vector \(vector) is not an exception vector (0-31)") }
         try c.vcpu.injectFault(vector: vector, errorCode: error, address: address)
     }
 }
 
-@_cdecl("npt_vm_get_stats")
+@c @implementation
 public func npt_vm_get_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_stats>?) -> npt_status {
-    api("npt_vm_get_stats") { () throws(NPTError) in
-        let v = try Handles.get(vm, VMBox.self, "vm")
+    api(.npt_vm_get_stats, [raw(vm), raw(stats)]) { () throws(NPTError) in
+        let v = try Handles.get(vm, VMBox.self, "vm", reentrant: true)
         _ = try require(stats, "stats")
         let s = v.vm.statistics()
         var o = npt_stats()
@@ -413,28 +468,28 @@ public func npt_vm_get_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer
     }
 }
 
-@_cdecl("npt_vm_guest_isa")
+@c @implementation
 public func npt_vm_guest_isa(_ vm: OpaquePointer?, _ isa: UnsafeMutablePointer<UInt32>?) -> npt_status {
-    api("npt_vm_guest_isa") { () throws(NPTError) in
+    api(.npt_vm_guest_isa, [raw(vm), raw(isa)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         let out = try require(isa, "isa")
         out.pointee = v.vm.guestISA.rawValue
     }
 }
 
-@_cdecl("npt_vm_backend_stats")
+@c @implementation
 public func npt_vm_backend_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_backend_stat>?, _ cap: Int,
                                  _ count: UnsafeMutablePointer<Int>?) -> npt_status {
-    api("npt_vm_backend_stats") { () throws(NPTError) in
+    api(.npt_vm_backend_stats, [raw(vm), raw(stats), raw(cap), raw(count)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         try copyStatistics(try v.vm.backendStatistics(), stats, cap, count)
     }
 }
 
-@_cdecl("npt_vcpu_backend_stats")
+@c @implementation
 public func npt_vcpu_backend_stats(_ vcpu: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_backend_stat>?, _ cap: Int,
                                    _ count: UnsafeMutablePointer<Int>?) -> npt_status {
-    api("npt_vcpu_backend_stats") { () throws(NPTError) in
+    api(.npt_vcpu_backend_stats, [raw(vcpu), raw(stats), raw(cap), raw(count)]) { () throws(NPTError) in
         let v = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         try copyStatistics(try v.vcpu.backendStatistics(), stats, cap, count)
     }
@@ -442,34 +497,41 @@ public func npt_vcpu_backend_stats(_ vcpu: OpaquePointer?, _ stats: UnsafeMutabl
 
 // MARK: privileged mode
 
-@_cdecl("npt_region_set")
+@c @implementation
 public func npt_region_set(_ vm: OpaquePointer?, _ region: UnsafePointer<npt_region>?) -> npt_status {
-    api("npt_region_set") { () throws(NPTError) in
+    api(.npt_region_set, [raw(vm), raw(region)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         let r = try readVersioned(region, "region")
         var bytes: [UInt8] = []
-        if r.contents_len > 0 {
-            guard let c = r.contents else { throw .invalid("region->contents is NULL but contents_len is \(r.contents_len)") }
-            guard UInt64(r.contents_len) <= r.length else {
-                throw .invalid("region->contents_len \(r.contents_len) is larger than region->length \(hex(r.length))")
+        let len = sizeArg(r.contents_len)
+        if len > 0 {
+            guard UInt64(len) <= r.length else {
+                throw .invalid("region->contents_len \(len) is larger than region->length \(hex(r.length))")
             }
-            bytes = Array(UnsafeRawBufferPointer(start: c, count: r.contents_len))
+            // Checked before the copy: a region's length may be anything up to 2^64 - 1, the
+            // contents of one that can exist are at most 1 GiB (a fuzzer's finding: contents_len
+            // 2^64 - 1 with that length trapped converting to Int).
+            guard UInt64(len) <= PageSize.size1G.bytes else {
+                throw NPTError(.outOfRange, "region->contents_len \(len) is larger than the largest region (1 GiB)")
+            }
+            guard let c = r.contents else { throw .invalid("region->contents is NULL but contents_len is \(len)") }
+            bytes = Array(UnsafeRawBufferPointer(start: c, count: Int(len)))
         }
         let perms = r.perms == 0 ? EPTPermissions.all : EPTPermissions(rawValue: r.perms)
         try v.vm.defineRegion(start: GPA(r.gpa), size: r.length, contents: bytes, entryOffset: r.entry_offset, permissions: perms)
     }
 }
 
-@_cdecl("npt_vcpu_raise_privileged")
+@c @implementation
 public func npt_vcpu_raise_privileged(_ vcpu: OpaquePointer?) -> npt_status {
-    api("npt_vcpu_raise_privileged") { () throws(NPTError) in
+    api(.npt_vcpu_raise_privileged, [raw(vcpu)]) { () throws(NPTError) in
         try Handles.get(vcpu, VCPUBox.self, "vcpu").vcpu.raisePrivileged()
     }
 }
 
-@_cdecl("npt_vcpu_raise_interrupt")
+@c @implementation
 public func npt_vcpu_raise_interrupt(_ vcpu: OpaquePointer?, _ vector: UInt32, _ deferred: UnsafeMutablePointer<Int32>?) -> npt_status {
-    api("npt_vcpu_raise_interrupt") { () throws(NPTError) in
+    api(.npt_vcpu_raise_interrupt, [raw(vcpu), raw(vector), raw(deferred)]) { () throws(NPTError) in
         let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
         guard vector < 256 else { throw .invalid("vector \(vector) is not 0-255") }
         let d = try c.vcpu.raiseInterrupt(vector: vector)
@@ -477,33 +539,33 @@ public func npt_vcpu_raise_interrupt(_ vcpu: OpaquePointer?, _ vector: UInt32, _
     }
 }
 
-@_cdecl("npt_vcpu_leave_privileged")
+@c @implementation
 public func npt_vcpu_leave_privileged(_ vcpu: OpaquePointer?) -> npt_status {
-    api("npt_vcpu_leave_privileged") { () throws(NPTError) in
+    api(.npt_vcpu_leave_privileged, [raw(vcpu)]) { () throws(NPTError) in
         try Handles.get(vcpu, VCPUBox.self, "vcpu").vcpu.leavePrivileged()
     }
 }
 
-@_cdecl("npt_vm_privileged_holder")
+@c @implementation
 public func npt_vm_privileged_holder(_ vm: OpaquePointer?, _ index: UnsafeMutablePointer<Int64>?) -> npt_status {
-    api("npt_vm_privileged_holder") { () throws(NPTError) in
+    api(.npt_vm_privileged_holder, [raw(vm), raw(index)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         try require(index, "index").pointee = v.vm.privileged.holder.map { Int64($0) } ?? -1
     }
 }
 
-@_cdecl("npt_vm_set_stop_timeout")
+@c @implementation
 public func npt_vm_set_stop_timeout(_ vm: OpaquePointer?, _ ns: UInt64) -> npt_status {
-    api("npt_vm_set_stop_timeout") { () throws(NPTError) in
+    api(.npt_vm_set_stop_timeout, [raw(vm), raw(ns)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         guard ns > 0 else { throw .invalid("nanoseconds is 0") }
         v.vm.privileged.stopTimeoutNanos = ns
     }
 }
 
-@_cdecl("npt_vm_get_privileged_stats")
+@c @implementation
 public func npt_vm_get_privileged_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_privileged_stats>?) -> npt_status {
-    api("npt_vm_get_privileged_stats") { () throws(NPTError) in
+    api(.npt_vm_get_privileged_stats, [raw(vm), raw(stats)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")
         _ = try require(stats, "stats")
         let s = v.vm.privileged.statistics

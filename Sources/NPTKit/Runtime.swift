@@ -16,7 +16,7 @@ public enum NPTKitRuntime {
     }
 
     private static let context = ContextBox()
-    private static let vmHandles = Mutex<[ObjectIdentifier: UInt]>([:])
+    private static let vmHandles = NPTMutex<[ObjectIdentifier: UInt]>([:])
 
     /// Creates a VM as `npt_vm_create` does, with a handle, so that C-table backends and plugins
     /// (which reach the core through the host API by that handle) work from Swift too. Destroy it
@@ -49,4 +49,10 @@ public enum NPTKitRuntime {
         try registry.register(b)
         return b.name
     }
+
+    /// Starts recording every npt_ call of this process into `path` (the call-trace format of
+    /// `nptkit-cli replay-calls`), as NPTKIT_CALL_TRACE does from the first call; `bench` uses it.
+    public static func startCallTrace(path: String) throws(NPTError) { try CallTrace.start(path: path) }
+    /// Writes the trace out and stops recording.
+    public static func stopCallTrace() { CallTrace.stop() }
 }

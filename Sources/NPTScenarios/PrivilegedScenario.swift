@@ -3,6 +3,7 @@ import NPTCore
 import Synchronization
 #if canImport(Glibc)
 import Glibc
+import NPTHost
 #endif
 
 /// A guest image of the privileged-mode scenario for one guest ISA (protocol PRIV_* of
@@ -92,6 +93,8 @@ public struct PrivilegedScenario: Sendable {
         /// instructions (`instructionsCounted`).
         public var outsideWhileVisible: UInt64 = 0
         public var instructionsCounted = false
+        /// The backend's own statistics of the VM at the end (npt_vm_backend_stats; [] where it keeps none).
+        public var backendStatistics: [BackendStatistic] = []
         public var finalState = PMState(cpus: 0)
         /// The region is in no hierarchy once the requests were served.
         public var regionAbsentAfter = false
@@ -169,8 +172,8 @@ public struct PrivilegedScenario: Sendable {
         let image = try PrivilegedScenario.image(for: vm.guestISA, cpus: cpus)
         let vcpus = try prepare(vm)
         let done = Atomic<Bool>(false)
-        let seen = Mutex(Seen())
-        let failure = Mutex<NPTError?>(nil)
+        let seen = NPTMutex(Seen())
+        let failure = NPTMutex<NPTError?>(nil)
         let t0 = Monitor.now()
         let threads = vcpus.map { cpu in
             HostThread {
@@ -243,7 +246,8 @@ public struct PrivilegedScenario: Sendable {
         o.stats = vm.privileged.statistics
         o.records = vm.privileged.entryRecords
         // The backend's own check, where it keeps one (a statistic of that name).
-        let checked = try vm.backendStatistics().value(BackendStatistic.outsideWhileVisible)
+        o.backendStatistics = try vm.backendStatistics()
+        let checked = o.backendStatistics.value(BackendStatistic.outsideWhileVisible)
         o.instructionsCounted = checked != nil
         o.outsideWhileVisible = checked ?? 0
         o.finalState = vm.privileged.protocolState

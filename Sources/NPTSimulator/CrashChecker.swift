@@ -29,7 +29,7 @@ public final class CrashChecker: @unchecked Sendable {
         var later: [UInt64: Set<UInt64>] = [:]
         var report = Report()
     }
-    private let state = Mutex(State())
+    private let state = NPTMutex(State())
     private let platform: PersistentPlatform
 
     public init(platform: PersistentPlatform) {

@@ -72,7 +72,7 @@ public struct PlatformDescription: Sendable, Equatable {
     /// the controllers of the DIMMs mapped into it (in memory-map order), each controller with the
     /// flush hints of its DIMMs. The NFIT's platform capabilities give the persistence domain.
     public static func from(nfit: NFIT, flushLatencyNanos: UInt64 = 0) throws(NPTError) -> PlatformDescription {
-        let host = HostPersistence.fromNFIT(nfit)
+        let host = try HostPersistence.checkedFromNFIT(nfit)
         if host.regions.isEmpty { throw .invalid("the NFIT describes no persistent-memory range") }
         var controllers: [Controller] = []
         var regions: [Region] = []
@@ -113,6 +113,7 @@ public struct PlatformDescription: Sendable, Equatable {
 
     func validate() throws(NPTError) {
         if regions.isEmpty { throw .invalid("the platform has no persistent-memory region") }
+        try HostPersistence.checkRanges(regions.map { ($0.id, $0.base, $0.size) }, source: "platform")
         for r in regions {
             if r.size == 0 || r.size % 4096 != 0 { throw .invalid("region \(r.id): size \(hex(r.size)) is not a positive multiple of 4 KiB") }
             if r.controllers.isEmpty { throw .invalid("region \(r.id) has no controller") }
@@ -159,10 +160,10 @@ public final class PersistentPlatform: @unchecked Sendable {
         var wpqOverflows: UInt64 = 0
         var powerFailures: UInt64 = 0
     }
-    private let state = Mutex(State())
-    private let observer = Mutex<(@Sendable (ObjectIdentifier?, PersistenceEvent) -> Void)?>(nil)
+    private let state = NPTMutex(State())
+    private let observer = NPTMutex<(@Sendable (ObjectIdentifier?, PersistenceEvent) -> Void)?>(nil)
     /// VMs backed by this platform (to reload their persistent memory after a power failure).
-    private let attached = Mutex<[ObjectIdentifier: @Sendable () -> Void]>([:])
+    private let attached = NPTMutex<[ObjectIdentifier: @Sendable () -> Void]>([:])
 
     public init(_ d: PlatformDescription) throws(NPTError) {
         try d.validate()
@@ -299,7 +300,7 @@ public final class PersistentPlatform: @unchecked Sendable {
     }
 
     /// Host ranges backing some VM (a range backs at most one VM range).
-    private let claims = Mutex<[(owner: ObjectIdentifier, region: UInt32, start: UInt64, end: UInt64)]>([])
+    private let claims = NPTMutex<[(owner: ObjectIdentifier, region: UInt32, start: UInt64, end: UInt64)]>([])
 
     func claim(_ owner: ObjectIdentifier, region: UInt32, offset: UInt64, size: UInt64) throws(NPTError) {
         let clash = claims.withLock { c -> Bool in

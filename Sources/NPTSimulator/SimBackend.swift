@@ -14,14 +14,14 @@ public final class SimulatorBackend: Backend {
     public var guestISA: GuestISA { .simulator }
     public static let allCapabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
                                                               .privilegedMode, .persistentMemory]
-    private let platformBox: Mutex<PersistentPlatform>
+    private let platformBox: NPTMutex<PersistentPlatform>
 
     /// `platform`: the simulated host's persistent memory (refused if inconsistent).
     /// `withoutExits`: capabilities the simulator pretends not to have (e.g. `.exitOnEscalation` to
     /// behave like a backend without privilege-change exits); it then never takes those exits.
     public init(platform: PlatformDescription = .standard(needsWPQFlush: true), name: String = "sim",
                 withoutExits: BackendCapabilities = []) throws(NPTError) {
-        platformBox = Mutex(try PersistentPlatform(platform))
+        platformBox = NPTMutex(try PersistentPlatform(platform))
         self.name = name
         capabilities = SimulatorBackend.allCapabilities.subtracting(withoutExits.intersection([.exitOnEscalation, .exitOnReturn, .linearModeInfo]))
         var s = "built-in simulator: guest ISA interpreter, real 2-D page walk, hierarchy-tagged TLB, persistent-memory platform"
@@ -70,11 +70,29 @@ final class GuestRAM: @unchecked Sendable {
     deinit { munmap(base, Int(size)) }
 }
 
+/// Backing memory past RAM (the privileged-mode region, the vFHA's scratch page, an NVDIMM
+/// range): its own mapping at host offset `start`, the size of what it backs.
+final class Segment: @unchecked Sendable {
+    let start: UInt64
+    let mem: GuestRAM
+    init(start: UInt64, size: UInt64) throws(NPTError) { self.start = start; mem = try GuestRAM(size: size) }
+    @inline(__always) func contains(_ h: UInt64, _ len: UInt64) -> Bool {
+        h >= start && h - start <= mem.size && len <= mem.size - (h - start)
+    }
+}
+
 public final class SimVM: BackendVM {
+    /// Guest RAM only. What lies past it is in `segments`: the address space a VM reserves is its
+    /// memory, not a fixed window (each VM reserved 67 GiB, and the 1,955th VM could not be mapped).
     let ram: GuestRAM
+    private let segmentBox = NPTMutex<[Segment]>([])
+    /// Bumped after every change of `segments` (vCPUs keep a copy and refresh it when it moves).
+    let segmentsVersion = Atomic<UInt64>(0)
+    /// Where an access to backing that does not exist goes (nothing maps it; a guard).
+    let voidPage: GuestRAM
     let config: VMConfig
     let hierarchies: any HierarchyProvider
-    private let vcpus = Mutex<[ObjectIdentifier: SimVCPU]>([:])
+    private let vcpus = NPTMutex<[ObjectIdentifier: SimVCPU]>([:])
     /// Backing memory for the privileged-mode region starts at the first 1 GiB boundary past RAM.
     let regionWindow: UInt64
     /// The vCPU the region is visible to (-1: not visible), for the invariant check below.
@@ -95,7 +113,7 @@ public final class SimVM: BackendVM {
         var region: UInt32
         var regionOffset: UInt64
     }
-    let pmem = Mutex<[PMemWindow]>([])
+    let pmem = NPTMutex<[PMemWindow]>([])
     /// Host offset of the vFHA's scratch page (UInt64.max: none).
     let flushHintHost = Atomic<UInt64>(.max)
     let untrapped = Atomic<UInt64>(0)
@@ -110,7 +128,37 @@ public final class SimVM: BackendVM {
         self.hierarchies = hierarchies
         self.platform = platform
         regionWindow = (config.ramSize + PageSize.size1G.bytes - 1) / PageSize.size1G.bytes * PageSize.size1G.bytes
-        ram = try GuestRAM(size: regionWindow + 2 * PageSize.size1G.bytes + SimVM.pmemWindow)
+        ram = try GuestRAM(size: config.ramSize)
+        voidPage = try GuestRAM(size: 0x1000)
+    }
+
+    /// The end of the host offsets the core may use (region window, scratch page, NVDIMM windows).
+    var backingLimit: UInt64 { regionWindow + 2 * PageSize.size1G.bytes + SimVM.pmemWindow }
+
+    var segments: [Segment] { segmentBox.withLock { $0 } }
+
+    /// Maps `size` bytes of backing at host offset `start`, replacing a segment that starts there.
+    @discardableResult
+    func setSegment(start: UInt64, size: UInt64) throws(NPTError) -> Segment {
+        let seg = try Segment(start: start, size: size)
+        segmentBox.withLock { list in
+            list.removeAll { $0.start == start }
+            list.append(seg)
+        }
+        segmentsVersion.wrappingAdd(1, ordering: .releasing)
+        return seg
+    }
+
+    func removeSegment(start: UInt64) {
+        segmentBox.withLock { $0.removeAll { $0.start == start } }
+        segmentsVersion.wrappingAdd(1, ordering: .releasing)
+    }
+
+    /// Backing memory for [h, h + len): RAM or one segment; nil where there is none.
+    func pointer(_ h: UInt64, _ len: UInt64) -> UnsafeMutableRawPointer? {
+        if h < ram.size && len <= ram.size - h { return ram.base + Int(h) }
+        for s in segments where s.contains(h, len) { return s.mem.base + Int(h - s.start) }
+        return nil
     }
 
     /// The platform this VM was created on (a later `setPlatform` gives only new VMs another one).
@@ -121,7 +169,8 @@ public final class SimVM: BackendVM {
         guard regionOffset + range.size <= r.size else {
             throw NPTError(.outOfRange, "region \(region) offset \(hex(regionOffset)) + \(hex(range.size)) is past its end")
         }
-        guard hostOffset >= regionWindow + 2 * PageSize.size1G.bytes, hostOffset + range.size <= ram.size else {
+        guard hostOffset >= regionWindow + 2 * PageSize.size1G.bytes, !hostOffset.addingReportingOverflow(range.size).overflow,
+              hostOffset + range.size <= backingLimit else {
             throw NPTError(.outOfRange, "the simulator backs at most \(SimVM.pmemWindow >> 30) GiB of NVDIMM ranges per VM")
         }
         // Attached again at the same GPA: the core forgot the earlier attachment (a later step of
@@ -130,25 +179,36 @@ public final class SimVM: BackendVM {
             guard let i = ws.firstIndex(where: { $0.gpa.start == range.start }) else { return nil }
             return ws.remove(at: i)
         }
-        if let stale { platform.unclaim(ObjectIdentifier(self), region: stale.region, offset: stale.regionOffset) }
+        if let stale {
+            platform.unclaim(ObjectIdentifier(self), region: stale.region, offset: stale.regionOffset)
+            removeSegment(start: stale.hostOffset)
+        }
         try platform.claim(ObjectIdentifier(self), region: region, offset: regionOffset, size: range.size)
+        let seg: Segment
+        do { seg = try setSegment(start: hostOffset, size: range.size) } catch {
+            platform.unclaim(ObjectIdentifier(self), region: region, offset: regionOffset)
+            throw error
+        }
         let w = PMemWindow(gpa: range, hostOffset: hostOffset, spa: r.base + regionOffset, region: region, regionOffset: regionOffset)
         // The VM sees what the media holds.
-        platform.loadMedia(spa: w.spa, len: range.size, into: ram.base + Int(hostOffset))
+        platform.loadMedia(spa: w.spa, len: range.size, into: seg.mem.base)
         pmem.withLock { $0.append(w) }
         platform.attach(ObjectIdentifier(self)) { [weak self] in self?.reloadFromMedia() }
     }
 
     private func reloadFromMedia() {
-        for w in pmem.withLock({ $0 }) { platform.loadMedia(spa: w.spa, len: w.gpa.size, into: ram.base + Int(w.hostOffset)) }
+        for w in pmem.withLock({ $0 }) {
+            if let p = pointer(w.hostOffset, w.gpa.size) { platform.loadMedia(spa: w.spa, len: w.gpa.size, into: p) }
+        }
     }
 
     public func defineFlushHintPage(_ gpa: GPA, hostOffset: UInt64, trapped: Bool) throws(NPTError) {
-        guard hostOffset >= regionWindow, hostOffset + 0x1000 <= ram.size else {
+        guard hostOffset >= regionWindow, hostOffset % 0x1000 == 0, hostOffset < backingLimit else {
             throw NPTError(.outOfRange, "flush hint page \(hex(hostOffset)) is outside the simulator's window")
         }
         if flushHintHost.load(ordering: .relaxed) != hostOffset {
-            (ram.base + Int(hostOffset)).initializeMemory(as: UInt8.self, repeating: 0, count: 0x1000)
+            if let old = Optional(flushHintHost.load(ordering: .relaxed)), old != .max { removeSegment(start: old) }
+            try setSegment(start: hostOffset, size: 0x1000)   // zero-filled
         }
         flushHintHost.store(hostOffset, ordering: .releasing)
     }
@@ -179,12 +239,12 @@ public final class SimVM: BackendVM {
     }
 
     public func defineRegion(_ range: GPARange, hostOffset: UInt64, contents: UnsafeRawBufferPointer) throws(NPTError) {
-        guard hostOffset >= regionWindow, hostOffset + range.size <= ram.size else {
+        guard hostOffset >= regionWindow, !hostOffset.addingReportingOverflow(range.size).overflow,
+              hostOffset + range.size <= regionWindow + PageSize.size1G.bytes, UInt64(contents.count) <= range.size else {
             throw NPTError(.outOfRange, "region backing \(hex(hostOffset)) +\(hex(range.size)) is outside the simulator's window")
         }
-        let dst = ram.base + Int(hostOffset)
-        dst.initializeMemory(as: UInt8.self, repeating: 0, count: Int(range.size))
-        if let src = contents.baseAddress { dst.copyMemory(from: src, byteCount: contents.count) }
+        let seg = try setSegment(start: hostOffset, size: range.size)   // zero-filled
+        if let src = contents.baseAddress { seg.mem.base.copyMemory(from: src, byteCount: contents.count) }
     }
 
     public func backendStatistics() throws(NPTError) -> [BackendStatistic] {
@@ -199,17 +259,18 @@ public final class SimVM: BackendVM {
     }
 
     public func writeMemory(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(NPTError) {
-        guard gpa.raw + UInt64(bytes.count) <= config.ramSize else { throw NPTError(.outOfRange, "write past RAM") }
+        guard gpa.raw < config.ramSize, UInt64(bytes.count) <= config.ramSize - gpa.raw else { throw NPTError(.outOfRange, "write past RAM") }
         if let src = bytes.baseAddress { (ram.base + Int(gpa.raw)).copyMemory(from: src, byteCount: bytes.count) }
     }
 
     public func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError) {
         var host = gpa.raw
-        if gpa.raw + UInt64(into.count) > config.ramSize {
+        if gpa.raw >= config.ramSize || UInt64(into.count) > config.ramSize - gpa.raw {
             guard let h = pmemHost(gpa.raw, into.count) else { throw NPTError(.outOfRange, "read past RAM and the NVDIMM ranges") }
             host = h
         }
-        if let dst = into.baseAddress { dst.copyMemory(from: ram.base + Int(host), byteCount: into.count) }
+        guard let src = pointer(host, UInt64(into.count)) else { throw NPTError(.outOfRange, "read past the VM's backing") }
+        if let dst = into.baseAddress { dst.copyMemory(from: src, byteCount: into.count) }
     }
 
     public func invalidate(_ inv: Invalidation) throws(NPTError) {

@@ -13,11 +13,20 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
     private var snapshot: ShadowSnapshot
     private let pendingFlag = Atomic<Bool>(false)
     private let kickFlag = Atomic<Bool>(false)
-    private let pending = Mutex<[Invalidation]>([])
+    private let pending = NPTMutex<[Invalidation]>([])
     private var pendingExit: VMExit?
     private var slice: UInt64 = 0
     private var retired: UInt64 = 0
+    /// The counters as other threads read them (npt_vm_get_stats while the vCPU runs): written
+    /// only by the driving thread after each instruction and exit, read with relaxed loads.
+    private let publishedInstructions = Atomic<UInt64>(0)
+    private let publishedHits = Atomic<UInt64>(0)
+    private let publishedMisses = Atomic<UInt64>(0)
+    /// Guest RAM's backing; host offsets past `ramSize` are in the VM's segments.
     private let ram: UnsafeMutableRawPointer
+    private let ramSize: UInt64
+    private var segments: [Segment] = []
+    private var segmentsVersion: UInt64 = .max
     /// The last exit was a write violation the core may emulate (`completeTrappedWrite`).
     private var trappedWrite = false
     /// Guest-physical frame of the last successful translation.
@@ -31,6 +40,7 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
         self.index = index
         self.snapshot = vm.hierarchies.currentSnapshot()
         self.ram = vm.ram.base
+        self.ramSize = vm.ram.size
         self.deviceBase = vm.regionWindow
     }
 
@@ -42,6 +52,7 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
         regs.rip &+= 8
         retired += 1
         slice += 1
+        publishCounters()
         vm.platform.flushHintWritten(cpu: id)
     }
 
@@ -51,7 +62,7 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
             vm.untrapped.wrappingAdd(1, ordering: .relaxed)
             vm.platform.flushHintWritten(cpu: id)
         } else if let spa = vm.pmemSPA(h) {
-            vm.platform.store(cpu: id, spa: spa, value: value, lineBase: ram + Int(h & ~63))
+            vm.platform.store(cpu: id, spa: spa, value: value, lineBase: backing(h & ~63))
         }
     }
 
@@ -84,12 +95,22 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
         if let x = deliver(vector: vector, error: errorCode, address: address) { pendingExit = finish(x) }
     }
 
-    var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) { (retired, tlb.hits, tlb.misses) }
+    /// The counters as last published by the thread that runs the vCPU (readable from any
+    /// thread while it runs: issue 11 row 8).
+    var counters: (instructions: UInt64, tlbHits: UInt64, tlbMisses: UInt64) {
+        (publishedInstructions.load(ordering: .relaxed), publishedHits.load(ordering: .relaxed), publishedMisses.load(ordering: .relaxed))
+    }
     func backendStatistics() throws(NPTError) -> [BackendStatistic] {
         let c = counters
         return [BackendStatistic(name: BackendStatistic.instructions, value: c.instructions),
                 BackendStatistic(name: BackendStatistic.tlbHits, value: c.tlbHits),
                 BackendStatistic(name: BackendStatistic.tlbMisses, value: c.tlbMisses)]
+    }
+
+    @inline(__always) private func publishCounters() {
+        publishedInstructions.store(retired, ordering: .relaxed)
+        publishedHits.store(tlb.hits, ordering: .relaxed)
+        publishedMisses.store(tlb.misses, ordering: .relaxed)
     }
 
     func kick() { kickFlag.store(true, ordering: .releasing) }
@@ -130,6 +151,7 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
     }
 
     private func finish(_ x: VMExit) -> VMExit {
+        publishCounters()
         var x = x
         switch x.reason {
         case .escalation, .returnToUser, .eptViolation, .kicked, .leaveMode: break
@@ -148,8 +170,23 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
 
     private static let addrMask: UInt64 = 0x000F_FFFF_FFFF_F000
 
+    /// Backing memory at host offset `h` (an 8-byte access, 8-byte aligned: within one page).
+    @inline(__always) private func backing(_ h: UInt64) -> UnsafeMutableRawPointer {
+        h < ramSize ? ram + Int(h) : deviceHost(h)
+    }
+
+    /// Past RAM: the segment holding `h` (a copy refreshed when the VM's list changes; the copy
+    /// keeps a replaced segment's memory alive until then). Nothing maps backing that does not
+    /// exist; if it were reached, the VM's void page takes the access.
+    @inline(never) private func deviceHost(_ h: UInt64) -> UnsafeMutableRawPointer {
+        let v = vm.segmentsVersion.load(ordering: .acquiring)
+        if v != segmentsVersion { segments = vm.segments; segmentsVersion = v }
+        for s in segments where s.contains(h, 8) { return s.mem.base + Int(h - s.start) }
+        return vm.voidPage.base + Int(h & 0xFF8)
+    }
+
     @inline(__always) private func phys64(_ hostOffset: UInt64) -> UInt64 {
-        ram.loadUnaligned(fromByteOffset: Int(hostOffset), as: UInt64.self)
+        backing(hostOffset).loadUnaligned(as: UInt64.self)
     }
 
     /// An EPT violation exit. `translation`: the access was to the translation of the linear address
@@ -229,7 +266,7 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
             return violation(.write, gpa: entryGPA, gva: gva, nested: t.permissions, translation: false)
         }
         let h = t.hostOffset.raw + (entryGPA - t.pageBase.raw)
-        ram.storeBytes(of: phys64(h) | bits, toByteOffset: Int(h), as: UInt64.self)
+        backing(h).storeBytes(of: phys64(h) | bits, as: UInt64.self)
         return nil
     }
 
@@ -403,7 +440,7 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
             case .ok(let h):
                 if op == .load { regs.gpr[a] = phys64(h) }
                 else {
-                    ram.storeBytes(of: regs.gpr[b], toByteOffset: Int(h), as: UInt64.self)
+                    backing(h).storeBytes(of: regs.gpr[b], as: UInt64.self)
                     if h >= deviceBase { deviceStore(h, regs.gpr[b]) }
                     tlb.storeTo(frame: lastGPAFrame)
                 }
@@ -457,6 +494,7 @@ final class SimVCPU: BackendVCPU, @unchecked Sendable {
         regs.rip = next
         retired += 1
         slice += 1
+        publishCounters()
         return exit
     }
 }

@@ -5,6 +5,7 @@ import NPTKit
 import NPTScenarios
 import NPTSimulator
 import Synchronization
+import NPTHost
 
 /// `nptkit bench`: the speed and memory figures of the README. Every figure is a median over
 /// repetitions measured in this one run, and ratios are taken between figures of the same run.
@@ -12,10 +13,12 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Measure the figures quoted in the README (medians of one run).")
     @Flag(help: "Fewer repetitions (a smoke run, e.g. in CI).")
     var quick = false
-    @Option(help: "Run only these groups: build, update, sim, exits, abi, privileged, nvdimm, kvm, trace, replay.")
+    @Option(help: "Run only these groups: build, update, sim, exits, abi, privileged, nvdimm, kvm, trace, replay, calltrace.")
     var only: [String] = []
     @Option(help: "nvdimm group: the simulated platform's flush hint drain time (the writing CPU spins this long), ns.")
     var flushLatencyNs: UInt64 = 1000
+    @Option(name: .customLong("backend-opt"), help: ArgumentHelp("kvm group: an argument for the kvm plugin (KEY=VALUE; repeatable), e.g. pmem-dir=/dev/shm.", valueName: "key=value"))
+    var backendOpt: [String] = []
     @Option(help: .private)
     var replayChild: String?
     @Option(help: .private)
@@ -41,6 +44,7 @@ struct Bench: ParsableCommand {
         if wants("kvm") { try benchKVM() }
         if wants("trace") { try benchTrace() }
         if wants("replay") { try benchReplay() }
+        if wants("calltrace") { try benchCallTrace() }
     }
 
     // MARK: 1. shadow hierarchy build
@@ -281,16 +285,8 @@ struct Bench: ParsableCommand {
         // The C entry points, called through C function pointers.
         let cSet: @convention(c) (OpaquePointer?, UInt64, UInt64, UInt64, UInt64) -> npt_status = npt_policy_set
         let cGet: @convention(c) (OpaquePointer?, UInt64, UnsafeMutablePointer<UInt64>?) -> npt_status = npt_policy_get
-        var ctx: OpaquePointer?
-        var cvm: OpaquePointer?
-        guard npt_context_create(&ctx) == NPT_OK else { throw NPTError(.state, "npt_context_create failed") }
-        defer { _ = npt_context_destroy(ctx) }
-        var cfg = npt_vm_config()
-        cfg.size = UInt32(MemoryLayout<npt_vm_config>.size)
-        cfg.ram_size = 1 << 30
-        cfg.default_perms = EPTPermissions([.read, .write]).rawValue
-        guard npt_vm_create(ctx, &cfg, &cvm) == NPT_OK else { throw NPTError(.state, String(cString: npt_last_error())) }
-        defer { _ = npt_vm_destroy(cvm) }
+        let (ctx, cvm, _) = try makeCVM()
+        defer { _ = npt_vm_destroy(cvm); _ = npt_context_destroy(ctx) }
 
         var swSet: [Duration] = [], cSetT: [Duration] = [], swGet: [Duration] = [], cGetT: [Duration] = []
         var sink: UInt64 = 0

@@ -108,17 +108,8 @@ extension Bench {
         return ru.ru_maxrss
     }
 
-    static func loadAverage() -> String {
-        guard let f = fopen("/proc/loadavg", "r") else { return "?" }
-        defer { fclose(f) }
-        var line = [CChar](repeating: 0, count: 128)
-        guard fgets(&line, 128, f) != nil else { return "?" }
-        return String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-            .split(separator: " ").prefix(3).joined(separator: " ")
-    }
-
     /// p50 (p10-p90) of `xs` with `show`.
-    static func spread(_ xs: [Double], _ show: (Double) -> String) -> String {
+    static func spreadOf(_ xs: [Double], _ show: (Double) -> String) -> String {
         let s = xs.sorted()
         func p(_ q: Double) -> Double { s[min(s.count - 1, Int(q * Double(s.count - 1) + 0.5))] }
         return "\(show(p(0.5))) (\(show(p(0.1)))-\(show(p(0.9))))"
@@ -189,7 +180,7 @@ extension Bench {
     func benchReplay() throws {
         let syscalls = quick ? 2_000 : 50_000
         let rounds = quick ? 3 : 9
-        print("10. Recording and replay (HVCI system-call loop; exact mode on sim, lazy on KVM; files in /tmp; load average \(Bench.loadAverage()))")
+        print("10. Recording and replay (HVCI system-call loop; exact mode on sim, lazy on KVM; files in /tmp; load average \(loadAverage().text))")
         let pid = getpid()
         let short = "/tmp/nptkit-bench-replay-\(pid)-1.trace", long = "/tmp/nptkit-bench-replay-\(pid)-10.trace"
         defer { unlink(short); unlink(long) }
@@ -213,8 +204,8 @@ extension Bench {
         }
         let mps = { (x: Double) in fmt(x / 1e6) + " M" }
         var t = Table(["what", "events/s p50 (p10-p90)", "n", "goal 1 M/s"])
-        t.add(["replay: plugin + core + driver", Bench.spread(replayRates, mps), "\(rounds)", replayRates.sorted()[rounds / 2] >= 1e6 ? "met" : "NOT met"])
-        t.add(["reader alone (TraceReader.next)", Bench.spread(readerRates, mps), "\(rounds)", "-"])
+        t.add(["replay: plugin + core + driver", Bench.spreadOf(replayRates, mps), "\(rounds)", replayRates.sorted()[rounds / 2] >= 1e6 ? "met" : "NOT met"])
+        t.add(["reader alone (TraceReader.next)", Bench.spreadOf(readerRates, mps), "\(rounds)", "-"])
         print(t.render())
 
         // (b) Memory: peak RSS of a child process replaying the trace, and one 10 times longer.
@@ -242,13 +233,13 @@ extension Bench {
             }
             let ns = { (x: Double) in nanos(UInt64(x)) }
             let r = ratios.sorted()[rounds / 2]
-            o.add([backend, Bench.spread(plain, ns), Bench.spread(rec, ns), "\(rounds)", "\(exits)", fmt(r, 3), r < 1.05 ? "met" : "NOT met"])
+            o.add([backend, Bench.spreadOf(plain, ns), Bench.spreadOf(rec, ns), "\(rounds)", "\(exits)", fmt(r, 3), r < 1.05 ? "met" : "NOT met"])
         }
         try overhead(sim, "sim", .exact, syscalls: syscalls, rounds: rounds)
         let costs = try Bench.recordCosts(records: quick ? 100_000 : 2_000_000, rounds: rounds)
         let ns1 = { (x: Double) in fmt(x, 1) + " ns" }
-        print("   a record of the sim loop's (exit, hierarchy, exit-controls, decision): writer alone \(Bench.spread(costs.writer, ns1)), recorder (lock, writer, a clock read an exit) \(Bench.spread(costs.recorder, ns1)); n = \(rounds)")
-        print("   the recorder's clock (\(TraceClock.name)): \(Bench.spread(costs.clock, ns1)) a read; clock_gettime(CLOCK_MONOTONIC) \(Bench.spread(costs.gettime, ns1))")
+        print("   a record of the sim loop's (exit, hierarchy, exit-controls, decision): writer alone \(Bench.spreadOf(costs.writer, ns1)), recorder (lock, writer, a clock read an exit) \(Bench.spreadOf(costs.recorder, ns1)); n = \(rounds)")
+        print("   the recorder's clock (\(TraceClock.name)): \(Bench.spreadOf(costs.clock, ns1)) a read; clock_gettime(CLOCK_MONOTONIC) \(Bench.spreadOf(costs.gettime, ns1))")
         if let dir = executableDirectory(), access(dir + "/libnptkit-kvm.so", R_OK) == 0 {
             let kvm = NPTKitRuntime.makeRegistry()
             try NPTKitRuntime.loadPlugin(dir + "/libnptkit-kvm.so", into: kvm)
@@ -259,6 +250,6 @@ extension Bench {
             print("   KVM: SKIPPED: libnptkit-kvm.so is not beside this binary")
         }
         print(o.render())
-        print("   load average at the end: \(Bench.loadAverage())\n")
+        print("   load average at the end: \(loadAverage().text)\n")
     }
 }

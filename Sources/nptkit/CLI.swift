@@ -14,7 +14,7 @@ struct NPTKitCLI: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nptkit",
         abstract: "Memory-virtualization controls hypervisors need and hardware does not always give.",
-        subcommands: [Demo.self, Backends.self, Bench.self, Nfit.self, HostPMem.self, WhatIf.self, TraceDump.self],
+        subcommands: [Demo.self, Backends.self, Bench.self, Nfit.self, HostPMem.self, WhatIf.self, TraceDump.self, ReplayCalls.self],
         defaultSubcommand: Demo.self)
 }
 
@@ -53,22 +53,30 @@ struct BackendOptions: ParsableArguments {
         }
     }
 
+    /// The plugin argument by which the CLI asks a plugin backend for the kind of host
+    /// persistent-memory region it offers (`pmem-needs-flush=0|1`; the kvm plugin takes it, and a
+    /// plugin that does not refuses it at load).
+    static let pmemNeedsFlushKey = "pmem-needs-flush"
+
     /// A registry with the built-in simulator and the plugins asked for (or the one named by
     /// --backend, found beside this binary). `hostPMemNeedsFlush`: the kind of host
     /// persistent-memory region each backend is to offer (the simulator's platform; a plugin's
-    /// configuration), nil for each one's default.
+    /// argument `pmem-needs-flush`, replacing one given with --backend-opt), nil for each one's default.
     func registry(hostPMemNeedsFlush: Bool? = nil) throws -> BackendRegistry {
         let r = BackendRegistry()
         try r.register(SimulatorBackend(platform: .standard(needsWPQFlush: hostPMemNeedsFlush ?? true)), makeDefault: true)
-        PluginV2.configure(hostPMemNeedsFlush: hostPMemNeedsFlush)
-        let args = try pluginArguments()
+        var args = try pluginArguments()
+        if let needs = hostPMemNeedsFlush {
+            args.removeAll { $0.key == Self.pmemNeedsFlushKey }
+            args.append(PluginArgument(key: Self.pmemNeedsFlushKey, value: needs ? "1" : "0"))
+        }
         for p in plugin { try NPTKitRuntime.loadPlugin(p, arguments: args, into: r) }
         // The backend plugins built beside this binary are found without --plugin.
         if !r.all.contains(where: { $0.name == backend }), let dir = executableDirectory() {
             let path = dir + "/libnptkit-\(backend).so"
             if access(path, R_OK) == 0 { try NPTKitRuntime.loadPlugin(path, arguments: args, into: r) }
         }
-        if !args.isEmpty, !r.all.contains(where: { $0.name == backend && $0.isPlugin }) {
+        if !backendOpt.isEmpty, !r.all.contains(where: { $0.name == backend && $0.isPlugin }) {
             throw ValidationError("--backend-opt is for a plugin backend; '\(backend)' is built in")
         }
         guard r.all.contains(where: { $0.name == backend }) else {

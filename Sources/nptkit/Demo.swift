@@ -168,7 +168,6 @@ struct Demo: ParsableCommand {
         print("Image: \(image.source).")
         for n in image.notes { print(wrapped(n)) }
         print("")
-        let before = PluginV2.regionStats
         let o = try scenario.run(host: host, mode: mode)
         let t0 = o.records.map(\.raisedAt).min() ?? 0
         var t = Table(["#", "vCPU", "requested at", "entered at", "left at", "others stopped for", "handler count"])
@@ -182,8 +181,10 @@ struct Demo: ParsableCommand {
         print("Instructions run outside the mode while the region was visible: "
               + (o.instructionsCounted ? "\(o.outsideWhileVisible)" : "not counted by backend '\(host.backend.name)'")
               + "; the region in no hierarchy afterwards: \(o.regionAbsentAfter ? "yes" : "NO")")
-        if let b = before, let a = PluginV2.regionStats, host.backend.isPlugin {
-            print("The region's memslot: added \(a.adds - b.adds), removed \(a.removes - b.removes) times; reads of it answered all ones (open bus): \(a.unbacked - b.unbacked)")
+        let counted = o.backendStatistics.filter { $0.value != 0 }
+        if !counted.isEmpty {
+            print(wrapped("Backend '\(host.backend.name)' counted (its own statistics of the VM, npt_vm_backend_stats): "
+                          + counted.map(\.description).joined(separator: ", ")))
         }
         if o.wrongIndex > 0 { print("WARNING: the handler was entered with a wrong vCPU index \(o.wrongIndex) times") }
     }

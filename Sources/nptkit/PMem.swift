@@ -4,6 +4,7 @@ import NPTScenarios
 import NPTSimulator
 #if canImport(Glibc)
 import Glibc
+import NPTHost
 #endif
 
 // `nptkit-cli nfit` and `nptkit-cli host-pmem`. File I/O through Glibc
@@ -118,7 +119,7 @@ struct HostPMem: ParsableCommand {
             case .success(let b): bytes = b
             case .failure(let e): fail("host-pmem: cannot read \(path): \(e.message)")
             }
-            do throws(NPTError) { host = HostPersistence.fromNFIT(try NFIT.parse(bytes)) } catch {
+            do throws(NPTError) { host = try HostPersistence.checkedFromNFIT(try NFIT.parse(bytes)) } catch {
                 fail("host-pmem: \(path) is not a valid NFIT: \(error.message)")
             }
             from = "NFIT \(path) (\(bytes.count) bytes)"

@@ -38,4 +38,17 @@ static void check_u64_at(uint64_t got, uint64_t want, const char *what, const ch
 #define CHECK_ST(call, want) check_status_at((call), (want), #call, CHECK_FILE, __LINE__)
 #define CHECK_OK(call) check_status_at((call), NPT_OK, #call, CHECK_FILE, __LINE__)
 #define CHECK_EQ(got, want) check_u64_at((uint64_t)(got), (uint64_t)(want), #got, CHECK_FILE, __LINE__)
+
+/* The backend's statistic `name` of `vm` (npt_vm_backend_stats); a missing name fails the test (0). */
+static inline uint64_t backend_stat(npt_vm *vm, const char *name) {
+    npt_backend_stat st[64];
+    size_t n = 0;
+    npt_status s = npt_vm_backend_stats(vm, st, 64, &n);
+    check_status_at(s, NPT_OK, "npt_vm_backend_stats", __FILE__, __LINE__);
+    for (size_t i = 0; s == NPT_OK && i < n && i < 64; i++)
+        if (__builtin_strcmp(st[i].name, name) == 0) return st[i].value;
+    fprintf(stderr, "the backend reports no statistic %s\n", name);
+    check_at(0, "a statistic the backend documents is present", __FILE__, __LINE__);
+    return 0;
+}
 #endif

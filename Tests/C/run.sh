@@ -16,9 +16,11 @@
 #   libnptkit-badabi.so   Tests/C/plugin_bad_abi.c
 #   libnptkit-noentry.so  Tests/C/plugin_no_entry.c
 #   test_api, test_plugins, test_plugin_pmem, test_pmem_discovery, test_kvm, test_backend_swap,
-#   test_privileged, test_nvdimm, test_record_replay,
+#   test_privileged, test_nvdimm, test_robustness (issue 11's rows, one process each), test_record_replay,
 #   client (examples/client.c),
-#   test_api-asan and test_nvdimm-asan (AddressSanitizer + LSan)
+#   test_api-asan and test_nvdimm-asan (AddressSanitizer + LSan),
+#   test_frozen_abi-1.N (against each frozen header Tests/C/abi/1.N), test_calltrace (traced, then
+#   replayed by nptkit-cli replay-calls, also from copies with one result changed: mutate_calltrace.py)
 # and include/nptkit.h is compiled alone as C11 and as C++17 (syntax only).
 # Each program prints its own summary line; the last line is "c-tests: N passed, M failed, K skipped", where
 # N counts the programs and checks that passed. Exits non-zero if anything failed.
@@ -111,14 +113,15 @@ elif [ "$plugins_ok" != 1 ]; then
 fi
 
 # The one host NVDIMM discovery (ABI 1.2): the public call and the host table on the sysfs
-# fixtures ("core"), then the KVM plugin on each fixture, one process each (it discovers once per
-# process): it must report what the core's discovery finds. "none" is a missing tree (the plugin's
-# file region), "broken" a malformed one, kvm-old a host table of ABI 1.1's size. No /dev/kvm needed.
+# fixtures ("core"), then the KVM plugin on each fixture (its argument nd-root), one process each: it
+# must report what the core's discovery finds. "none" is a missing tree (the plugin's file region),
+# "broken" a malformed one, kvm-old a host table of ABI 1.1's size; "args": the plugin's arguments
+# refused or accepted through npt_plugin_load_with. No /dev/kvm needed.
 echo "-- test_pmem_discovery"
 if [ "$plugins_ok" = 1 ] && [ -f "$BIN/libnptkit-kvm.so" ] &&
     build test_pmem_discovery "$CC" "${CFLAGS[@]}" "$ROOT/Tests/C/test_pmem_discovery.c" "${LINK[@]}" -ldl \
         -o "$OUT/test_pmem_discovery"; then
-    for mode in core kvm:domains kvm:numbering kvm:wpq/bus/nd/devices kvm:adr kvm:none kvm:broken kvm-old:domains; do
+    for mode in core kvm:domains kvm:numbering kvm:wpq/bus/nd/devices kvm:adr kvm:none kvm:broken kvm-old:domains args; do
         run "test_pmem_discovery $mode" "$OUT/test_pmem_discovery" "$OUT/libnptkit-sample.so" "$BIN/libnptkit-kvm.so" \
             "$ROOT/Tests/Fixtures/sysfs" "$mode"
     done
@@ -226,6 +229,16 @@ if [ -f "$BIN/libnptkit-kvm.so" ] &&
         fail test_kvm_privileged "exit status $rc"
     fi
 fi
+# Issue 11's rows, each its own process (a crash or hang in one names its row): races between
+# destroy, run and create, limits, a misbehaving backend, size_t arguments of 2^63 and up.
+echo "-- test_robustness (one process per row)"
+if build test_robustness "$CC" "${CFLAGS[@]}" -I"$ROOT/Tests/C" -pthread "$ROOT/Tests/C/test_robustness.c" "${LINK[@]}" \
+    -o "$OUT/test_robustness"; then
+    for row in $("$OUT/test_robustness" list); do
+        run "test_robustness $row" "$OUT/test_robustness" "$row"
+    done
+fi
+
 echo "-- test_privileged"
 if build test_privileged "$CC" "${CFLAGS[@]}" -pthread "$ROOT/Tests/C/test_privileged.c" "${LINK[@]}" -o "$OUT/test_privileged"; then
     run test_privileged "$OUT/test_privileged"
@@ -273,6 +286,58 @@ echo "-- test_nvdimm under AddressSanitizer"
 if build test_nvdimm-asan "$CC" "${CFLAGS[@]}" -fsanitize=address -fno-omit-frame-pointer \
     "$ROOT/Tests/C/test_nvdimm.c" "${LINK[@]}" -o "$OUT/test_nvdimm-asan"; then
     ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=23" run test_nvdimm-asan "$OUT/test_nvdimm-asan" "$NFIT_FIXTURE"
+fi
+
+# The call-trace signature table must be what the generator makes of the header today, and its
+# layouts what a C compiler gives (scripts/gen-call-table.py).
+echo "-- call table against include/nptkit.h"
+if python3 "$ROOT/scripts/gen-call-table.py" --check; then pass; else fail call-table "Sources/NPTKit/CallTable.generated.swift differs from the header"; fi
+python3 "$ROOT/scripts/gen-call-table.py" --c-check "$OUT/calltable_layout.c"
+if build calltable-layout "$CC" -std=c11 -Wall -Wextra -Werror -pedantic -I"$ROOT/include" "$OUT/calltable_layout.c" \
+    "${LINK[@]}" -o "$OUT/calltable_layout"; then
+    run calltable-layout "$OUT/calltable_layout"
+    echo "c-test calltable-layout: ok (every size, offset and signature of the table agrees with the compiler)"
+fi
+
+# Programs built against the frozen published headers (Tests/C/abi/1.N) run against this library.
+echo "-- test_frozen_abi against every published header"
+for abi in "$ROOT"/Tests/C/abi/*/; do
+    v="$(basename "$abi")"
+    if build "test_frozen_abi-$v" "$CC" -std=c11 -Wall -Wextra -Werror -pedantic -g -I"$abi" "$ROOT/Tests/C/test_frozen_abi.c" \
+        "${LINK[@]}" -o "$OUT/test_frozen_abi-$v"; then
+        run "test_frozen_abi-$v" "$OUT/test_frozen_abi-$v"
+    fi
+done
+
+# Call tracing: a traced run replays with 0 mismatches; a trace with one result changed (a status, an
+# output) makes replay-calls name that call and fail.
+echo "-- test_calltrace (NPTKIT_CALL_TRACE, nptkit-cli replay-calls)"
+if [ -x "$BIN/nptkit-cli" ] && build test_calltrace "$CC" "${CFLAGS[@]}" "$ROOT/Tests/C/test_calltrace.c" "${LINK[@]}" \
+    -o "$OUT/test_calltrace"; then
+    rm -f "$OUT/calltrace.trace"
+    run test_calltrace env NPTKIT_CALL_TRACE="$OUT/calltrace.trace" "$OUT/test_calltrace"
+    if "$BIN/nptkit-cli" replay-calls "$OUT/calltrace.trace" > "$OUT/replay.log" 2>&1 &&
+        grep -q "replayed, 0 mismatches$" "$OUT/replay.log"; then
+        echo "c-test replay-calls: ok ($(cat "$OUT/replay.log"))"
+        pass
+    else
+        cat "$OUT/replay.log"
+        fail replay-calls "the trace did not replay with 0 mismatches"
+    fi
+    for mode in status output; do
+        call=$(python3 "$ROOT/Tests/C/mutate_calltrace.py" "$OUT/calltrace.trace" "$OUT/calltrace-$mode.trace" npt_policy_get 3 "$mode")
+        rc=0
+        "$BIN/nptkit-cli" replay-calls "$OUT/calltrace-$mode.trace" > "$OUT/replay-$mode.log" 2>&1 || rc=$?
+        if [ "$rc" -eq 1 ] && grep -q "^replay-calls: MISMATCH at call #$call: npt_policy_get(" "$OUT/replay-$mode.log"; then
+            echo "c-test replay-calls-$mode: ok ($(cat "$OUT/replay-$mode.log"))"
+            pass
+        else
+            cat "$OUT/replay-$mode.log"
+            fail "replay-calls-$mode" "exit $rc; expected the mismatch at call #$call"
+        fi
+    done
+elif [ ! -x "$BIN/nptkit-cli" ]; then
+    fail test_calltrace "$BIN/nptkit-cli does not exist"
 fi
 
 echo "-- include/nptkit.h alone, as C11, C99 and C++17"

@@ -19,7 +19,8 @@
  * permission bits of its qualification, and, after the VMM injects #VE (vector 20) with
  * npt_vcpu_inject_fault, the next exit: the guest kernel's fault handler OUTs 20 on port 0xEF at CPL 0;
  * for the NVDIMM (three hosts: needs WPQ flushing; does not (sim: wpq_drains_on_power_loss, kvm:
- * NPTKIT_KVM_PMEM_NEEDS_FLUSH=0); needs it but NPT_FLUSH_TRAP_NEVER, a crash test): the flush
+ * its plugin argument pmem-needs-flush=0, a load of its own); needs it but NPT_FLUSH_TRAP_NEVER, a
+ * crash test): the flush
  * statistics and the records read back with npt_vm_read_memory, and what survives
  * npt_vm_power_failure;
  * for the privileged mode with its secure global view (run_priv_scenario: Sources/NPTScenarios/Guests/x86-64/priv.S's
@@ -44,9 +45,10 @@
  *     the vFHA never trapped on a host that needs flushing, none do); kvm answers NPT_ERR_UNSUPPORTED;
  *   - privileged mode: a probe of the absent region is an EPT violation exit that the VMM skips
  *     (sim; the probe's register keeps its preset all ones) vs a read the plugin answers all ones
- *     (kvm, counted by npt_kvm_region_stats' unbacked reads); outside_while_visible is sim's
- *     instruction counter, always 0 on kvm (not measured); heartbeat slots are 8 bytes on sim (its
- *     LOAD/STORE are 8 bytes), 4 on kvm; kvm adds and removes the region's memslot once per entry;
+ *     (kvm, counted by its statistic region_unbacked_reads, npt_vm_backend_stats); outside_while_visible
+ *     is sim's instruction counter, always 0 on kvm (not measured); heartbeat slots are 8 bytes on sim
+ *     (its LOAD/STORE are 8 bytes), 4 on kvm; kvm is told of each entry and leave once (its statistics
+ *     privileged_entries, privileged_leaves) and reports each RSM (rsm_exits);
  *     the probe and heartbeat counts depend on each backend's speed and are not compared;
  *   - how the MBEC exits are taken (sim exits on escalation; kvm sees EPT violations on the first
  *     fetch in the other mode) is not observable to the guest: the stats are printed, not compared.
@@ -436,7 +438,7 @@ static int count_records(npt_vm *vm) {
 /* The NVDIMM scenario: N durable records at NVD_GPA (backed by host region 1 at region_offset),
  * then a power cut. trap: NPT_FLUSH_TRAP_AUTO, or NPT_FLUSH_TRAP_NEVER for the crash test (the guest's
  * flushes do nothing where the host needs them: the records are not durable). Whether the host needs WPQ flushing is set up per backend by the caller (sim:
- * the platform; kvm: NPTKIT_KVM_PMEM_NEEDS_FLUSH). */
+ * the platform; kvm: the plugin argument pmem-needs-flush of the context's load). */
 static void run_pmem_scenario(npt_context *ctx, const char *backend, uint32_t trap, uint64_t region_offset,
                               pmem_outcome *o) {
     memset(o, 0, sizeof *o);
@@ -772,8 +774,6 @@ static void sim_priv_region(uint8_t *img) {
     emit(&a, OP_RSM, 0, 0, 0);
 }
 
-typedef void (*kvm_region_stats_fn)(uint64_t *adds, uint64_t *removes, uint64_t *unbacked_reads);
-static kvm_region_stats_fn kvm_region_stats; /* npt_kvm_region_stats, the plugin's extra export */
 
 typedef struct {
     int ran;
@@ -791,7 +791,7 @@ typedef struct {
                                  kvm: reads of the absent region answered all ones by the plugin */
     uint64_t ram_beats[PRIV_MAXCPU]; /* the heartbeats in RAM at the end */
     uint64_t errors;
-    uint64_t memslot_adds, memslot_removes; /* kvm only */
+    uint64_t memslot_adds, memslot_removes, rsm_exits; /* kvm only: the plugin told of entries and leaves */
     int absent_before, absent_after; /* hierarchies without the region (of NPT_HIERARCHY_COUNT) */
     int64_t holder;
 } priv_outcome;
@@ -940,8 +940,6 @@ static void run_priv_scenario(npt_context *ctx, const char *backend, uint32_t cp
     CHECK_OK(npt_vm_set_stop_timeout(vm, UINT64_C(5000000000))); /* a loaded 2-core host: 5 s, not 1 s */
     o->absent_before = priv_region_absent(vm);
 
-    uint64_t adds0 = 0, removes0 = 0, unbacked0 = 0;
-    if (!sim && kvm_region_stats) kvm_region_stats(&adds0, &removes0, &unbacked0);
     static priv_cpu pc[PRIV_MAXCPU];
     memset(pc, 0, sizeof pc);
     uint32_t made = 0;
@@ -1025,12 +1023,11 @@ static void run_priv_scenario(npt_context *ctx, const char *backend, uint32_t cp
             memcpy(&v, beats + priv_beat_slot(backend) * i, priv_beat_slot(backend));
             o->ram_beats[i] = v;
         }
-        if (!sim && kvm_region_stats) {
-            uint64_t adds = 0, removes = 0, unbacked = 0;
-            kvm_region_stats(&adds, &removes, &unbacked);
-            o->memslot_adds = adds - adds0;
-            o->memslot_removes = removes - removes0;
-            o->probes_denied = unbacked - unbacked0;
+        if (!sim) {
+            o->memslot_adds = backend_stat(vm, "privileged_entries");
+            o->memslot_removes = backend_stat(vm, "privileged_leaves");
+            o->rsm_exits = backend_stat(vm, "rsm_exits");
+            o->probes_denied = backend_stat(vm, "region_unbacked_reads");
         }
         o->ran = 1;
     }
@@ -1051,7 +1048,8 @@ static void print_priv_row(const char *backend, const priv_outcome *o) {
            o->moved_nonzero, o->moved_reports, o->probes_denied, is_kvm(backend) ? "open bus: all ones" : "EPT violation exits",
            o->leaks, o->beats, o->absent_after, NPT_HIERARCHY_COUNT, o->holder, o->st.outside_while_visible,
            is_kvm(backend) ? " (not measured)" : " (instruction counter)");
-    if (is_kvm(backend)) printf(" | memslot +%" PRIu64 " -%" PRIu64, o->memslot_adds, o->memslot_removes);
+    if (is_kvm(backend))
+        printf(" | entries told %" PRIu64 ", leaves %" PRIu64 ", RSMs %" PRIu64, o->memslot_adds, o->memslot_removes, o->rsm_exits);
     printf("\n");
 }
 
@@ -1087,10 +1085,11 @@ static void expect_priv(const char *backend, uint32_t requests, const priv_outco
      * region was visible (must be 0); the KVM plugin cannot count guest instructions and reports
      * 0 always (documented: not a measurement) */
     CHECK_EQ(o->st.outside_while_visible, 0);
-    if (is_kvm(backend) && kvm_region_stats) {
-        /* kvm: the region is a memslot added and removed once per entry */
+    if (is_kvm(backend)) {
+        /* kvm: told of each entry and leave once (vcpu_enter/leave_privileged), each RSM seen */
         CHECK_EQ(o->memslot_adds, n);
         CHECK_EQ(o->memslot_removes, n);
+        CHECK_EQ(o->rsm_exits, n);
     }
 }
 
@@ -1128,9 +1127,11 @@ int main(int argc, char **argv) {
     const char *name = NULL;
     CHECK_OK(npt_plugin_load(ctx, argv[1], &name));
     CHECK(name && strcmp(name, "kvm") == 0);
-    void *lib = dlopen(argv[1], RTLD_NOW | RTLD_NOLOAD);
-    if (lib) kvm_region_stats = (kvm_region_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_region_stats");
-    CHECK(kvm_region_stats != NULL);
+    /* the same plugin, a load of its own whose host region claims ADR (pmem-needs-flush=0) */
+    npt_context *adr = NULL;
+    CHECK_OK(npt_context_create(&adr));
+    npt_plugin_arg adr_arg = {"pmem-needs-flush", "0"};
+    CHECK_OK(npt_plugin_load_with(adr, argv[1], &adr_arg, 1, NULL));
 
     /* the sim guest's page tables are the x86 images' own */
     static uint8_t img[SIM_KERNEL_LEN];
@@ -1178,11 +1179,11 @@ int main(int argc, char **argv) {
      * first again with the vFHA never trapped (crash test) */
 #define PMEM_CONFIGS 3
     pmem_outcome po[2][PMEM_CONFIGS];
-    const char *hosts[PMEM_CONFIGS] = {"needs WPQ flush", "no flush (ADR/NEEDS_FLUSH=0)", "needs flush, TRAP_NEVER (crash)"};
+    const char *hosts[PMEM_CONFIGS] = {"needs WPQ flush", "no flush (ADR/needs-flush=0)", "needs flush, TRAP_NEVER (crash)"};
     for (int c = 0; c < PMEM_CONFIGS; c++) {
         int needs_flush = c != 1, crash = c == 2;
         uint32_t trap = crash ? NPT_FLUSH_TRAP_NEVER : NPT_FLUSH_TRAP_AUTO;
-        /* sim: the platform (a new one starts with empty media); kvm: the plugin's environment */
+        /* sim: the platform (a new one starts with empty media); kvm: the load (its arguments) */
         memset(&po[0][c], 0, sizeof po[0][c]);
         memset(&po[1][c], 0, sizeof po[1][c]);
         if (set_sim_platform(ctx, !needs_flush)) {
@@ -1190,8 +1191,7 @@ int main(int argc, char **argv) {
             expect_pmem("sim", needs_flush, crash, &po[0][c]);
         }
         if (!kvm_skip) {
-            setenv("NPTKIT_KVM_PMEM_NEEDS_FLUSH", needs_flush ? "1" : "0", 1);
-            run_pmem_scenario(ctx, "kvm", trap, (uint64_t)c * NVD_LEN, &po[1][c]);
+            run_pmem_scenario(needs_flush ? ctx : adr, "kvm", trap, (uint64_t)c * NVD_LEN, &po[1][c]);
             expect_pmem("kvm", needs_flush, crash, &po[1][c]);
         }
     }
@@ -1224,14 +1224,14 @@ int main(int argc, char **argv) {
         printf("test_backend_swap: privileged-mode differences asserted (not equality): a probe of the absent region is an "
                "EPT violation exit the VMM skips (sim) vs a read the plugin answers all ones (kvm); outside_while_visible "
                "counted by sim's instruction counter, always 0 on kvm (not measured); heartbeat slots 8 bytes (sim) vs 4 (kvm); "
-               "the region is a memslot added and removed once per entry on kvm; probe counts depend on speed, not compared\n");
+               "kvm is told of each entry and leave (vcpu_enter/leave_privileged) once; probe counts depend on speed, not compared\n");
     } else {
         printf("test_backend_swap: SKIPPED the kvm half: %s (the sim half ran)\n", kvm_skip);
         skipped++;
     }
 
+    CHECK_OK(npt_context_destroy(adr));
     CHECK_OK(npt_context_destroy(ctx));
-    if (lib) dlclose(lib);
     printf("c-test test_backend_swap: %d passed, %d failed, %d skipped\n", passed, failed, skipped);
     if (failed) return 1;
     return skipped ? 77 : 0;

@@ -3,13 +3,14 @@
  * loader, running a real x86-64 guest (Sources/NPTScenarios/Guests/x86-64/hello.S) through /dev/kvm.
  *
  * Usage: test_kvm KVM_SO
- * Always run: the plugin's entry refuses a host of another ABI major, returns a well-formed ops
- * table, and npt_plugin_load registers it as "kvm".
+ * Always run: the plugin's npt_plugin_init (interface 2; it exports no npt_plugin_entry) refuses a host
+ * of another ABI major, returns a well-formed ops table, and npt_plugin_load registers it as "kvm".
  * Needs a usable /dev/kvm: guest runs (long mode and real mode), the printed bytes and the HALT,
  * register round trips, out-of-range memory access refused (by the core and by the plugin itself),
  * kicks; persistent memory (Sources/NPTScenarios/Guests/x86-64/pmem.S: N flushes of records into an NVDIMM range
- * backed by the plugin's file, exactly N trapped vFHA exits and msyncs, none with
- * NPTKIT_KVM_PMEM_NEEDS_FLUSH=0; timings printed). Without /dev/kvm (missing, EACCES) those are SKIPPED with the reason, vm_create must fail
+ * backed by the plugin's file, exactly N trapped vFHA exits and msyncs, none with the plugin
+ * argument pmem-needs-flush=0; timings printed). The plugin's counters are read by name through
+ * npt_vm_backend_stats. Without /dev/kvm (missing, EACCES) those are SKIPPED with the reason, vm_create must fail
  * with NPT_ERR_UNSUPPORTED, and the program exits 77.
  * Prints "c-test test_kvm: N passed, M failed, K skipped"; exits 1 if M > 0, 77 if K > 0, else 0.
  */
@@ -102,17 +103,31 @@ static npt_exit run_to_halt(npt_vcpu *v, char *out, size_t cap, size_t *len) {
 }
 
 /* ------------------------------------------------------------------------ */
-static const npt_backend_ops *entry_ops; /* the table from a direct call of the entry */
-typedef void (*layout_stats_fn)(uint64_t *switches, uint64_t *updates, uint64_t *last);
-static layout_stats_fn layout_stats;
-typedef void (*pmem_stats_fn)(uint64_t *flushes, uint64_t *nanos);
-static pmem_stats_fn pmem_stats;
-typedef void (*gate_stats_fn)(uint64_t *waits, uint64_t *kicks, uint64_t *wait_ns);
-static gate_stats_fn gate_stats;
-typedef void (*mmio_stats_fn)(uint64_t *ram, uint64_t *nvdimm);
-static mmio_stats_fn mmio_stats;
-typedef void (*view_stats_fn)(uint64_t *views, uint64_t *moves, uint64_t *zaps, uint64_t *log_reads);
-static view_stats_fn view_stats;
+static const npt_backend_ops *entry_ops; /* the table from a direct call of npt_plugin_init */
+
+/* Layout installs, memslot updates in total and in the last install. */
+static void layout_stats(npt_vm *vm, uint64_t *installs, uint64_t *updates, uint64_t *last) {
+    *installs = backend_stat(vm, "layout_installs");
+    *updates = backend_stat(vm, "memslot_updates");
+    *last = backend_stat(vm, "memslot_updates_last_install");
+}
+/* Physical flushes (msync) and their time. */
+static void pmem_stats(npt_vm *vm, uint64_t *flushes, uint64_t *nanos) {
+    *flushes = backend_stat(vm, "physical_flushes");
+    *nanos = backend_stat(vm, "physical_flush_ns");
+}
+/* Data accesses the plugin completed after an MMIO exit, RAM and NVDIMM. */
+static void mmio_stats(npt_vm *vm, uint64_t *ram, uint64_t *nvdimm) {
+    *ram = backend_stat(vm, "mmio_completed_ram");
+    *nvdimm = backend_stat(vm, "mmio_completed_nvdimm");
+}
+/* Views created, moves between them, zaps, dirty-log reads. */
+static void view_stats(npt_vm *vm, uint64_t *views, uint64_t *moves, uint64_t *zaps, uint64_t *reads) {
+    *views = backend_stat(vm, "views_created");
+    *moves = backend_stat(vm, "view_moves");
+    *zaps = backend_stat(vm, "view_zaps");
+    *reads = backend_stat(vm, "dirty_log_reads");
+}
 
 static npt_status fake_translate(npt_vm *vm, uint32_t h, uint64_t gpa, npt_translation *out) {
     (void)vm; (void)h; (void)gpa; (void)out;
@@ -131,27 +146,36 @@ static void test_entry(const char *so) {
         fprintf(stderr, "dlopen %s: %s\n", so, dlerror());
         return;
     }
-    npt_plugin_entry_fn entry = (npt_plugin_entry_fn)(uintptr_t)dlsym(lib, NPT_PLUGIN_ENTRY_SYMBOL);
-    CHECK(entry != NULL);
-    if (!entry) return;
-    npt_host_api host = {0};
+    CHECK(dlsym(lib, NPT_PLUGIN_ENTRY_SYMBOL) == NULL); /* interface 2 only */
+    npt_plugin_init_fn init = (npt_plugin_init_fn)(uintptr_t)dlsym(lib, NPT_PLUGIN_INIT_SYMBOL);
+    CHECK(init != NULL);
+    if (!init) return;
+    static npt_host_api host; /* the plugin keeps it: it must outlive the load */
     host.size = sizeof host;
     host.hierarchy_translate = fake_translate;
     host.hierarchy_leaves = fake_leaves;
     host.status_string = fake_status_string;
+    host.abi_version = NPT_ABI_VERSION;
+    npt_plugin_info info = {0};
+    info.size = sizeof info;
+    info.host = &host;
+    info.path = so;
     const npt_backend_ops *ops = NULL;
 
-    /* a host of another major is refused, and nothing is returned */
-    host.abi_version = (UINT32_C(2) << 16) | 0;
-    CHECK_ST(entry(&host, &ops), NPT_ERR_ABI_MISMATCH);
+    /* a core of another major is refused, and nothing is returned */
+    info.abi_version = (UINT32_C(2) << 16) | 0;
+    CHECK_ST(init(&info, &ops), NPT_ERR_ABI_MISMATCH);
     CHECK(ops == NULL);
-    host.abi_version = 0; /* major 0 */
-    CHECK_ST(entry(&host, &ops), NPT_ERR_ABI_MISMATCH);
-    CHECK_ST(entry(NULL, &ops), NPT_ERR_INVALID_ARGUMENT);
+    info.abi_version = 0; /* major 0 */
+    CHECK_ST(init(&info, &ops), NPT_ERR_ABI_MISMATCH);
+    CHECK_ST(init(NULL, &ops), NPT_ERR_INVALID_ARGUMENT);
+    info.abi_version = NPT_ABI_VERSION;
+    info.host = NULL;
+    CHECK_ST(init(&info, &ops), NPT_ERR_INVALID_ARGUMENT);
+    info.host = &host;
 
     /* the table of the right major */
-    host.abi_version = NPT_ABI_VERSION;
-    CHECK_OK(entry(&host, &ops));
+    CHECK_OK(init(&info, &ops));
     CHECK(ops != NULL);
     if (!ops) return;
     CHECK(strcmp(ops->name, "kvm") == 0);
@@ -159,16 +183,8 @@ static void test_entry(const char *so) {
     CHECK_EQ(ops->size, sizeof(npt_backend_ops));
     CHECK_EQ(ops->capabilities & (NPT_CAP_RUN | NPT_CAP_MBEC_EMULATION), NPT_CAP_RUN | NPT_CAP_MBEC_EMULATION);
     CHECK(ops->vm_create && ops->vcpu_run && ops->vcpu_kick && ops->memory_read && ops->memory_write);
+    CHECK(ops->vcpu_enter_privileged && ops->vcpu_leave_privileged && ops->vm_stats && ops->vcpu_stats);
     entry_ops = ops;
-    layout_stats = (layout_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_layout_stats");
-    pmem_stats = (pmem_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_pmem_stats");
-    CHECK(layout_stats != NULL);
-    gate_stats = (gate_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_gate_stats");
-    CHECK(gate_stats != NULL);
-    mmio_stats = (mmio_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_mmio_stats");
-    CHECK(mmio_stats != NULL);
-    view_stats = (view_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_view_stats");
-    CHECK(view_stats != NULL);
     /* the library stays loaded (npt_plugin_load opens it again) */
 }
 
@@ -337,7 +353,7 @@ static void test_mbec(npt_context *ctx) {
     CHECK_OK(npt_vcpu_create(vm, 0, &v));
     if (v) {
         uint64_t sw0 = 0, up0 = 0, last = 0, sw1 = 0, up1 = 0;
-        if (layout_stats) layout_stats(&sw0, &up0, &last);
+        layout_stats(vm, &sw0, &up0, &last);
         npt_regs r;
         long_mode_regs(&r, HELLO_GUEST_DATA_ENTRY);
         CHECK_OK(npt_vcpu_set_regs(v, &r));
@@ -350,8 +366,8 @@ static void test_mbec(npt_context *ctx) {
         uint8_t w = 0;
         CHECK_OK(npt_vm_read_memory(vm, HELLO_GUEST_DATA + 1, &w, 1));
         CHECK_EQ(w, 'W');
-        if (layout_stats) {
-            layout_stats(&sw1, &up1, &last);
+        {
+            layout_stats(vm, &sw1, &up1, &last);
             printf("test_kvm: MBEC: %" PRIu64 " layout switch(es), %" PRIu64 " memslot update(s), last switch %" PRIu64 "\n",
                    sw1 - sw0, up1 - up0, last);
             /* all RAM -> [0, 0x5000) + [0x7000, RAM): delete 1 slot, create 2 */
@@ -424,7 +440,7 @@ static void test_mbec_rw(npt_context *ctx) {
 
     /* (1) a write to its own code page (R|SX): raw EPT violation at the written byte, then the core */
     uint64_t sw0 = 0, up0 = 0, last = 0, sw1 = 0, up1 = 0;
-    if (layout_stats) layout_stats(&sw0, &up0, &last);
+    layout_stats(vm, &sw0, &up0, &last);
     npt_vcpu *v = rw_vcpu(vm, 0, HELLO_GUEST_SELFWRITE_ENTRY);
     if (v) {
         memset(&e, 0, sizeof e);
@@ -448,8 +464,8 @@ static void test_mbec_rw(npt_context *ctx) {
         uint8_t b = 0;
         CHECK_OK(npt_vm_read_memory(vm, HELLO_GUEST_SELFWRITE_TARGET, &b, 1));
         CHECK_EQ(b, 0x90); /* the nop is still there */
-        if (layout_stats) {
-            layout_stats(&sw1, &up1, &last);
+        {
+            layout_stats(vm, &sw1, &up1, &last);
             printf("test_kvm: R/W: %" PRIu64 " layout switch(es), last switch %" PRIu64 " memslot update(s)\n", sw1 - sw0, last);
             /* all RAM -> [0, 0x4000) + [0x4000, 0x5000) READONLY + [0x5000, 0x6000) + [0x7000, RAM):
              * delete 1 slot, create 4 */
@@ -642,7 +658,6 @@ static void test_image_too_large(npt_context *ctx) {
 /* The memslot updates of a hierarchy switch depend on the policy's shape, not the guest's size:
  * the same guest and policy in 2 MiB and in 1 GiB of RAM cost the same updates per switch. */
 static void test_switch_cost_independent_of_size(npt_context *ctx) {
-    if (!layout_stats) { CHECK(!"npt_kvm_layout_stats export missing"); return; }
     double per[2] = {0, 0};
     const uint64_t sizes[2] = {RAM, UINT64_C(1) << 30};
     for (int i = 0; i < 2; i++) {
@@ -654,12 +669,12 @@ static void test_switch_cost_independent_of_size(npt_context *ctx) {
         CHECK_OK(npt_policy_set(vm, KERNEL_GUEST_USER, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_UX));
         CHECK_OK(npt_policy_set(vm, KERNEL_GUEST_USTACK, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_WRITE));
         uint64_t sw0 = 0, up0 = 0, last = 0, sw1 = 0, up1 = 0;
-        layout_stats(&sw0, &up0, &last);
+        layout_stats(vm, &sw0, &up0, &last);
         char out[64];
         size_t len = 0;
         npt_exit e = kernel_run(vm, 4, KPROBE_NONE, out, sizeof out, &len, NULL);
         CHECK_EQ(e.reason, NPT_EXIT_HALT);
-        layout_stats(&sw1, &up1, &last);
+        layout_stats(vm, &sw1, &up1, &last);
         CHECK(sw1 > sw0);
         if (sw1 > sw0) per[i] = (double)(up1 - up0) / (double)(sw1 - sw0);
         CHECK_OK(npt_vm_destroy(vm));
@@ -956,8 +971,8 @@ static void test_inject(npt_context *ctx) {
 /* vCPUs of different hierarchies (Plugins/KVM/Sources/Views.swift): two vCPU threads in one VM on
  * Guest/gate.S, vCPU 0 in kernel-only code (R|SX) at CPL 0, vCPU 1 in user-only code (R|UX) at CPL 3.
  * Memslots are per KVM VM, so each hierarchy's layout is a KVM VM of its own (a view) and the two run
- * at the same time (they used to take turns at a per-VM layout gate, which reported its waits and
- * kicks through npt_kvm_gate_stats: still exported, now always 0). */
+ * at the same time (they used to take turns at a per-VM layout gate; the gate and its statistics are
+ * gone). */
 struct gate_cpu {
     npt_vcpu *v;
     atomic_int stop;
@@ -1004,8 +1019,7 @@ static uint64_t gate_user_count(npt_vm *vm) {
 static double now_s(void);
 
 static void test_gate(npt_context *ctx) {
-    if (!gate_stats || !view_stats) { CHECK(!"npt_kvm_gate_stats / npt_kvm_view_stats export missing"); return; }
-    uint64_t w0, k0, ns0, w1, k1, ns1, sw0, sw1, up, last, nv0, mv0, zp0, lr0, nv1, mv1, zp1, lr1;
+    uint64_t sw0, sw1, up, last, nv0, mv0, zp0, lr0, nv1, mv1, zp1, lr1;
 
     /* A single vCPU through the guest kernel's 12 system calls: each call moves it from the user
      * view to the supervisor view and back (26 moves), no memslot is updated after the two views'
@@ -1015,24 +1029,19 @@ static void test_gate(npt_context *ctx) {
         size_t len;
         npt_vm *vm = kernel_vm(ctx, 1);
         if (!vm) return;
-        gate_stats(&w0, &k0, &ns0);
-        layout_stats(&sw0, &up, &last);
+        layout_stats(vm, &sw0, &up, &last);
         uint64_t up0 = up;
-        view_stats(&nv0, &mv0, &zp0, &lr0);
+        view_stats(vm, &nv0, &mv0, &zp0, &lr0);
         npt_exit e = kernel_run(vm, 12, KPROBE_NONE, out, sizeof out, &len, NULL);
-        gate_stats(&w1, &k1, &ns1);
-        layout_stats(&sw1, &up, &last);
-        view_stats(&nv1, &mv1, &zp1, &lr1);
+        layout_stats(vm, &sw1, &up, &last);
+        view_stats(vm, &nv1, &mv1, &zp1, &lr1);
         CHECK_EQ(e.reason, NPT_EXIT_HALT);
         printf("test_kvm: views: one vCPU, 12 system calls: %" PRIu64 " moves between views, %" PRIu64 " views created, %"
                PRIu64 " layout installs (%" PRIu64 " memslot updates), %" PRIu64 " zaps, %" PRIu64
-               " dirty-log reads; %" PRIu64 " waits, %" PRIu64 " kicks\n", mv1 - mv0, nv1 - nv0, sw1 - sw0, up - up0,
-               zp1 - zp0, lr1 - lr0, w1 - w0, k1 - k0);
+               " dirty-log reads\n", mv1 - mv0, nv1 - nv0, sw1 - sw0, up - up0, zp1 - zp0, lr1 - lr0);
         CHECK(mv1 - mv0 >= 26);
         CHECK(sw1 - sw0 <= 2);      /* the supervisor layout (adopted by the VM's first KVM VM), the user view's */
         CHECK_EQ(zp1 - zp0, 0);     /* the kernel writes no page table */
-        CHECK_EQ(w1 - w0, 0);
-        CHECK_EQ(k1 - k0, 0);
         CHECK_OK(npt_vm_destroy(vm));
     }
 
@@ -1057,9 +1066,8 @@ static void test_gate(npt_context *ctx) {
         r.cpl = i ? 3 : 0;
         CHECK_OK(npt_vcpu_set_regs(c[i].v, &r));
     }
-    gate_stats(&w0, &k0, &ns0);
-    layout_stats(&sw0, &up, &last);
-    view_stats(&nv0, &mv0, &zp0, &lr0);
+    layout_stats(vm, &sw0, &up, &last);
+    view_stats(vm, &nv0, &mv0, &zp0, &lr0);
     double t0 = now_s();
     pthread_t t[2];
     for (int i = 0; i < 2; i++) pthread_create(&t[i], NULL, gate_thread, &c[i]);
@@ -1084,18 +1092,15 @@ static void test_gate(npt_context *ctx) {
     /* the rate of both over a fixed 0.5 s (the cost of sharing the VM's memslots) */
     {
         uint64_t a0 = atomic_load(&c[0].outs), b0 = gate_user_count(vm);
-        uint64_t sw_a, sw_b, w_a, w_b, k_a, k_b, n_a, n_b;
-        layout_stats(&sw_a, &up, &last);
-        gate_stats(&w_a, &k_a, &n_a);
+        uint64_t sw_a, sw_b;
+        layout_stats(vm, &sw_a, &up, &last);
         double ta = now_s();
         usleep(500 * 1000);
         double tb = now_s();
         uint64_t a1 = atomic_load(&c[0].outs), b1 = gate_user_count(vm);
-        layout_stats(&sw_b, &up, &last);
-        gate_stats(&w_b, &k_b, &n_b);
+        layout_stats(vm, &sw_b, &up, &last);
         printf("test_kvm: gate: over %.3f s: kernel %.0f OUTs/s, user %.0f iterations/s, %.0f layout switches/s, "
-               "%.0f gate waits/s, %" PRIu64 " gate kicks\n", tb - ta, (double)(a1 - a0) / (tb - ta),
-               (double)(b1 - b0) / (tb - ta), (double)(sw_b - sw_a) / (tb - ta), (double)(w_b - w_a) / (tb - ta), k_b - k_a);
+               "\n", tb - ta, (double)(a1 - a0) / (tb - ta), (double)(b1 - b0) / (tb - ta), (double)(sw_b - sw_a) / (tb - ta));
         CHECK(a1 > a0 && b1 > b0);
     }
 
@@ -1118,8 +1123,7 @@ static void test_gate(npt_context *ctx) {
         return;
     }
     for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
-    gate_stats(&w1, &k1, &ns1);
-    layout_stats(&sw1, &up, &last);
+    layout_stats(vm, &sw1, &up, &last);
     npt_exit e = c[1].last;
     uint64_t marker = 1;
     CHECK_OK(npt_vm_read_memory(vm, GATE_GUEST_DATA + 0x10, &marker, sizeof marker));
@@ -1136,16 +1140,11 @@ static void test_gate(npt_context *ctx) {
     CHECK_EQ(marker, 0);                    /* it never executed at the kernel page */
     CHECK(a_after > a_user_exit);           /* the kernel vCPU was running around it */
     CHECK_EQ(c[0].last.reason, NPT_EXIT_IO);
-    CHECK_EQ(w1 - w0, 0);      /* nobody waits: the two hierarchies' views run concurrently */
-    CHECK_EQ(k1 - k0, 0);
-    view_stats(&nv1, &mv1, &zp1, &lr1);
+    view_stats(vm, &nv1, &mv1, &zp1, &lr1);
     printf("test_kvm: views: the two vCPUs: %" PRIu64 " views created, %" PRIu64 " moves, %" PRIu64 " zaps\n", nv1 - nv0,
            mv1 - mv0, zp1 - zp0);
     double secs = t2 - t0;
-    printf("test_kvm: gate: %.3f s, %" PRIu64 " layout switches (%.1f us each incl. waits), %" PRIu64
-           " gate waits (%.1f us mean), %" PRIu64 " gate kicks, kicked runs: kernel %llu user %llu\n",
-           secs, sw1 - sw0, (sw1 - sw0) ? secs * 1e6 / (double)(sw1 - sw0) : 0.0, w1 - w0,
-           (w1 - w0) ? (double)(ns1 - ns0) / 1e3 / (double)(w1 - w0) : 0.0, k1 - k0,
+    printf("test_kvm: gate: %.3f s, %" PRIu64 " layout installs, kicked runs: kernel %llu user %llu\n", secs, sw1 - sw0,
            (unsigned long long)atomic_load(&c[0].kicked), (unsigned long long)atomic_load(&c[1].kicked));
     for (int i = 0; i < 2; i++) CHECK_OK(npt_vcpu_destroy(c[i].v));
     CHECK_OK(npt_vm_destroy(vm));
@@ -1261,12 +1260,12 @@ static void test_views_coherence(npt_context *ctx, uint32_t mode) {
     npt_vm *vm = smp_vm(ctx, mode);
     if (!vm) return;
     uint64_t nv0 = 0, mv0 = 0, zp0 = 0, lr0 = 0, nv1 = 0, mv1 = 0, zp1 = 0, lr1 = 0;
-    if (view_stats) view_stats(&nv0, &mv0, &zp0, &lr0);
+    view_stats(vm, &nv0, &mv0, &zp0, &lr0);
     struct smp_cpu c;
     memset(&c, 0, sizeof c);
     c.vm = vm; c.index = 0; c.calls = 3; c.probe = 4;
     smp_thread(&c);
-    if (view_stats) view_stats(&nv1, &mv1, &zp1, &lr1);
+    view_stats(vm, &nv1, &mv1, &zp1, &lr1);
     printf("test_kvm: views: page-table coherence (%s): printed \"%s\", exit %u rip %#" PRIx64 "; %" PRIu64 " moves, %"
            PRIu64 " zaps, %" PRIu64 " dirty-log reads\n", mode == NPT_MBEC_LAZY ? "lazy" : "violation-only", c.out,
            c.last.reason, c.last.rip, mv1 - mv0, zp1 - zp0, lr1 - lr0);
@@ -1286,10 +1285,8 @@ static void test_views_coherence(npt_context *ctx, uint32_t mode) {
 static void test_views_concurrent(npt_context *ctx) {
     npt_vm *vm = smp_vm(ctx, NPT_MBEC_LAZY);
     if (!vm) return;
-    uint64_t w0 = 0, k0 = 0, ns0 = 0, w1 = 0, k1 = 0, ns1 = 0;
     uint64_t nv0 = 0, mv0 = 0, zp0 = 0, lr0 = 0, nv1 = 0, mv1 = 0, zp1 = 0, lr1 = 0;
-    if (gate_stats) gate_stats(&w0, &k0, &ns0);
-    if (view_stats) view_stats(&nv0, &mv0, &zp0, &lr0);
+    view_stats(vm, &nv0, &mv0, &zp0, &lr0);
     static struct smp_cpu c[2];
     memset(c, 0, sizeof c);
     const uint64_t calls = 300;
@@ -1305,8 +1302,7 @@ static void test_views_concurrent(npt_context *ctx) {
     for (int i = 0; i < 2; i++) pthread_create(&t[i], NULL, smp_thread, &c[i]);
     for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
     double t1 = now_s();
-    if (gate_stats) gate_stats(&w1, &k1, &ns1);
-    if (view_stats) view_stats(&nv1, &mv1, &zp1, &lr1);
+    view_stats(vm, &nv1, &mv1, &zp1, &lr1);
     for (int i = 0; i < 2; i++) {
         printf("test_kvm: views: vCPU %d: %zu bytes printed, exit %u gpa %#" PRIx64 " cpl %u rip %#" PRIx64 " q %#" PRIx64
                "; the other vCPU had made %llu calls when it was half way\n", i, c[i].len, c[i].last.reason, c[i].last.gpa,
@@ -1318,7 +1314,7 @@ static void test_views_concurrent(npt_context *ctx) {
         CHECK(in_order);
     }
     printf("test_kvm: views: 2 vCPUs x %" PRIu64 " system calls in %.3f s: %" PRIu64 " moves, %" PRIu64 " views created, %"
-           PRIu64 " zaps, %" PRIu64 " gate waits\n", calls, t1 - t0, mv1 - mv0, nv1 - nv0, zp1 - zp0, w1 - w0);
+           PRIu64 " zaps\n", calls, t1 - t0, mv1 - mv0, nv1 - nv0, zp1 - zp0);
     /* vCPU 0: the user process runs a supervisor-only page (mapped U/S = 1 by the guest) */
     CHECK_EQ(c[0].last.reason, NPT_EXIT_MBEC_VIOLATION);
     CHECK_EQ(c[0].last.gpa, SMP_GUEST_KFUNC);
@@ -1332,7 +1328,6 @@ static void test_views_concurrent(npt_context *ctx) {
     CHECK_EQ(c[1].last.cpl, 0);
     CHECK_EQ(c[1].last.qualification & 0x7f, NPT_EPTQ_FETCH | NPT_EPTQ_READABLE | NPT_EPTQ_UEXECUTABLE);
     CHECK(mv1 - mv0 >= 4 * calls);
-    CHECK_EQ(w1 - w0, 0);
     /* they overlapped: each was half way while the other had started and not finished */
     int overlapped = 0;
     for (int i = 0; i < 2; i++) {
@@ -1426,9 +1421,8 @@ static npt_exit run_pmem(npt_vcpu *v, uint64_t entry, uint64_t vfha, uint64_t n,
     return e;
 }
 
-/* needs_flush: what NPTKIT_KVM_PMEM_NEEDS_FLUSH says (set before the VM asks the host). */
+/* needs_flush: the plugin argument pmem-needs-flush of ctx's load (checked below). */
 static void test_pmem(npt_context *ctx, int needs_flush) {
-    setenv("NPTKIT_KVM_PMEM_NEEDS_FLUSH", needs_flush ? "1" : "0", 1);
     npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
     if (!vm) return;
     size_t n = 0;
@@ -1460,11 +1454,12 @@ static void test_pmem(npt_context *ctx, int needs_flush) {
     CHECK_EQ(fh.nvdimm_count, 1);
     CHECK(fh.vfha >= NVD_GPA + NVD_LEN && fh.vfha < UINT64_C(0x80000000)); /* mapped by pmem.S's PD1 */
     if (!needs_flush) {
-        /* the file outlives the first VM: its records are there before this guest runs */
-        uint64_t rec[2] = {0, 0};
+        /* a load of its own (pmem-needs-flush=0) has a backing file of its own: none of the first
+         * load's records is in it */
+        uint64_t rec[2] = {1, 1};
         CHECK_OK(npt_vm_read_memory(vm, NVD_GPA + 64 * (PMEM_N - 1), rec, sizeof rec));
-        CHECK_EQ(rec[0], PMEM_GUEST_MAGIC);
-        CHECK_EQ(rec[1], PMEM_N - 1);
+        CHECK_EQ(rec[0], 0);
+        CHECK_EQ(rec[1], 0);
     }
     CHECK_OK(npt_vm_write_memory(vm, PMEM_GUEST_BASE, pmem_guest, sizeof pmem_guest));
     npt_vcpu *v = NULL;
@@ -1479,14 +1474,14 @@ static void test_pmem(npt_context *ctx, int needs_flush) {
         uint64_t mr0 = 0, mn0 = 0, mr1 = 0, mn1 = 0;
         double secs = 0;
         const char *used = NULL;
-        if (mmio_stats) mmio_stats(&mr0, &mn0);
+        mmio_stats(vm, &mr0, &mn0);
         npt_flush_stats st0;
         memset(&st0, 0, sizeof st0);
         st0.size = sizeof st0;
         for (size_t k = 0; k < sizeof flushes / sizeof flushes[0] && !used; k++) {
             CHECK_OK(npt_vm_get_flush_stats(vm, &st0));
-            if (pmem_stats) pmem_stats(&pf0, &pns0);
-            if (layout_stats) layout_stats(&sw0, &up0, &last);
+            pmem_stats(vm, &pf0, &pns0);
+            layout_stats(vm, &sw0, &up0, &last);
             e = run_pmem(v, flushes[k].entry, fh.vfha, PMEM_N, &outs, &secs);
             if (e.reason == NPT_EXIT_HALT && outs == PMEM_N) {
                 used = flushes[k].name;
@@ -1502,12 +1497,12 @@ static void test_pmem(npt_context *ctx, int needs_flush) {
             memset(&st, 0, sizeof st);
             st.size = sizeof st;
             CHECK_OK(npt_vm_get_flush_stats(vm, &st));
-            if (pmem_stats) pmem_stats(&pf1, &pns1);
-            if (layout_stats) layout_stats(&sw1, &up1, &last);
-            if (mmio_stats) {
+            pmem_stats(vm, &pf1, &pns1);
+            layout_stats(vm, &sw1, &up1, &last);
+            {
                 /* default_perms NPT_PERM_ALL: the NVDIMM range stays mapped (executable and writable
                  * in the exposed hierarchy): not one of its accesses exits as MMIO */
-                mmio_stats(&mr1, &mn1);
+                mmio_stats(vm, &mr1, &mn1);
                 printf("test_kvm: pmem (default_perms ALL): %" PRIu64 " NVDIMM MMIO completion(s)\n", mn1 - mn0);
                 CHECK_EQ(mn1 - mn0, 0);
             }
@@ -1518,10 +1513,10 @@ static void test_pmem(npt_context *ctx, int needs_flush) {
             CHECK_EQ(ex, want);
             CHECK_EQ(pf, want);
             CHECK_EQ(st.untrapped_writes, 0); /* KVM cannot count them */
-            if (pmem_stats) CHECK_EQ(pf1 - pf0, want);
+            CHECK_EQ(pf1 - pf0, want);
             printf("test_kvm: pmem (%s, vFHA %s at %#" PRIx64 "): %d iterations with %s: %" PRIu64
                    " flush exit(s), %" PRIu64 " physical flush(es) (msync)\n",
-                   needs_flush ? "needs_wpq_flush 1" : "NPTKIT_KVM_PMEM_NEEDS_FLUSH=0", fh.trapped ? "trapped" : "not trapped",
+                   needs_flush ? "needs_wpq_flush 1" : "pmem-needs-flush=0", fh.trapped ? "trapped" : "not trapped",
                    fh.vfha, PMEM_N, used, ex, pf);
             printf("test_kvm: pmem timing (%s): wall %.1f us per iteration",
                    fh.trapped ? "trapped" : "untrapped", secs * 1e6 / PMEM_N);
@@ -1547,7 +1542,6 @@ static void test_pmem(npt_context *ctx, int needs_flush) {
  * with NPT_EPTQ_FETCH, as for a RAM page. RAM is made R|W|SX|UX (the guest's code, tables, stack). */
 #define NVX_OFFSET (UINT64_C(8) << 20) /* a part of the backing file no other test writes */
 static void test_pmem_nx(npt_context *ctx) {
-    setenv("NPTKIT_KVM_PMEM_NEEDS_FLUSH", "1", 1);
     npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_READ | NPT_PERM_WRITE);
     if (!vm) return;
     CHECK_OK(npt_policy_set(vm, 0, RAM, NPT_PAGE_4K, NPT_PERM_ALL));
@@ -1586,12 +1580,12 @@ static void test_pmem_nx(npt_context *ctx) {
         uint64_t outs = 0, mr0 = 0, mn0 = 0, mr1 = 0, mn1 = 0, sw0 = 0, up0 = 0, sw1 = 0, up1 = 0, last = 0;
         double secs = 0;
         CHECK_OK(npt_vm_get_flush_stats(vm, &st0));
-        if (mmio_stats) mmio_stats(&mr0, &mn0);
-        if (layout_stats) layout_stats(&sw0, &up0, &last);
+        mmio_stats(vm, &mr0, &mn0);
+        layout_stats(vm, &sw0, &up0, &last);
         /* CLFLUSHOPT: KVM's emulator treats it as a no-op (the store before it already reached the file) */
         npt_exit e = run_pmem(v, PMEM_GUEST_CLFLUSHOPT_ENTRY, fh.vfha, PMEM_N, &outs, &secs);
-        if (mmio_stats) mmio_stats(&mr1, &mn1);
-        if (layout_stats) layout_stats(&sw1, &up1, &last);
+        mmio_stats(vm, &mr1, &mn1);
+        layout_stats(vm, &sw1, &up1, &last);
         CHECK_OK(npt_vm_get_flush_stats(vm, &st));
         printf("test_kvm: pmem R|W (NVDIMM range not mapped): %" PRIu64 " iterations with CLFLUSHOPT, exit %u rip %#" PRIx64
                " gpa %#" PRIx64 "; %" PRIu64 " flush exit(s), %" PRIu64 " physical flush(es), %" PRIu64
@@ -1604,9 +1598,9 @@ static void test_pmem_nx(npt_context *ctx) {
         CHECK_EQ(st.guest_flushes - st0.guest_flushes, PMEM_N);
         CHECK_EQ(st.exits - st0.exits, PMEM_N);
         CHECK_EQ(st.physical_flushes - st0.physical_flushes, PMEM_N);
-        if (mmio_stats) CHECK(mn1 - mn0 >= 2 * PMEM_N); /* two 8-byte stores per record */
+        CHECK(mn1 - mn0 >= 2 * PMEM_N); /* two 8-byte stores per record */
         /* the first install (all RAM stays one memslot): the NVDIMM range's memslot deleted */
-        if (layout_stats) CHECK_EQ(up1 - up0, 1);
+        CHECK_EQ(up1 - up0, 1);
         CHECK_OK(npt_vm_read_memory(vm, NVD_GPA, rec, sizeof rec));
         int good = 0;
         for (int i = 0; i < PMEM_N; i++) good += rec[8 * i] == PMEM_GUEST_MAGIC && rec[8 * i + 1] == (uint64_t)i;
@@ -1730,7 +1724,15 @@ int main(int argc, char **argv) {
         test_mbec_rw(ctx);
         if (entry_ops) test_ops_pmem();
         test_pmem(ctx, 1);
-        test_pmem(ctx, 0);
+        {
+            /* A host region that claims ADR: a load of its own with pmem-needs-flush=0. */
+            npt_context *adr = NULL;
+            CHECK_OK(npt_context_create(&adr));
+            npt_plugin_arg arg = {"pmem-needs-flush", "0"};
+            CHECK_OK(npt_plugin_load_with(adr, so, &arg, 1, NULL));
+            test_pmem(adr, 0);
+            CHECK_OK(npt_context_destroy(adr));
+        }
         test_pmem_nx(ctx);
         test_kernel(ctx);
         test_ret2dir_idt(ctx, NPT_MBEC_LAZY);

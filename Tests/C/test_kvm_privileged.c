@@ -13,13 +13,18 @@
  *    that race on every vCPU): every request is served once (npt_vm_get_privileged_stats), the
  *    handler never sees a heartbeat move, a vCPU outside the mode never reads the region's bytes
  *    (its probe reads all ones), the handler's entry counter counts every entry, and after the
- *    last RSM the region is absent from every hierarchy and no vCPU holds the mode; the region's
- *    memslot is added and removed once per entry (npt_kvm_region_stats);
+ *    last RSM the region is absent from every hierarchy and no vCPU holds the mode; the plugin was
+ *    told of each entry and leave exactly once and saw each RSM (its statistics privileged_entries,
+ *    privileged_leaves, rsm_exits, region_unbacked_reads through npt_vm_backend_stats);
  *  - a long-mode vCPU (hello.S at CPL 0, paging on) enters the mode (16-bit real mode in the
  *    region), RSMs, and its full state comes back: same registers, and it goes on to print
  *    "hello" with 64-bit code and halt;
  *  - RSM outside the mode (real mode): KVM raises #UD itself, delivered to the guest's IVT handler;
- *    (long mode without an IDT): NPT_EXIT_GUEST_FAULT vector 6 from the core.
+ *    (long mode without an IDT): a triple fault (NPT_EXIT_INTERNAL_ERROR, KVM_EXIT_SHUTDOWN), as on
+ *    hardware: the plugin takes an RSM for the leave exit only from a vCPU the core put in the mode;
+ *  - fails closed: the same plugin registered through a table without vcpu_enter_privileged (so the
+ *    core writes the entry state with set_regs, the old way a backend had to guess from): the region
+ *    stays out of the vCPU's view, the handler never runs, and the vCPU goes on after the leave.
  * Prints "c-test test_kvm_privileged: N passed, M failed, K skipped".
  */
 #define _GNU_SOURCE
@@ -61,9 +66,8 @@ static int cmp_u64(const void *a, const void *b) {
 static uint32_t nvcpu = 3;
 #define MAXREQ 4096
 
-typedef void (*region_stats_fn)(uint64_t *adds, uint64_t *removes, uint64_t *unbacked_reads);
-static region_stats_fn region_stats;
 static const npt_backend_ops *entry_ops;
+
 
 static void real_regs(npt_regs *r, uint64_t rip, uint32_t index) {
     memset(r, 0, sizeof *r);
@@ -249,19 +253,26 @@ static int wait_served(uint64_t n, uint64_t timeout_ns) {
     return atomic_load(&served) >= n;
 }
 
-static void test_mode(npt_context *ctx, int requests) {
+/* A VM of `backend` (RAM 0xA0000 R|W, lazy) with priv.S's loop at its base; NULL if refused. */
+static npt_vm *priv_vm(npt_context *ctx, const char *backend) {
     npt_vm_config cfg = {0};
     cfg.size = sizeof cfg;
     cfg.mbec_mode = NPT_MBEC_LAZY;
-    cfg.backend = "kvm";
+    cfg.backend = backend;
     cfg.ram_size = RAM;
     cfg.default_perms = NPT_PERM_READ | NPT_PERM_WRITE;
     npt_vm *vm = NULL;
     CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
-    if (!vm) return;
+    if (!vm) return NULL;
     /* real mode (paging off): every address is user-mode, so the loop needs UX under MBEC */
     CHECK_OK(npt_policy_set(vm, PRIV_GUEST_BASE, 0x1000, 0x1000, NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_UX));
     CHECK_OK(npt_vm_write_memory(vm, PRIV_GUEST_BASE, priv_guest, sizeof priv_guest));
+    return vm;
+}
+
+static void test_mode(npt_context *ctx, int requests) {
+    npt_vm *vm = priv_vm(ctx, "kvm");
+    if (!vm) return;
 
     /* a region inside RAM is refused by the core; the real one at 0xA0000 */
     npt_region reg;
@@ -285,8 +296,6 @@ static void test_mode(npt_context *ctx, int requests) {
         CHECK_EQ(tr.perms, 0); /* absent before any entry */
     }
 
-    uint64_t adds0 = 0, removes0 = 0, unbacked0 = 0;
-    if (region_stats) region_stats(&adds0, &removes0, &unbacked0);
 
     for (uint32_t i = 0; i < nvcpu; i++) {
         cpus[i].index = i;
@@ -363,13 +372,18 @@ static void test_mode(npt_context *ctx, int requests) {
     }
     uint32_t beats[MAXVCPU] = {0};
     CHECK_OK(npt_vm_read_memory(vm, PRIV_GUEST_HEARTBEATS, beats, sizeof beats));
-    uint64_t adds = 0, removes = 0, unbacked = 0;
-    if (region_stats) {
-        region_stats(&adds, &removes, &unbacked);
-        adds -= adds0; removes -= removes0; unbacked -= unbacked0;
-        CHECK_EQ(adds, (uint64_t)total);
-        CHECK_EQ(removes, (uint64_t)total);
-        CHECK(unbacked > 0);
+    uint64_t adds = backend_stat(vm, "privileged_entries"), removes = backend_stat(vm, "privileged_leaves");
+    uint64_t unbacked = backend_stat(vm, "region_unbacked_reads");
+    CHECK_EQ(adds, (uint64_t)total);
+    CHECK_EQ(removes, (uint64_t)total);
+    CHECK_EQ(backend_stat(vm, "rsm_exits"), (uint64_t)total);
+    CHECK(unbacked > 0);
+    for (uint32_t i = 0; i < nvcpu; i++) {
+        npt_backend_stat st[16];
+        size_t n = 0;
+        CHECK_OK(npt_vcpu_backend_stats(cpus[i].v, st, 16, &n));
+        for (size_t k = 0; k < n && k < 16; k++)
+            if (strcmp(st[k].name, "in_privileged_mode") == 0) CHECK_EQ(st[k].value, 0);
     }
     unsigned n = atomic_load(&latency_n);
     if (n > MAXREQ) n = MAXREQ;
@@ -407,6 +421,19 @@ static npt_exit run1(npt_vcpu *v) {
     return e;
 }
 
+/* The privileged-mode region of priv.S at 0xA0000 (legacy SMRAM), entry offset 8, R|W|SX|UX. */
+static void set_priv_region(npt_vm *vm) {
+    npt_region reg;
+    memset(&reg, 0, sizeof reg);
+    reg.size = sizeof reg;
+    reg.gpa = PRIV_GUEST_REGION;
+    reg.length = sizeof priv_guest_region;
+    reg.contents = priv_guest_region;
+    reg.contents_len = sizeof priv_guest_region;
+    reg.entry_offset = PRIV_GUEST_REGION_ENTRY;
+    CHECK_OK(npt_region_set(vm, &reg));
+}
+
 static void test_long_mode_round_trip(npt_context *ctx) {
     npt_vm_config cfg = {0};
     cfg.size = sizeof cfg;
@@ -418,15 +445,7 @@ static void test_long_mode_round_trip(npt_context *ctx) {
     CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
     if (!vm) return;
     CHECK_OK(npt_vm_write_memory(vm, HELLO_GUEST_BASE, hello_guest, sizeof hello_guest));
-    npt_region reg;
-    memset(&reg, 0, sizeof reg);
-    reg.size = sizeof reg;
-    reg.gpa = PRIV_GUEST_REGION;
-    reg.length = sizeof priv_guest_region;
-    reg.contents = priv_guest_region;
-    reg.contents_len = sizeof priv_guest_region;
-    reg.entry_offset = PRIV_GUEST_REGION_ENTRY;
-    CHECK_OK(npt_region_set(vm, &reg));
+    set_priv_region(vm);
     npt_vcpu *v = NULL;
     CHECK_OK(npt_vcpu_create(vm, 0, &v));
     if (!v) return;
@@ -511,10 +530,10 @@ static void test_long_mode_round_trip(npt_context *ctx) {
     printf("test_kvm_privileged: RSM outside the mode (real mode): the guest's own #UD handler ran (OUT 0x23 = %" PRIu64
            "), the mode was not touched\n", (uint64_t)6);
 
-    /* RSM outside the mode, long mode without an IDT: the #UD triple-faults, the plugin reports
-       LEAVE_MODE, the core (not in the mode) turns it into #UD; the plugin refuses to inject into a
-       triple-faulted vCPU (NPT_ERR_STATE: the delivery would only triple-fault again), so the VMM
-       gets NPT_EXIT_GUEST_FAULT vector 6 at the RSM */
+    /* RSM outside the mode, long mode without an IDT: the #UD triple-faults, as on hardware; the
+       plugin takes an RSM for the leave exit only from a vCPU the core put in the mode, so the VMM
+       gets the triple fault (NPT_EXIT_INTERNAL_ERROR, KVM_EXIT_SHUTDOWN in qualification bits
+       63:32) at the RSM, and the plugin refuses to inject into the triple-faulted vCPU */
     const uint8_t rsm[] = {0x0F, 0xAA};
     CHECK_OK(npt_vm_write_memory(vm, HELLO_GUEST_BASE, hello_guest, sizeof hello_guest)); /* its page tables again */
     CHECK_OK(npt_vm_write_memory(vm, 0x6100, rsm, sizeof rsm));
@@ -529,12 +548,72 @@ static void test_long_mode_round_trip(npt_context *ctx) {
     r.efer = 0x500;
     CHECK_OK(npt_vcpu_set_regs(v, &r));
     e = run1(v);
-    CHECK_EQ(e.reason, NPT_EXIT_GUEST_FAULT);
-    CHECK_EQ(e.vector, 6);
+    CHECK_EQ(e.reason, NPT_EXIT_INTERNAL_ERROR);
+    CHECK_EQ(e.qualification >> 32, 8); /* KVM_EXIT_SHUTDOWN */
     CHECK_EQ(e.rip, 0x6100);
     CHECK_ST(npt_vcpu_inject_fault(v, 6, 0, 0), NPT_ERR_STATE);
     printf("test_kvm_privileged: RSM outside the mode (long mode, no IDT): exit %u vector %u at %#" PRIx64
            " (qualification %#" PRIx64 ", gpa %#" PRIx64 ")\n", e.reason, e.vector, e.rip, e.qualification, e.gpa);
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Fails closed: the KVM plugin's table registered without vcpu_enter_privileged / _leave_privileged
+ * (as a table built against ABI 1.2 would be: the core then writes the entry state with set_regs and
+ * adds the region to the hierarchies, and a backend could only guess that the mode began). The
+ * plugin maps the region for a vCPU only once it was told: here the handler never runs, its magic
+ * is never read, no entry is counted, and after the leave the vCPU goes on with its loop. */
+static void test_fails_closed(npt_context *ctx) {
+    if (!entry_ops) return;
+    static npt_backend_ops blind;
+    blind = *entry_ops;
+    blind.name = "kvm-no-enter-op";
+    blind.vcpu_enter_privileged = NULL;
+    blind.vcpu_leave_privileged = NULL;
+    CHECK_OK(npt_backend_register(ctx, &blind));
+    npt_vm *vm = priv_vm(ctx, blind.name);
+    if (!vm) return;
+    set_priv_region(vm);
+    npt_vcpu *v = NULL;
+    CHECK_OK(npt_vcpu_create(vm, 0, &v));
+    if (!v) return;
+    npt_regs r;
+    real_regs(&r, PRIV_GUEST_BASE, 0);
+    CHECK_OK(npt_vcpu_set_regs(v, &r));
+    npt_exit e = run1(v);
+    CHECK(e.reason == NPT_EXIT_IO && e.io_port == 0x10); /* the loop runs: a heartbeat */
+    CHECK_OK(npt_vcpu_raise_privileged(v));
+    /* The core enters (the region is in the hierarchies now); the plugin, not told, keeps it out of
+       the view: the fetch at the entry finds nothing, and whatever the vCPU does it is not the handler. */
+    int handler = 0, leaked = 0, exits = 0;
+    npt_exit last;
+    memset(&last, 0, sizeof last);
+    for (; exits < 64; exits++) {
+        e = run1(v);
+        if (e.reason == NPT_EXIT_IO && (e.io_port == 0x20 || e.io_port == 0x21 || e.io_port == 0x22)) handler = 1;
+        if (e.reason == NPT_EXIT_IO && e.io_port == 0x11) leaked = 1;
+        if (e.reason != NPT_EXIT_IO) { last = e; break; }
+    }
+    int64_t holder = -2;
+    CHECK_OK(npt_vm_privileged_holder(vm, &holder));
+    printf("test_kvm_privileged: fails closed: a table without the enter op: the core holds the mode for vCPU %" PRId64
+           ", the vCPU stopped with exit %u (qualification %#" PRIx64 ", gpa %#" PRIx64 ", rip %#" PRIx64
+           ") after %d I/O exits; handler ran: %s, region read: %s; plugin's privileged_entries %" PRIu64 "\n", holder,
+           last.reason, last.qualification, last.gpa, last.rip, exits, handler ? "YES" : "no", leaked ? "YES" : "no",
+           backend_stat(vm, "privileged_entries"));
+    CHECK_EQ((uint64_t)holder, 0);
+    CHECK(!handler);
+    CHECK(!leaked);
+    CHECK(last.reason != NPT_EXIT_NONE && last.reason != NPT_EXIT_LEAVE_MODE);
+    CHECK_EQ(backend_stat(vm, "privileged_entries"), 0);
+    CHECK_EQ(backend_stat(vm, "rsm_exits"), 0);
+    /* the VMM ends the mode; the vCPU is back in its loop */
+    CHECK_OK(npt_vcpu_leave_privileged(v));
+    CHECK_OK(npt_vm_privileged_holder(vm, &holder));
+    CHECK_EQ((uint64_t)holder, (uint64_t)-1);
+    e = run1(v);
+    CHECK(e.reason == NPT_EXIT_IO && e.io_port == 0x10);
+    CHECK_OK(npt_vcpu_destroy(v));
     CHECK_OK(npt_vm_destroy(vm));
 }
 
@@ -569,20 +648,26 @@ int main(int argc, char **argv) {
     }
     CHECK(found);
     void *lib = dlopen(so, RTLD_NOW | RTLD_NOLOAD);
+    CHECK(lib != NULL);
     if (lib) {
-        region_stats = (region_stats_fn)(uintptr_t)dlsym(lib, "npt_kvm_region_stats");
-        npt_plugin_entry_fn entry = (npt_plugin_entry_fn)(uintptr_t)dlsym(lib, NPT_PLUGIN_ENTRY_SYMBOL);
-        /* the plugin's own ops table (for the kick measurement without the core): a second entry call,
-           with a host table of the same functions the loader gives */
+        npt_plugin_init_fn init = (npt_plugin_init_fn)(uintptr_t)dlsym(lib, NPT_PLUGIN_INIT_SYMBOL);
+        /* the plugin's own ops table (for the kick measurement without the core, and the table
+           without the enter op): a second load, with a host table of the same functions the loader
+           gives */
         static npt_host_api host;
         host.abi_version = NPT_ABI_VERSION;
         host.size = sizeof host;
         host.hierarchy_translate = npt_hierarchy_translate;
         host.hierarchy_leaves = npt_hierarchy_leaves;
         host.status_string = npt_status_string;
-        if (entry) CHECK_OK(entry(&host, &entry_ops));
+        npt_plugin_info info = {0};
+        info.size = sizeof info;
+        info.abi_version = NPT_ABI_VERSION;
+        info.host = &host;
+        info.path = so;
+        CHECK(init != NULL);
+        if (init) CHECK_OK(init(&info, &entry_ops));
     }
-    CHECK(region_stats != NULL);
 
     int fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     if (fd < 0) {
@@ -594,9 +679,9 @@ int main(int argc, char **argv) {
         test_kick_latency();
         test_long_mode_round_trip(ctx);
         test_mode(ctx, requests);
+        test_fails_closed(ctx);
     }
     CHECK_OK(npt_context_destroy(ctx));
-    if (lib) dlclose(lib);
     printf("c-test test_kvm_privileged: %d passed, %d failed, %d skipped\n", passed, failed, skipped);
     if (failed) return 1;
     return skipped ? 77 : 0;

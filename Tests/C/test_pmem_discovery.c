@@ -6,11 +6,16 @@
  *
  * Usage: test_pmem_discovery SAMPLE_SO KVM_SO FIXTURES_SYSFS MODE
  *   MODE core             the public call and the host table on every fixture, and bad input
- *   MODE kvm:NAME         the KVM plugin's host_pmem_count/get with NPTKIT_KVM_ND_ROOT=FIXTURES_SYSFS/NAME
+ *   MODE kvm:NAME         the KVM plugin's host_pmem_count/get with its argument nd-root=FIXTURES_SYSFS/NAME
  *                         (a fixture; "none": a directory that does not exist, so the plugin's file region)
  *   MODE kvm-old:NAME     the same, but the plugin gets a host table of ABI 1.1's size: it must not read
  *                         the 1.2 member, and falls back to its file region
- * One process per plugin mode: the plugin discovers once per process.
+ *   MODE args             the KVM plugin's arguments through npt_plugin_load_with: each unknown key and bad
+ *                         value refused with the plugin's reason in npt_last_error(), nothing registered;
+ *                         good ones accepted
+ * The plugin modes call the plugin's npt_plugin_init themselves (acting as the loader: the symbol the
+ * header declares) with the core's host table, whose set_error they replace to see the plugin's
+ * messages; no /dev/kvm is needed.
  * Prints "c-test test_pmem_discovery MODE: N passed, M failed"; exits 1 if M > 0.
  */
 #define _GNU_SOURCE
@@ -210,42 +215,61 @@ static void test_host_table(const npt_host_api *host, const char *fixtures) {
 /* ------------------------------------------------------------------------ */
 /* MODE kvm:NAME, kvm-old:NAME                                                */
 /* ------------------------------------------------------------------------ */
+/* What the plugin said through set_error (the test's host table). */
+static char plugin_message[1024];
+static void capture_error(const char *message) { snprintf(plugin_message, sizeof plugin_message, "%s", message ? message : ""); }
+
+/* Calls the KVM plugin's npt_plugin_init (interface 2) with `host` and the arguments. */
+static npt_status kvm_init(void *lib, const npt_host_api *host, const npt_plugin_arg *args, size_t argc,
+                           const npt_backend_ops **ops) {
+    npt_plugin_init_fn init = NULL;
+    void *sym = dlsym(lib, NPT_PLUGIN_INIT_SYMBOL);
+    memcpy(&init, &sym, sizeof init);
+    CHECK(init != NULL);
+    CHECK(dlsym(lib, NPT_PLUGIN_ENTRY_SYMBOL) == NULL); /* the KVM plugin is interface 2 only */
+    if (!init) return NPT_ERR_PLUGIN;
+    npt_plugin_info info;
+    memset(&info, 0, sizeof info);
+    info.size = sizeof info;
+    info.abi_version = NPT_ABI_VERSION;
+    info.host = host;
+    info.path = "libnptkit-kvm.so";
+    info.argc = argc;
+    info.args = args;
+    return init(&info, ops);
+}
+
 static void test_kvm(const npt_host_api *host, const char *kvm_so, const char *fixtures, const char *name, int old_host) {
     char root[4096];
     path_join(root, sizeof root, fixtures, name);
-    setenv("NPTKIT_KVM_ND_ROOT", root, 1);
     void *lib = dlopen(kvm_so, RTLD_NOW | RTLD_LOCAL);
     CHECK(lib != NULL);
     if (!lib) { fprintf(stderr, "dlopen %s: %s\n", kvm_so, dlerror()); return; }
-    npt_plugin_entry_fn entry = NULL;
-    void *sym = dlsym(lib, NPT_PLUGIN_ENTRY_SYMBOL);
-    memcpy(&entry, &sym, sizeof entry);
-    CHECK(entry != NULL);
-    if (!entry || !host) return;
+    if (!host) return;
 
-    /* An older core's table is shorter: copy only the 1.1 part and say so in `size`. */
-    static npt_host_api old;
+    /* The core's table with the test's error channel; an older core's table is shorter: copy only
+     * the 1.1 part and say so in `size`. */
+    static npt_host_api mine, old;
+    mine = *host;
+    mine.set_error = capture_error;
     memset(&old, 0xA5, sizeof old); /* what lies past an old table: garbage, never to be called */
     memcpy(&old, host, offsetof(npt_host_api, host_pmem_discover_sysfs));
     old.size = (uint32_t)offsetof(npt_host_api, host_pmem_discover_sysfs);
     const npt_backend_ops *ops = NULL;
-    CHECK_OK(entry(old_host ? &old : host, &ops));
+    npt_plugin_arg arg = {"nd-root", root};
+    CHECK_OK(kvm_init(lib, old_host ? &old : &mine, &arg, 1, &ops));
     CHECK(ops != NULL && ops->host_pmem_count != NULL && ops->host_pmem_get != NULL);
     if (!ops || !ops->host_pmem_count || !ops->host_pmem_get) return;
 
     size_t n = 0;
     struct discovery d = discover_with(npt_host_pmem_discover_sysfs, root);
+    plugin_message[0] = 0;
     npt_status s = ops->host_pmem_count(ops->backend_data, &n);
     if (d.status == NPT_ERR_INVALID_ARGUMENT && !old_host) {
-        /* A malformed tree: the plugin refuses with the core's detail. */
+        /* A malformed tree: the plugin refuses with the core's detail, through set_error. */
         CHECK_ST(s, NPT_ERR_INVALID_ARGUMENT);
-        size_t (*kvm_last_error)(char *, size_t) = NULL;
-        void *e = dlsym(lib, "npt_kvm_last_error");
-        memcpy(&kvm_last_error, &e, sizeof kvm_last_error);
-        char msg[512] = "";
-        if (kvm_last_error) kvm_last_error(msg, sizeof msg);
-        CHECK(strstr(msg, "region0/resource") != NULL);
-        printf("kvm plugin on %s: %s\n", name, msg);
+        CHECK(strstr(plugin_message, "region0/resource") != NULL);
+        printf("kvm plugin on %s: %s\n", name, plugin_message);
         return;
     }
     CHECK_OK(s);
@@ -299,6 +323,54 @@ static void test_kvm(const npt_host_api *host, const char *kvm_so, const char *f
     CHECK_ST(ops->host_pmem_get(ops->backend_data, n, &past, NULL, 0), NPT_ERR_NOT_FOUND);
 }
 
+/* ------------------------------------------------------------------------ */
+/* MODE args: the KVM plugin's arguments through the core                     */
+/* ------------------------------------------------------------------------ */
+static size_t backends(npt_context *ctx) {
+    size_t n = 0;
+    CHECK_OK(npt_backend_count(ctx, &n));
+    return n;
+}
+
+static void refused(npt_context *ctx, const char *kvm_so, const char *key, const char *value, const char *mention) {
+    size_t before = backends(ctx);
+    /* A good argument first: the bad one is refused whatever comes before it. */
+    npt_plugin_arg a[] = {{strcmp(key, "pmem-dir") ? "pmem-dir" : "pmem-size", strcmp(key, "pmem-dir") ? "/tmp" : "4096"}, {key, value}};
+    const char *name = "untouched";
+    CHECK_ST(npt_plugin_load_with(ctx, kvm_so, a, 2, &name), NPT_ERR_INVALID_ARGUMENT);
+    int says = strstr(npt_last_error(), mention) != NULL;
+    check_at(says, "npt_last_error() names the argument", CHECK_FILE, __LINE__);
+    if (!says) fprintf(stderr, "  %s=%s: npt_last_error() = %s\n", key, value, npt_last_error());
+    CHECK_EQ(backends(ctx), before); /* nothing registered */
+    CHECK(strcmp(name, "untouched") == 0);
+    printf("refused %s=%s: %s\n", key, value, npt_last_error());
+}
+
+static void test_args(const char *kvm_so, const char *fixtures) {
+    npt_context *ctx = NULL;
+    CHECK_OK(npt_context_create(&ctx));
+    refused(ctx, kvm_so, "bogus", "1", "unknown argument 'bogus'");
+    refused(ctx, kvm_so, "pmem-size", "4097", "pmem-size=4097");
+    refused(ctx, kvm_so, "pmem-size", "0", "pmem-size=0");
+    refused(ctx, kvm_so, "pmem-size", "lots", "pmem-size=lots");
+    refused(ctx, kvm_so, "pmem-needs-flush", "yes", "pmem-needs-flush=yes");
+    refused(ctx, kvm_so, "pmem-dir", "/nonexistent/nptkit", "pmem-dir=/nonexistent/nptkit");
+    refused(ctx, kvm_so, "nd-root", "relative/path", "nd-root=relative/path");
+    /* The same key twice is the core's refusal (before the plugin is asked). */
+    npt_plugin_arg twice[] = {{"pmem-size", "4096"}, {"pmem-size", "8192"}};
+    CHECK_ST(npt_plugin_load_with(ctx, kvm_so, twice, 2, NULL), NPT_ERR_INVALID_ARGUMENT);
+    /* Every argument the plugin documents, with good values: loaded and registered as "kvm". */
+    char root[4096];
+    path_join(root, sizeof root, fixtures, "none");
+    npt_plugin_arg good[] = {{"pmem-dir", "/tmp"}, {"pmem-size", "0x200000"}, {"nd-root", root}, {"pmem-needs-flush", "0"}};
+    const char *name = NULL;
+    size_t before = backends(ctx);
+    CHECK_OK(npt_plugin_load_with(ctx, kvm_so, good, 4, &name));
+    CHECK(name != NULL && strcmp(name, "kvm") == 0);
+    CHECK_EQ(backends(ctx), before + 1);
+    CHECK_OK(npt_context_destroy(ctx));
+}
+
 int main(int argc, char **argv) {
     if (argc != 5) {
         fprintf(stderr, "usage: %s SAMPLE_SO KVM_SO FIXTURES_SYSFS MODE\n", argv[0]);
@@ -327,6 +399,8 @@ int main(int argc, char **argv) {
         test_kvm(host, kvm_so, fixtures, mode + 4, 0);
     } else if (strncmp(mode, "kvm-old:", 8) == 0) {
         test_kvm(host, kvm_so, fixtures, mode + 8, 1);
+    } else if (strcmp(mode, "args") == 0) {
+        test_args(kvm_so, fixtures);
     } else {
         fprintf(stderr, "unknown mode %s\n", mode);
         return 2;

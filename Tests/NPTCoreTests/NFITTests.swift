@@ -1,6 +1,7 @@
 import Foundation
 import NPTCore
 import Testing
+import NPTScenarios
 
 /// Tests/Fixtures, located from this file.
 let fixturesDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()

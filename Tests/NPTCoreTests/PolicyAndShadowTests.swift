@@ -1,5 +1,6 @@
 import NPTCore
 import Testing
+import NPTScenarios
 
 
 let validPerms: [EPTPermissions] = [[], [.read], [.read, .write], [.read, .supervisorExecute], [.read, .userExecute],

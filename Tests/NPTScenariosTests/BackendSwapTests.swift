@@ -25,9 +25,10 @@ enum SwapBackends {
     static func registry(hostPMemNeedsFlush needs: Bool = true) throws -> BackendRegistry {
         let r = BackendRegistry()
         try r.register(SimulatorBackend(platform: .standard(needsWPQFlush: needs)), makeDefault: true)
-        // plugin v2: the KVM plugin's host region kind through its environment (v2: its arguments).
-        setenv("NPTKIT_KVM_PMEM_NEEDS_FLUSH", needs ? "1" : "0", 1)
-        if kvmSkipped == nil, let p = kvmPlugin { try NPTKitRuntime.loadPlugin(p, into: r) }
+        // The KVM plugin's host region kind: its argument pmem-needs-flush.
+        if kvmSkipped == nil, let p = kvmPlugin {
+            try NPTKitRuntime.loadPlugin(p, arguments: [PluginArgument(key: "pmem-needs-flush", value: needs ? "1" : "0")], into: r)
+        }
         return r
     }
 
@@ -176,6 +177,15 @@ enum SwapBackends {
             #expect(o.regionAbsentAfter, "\(name): the region stayed in a hierarchy")
             #expect(o.finalState.holder == -1 && o.finalState.queue.isEmpty, "\(name)")
             if o.instructionsCounted { #expect(o.outsideWhileVisible == 0, "\(name)") }
+            if host.backend.isPlugin {
+                // kvm's own statistics by name (npt_vm_backend_stats): told of each entry and leave
+                // once (vcpu_enter/leave_privileged), each RSM reported, the probes answered all ones.
+                let b = o.backendStatistics
+                #expect(b.value("privileged_entries") == UInt64(n), "\(name): \(b)")
+                #expect(b.value("privileged_leaves") == UInt64(n), "\(name): \(b)")
+                #expect(b.value("rsm_exits") == UInt64(n), "\(name): \(b)")
+                #expect((b.value("region_unbacked_reads") ?? 0) > 0, "\(name): \(b)")
+            }
             print("BackendSwapTests: privileged mode on \(name): \(o.stats.entries) entries, \(o.probesBlocked) probes blocked, heartbeats \(o.heartbeats)")
         }
     }
@@ -186,7 +196,7 @@ enum SwapBackends {
         for host in try SwapBackends.hosts(registry) {
             let name = host.backend.name
             let records = 5
-            // A log of its own per case: KVM's backing file lives as long as the process.
+            // A log of its own per case (each registry loads the KVM plugin, with a backing file of its own).
             let s = NVDIMMScenario(needsWPQFlush: needsWPQFlush, records: records, tail: true,
                                    logOffset: needsWPQFlush ? 0 : NVDIMMScenario.logStride)
             let o = try s.run(host: host, mode: try #require(host.strongestMode))
@@ -236,6 +246,32 @@ enum SwapBackends {
 
     /// A scenario has an image for the simulator's ISA and x86-64 only: another ISA is refused
     /// with a message naming the scenario and the ISA.
+    /// The plugin's arguments (plugin interface 2): an unknown key or a bad value is refused with the
+    /// plugin's reason in the error, and nothing is registered; the documented ones are taken. Needs
+    /// the plugin file only, not /dev/kvm.
+    @Test func kvmPluginRefusesUnknownAndBadArguments() throws {
+        guard let p = SwapBackends.kvmPlugin else { print("BackendSwapTests: SKIPPED: libnptkit-kvm.so is not beside the test binary"); return }
+        let bad: [(String, String, String)] = [("bogus", "1", "unknown argument 'bogus'"), ("pmem-size", "4097", "pmem-size=4097"),
+                                               ("pmem-needs-flush", "2", "pmem-needs-flush=2"), ("pmem-dir", "/nonexistent", "pmem-dir=/nonexistent"),
+                                               ("nd-root", "sys", "nd-root=sys")]
+        for (key, value, mention) in bad {
+            let r = BackendRegistry()
+            do {
+                try NPTKitRuntime.loadPlugin(p, arguments: [PluginArgument(key: key, value: value)], into: r)
+                Issue.record("\(key)=\(value) was accepted")
+            } catch {
+                #expect(error.code == .invalidArgument, "\(key)=\(value): \(error)")
+                #expect(error.message.contains(mention), "\(key)=\(value): \(error.message)")
+            }
+            #expect(r.all.isEmpty, "\(key)=\(value): something was registered")
+        }
+        let r = BackendRegistry()
+        let name = try NPTKitRuntime.loadPlugin(p, arguments: [PluginArgument(key: "pmem-dir", value: "/tmp"), PluginArgument(key: "pmem-size", value: "0x100000"),
+                                                               PluginArgument(key: "nd-root", value: "/nonexistent"), PluginArgument(key: "pmem-needs-flush", value: "0")],
+                                                into: r)
+        #expect(name == "kvm")
+    }
+
     @Test func anISAWithoutAnImageIsRefusedByName() throws {
         for isa in [GuestISA.none, .unknown] {
             do {

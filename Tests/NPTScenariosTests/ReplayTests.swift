@@ -1,4 +1,5 @@
 import NPTCore
+import NPTHost
 import NPTKit
 import NPTScenarios
 import NPTSimulator

@@ -3,6 +3,7 @@ import NPTScenarios
 import NPTSimulator
 import Synchronization
 import Testing
+import NPTHost
 
 /// Issue 9: what each mode guarantees on which backend, and the holes found in the MBEC emulation.
 @Suite struct GuaranteeTests {

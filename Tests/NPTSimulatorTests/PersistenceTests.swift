@@ -3,6 +3,7 @@ import NPTScenarios
 import NPTSimulator
 import Synchronization
 import Testing
+import NPTHost
 
 @discardableResult
 func runToHalt(_ v: VirtualCPU) throws -> [(port: Int32, value: UInt64)] { try NVDIMMScenario.runToHalt(v) }

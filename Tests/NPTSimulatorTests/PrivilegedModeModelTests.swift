@@ -1,5 +1,6 @@
 import NPTCore
 import Testing
+import NPTModelCheck
 
 /// Exhaustive interleavings of the privileged-mode protocol (the transition code the runtime uses).
 @Suite struct PrivilegedModeModelTests {

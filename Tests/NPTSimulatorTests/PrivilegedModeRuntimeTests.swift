@@ -3,6 +3,7 @@ import NPTScenarios
 import NPTSimulator
 import Synchronization
 import Testing
+import NPTHost
 
 @Suite(.serialized) struct PrivilegedModeRuntimeTests {
     func vm(budget: UInt64 = 2000) throws -> VirtualMachine {

@@ -5,6 +5,7 @@ import NPTScenarios
 import NPTSimulator
 import Synchronization
 import Testing
+import NPTHost
 
 @Suite struct HVCIScenarioTests {
     func check(_ o: HVCIScenario.Outcome, syscalls: Int) throws {

@@ -476,6 +476,10 @@ static const npt_backend_ops sample_ops = {
 /* ---- the entries --------------------------------------------------------- */
 
 #ifndef SAMPLE_INTERFACE_1_ONLY
+struct sample_table { npt_backend_ops ops; struct sample_table *next; };
+static struct sample_table *tables;
+static pthread_mutex_t tables_lock = PTHREAD_MUTEX_INITIALIZER;
+
 static char *copy_string(const char *s) {
     size_t n = strlen(s) + 1;
     char *p = malloc(n);
@@ -507,17 +511,32 @@ EXPORT npt_status npt_plugin_init(const npt_plugin_info *info, const npt_backend
             return NPT_ERR_INVALID_ARGUMENT;
         }
     }
-    npt_backend_ops *mine = malloc(sizeof *mine);
+    /* A plugin is never unloaded, so its tables live as long as the process: one per name and
+     * description, kept in a list (loading the same configuration again reuses its table, so
+     * repeated loads do not grow memory, and the tables stay reachable: no leak). */
+    pthread_mutex_lock(&tables_lock);
+    for (struct sample_table *t = tables; t != NULL; t = t->next) {
+        if (strcmp(t->ops.name, name) == 0 && strcmp(t->ops.description, description) == 0) {
+            *ops = &t->ops;
+            pthread_mutex_unlock(&tables_lock);
+            return NPT_OK;
+        }
+    }
+    struct sample_table *mine = malloc(sizeof *mine);
     char *n = copy_string(name), *d = copy_string(description);
     if (mine == NULL || n == NULL || d == NULL) {
+        pthread_mutex_unlock(&tables_lock);
         free(mine), free(n), free(d);
         say("sample: out of memory");
         return NPT_ERR_BACKEND;
     }
-    *mine = sample_ops;
-    mine->name = n;
-    mine->description = d;
-    *ops = mine;
+    mine->ops = sample_ops;
+    mine->ops.name = n;
+    mine->ops.description = d;
+    mine->next = tables;
+    tables = mine;
+    *ops = &mine->ops;
+    pthread_mutex_unlock(&tables_lock);
     return NPT_OK;
 }
 #endif

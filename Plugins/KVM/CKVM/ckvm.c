@@ -30,3 +30,7 @@ int ckvm_kick_signal_install(void) {
 }
 
 int ckvm_kick_thread(pthread_t thread) { return pthread_kill(thread, ckvm_kick_signal_install()); }
+
+static __thread const void *current_host;
+void ckvm_set_current_host(const void *host) { current_host = host; }
+const void *ckvm_current_host(void) { return current_host; }

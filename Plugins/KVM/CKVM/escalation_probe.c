@@ -24,6 +24,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -161,14 +162,16 @@ static int user_state(struct probe *p, int compat) {
 }
 
 /* KVM_RUN with a watchdog: a guest that ran past the bound is stopped by the kick signal. */
-struct watchdog { pthread_t target; volatile int done; struct kvm_run *run; };
+/* `done` is atomic: the watchdog thread reads it while the running thread sets it (volatile is no
+ * synchronization; ThreadSanitizer reported the race). */
+struct watchdog { pthread_t target; _Atomic int done; struct kvm_run *run; };
 static void *watch(void *arg) {
     struct watchdog *w = arg;
-    for (int i = 0; i < 100 && !w->done; i++) {
+    for (int i = 0; i < 100 && !atomic_load(&w->done); i++) {
         struct timespec ts = {0, 10 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }
-    if (!w->done) { ckvm_run_set_immediate_exit(w->run, 1); ckvm_kick_thread(w->target); }
+    if (!atomic_load(&w->done)) { ckvm_run_set_immediate_exit(w->run, 1); ckvm_kick_thread(w->target); }
     return NULL;
 }
 static int run_bounded(struct probe *p) {
@@ -177,7 +180,7 @@ static int run_bounded(struct probe *p) {
     int have = pthread_create(&t, NULL, watch, &w) == 0;
     int rc = ioctl(p->cpu, KVM_RUN, 0);
     int err = errno;
-    w.done = 1;
+    atomic_store(&w.done, 1);
     if (have) pthread_join(t, NULL);
     ckvm_run_set_immediate_exit(p->run, 0);
     return rc < 0 ? -err : (int)p->run->exit_reason;

@@ -11,6 +11,10 @@ import Glibc
 /// VMs, one per memslot layout its vCPUs need (views, Views.swift).
 final class KVMVM: @unchecked Sendable {
     let system: KVMSystem
+    /// The plugin load this VM was created by (its host table, its configuration).
+    let plugin: KVMPlugin
+    /// vm_stats (Stats.swift).
+    let stats = Counters<VMStatistic>()
     let memory: GuestMemory
     /// The core's handle of this VM (for npt_host_api calls).
     let handle: OpaquePointer?
@@ -27,13 +31,21 @@ final class KVMVM: @unchecked Sendable {
     let region = Mutex(RegionState())
     let regionDefined = Atomic<Bool>(false)
 
-    private init(system: KVMSystem, primary: KVMView, memory: GuestMemory, handle: OpaquePointer?, cpuid: KVMCPUID) {
-        self.system = system; self.primary = primary; self.memory = memory; self.handle = handle; self.cpuid = cpuid
+    private init(plugin: KVMPlugin, system: KVMSystem, primary: KVMView, memory: GuestMemory, handle: OpaquePointer?, cpuid: KVMCPUID) {
+        self.plugin = plugin; self.system = system; self.primary = primary; self.memory = memory; self.handle = handle; self.cpuid = cpuid
     }
 
-    static func from(_ p: UnsafeMutableRawPointer?) -> KVMVM { Unmanaged<KVMVM>.fromOpaque(p!).takeUnretainedValue() }
+    /// The VM behind `vm_data`; its load's host receives this thread's errors from now on.
+    static func from(_ p: UnsafeMutableRawPointer?) -> KVMVM {
+        let v = Unmanaged<KVMVM>.fromOpaque(p!).takeUnretainedValue()
+        ckvm_set_current_host(v.plugin.host)
+        return v
+    }
 
-    static func create(handle: OpaquePointer?, config: UnsafePointer<npt_vm_config>?,
+    /// The core's table of this VM's load.
+    var host: UnsafePointer<npt_host_api> { plugin.host }
+
+    static func create(plugin: KVMPlugin, handle: OpaquePointer?, config: UnsafePointer<npt_vm_config>?,
                        out: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> npt_status {
         guard let config, let out else { return fail(NPT_ERR_INVALID_ARGUMENT, "vm_create: NULL config or out") }
         let ram = config.pointee.ram_size
@@ -60,7 +72,7 @@ final class KVMVM: @unchecked Sendable {
             let primary = try KVMView(id: 0, vm: try system.createVM(), key: nil)
             try primary.vm.setUserMemoryRegion(slot: 0, flags: kvmMemLogDirty, gpa: 0, size: ram, host: memory.base)
             primary.slots[0] = MappedRange(gpa: 0, size: ram)
-            let v = KVMVM(system: system, primary: primary, memory: memory, handle: handle, cpuid: cpuid)
+            let v = KVMVM(plugin: plugin, system: system, primary: primary, memory: memory, handle: handle, cpuid: cpuid)
             v.layout.withLock { $0.views = [primary] }
             out.pointee = Unmanaged.passRetained(v).toOpaque()
             return NPT_OK

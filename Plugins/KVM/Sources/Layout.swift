@@ -69,44 +69,11 @@ struct LayoutState: Sendable {
     var bitmap: [UInt64] = []
 }
 
-/// Process-wide counters (exported as npt_kvm_layout_stats): layouts installed into a view (at its
-/// creation, after an invalidate or an NVDIMM attachment, when it changed anything), memslot updates
-/// in total and in the last install.
-let layoutSwitches = Atomic<UInt64>(0)
-let memslotUpdates = Atomic<UInt64>(0)
-let lastSwitchUpdates = Atomic<UInt64>(0)
-
-/// Layout installs, KVM_SET_USER_MEMORY_REGION calls they made in total, and in the last install.
-/// (A hierarchy switch moves the vCPU to another view and updates no memslot: npt_kvm_view_stats.)
-@_cdecl("npt_kvm_layout_stats")
-public func npt_kvm_layout_stats(_ switches: UnsafeMutablePointer<UInt64>?, _ updates: UnsafeMutablePointer<UInt64>?,
-                                 _ last: UnsafeMutablePointer<UInt64>?) {
-    switches?.pointee = layoutSwitches.load(ordering: .relaxed)
-    updates?.pointee = memslotUpdates.load(ordering: .relaxed)
-    last?.pointee = lastSwitchUpdates.load(ordering: .relaxed)
-}
-
 /// What a hierarchy's layout maps: its executable RAM ranges, and its executable ranges beyond RAM
 /// (of which the NVDIMM ranges' runs are taken; the vFHA, also there, keeps its own memslot).
 struct LayoutPlan: Sendable {
     var ram: [MappedRange]
     var beyond: [MappedRange]
-}
-
-/// Process-wide counters (exported as npt_kvm_mmio_stats): data accesses to pages left out of the
-/// installed layout that the plugin completed (KVM_EXIT_MMIO), to RAM and to NVDIMM ranges.
-let mmioCompletionsRAM = Atomic<UInt64>(0)
-let mmioCompletionsPmem = Atomic<UInt64>(0)
-
-/// The MMIO exits the plugin completed from RAM and from NVDIMM file mappings, in total.
-@_cdecl("npt_kvm_mmio_stats")
-public func npt_kvm_mmio_stats(_ ram: UnsafeMutablePointer<UInt64>?, _ nvdimm: UnsafeMutablePointer<UInt64>?) {
-    ram?.pointee = mmioCompletionsRAM.load(ordering: .relaxed)
-    nvdimm?.pointee = mmioCompletionsPmem.load(ordering: .relaxed)
-}
-
-func countMMIOCompletion(ram: Bool) {
-    if ram { mmioCompletionsRAM.add(1, ordering: .relaxed) } else { mmioCompletionsPmem.add(1, ordering: .relaxed) }
 }
 
 final class LeafCollector {
@@ -140,7 +107,7 @@ final class LeafCollector {
 extension KVMVM {
     /// The executable ranges of `hierarchy` (read-only where it does not permit writes), from the core (nil without a host table or VM handle).
     func executableRanges(_ hierarchy: UInt32) -> LayoutPlan? {
-        guard let host = hostAPI, let leaves = host.pointee.hierarchy_leaves, let handle else { return nil }
+        guard let leaves = host.pointee.hierarchy_leaves, let handle else { return nil }
         let c = LeafCollector(ramSize: UInt64(memory.size))
         let s = withExtendedLifetime(c) {
             leaves(handle, hierarchy, { gpa, size, perms, ud in
@@ -189,9 +156,9 @@ extension KVMVM {
         updates += try syncPmemRuns(v, MappedRange.subtracting(key.layout.hidden, from: plan.beyond))
         updates += try syncRegionSlot(v, want: key.region)
         if updates > 0 {
-            layoutSwitches.add(1, ordering: .relaxed)
-            memslotUpdates.add(updates, ordering: .relaxed)
-            lastSwitchUpdates.store(updates, ordering: .relaxed)
+            stats.add(.layoutInstalls)
+            stats.add(.memslotUpdates, updates)
+            stats.set(.memslotUpdatesLastInstall, updates)
         }
     }
 
@@ -199,7 +166,7 @@ extension KVMVM {
     /// W bit 1, X bit 2; 0 if not present), or nil without a core (a VM created straight from the
     /// ops has no policy: everything is permitted).
     func permissions(_ hierarchy: UInt32, _ gpa: UInt64) -> UInt64? {
-        guard let host = hostAPI, let tr = host.pointee.hierarchy_translate, let handle else { return nil }
+        guard let tr = host.pointee.hierarchy_translate, let handle else { return nil }
         var t = npt_translation()
         t.size = UInt32(MemoryLayout<npt_translation>.size)
         guard tr(handle, hierarchy, gpa, &t) == NPT_OK, t.level != 0 else { return 0 }

@@ -2,21 +2,22 @@
 // NVDIMM region where the host has one), the vFHA as a KVM_MEM_READONLY memslot when the host
 // needs WPQ flushing, and physical flushes as msync (or a region's deep_flush).
 //
-// Host regions (process-wide, discovered once, at the first host_pmem_count):
+// Host regions (per plugin load, discovered once, at the first host_pmem_count):
 //  - real NVDIMM regions, as the core's one host discovery finds them in the libnvdimm sysfs tree
-//    ($NPTKIT_KVM_ND_ROOT, default /sys/bus/nd/devices): the plugin does not read sysfs itself but
+//    (argument nd-root, default /sys/bus/nd/devices): the plugin does not read sysfs itself but
 //    calls npt_host_api.host_pmem_discover_sysfs (ABI 1.2; a host table whose size does not cover it,
 //    i.e. an older core, has none, and the plugin then finds no real region). Each region is reported
 //    as the core found it: id N of regionN, base, length, controller count, flush targets (address 0)
 //    and needs_wpq_flush (flush hints and no persistence_domain holding the WPQs); a physical flush
 //    writes "1" to ROOT/regionN/deep_flush. Attaching them is not implemented (NPT_ERR_UNSUPPORTED: it
 //    would need the region's namespace device); this machine has none.
-//  - otherwise ONE file-backed region: id 1, an unlinked temp file in $NPTKIT_KVM_PMEM_DIR
-//    (default /tmp) of $NPTKIT_KVM_PMEM_SIZE bytes (default 64 MiB; ftruncate'd), base 0 (a file
-//    has no system-physical address), controller 0 with flush target address 0, and
-//    needs_wpq_flush = 1: a file's dirty pages are durable only after msync/fdatasync, which is
-//    this backend's WPQ drain. NPTKIT_KVM_PMEM_NEEDS_FLUSH=0 makes it report 0 (read at every
-//    host_pmem_get; the core asks once per VM), to show the path without exits.
+//  - otherwise ONE file-backed region: id 1, an unlinked temp file in `pmem-dir` (default /tmp) of
+//    `pmem-size` bytes (default 64 MiB; ftruncate'd), base 0 (a file has no system-physical
+//    address), controller 0 with flush target address 0, and needs_wpq_flush = 1: a file's dirty
+//    pages are durable only after msync/fdatasync, which is this backend's WPQ drain.
+//    `pmem-needs-flush=0` makes it report 0, to show the path without exits: a claim of ADR the
+//    file does not have (its pages reach the disk when the kernel writes them back), the weaker
+//    guarantee Plugins/KVM/README.md names.
 //
 // Memslots: NVDIMM ranges and the vFHA use slot ids from `pmemFirstSlot` up (the RAM layouts use ids
 // from 0). The vFHA's memslot is in every layout. An NVDIMM range is mapped (to its file mapping,
@@ -56,24 +57,6 @@ struct HostPmemRegion: Sendable {
     var kind: Kind
 }
 
-/// nil until discovered; discovery is process-wide and happens once.
-let hostPmem = Mutex<[HostPmemRegion]?>(nil)
-/// Process-wide counters (exported as npt_kvm_pmem_stats).
-let pmemPhysicalFlushes = Atomic<UInt64>(0)
-let pmemFlushNanos = Atomic<UInt64>(0)
-
-/// Physical flushes done (msync / deep_flush writes) and the nanoseconds they took in total.
-@_cdecl("npt_kvm_pmem_stats")
-public func npt_kvm_pmem_stats(_ flushes: UnsafeMutablePointer<UInt64>?, _ nanos: UnsafeMutablePointer<UInt64>?) {
-    flushes?.pointee = pmemPhysicalFlushes.load(ordering: .relaxed)
-    nanos?.pointee = pmemFlushNanos.load(ordering: .relaxed)
-}
-
-func env(_ name: String) -> String? {
-    guard let p = getenv(name) else { return nil }
-    return String(cString: p)
-}
-
 func monotonicNanos() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -98,128 +81,124 @@ func hostLastError(_ host: UnsafePointer<npt_host_api>) -> String {
     return String(cString: p)
 }
 
-/// Real NVDIMM regions, from the core's discovery (npt_host_api.host_pmem_discover_sysfs) of the
-/// libnvdimm tree at $NPTKIT_KVM_ND_ROOT (default: the core's, /sys/bus/nd/devices). None when the
-/// host table has no discovery (a core older than ABI 1.2) or the tree does not exist (no libnvdimm).
-func discoverNDRegions() -> Result<[HostPmemRegion], PmemError> {
-    guard let host = hostAPI, hostHas(host, \.host_pmem_discover_sysfs),
-          let discover = host.pointee.host_pmem_discover_sysfs else { return .success([]) }
-    let root = env("NPTKIT_KVM_ND_ROOT") ?? "/sys/bus/nd/devices"
-    var regions: [npt_sysfs_pmem_region] = []
-    var targets: [npt_flush_target] = []
-    var status = NPT_ERR_BUFFER_TOO_SMALL
-    // A region may appear between the call that counts and the one that fills: ask again.
-    for _ in 0..<4 where status == NPT_ERR_BUFFER_TOO_SMALL {
-        var nr = 0, nt = 0
-        status = root.withCString { discover($0, nil, 0, &nr, nil, 0, &nt) }
-        if status == NPT_ERR_BUFFER_TOO_SMALL || (status == NPT_OK && (nr > 0 || nt > 0)) {
-            regions = [npt_sysfs_pmem_region](repeating: npt_sysfs_pmem_region(), count: nr)
-            targets = [npt_flush_target](repeating: npt_flush_target(), count: nt)
-            status = root.withCString { r in
-                regions.withUnsafeMutableBufferPointer { rb in
-                    targets.withUnsafeMutableBufferPointer { tb in discover(r, rb.baseAddress, nr, &nr, tb.baseAddress, nt, &nt) }
+extension KVMPlugin {
+    /// Real NVDIMM regions, from the core's discovery (npt_host_api.host_pmem_discover_sysfs) of the
+    /// libnvdimm tree at the `nd-root` argument (default: the core's, /sys/bus/nd/devices). None when the
+    /// host table has no discovery (a core older than ABI 1.2) or the tree does not exist (no libnvdimm).
+    func discoverNDRegions() -> Result<[HostPmemRegion], PmemError> {
+        guard hostHas(host, \.host_pmem_discover_sysfs),
+              let discover = host.pointee.host_pmem_discover_sysfs else { return .success([]) }
+        let root = config.ndRoot
+        var regions: [npt_sysfs_pmem_region] = []
+        var targets: [npt_flush_target] = []
+        var status = NPT_ERR_BUFFER_TOO_SMALL
+        // A region may appear between the call that counts and the one that fills: ask again.
+        for _ in 0..<4 where status == NPT_ERR_BUFFER_TOO_SMALL {
+            var nr = 0, nt = 0
+            status = root.withCString { discover($0, nil, 0, &nr, nil, 0, &nt) }
+            if status == NPT_ERR_BUFFER_TOO_SMALL || (status == NPT_OK && (nr > 0 || nt > 0)) {
+                regions = [npt_sysfs_pmem_region](repeating: npt_sysfs_pmem_region(), count: nr)
+                targets = [npt_flush_target](repeating: npt_flush_target(), count: nt)
+                status = root.withCString { r in
+                    regions.withUnsafeMutableBufferPointer { rb in
+                        targets.withUnsafeMutableBufferPointer { tb in discover(r, rb.baseAddress, nr, &nr, tb.baseAddress, nt, &nt) }
+                    }
                 }
             }
         }
-    }
-    if status == NPT_ERR_NOT_FOUND { return .success([]) }
-    guard status == NPT_OK else {
-        return .failure(PmemError(status, "host NVDIMM discovery in \(root): \(hostLastError(host))"))
-    }
-    return .success(regions.map { r in
-        let first = Int(r.first_target), n = Int(r.flush_target_count)
-        let ts = first + n <= targets.count ? Array(targets[first..<(first + n)]) : []
-        return HostPmemRegion(id: r.id, base: r.base, length: r.length,
-                              kind: .nd(deepFlush: root + "/region\(r.id)/deep_flush", controllers: r.controller_count,
-                                        targets: ts, needsWPQFlush: r.needs_wpq_flush != 0))
-    })
-}
-
-/// The plugin's file-backed region (id 1).
-func createFileRegion() -> Result<HostPmemRegion, PmemError> {
-    let dir = env("NPTKIT_KVM_PMEM_DIR") ?? "/tmp"
-    var size: UInt64 = 64 << 20
-    if let s = env("NPTKIT_KVM_PMEM_SIZE") {
-        guard let v = parseNumber(s), v > 0, v % 4096 == 0 else {
-            return .failure(PmemError(NPT_ERR_INVALID_ARGUMENT, "NPTKIT_KVM_PMEM_SIZE=\(s) is not a positive multiple of 4 KiB"))
+        if status == NPT_ERR_NOT_FOUND { return .success([]) }
+        guard status == NPT_OK else {
+            return .failure(PmemError(status, "host NVDIMM discovery in \(root): \(hostLastError(host))"))
         }
-        size = v
+        return .success(regions.map { r in
+            let first = Int(r.first_target), n = Int(r.flush_target_count)
+            let ts = first + n <= targets.count ? Array(targets[first..<(first + n)]) : []
+            return HostPmemRegion(id: r.id, base: r.base, length: r.length,
+                                  kind: .nd(deepFlush: root + "/region\(r.id)/deep_flush", controllers: r.controller_count,
+                                            targets: ts, needsWPQFlush: r.needs_wpq_flush != 0))
+        })
     }
-    var template = Array((dir + "/nptkit-kvm-pmem-XXXXXX").utf8CString)
-    let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-    guard fd >= 0 else {
-        return .failure(PmemError(NPT_ERR_BACKEND, "cannot create the NVDIMM backing file in \(dir): errno \(errno)"))
+
+    /// The plugin's file-backed region (id 1): `pmem-size` bytes in `pmem-dir` (arguments checked at init).
+    func createFileRegion() -> Result<HostPmemRegion, PmemError> {
+        let dir = config.pmemDir
+        let size = config.pmemSize
+        var template = Array((dir + "/nptkit-kvm-pmem-XXXXXX").utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else {
+            return .failure(PmemError(NPT_ERR_BACKEND, "cannot create the NVDIMM backing file in \(dir): errno \(errno)"))
+        }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        // Unlinked at once: nothing is left behind; the open descriptor keeps the file.
+        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            let e = errno
+            close(fd)
+            return .failure(PmemError(NPT_ERR_BACKEND, "ftruncate of the NVDIMM backing file to \(size) bytes: errno \(e)"))
+        }
+        return .success(HostPmemRegion(id: 1, base: 0, length: size, kind: .file(fd: fd)))
     }
-    _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-    // Unlinked at once: nothing is left behind; the open descriptor keeps the file.
-    template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
-    guard ftruncate(fd, off_t(size)) == 0 else {
-        let e = errno
-        close(fd)
-        return .failure(PmemError(NPT_ERR_BACKEND, "ftruncate of the NVDIMM backing file to \(size) bytes: errno \(e)"))
+
+    func hostRegions() -> Result<[HostPmemRegion], PmemError> {
+        hostPmem.withLock { st in
+            if let st { return .success(st) }
+            let nd: [HostPmemRegion]
+            switch discoverNDRegions() {
+            case .success(let r): nd = r
+            case .failure(let e): return .failure(e)
+            }
+            if !nd.isEmpty { st = nd; return .success(nd) }
+            switch createFileRegion() {
+            case .success(let r): st = [r]; return .success([r])
+            case .failure(let e): return .failure(e)
+            }
+        }
     }
-    return .success(HostPmemRegion(id: 1, base: 0, length: size, kind: .file(fd: fd)))
+
+    func hostPmemCount(_ count: UnsafeMutablePointer<Int>?) -> npt_status {
+        guard let count else { return fail(NPT_ERR_INVALID_ARGUMENT, "host_pmem_count: NULL count") }
+        switch hostRegions() {
+        case .success(let r): count.pointee = r.count; return NPT_OK
+        case .failure(let e): return fail(e.status, "host_pmem_count: " + e.message)
+        }
+    }
+
+    func hostPmemGet(_ index: Int, _ region: UnsafeMutablePointer<npt_host_pmem_region>?,
+                     _ targets: UnsafeMutablePointer<npt_flush_target>?, _ cap: Int) -> npt_status {
+        guard let region else { return fail(NPT_ERR_INVALID_ARGUMENT, "host_pmem_get: NULL region") }
+        let regions: [HostPmemRegion]
+        switch hostRegions() {
+        case .success(let r): regions = r
+        case .failure(let e): return fail(e.status, "host_pmem_get: " + e.message)
+        }
+        guard index < regions.count else { return fail(NPT_ERR_NOT_FOUND, "host_pmem_get: index \(index) of \(regions.count)") }
+        let r = regions[index]
+        region.pointee.id = r.id
+        region.pointee.base = r.base
+        region.pointee.length = r.length
+        let ts: [npt_flush_target]
+        switch r.kind {
+        case .file:
+            region.pointee.needs_wpq_flush = config.pmemNeedsFlush ? 1 : 0
+            region.pointee.controller_count = 1
+            ts = [npt_flush_target(controller: 0, reserved: 0, address: 0)]
+        case .nd(_, let controllers, let targets, let needs):
+            region.pointee.needs_wpq_flush = needs ? 1 : 0
+            region.pointee.controller_count = controllers
+            ts = targets
+        }
+        region.pointee.flush_target_count = UInt32(ts.count)
+        if let targets {
+            for (i, t) in ts.prefix(max(0, cap)).enumerated() { targets[i] = t }
+        }
+        return NPT_OK
+    }
 }
 
 struct PmemError: Error {
     var status: npt_status
     var message: String
     init(_ s: npt_status, _ m: String) { status = s; message = m }
-}
-
-func hostRegions() -> Result<[HostPmemRegion], PmemError> {
-    hostPmem.withLock { st in
-        if let st { return .success(st) }
-        let nd: [HostPmemRegion]
-        switch discoverNDRegions() {
-        case .success(let r): nd = r
-        case .failure(let e): return .failure(e)
-        }
-        if !nd.isEmpty { st = nd; return .success(nd) }
-        switch createFileRegion() {
-        case .success(let r): st = [r]; return .success([r])
-        case .failure(let e): return .failure(e)
-        }
-    }
-}
-
-func hostPmemCount(_ count: UnsafeMutablePointer<Int>?) -> npt_status {
-    guard let count else { return fail(NPT_ERR_INVALID_ARGUMENT, "host_pmem_count: NULL count") }
-    switch hostRegions() {
-    case .success(let r): count.pointee = r.count; return NPT_OK
-    case .failure(let e): return fail(e.status, "host_pmem_count: " + e.message)
-    }
-}
-
-func hostPmemGet(_ index: Int, _ region: UnsafeMutablePointer<npt_host_pmem_region>?,
-                 _ targets: UnsafeMutablePointer<npt_flush_target>?, _ cap: Int) -> npt_status {
-    guard let region else { return fail(NPT_ERR_INVALID_ARGUMENT, "host_pmem_get: NULL region") }
-    let regions: [HostPmemRegion]
-    switch hostRegions() {
-    case .success(let r): regions = r
-    case .failure(let e): return fail(e.status, "host_pmem_get: " + e.message)
-    }
-    guard index < regions.count else { return fail(NPT_ERR_NOT_FOUND, "host_pmem_get: index \(index) of \(regions.count)") }
-    let r = regions[index]
-    region.pointee.id = r.id
-    region.pointee.base = r.base
-    region.pointee.length = r.length
-    let ts: [npt_flush_target]
-    switch r.kind {
-    case .file:
-        region.pointee.needs_wpq_flush = env("NPTKIT_KVM_PMEM_NEEDS_FLUSH") == "0" ? 0 : 1
-        region.pointee.controller_count = 1
-        ts = [npt_flush_target(controller: 0, reserved: 0, address: 0)]
-    case .nd(_, let controllers, let targets, let needs):
-        region.pointee.needs_wpq_flush = needs ? 1 : 0
-        region.pointee.controller_count = controllers
-        ts = targets
-    }
-    region.pointee.flush_target_count = UInt32(ts.count)
-    if let targets {
-        for (i, t) in ts.prefix(max(0, cap)).enumerated() { targets[i] = t }
-    }
-    return NPT_OK
 }
 
 // MARK: per VM
@@ -291,7 +270,7 @@ extension KVMVM {
         guard size > 0, gpa % 4096 == 0, size % 4096 == 0, regionOffset % 4096 == 0, size <= UInt64(Int.max) else {
             return fail(NPT_ERR_INVALID_ARGUMENT, "attach_pmem: gpa \(hex(gpa)) size \(hex(size)) offset \(hex(regionOffset))")
         }
-        guard case .success(let regions) = hostRegions(), let r = regions.first(where: { $0.id == region }) else {
+        guard case .success(let regions) = plugin.hostRegions(), let r = regions.first(where: { $0.id == region }) else {
             return fail(NPT_ERR_NOT_FOUND, "attach_pmem: no host region \(region)")
         }
         guard regionOffset <= r.length, size <= r.length - regionOffset else {
@@ -440,7 +419,7 @@ extension KVMVM {
     /// A physical flush: msync(MS_SYNC) of every mapping of `region` in this VM (the file's dirty
     /// pages reach the disk: this backend's WPQ drain), or "1" written to a real region's deep_flush.
     func physicalFlush(_ region: UInt32, _ controller: UInt32, _ address: UInt64) -> npt_status {
-        guard case .success(let regions) = hostRegions(), let r = regions.first(where: { $0.id == region }) else {
+        guard case .success(let regions) = plugin.hostRegions(), let r = regions.first(where: { $0.id == region }) else {
             return fail(NPT_ERR_NOT_FOUND, "physical_flush: no host region \(region)")
         }
         let t0 = monotonicNanos()
@@ -460,8 +439,8 @@ extension KVMVM {
             }
             if let failed { return fail(NPT_ERR_BACKEND, "physical_flush: msync: errno \(failed)") }
         }
-        pmemPhysicalFlushes.add(1, ordering: .relaxed)
-        pmemFlushNanos.add(monotonicNanos() - t0, ordering: .relaxed)
+        stats.add(.physicalFlushes)
+        stats.add(.physicalFlushNanos, monotonicNanos() - t0)
         return NPT_OK
     }
 }

@@ -23,23 +23,27 @@
 //    the guest runs on. Data accesses to the window while the region is present but the exposed
 //    hierarchy does not execute it are completed from the backing. Other MMIO outside RAM is still
 //    NPT_EXIT_INTERNAL_ERROR.
-//  - entry: the core sets cr0 = 0, CPL 0, rip = region start + entry offset. SMM enters in a
-//    real-mode-like state with CS = SMBASE >> 4; the plugin does the same: 16-bit real mode, CS
-//    selector = (rip & ~0xFFFF) >> 4, base rip & ~0xFFFF, ip = rip & 0xFFFF, the other segments
-//    0 (so the region must lie below 1 MiB). The interrupted vCPU's full KVM state (KVM_GET_SREGS:
-//    segments, GDT, IDT, control registers, EFER) is saved by the plugin when set_regs moves a vCPU
-//    from outside the region to a rip inside it, and restored when set_regs next moves it to a rip
-//    outside (the core's RSM restores the registers it saved): the npt_regs fields alone cannot
-//    restore a long-mode vCPU's segments and descriptor tables, nor the segments a real-mode
-//    handler loaded.
+//  - entry and leave are told, never inferred (ABI 1.3): vcpu_enter_privileged saves the vCPU's full
+//    KVM state (KVM_GET_SREGS: segments, GDT, IDT, control registers, EFER; the core keeps the
+//    npt_regs) and puts it in the mode's entry state; only from then until vcpu_leave_privileged does
+//    a run of this vCPU use the view with the region (and complete data accesses to the region's
+//    window from its backing), and only then is an RSM the leave exit. A vCPU the core did not put in
+//    the mode runs in a view without the region whatever the hierarchies say: it fails closed.
+//    SMM enters in a real-mode-like state with CS = SMBASE >> 4; the plugin does the same: 16-bit real
+//    mode, CS selector = (rip & ~0xFFFF) >> 4, base rip & ~0xFFFF, ip = rip & 0xFFFF, the other
+//    segments 0 (so the region must lie below 1 MiB), CR0.PE/PG/EM/TS, CR4 and EFER cleared as SMM
+//    clears them, rax = the vCPU's index. vcpu_leave_privileged restores the saved state (the core then
+//    writes its npt_regs with set_regs): npt_regs alone cannot restore a long-mode vCPU's segments and
+//    descriptor tables, nor undo the segments a real-mode handler loaded.
 //  - RSM (0F AA) does not run on this KVM (no SMM): its emulator raises #UD, delivered (emulated)
-//    through the real-mode IVT (measured: a guest's RSM outside the mode reaches the guest's own
-//    #UD handler, and the core never sees it). Inside the region the plugin sets the IDT base to
-//    an unbacked GPA (regionIVT): the delivery pushes FLAGS, CS, IP on the handler's stack (SS:SP:
-//    the handler must have a stack, as real SMM code must), fails to read the IVT, and KVM makes
-//    it a triple fault: KVM_EXIT_SHUTDOWN with rip at the RSM. A shutdown (or an emulation
-//    failure) whose bytes at the linear rip are 0F AA is reported as NPT_EXIT_LEAVE_MODE; the
-//    core then restores the interrupted state.
+//    through the real-mode IVT. In the mode the plugin sets the IDT base to an unbacked GPA
+//    (regionIVT): the delivery pushes FLAGS, CS, IP on the handler's stack (SS:SP: the handler must
+//    have a stack, as real SMM code must), fails to read the IVT, and KVM makes it a triple fault:
+//    KVM_EXIT_SHUTDOWN with rip at the RSM (measured here). On a stock VMX/SVM KVM the failed
+//    delivery may show as KVM_EXIT_INTERNAL_ERROR (emulation failure, or DELIVERY_EV since Linux
+//    6.14; from KVM's source, not measured): accepted too. Such a stop of a vCPU in the mode whose
+//    bytes at the linear rip are 0F AA is reported as NPT_EXIT_LEAVE_MODE; outside the mode it is
+//    what it is (a triple fault: NPT_EXIT_INTERNAL_ERROR), as an RSM outside SMM is a #UD.
 //  - In real mode set up by set_regs npt_regs.rip is the linear address (CS.base + ip); with
 //    CS = 0 (the plugin's real-mode convention) that is ip. KVM's reset state is left as it was.
 import CKVM
@@ -61,38 +65,10 @@ struct RegionState: @unchecked Sendable {
     var size: UInt64 = 0
     var hostOffset: UInt64 = 0
     var backing: GuestMemory?
-    /// The interrupted state of the vCPUs inside the region (by vCPU index).
-    var saved: [UInt32: kvm_sregs] = [:]
 
     func contains(_ gpa: UInt64, _ len: UInt64 = 1) -> Bool {
         backing != nil && gpa >= self.gpa && gpa - self.gpa < size && len <= size - (gpa - self.gpa)
     }
-}
-
-/// Process-wide counters (exported as npt_kvm_region_stats).
-let regionSlotAdds = Atomic<UInt64>(0)
-let regionSlotRemoves = Atomic<UInt64>(0)
-let regionUnbackedReads = Atomic<UInt64>(0)
-let regionAddNanos = Atomic<UInt64>(0)
-let regionRemoveNanos = Atomic<UInt64>(0)
-
-/// The time the moves into and out of the region's view took in total (ns; their counts are
-/// npt_kvm_region_stats').
-@_cdecl("npt_kvm_region_times")
-public func npt_kvm_region_times(_ addNanos: UnsafeMutablePointer<UInt64>?, _ removeNanos: UnsafeMutablePointer<UInt64>?) {
-    addNanos?.pointee = regionAddNanos.load(ordering: .relaxed)
-    removeNanos?.pointee = regionRemoveNanos.load(ordering: .relaxed)
-}
-
-/// How often the region became visible to a vCPU (its entry into the mode: set_regs into the
-/// region) and invisible again (the exit: set_regs out of it), and the reads of the region's window
-/// answered with all ones while it was absent.
-@_cdecl("npt_kvm_region_stats")
-public func npt_kvm_region_stats(_ adds: UnsafeMutablePointer<UInt64>?, _ removes: UnsafeMutablePointer<UInt64>?,
-                                 _ unbackedReads: UnsafeMutablePointer<UInt64>?) {
-    adds?.pointee = regionSlotAdds.load(ordering: .relaxed)
-    removes?.pointee = regionSlotRemoves.load(ordering: .relaxed)
-    unbackedReads?.pointee = regionUnbackedReads.load(ordering: .relaxed)
 }
 
 extension KVMVM {
@@ -146,9 +122,9 @@ extension KVMVM {
     /// Whether the run of a vCPU exposing `hierarchy` needs the region: the hierarchy maps the
     /// region's first page executable at the region's host offset (a snapshot read of the core's).
     func regionWanted(_ hierarchy: UInt32) -> Bool {
-        let (defined, gpa, host) = region.withLock { ($0.backing != nil, $0.gpa, $0.hostOffset) }
+        let (defined, gpa, hostOffset) = region.withLock { ($0.backing != nil, $0.gpa, $0.hostOffset) }
         guard defined else { return false }
-        return regionPerms(hierarchy, gpa, host) & 0x4 != 0
+        return regionPerms(hierarchy, gpa, hostOffset) & 0x4 != 0
     }
 
     /// Under `layout`: the region's memslot in view `v` mapped (if defined) or not. Returns the
@@ -171,7 +147,7 @@ extension KVMVM {
     /// Whether `hierarchy` maps the region's first page at the region's host offset, with its
     /// permissions (0 if absent). A snapshot read of the core (no lock of the core's is taken).
     private func regionPerms(_ hierarchy: UInt32, _ gpa: UInt64, _ hostOffset: UInt64) -> UInt64 {
-        guard let host = hostAPI, let tr = host.pointee.hierarchy_translate, let handle else { return 0 }
+        guard let tr = host.pointee.hierarchy_translate, let handle else { return 0 }
         var t = npt_translation()
         t.size = UInt32(MemoryLayout<npt_translation>.size)
         guard tr(handle, hierarchy, gpa, &t) == NPT_OK, t.perms != 0, t.host_offset == hostOffset else { return 0 }
@@ -179,9 +155,9 @@ extension KVMVM {
     }
 
     /// A data access to the region's window that exited as MMIO: completed from the backing if the
-    /// exposed hierarchy maps the region, else a read gives all ones and a write is dropped.
-    /// Returns false if `gpa` is not in the window.
-    func completeRegionMMIO(_ run: UnsafeMutablePointer<kvm_run>, _ hierarchy: UInt32) -> Bool {
+    /// vCPU is in the mode (`inMode`, as the core said) and the exposed hierarchy maps the region,
+    /// else a read gives all ones and a write is dropped. Returns false if `gpa` is not in the window.
+    func completeRegionMMIO(_ run: UnsafeMutablePointer<kvm_run>, _ hierarchy: UInt32, inMode: Bool) -> Bool {
         let gpa = ckvm_run_mmio_phys_addr(run)
         let len = Int(ckvm_run_mmio_len(run))
         let (inside, base, start, host) = region.withLock { st in
@@ -189,7 +165,7 @@ extension KVMVM {
         }
         guard inside, len <= 8, let base else { return false }
         let data = UnsafeMutableRawPointer(ckvm_run_mmio_data(run)!)
-        let perms = regionPerms(hierarchy, start, host)
+        let perms = inMode ? regionPerms(hierarchy, start, host) : 0
         let write = ckvm_run_mmio_is_write(run) != 0
         let mem = base + Int(gpa - start)
         if write {
@@ -198,7 +174,7 @@ extension KVMVM {
             data.copyMemory(from: mem, byteCount: len)
         } else {
             data.initializeMemory(as: UInt8.self, repeating: 0xFF, count: len)
-            regionUnbackedReads.add(1, ordering: .relaxed)
+            stats.add(.regionUnbackedReads)
         }
         return true
     }
@@ -223,62 +199,87 @@ extension KVMVCPU {
         return s
     }
 
-    /// set_regs, with the privileged mode's two transitions: into the region (save the full
-    /// state, enter 16-bit real mode with CS = the rip's 64 KiB segment) and out of it (restore).
+    /// vcpu_enter_privileged: the core has stopped the others and put the region in the view. Saves
+    /// the full system state and enters 16-bit real mode at the entry (CS = its 64 KiB segment).
+    func enterPrivileged(_ e: UnsafePointer<npt_privileged_entry>?) -> npt_status {
+        guard let e, e.pointee.size >= UInt32(MemoryLayout<npt_privileged_entry>.size) else {
+            return fail(NPT_ERR_INVALID_ARGUMENT, "vcpu_enter_privileged: NULL or short npt_privileged_entry")
+        }
+        let entry = e.pointee
+        guard !privileged else { return fail(NPT_ERR_STATE, "vcpu_enter_privileged: vCPU \(index) is in the mode already") }
+        let (defined, start, size) = vm.region.withLock { ($0.backing != nil, $0.gpa, $0.size) }
+        guard defined, entry.region_gpa == start, entry.region_size == size, entry.entry_rip >= start,
+              entry.entry_rip - start < size else {
+            return fail(NPT_ERR_STATE, "vcpu_enter_privileged: [\(hex(entry.region_gpa)), +\(hex(entry.region_size))) at \(hex(entry.entry_rip)) is not the region define_region backs")
+        }
+        guard entry.entry_rip < 0x10_0000 else {
+            return fail(NPT_ERR_UNSUPPORTED, "vcpu_enter_privileged: the entry \(hex(entry.entry_rip)) is above 1 MiB (the mode runs in real mode)")
+        }
+        completePending(current)
+        do {
+            let old = try cpu.sregs
+            var s = old
+            s.cr0 = old.cr0 & ~(cr0PE | cr0PG | 1 << 2 | 1 << 3)   // SMM clears PE, EM, TS, PG
+            s.cr4 = 0
+            s.efer = 0
+            let segBase = entry.entry_rip & ~0xFFFF
+            s.cs = realSegment(code: true)
+            s.cs.selector = UInt16(segBase >> 4)
+            s.cs.base = segBase
+            let d = realSegment(code: false)
+            s.ds = d; s.es = d; s.fs = d; s.gs = d; s.ss = d
+            // The IVT at an unbacked GPA: KVM delivers a real-mode exception by pushing FLAGS, CS, IP
+            // on the handler's stack, then reading the IVT; that read fails, KVM makes it a triple
+            // fault: KVM_EXIT_SHUTDOWN with rip at the faulting instruction. That is how RSM shows
+            // (its #UD, runWithRegion). (SMM code, too, runs without an IDT until it sets one.)
+            s.idt.base = regionIVT; s.idt.limit = 0x3FF
+            var r = try cpu.regs
+            try cpu.setSregs(s)
+            r.rax = UInt64(entry.vcpu_index)
+            r.rip = entry.entry_rip - segBase
+            r.rflags = 2
+            try cpu.setRegs(r)
+            mode = .real
+            pendingEntry = nil
+            escalationNow = false
+            privilegedSaved = old
+            privileged = true
+            stats.add(.privilegedEntries)
+            stats.set(.inPrivilegedMode, 1)
+            vm.stats.add(.privilegedEntries)
+            return NPT_OK
+        } catch {
+            return fail(error, "vcpu_enter_privileged")
+        }
+    }
+
+    /// vcpu_leave_privileged (before the region leaves the view): the saved system state back; the
+    /// core then writes the npt_regs it saved (set_regs).
+    func leavePrivileged() -> npt_status {
+        guard privileged, let saved = privilegedSaved else {
+            return fail(NPT_ERR_STATE, "vcpu_leave_privileged: vCPU \(index) is not in the mode")
+        }
+        completePending(current)
+        do {
+            try cpu.setSregs(saved)
+        } catch {
+            return fail(error, "vcpu_leave_privileged")
+        }
+        mode = saved.cr0 & cr0PG != 0 ? .long(cpl: UInt32(saved.cs.dpl)) : saved.cr0 & cr0PE == 0 ? .real : nil
+        privileged = false
+        privilegedSaved = nil
+        stats.set(.inPrivilegedMode, 0)
+        vm.stats.add(.privilegedLeaves)
+        return NPT_OK
+    }
+
+    /// set_regs; in real mode with a CS other than 0 (inside the region, or a real-mode state the mode
+    /// restored) `npt_regs.rip` is linear (CS.base + ip), as get_regs reports it.
     func setRegsWithRegion(_ p: UnsafePointer<npt_regs>?) -> npt_status {
         guard let p, p.pointee.size >= UInt32(MemoryLayout<npt_regs>.size) else { return setRegs(p) }
         completePending(current)
         let n = p.pointee
-        let (inRegion, saved) = vm.region.withLock { ($0.contains(n.rip), $0.saved[index]) }
-        do {
-            if inRegion && saved == nil {
-                guard n.cr0 & (cr0PE | cr0PG) == 0, n.cpl == 0 else {
-                    return fail(NPT_ERR_UNSUPPORTED, "vcpu_set_regs: the privileged-mode region runs in real mode (cr0 \(hex(n.cr0)))")
-                }
-                guard n.rip < 0x10_0000 else {
-                    return fail(NPT_ERR_UNSUPPORTED, "vcpu_set_regs: the region's entry \(hex(n.rip)) is above 1 MiB (real mode)")
-                }
-                let old = try cpu.sregs
-                var s = old
-                s.cr0 = n.cr0; s.cr3 = n.cr3; s.cr4 = n.cr4; s.cr2 = n.cr2
-                s.efer = n.efer & ~(eferLME | eferLMA)
-                let segBase = n.rip & ~0xFFFF
-                s.cs = realSegment(code: true)
-                s.cs.selector = UInt16(segBase >> 4)
-                s.cs.base = segBase
-                let d = realSegment(code: false)
-                s.ds = d; s.es = d; s.fs = d; s.gs = d; s.ss = d
-                // The IVT at an unbacked GPA: KVM delivers a real-mode exception by pushing FLAGS,
-                // CS, IP on the handler's stack, then reading the IVT; that read fails, KVM makes it
-                // a triple fault: KVM_EXIT_SHUTDOWN with rip at the faulting instruction. That is how
-                // RSM shows (its #UD, below). (SMM code, too, runs without an IDT until it sets one.)
-                s.idt.base = regionIVT; s.idt.limit = 0x3FF
-                try cpu.setSregs(s)
-                try cpu.setRegs(kvmRegs(n, rip: n.rip - segBase))
-                mode = .real
-                vm.region.withLock { $0.saved[index] = old }
-                regionSlotAdds.add(1, ordering: .relaxed)
-                return NPT_OK
-            }
-            if !inRegion, let saved {
-                try cpu.setSregs(saved)
-                let real = saved.cr0 & cr0PE == 0
-                try cpu.setRegs(kvmRegs(n, rip: real ? n.rip &- saved.cs.base : n.rip))
-                if saved.cr0 & cr0PG != 0 {
-                    try owner.cpu.setMSR(msrLSTAR, n.lstar)
-                    mode = .long(cpl: UInt32(saved.cs.dpl))
-                } else {
-                    mode = .real
-                }
-                vm.region.withLock { _ = $0.saved.removeValue(forKey: index) }
-                regionSlotRemoves.add(1, ordering: .relaxed)
-                return NPT_OK
-            }
-        } catch {
-            return fail(error, "vcpu_set_regs (privileged-mode region)")
-        }
         if mode == .real, n.cr0 & cr0PE == 0, let sr = try? cpu.sregs, sr.cs.base != 0, sr.cr0 & cr0PE == 0 {
-            // Real mode with a CS other than 0 (inside the region): rip is linear.
             guard n.rip >= sr.cs.base, n.rip - sr.cs.base <= 0xFFFF else {
                 return fail(NPT_ERR_UNSUPPORTED, "vcpu_set_regs: rip \(hex(n.rip)) is outside CS (base \(hex(sr.cs.base)))")
             }
@@ -289,18 +290,8 @@ extension KVMVCPU {
         return setRegs(p)
     }
 
-    private func kvmRegs(_ n: npt_regs, rip: UInt64) -> kvm_regs {
-        var r = kvm_regs()
-        let g = withUnsafeBytes(of: n.gpr) { b in (0..<16).map { b.load(fromByteOffset: $0 * 8, as: UInt64.self) } }
-        r.rax = g[0]; r.rcx = g[1]; r.rdx = g[2]; r.rbx = g[3]; r.rsp = g[4]; r.rbp = g[5]; r.rsi = g[6]; r.rdi = g[7]
-        r.r8 = g[8]; r.r9 = g[9]; r.r10 = g[10]; r.r11 = g[11]; r.r12 = g[12]; r.r13 = g[13]; r.r14 = g[14]; r.r15 = g[15]
-        r.rip = rip
-        r.rflags = n.rflags | 2
-        return r
-    }
-
-    /// vcpu_run with the region: the run enters the view that maps the region when the exposed
-    /// hierarchy maps it (Views.swift; its presence cannot change during one vcpu_run: the core adds
+    /// vcpu_run with the region: the run of a vCPU in the mode enters the view that maps the region
+    /// when the exposed hierarchy maps it (Views.swift; its presence cannot change during one vcpu_run: the core adds
     /// or removes it only while this vCPU's thread is outside vcpu_run); probes of the region's
     /// window are answered; RSM is reported as NPT_EXIT_LEAVE_MODE.
     func runWithRegion(_ e: UnsafeMutablePointer<npt_exit>?) -> npt_status {
@@ -308,19 +299,22 @@ extension KVMVCPU {
             let s = run(e)
             guard s == NPT_OK, let e, e.pointee.reason == NPT_EXIT_INTERNAL_ERROR.rawValue else { return s }
             let kvmReason = Int32(truncatingIfNeeded: e.pointee.qualification >> 32)
-            if kvmReason == KVM_EXIT_MMIO, vm.completeRegionMMIO(cpu.run, hierarchy) { continue }
-            // RSM without SMM: measured on this machine, KVM_EXIT_SHUTDOWN with rip at the RSM (the
-            // emulator raises #UD, which it cannot deliver in this state); an emulation failure
-            // (KVM_EXIT_INTERNAL_ERROR, suberror 1) is accepted too.
-            let emulationFailure = kvmReason == KVM_EXIT_INTERNAL_ERROR
-                && e.pointee.qualification & 0xFFFF_FFFF == UInt64(KVM_INTERNAL_ERROR_EMULATION)
-            if emulationFailure || kvmReason == KVM_EXIT_SHUTDOWN, let r = try? cpu.regs, let sr = try? cpu.sregs {
+            if kvmReason == KVM_EXIT_MMIO, vm.completeRegionMMIO(cpu.run, hierarchy, inMode: privileged) { continue }
+            // RSM without SMM, only for a vCPU in the mode: measured on this machine,
+            // KVM_EXIT_SHUTDOWN with rip at the RSM (the emulator raises #UD, which it cannot deliver
+            // in this state); an emulation failure or an undeliverable event (KVM_EXIT_INTERNAL_ERROR,
+            // suberror 1 or 3: a stock KVM, not measured) is accepted too.
+            let suberror = e.pointee.qualification & 0xFFFF_FFFF
+            let undeliverable = kvmReason == KVM_EXIT_INTERNAL_ERROR
+                && (suberror == UInt64(KVM_INTERNAL_ERROR_EMULATION) || suberror == UInt64(KVM_INTERNAL_ERROR_DELIVERY_EV))
+            if privileged, undeliverable || kvmReason == KVM_EXIT_SHUTDOWN, let r = try? cpu.regs, let sr = try? cpu.sregs {
                 let linear = sr.cr0 & cr0PE == 0 ? sr.cs.base &+ r.rip : r.rip
                 if let gpa = vm.translate(linear, cr0: sr.cr0, cr3: sr.cr3), vm.peek(gpa, 2) == [0x0F, 0xAA] {
                     e.pointee.reason = NPT_EXIT_LEAVE_MODE.rawValue
                     e.pointee.qualification = 0
                     e.pointee.gpa = 0
                     e.pointee.rip = linear
+                    vm.stats.add(.rsmExits)
                 }
             }
             return s

@@ -55,6 +55,13 @@ final class KVMVCPU: @unchecked Sendable {
     var sceHidden: Bool { current.view.guarded && guestSCE }
     var pendingEntry: PendingEntry?
     var escalationNow = false
+    /// The privileged mode, as the core said it (vcpu_enter_privileged until vcpu_leave_privileged;
+    /// Region.swift): only then does a run use the view with the region, and only then is an RSM the
+    /// leave exit. The full system state the entry replaced, restored by the leave.
+    var privileged = false
+    var privilegedSaved: kvm_sregs?
+    /// vcpu_stats (Stats.swift).
+    let stats = Counters<VCPUStatistic>()
 
     init(vm: KVMVM, first: ViewCPU, index: UInt32) {
         self.vm = vm; self.index = index
@@ -64,7 +71,12 @@ final class KVMVCPU: @unchecked Sendable {
         runner = Mutex(RunnerState(thread: nil, run: first.cpu.run))
     }
 
-    static func from(_ p: UnsafeMutableRawPointer?) -> KVMVCPU { Unmanaged<KVMVCPU>.fromOpaque(p!).takeUnretainedValue() }
+    /// The vCPU behind `vcpu_data`; its load's host receives this thread's errors from now on.
+    static func from(_ p: UnsafeMutableRawPointer?) -> KVMVCPU {
+        let v = Unmanaged<KVMVCPU>.fromOpaque(p!).takeUnretainedValue()
+        ckvm_set_current_host(v.vm.plugin.host)
+        return v
+    }
 
     /// KVM finishes an I/O or MMIO instruction pending in `c` (a KVM_RUN with immediate_exit: KVM
     /// completes it and returns EINTR without running the guest; the registers land in kvm_run).
@@ -243,6 +255,7 @@ final class KVMVCPU: @unchecked Sendable {
             let run = c.cpu.run
             let ranGuarded = c.view.guarded
             c.runs &+= 1
+            stats.add(.kvmRuns)
             c.view.runs.add(1, ordering: .relaxed)
             c.view.inside.add(1, ordering: .relaxed)
             var failure: Errno?
@@ -324,7 +337,7 @@ final class KVMVCPU: @unchecked Sendable {
                     if isWrite { mem.copyMemory(from: data, byteCount: len) } else { data.copyMemory(from: mem, byteCount: len) }
                 }) {
                     let ram = vm.memory.contains(gpa, len)
-                    countMMIOCompletion(ram: ram)
+                    vm.stats.add(ram ? .mmioCompletedRAM : .mmioCompletedNVDIMM)
                     if isWrite && ram { vm.hostWrote(gpa, len, from: c.view) }   // not in KVM's dirty log
                     continue
                 }
@@ -387,7 +400,7 @@ final class KVMVCPU: @unchecked Sendable {
     /// NPT_EPTQ_FETCH plus what the exposed hierarchy permits at `gpa` (read, write; never execute).
     private func fetchQualification(_ gpa: UInt64) -> UInt64 {
         var q: UInt64 = 1 << 2                                  // NPT_EPTQ_FETCH
-        if let host = hostAPI, let tr = host.pointee.hierarchy_translate, let handle = vm.handle {
+        if let tr = vm.host.pointee.hierarchy_translate, let handle = vm.handle {
             var t = npt_translation()
             t.size = UInt32(MemoryLayout<npt_translation>.size)
             if tr(handle, hierarchy, gpa, &t) == NPT_OK {

@@ -95,33 +95,6 @@ struct ViewKey: Hashable, Sendable, CustomStringConvertible {
     var description: String { region ? "\(layout) with the privileged-mode region" : layout.description }
 }
 
-/// Process-wide counters (exported as npt_kvm_view_stats).
-let viewsCreated = Atomic<UInt64>(0)
-let viewMoves = Atomic<UInt64>(0)
-let viewZaps = Atomic<UInt64>(0)
-let dirtyLogReads = Atomic<UInt64>(0)
-let steadyMoves = Atomic<UInt64>(0)
-let steadyMoveNanos = Atomic<UInt64>(0)
-
-/// Views (KVM VMs) created, vCPU moves between views (hierarchy switches and privileged-mode
-/// entries), zaps of a view's shadow MMU (coherence), KVM_GET_DIRTY_LOG calls. npt_kvm_move_stats:
-/// the moves into a view and KVM vCPU that existed already and needed no zap, and the time they took
-/// in total (ns: the plugin's side of a switch: view lookup, coherence check, state carried).
-@_cdecl("npt_kvm_view_stats")
-public func npt_kvm_view_stats(_ views: UnsafeMutablePointer<UInt64>?, _ moves: UnsafeMutablePointer<UInt64>?,
-                               _ zaps: UnsafeMutablePointer<UInt64>?, _ logReads: UnsafeMutablePointer<UInt64>?) {
-    views?.pointee = viewsCreated.load(ordering: .relaxed)
-    moves?.pointee = viewMoves.load(ordering: .relaxed)
-    zaps?.pointee = viewZaps.load(ordering: .relaxed)
-    logReads?.pointee = dirtyLogReads.load(ordering: .relaxed)
-}
-
-@_cdecl("npt_kvm_move_stats")
-public func npt_kvm_move_stats(_ moves: UnsafeMutablePointer<UInt64>?, _ nanos: UnsafeMutablePointer<UInt64>?) {
-    moves?.pointee = steadyMoves.load(ordering: .relaxed)
-    nanos?.pointee = steadyMoveNanos.load(ordering: .relaxed)
-}
-
 /// One KVM VM showing one layout. Its memslot and coherence state is guarded by the owning
 /// KVMVM's `layout` mutex.
 final class KVMView: @unchecked Sendable {
@@ -325,7 +298,7 @@ extension KVMVM {
         try addFlushHintSlot(v)
         st.views.append(v)
         st.byKey[key] = v
-        viewsCreated.add(1, ordering: .relaxed)
+        stats.add(.viewsCreated)
         return v
     }
 
@@ -363,7 +336,7 @@ extension KVMVM {
                     v.ptUnknown = false
                     for (_, root) in v.occupants where root != 0 { added.formUnion(track(root, in: v, cr4: cr4, efer: efer)) }
                 }
-                viewZaps.add(1, ordering: .relaxed)
+                stats.add(.viewZaps)
             }
         }
         v.occupants[index] = cr3 ?? 0
@@ -482,7 +455,7 @@ extension KVMVM {
             do throws(Errno) { try x.vm.dirtyLog(slot: slot, into: b.baseAddress!) } catch { failure = error }
         }
         if let failure { throw failure }
-        dirtyLogReads.add(1, ordering: .relaxed)
+        stats.add(.dirtyLogReads)
         var written: [UInt64] = []
         for w in 0..<words where st.bitmap[w] != 0 {
             var bits = st.bitmap[w]
@@ -516,7 +489,8 @@ extension KVMVCPU {
         if vm.handle != nil {
             let layout: LayoutKey
             do { layout = try layoutKey() } catch { throw .escalation(error) }
-            let key = ViewKey(layout: layout, region: vm.regionDefined.load(ordering: .acquiring) && vm.regionWanted(hierarchy))
+            // The region only for a vCPU the core put in the mode (fails closed: the hierarchies alone never map it).
+            let key = ViewKey(layout: layout, region: privileged && vm.regionDefined.load(ordering: .acquiring) && vm.regionWanted(hierarchy))
             do {
                 if vm.layoutDirty.load(ordering: .acquiring) {
                     try vm.layout.withLock { (st) throws(Errno) in try vm.refreshViews(&st) }
@@ -549,12 +523,12 @@ extension KVMVCPU {
     /// Moves this vCPU into the view for `key` (Views.swift: what is carried, and the coherence check).
     func move(to key: ViewKey) throws(Errno) {
         let t0 = monotonicNanos()
-        let zaps0 = viewZaps.load(ordering: .relaxed), views0 = viewsCreated.load(ordering: .relaxed)
+        let zaps0 = vm.stats[.viewZaps], views0 = vm.stats[.viewsCreated]
         var steady = true
         defer {
-            if steady && viewZaps.load(ordering: .relaxed) == zaps0 && viewsCreated.load(ordering: .relaxed) == views0 {
-                steadyMoves.add(1, ordering: .relaxed)
-                steadyMoveNanos.add(monotonicNanos() &- t0, ordering: .relaxed)
+            if steady && vm.stats[.viewZaps] == zaps0 && vm.stats[.viewsCreated] == views0 {
+                vm.stats.add(.steadyMoves)
+                vm.stats.add(.steadyMoveNanos, monotonicNanos() &- t0)
             }
         }
         let src = current
@@ -589,11 +563,10 @@ extension KVMVCPU {
             st.run = dst.cpu.run
         }
         if src.view.isRetired { cpus[src.view.id] = nil }
-        if dst !== src { viewMoves.add(1, ordering: .relaxed) }
+        if dst !== src { vm.stats.add(.viewMoves); stats.add(.viewMoves) }
         let wasRegion = src.key?.region ?? false
         if key.region != wasRegion {
-            if key.region { regionAddNanos.add(monotonicNanos() &- t0, ordering: .relaxed) }
-            else { regionRemoveNanos.add(monotonicNanos() &- t0, ordering: .relaxed) }
+            vm.stats.add(key.region ? .regionEntryMoveNanos : .regionLeaveMoveNanos, monotonicNanos() &- t0)
         }
     }
 

@@ -1,6 +1,7 @@
 import MBECReference
 import NPTCore
 import NPTSimulator
+import NPTScenarios
 
 /// The differential test of the MBEC emulation (shadow hierarchies, exits and the core's decisions,
 /// on the simulator) against `ReferenceMBEC`, a model of hardware MBEC written from the SDM that

@@ -1,5 +1,6 @@
 import NPTCore
 import Synchronization
+import NPTHost
 
 /// The configurations of the differential test and their share of the steps.
 public enum DifferentialSuite {

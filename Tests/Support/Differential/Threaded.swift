@@ -2,6 +2,7 @@ import MBECReference
 import NPTCore
 import NPTSimulator
 import Synchronization
+import NPTHost
 
 /// Policy versions for runs where the policy changes on another thread: version n is published
 /// between `started` reaching n and `completed` reaching n. A step that began after `completed` was

@@ -92,6 +92,12 @@ int ckvm_kick_signal_install(void);
 /* pthread_kill(thread, the kick signal); returns its result. */
 int ckvm_kick_thread(pthread_t thread);
 
+/* The host table (npt_host_api) of the plugin load whose operation this thread is in: each
+ * operation sets it on entry (its VM, vCPU or backend data knows its load), and the plugin's error
+ * messages go to that table's set_error. Thread-local. */
+void ckvm_set_current_host(const void *host);
+const void *ckvm_current_host(void);
+
 /* The escalation-exit probe (escalation_probe.c): whether leaving the IDT page out of the user
  * layout stops every CPL 3 -> CPL 0 transition on this KVM, and how. */
 struct ckvm_escalation_probe {

@@ -58,13 +58,7 @@
 
     KERNEL_ENTRY CODE, BASE, SYSTEM, KSTACK_TOP, USTACK_TOP, USER
 
-    .org KSYS - BASE
-ksys:                                   /* INT3 from the user process */
-    cmp $1, %eax
-    jne 1f
-    mov %edi, %eax
-    out %al, $0xE9
-    iretq
+    SYSCALL_WRITE BASE, KSYS
 1:  cmp $60, %eax
     jne 3f
     cmp $2, %r15
@@ -83,48 +77,9 @@ ksys:                                   /* INT3 from the user process */
     hlt
     jmp .
 
-    .org KFAULT - BASE
-kfault:
-    pop %rax
-    out %al, $0xEF
-1:  hlt
-    jmp 1b
+    FAULT_STUBS BASE, KFAULT, KSTUBS
 
-    .org KSTUBS - BASE
-    .set v, 0
-    .rept 32
-    .balign 16
-    pushq $v
-    jmp kfault
-    .set v, v + 1
-    .endr
-
-    .org KFUNC - BASE
-kfunc:
-    mov $'K', %al
-    out %al, $0xE9
-    hlt
-    jmp .
-
-    .org USER - BASE
-user:
-    mov $'0', %bl
-    mov %r14, %r12
-1:  test %r12, %r12
-    jz 2f
-    movzbl %bl, %edi
-    mov $1, %eax
-    int3                                /* write(bl) */
-    inc %bl
-    cmp $'9' + 1, %bl
-    jne 3f
-    mov $'0', %bl
-3:  dec %r12
-    jmp 1b
-2:  cmp $1, %r15
-    jne 4f
-    mov $KFUNC, %eax                    /* probe 1: the user process runs a kernel page */
-    jmp *%rax
+    KFUNC_AND_USER_LOOP BASE, KFUNC, USER
 4:  mov $60, %eax
     int3                                /* exit */
     jmp .

@@ -3,7 +3,7 @@
  * of vCPUs in different hierarchies (issue 13) and of page-table coherence between its views
  * (GNU as). Build: sh build.sh (writes smp_guest.h beside it).
  *
- * A flat image loaded at guest-physical SMP_BASE = 0x1000, 4 KiB pages, identity-mapped by its own
+ * A flat image loaded at guest-physical BASE = 0x1000, 4 KiB pages, identity-mapped by its own
  * page tables (VA == GPA, except the window page 0xC000). Every vCPU starts in 64-bit mode at CPL 0
  * with cr0 = PG|PE|..., cr3 = 0x1000, cr4 = PAE, efer = LME|LMA, rip = 0x6000 and
  *   rdi = its index (0 or 1: its TSS, kernel stack and user stack),
@@ -36,9 +36,9 @@
  *   0xA000 user stacks (tops 0xA800, 0xB000)                    [U]
  *   0xB000 data 'O', 0xC000 the window (-> 0xB000 or 0xD000), 0xD000 data 'N'   [U]
  */
+#include "system.inc"
     .globl BASE, CR3, SYSTEM, CODE, STACK, KFUNC, USER, USTACK, DATA, EXIT_HLT, OUTLOOP, MMIOLOOP, END
     .set BASE, 0x1000
-    .set SMP_BASE, BASE
     .set CR3, 0x1000                    /* pml4 */
     .set SYSTEM, 0x5000                 /* GDT, TSS0, TSS1, IDT */
     .set CODE, 0x6000                   /* kernel code; the entry point (rdi = vCPU index) */
@@ -65,13 +65,13 @@
     .text
 pml4:                                   /* 0x1000 */
     .quad 0x2000 + 7
-    .org 0x2000 - SMP_BASE
+    .org 0x2000 - BASE
 pdpt:
     .quad 0x3000 + 7
-    .org 0x3000 - SMP_BASE
+    .org 0x3000 - BASE
 pd:
     .quad 0x4000 + 7
-    .org PT - SMP_BASE
+    .org PT - BASE
 pt:                                     /* P|W = 3 (supervisor), P|W|U = 7 (user) */
     .quad 0                             /* 0x0000 not mapped */
     .quad 0x1000 + 3, 0x2000 + 3, 0x3000 + 3, 0x4000 + 3
@@ -80,7 +80,7 @@ pt:                                     /* P|W = 3 (supervisor), P|W|U = 7 (user
     .quad 0xB000 + 7                    /* 0xC000: the window, onto 0xB000 */
     .quad 0xD000 + 7
 
-    .org GDT - SMP_BASE
+    .org GDT - BASE
 gdt:
     .quad 0
     .quad 0x00af9a000000ffff            /* 0x08 */
@@ -94,22 +94,18 @@ gdt:
     .quad 103 | (TSS1 << 16) | (0x89 << 40) /* 0x48 TSS of vCPU 1 */
     .quad 0
 
-    .org TSS0 - SMP_BASE
+    .org TSS0 - BASE
     .long 0
     .quad 0x7800                        /* RSP0 */
-    .org TSS0 + 102 - SMP_BASE
+    .org TSS0 + 102 - BASE
     .word 104                           /* no I/O bitmap */
-    .org TSS1 - SMP_BASE
+    .org TSS1 - BASE
     .long 0
     .quad 0x8000                        /* RSP0 */
-    .org TSS1 + 102 - SMP_BASE
+    .org TSS1 + 102 - BASE
     .word 104
 
-    .macro gate h, attr
-    .quad ((\h) & 0xffff) | (0x10 << 16) | ((\attr) << 40) | ((((\h) >> 16) & 0xffff) << 48)
-    .quad 0
-    .endm
-    .org IDT - SMP_BASE
+    .org IDT - BASE
 idt:
     .set v, 0
     .rept 32
@@ -121,7 +117,7 @@ idt:
     .set v, v + 1
     .endr
 
-    .org DESC - SMP_BASE
+    .org DESC - BASE
 gdtr:
     .word 0x57
     .quad GDT
@@ -130,7 +126,7 @@ idtr:
     .quad IDT
 
     .code64
-    .org KCODE - SMP_BASE
+    .org KCODE - BASE
 kentry:
     lgdt DESC
     lidt DESC + 10
@@ -155,22 +151,16 @@ kentry:
 
     /* Two CPL 0 loops for exit round trips (the benchmark's; no GDT/IDT needed): an OUT, and a
      * store to 0xD000 (an MMIO exit where that page is a KVM_MEM_READONLY memslot). */
-    .org OUTLOOP - SMP_BASE
+    .org OUTLOOP - BASE
 outloop:
     out %al, $0xE9
     jmp outloop
-    .org MMIOLOOP - SMP_BASE
+    .org MMIOLOOP - BASE
 mmioloop:
     movl %eax, 0xD000
     jmp mmioloop
 
-    .org KSYS - SMP_BASE
-ksys:                                   /* INT3 from the user process */
-    cmp $1, %eax
-    jne 1f
-    mov %edi, %eax
-    out %al, $0xE9
-    iretq
+    SYSCALL_WRITE BASE, KSYS
 1:  cmp $2, %eax
     jne 2f
     movq $0xD000 + 7, PT + 8 * (WINDOW >> 12)
@@ -196,48 +186,9 @@ EXIT_HLT:                               /* the kernel's HLT on "exit" */
     hlt
     jmp .
 
-    .org KFAULT - SMP_BASE
-kfault:
-    pop %rax
-    out %al, $0xEF
-1:  hlt
-    jmp 1b
+    FAULT_STUBS BASE, KFAULT, KSTUBS
 
-    .org KSTUBS - SMP_BASE
-    .set v, 0
-    .rept 32
-    .balign 16
-    pushq $v
-    jmp kfault
-    .set v, v + 1
-    .endr
-
-    .org KFUNC - SMP_BASE
-kfunc:
-    mov $'K', %al
-    out %al, $0xE9
-    hlt
-    jmp .
-
-    .org USER - SMP_BASE
-user:
-    mov $'0', %bl
-    mov %r14, %r12
-1:  test %r12, %r12
-    jz 2f
-    movzbl %bl, %edi
-    mov $1, %eax
-    int3                                /* write(bl) */
-    inc %bl
-    cmp $'9' + 1, %bl
-    jne 3f
-    mov $'0', %bl
-3:  dec %r12
-    jmp 1b
-2:  cmp $1, %r15
-    jne 4f
-    mov $KFUNC, %eax                    /* probe 1: the user process runs a kernel page */
-    jmp *%rax
+    KFUNC_AND_USER_LOOP BASE, KFUNC, USER
 4:  cmp $4, %r15
     jne 5f
     movzbl WINDOW, %edi                 /* coherence probe: 'O' */
@@ -257,8 +208,8 @@ user:
     int3                                /* exit */
     jmp .
 
-    .org 0xB000 - SMP_BASE
+    .org 0xB000 - BASE
     .byte 'O'
-    .org 0xD000 - SMP_BASE
+    .org 0xD000 - BASE
     .byte 'N'
-    .org 0xE000 - SMP_BASE
+    .org 0xE000 - BASE

@@ -1,3 +1,5 @@
+import NPTCore
+
 /// Enumerates every interleaving of the privileged-mode protocol for a few CPUs (a deterministic
 /// scheduler that tries every choice), checking the security invariant in every reachable state,
 /// that no state is stuck, and that from every state all requests can still complete.
