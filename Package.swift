@@ -13,6 +13,9 @@ let package = Package(
         // libnptkit-kvm.so: the KVM backend plugin (npt_plugin_load). It talks to the core only
         // through the C ABI: it links neither libnptkit.so nor NPTCore.
         .library(name: "nptkit-kvm", type: .dynamic, targets: ["NPTKVM"]),
+        // libnptkit-replay.so: the trace replay backend plugin; like the KVM plugin it reaches the
+        // core only through the C ABI (it links NPTTrace, which depends on nothing of the core).
+        .library(name: "nptkit-replay", type: .dynamic, targets: ["NPTReplay"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -25,12 +28,15 @@ let package = Package(
         // call trace through ffi_call, from the signature table generated from include/nptkit.h.
         .systemLibrary(name: "CFFI", path: "Sources/CFFI", pkgConfig: "libffi",
                        providers: [.apt(["libffi-dev"])]),
-        .target(name: "NPTCore", swiftSettings: strict),
-        // What the core needs from the host OS beside it: the libnvdimm sysfs discovery and threads.
-        .target(name: "NPTHost", dependencies: ["NPTCore"], swiftSettings: strict),
         // The trace format (writer, reader), the kernel-tracepoint text parser and the what-if model.
         // Depends on nothing of NPTKit, so the replay plugin can link it without a second core.
-        .target(name: "NPTTrace", swiftSettings: strict),
+        // Its CPU helpers: the time stamp counter and the crc32 instruction (Swift fallbacks elsewhere).
+        .target(name: "NPTTrace", dependencies: ["CNPTTraceFast"], swiftSettings: strict),
+        .target(name: "CNPTTraceFast", path: "Sources/CNPTTraceFast"),
+        // The core; its recording layer (Recording.swift) writes NPTKit traces.
+        .target(name: "NPTCore", dependencies: ["NPTTrace"], swiftSettings: strict),
+        // What the core needs from the host OS beside it: the libnvdimm sysfs discovery and threads.
+        .target(name: "NPTHost", dependencies: ["NPTCore"], swiftSettings: strict),
         .target(name: "NPTSimulator", dependencies: ["NPTCore"], swiftSettings: strict),
         .target(name: "NPTKit", dependencies: ["CNPTKit", "NPTCore", "NPTHost", "NPTSimulator"], swiftSettings: strict),
         // Raw KVM loops (plain ioctls, no NPTKit code) the KVM benchmark measures the library against.
@@ -54,6 +60,8 @@ let package = Package(
             dependencies: ["CNPTKit", "CKVM", .product(name: "SystemPackage", package: "swift-system")],
             path: "Plugins/KVM/Sources",
             swiftSettings: strict),
+        .target(name: "NPTReplay", dependencies: ["CNPTKit", "NPTTrace"], path: "Plugins/TraceReplay/Sources",
+                swiftSettings: strict),
         // Test support: a reference model of hardware MBEC written from the SDM, sharing no code
         // with the emulation (it imports nothing of NPTKit), and the differential harness that
         // runs it against the emulation (used by the tests and by `nptkit-differential --steps N`).
@@ -71,6 +79,6 @@ let package = Package(
         .testTarget(name: "NPTTraceTests", dependencies: ["NPTTrace"], swiftSettings: strict),
         .testTarget(name: "NPTKitTests", dependencies: ["CNPTKit", "NPTCore", "NPTKit"], swiftSettings: strict),
         // The scenarios library on every backend: the simulator, and KVM through its plugin.
-        .testTarget(name: "NPTScenariosTests", dependencies: ["NPTCore", "NPTKit", "NPTScenarios", "NPTSimulator"], swiftSettings: strict),
+        .testTarget(name: "NPTScenariosTests", dependencies: ["NPTCore", "NPTHost", "NPTKit", "NPTScenarios", "NPTSimulator", "NPTTrace"], swiftSettings: strict),
     ]
 )

@@ -8,7 +8,7 @@ int main(void) {
     npt_context *ctx;
     npt_vm *vm;
     npt_translation sup = {sizeof sup, 0, 0, 0, 0}, user = {sizeof user, 0, 0, 0, 0};
-    npt_vm_config cfg = {sizeof cfg, NPT_MBEC_EXACT, NULL, 64 << 20, NPT_PERM_READ | NPT_PERM_WRITE, 0};
+    npt_vm_config cfg = {sizeof cfg, NPT_MBEC_EXACT, NULL, 64 << 20, NPT_PERM_READ | NPT_PERM_WRITE, 0, NULL};
     if (npt_context_create(&ctx) || npt_vm_create(ctx, &cfg, &vm)) { puts(npt_last_error()); return 1; }
     if (npt_policy_set(vm, 0x100000, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX) || /* kernel code */
         npt_hierarchy_translate(vm, NPT_HIERARCHY_SUPERVISOR, 0x100000, &sup) ||

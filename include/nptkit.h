@@ -68,7 +68,7 @@ extern "C" {
 
 /* ABI version: major changes break compatibility; minor ones only add. */
 #define NPT_ABI_VERSION_MAJOR 1u
-#define NPT_ABI_VERSION_MINOR 3u /* 1.1: virtualized NVDIMM WPQ flushing;
+#define NPT_ABI_VERSION_MINOR 4u /* 1.1: virtualized NVDIMM WPQ flushing;
                                     1.2: MBEC guarantees per mode (NPT_MBEC_VIOLATION_ONLY, NPT_ERR_GUARANTEE,
                                     npt_mbec_mode_check), qualification bits 10-11, policies on NVDIMM
                                     ranges; guest NVDIMM SSDT, host NVDIMM discovery from sysfs (also for
@@ -77,8 +77,11 @@ extern "C" {
                                     interface 2 (npt_plugin_init with key/value arguments,
                                     npt_plugin_load_with, npt_host_api.set_error, explicit
                                     privileged-mode enter/leave and statistics operations,
-                                    npt_vm_backend_stats, npt_vcpu_backend_stats) */
-#define NPT_ABI_VERSION 0x10003u /* (NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR */
+                                    npt_vm_backend_stats, npt_vcpu_backend_stats);
+                                    1.4: recording (npt_vm_config.record_path) and the core's answer to
+                                    each exit told to the backend (npt_backend_ops.vcpu_exit_decided), for
+                                    the trace replay backend */
+#define NPT_ABI_VERSION 0x10004u /* (NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR */
 #define NPT_ABI_MAJOR(v) ((uint32_t)(v) >> 16)
 
 /* ------------------------------------------------------------------------ */
@@ -225,6 +228,12 @@ typedef struct npt_vm_config {
     uint64_t ram_size;        /* guest RAM at GPA 0, multiple of 4 KiB, > 0 */
     uint64_t default_perms;   /* policy of RAM before any npt_policy_set */
     uint64_t max_steps_per_run; /* simulator: instruction budget per run, 0 = none */
+    /* (ABI 1.4) NULL: no recording. Else the path of an NPTKit trace (docs/trace-format.md) to which
+     * every call between the core and the VM's backend is recorded, whatever the backend (the
+     * recording layer of the core; the backend does nothing for it): what the backend reported and
+     * what the core decided. The trace is finished (end record, fsync) by npt_vm_destroy. A path
+     * that cannot be created fails npt_vm_create with NPT_ERR_INVALID_ARGUMENT. */
+    const char *record_path;
 } npt_vm_config;
 
 npt_status npt_vm_create(npt_context *ctx, const npt_vm_config *config, npt_vm **out);
@@ -731,6 +740,16 @@ typedef struct npt_backend_ops {
      * The core answers npt_vm_backend_stats / npt_vcpu_backend_stats with them (NULL: none). */
     npt_status (*vm_stats)(void *vm_data, npt_backend_stat *stats, size_t cap, size_t *count);
     npt_status (*vcpu_stats)(void *vcpu_data, npt_backend_stat *stats, size_t cap, size_t *count);
+
+    /* ---- ABI 1.4 ---- */
+    /* Optional (NULL, or a table older than 1.4: not called). The core's answer to an exit of this
+     * vCPU, once it has applied it (the hierarchy exposed, the flush done...): `action` is the
+     * npt_action npt_handle_exit returns (NPT_ACTION_RESUME also for the exits npt_vcpu_run handles
+     * itself), `exit` the exit as the core rewrote it for the VMM (an MBEC violation's qualification).
+     * On the vCPU's thread, after every decided exit of npt_vcpu_run and of npt_handle_exit. A backend
+     * that runs guest code has nothing to do with it; the trace replay backend compares it with the
+     * recorded answer. A status other than NPT_OK fails the npt_vcpu_run / npt_handle_exit call. */
+    npt_status (*vcpu_exit_decided)(void *vcpu_data, uint32_t action, const npt_exit *exit);
 } npt_backend_ops;
 
 /* Registers a backend in `ctx`. The ops table must stay valid until the

@@ -1,3 +1,5 @@
+import NPTTrace
+
 /// The mechanism side. A backend exposes hierarchies to vCPUs, configures exits, runs guest code and
 /// reports exits; it never decides policy (design.md section 1).
 
@@ -199,6 +201,9 @@ public struct VMConfig: Sendable {
     public var mbecMode: MBECMode
     public var maxStepsPerRun: UInt64
     public var backendName: String?
+    /// Records every call between the core and the backend of this VM into a trace (Recording.swift;
+    /// `npt_vm_config.record_path`, the CLI's `--record`). nil: no recording.
+    public var recorder: TraceRecorder?
     public init(ramSize: UInt64, defaultPermissions: EPTPermissions = [.read, .write],
                 mbecMode: MBECMode = .exact, maxStepsPerRun: UInt64 = 0, backendName: String? = nil) {
         self.ramSize = ramSize; self.defaultPermissions = defaultPermissions
@@ -376,6 +381,10 @@ public protocol BackendVCPU: AnyObject, Sendable {
     func leavePrivileged() throws(NPTError)
     /// The backend's own counters for this vCPU; [] where it keeps none.
     func backendStatistics() throws(NPTError) -> [BackendStatistic]
+    /// The core's answer to an exit of this vCPU (its run loop, or `handle` for a tool's own loop):
+    /// the action and the exit as rewritten for the VMM. Told so that a recording can keep it and a
+    /// replay can compare it; a throw fails the call that decided. Default: nothing (BackendHooks.swift).
+    func exitDecided(_ action: ExitAction, exit: VMExit) throws(NPTError)
     func destroy()
 }
 
@@ -395,7 +404,7 @@ public enum NPTABI {
     /// 10-11, policies on NVDIMM ranges, guest NVDIMM SSDT, host NVDIMM discovery from sysfs;
     /// 1.3: guest ISAs, plugin interface 2 (arguments, error channel, privileged enter/leave,
     /// backend statistics).
-    public static let minor: UInt32 = 3
+    public static let minor: UInt32 = 4
     public static let version: UInt32 = (major << 16) | minor
     public static func major(of v: UInt32) -> UInt32 { v >> 16 }
 }

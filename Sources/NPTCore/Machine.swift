@@ -131,7 +131,16 @@ public final class VirtualMachine: Sendable {
         self.policy = NPTMutex(PolicyState(tree: tree, builder: builder, generation: 0))
         self.publishedTree = NPTMutex(tree)
         self.exitNeeds.store(VirtualMachine.exitNeeds(of: tree.root.mask), ordering: .relaxed)
-        self.backendVM = try backend.makeVM(config: config, hierarchies: publisher, handle: handle)
+        let made = try backend.makeVM(config: config, hierarchies: publisher, handle: handle)
+        // The recording layer (Recording.swift) sits between the core and any backend.
+        if let r = config.recorder {
+            do throws(NPTError) { self.backendVM = try r.wrap(made, backend: backend, config: config) } catch {
+                made.destroy()
+                throw error
+            }
+        } else {
+            self.backendVM = made
+        }
     }
 
     /// The instruction set the VM's vCPUs execute (its backend's).

@@ -276,7 +276,9 @@ public final class VirtualCPU: @unchecked Sendable {
                 var exit = try runBackend()
                 if exit.reason == .kicked { try countKick() } else { unaskedKicks = 0 }
                 let seen = (exit.reason, exit.rip)
-                if try decide(&exit) != .resume { return exit }
+                let action = try decide(&exit)
+                try backend.exitDecided(action, exit: exit)
+                if action != .resume { return exit }
                 // Every other exit the core resumes from moves the guest on: the same one at the same
                 // rip again and again is a backend that makes no progress.
                 if seen.0 != .kicked, let l = last, l.reason == seen.0, l.rip == seen.1 {
@@ -329,7 +331,9 @@ public final class VirtualCPU: @unchecked Sendable {
                 throw NPTError(.state, "vCPU \(index): exit reason \(exit.reason.rawValue) at gpa \(hex(exit.gpa.raw)) is not the exit the last npt_vcpu_run_raw returned (reason \(p.reason.rawValue) at \(hex(p.gpa.raw)))")
             }
             pendingRaw = nil
-            return try decide(&exit)
+            let action = try decide(&exit)
+            try backend.exitDecided(action, exit: exit)
+            return action
         }
     }
 

@@ -149,6 +149,7 @@ final class CBackend: Backend, @unchecked Sendable {
         return HostPersistence(regions: regions, source: "backend '\(name)'")
     }
 
+    static let exitDecidedEnd = MemoryLayout<npt_backend_ops>.offset(of: \npt_backend_ops.vcpu_exit_decided)! + MemoryLayout<UnsafeRawPointer>.size
     static let maxHostRegions = 4096
     static let maxFlushTargets = 4096
 }
@@ -317,6 +318,12 @@ final class CBackendVCPU: BackendVCPU, @unchecked Sendable {
     func backendStatistics() throws(NPTError) -> [BackendStatistic] {
         guard let f = ops.vcpu_stats else { return [] }
         return try readStatistics(b.name, "vcpu_stats") { (p, cap, count) in call("vcpu_stats") { f(data, p, cap, count) } }
+    }
+    func exitDecided(_ action: ExitAction, exit: VMExit) throws(NPTError) {
+        // ABI 1.4, optional: only a table whose size covers it has it.
+        guard b.declaredSize >= CBackend.exitDecidedEnd, let f = ops.vcpu_exit_decided else { return }
+        var e = exit.c
+        try status(call("vcpu_exit_decided") { f(data, action.rawValue, &e) }, "backend '\(b.name)' vcpu_exit_decided")
     }
     func kick() { if let f = ops.vcpu_kick { call("vcpu_kick") { f(data) } } }
     func destroy() { if let f = ops.vcpu_destroy { call("vcpu_destroy") { f(data) } } }

@@ -216,9 +216,11 @@ public func npt_vm_create(_ ctx: OpaquePointer?, _ config: UnsafePointer<npt_vm_
         guard let mode = VMConfig.MBECMode(rawValue: cfg.mbec_mode) else {
             throw .invalid("config->mbec_mode \(cfg.mbec_mode) is not an npt_mbec_mode")
         }
-        let vc = VMConfig(ramSize: cfg.ram_size, defaultPermissions: EPTPermissions(rawValue: cfg.default_perms),
+        var vc = VMConfig(ramSize: cfg.ram_size, defaultPermissions: EPTPermissions(rawValue: cfg.default_perms),
                           mbecMode: mode, maxStepsPerRun: cfg.max_steps_per_run,
                           backendName: cfg.backend.map { String(cString: $0) })
+        // ABI 1.4: a trace of this VM alone, finished when it is destroyed.
+        if let p = cfg.record_path { vc.recorder = try TraceRecorder(path: String(cString: p), finishWithVM: true) }
         // Under a lease on the context: npt_context_destroy waits for this create, then sees its VM.
         try c.life.withLease { () throws(NPTError) in
             let h = Handles.reserve()

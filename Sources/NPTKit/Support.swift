@@ -250,11 +250,12 @@ extension VMExit {
 
 /// A backend operation's status: NPT_OK, or an error with the backend's own message (set_error).
 /// A message left by an operation that succeeded is dropped.
-func status(_ s: npt_status, _ what: String) throws(NPTError) {
+func status(_ s: npt_status, _ what: @autoclosure () -> String) throws(NPTError) {
     let detail = takeBackendError()
     guard s != NPT_OK else { return }
     let code = NPTError.Code(rawValue: s.rawValue) ?? .backend
-    throw NPTError(code, detail.map { "\(what): \($0)" } ?? what)
+    // The description is made only for a failure: a backend call's success path builds no string.
+    throw NPTError(code, detail.map { "\(what()): \($0)" } ?? what())
 }
 
 // MARK: backend statistics

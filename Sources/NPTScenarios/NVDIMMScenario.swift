@@ -179,7 +179,8 @@ public struct NVDIMMScenario: Sendable {
         let vcpus = try setUp(vm)
         let all = 0..<(records + (tail ? 2 : 0))
         o.stale = try count(vm, image, all)
-        let checker = (vm.backend as? ObservablePersistence).map { CrashChecker(platform: $0.persistenceModel) }
+        // Through any wrapper (WithheldCapabilities): the model is the real backend's.
+        let checker = (vm.backend.unwrapped as? ObservablePersistence).map { CrashChecker(platform: $0.persistenceModel) }
         for v in vcpus {
             for (port, _) in try NVDIMMScenario.runToHalt(v) {
                 switch port {

@@ -65,8 +65,9 @@ extension VMConfig.MBECMode {
 /// privilege change): everything is its inner backend's, except the capabilities it advertises, so
 /// the core refuses the modes that need the withheld ones and arms no exit they provide. Used to
 /// show what each MBEC mode needs, on any backend.
-public final class WithheldCapabilities: Backend {
+public final class WithheldCapabilities: BackendWrapper {
     public let inner: any Backend
+    public var wrapped: any Backend { inner }
     public let withheld: BackendCapabilities
     public let name: String
 
@@ -198,4 +199,4 @@ enum Scenarios {
 
 /// x86's #VE: what the VMM injects after a reported MBEC violation (architectural on x86, the
 /// same number on the simulator's ISA).
-let virtualizationExceptionVector: UInt32 = 20
+public let virtualizationExceptionVector: UInt32 = 20

@@ -18,7 +18,7 @@ enum ExitField {
 enum TraceCodec {
     static func delta(_ new: UInt64, _ old: UInt64) -> Int64 { Int64(bitPattern: new &- old) }
 
-    static func encodeExit(_ e: TraceExit, _ enc: inout ByteEncoder, _ st: inout ExitState) {
+    static func encodeExit(_ e: TraceExit, _ enc: inout BlockBuffer, _ st: inout ExitState) {
         let p = st.last
         var mask: UInt64 = 0
         if e.gpa != p.gpa { mask |= ExitField.gpa }
@@ -62,7 +62,7 @@ enum TraceCodec {
         return e
     }
 
-    static func encodeRegs(_ r: TraceRegs, _ enc: inout ByteEncoder) {
+    static func encodeRegs(_ r: TraceRegs, _ enc: inout BlockBuffer) {
         var mask: UInt64 = 0
         for i in 0..<TraceRegs.fieldCount where r.field(i) != 0 { mask |= 1 << UInt64(i) }
         enc.varint(mask)
@@ -79,7 +79,7 @@ enum TraceCodec {
     }
 
     /// Encodes the payload of `r` (the frame is the writer's).
-    static func encode(_ r: TraceRecord, _ enc: inout ByteEncoder, _ st: inout ExitState) {
+    static func encode(_ r: TraceRecord, _ enc: inout BlockBuffer, _ st: inout ExitState) {
         switch r {
         case .meta(let k, let v): enc.string(k); enc.string(v)
         case .end(let n): enc.varint(n)
@@ -123,7 +123,41 @@ enum TraceCodec {
             enc.varint(gpa); enc.varint(off); enc.u8(trapped ? 1 : 0)
         case .physicalFlush(let region, let controller, let address):
             enc.varint(UInt64(region)); enc.varint(UInt64(controller)); enc.varint(address)
+        // 1.1
+        case .memoryDigest(let gpa, let length, let crc):
+            enc.varint(gpa); enc.varint(length); enc.varint(UInt64(crc))
+        case .powerFailure: break
+        case .note(let key, let values):
+            enc.string(key); enc.varint(UInt64(values.count))
+            for v in values { enc.varint(v) }
+        case .vmSelect(let vm): enc.varint(UInt64(vm))
+        case .backendInfo(let b):
+            enc.string(b.name); enc.varint(b.capabilities); enc.varint(UInt64(b.guestISA)); enc.varint(UInt64(b.abiVersion))
+            enc.string(b.description)
+        case .backendStats(let v, let stats):
+            encodeScope(v, &enc); enc.varint(UInt64(stats.count))
+            for st in stats { enc.string(st.name); enc.varint(st.value) }
+        case .untrappedWrites(let n): enc.varint(n)
+        case .hostPMemCount(let n): enc.varint(UInt64(n))
+        case .failure(let v, let kind, let status, let message):
+            encodeScope(v, &enc); enc.u8(kind); enc.signed(Int64(status)); enc.string(message)
+        case .privilegedEnter(let v, let gpa, let size, let rip):
+            enc.varint(UInt64(v)); enc.varint(gpa); enc.varint(size); enc.varint(rip)
         }
+    }
+
+    /// A record's vCPU or none (the VM): 0 for none, n + 1 for vCPU n.
+    static func encodeScope(_ v: UInt32?, _ enc: inout BlockBuffer) { enc.varint(v.map { UInt64($0) + 1 } ?? 0) }
+    static func decodeScope(_ d: inout ByteDecoder) throws(TraceError) -> UInt32? {
+        let s = try d.varint()
+        guard s <= UInt64(UInt32.max) + 1 else { throw d.fail("vCPU \(s - 1) does not fit 32 bits") }
+        return s == 0 ? nil : UInt32(s - 1)
+    }
+
+    static func status32(_ d: inout ByteDecoder) throws(TraceError) -> Int32 {
+        let s = try d.signed()
+        guard s >= Int64(Int32.min) && s <= Int64(Int32.max) else { throw d.fail("status \(s) does not fit 32 bits") }
+        return Int32(s)
     }
 
     static func bool(_ d: inout ByteDecoder) throws(TraceError) -> Bool {
@@ -171,9 +205,7 @@ enum TraceCodec {
                                                        controllerCount: controllers, needsWPQFlush: needs, targets: targets))
         case RecordKind.status:
             let k = try d.u8()
-            let s = try d.signed()
-            guard s >= Int64(Int32.min) && s <= Int64(Int32.max) else { throw d.fail("status \(s) does not fit 32 bits") }
-            return .status(kind: k, status: Int32(s))
+            return .status(kind: k, status: try status32(&d))
         case RecordKind.hierarchy: return .hierarchy(vcpu: try d.u32v(), hierarchy: try d.u32v())
         case RecordKind.exitControls: return .exitControls(vcpu: try d.u32v(), controls: try d.u32v())
         case RecordKind.invalidate: return .invalidate(hierarchy: try d.u32v(), gpa: try d.varint(), size: try d.varint())
@@ -198,6 +230,45 @@ enum TraceCodec {
             return .flushHintPage(gpa: try d.varint(), hostOffset: try d.varint(), trapped: try bool(&d))
         case RecordKind.physicalFlush:
             return .physicalFlush(region: try d.u32v(), controller: try d.u32v(), address: try d.varint())
+        default:
+            return try decode11(kind: kind, &d)
+        }
+    }
+
+    /// The record kinds version 1.1 added.
+    static func decode11(kind: UInt8, _ d: inout ByteDecoder) throws(TraceError) -> TraceRecord {
+        switch kind {
+        case RecordKind.memoryDigest:
+            let gpa = try d.varint(), length = try d.varint(), crc = try d.varint()
+            guard crc <= UInt64(UInt32.max) else { throw d.fail("CRC \(crc) does not fit 32 bits") }
+            return .memoryDigest(gpa: gpa, length: length, crc: UInt32(crc))
+        case RecordKind.powerFailure: return .powerFailure
+        case RecordKind.note:
+            let key = try d.string()
+            let n = try d.varint()
+            guard n <= UInt64(d.remaining) else { throw d.fail("\(n) values in \(d.remaining) bytes") }
+            var values: [UInt64] = []
+            for _ in 0..<n { values.append(try d.varint()) }
+            return .note(key: key, values: values)
+        case RecordKind.vmSelect: return .vmSelect(vm: try d.u32v())
+        case RecordKind.backendInfo:
+            return .backendInfo(TraceBackendInfo(name: try d.string(), capabilities: try d.varint(), guestISA: try d.u32v(),
+                                                 abiVersion: try d.u32v(), description: try d.string()))
+        case RecordKind.backendStats:
+            let v = try decodeScope(&d)
+            let n = try d.varint()
+            guard n <= UInt64(d.remaining / 2) else { throw d.fail("\(n) statistics in \(d.remaining) bytes") }
+            var stats: [TraceStat] = []
+            for _ in 0..<n { stats.append(TraceStat(name: try d.string(), value: try d.varint())) }
+            return .backendStats(vcpu: v, stats: stats)
+        case RecordKind.untrappedWrites: return .untrappedWrites(count: try d.varint())
+        case RecordKind.hostPMemCount: return .hostPMemCount(count: try d.u32v())
+        case RecordKind.failure:
+            let v = try decodeScope(&d)
+            let k = try d.u8()
+            return .failure(vcpu: v, kind: k, status: try status32(&d), message: try d.string())
+        case RecordKind.privilegedEnter:
+            return .privilegedEnter(vcpu: try d.u32v(), regionGPA: try d.varint(), regionSize: try d.varint(), entryRIP: try d.varint())
         default:
             throw d.fail("record kind \(hex(UInt64(kind))) has no decoder")
         }

@@ -59,9 +59,25 @@ extension TraceRecord: CustomStringConvertible {
         case .physicalFlush(let r, let c, let a): return "physical-flush region \(r) controller \(c) address \(hex(a))"
         case .fence(let v): return "fence vcpu \(v)"
         case .trappedWriteCompleted(let v): return "trapped-write-completed vcpu \(v)"
+        case .memoryDigest(let gpa, let len, let crc): return "memory-write gpa \(hex(gpa)) \(len) bytes crc32c \(hex(UInt64(crc)))"
+        case .powerFailure: return "power-failure"
+        case .note(let k, let vs): return "note \(k): \(vs.map(String.init).joined(separator: " "))"
+        case .vmSelect(let vm): return "vm-select \(vm)"
+        case .backendInfo(let b):
+            return "backend \(b.name): capabilities \(hex(b.capabilities)) guest-isa \(b.guestISA) abi \(hex(UInt64(b.abiVersion))) \"\(b.description)\""
+        case .backendStats(let v, let st):
+            return "backend-stats \(scopeText(v)): \(st.map { "\($0.name)=\($0.value)" }.joined(separator: " "))"
+        case .untrappedWrites(let n): return "untrapped-flush-hint-writes \(n)"
+        case .hostPMemCount(let n): return "host-pmem-count \(n)"
+        case .failure(let v, let k, let st, let m):
+            return "failure \(scopeText(v)) of the last kind-\(hex(UInt64(k))) call: status \(st): \(m)"
+        case .privilegedEnter(let v, let gpa, let size, let rip):
+            return "privileged-enter vcpu \(v): region gpa \(hex(gpa)) size \(hex(size)) entry rip \(hex(rip))"
         }
     }
 }
+
+func scopeText(_ v: UInt32?) -> String { v.map { "vcpu \($0)" } ?? "vm" }
 
 /// "R|W|Xs|Xu" for NPT_PERM_* bits (EPT bits 0, 1, 2, 10).
 public func permsText(_ p: UInt64) -> String {
@@ -129,5 +145,57 @@ public struct DecisionChecker: Sendable {
             return nil
         }
         return TraceDivergence(recorded: recorded, replayed: replayed, context: window.events)
+    }
+}
+
+extension TraceRecord {
+    /// The fields in which `other` differs from this record, each as "NAME recorded-value ->
+    /// other-value" (registers by their x86 names: "rbx 0x2 -> 0x3"), in declaration order; a
+    /// record of another kind differs in its "kind". Empty when the two are equal. For the
+    /// divergence report: it names what the core decided differently, not only that it did.
+    public func differingFields(_ other: TraceRecord) -> [String] {
+        guard kind == other.kind else { return ["kind \(TraceRecord.kindName(self)) -> \(TraceRecord.kindName(other))"] }
+        var out: [String] = []
+        TraceRecord.diff(Mirror(reflecting: self).children.first?.value ?? (), Mirror(reflecting: other).children.first?.value ?? (),
+                         path: "", into: &out)
+        return out
+    }
+
+    static func kindName(_ r: TraceRecord) -> String { String(r.description.prefix { $0 != " " && $0 != ":" }) }
+
+    static let gprNames = ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
+
+    /// Walks two values of the same type field by field (Mirror); a leaf that differs is appended.
+    /// Leaves: numbers, strings, flags, enums, optionals, raw-value wrappers (an exit's reason) and
+    /// byte arrays (contents, memory read). A struct's fields are named under its field ("exit.rip"),
+    /// an unlabelled payload's directly ("rbx" of regs-written).
+    static func diff(_ a: Any, _ b: Any, path: String, into out: inout [String]) {
+        let ma = Mirror(reflecting: a), mb = Mirror(reflecting: b)
+        if ma.children.isEmpty || a is [UInt8] || ma.displayStyle == .enum || ma.displayStyle == .optional
+            || ma.children.count != mb.children.count || (ma.children.count == 1 && ma.children.first?.label == "rawValue") {
+            let x = leafText(a), y = leafText(b)
+            if x != y { out.append("\(path.isEmpty ? "value" : path) \(x) -> \(y)") }
+            return
+        }
+        for (k, (ca, cb)) in zip(ma.children, mb.children).enumerated() {
+            let name: String
+            if ma.displayStyle == .collection { name = path == "gpr" && k < gprNames.count ? gprNames[k] : "\(path)[\(k)]" }
+            else if let l = ca.label, !l.hasPrefix(".") { name = path.isEmpty ? l : "\(path).\(l)" }
+            else { name = path }
+            diff(ca.value, cb.value, path: name, into: &out)
+        }
+    }
+
+    static func leafText(_ v: Any) -> String {
+        switch v {
+        case let b as [UInt8]: return "\(b.count) bytes crc32c \(hex(UInt64(b.withUnsafeBytes { CRC32C.update(0, $0) })))"
+        case let i as UInt64: return hex(i)
+        case let i as UInt32: return hex(UInt64(i))
+        case let i as Int32: return String(i)
+        default:
+            let m = Mirror(reflecting: v)
+            if m.displayStyle == .optional { return m.children.first.map { leafText($0.value) } ?? "none" }
+            return String(describing: v)
+        }
     }
 }

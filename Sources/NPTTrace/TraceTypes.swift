@@ -145,6 +145,29 @@ public struct TraceHostPMemRegion: Hashable, Sendable {
     }
 }
 
+/// A recorded backend's identity (record `backend`): what a replay of its VMs presents.
+public struct TraceBackendInfo: Hashable, Sendable {
+    public var name: String
+    /// NPT_CAP_* bits as the core saw them.
+    public var capabilities: UInt64
+    /// NPT_GUEST_ISA_* of its vCPUs.
+    public var guestISA: UInt32
+    /// The ABI version the backend was built for (NPT_ABI_VERSION).
+    public var abiVersion: UInt32
+    public var description: String
+    public init(name: String, capabilities: UInt64, guestISA: UInt32, abiVersion: UInt32, description: String) {
+        self.name = name; self.capabilities = capabilities; self.guestISA = guestISA; self.abiVersion = abiVersion
+        self.description = description
+    }
+}
+
+/// One statistic a backend answered (`npt_backend_stat`).
+public struct TraceStat: Hashable, Sendable {
+    public var name: String
+    public var value: UInt64
+    public init(name: String, value: UInt64) { self.name = name; self.value = value }
+}
+
 /// A step of the privileged (SMM-like) mode protocol.
 public enum TracePrivilegedStep: UInt8, Hashable, Sendable, CaseIterable, CustomStringConvertible {
     /// `vcpu` raised the enter-mode interrupt (the core asks every other vCPU to stop).
@@ -195,6 +218,17 @@ public enum TraceRecord: Hashable, Sendable {
     case vcpuDestroy(vcpu: UInt32)
     case policySet(gpa: UInt64, size: UInt64, pageSize: UInt64, perms: UInt64)
     case memoryWrite(gpa: UInt64, data: [UInt8])
+    /// (1.1) A memory write recorded by its length and CRC-32C instead of its bytes.
+    case memoryDigest(gpa: UInt64, length: UInt64, crc: UInt32)
+    /// (1.1) The VMM's `npt_vm_power_failure`.
+    case powerFailure
+    /// (1.1) Something the VMM measured outside the backend boundary (a wall-clock figure), kept so
+    /// that a replay can show the recorded run's value; a replay backend ignores it.
+    case note(key: String, values: [UInt64])
+    /// (1.1) The records after it concern the trace's VM number `vm` (0: its first vm-create).
+    case vmSelect(vm: UInt32)
+    /// (1.1) A backend the recording saw: its name, capabilities, guest ISA.
+    case backendInfo(TraceBackendInfo)
     // what the backend reported to the core
     case exit(vcpu: UInt32, TraceExit)
     case regsRead(vcpu: UInt32, TraceRegs)
@@ -202,6 +236,15 @@ public enum TraceRecord: Hashable, Sendable {
     case hostPMemRegion(TraceHostPMemRegion)
     /// The backend answered the call recorded by the last record of kind `kind` with `status` (not NPT_OK).
     case status(kind: UInt8, status: Int32)
+    /// (1.1) The backend's statistics (`vm_stats`, or `vcpu_stats` of `vcpu`).
+    case backendStats(vcpu: UInt32?, stats: [TraceStat])
+    /// (1.1) What `untrapped_flush_hint_writes` answered.
+    case untrappedWrites(count: UInt64)
+    /// (1.1) What `host_pmem_count` answered (the host-pmem records of each region follow).
+    case hostPMemCount(count: UInt32)
+    /// (1.1) The call recorded by the last record of kind `kind` (of `vcpu`'s, or the VM's) failed
+    /// with `status` and the backend's message.
+    case failure(vcpu: UInt32?, kind: UInt8, status: Int32, message: String)
     // the core's decisions (calls into the backend, and its answer to an exit)
     case hierarchy(vcpu: UInt32, hierarchy: UInt32)
     case exitControls(vcpu: UInt32, controls: UInt32)
@@ -213,6 +256,8 @@ public enum TraceRecord: Hashable, Sendable {
     case decision(vcpu: UInt32, action: TraceAction, exit: TraceExit)
     case regsWritten(vcpu: UInt32, TraceRegs)
     case privileged(vcpu: UInt32, step: TracePrivilegedStep, gpa: UInt64, length: UInt64)
+    /// (1.1) `vcpu_enter_privileged`: the vCPU enters the mode at `entryRIP`, the region in the view.
+    case privilegedEnter(vcpu: UInt32, regionGPA: UInt64, regionSize: UInt64, entryRIP: UInt64)
     case defineRegion(gpa: UInt64, size: UInt64, hostOffset: UInt64, contents: [UInt8])
     case attachPMem(gpa: UInt64, size: UInt64, region: UInt32, regionOffset: UInt64, hostOffset: UInt64)
     case flushHintPage(gpa: UInt64, hostOffset: UInt64, trapped: Bool)
@@ -250,14 +295,26 @@ public enum TraceRecord: Hashable, Sendable {
         case .physicalFlush: return RecordKind.physicalFlush
         case .fence: return RecordKind.fence
         case .trappedWriteCompleted: return RecordKind.trappedWriteCompleted
+        case .memoryDigest: return RecordKind.memoryDigest
+        case .powerFailure: return RecordKind.powerFailure
+        case .note: return RecordKind.note
+        case .vmSelect: return RecordKind.vmSelect
+        case .backendInfo: return RecordKind.backendInfo
+        case .backendStats: return RecordKind.backendStats
+        case .untrappedWrites: return RecordKind.untrappedWrites
+        case .hostPMemCount: return RecordKind.hostPMemCount
+        case .failure: return RecordKind.failure
+        case .privilegedEnter: return RecordKind.privilegedEnter
         }
     }
 
     public var direction: TraceDirection {
         switch self {
-        case .meta, .end: return .trace
-        case .vmCreate, .vmDestroy, .vcpuCreate, .vcpuDestroy, .policySet, .memoryWrite: return .vmm
-        case .exit, .regsRead, .memoryRead, .hostPMemRegion, .status: return .backendToCore
+        case .meta, .end, .vmSelect, .backendInfo: return .trace
+        case .vmCreate, .vmDestroy, .vcpuCreate, .vcpuDestroy, .policySet, .memoryWrite, .memoryDigest, .powerFailure, .note:
+            return .vmm
+        case .exit, .regsRead, .memoryRead, .hostPMemRegion, .status, .backendStats, .untrappedWrites, .hostPMemCount, .failure:
+            return .backendToCore
         default: return .coreToBackend
         }
     }
@@ -270,7 +327,10 @@ public enum TraceRecord: Hashable, Sendable {
         switch self {
         case .vcpuCreate(let v), .vcpuDestroy(let v), .exit(let v, _), .regsRead(let v, _), .hierarchy(let v, _),
              .exitControls(let v, _), .injectFault(let v, _, _, _), .kick(let v), .decision(let v, _, _),
-             .regsWritten(let v, _), .privileged(let v, _, _, _), .fence(let v), .trappedWriteCompleted(let v):
+             .regsWritten(let v, _), .privileged(let v, _, _, _), .fence(let v), .trappedWriteCompleted(let v),
+             .privilegedEnter(let v, _, _, _):
+            return v
+        case .backendStats(let v, _), .failure(let v, _, _, _):
             return v
         default:
             return nil
@@ -306,11 +366,22 @@ public enum RecordKind {
     public static let physicalFlush: UInt8 = 0x42
     public static let fence: UInt8 = 0x43
     public static let trappedWriteCompleted: UInt8 = 0x44
+    // 1.1
+    public static let vmSelect: UInt8 = 0x08
+    public static let memoryDigest: UInt8 = 0x09
+    public static let powerFailure: UInt8 = 0x0A
+    public static let note: UInt8 = 0x0B
+    public static let backendInfo: UInt8 = 0x0C
+    public static let backendStats: UInt8 = 0x15
+    public static let untrappedWrites: UInt8 = 0x16
+    public static let hostPMemCount: UInt8 = 0x17
+    public static let failure: UInt8 = 0x18
+    public static let privilegedEnter: UInt8 = 0x32
     public static let end: UInt8 = 0x7F
     /// Whether this version reads records of `kind` (a reader skips others: a newer minor's).
     @inline(__always) public static func isKnown(_ kind: UInt8) -> Bool {
         switch kind {
-        case 0x01...0x07, 0x10...0x14, 0x20...0x26, 0x30, 0x31, 0x40...0x44, 0x7F: return true
+        case 0x01...0x0C, 0x10...0x18, 0x20...0x26, 0x30...0x32, 0x40...0x44, 0x7F: return true
         default: return false
         }
     }
@@ -318,7 +389,9 @@ public enum RecordKind {
     public static let known: Set<UInt8> = [meta, vmCreate, vmDestroy, vcpuCreate, vcpuDestroy, policySet, memoryWrite,
                                            exit, regsRead, memoryRead, hostPMemRegion, status, hierarchy, exitControls,
                                            invalidate, injectFault, kick, decision, regsWritten, privileged, defineRegion,
-                                           attachPMem, flushHintPage, physicalFlush, fence, trappedWriteCompleted, end]
+                                           attachPMem, flushHintPage, physicalFlush, fence, trappedWriteCompleted, end,
+                                           vmSelect, memoryDigest, powerFailure, note, backendInfo, backendStats, untrappedWrites,
+                                           hostPMemCount, failure, privilegedEnter]
 }
 
 /// A record with where it is: its number (0-based, skipped unknown kinds included), its byte

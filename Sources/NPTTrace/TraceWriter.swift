@@ -2,44 +2,85 @@
 // under its own lock and takes each timestamp under that lock, so timestamps never go backwards.
 
 public final class TraceWriter {
+    /// Everything a record changes, in one allocation reached through a pointer: no dynamic
+    /// exclusivity check and no allocation a record (the writer is not thread-safe anyway; its user
+    /// serialises the calls).
+    struct State: ~Copyable {
+        var block: BlockBuffer
+        var blockBase: UInt64 = 0
+        var blockCount: UInt32 = 0
+        var exits = ExitState()
+        var bytesWritten: UInt64 = 0
+        var recordCount: UInt64 = 0
+        var lastTimestamp: UInt64 = 0
+        var finished = false
+
+        /// Encodes `record` at the end of the block (frame and body in place): the frame's length
+        /// field is written as one byte, and the body moved when its length needs more. Returns the
+        /// record's size; the block's count includes the record (the caller commits it, or sets the
+        /// count back and either flushes, which resets the exit state, or refuses a record too large
+        /// for a block, which holds no exit: an exit record is never that large).
+        mutating func encode(_ record: TraceRecord, at timestamp: UInt64) -> Int {
+            let start = block.count
+            block.u8(record.kind)
+            block.varint(blockCount == 0 ? 0 : timestamp - lastTimestamp)
+            let lengthAt = block.count
+            block.u8(0)
+            TraceCodec.encode(record, &block, &exits)
+            let body = block.count - lengthAt - 1
+            if body < 0x80 {
+                block.base[lengthAt] = UInt8(body)
+            } else {
+                var n = 1
+                while UInt64(body) >> (7 * UInt64(n)) != 0 { n += 1 }
+                block.shift(from: lengthAt + 1, body, by: n - 1)
+                let end = block.count
+                block.count = lengthAt
+                block.varint(UInt64(body))
+                block.count = end
+            }
+            return block.count - start
+        }
+    }
+
     let sink: any TraceSink
     let targetBlock: Int
-    var block = ByteEncoder(capacity: 0)
-    var blockBase: UInt64 = 0
-    var blockCount: UInt32 = 0
-    var state = ExitState()
-    var scratch = ByteEncoder(capacity: 256)
+    let s: UnsafeMutablePointer<State>
     /// Bytes handed to the sink so far.
-    public private(set) var bytesWritten: UInt64 = 0
+    public var bytesWritten: UInt64 { s.pointee.bytesWritten }
     /// Records appended so far (the end record excluded).
-    public private(set) var recordCount: UInt64 = 0
-    public private(set) var lastTimestamp: UInt64 = 0
-    public private(set) var finished = false
+    public var recordCount: UInt64 { s.pointee.recordCount }
+    public var lastTimestamp: UInt64 { s.pointee.lastTimestamp }
+    public var finished: Bool { s.pointee.finished }
 
     /// Writes the header. `blockPayload`: the payload size a block is closed at (at most
     /// TraceFormat.maxBlockPayload); smaller blocks lose less on a crash, larger ones compress better.
     public init(sink: any TraceSink, blockPayload: Int = TraceFormat.defaultBlockPayload, minor: UInt16 = TraceFormat.minor) throws(TraceError) {
         self.sink = sink
         targetBlock = max(64, min(blockPayload, TraceFormat.maxBlockPayload))
-        block.bytes.reserveCapacity(targetBlock + 64)
+        s = .allocate(capacity: 1)
+        s.initialize(to: State(block: BlockBuffer(capacity: TraceFormat.blockHeaderSize + targetBlock + 256)))
         var h = ByteEncoder(capacity: TraceFormat.headerSize)
         h.bytes.append(contentsOf: TraceFormat.magic)
         h.u16(TraceFormat.major)
         h.u16(minor)
         h.u32(0) // flags
         h.u32(CRC32C.checksum(h.bytes))
-        try emit(h.bytes)
+        try h.bytes.withUnsafeBytes { b in Result { () throws(TraceError) in try emit(b) } }.get()
+    }
+
+    deinit {
+        s.deinitialize(count: 1)
+        s.deallocate()
     }
 
     public convenience init(path: String, blockPayload: Int = TraceFormat.defaultBlockPayload) throws(TraceError) {
         try self.init(sink: try FileTraceSink(path: path), blockPayload: blockPayload)
     }
 
-    func emit(_ bytes: [UInt8]) throws(TraceError) {
-        let sink = self.sink
-        let r = bytes.withUnsafeBytes { b in Result { () throws(TraceError) in try sink.write(b) } }
-        try r.get()
-        bytesWritten += UInt64(bytes.count)
+    func emit(_ bytes: UnsafeRawBufferPointer) throws(TraceError) {
+        try sink.write(bytes)
+        s.pointee.bytesWritten += UInt64(bytes.count)
     }
 
     /// Appends `record` at `timestamp` (ns; any clock, the same for the whole trace). Refused: a
@@ -52,60 +93,45 @@ public final class TraceWriter {
     }
 
     func put(_ record: TraceRecord, at timestamp: UInt64) throws(TraceError) {
-        guard !finished else { throw TraceError(.finished, at: bytesWritten, "append after finish()") }
-        guard timestamp >= lastTimestamp else {
-            throw TraceError(.outOfOrder, at: bytesWritten + UInt64(TraceFormat.blockHeaderSize + block.bytes.count),
-                             "timestamp \(timestamp) ns is before the previous record's \(lastTimestamp) ns")
+        let s = self.s
+        guard !s.pointee.finished else { throw TraceError(.finished, at: bytesWritten, "append after finish()") }
+        guard timestamp >= s.pointee.lastTimestamp else {
+            throw TraceError(.outOfOrder, at: s.pointee.bytesWritten + UInt64(s.pointee.block.count),
+                             "timestamp \(timestamp) ns is before the previous record's \(s.pointee.lastTimestamp) ns")
         }
-        var attempt = 0
+        var flushed = false
         while true {
-            var st = state
-            scratch.bytes.removeAll(keepingCapacity: true)
-            TraceCodec.encode(record, &scratch, &st)
-            let delta = blockCount == 0 ? 0 : timestamp - lastTimestamp
-            var frame = ByteEncoder(capacity: 16)
-            frame.u8(record.kind)
-            frame.varint(delta)
-            frame.varint(UInt64(scratch.bytes.count))
-            let size = frame.bytes.count + scratch.bytes.count
-            if blockCount > 0 && (block.bytes.count + size > targetBlock || blockCount == UInt32.max) && attempt == 0 {
+            let start = s.pointee.block.count
+            let size = s.pointee.encode(record, at: timestamp)
+            let count = s.pointee.blockCount
+            if count > 0 && !flushed
+                && (start - TraceFormat.blockHeaderSize + size > targetBlock || count == UInt32.max) {
+                s.pointee.block.count = start
                 try flush()
-                attempt = 1
+                flushed = true
                 continue
             }
             guard size <= TraceFormat.maxBlockPayload else {
+                s.pointee.block.count = start
                 throw TraceError(.invalidRecord, at: bytesWritten,
                                  "a record of \(size) bytes exceeds the \(TraceFormat.maxBlockPayload)-byte block limit")
             }
-            if blockCount == 0 { blockBase = timestamp }
-            block.bytes.append(contentsOf: frame.bytes)
-            block.bytes.append(contentsOf: scratch.bytes)
-            blockCount += 1
-            state = st
-            lastTimestamp = timestamp
-            if case .end = record {} else { recordCount += 1 }
+            if count == 0 { s.pointee.blockBase = timestamp }
+            s.pointee.blockCount = count + 1
+            s.pointee.lastTimestamp = timestamp
+            if case .end = record {} else { s.pointee.recordCount += 1 }
             return
         }
     }
 
-    /// Closes the current block and hands it to the sink (a reader sees everything appended so far
-    /// except the end record). Called automatically when a block is full.
+    /// Closes the current block and hands it to the sink, header and payload in one write (a reader
+    /// sees everything appended so far except the end record). Called automatically when a block is full.
     public func flush() throws(TraceError) {
-        guard blockCount > 0 else { return }
-        var h = ByteEncoder(capacity: TraceFormat.blockHeaderSize)
-        h.u32(UInt32(block.bytes.count))
-        h.u32(0) // CRC, below
-        h.u64(blockBase)
-        h.u32(blockCount)
-        var crc = h.bytes.withUnsafeBytes { CRC32C.update(0, UnsafeRawBufferPointer(rebasing: $0[0..<4])) }
-        crc = h.bytes.withUnsafeBytes { CRC32C.update(crc, UnsafeRawBufferPointer(rebasing: $0[8..<20])) }
-        crc = block.bytes.withUnsafeBytes { CRC32C.update(crc, $0) }
-        for i in 0..<4 { h.bytes[4 + i] = UInt8(truncatingIfNeeded: crc >> (8 * UInt32(i))) }
-        try emit(h.bytes)
-        try emit(block.bytes)
-        block.bytes.removeAll(keepingCapacity: true)
-        blockCount = 0
-        state = ExitState()
+        guard s.pointee.blockCount > 0 else { return }
+        try emit(s.pointee.block.seal(base: s.pointee.blockBase, records: s.pointee.blockCount))
+        s.pointee.block.count = TraceFormat.blockHeaderSize
+        s.pointee.blockCount = 0
+        s.pointee.exits = ExitState()
     }
 
     /// Writes the end record (the count of records before it), flushes and closes the sink.
@@ -114,7 +140,7 @@ public final class TraceWriter {
         guard !finished else { return }
         try put(.end(recordCount: recordCount), at: lastTimestamp)
         try flush()
-        finished = true
+        s.pointee.finished = true
         try sink.close()
     }
 }

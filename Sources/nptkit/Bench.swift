@@ -13,16 +13,26 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Measure the figures quoted in the README (medians of one run).")
     @Flag(help: "Fewer repetitions (a smoke run, e.g. in CI).")
     var quick = false
-    @Option(help: "Run only these groups: build, update, sim, exits, abi, privileged, nvdimm, kvm, trace, calltrace.")
+    @Option(help: "Run only these groups: build, update, sim, exits, abi, privileged, nvdimm, kvm, trace, replay, calltrace.")
     var only: [String] = []
     @Option(help: "nvdimm group: the simulated platform's flush hint drain time (the writing CPU spins this long), ns.")
     var flushLatencyNs: UInt64 = 1000
     @Option(name: .customLong("backend-opt"), help: ArgumentHelp("kvm group: an argument for the kvm plugin (KEY=VALUE; repeatable), e.g. pmem-dir=/dev/shm.", valueName: "key=value"))
     var backendOpt: [String] = []
+    @Option(help: .private)
+    var replayChild: String?
+    @Option(help: .private)
+    var replayChildSyscalls: Int = 0
+    @Option(help: .private)
+    var replayRecord: String?
+    @Option(name: .customLong("replay-record-vms"), help: .private)
+    var replayRecordVMs: Int = 1
 
     func wants(_ g: String) -> Bool { only.isEmpty || only.contains(g) }
 
     func run() throws {
+        if let replayChild { return try Bench.replayChild(replayChild, syscalls: replayChildSyscalls) }
+        if let replayRecord { return try Bench.recordHVCIRuns(replayRecord, syscalls: replayChildSyscalls, vms: replayRecordVMs) }
         print("NPTKit benchmarks (\(quick ? "quick" : "full") run; medians; \(isDebugBuild ? "DEBUG build: use -c release for figures" : "release build"))\n")
         if wants("build") { try benchBuild() }
         if wants("update") { try benchUpdate() }
@@ -33,6 +43,7 @@ struct Bench: ParsableCommand {
         if wants("nvdimm") { try benchNVDIMM() }
         if wants("kvm") { try benchKVM() }
         if wants("trace") { try benchTrace() }
+        if wants("replay") { try benchReplay() }
         if wants("calltrace") { try benchCallTrace() }
     }
 

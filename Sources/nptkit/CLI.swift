@@ -4,6 +4,7 @@ import NPTKit
 import NPTScenarios
 import NPTSimulator
 import NPTTrace
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -24,11 +25,31 @@ struct BackendOptions: ParsableArguments {
     var plugin: [String] = []
     @Option(name: .customLong("backend-opt"), help: ArgumentHelp("An argument for the plugins this command loads (KEY=VALUE; repeatable), e.g. pmem-dir=/dev/shm for kvm.", valueName: "key=value"))
     var backendOpt: [String] = []
+    @Option(help: ArgumentHelp("The trace the replay backend replays (--backend replay; the plugin argument trace=FILE).", valueName: "file"))
+    var trace: String?
+    @Option(help: ArgumentHelp("Record every call between the core and the backend of every VM of this run to an NPTKit trace (the core's recording layer; any backend).", valueName: "file"))
+    var record: String?
 
     func pluginArguments() throws -> [PluginArgument] {
-        try backendOpt.map { text in
+        var args = try backendOpt.map { text in
             guard let a = PluginArgument(parsing: text) else { throw ValidationError("--backend-opt '\(text)' is not KEY=VALUE") }
             return a
+        }
+        if let trace {
+            guard backend == "replay" else { throw ValidationError("--trace is for --backend replay") }
+            args.append(PluginArgument(key: "trace", value: trace))
+        }
+        return args
+    }
+
+    /// The recorder of this run (--record), made once; `finishRecording` ends the trace.
+    func recorder() throws -> TraceRecorder? {
+        guard let record else { return nil }
+        return try runRecorder.withLock { r in
+            if let r { return r }
+            let made = try TraceRecorder(path: record)
+            r = made
+            return made
         }
     }
 
@@ -67,10 +88,23 @@ struct BackendOptions: ParsableArguments {
     /// The backend asked for, in `registry`, its VMs made as `npt_vm_create` makes them (with a
     /// handle: plugins reach the core by it).
     func host(_ registry: BackendRegistry, backend name: String? = nil) throws -> ScenarioHost {
-        try ScenarioHost(registry: registry, backendName: name ?? backend,
-                         makeVM: { c, r throws(NPTError) in try NPTKitRuntime.makeVM(config: c, registry: r) },
+        let recorder = try recorder()
+        return try ScenarioHost(registry: registry, backendName: name ?? backend,
+                         makeVM: { c, r throws(NPTError) in
+                             var c = c
+                             c.recorder = recorder
+                             return try NPTKitRuntime.makeVM(config: c, registry: r)
+                         },
                          destroyVM: { vm throws(NPTError) in try NPTKitRuntime.destroyVM(vm) })
     }
+}
+
+/// The run's recorder (BackendOptions.recorder).
+let runRecorder = Mutex<TraceRecorder?>(nil)
+
+/// Ends the run's trace (the end record, fsync), if it records.
+func finishRecording() throws {
+    if let r = runRecorder.withLock({ $0 }) { try r.finish() }
 }
 
 /// The directory of the running executable (/proc/self/exe).

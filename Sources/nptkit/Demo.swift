@@ -42,6 +42,7 @@ struct Demo: ParsableCommand {
         } else {
             print("\n--- Virtualized NVDIMM WPQ flushing: not run (backend '\(name)' lacks NPT_CAP_PERSISTENT_MEMORY) ---")
         }
+        try finishRecording()
     }
 
     // MARK: HVCI-like MBEC

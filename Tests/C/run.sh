@@ -16,7 +16,7 @@
 #   libnptkit-badabi.so   Tests/C/plugin_bad_abi.c
 #   libnptkit-noentry.so  Tests/C/plugin_no_entry.c
 #   test_api, test_plugins, test_plugin_pmem, test_pmem_discovery, test_kvm, test_backend_swap,
-#   test_privileged, test_nvdimm, test_robustness (issue 11's rows, one process each),
+#   test_privileged, test_nvdimm, test_robustness (issue 11's rows, one process each), test_record_replay,
 #   client (examples/client.c),
 #   test_api-asan and test_nvdimm-asan (AddressSanitizer + LSan),
 #   test_frozen_abi-1.N (against each frozen header Tests/C/abi/1.N), test_calltrace (traced, then
@@ -242,6 +242,15 @@ fi
 echo "-- test_privileged"
 if build test_privileged "$CC" "${CFLAGS[@]}" -pthread "$ROOT/Tests/C/test_privileged.c" "${LINK[@]}" -o "$OUT/test_privileged"; then
     run test_privileged "$OUT/test_privileged"
+fi
+
+# Recording through npt_vm_config.record_path and the replay of that trace by libnptkit-replay.so
+# (npt_plugin_load_with): same outcome; a bad record_path refused with no VM made; another run diverges.
+echo "-- test_record_replay"
+if [ ! -f "$BIN/libnptkit-replay.so" ]; then
+    fail test_record_replay "$BIN/libnptkit-replay.so does not exist"
+elif build test_record_replay "$CC" "${CFLAGS[@]}" "$ROOT/Tests/C/test_record_replay.c" "${LINK[@]}" -o "$OUT/test_record_replay"; then
+    run test_record_replay "$OUT/test_record_replay" "$BIN/libnptkit-replay.so" "$OUT"
 fi
 
 # test_nvdimm reads the NFIT fixture by the absolute path given here (run.sh may be started from

@@ -47,7 +47,7 @@ int main(void) {
 
     npt_sim_platform plat = {sizeof plat, 0, 0, NULL, 0};
     CHECK(npt_sim_set_platform(ctx, &plat) == NPT_OK);
-    npt_vm_config cfg = {sizeof cfg, NPT_MBEC_EXACT, "sim", 16u << 20, NPT_PERM_READ | NPT_PERM_WRITE, 1000};
+    npt_vm_config cfg = {sizeof cfg, NPT_MBEC_EXACT, "sim", 16u << 20, NPT_PERM_READ | NPT_PERM_WRITE, 1000, NULL};
     CHECK(npt_vm_create(ctx, &cfg, &vm) == NPT_OK);
     npt_vm_config bad = cfg;
     bad.ram_size = 12345;

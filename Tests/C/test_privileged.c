@@ -36,7 +36,7 @@ static void *drive(void *arg) {
 
 int main(void) {
     npt_context *ctx; npt_vm *vm;
-    npt_vm_config cfg = { sizeof cfg, NPT_MBEC_EXACT, NULL, RAM, NPT_PERM_READ | NPT_PERM_WRITE, 2000 };
+    npt_vm_config cfg = { sizeof cfg, NPT_MBEC_EXACT, NULL, RAM, NPT_PERM_READ | NPT_PERM_WRITE, 2000, NULL };
     CHECK(npt_context_create(&ctx) == NPT_OK);
     CHECK(npt_vm_create(ctx, &cfg, &vm) == NPT_OK);
 

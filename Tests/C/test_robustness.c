@@ -206,7 +206,7 @@ static npt_context *new_context(void) {
 }
 static npt_vm *new_vm(npt_context *ctx, const char *backend, uint64_t ram) {
     npt_vm_config cfg = { sizeof cfg, backend && strcmp(backend, "faulty") == 0 ? NPT_MBEC_VIOLATION_ONLY : NPT_MBEC_EXACT,
-                          backend, ram, R | W, 0 };
+                          backend, ram, R | W, 0, NULL };
     npt_vm *vm = NULL;
     CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
     return vm;
@@ -230,7 +230,7 @@ static void emit(uint8_t *buf, size_t *off, uint8_t op, uint8_t a, uint8_t b, in
 /* A sim VM whose vCPUs loop at CODE (paging off: user-mode addresses, so R|UX), with a region whose
  * handler writes r0 to port 9 and executes RSM. */
 static npt_vm *privileged_vm(npt_context *ctx, uint64_t steps) {
-    npt_vm_config cfg = { sizeof cfg, NPT_MBEC_EXACT, NULL, 4u << 20, R | W, steps };
+    npt_vm_config cfg = { sizeof cfg, NPT_MBEC_EXACT, NULL, 4u << 20, R | W, steps, NULL };
     npt_vm *vm = NULL;
     CHECK_OK(npt_vm_create(ctx, &cfg, &vm));
     uint8_t code[32]; size_t n = 0;
@@ -535,7 +535,7 @@ typedef struct { npt_context *ctx; _Atomic int *go; npt_status st; npt_vm *vm; }
 static void *create_thread(void *arg) {
     creator *c = arg;
     while (!atomic_load(c->go)) {}
-    npt_vm_config cfg = { sizeof cfg, NPT_MBEC_VIOLATION_ONLY, "faulty", 1u << 20, R | W, 0 };
+    npt_vm_config cfg = { sizeof cfg, NPT_MBEC_VIOLATION_ONLY, "faulty", 1u << 20, R | W, 0, NULL };
     c->st = npt_vm_create(c->ctx, &cfg, &c->vm);
     return NULL;
 }
@@ -688,7 +688,7 @@ static void row11(void) {
     static npt_vm *vms[N];
     int made = 0;
     for (int i = 0; i < N; i++) {
-        npt_vm_config cfg = { sizeof cfg, NPT_MBEC_EXACT, NULL, 1u << 20, R | W, 0 };
+        npt_vm_config cfg = { sizeof cfg, NPT_MBEC_EXACT, NULL, 1u << 20, R | W, 0, NULL };
         npt_status s = npt_vm_create(ctx, &cfg, &vms[i]);
         if (s != NPT_OK) { fprintf(stderr, "    VM %d: %s\n", i + 1, npt_last_error()); break; }
         made++;

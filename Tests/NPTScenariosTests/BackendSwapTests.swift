@@ -227,6 +227,23 @@ enum SwapBackends {
         }
     }
 
+    /// A backend wrapper (`WithheldCapabilities`, a `BackendWrapper`) keeps the real backend's
+    /// persistence model in reach: the NVDIMM scenario's crash checker runs behind it (it would be
+    /// nil if `unwrapped` stopped at the wrapper) and finds what it finds on the simulator itself.
+    @Test func theCrashCheckerSeesTheSimulatorBehindAWrapper() throws {
+        let registry = try SwapBackends.registry()
+        let sim = try registry.lookup("sim")
+        let weaker = WithheldCapabilities(sim, withholding: [.exitOnEscalation, .exitOnReturn], name: "sim without privilege-change exits")
+        try registry.register(weaker)
+        #expect(weaker.unwrapped === sim)
+        let s = NVDIMMScenario(needsWPQFlush: true, records: 4, tail: true)
+        let direct = try s.run(host: try SwapBackends.host(registry, "sim"), mode: .violationOnly)
+        let wrapped = try s.run(host: try SwapBackends.host(registry, weaker.name), mode: .violationOnly)
+        let a = try #require(direct.crash), b = try #require(wrapped.crash, "no crash checker behind the wrapper")
+        #expect(b.crashPoints > 0 && b.losses.isEmpty)
+        #expect(a.crashPoints == b.crashPoints && a.durableStores == b.durableStores)
+    }
+
     /// A scenario has an image for the simulator's ISA and x86-64 only: another ISA is refused
     /// with a message naming the scenario and the ISA.
     /// The plugin's arguments (plugin interface 2): an unknown key or a bad value is refused with the

@@ -1,4 +1,7 @@
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import NPTTrace
 
 /// A deterministic generator (SplitMix64) so failures reproduce.
@@ -40,7 +43,7 @@ func randomRegs(_ r: inout Rng) -> TraceRegs {
 /// One random record of every kind the format has (the end record excluded: finish() writes it).
 func randomRecord(_ r: inout Rng) -> TraceRecord {
     let v = UInt32(r.below(64))
-    switch r.below(26) {
+    switch r.below(36) {
     case 0: return .meta(key: "key\(r.below(10))", value: "välue \(r.next())")
     case 1: return .vmCreate(TraceVMConfig(mbecMode: UInt32(r.below(3)), ramSize: r.value(), defaultPerms: r.value(), maxStepsPerRun: r.value(), backend: "kvm"))
     case 2: return .vmDestroy
@@ -73,6 +76,17 @@ func randomRecord(_ r: inout Rng) -> TraceRecord {
         case 3: return .fence(vcpu: v)
         default: return .trappedWriteCompleted(vcpu: v)
         }
+    // 1.1
+    case 26: return .memoryDigest(gpa: r.value(), length: r.value(), crc: r.u32())
+    case 27: return r.below(2) == 0 ? .powerFailure : .vmSelect(vm: r.u32())
+    case 28: return .note(key: "note\(r.below(5))", values: (0..<r.below(6)).map { _ in r.value() })
+    case 29: return .backendInfo(TraceBackendInfo(name: "b\(r.below(9))", capabilities: r.value(), guestISA: UInt32(r.below(4)),
+                                                  abiVersion: r.u32(), description: "ünïcode \(r.next())"))
+    case 30: return .backendStats(vcpu: r.below(2) == 0 ? nil : v, stats: (0..<r.below(5)).map { i in TraceStat(name: "stat_\(i)", value: r.value()) })
+    case 31: return r.below(2) == 0 ? .untrappedWrites(count: r.value()) : .hostPMemCount(count: r.u32())
+    case 32: return .failure(vcpu: r.below(3) == 0 ? nil : r.u32(), kind: UInt8(r.below(256)),
+                             status: Int32(truncatingIfNeeded: Int64(bitPattern: r.next())), message: "why \(r.below(1000))")
+    case 33: return .privilegedEnter(vcpu: v, regionGPA: r.value(), regionSize: r.value(), entryRIP: r.value())
     default: return .exit(vcpu: v, TraceExit(reason: .io, ioPort: 0xE0, ioValue: r.below(256), rip: 0x10000 + r.below(64)))
     }
 }
@@ -100,6 +114,17 @@ func readAll(_ bytes: [UInt8]) throws(TraceError) -> [TraceEvent] {
     return out
 }
 
+/// The record sequence of the 1.1 golden trace: every kind the random generator makes, then
+/// records whose body needs a 2- and 3-byte length and one larger than a block's target.
+func golden11Records() -> [TraceRecord] {
+    var r = Rng(s: 0x1_1)
+    var recs = (0..<1500).map { _ in randomRecord(&r) }
+    recs.insert(.memoryWrite(gpa: 0x1000, data: (0..<200).map { UInt8(truncatingIfNeeded: $0) }), at: 700)
+    recs.insert(.memoryRead(gpa: 0x2000, data: (0..<3000).map { UInt8(truncatingIfNeeded: $0 &* 7) }), at: 900)
+    recs.insert(.defineRegion(gpa: 0x4000_0000, size: 1 << 20, hostOffset: 0, contents: (0..<20_000).map { UInt8(truncatingIfNeeded: $0 >> 3) }), at: 1100)
+    return recs
+}
+
 /// Every block's start offset, walking the block headers (the test's own reading of the layout).
 func blockOffsets(_ b: [UInt8]) -> [Int] {
     var out: [Int] = []
@@ -113,6 +138,32 @@ func blockOffsets(_ b: [UInt8]) -> [Int] {
 }
 
 @Suite struct TraceFormatTests {
+    /// The published check values (RFC 3720 B.4 and the CRC catalogue's "123456789"), and both
+    /// fast paths (the crc32 instruction where this CPU has it, slicing-by-8) equal to the bytewise
+    /// definition at every length and alignment, chained.
+    @Test func crc32cMatchesTheStandardAndTheBytewiseDefinition() {
+        #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
+        #expect(CRC32C.checksum([UInt8](repeating: 0, count: 32)) == 0x8A91_36AA)
+        #expect(CRC32C.checksum([UInt8](repeating: 0xFF, count: 32)) == 0x62A8_AB43)
+        #expect(CRC32C.checksum((0..<32).map { UInt8($0) }) == 0x46DD_794E)
+        var r = Rng(s: 32)
+        let data = r.bytes(300) + (0..<300).map { _ in UInt8(truncatingIfNeeded: r.next()) }
+        data.withUnsafeBytes { b in
+            for offset in 0..<9 {
+                for length in 0..<(b.count - offset) where length < 80 || length % 37 == 0 {
+                    let part = UnsafeRawBufferPointer(rebasing: b[offset..<offset + length])
+                    let seed = UInt32(truncatingIfNeeded: r.next())
+                    let reference = CRC32C.bytewise(seed, part)
+                    #expect(CRC32C.update(seed, part) == reference, "offset \(offset) length \(length)")
+                    #expect(CRC32C.sliced(seed, part) == reference, "offset \(offset) length \(length)")
+                }
+            }
+            let whole = CRC32C.update(0, b)
+            let split = CRC32C.update(CRC32C.update(0, UnsafeRawBufferPointer(rebasing: b[0..<13])), UnsafeRawBufferPointer(rebasing: b[13...]))
+            #expect(whole == split && whole == CRC32C.bytewise(0, b))
+        }
+    }
+
     @Test func randomRecordsRoundTrip() throws {
         var r = Rng(s: 42)
         let records = (0..<5000).map { _ in randomRecord(&r) }
@@ -395,10 +446,29 @@ func blockOffsets(_ b: [UInt8]) -> [Int] {
         ]
     }
 
+    /// Tests/Fixtures/npttrace/golden-1.1.trace was written by the writer before it encoded in place
+    /// (commit b7055ea: a frame array and a scratch array a record, two writes a block): the
+    /// in-place writer must produce the same bytes for every record kind, long bodies and blocks
+    /// split at the target included.
+    @Test func golden11TraceIsWrittenByteForByte() throws {
+        let path = fixturesDirectory() + "/npttrace/golden-1.1.trace"
+        let (bytes, events) = try writeTrace(golden11Records(), seed: 0x11, blockPayload: 512)
+        let src = try FileTraceSource(path: path)
+        var golden = [UInt8](repeating: 0, count: 1 << 20)
+        let n = try golden.withUnsafeMutableBytes { try src.read(into: $0) }
+        golden = Array(golden[0..<n])
+        #expect(golden.count == bytes.count)
+        #expect(golden == bytes, "the writer's bytes changed: a format change needs a new version")
+        let read = try readAll(golden)
+        #expect(read.map(\.record) == events.map(\.record) + [.end(recordCount: UInt64(events.count))])
+        #expect(blockOffsets(golden).count > 20)
+    }
+
     @Test func goldenTraceReadsAndWritesTheSameBytes() throws {
         let path = fixturesDirectory() + "/npttrace/golden-1.0.trace"
         let sink = MemoryTraceSink()
-        let w = try TraceWriter(sink: sink, blockPayload: 256)
+        // A writer of a later minor still writes a 1.0 trace byte for byte when asked for minor 0.
+        let w = try TraceWriter(sink: sink, blockPayload: 256, minor: 0)
         for (t, r) in GoldenTraceTests.records() { try w.append(r, at: t) }
         try w.finish()
         if readTextFile("/proc/self/environ")?.contains("NPTTRACE_WRITE_GOLDEN=1") == true {
@@ -415,5 +485,51 @@ func blockOffsets(_ b: [UInt8]) -> [Int] {
         #expect(read.map(\.record) == GoldenTraceTests.records().map(\.1) + [.end(recordCount: 27)])
         #expect(read.map(\.timestamp) == GoldenTraceTests.records().map(\.0) + [7001])
         #expect(blockOffsets(golden).count >= 2)
+    }
+}
+
+/// The recorder's clock: the TSC only where it can stand for CLOCK_MONOTONIC, and then in step with it.
+@Suite struct TraceClockTests {
+    @Test func theTSCIsUsedOnlyWhenInvariantAndTheKernelsClocksource() {
+        let both: [Substring] = ["fpu", "constant_tsc", "nonstop_tsc", "rdtscp"]
+#if arch(x86_64)
+        #expect(TSCClock.usable(cpuFlags: both, clocksource: "tsc"))
+#else
+        #expect(!TSCClock.usable(cpuFlags: both, clocksource: "tsc"))
+#endif
+        #expect(!TSCClock.usable(cpuFlags: ["fpu", "constant_tsc"], clocksource: "tsc"), "not invariant across C-states")
+        #expect(!TSCClock.usable(cpuFlags: ["nonstop_tsc"], clocksource: "tsc"), "rate changes with the P-state")
+        #expect(!TSCClock.usable(cpuFlags: both, clocksource: "kvm-clock"), "the kernel does not trust it")
+        #expect(!TSCClock.usable(cpuFlags: [], clocksource: ""))
+        // This machine's answer agrees with what the kernel says.
+        let flags = TSCClock.cpuFlags(), source = TSCClock.clocksource()
+        #expect((TraceClock.tsc != nil) == TSCClock.usable(cpuFlags: flags, clocksource: source), "\(source)")
+    }
+
+    /// Over 50 ms of sleep, `TraceClock.now()` advances as CLOCK_MONOTONIC does (within 0.5% and
+    /// the reads' own spread), and it never goes backwards.
+    @Test func nowKeepsStepWithClockMonotonic() {
+        func together() -> (now: UInt64, mono: UInt64) {
+            var best = (UInt64(0), UInt64(0)), width = UInt64.max
+            for _ in 0..<20 {
+                let a = TraceClock.monotonicNanoseconds(), n = TraceClock.now(), b = TraceClock.monotonicNanoseconds()
+                if b - a < width { width = b - a; best = (n, a / 2 + b / 2) }
+            }
+            return best
+        }
+        let x = together()
+        usleep(50_000)
+        let y = together()
+        let dNow = Double(y.now - x.now), dMono = Double(y.mono - x.mono)
+        #expect(dMono >= 50e6)
+        #expect(abs(dNow - dMono) <= dMono * 0.005 + 20_000, "TraceClock \(dNow) ns, CLOCK_MONOTONIC \(dMono) ns (\(TraceClock.name))")
+        var last = TraceClock.now(), backwards = 0
+        for _ in 0..<100_000 {
+            let t = TraceClock.now()
+            if t < last { backwards += 1 }
+            last = t
+        }
+        #expect(backwards == 0)
+        if let t = TraceClock.tsc { #expect(t.calibrationNs >= 2_000_000 && t.megahertz > 100, "\(TraceClock.name)") }
     }
 }

@@ -80,7 +80,7 @@ int main(int argc, char **argv) {
     if (npt_plugin_load(ctx, "libnptkit-kvm.so", &kvm) == NPT_OK) printf("plugin: loaded backend '%s' from the plugin directory\n", kvm);
     else printf("plugin: not loaded (%s)\n", npt_last_error());
 
-    npt_vm_config cfg = {sizeof cfg, NPT_MBEC_EXACT, "sim", RAM, NPT_PERM_READ | NPT_PERM_WRITE, 5000};
+    npt_vm_config cfg = {sizeof cfg, NPT_MBEC_EXACT, "sim", RAM, NPT_PERM_READ | NPT_PERM_WRITE, 5000, NULL};
     npt_vm *vm;
     TRY(npt_vm_create(ctx, &cfg, &vm));
     printf("vm: backend 'sim' (the guest is simulator-ISA code), MBEC exact, %u vCPUs\n", nvcpus);

@@ -1,0 +1,352 @@
+import NPTCore
+import NPTHost
+import NPTKit
+import NPTScenarios
+import NPTSimulator
+import NPTTrace
+import Synchronization
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The replay backend (libnptkit-replay.so, beside the test binary) in the backend-swap family: a
+/// run recorded by the core's recording layer on sim replays with the same outcome; a flipped
+/// decision is reported at its event; bad traces are refused at load with their byte offset.
+enum Replay {
+    static let plugin: String = {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        let exe = String(decoding: buf[0..<max(0, n)].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return String(exe[..<(exe.lastIndex(of: "/") ?? exe.startIndex)]) + "/libnptkit-replay.so"
+    }()
+    static func temp(_ name: String) -> String { "/tmp/nptkit-replay-test-\(getpid())-\(name)" }
+
+    /// A registry with the replay backend of `trace` (its own session).
+    static func host(_ trace: String, session: String) throws -> ScenarioHost {
+        let r = BackendRegistry()
+        try r.register(SimulatorBackend(), makeDefault: true)
+        _ = try NPTKitRuntime.loadPlugin(plugin, arguments: [PluginArgument(key: "trace", value: trace),
+                                                             PluginArgument(key: "session", value: session),
+                                                             PluginArgument(key: "wait-ms", value: "200")], into: r)
+        return try SwapBackends.host(r, "replay")
+    }
+
+    /// HVCI (5 system calls) on sim in `mode`, recorded to `path`.
+    static func recordHVCI(_ path: String, mode: VMConfig.MBECMode) throws -> (HVCIScenario.Outcome, VMStatistics) {
+        let recorder = try TraceRecorder(path: path)
+        let r = BackendRegistry()
+        try r.register(SimulatorBackend(), makeDefault: true)
+        let host = try ScenarioHost(registry: r, backendName: "sim", makeVM: { c, reg throws(NPTError) in
+            var c = c
+            c.recorder = recorder
+            return try VirtualMachine(config: c, registry: reg)
+        })
+        let result = try HVCIScenario(syscalls: 5).run(host: host, mode: mode)
+        try recorder.finish()
+        return result
+    }
+
+    /// Runs `path` with `args`, its stderr to the file `stderr`: the exit status.
+    static func spawn(_ path: String, _ args: [String], stderr: String) throws -> Int32 {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 2, stderr, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        var argv: [UnsafeMutablePointer<CChar>?] = ([path] + args).map { strdup($0) } + [nil]
+        defer { for p in argv { free(p) } }
+        var pid: pid_t = 0
+        guard posix_spawn(&pid, path, &actions, nil, &argv, environ) == 0 else { throw NPTError(.backend, "cannot run \(path)") }
+        var status: Int32 = 0
+        guard waitpid(pid, &status, 0) == pid else { throw NPTError(.backend, "waitpid failed") }
+        return (status & 0x7f) == 0 ? (status >> 8) & 0xff : -1
+    }
+
+    /// A copy of `path` in which `change` rewrites records (nil: kept); the event number of the
+    /// first record it changed (.max: none).
+    static func rewrite(_ path: String, to out: String, _ change: (TraceRecord) -> TraceRecord?) throws -> UInt64 {
+        let r = try TraceReader(path: path)
+        let w = try TraceWriter(path: out)
+        var first: UInt64 = .max
+        while let e = try r.next() {
+            if case .end = e.record { break }
+            var rec = e.record
+            if let c = change(rec) { rec = c; first = min(first, e.index) }
+            try w.append(rec, at: e.timestamp)
+        }
+        try w.finish()
+        return first
+    }
+
+    /// A copy of `path` with the `which`-th hierarchy decision flipped; its event number.
+    static func flipHierarchy(_ path: String, to out: String, which: Int) throws -> UInt64 {
+        var seen = 0
+        return try rewrite(path, to: out) { rec in
+            guard case .hierarchy(let v, let h) = rec else { return nil }
+            defer { seen += 1 }
+            return seen == which ? .hierarchy(vcpu: v, hierarchy: 1 - h) : nil
+        }
+    }
+
+    /// The replay of HVCI (5 system calls, exact mode) against `trace`, which must fail: its message
+    /// (nil, and an issue recorded, if it did not fail).
+    static func divergence(_ trace: String) throws -> String? {
+        let host = try Replay.host(trace, session: trace)
+        do {
+            _ = try HVCIScenario(syscalls: 5).run(host: host, mode: .exact)
+        } catch let e as NPTError {
+            return e.message
+        }
+        Issue.record("the replay of '\(trace)' did not fail")
+        return nil
+    }
+}
+
+@Suite(.serialized) struct ReplayTests {
+    struct Summary: Equatable {
+        var printed: [UInt64], violations: [String], faults: [String], attacks: Int, halted: Bool
+        var exits: UInt64, switches: UInt64, reported: UInt64, instructions: UInt64
+        init(_ r: (HVCIScenario.Outcome, VMStatistics)) {
+            printed = r.0.printed; violations = r.0.violations.map { "\($0)" }; faults = r.0.faultsSeenByGuest.map { "\($0.vector) \($0.rip)" }
+            attacks = r.0.attacksSucceeded; halted = r.0.halted
+            exits = r.1.exitsTotal; switches = r.1.hierarchySwitches; reported = r.1.violationsReported; instructions = r.1.instructions
+        }
+    }
+
+    /// The backend-swap test's replay half: HVCI recorded on sim in every mode replays with the
+    /// same outcome and statistics (the simulator's own counters, instructions, come from the trace).
+    @Test(arguments: VMConfig.MBECMode.allCases)
+    func aRunRecordedOnSimReplaysWithTheSameOutcome(mode: VMConfig.MBECMode) throws {
+        let path = Replay.temp("sim-\(mode)")
+        defer { unlink(path) }
+        let recorded = try Replay.recordHVCI(path, mode: mode)
+        let host = try Replay.host(path, session: path)
+        #expect(host.guestISA == .simulator)
+        #expect(!host.capabilities.contains(.privilegedMode))
+        let replayed = try HVCIScenario(syscalls: 5).run(host: host, mode: mode)
+        #expect(Summary(replayed) == Summary(recorded))
+        #expect(Summary(recorded).violations.count == 2)
+    }
+
+    /// A flipped hierarchy decision (a mutated copy): the replay fails at that event, naming both
+    /// decisions and the events before it, and every later call fails too.
+    @Test(arguments: [0, 3])
+    func aFlippedDecisionIsReportedAtItsEvent(which: Int) throws {
+        let path = Replay.temp("flip-src-\(which)"), flipped = Replay.temp("flip-\(which)")
+        defer { unlink(path); unlink(flipped) }
+        _ = try Replay.recordHVCI(path, mode: .exact)
+        let event = try Replay.flipHierarchy(path, to: flipped, which: which)
+        try #require(event != .max)
+        let m = try #require(try Replay.divergence(flipped))
+        #expect(m.contains("diverged at event \(event) "), "\(m)")
+        #expect(m.contains("recorded: hierarchy vcpu 0"), "\(m)")
+        #expect(m.contains("replayed: hierarchy vcpu 0"), "\(m)")
+        #expect(m.contains("differs in: hierarchy "), "\(m)")
+        #expect(m.contains("before it:"), "\(m)")
+    }
+
+    /// Bad traces are refused when the plugin loads (it reads the whole trace first), with the
+    /// reader's error and byte offset in the message: nothing is replayed.
+    @Test func badTracesAreRefusedAtLoadWithTheirOffset() throws {
+        let path = Replay.temp("bad-src")
+        defer { unlink(path) }
+        _ = try Replay.recordHVCI(path, mode: .lazy)
+        let good = try readAll(path)
+        var cases: [(String, [UInt8], String)] = [
+            ("truncated", Array(good.prefix(good.count - 7)), "truncated at byte offset"),
+            ("version", { var b = good; b[8] = 9; return b }(), "unsupported version at byte offset 8"),
+            ("magic", { var b = good; b[0] = 0x41; return b }(), "not an NPTKit trace at byte offset 0"),
+        ]
+        var corrupt = good
+        corrupt[40] ^= 0x5A
+        cases.append(("corrupt", corrupt, "corrupt at byte offset 20"))
+        cases.append(("empty", [], "truncated at byte offset 0"))
+        for (name, bytes, expected) in cases {
+            let p = Replay.temp("bad-\(name)")
+            defer { unlink(p) }
+            try writeAll(p, bytes)
+            do {
+                _ = try Replay.host(p, session: p)
+                Issue.record("\(name): a bad trace was accepted")
+            } catch let e as NPTError {
+                #expect(e.code == .invalidArgument, "\(name): \(e)")
+                #expect(e.message.contains(expected), "\(name): \(e.message)")
+            }
+        }
+        // A trace without the recording layer's backend record (the golden 1.0 trace) is refused too.
+        do {
+            _ = try Replay.host(fixture("golden-1.0.trace"), session: "golden")
+            Issue.record("a trace without a backend record was accepted")
+        } catch let e as NPTError {
+            #expect(e.message.contains("no backend record"), "\(e.message)")
+        }
+    }
+
+    /// A divergence names the field that differs: a register write whose recorded rbx was changed
+    /// is reported with "differs in: rbx RECORDED -> REPLAYED", and nothing else of it.
+    @Test func aDivergenceNamesTheDifferingRegister() throws {
+        let path = Replay.temp("regs-src"), changed = Replay.temp("regs-changed")
+        defer { unlink(path); unlink(changed) }
+        _ = try Replay.recordHVCI(path, mode: .exact)
+        var original: UInt64?
+        let event = try Replay.rewrite(path, to: changed) { rec in
+            guard original == nil, case .regsWritten(let v, var regs) = rec else { return nil }
+            original = regs.gpr[3]
+            regs.gpr[3] ^= 0x5A
+            return .regsWritten(vcpu: v, regs)
+        }
+        let rbx = try #require(original)
+        let m = try #require(try Replay.divergence(changed))
+        #expect(m.contains("diverged at event \(event) "), "\(m)")
+        #expect(m.contains("differs in: rbx 0x\(String(rbx ^ 0x5A, radix: 16)) -> 0x\(String(rbx, radix: 16))\n"), "\(m)")
+        // The same for an exit the core rewrote (a decision) and for a record of another kind.
+        let x = TraceExit(reason: .io, ioPort: 1, ioValue: 7, rip: 0x1000)
+        var y = x
+        y.rip = 0x1008
+        #expect(TraceRecord.decision(vcpu: 0, action: .tool, exit: x).differingFields(.decision(vcpu: 0, action: .tool, exit: y)) == ["exit.rip 0x1000 -> 0x1008"])
+        #expect(TraceRecord.hierarchy(vcpu: 0, hierarchy: 1).differingFields(.fence(vcpu: 0)) == ["kind hierarchy -> fence"])
+        #expect(TraceRecord.fence(vcpu: 0).differingFields(.fence(vcpu: 0)).isEmpty)
+    }
+
+    /// Two vCPU threads: the recording interleaves their calls (forced: the threads take turns exit
+    /// by exit); the replay's threads run free, vCPU 1's started first and vCPU 0's 20 ms later, so
+    /// vCPU 1's thread must wait for vCPU 0's to take the records before its own (the replay's
+    /// "wait for the thread whose record is next"). Both see their recorded exits, in order.
+    @Test func twoVCPUThreadsReplayInTheRecordedOrder() throws {
+        let path = Replay.temp("smp")
+        defer { unlink(path) }
+        let config = VMConfig(ramSize: 1 << 20, defaultPermissions: .all, mbecMode: .exact, backendName: "sim")
+        /// vCPU k: OUT (k * 1000 + i) on port 1 for i in 0..<40, then HLT.
+        func load(_ vm: VirtualMachine) throws -> [VirtualCPU] {
+            try (0..<2).map { k in
+                let origin = UInt64(0x1000 * (k + 1))
+                var a = Assembler(origin: origin)
+                a.emit(.movi, 1, 0, 40)
+                a.emit(.movi, 0, 0, Int32(k * 1000))
+                let loop = a.here
+                a.out(0, port: 1)
+                a.emit(.addi, 0, 0, 1)
+                a.emit(.addi, 1, 0, -1)
+                a.jnz(1, to: loop)
+                a.emit(.hlt)
+                try a.bytes.withUnsafeBytes { try vm.writeMemory(GPA(origin), $0) }
+                let cpu = try vm.makeVCPU(index: UInt32(k))
+                var r = Registers()
+                r.rip = origin
+                try cpu.setRegisters(r)
+                return cpu
+            }
+        }
+        /// Runs vCPU `cpu` to its halt; `turn`: take turns with the other thread exit by exit.
+        @Sendable func drive(_ cpu: VirtualCPU, turn: Locked<(Int, [Bool])>?, into out: Locked<[[UInt64]]>) {
+            let k = Int(cpu.index)
+            while true {
+                if let turn {
+                    while !turn.m.withLock({ $0.0 == k || $0.1[1 - k] }) { sched_yield() }
+                }
+                guard let x = try? cpu.run() else { return }
+                if x.reason == .io { out.m.withLock { $0[k].append(x.ioValue) } }
+                let halted = x.reason != .io
+                turn?.m.withLock { t in t.0 = 1 - k; if halted { t.1[k] = true } }
+                if halted { return }
+            }
+        }
+        // Recorded on sim, the threads taking turns.
+        let recorder = try TraceRecorder(path: path)
+        var rc = config
+        rc.recorder = recorder
+        let recorded = Locked<[[UInt64]]>([[], []])
+        do {
+            let vm = try VirtualMachine(config: rc, registry: NPTKitRuntime.makeRegistry())
+            let cpus = try load(vm)
+            let turn = Locked<(Int, [Bool])>((0, [false, false]))
+            let threads = cpus.map { c in HostThread { drive(c, turn: turn, into: recorded) } }
+            for t in threads { t.join() }
+            try vm.destroy()
+        }
+        try recorder.finish()
+        let rec = recorded.m.withLock { $0 }
+        let expected: [[UInt64]] = [Array(0..<40), Array(1000..<1040)]
+        #expect(rec == expected)
+        // The trace holds the two vCPUs' exits interleaved.
+        var order: [UInt32] = []
+        let reader = try TraceReader(path: path)
+        while let e = try reader.next() { if case .exit(let v, _) = e.record { order.append(v) } }
+        let changes = zip(order, order.dropFirst()).filter { $0.0 != $0.1 }.count
+        #expect(changes >= 40, "the recording did not interleave the vCPUs: \(order)")
+        // Replayed with free threads, vCPU 1's first.
+        let host = try Replay.host(path, session: path)
+        var c = config
+        c.backendName = "replay"
+        let replayed = Locked<[[UInt64]]>([[], []])
+        let vm = try host.makeVM(c)
+        let cpus = try load(vm)
+        let t1 = HostThread { drive(cpus[1], turn: nil, into: replayed) }
+        sleepNanos(20_000_000)
+        let t0 = HostThread { drive(cpus[0], turn: nil, into: replayed) }
+        t1.join(); t0.join()
+        try host.destroyVM(vm)
+        #expect(replayed.m.withLock { $0 } == rec)
+    }
+
+    /// A replay that creates fewer VMs than recorded is a divergence, reported when the process ends
+    /// (the only end of a session a plugin sees through the C ABI: it is never unloaded, and a
+    /// context's end is not told to backends): the plugin's exit handler prints it with the event of
+    /// the first VM never created and makes the exit status 1. Run in child processes (nptkit-cli).
+    @Test func aReplayWithFewerVMsThanRecordedFailsAtTheEnd() throws {
+        let cli = String(Replay.plugin.dropLast("libnptkit-replay.so".count)) + "nptkit-cli"
+        try #require(access(cli, X_OK) == 0, "\(cli) is not built")
+        let two = Replay.temp("two-vms"), one = Replay.temp("one-vm"), err = Replay.temp("fewer.err")
+        defer { unlink(two); unlink(one); unlink(err) }
+        #expect(try Replay.spawn(cli, ["bench", "--replay-record", two, "--replay-child-syscalls", "3", "--replay-record-vms", "2"], stderr: err) == 0)
+        #expect(try Replay.spawn(cli, ["bench", "--replay-record", one, "--replay-child-syscalls", "3"], stderr: err) == 0)
+        // One VM of one recorded: complete, status 0.
+        #expect(try Replay.spawn(cli, ["bench", "--replay-child", one, "--replay-child-syscalls", "3"], stderr: err) == 0)
+        // One VM of two recorded: status 1, the VM never created named with its event.
+        #expect(try Replay.spawn(cli, ["bench", "--replay-child", two, "--replay-child-syscalls", "3"], stderr: err) == 1)
+        let text = String(decoding: try readAll(err), as: UTF8.self)
+        #expect(text.contains("created fewer VMs than recorded (1 of 2; never created: vm 1)"), "\(text)")
+        #expect(text.contains("recorded: vm-create backend sim"), "\(text)")
+        #expect(text.contains("diverged at event "), "\(text)")
+    }
+
+    /// The committed KVM traces load on any machine (no /dev/kvm needed): the recorded backend's
+    /// capabilities and guest ISA, without the privileged mode. (Their full replay against the
+    /// recorded output runs in scripts/test.sh through nptkit-cli demo.)
+    @Test func committedKVMTracesPresentTheRecordedBackend() throws {
+        for m in ["lazy", "violation-only"] {
+            let host = try Replay.host(fixture("kvm-demo-\(m).trace"), session: "caps-\(m)")
+            #expect(host.guestISA == .x86_64)
+            #expect(host.capabilities.contains([.run, .mbecEmulation, .persistentMemory]))
+            #expect(!host.capabilities.contains(.privilegedMode))
+            #expect(host.backend.summary.contains("backend 'kvm'"))
+        }
+    }
+}
+
+/// A value shared by threads.
+final class Locked<T: Sendable>: Sendable {
+    let m: Mutex<T>
+    init(_ v: T) { m = Mutex(v) }
+}
+
+func fixture(_ name: String) -> String {
+    let p = "\(#filePath)"   // .../Tests/NPTScenariosTests/ReplayTests.swift
+    let dir = p.split(separator: "/", omittingEmptySubsequences: false).dropLast(2).joined(separator: "/")
+    return dir + "/Fixtures/npttrace/" + name
+}
+
+func readAll(_ path: String) throws -> [UInt8] {
+    guard let f = fopen(path, "rb") else { throw NPTError(.notFound, path) }
+    defer { fclose(f) }
+    var out: [UInt8] = [], buf = [UInt8](repeating: 0, count: 65536)
+    while true { let n = fread(&buf, 1, buf.count, f); if n <= 0 { break }; out += buf[0..<n] }
+    return out
+}
+
+func writeAll(_ path: String, _ b: [UInt8]) throws {
+    guard let f = fopen(path, "wb") else { throw NPTError(.notFound, path) }
+    _ = b.withUnsafeBytes { fwrite($0.baseAddress, 1, b.count, f) }
+    fclose(f)
+}
