@@ -8,7 +8,7 @@ let package = Package(
     products: [
         // libnptkit.so: the C ABI. A C program links it with -lnptkit.
         .library(name: "nptkit", type: .dynamic, targets: ["NPTKit"]),
-        .executable(name: "nptkit-cli", targets: ["nptkit"]),
+        .executable(name: "nptkit-cli", targets: ["nptkit-cli"]),
         .executable(name: "nptkit-differential", targets: ["nptkit-differential"]),
         // libnptkit-kvm.so: the KVM backend plugin (npt_plugin_load). It talks to the core only
         // through the C ABI: it links neither libnptkit.so nor NPTCore.
@@ -48,8 +48,9 @@ let package = Package(
                           "x86-64/kernel.S", "x86-64/pmem.S", "x86-64/priv.S", "x86-64/smp.S"]),
         .target(name: "NPTScenarios", dependencies: ["NPTCore", "NPTHost", "NPTSimulator", "CScenarioGuests"], exclude: ["Guests"],
                 swiftSettings: strict),
+        // The CLI (Sources/nptkit-cli; named apart from the library's NPTKit, also on a case-insensitive disk).
         .executableTarget(
-            name: "nptkit",
+            name: "nptkit-cli",
             dependencies: ["NPTKit", "NPTCore", "NPTHost", "NPTSimulator", "NPTScenarios", "NPTTrace", "CRawKVM", "CFFI",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict),
