@@ -3,10 +3,10 @@
 /// (Scope, Device, Name, integers, strings) and the table around them. It writes the same encodings
 /// ACPICA's `iasl` chooses for these objects, so `iasl -d` decodes the result and compiling the
 /// decoded source gives the same AML body back.
-public enum AML {
+package enum AML {
     /// A 4-character name segment (§20.2.2 NameSeg: a lead character `A`-`Z` or `_`, then three of
     /// `A`-`Z`, `0`-`9`, `_`). Shorter names are padded with `_`, as ASL does.
-    public static func nameSeg(_ name: String) throws(NPTError) -> [UInt8] {
+    package static func nameSeg(_ name: String) throws(NPTError) -> [UInt8] {
         var b = Array(name.utf8)
         guard !b.isEmpty, b.count <= 4 else { throw .invalid("AML name \"\(name)\" is not 1 to 4 characters") }
         func lead(_ c: UInt8) -> Bool { (c >= UInt8(ascii: "A") && c <= UInt8(ascii: "Z")) || c == UInt8(ascii: "_") }
@@ -21,7 +21,7 @@ public enum AML {
     /// PkgLength (§20.2.4) for a package whose contents after the PkgLength are `contentLength`
     /// bytes. The encoded value counts the PkgLength bytes themselves: one byte up to 63, else a lead
     /// byte (bits 7-6: how many bytes follow, bits 3-0: the low nibble) and 1-3 more bytes.
-    public static func pkgLength(contentLength: Int) throws(NPTError) -> [UInt8] {
+    package static func pkgLength(contentLength: Int) throws(NPTError) -> [UInt8] {
         if contentLength + 1 <= 0x3F { return [UInt8(contentLength + 1)] }
         for extra in 1...3 {
             let total = contentLength + 1 + extra
@@ -36,7 +36,7 @@ public enum AML {
 
     /// An integer constant (§20.2.3 ComputationalData / ConstObj): ZeroOp, OneOp, OnesOp for
     /// 0xFFFFFFFFFFFFFFFF, else the smallest of BytePrefix, WordPrefix, DWordPrefix, QWordPrefix.
-    public static func integer(_ v: UInt64) -> [UInt8] {
+    package static func integer(_ v: UInt64) -> [UInt8] {
         func le(_ prefix: UInt8, _ n: Int) -> [UInt8] {
             [prefix] + (0..<n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) }
         }
@@ -52,32 +52,32 @@ public enum AML {
     }
 
     /// A string constant (§20.2.3 String: StringPrefix, ASCII characters 0x01-0x7F, NUL).
-    public static func string(_ s: String) throws(NPTError) -> [UInt8] {
+    package static func string(_ s: String) throws(NPTError) -> [UInt8] {
         let b = Array(s.utf8)
         guard b.allSatisfy({ $0 >= 0x01 && $0 <= 0x7F }) else { throw .invalid("AML string \"\(s)\" is not ASCII without NUL") }
         return [0x0D] + b + [0x00]
     }
 
     /// Name (NameSeg, DataObject) (§20.2.5.1 DefName).
-    public static func name(_ seg: String, _ value: [UInt8]) throws(NPTError) -> [UInt8] {
+    package static func name(_ seg: String, _ value: [UInt8]) throws(NPTError) -> [UInt8] {
         [0x08] + (try nameSeg(seg)) + value
     }
 
     /// Device (NameSeg) { body } (§20.2.5.2 DefDevice: ExtOpPrefix 0x5B, DeviceOp 0x82).
-    public static func device(_ seg: String, _ body: [UInt8]) throws(NPTError) -> [UInt8] {
+    package static func device(_ seg: String, _ body: [UInt8]) throws(NPTError) -> [UInt8] {
         let content = (try nameSeg(seg)) + body
         return [0x5B, 0x82] + (try pkgLength(contentLength: content.count)) + content
     }
 
     /// Scope (\SEG) { body } for a name in the root (§20.2.5.1 DefScope, RootChar `\`).
-    public static func rootScope(_ seg: String, _ body: [UInt8]) throws(NPTError) -> [UInt8] {
+    package static func rootScope(_ seg: String, _ body: [UInt8]) throws(NPTError) -> [UInt8] {
         let content = [UInt8(ascii: "\\")] + (try nameSeg(seg)) + body
         return [0x10] + (try pkgLength(contentLength: content.count)) + content
     }
 
     /// A definition block (§5.2.11: the 36-byte system description table header of §5.2.6, then
     /// `body`), with the length and checksum filled in. Revision 2 or more makes AML integers 64-bit.
-    public static func definitionBlock(signature: String, revision: UInt8 = 2, oemID: String = "NPTKIT",
+    package static func definitionBlock(signature: String, revision: UInt8 = 2, oemID: String = "NPTKIT",
                                        oemTableID: String, oemRevision: UInt32 = 1, creatorID: String = "NPTK",
                                        creatorRevision: UInt32 = 1, body: [UInt8]) -> [UInt8] {
         func fixed(_ s: String, _ n: Int) -> [UInt8] {

@@ -3,29 +3,29 @@ import NPTTrace
 /// The mechanism side. A backend exposes hierarchies to vCPUs, configures exits, runs guest code and
 /// reports exits; it never decides policy (design.md section 1).
 
-public struct BackendCapabilities: OptionSet, Hashable, Sendable {
-    public var rawValue: UInt64
-    public init(rawValue: UInt64) { self.rawValue = rawValue }
+package struct BackendCapabilities: OptionSet, Hashable, Sendable {
+    package var rawValue: UInt64
+    package init(rawValue: UInt64) { self.rawValue = rawValue }
     /// Can expose a chosen hierarchy to each vCPU.
-    public static let mbecEmulation = BackendCapabilities(rawValue: 1 << 0)
+    package static let mbecEmulation = BackendCapabilities(rawValue: 1 << 0)
     /// Exits on a user-to-supervisor transition.
-    public static let exitOnEscalation = BackendCapabilities(rawValue: 1 << 1)
+    package static let exitOnEscalation = BackendCapabilities(rawValue: 1 << 1)
     /// Exits on a supervisor-to-user transition.
-    public static let exitOnReturn = BackendCapabilities(rawValue: 1 << 2)
+    package static let exitOnReturn = BackendCapabilities(rawValue: 1 << 2)
     /// A violation exit says whether the linear address was a user-mode address.
-    public static let linearModeInfo = BackendCapabilities(rawValue: 1 << 3)
+    package static let linearModeInfo = BackendCapabilities(rawValue: 1 << 3)
     /// Runs guest code.
-    public static let run = BackendCapabilities(rawValue: 1 << 4)
+    package static let run = BackendCapabilities(rawValue: 1 << 4)
     /// Can stop vCPUs (kick) and back a privileged-mode region.
-    public static let privilegedMode = BackendCapabilities(rawValue: 1 << 5)
+    package static let privilegedMode = BackendCapabilities(rawValue: 1 << 5)
     /// Backs NVDIMM ranges with host persistent memory, traps writes to a write-protected page,
     /// and writes physical flush hints.
-    public static let persistentMemory = BackendCapabilities(rawValue: 1 << 6)
+    package static let persistentMemory = BackendCapabilities(rawValue: 1 << 6)
 }
 
 extension BackendCapabilities {
     /// The C names of the bits, for messages.
-    public var names: [String] {
+    package var names: [String] {
         let all: [(BackendCapabilities, String)] = [
             (.mbecEmulation, "NPT_CAP_MBEC_EMULATION"), (.exitOnEscalation, "NPT_CAP_EXIT_ON_ESCALATE (an exit on every user-to-supervisor transition)"),
             (.exitOnReturn, "NPT_CAP_EXIT_ON_RETURN (an exit on every supervisor-to-user transition)"),
@@ -34,68 +34,68 @@ extension BackendCapabilities {
         return all.filter { contains($0.0) }.map(\.1)
     }
     /// Short names of the bits (NPT_CAP_ without the prefix), for tables.
-    public var shortNames: [String] {
+    package var shortNames: [String] {
         names.map { String($0.split(separator: " ").first ?? "").replacingPrefix("NPT_CAP_") }
     }
     /// Every bit the ABI defines.
-    public static let defined: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
+    package static let defined: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
                                                       .privilegedMode, .persistentMemory]
 }
 
-public struct ExitControls: OptionSet, Hashable, Sendable {
-    public var rawValue: UInt32
-    public init(rawValue: UInt32) { self.rawValue = rawValue }
-    public static let escalation = ExitControls(rawValue: 1 << 0)
-    public static let returnToUser = ExitControls(rawValue: 1 << 1)
+package struct ExitControls: OptionSet, Hashable, Sendable {
+    package var rawValue: UInt32
+    package init(rawValue: UInt32) { self.rawValue = rawValue }
+    package static let escalation = ExitControls(rawValue: 1 << 0)
+    package static let returnToUser = ExitControls(rawValue: 1 << 1)
 }
 
 /// Register state (mirrors `npt_regs`).
-public struct Registers: Equatable, Sendable {
-    public var cpl: UInt32 = 0
-    public var rip: UInt64 = 0
-    public var rflags: UInt64 = 2
-    public var gpr = [UInt64](repeating: 0, count: 16)
-    public var cr0: UInt64 = 0
-    public var cr2: UInt64 = 0
-    public var cr3: UInt64 = 0
-    public var cr4: UInt64 = 0
-    public var efer: UInt64 = 0
-    public var lstar: UInt64 = 0
-    public var faultHandler: UInt64 = 0
-    public init() {}
+package struct Registers: Equatable, Sendable {
+    package var cpl: UInt32 = 0
+    package var rip: UInt64 = 0
+    package var rflags: UInt64 = 2
+    package var gpr = [UInt64](repeating: 0, count: 16)
+    package var cr0: UInt64 = 0
+    package var cr2: UInt64 = 0
+    package var cr3: UInt64 = 0
+    package var cr4: UInt64 = 0
+    package var efer: UInt64 = 0
+    package var lstar: UInt64 = 0
+    package var faultHandler: UInt64 = 0
+    package init() {}
 
-    public static let cr0PG: UInt64 = 1 << 31
-    public static let cr0WP: UInt64 = 1 << 16
-    public static let rflagsAC: UInt64 = 1 << 18
-    public static let cr4SMEP: UInt64 = 1 << 20
-    public static let cr4SMAP: UInt64 = 1 << 21
-    public static let eferNXE: UInt64 = 1 << 11
+    package static let cr0PG: UInt64 = 1 << 31
+    package static let cr0WP: UInt64 = 1 << 16
+    package static let rflagsAC: UInt64 = 1 << 18
+    package static let cr4SMEP: UInt64 = 1 << 20
+    package static let cr4SMAP: UInt64 = 1 << 21
+    package static let eferNXE: UInt64 = 1 << 11
 }
 
 /// EPT-violation exit qualification (Intel SDM, "Exit Qualification for EPT Violations").
-public struct ViolationQualification: OptionSet, Hashable, Sendable {
-    public var rawValue: UInt64
-    public init(rawValue: UInt64) { self.rawValue = rawValue }
-    public static let read = ViolationQualification(rawValue: 1 << 0)
-    public static let write = ViolationQualification(rawValue: 1 << 1)
-    public static let fetch = ViolationQualification(rawValue: 1 << 2)
-    public static let readable = ViolationQualification(rawValue: 1 << 3)
-    public static let writable = ViolationQualification(rawValue: 1 << 4)
-    public static let executable = ViolationQualification(rawValue: 1 << 5)
-    public static let userExecutable = ViolationQualification(rawValue: 1 << 6)
-    public static let linearValid = ViolationQualification(rawValue: 1 << 7)
-    public static let linearTranslation = ViolationQualification(rawValue: 1 << 8)
-    public static let userLinear = ViolationQualification(rawValue: 1 << 9)
+package struct ViolationQualification: OptionSet, Hashable, Sendable {
+    package var rawValue: UInt64
+    package init(rawValue: UInt64) { self.rawValue = rawValue }
+    package static let read = ViolationQualification(rawValue: 1 << 0)
+    package static let write = ViolationQualification(rawValue: 1 << 1)
+    package static let fetch = ViolationQualification(rawValue: 1 << 2)
+    package static let readable = ViolationQualification(rawValue: 1 << 3)
+    package static let writable = ViolationQualification(rawValue: 1 << 4)
+    package static let executable = ViolationQualification(rawValue: 1 << 5)
+    package static let userExecutable = ViolationQualification(rawValue: 1 << 6)
+    package static let linearValid = ViolationQualification(rawValue: 1 << 7)
+    package static let linearTranslation = ViolationQualification(rawValue: 1 << 8)
+    package static let userLinear = ViolationQualification(rawValue: 1 << 9)
     /// Bit 10 (advanced VM-exit information, with bit 8): guest paging maps the linear address writable.
-    public static let linearWritable = ViolationQualification(rawValue: 1 << 10)
+    package static let linearWritable = ViolationQualification(rawValue: 1 << 10)
     /// Bit 11 (advanced VM-exit information, with bit 8): guest paging maps it execute-disable.
-    public static let linearExecuteDisable = ViolationQualification(rawValue: 1 << 11)
+    package static let linearExecuteDisable = ViolationQualification(rawValue: 1 << 11)
     /// The bits a backend reports about the linear address (7-11), which the core keeps as they are.
-    public static let linearInformation: ViolationQualification = [.linearValid, .linearTranslation, .userLinear,
+    package static let linearInformation: ViolationQualification = [.linearValid, .linearTranslation, .userLinear,
                                                                    .linearWritable, .linearExecuteDisable]
 
     /// The qualification hardware MBEC would report for `access` to a page with `policy`.
-    public static func mbec(access: ViolationQualification, policy: EPTPermissions,
+    package static func mbec(access: ViolationQualification, policy: EPTPermissions,
                             linear: ViolationQualification) -> ViolationQualification {
         var q = access.intersection([.read, .write, .fetch]).union(linear)
         if policy.contains(.read) { q.insert(.readable) }
@@ -107,8 +107,8 @@ public struct ViolationQualification: OptionSet, Hashable, Sendable {
 }
 
 /// Exits (mirrors `npt_exit`).
-public struct VMExit: Equatable, Sendable, CustomStringConvertible {
-    public enum Reason: UInt32, Sendable {
+package struct VMExit: Equatable, Sendable, CustomStringConvertible {
+    package enum Reason: UInt32, Sendable {
         case none = 0, halt = 1, io = 2, mbecViolation = 3, guestFault = 4, budget = 5
         case escalation = 6, returnToUser = 7, eptViolation = 8, internalError = 9
         /// The core asked the vCPU to leave `run` (to stop it, or to deliver an enter-mode request).
@@ -118,21 +118,21 @@ public struct VMExit: Equatable, Sendable, CustomStringConvertible {
         /// An enter-mode request failed: a CPU did not stop within the bound (`vector` = its index).
         case privilegedEntryFailed = 12
     }
-    public var reason: Reason
-    public var gpa: GPA = GPA(0)
-    public var gva: GVA = GVA(0)
-    public var qualification: UInt64 = 0
-    public var vector: UInt32 = 0
-    public var cpl: UInt32 = 0
-    public var hierarchy: HierarchyID = .supervisor
-    public var ioPort: UInt32 = 0
-    public var ioValue: UInt64 = 0
-    public var rip: UInt64 = 0
-    public init(reason: Reason) { self.reason = reason }
+    package var reason: Reason
+    package var gpa: GPA = GPA(0)
+    package var gva: GVA = GVA(0)
+    package var qualification: UInt64 = 0
+    package var vector: UInt32 = 0
+    package var cpl: UInt32 = 0
+    package var hierarchy: HierarchyID = .supervisor
+    package var ioPort: UInt32 = 0
+    package var ioValue: UInt64 = 0
+    package var rip: UInt64 = 0
+    package init(reason: Reason) { self.reason = reason }
 
-    public var violation: ViolationQualification { ViolationQualification(rawValue: qualification) }
+    package var violation: ViolationQualification { ViolationQualification(rawValue: qualification) }
 
-    public var description: String {
+    package var description: String {
         switch reason {
         case .io: "io port \(ioPort) value \(ioValue)"
         case .mbecViolation, .eptViolation:
@@ -144,7 +144,7 @@ public struct VMExit: Equatable, Sendable, CustomStringConvertible {
 }
 
 /// What the core offers a backend about the VM it serves.
-public protocol HierarchyProvider: AnyObject, Sendable {
+package protocol HierarchyProvider: AnyObject, Sendable {
     /// The current hierarchies (an immutable snapshot).
     func currentSnapshot() -> ShadowSnapshot
     /// The generation of the current snapshot, cheap to read on every instruction: a backend that
@@ -153,9 +153,9 @@ public protocol HierarchyProvider: AnyObject, Sendable {
     var publishedGeneration: UInt64 { get }
 }
 
-public struct VMConfig: Sendable {
+package struct VMConfig: Sendable {
     /// How the core emulates MBEC, and so what it guarantees (README, "What each mode guarantees").
-    public enum MBECMode: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+    package enum MBECMode: UInt32, Sendable, CaseIterable, CustomStringConvertible {
         /// Exit on every user-to-supervisor and supervisor-to-user transition that needs a switch;
         /// a violation picks the hierarchy by the linear address's U/S. Identical to hardware MBEC
         /// for a guest with CR4.SMEP = 1.
@@ -170,12 +170,12 @@ public struct VMConfig: Sendable {
         /// runs), and user code right after a return may run supervisor-execute-only pages.
         case violationOnly = 2
 
-        public var description: String {
+        package var description: String {
             switch self { case .exact: "exact"; case .lazy: "lazy"; case .violationOnly: "violation-only" }
         }
 
         /// What the mode needs from the backend to keep its guarantee.
-        public var requiredCapabilities: BackendCapabilities {
+        package var requiredCapabilities: BackendCapabilities {
             switch self {
             case .exact: [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo]
             case .lazy: [.mbecEmulation, .exitOnEscalation]
@@ -184,7 +184,7 @@ public struct VMConfig: Sendable {
         }
 
         /// Why a backend with `caps` cannot run this mode (nil: it can).
-        public func refusal(backend: String, capabilities caps: BackendCapabilities, summary: String? = nil) -> NPTError? {
+        package func refusal(backend: String, capabilities caps: BackendCapabilities, summary: String? = nil) -> NPTError? {
             let missing = requiredCapabilities.subtracting(caps)
             guard !missing.isEmpty else { return nil }
             let names = missing.names.joined(separator: ", ")
@@ -196,15 +196,15 @@ public struct VMConfig: Sendable {
             return NPTError(.guarantee, m)
         }
     }
-    public var ramSize: UInt64
-    public var defaultPermissions: EPTPermissions
-    public var mbecMode: MBECMode
-    public var maxStepsPerRun: UInt64
-    public var backendName: String?
+    package var ramSize: UInt64
+    package var defaultPermissions: EPTPermissions
+    package var mbecMode: MBECMode
+    package var maxStepsPerRun: UInt64
+    package var backendName: String?
     /// Records every call between the core and the backend of this VM into a trace (Recording.swift;
     /// `npt_vm_config.record_path`, the CLI's `--record`). nil: no recording.
-    public var recorder: TraceRecorder?
-    public init(ramSize: UInt64, defaultPermissions: EPTPermissions = [.read, .write],
+    package var recorder: TraceRecorder?
+    package init(ramSize: UInt64, defaultPermissions: EPTPermissions = [.read, .write],
                 mbecMode: MBECMode = .exact, maxStepsPerRun: UInt64 = 0, backendName: String? = nil) {
         self.ramSize = ramSize; self.defaultPermissions = defaultPermissions
         self.mbecMode = mbecMode; self.maxStepsPerRun = maxStepsPerRun; self.backendName = backendName
@@ -213,7 +213,7 @@ public struct VMConfig: Sendable {
 
 /// The instruction set a backend's vCPUs execute: which guest image a scenario or a VMM loads
 /// (NPT_GUEST_ISA_*).
-public enum GuestISA: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+package enum GuestISA: UInt32, Sendable, CaseIterable, CustomStringConvertible {
     /// Not said (a backend table older than ABI 1.3).
     case unknown = 0
     /// The simulator's ISA (docs/guest-isa.md).
@@ -221,7 +221,7 @@ public enum GuestISA: UInt32, Sendable, CaseIterable, CustomStringConvertible {
     case x86_64 = 2
     /// Runs no guest code (trace replay).
     case none = 3
-    public var description: String {
+    package var description: String {
         switch self {
         case .unknown: "unknown"
         case .simulator: "simulator"
@@ -231,7 +231,7 @@ public enum GuestISA: UInt32, Sendable, CaseIterable, CustomStringConvertible {
     }
 }
 
-public protocol Backend: AnyObject, Sendable {
+package protocol Backend: AnyObject, Sendable {
     var name: String { get }
     var summary: String { get }
     var capabilities: BackendCapabilities { get }
@@ -245,14 +245,14 @@ public protocol Backend: AnyObject, Sendable {
 }
 
 extension Backend {
-    public var abiVersion: UInt32 { NPTABI.version }
-    public var isPlugin: Bool { false }
-    public func hostPersistence() throws(NPTError) -> HostPersistence {
+    package var abiVersion: UInt32 { NPTABI.version }
+    package var isPlugin: Bool { false }
+    package func hostPersistence() throws(NPTError) -> HostPersistence {
         throw .unsupported("backend '\(name)' has no persistent memory")
     }
 }
 
-public protocol BackendVM: AnyObject, Sendable {
+package protocol BackendVM: AnyObject, Sendable {
     func writeMemory(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(NPTError)
     func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError)
     /// INVEPT analogue: translations of `range` in `hierarchy` may have changed.
@@ -292,40 +292,40 @@ public protocol BackendVM: AnyObject, Sendable {
 }
 
 /// One counter a backend keeps itself (npt_backend_stat).
-public struct BackendStatistic: Sendable, Equatable, CustomStringConvertible {
-    public var name: String
-    public var value: UInt64
-    public init(name: String, value: UInt64) { self.name = name; self.value = value }
-    public var description: String { "\(name)=\(value)" }
+package struct BackendStatistic: Sendable, Equatable, CustomStringConvertible {
+    package var name: String
+    package var value: UInt64
+    package init(name: String, value: UInt64) { self.name = name; self.value = value }
+    package var description: String { "\(name)=\(value)" }
 
     /// Names the core itself reads, where a backend keeps them: a vCPU's "instructions" (retired),
     /// "tlb_hits", "tlb_misses" (summed into `VMStatistics`), a VM's "outside_while_visible"
     /// (instructions a vCPU outside the privileged mode ran while the region was visible: the
     /// invariant keeps it 0).
-    public static let instructions = "instructions", tlbHits = "tlb_hits", tlbMisses = "tlb_misses"
-    public static let outsideWhileVisible = "outside_while_visible"
+    package static let instructions = "instructions", tlbHits = "tlb_hits", tlbMisses = "tlb_misses"
+    package static let outsideWhileVisible = "outside_while_visible"
 }
 
 extension Array where Element == BackendStatistic {
     /// The value of statistic `name`, nil where the backend does not keep it.
-    public func value(_ name: String) -> UInt64? { first { $0.name == name }?.value }
+    package func value(_ name: String) -> UInt64? { first { $0.name == name }?.value }
 }
 
 /// A privileged-mode entry as the core tells it to the backend (npt_privileged_entry): the core
 /// has stopped every other vCPU and added the region to the view.
-public struct PrivilegedEntry: Sendable, Equatable {
-    public var vcpuIndex: UInt32
-    public var region: GPARange
+package struct PrivilegedEntry: Sendable, Equatable {
+    package var vcpuIndex: UInt32
+    package var region: GPARange
     /// `region.start` + the region's entry offset.
-    public var entryRIP: UInt64
-    public init(vcpuIndex: UInt32, region: GPARange, entryRIP: UInt64) {
+    package var entryRIP: UInt64
+    package init(vcpuIndex: UInt32, region: GPARange, entryRIP: UInt64) {
         self.vcpuIndex = vcpuIndex; self.region = region; self.entryRIP = entryRIP
     }
 
     /// The mode's entry state from the interrupted one (SMM's: CPL 0, paging off, at the entry
     /// point, the vCPU's index in gpr[0]), as the core writes it with `setRegisters` for a backend
     /// that has no entry of its own.
-    public func entryState(from interrupted: Registers) -> Registers {
+    package func entryState(from interrupted: Registers) -> Registers {
         var e = interrupted
         e.cpl = 0
         e.cr0 = 0
@@ -336,27 +336,27 @@ public struct PrivilegedEntry: Sendable, Equatable {
 }
 
 extension BackendVM {
-    public func defineRegion(_ range: GPARange, hostOffset: UInt64, contents: UnsafeRawBufferPointer) throws(NPTError) {
+    package func defineRegion(_ range: GPARange, hostOffset: UInt64, contents: UnsafeRawBufferPointer) throws(NPTError) {
         throw .unsupported("this backend cannot back a privileged-mode region")
     }
-    public func regionVisibility(holder: UInt32?) {}
-    public var hostPersistence: HostPersistence? { nil }
-    public func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError) {
+    package func regionVisibility(holder: UInt32?) {}
+    package var hostPersistence: HostPersistence? { nil }
+    package func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError) {
         throw .unsupported("this backend cannot back NVDIMM ranges")
     }
-    public func defineFlushHintPage(_ gpa: GPA, hostOffset: UInt64, trapped: Bool) throws(NPTError) {
+    package func defineFlushHintPage(_ gpa: GPA, hostOffset: UInt64, trapped: Bool) throws(NPTError) {
         throw .unsupported("this backend cannot map a virtual flush hint")
     }
-    public func physicalFlush(region: UInt32, target: HostPersistence.FlushTarget) throws(NPTError) {
+    package func physicalFlush(region: UInt32, target: HostPersistence.FlushTarget) throws(NPTError) {
         throw .unsupported("this backend cannot write a physical flush hint")
     }
-    public var untrappedFlushHintWrites: UInt64 { 0 }
-    public func powerFailure() throws(NPTError) { throw .unsupported("this backend cannot model a power failure") }
-    public func backendStatistics() throws(NPTError) -> [BackendStatistic] { [] }
+    package var untrappedFlushHintWrites: UInt64 { 0 }
+    package func powerFailure() throws(NPTError) { throw .unsupported("this backend cannot model a power failure") }
+    package func backendStatistics() throws(NPTError) -> [BackendStatistic] { [] }
 }
 
 /// A vCPU of a backend. Driven by one thread at a time (the core enforces it).
-public protocol BackendVCPU: AnyObject, Sendable {
+package protocol BackendVCPU: AnyObject, Sendable {
     func registers() throws(NPTError) -> Registers
     func setRegisters(_ r: Registers) throws(NPTError)
     func expose(_ h: HierarchyID) throws(NPTError)
@@ -389,24 +389,24 @@ public protocol BackendVCPU: AnyObject, Sendable {
 }
 
 extension BackendVCPU {
-    public func fence() throws(NPTError) { throw .unsupported("this backend cannot fence a vCPU's stores") }
-    public func completeTrappedWrite() throws(NPTError) { throw .unsupported("this backend cannot complete a trapped write") }
-    public func enterPrivileged(_ entry: PrivilegedEntry, interrupted: Registers) throws(NPTError) {
+    package func fence() throws(NPTError) { throw .unsupported("this backend cannot fence a vCPU's stores") }
+    package func completeTrappedWrite() throws(NPTError) { throw .unsupported("this backend cannot complete a trapped write") }
+    package func enterPrivileged(_ entry: PrivilegedEntry, interrupted: Registers) throws(NPTError) {
         try setRegisters(entry.entryState(from: interrupted))
     }
-    public func leavePrivileged() throws(NPTError) {}
-    public func backendStatistics() throws(NPTError) -> [BackendStatistic] { [] }
+    package func leavePrivileged() throws(NPTError) {}
+    package func backendStatistics() throws(NPTError) -> [BackendStatistic] { [] }
 }
 
-public enum NPTABI {
-    public static let major: UInt32 = 1
+package enum NPTABI {
+    package static let major: UInt32 = 1
     /// 1.1: virtualized NVDIMM WPQ flushing; 1.2: MBEC guarantees per mode, qualification bits
     /// 10-11, policies on NVDIMM ranges, guest NVDIMM SSDT, host NVDIMM discovery from sysfs;
     /// 1.3: guest ISAs, plugin interface 2 (arguments, error channel, privileged enter/leave,
     /// backend statistics).
-    public static let minor: UInt32 = 4
-    public static let version: UInt32 = (major << 16) | minor
-    public static func major(of v: UInt32) -> UInt32 { v >> 16 }
+    package static let minor: UInt32 = 4
+    package static let version: UInt32 = (major << 16) | minor
+    package static func major(of v: UInt32) -> UInt32 { v >> 16 }
 }
 
 extension String {

@@ -1,7 +1,7 @@
 /// Errors of the core. Each maps to one `npt_status` of the C ABI; `message` is the detail that
 /// `npt_last_error()` returns (which argument, which range).
-public struct NPTError: Error, Equatable, Sendable, CustomStringConvertible {
-    public enum Code: Int32, Sendable {
+package struct NPTError: Error, Equatable, Sendable, CustomStringConvertible {
+    package enum Code: Int32, Sendable {
         case invalidArgument = -1
         case badHandle = -2
         case misaligned = -3
@@ -20,11 +20,11 @@ public struct NPTError: Error, Equatable, Sendable, CustomStringConvertible {
         /// the missing capability (and the weaker mode a VMM may opt in to).
         case guarantee = -15
     }
-    public var code: Code
-    public var message: String
-    public init(_ code: Code, _ message: String) { self.code = code; self.message = message }
-    public var description: String { "\(code): \(message)" }
+    package var code: Code
+    package var message: String
+    package init(_ code: Code, _ message: String) { self.code = code; self.message = message }
+    package var description: String { "\(code): \(message)" }
 
-    public static func invalid(_ m: String) -> NPTError { NPTError(.invalidArgument, m) }
-    public static func unsupported(_ m: String) -> NPTError { NPTError(.unsupported, m) }
+    package static func invalid(_ m: String) -> NPTError { NPTError(.invalidArgument, m) }
+    package static func unsupported(_ m: String) -> NPTError { NPTError(.unsupported, m) }
 }

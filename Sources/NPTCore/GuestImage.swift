@@ -1,10 +1,10 @@
 /// A sparse guest-physical memory image, and a builder of x86-64 4-level guest page tables in it.
 /// Used to prepare guests (demo, tests, benchmarks) and as the memory of the reference model.
-public struct GuestImage: Sendable {
-    public private(set) var pages: [UInt64: [UInt8]] = [:]
-    public init() {}
+package struct GuestImage: Sendable {
+    package private(set) var pages: [UInt64: [UInt8]] = [:]
+    package init() {}
 
-    public func read64(_ gpa: UInt64) -> UInt64 {
+    package func read64(_ gpa: UInt64) -> UInt64 {
         guard let p = pages[gpa >> 12] else { return 0 }
         let o = Int(gpa & 0xFFF)
         var v: UInt64 = 0
@@ -12,14 +12,14 @@ public struct GuestImage: Sendable {
         return v
     }
 
-    public mutating func write64(_ gpa: UInt64, _ v: UInt64) {
+    package mutating func write64(_ gpa: UInt64, _ v: UInt64) {
         let o = Int(gpa & 0xFFF)
         var p = pages[gpa >> 12] ?? [UInt8](repeating: 0, count: 4096)
         for i in 0..<8 where o + i < 4096 { p[o + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(i))) }
         pages[gpa >> 12] = p
     }
 
-    public mutating func write(_ gpa: UInt64, _ bytes: [UInt8]) {
+    package mutating func write(_ gpa: UInt64, _ bytes: [UInt8]) {
         var off = 0
         while off < bytes.count {
             let a = gpa + UInt64(off)
@@ -33,7 +33,7 @@ public struct GuestImage: Sendable {
     }
 
     /// Copies every page into a VM.
-    public func load(into vm: VirtualMachine) throws(NPTError) {
+    package func load(into vm: VirtualMachine) throws(NPTError) {
         for (frame, bytes) in pages.sorted(by: { $0.key < $1.key }) {
             try vm.writeMemory(GPA(frame << 12), bytes: bytes)
         }
@@ -41,26 +41,26 @@ public struct GuestImage: Sendable {
 }
 
 /// x86-64 guest paging entry bits.
-public struct GuestPTE: OptionSet, Sendable {
-    public var rawValue: UInt64
-    public init(rawValue: UInt64) { self.rawValue = rawValue }
-    public static let present = GuestPTE(rawValue: 1 << 0)
-    public static let writable = GuestPTE(rawValue: 1 << 1)
-    public static let user = GuestPTE(rawValue: 1 << 2)
-    public static let large = GuestPTE(rawValue: 1 << 7)
-    public static let noExecute = GuestPTE(rawValue: 1 << 63)
+package struct GuestPTE: OptionSet, Sendable {
+    package var rawValue: UInt64
+    package init(rawValue: UInt64) { self.rawValue = rawValue }
+    package static let present = GuestPTE(rawValue: 1 << 0)
+    package static let writable = GuestPTE(rawValue: 1 << 1)
+    package static let user = GuestPTE(rawValue: 1 << 2)
+    package static let large = GuestPTE(rawValue: 1 << 7)
+    package static let noExecute = GuestPTE(rawValue: 1 << 63)
 }
 
 /// Builds guest page tables in a `GuestImage`, taking table pages from a bump allocator.
 /// Intermediate entries are present, writable and user, so the leaf decides (as operating systems do).
-public struct GuestPageTableBuilder: Sendable {
-    public let cr3: UInt64
+package struct GuestPageTableBuilder: Sendable {
+    package let cr3: UInt64
     private var next: UInt64
     private let limit: UInt64
     /// Guest-physical pages used for tables.
-    public private(set) var tablePages: [UInt64] = []
+    package private(set) var tablePages: [UInt64] = []
 
-    public init(image: inout GuestImage, tableArea: GPARange) {
+    package init(image: inout GuestImage, tableArea: GPARange) {
         cr3 = tableArea.start.raw
         next = tableArea.start.raw + 0x1000
         limit = tableArea.end
@@ -68,11 +68,11 @@ public struct GuestPageTableBuilder: Sendable {
         image.write(cr3, [UInt8](repeating: 0, count: 4096))
     }
 
-    public enum BuildError: Error { case outOfTablePages, misaligned }
+    package enum BuildError: Error { case outOfTablePages, misaligned }
 
     /// Maps the 4 KiB page (or 2 MiB page if `flags` has `.large`) at `gva` to `gpa`. The leaf gets
     /// exactly `flags`: leave out `.present` to write a not-present entry.
-    public mutating func map(_ image: inout GuestImage, gva: UInt64, gpa: UInt64, flags: GuestPTE) throws(BuildError) {
+    package mutating func map(_ image: inout GuestImage, gva: UInt64, gpa: UInt64, flags: GuestPTE) throws(BuildError) {
         let large = flags.contains(.large)
         let leafLevel = large ? 2 : 1
         let align: UInt64 = large ? 0x20_0000 : 0x1000

@@ -46,60 +46,60 @@
 ///   Linux's nfit driver binds to) and one child per device handle whose `_ADR` is that handle.
 ///   Linux looks each DIMM up by `_ADR` and disables a DIMM without one ("no ACPI.NFIT device with
 ///   _ADR ..."), and then registers no region for its range.
-public struct GuestNVDIMM: Equatable, Sendable {
+package struct GuestNVDIMM: Equatable, Sendable {
     /// One virtual DIMM: an NVDIMM range of the VM.
-    public struct DIMM: Equatable, Sendable {
+    package struct DIMM: Equatable, Sendable {
         /// NFIT device handle (also the `_ADR` of its namespace device).
-        public var handle: UInt32
+        package var handle: UInt32
         /// Guest-physical base and length of its range.
-        public var base: UInt64
-        public var size: UInt64
-        public init(handle: UInt32, base: UInt64, size: UInt64) { self.handle = handle; self.base = base; self.size = size }
+        package var base: UInt64
+        package var size: UInt64
+        package init(handle: UInt32, base: UInt64, size: UInt64) { self.handle = handle; self.base = base; self.size = size }
     }
 
-    public var dimms: [DIMM]
+    package var dimms: [DIMM]
     /// The virtual flush hint address, every DIMM's flush hint.
-    public var flushHint: UInt64
+    package var flushHint: UInt64
     /// The persistence domain the guest is told (T7).
-    public var domain: HostPersistence.Domain
+    package var domain: HostPersistence.Domain
 
-    public init(dimms: [DIMM], flushHint: UInt64, domain: HostPersistence.Domain) {
+    package init(dimms: [DIMM], flushHint: UInt64, domain: HostPersistence.Domain) {
         self.dimms = dimms; self.flushHint = flushHint; self.domain = domain
     }
 
     /// The NFIT device handle of virtual DIMM `i`: DIMM number `i & 0xF`, channel `(i >> 4) & 0xF`,
     /// memory controller 0, socket 0, node 0.
-    public static func handle(ofDIMM i: Int) -> UInt32 { UInt32(i & 0xF) | UInt32((i >> 4) & 0xF) << 4 }
+    package static func handle(ofDIMM i: Int) -> UInt32 { UInt32(i & 0xF) | UInt32((i >> 4) & 0xF) << 4 }
 
     /// The persistence domain a guest is told for NVDIMM ranges backed by `regions` (T7): `.media`
     /// if one of them needs WPQ flushing, `.cpuCache` if all hold the CPU caches, else
     /// `.memoryController` (a region without flush hints has nothing to flush: as Linux does for
     /// such a platform, it counts as ADR).
-    public static func guestDomain(backedBy regions: [HostPersistence.Region]) -> HostPersistence.Domain {
+    package static func guestDomain(backedBy regions: [HostPersistence.Region]) -> HostPersistence.Domain {
         if regions.isEmpty || regions.contains(where: \.needsWPQFlush) { return .media }
         return regions.allSatisfy { $0.domain == .cpuCache } ? .cpuCache : .memoryController
     }
 
     /// Highest valid capability of the guest's Platform Capabilities structure (T7).
-    public static let highestValidCapability: UInt8 = 1
+    package static let highestValidCapability: UInt8 = 1
     /// Control region format interface code: byte-addressable (T5).
-    public static let formatInterfaceCode: UInt16 = 0x0301
+    package static let formatInterfaceCode: UInt16 = 0x0301
     /// EFI_MEMORY_WB | EFI_MEMORY_NV (T3).
-    public static let memoryAttributes: UInt64 = 0x8 | 0x8000
+    package static let memoryAttributes: UInt64 = 0x8 | 0x8000
     /// The NVDIMM root device's hardware ID (T8).
-    public static let rootHID = "ACPI0012"
+    package static let rootHID = "ACPI0012"
     /// The root device's name in `\_SB`, and its children's names (NV00, NV01, ...).
-    public static let rootName = "NVDR"
-    public static func childName(_ i: Int) -> String {
+    package static let rootName = "NVDR"
+    package static func childName(_ i: Int) -> String {
         let digits = Array("0123456789ABCDEF")
         return "NV" + String(digits[(i >> 4) & 0xF]) + String(digits[i & 0xF])
     }
     /// At most this many DIMMs (two hex digits of child name; `PersistenceState.maxRanges` is lower).
-    public static let maxDIMMs = 256
+    package static let maxDIMMs = 256
 
     /// The NFIT (T1-T7): per DIMM `i`, SPA range `i + 1`, a memory-device map, control region
     /// `i + 1` and a flush hint structure naming the vFHA; then the platform capabilities.
-    public func nfit() -> NFIT {
+    package func nfit() -> NFIT {
         var t = NFIT()
         for (i, d) in dimms.enumerated() {
             let index = UInt16(truncatingIfNeeded: i + 1)
@@ -122,7 +122,7 @@ public struct GuestNVDIMM: Equatable, Sendable {
 
     /// The SSDT (T8): `Scope (\_SB) { Device (NVDR) { Name (_HID, "ACPI0012")
     /// Device (NV00) { Name (_ADR, handle0) } ... } }`.
-    public func ssdt() throws(NPTError) -> [UInt8] {
+    package func ssdt() throws(NPTError) -> [UInt8] {
         guard dimms.count <= Self.maxDIMMs else { throw .invalid("\(dimms.count) DIMMs, at most \(Self.maxDIMMs)") }
         var root = try AML.name("_HID", try AML.string(Self.rootHID))
         for (i, d) in dimms.enumerated() {
@@ -138,7 +138,7 @@ public struct GuestNVDIMM: Equatable, Sendable {
     /// and the structure; empty when it obeys all of them. `ssdtHandles` are the `_ADR`s of the
     /// NVDIMM root device's children (T8; nil: not checked). `table` is the encoded NFIT, for T1 and
     /// T2 (nil: checked on `nfit.encode()`, which writes correct lengths).
-    public static func violations(nfit t: NFIT, table: [UInt8]? = nil, ssdtHandles: [UInt32]? = nil,
+    package static func violations(nfit t: NFIT, table: [UInt8]? = nil, ssdtHandles: [UInt32]? = nil,
                                   flushHint: UInt64? = nil) -> [String] {
         var v: [String] = []
         let bytes = table ?? t.encode()

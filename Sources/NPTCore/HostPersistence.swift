@@ -19,18 +19,18 @@
 /// sysfs: N of the directory `regionN` (what the kernel numbered it, 0 included; unique for a
 /// boot, not across boots, so a tool that keeps configuration should match regions by base
 /// address); simulator: its platform's region ids; a C backend: what its `host_pmem_get` reports.
-public struct HostPersistence: Equatable, Sendable {
-    public struct FlushTarget: Hashable, Sendable {
+package struct HostPersistence: Equatable, Sendable {
+    package struct FlushTarget: Hashable, Sendable {
         /// Memory-controller key (`NFIT.DeviceHandle.controllerKey`, or an index for other sources).
-        public var controller: UInt32
+        package var controller: UInt32
         /// Physical flush hint address; 0 when the source does not give one (sysfs).
-        public var address: UInt64
-        public init(controller: UInt32, address: UInt64) { self.controller = controller; self.address = address }
+        package var address: UInt64
+        package init(controller: UInt32, address: UInt64) { self.controller = controller; self.address = address }
     }
 
     /// Where a power failure stops losing data (Linux's `persistence_domain`; NFIT platform
     /// capabilities bits 0 and 1). Raw values are the C ABI's `NPT_PMEM_DOMAIN_*`.
-    public enum Domain: UInt32, Sendable, CustomStringConvertible {
+    package enum Domain: UInt32, Sendable, CustomStringConvertible {
         /// Only the media: the WPQs (and caches) are lost at a power failure.
         case media = 0
         /// ADR: the memory controllers drain their WPQs at a power failure.
@@ -38,8 +38,8 @@ public struct HostPersistence: Equatable, Sendable {
         /// The CPU caches are flushed too (implies `memoryController`).
         case cpuCache = 2
         /// Whether the WPQs are inside the persistence domain.
-        public var holdsWPQ: Bool { self != .media }
-        public var description: String {
+        package var holdsWPQ: Bool { self != .media }
+        package var description: String {
             switch self {
             case .media: return "media"
             case .memoryController: return "memory_controller"
@@ -48,25 +48,25 @@ public struct HostPersistence: Equatable, Sendable {
         }
     }
 
-    public struct Region: Equatable, Sendable {
+    package struct Region: Equatable, Sendable {
         /// See the numbering rule in the type's doc comment.
-        public var id: UInt32
+        package var id: UInt32
         /// The system-physical range.
-        public var base: UInt64
-        public var size: UInt64
+        package var base: UInt64
+        package var size: UInt64
         /// Controller keys behind the region, sorted, unique.
-        public var controllers: [UInt32]
+        package var controllers: [UInt32]
         /// One per controller that has flush hints, sorted by controller. NFIT: the first hint address
         /// of the first DIMM (lowest device handle, among that controller's DIMMs in this region that
         /// have hints). sysfs: when `deep_flush` reads "1", one per controller with address 0 (a
         /// physical flush writes the region's `deep_flush`).
-        public var flushTargets: [FlushTarget]
-        public var needsWPQFlush: Bool
+        package var flushTargets: [FlushTarget]
+        package var needsWPQFlush: Bool
         /// sysfs: path of the region's `deep_flush` file (writing "1" flushes), when it exists.
-        public var deepFlushPath: String?
-        public var domain: Domain
+        package var deepFlushPath: String?
+        package var domain: Domain
 
-        public init(id: UInt32, base: UInt64, size: UInt64, controllers: [UInt32] = [],
+        package init(id: UInt32, base: UInt64, size: UInt64, controllers: [UInt32] = [],
                     flushTargets: [FlushTarget] = [], needsWPQFlush: Bool = false, deepFlushPath: String? = nil,
                     domain: Domain = .media) {
             self.id = id; self.base = base; self.size = size; self.controllers = controllers
@@ -75,16 +75,16 @@ public struct HostPersistence: Equatable, Sendable {
         }
     }
 
-    public var regions: [Region]
+    package var regions: [Region]
     /// "nfit", "sysfs", "simulator", or "backend 'NAME'" (an `npt_backend_ops` backend's own discovery).
-    public var source: String
+    package var source: String
     /// Whether any region needs WPQ flushing.
-    public var needsWPQFlush: Bool { regions.contains { $0.needsWPQFlush } }
+    package var needsWPQFlush: Bool { regions.contains { $0.needsWPQFlush } }
 
-    public init(regions: [Region], source: String) { self.regions = regions; self.source = source }
+    package init(regions: [Region], source: String) { self.regions = regions; self.source = source }
 
     /// The persistence domain an NFIT's platform capabilities give (see the type's doc comment).
-    public static func domain(of caps: NFIT.PlatformCapabilities?) -> Domain {
+    package static func domain(of caps: NFIT.PlatformCapabilities?) -> Domain {
         guard let caps else { return .media }
         if caps.cacheFlushOnPowerLoss { return .cpuCache }
         if caps.memoryControllerFlushOnPowerLoss { return .memoryController }
@@ -98,7 +98,7 @@ public struct HostPersistence: Equatable, Sendable {
     /// The persistent-memory ranges of a platform must be usable as one system-physical map: each
     /// non-empty, 4 KiB aligned in base and size, not wrapping past 2^64, none overlapping another.
     /// (An NFIT that breaks this was accepted and made later arithmetic on the ranges overflow.)
-    public static func checkRanges(_ ranges: [(id: UInt32, base: UInt64, size: UInt64)], source: String) throws(NPTError) {
+    package static func checkRanges(_ ranges: [(id: UInt32, base: UInt64, size: UInt64)], source: String) throws(NPTError) {
         for r in ranges {
             if r.size == 0 { throw .invalid("\(source): persistent-memory range \(r.id) has size 0") }
             if r.base % 4096 != 0 || r.size % 4096 != 0 {
@@ -119,13 +119,13 @@ public struct HostPersistence: Equatable, Sendable {
     }
 
     /// `fromNFIT`, refusing ranges that are not one usable map (`checkRanges`).
-    public static func checkedFromNFIT(_ nfit: NFIT) throws(NPTError) -> HostPersistence {
+    package static func checkedFromNFIT(_ nfit: NFIT) throws(NPTError) -> HostPersistence {
         let h = fromNFIT(nfit)
         try checkRanges(h.regions.map { ($0.id, $0.base, $0.size) }, source: "NFIT")
         return h
     }
 
-    public static func fromNFIT(_ nfit: NFIT) -> HostPersistence {
+    package static func fromNFIT(_ nfit: NFIT) -> HostPersistence {
         var hints: [UInt32: [UInt64]] = [:]
         for f in nfit.flushHints { hints[f.deviceHandle, default: []].append(contentsOf: f.addresses) }
         let domain = domain(of: nfit.platformCapabilities)

@@ -7,7 +7,7 @@ import Glibc
 /// API of `Synchronization.Mutex` over a pthread mutex, which ThreadSanitizer understands.
 /// TSan reports false races inside `Synchronization.Mutex` on Linux (its futex word is not a
 /// synchronization TSan models), which would hide the real ones; every other build uses `Mutex`.
-public struct NPTMutex<Value: ~Copyable>: ~Copyable, @unchecked Sendable {
+package struct NPTMutex<Value: ~Copyable>: ~Copyable, @unchecked Sendable {
     private final class Box {
         let mutex: UnsafeMutablePointer<pthread_mutex_t>
         var value: Value
@@ -20,9 +20,9 @@ public struct NPTMutex<Value: ~Copyable>: ~Copyable, @unchecked Sendable {
     }
     private let box: Box
 
-    public init(_ initialValue: consuming sending Value) { box = Box(initialValue) }
+    package init(_ initialValue: consuming sending Value) { box = Box(initialValue) }
 
-    public borrowing func withLock<Result: ~Copyable, E: Error>(
+    package borrowing func withLock<Result: ~Copyable, E: Error>(
         _ body: (inout sending Value) throws(E) -> sending Result
     ) throws(E) -> sending Result {
         pthread_mutex_lock(box.mutex)
@@ -34,7 +34,7 @@ public struct NPTMutex<Value: ~Copyable>: ~Copyable, @unchecked Sendable {
 import Synchronization
 
 /// `Synchronization.Mutex`; in ThreadSanitizer builds a pthread mutex with the same API (above).
-public typealias NPTMutex<Value: ~Copyable> = Mutex<Value>
+package typealias NPTMutex<Value: ~Copyable> = Mutex<Value>
 #endif
 
 /// The life of an object that calls on other threads may race with its destroy (a VM, a context):
@@ -46,18 +46,18 @@ public typealias NPTMutex<Value: ~Copyable> = Mutex<Value>
 ///   destroy); once destroyed, with `.badHandle`.
 /// - `beginClose` lets exactly one destroyer through at a time: a second one waits for the first's
 ///   outcome and then sees the object destroyed (`.badHandle`) or alive (it tries itself).
-public final class Lifetime: @unchecked Sendable {
-    public enum State: Sendable { case alive, closing, closed }
+package final class Lifetime: @unchecked Sendable {
+    package enum State: Sendable { case alive, closing, closed }
     private let monitor = Monitor()
     private var state = State.alive
     private var uses = 0
     private let what: String
 
-    public init(_ what: String) { self.what = what }
+    package init(_ what: String) { self.what = what }
 
-    public var current: State { monitor.withLock { state } }
+    package var current: State { monitor.withLock { state } }
 
-    public func enter() throws(NPTError) {
+    package func enter() throws(NPTError) {
         monitor.lock()
         defer { monitor.unlock() }
         switch state {
@@ -67,7 +67,7 @@ public final class Lifetime: @unchecked Sendable {
         }
     }
 
-    public func leave() {
+    package func leave() {
         monitor.lock()
         uses -= 1
         if uses == 0 { monitor.broadcast() }
@@ -75,7 +75,7 @@ public final class Lifetime: @unchecked Sendable {
     }
 
     /// Runs `body` holding a lease.
-    public func withLease<T>(_ body: () throws(NPTError) -> T) throws(NPTError) -> T {
+    package func withLease<T>(_ body: () throws(NPTError) -> T) throws(NPTError) -> T {
         try enter()
         defer { leave() }
         return try body()
@@ -84,7 +84,7 @@ public final class Lifetime: @unchecked Sendable {
     /// Starts a destroy: waits until no lease is in flight (at most `timeoutNanos`, then `.busy`
     /// and the object stays alive). On success the caller must end with `finishClose` or
     /// `cancelClose`.
-    public func beginClose(timeoutNanos: UInt64) throws(NPTError) {
+    package func beginClose(timeoutNanos: UInt64) throws(NPTError) {
         monitor.lock()
         defer { monitor.unlock() }
         while state == .closing { monitor.wait(untilNanos: nil) }
@@ -101,12 +101,12 @@ public final class Lifetime: @unchecked Sendable {
     }
 
     /// The destroy failed: the object is alive again, as before.
-    public func cancelClose() {
+    package func cancelClose() {
         monitor.withLock { state = .alive; monitor.broadcast() }
     }
 
     /// The destroy completed.
-    public func finishClose() {
+    package func finishClose() {
         monitor.withLock { state = .closed; monitor.broadcast() }
     }
 }

@@ -17,42 +17,42 @@ final class ShadowPublisher: HierarchyProvider {
 }
 
 /// Counters of one VM (all vCPUs together).
-public final class VMCounters: Sendable {
-    public let exitsTotal = Atomic<UInt64>(0)
-    public let exitsEscalation = Atomic<UInt64>(0)
-    public let exitsReturnToUser = Atomic<UInt64>(0)
-    public let exitsEPTViolation = Atomic<UInt64>(0)
-    public let hierarchySwitches = Atomic<UInt64>(0)
-    public let violationsReported = Atomic<UInt64>(0)
-    public let policyUpdates = Atomic<UInt64>(0)
-    public let invalidations = Atomic<UInt64>(0)
+package final class VMCounters: Sendable {
+    package let exitsTotal = Atomic<UInt64>(0)
+    package let exitsEscalation = Atomic<UInt64>(0)
+    package let exitsReturnToUser = Atomic<UInt64>(0)
+    package let exitsEPTViolation = Atomic<UInt64>(0)
+    package let hierarchySwitches = Atomic<UInt64>(0)
+    package let violationsReported = Atomic<UInt64>(0)
+    package let policyUpdates = Atomic<UInt64>(0)
+    package let invalidations = Atomic<UInt64>(0)
     init() {}
     func bump(_ a: borrowing Atomic<UInt64>) { a.wrappingAdd(1, ordering: .relaxed) }
 }
 
-public struct VMStatistics: Sendable, Equatable {
-    public var exitsTotal: UInt64 = 0
-    public var exitsEscalation: UInt64 = 0
-    public var exitsReturnToUser: UInt64 = 0
-    public var exitsEPTViolation: UInt64 = 0
-    public var hierarchySwitches: UInt64 = 0
-    public var violationsReported: UInt64 = 0
-    public var policyUpdates: UInt64 = 0
-    public var invalidations: UInt64 = 0
-    public var instructions: UInt64 = 0
-    public var tlbHits: UInt64 = 0
-    public var tlbMisses: UInt64 = 0
-    public var shadowNodes: UInt64 = 0
-    public var shadowNodesSingle: UInt64 = 0
-    public init() {}
+package struct VMStatistics: Sendable, Equatable {
+    package var exitsTotal: UInt64 = 0
+    package var exitsEscalation: UInt64 = 0
+    package var exitsReturnToUser: UInt64 = 0
+    package var exitsEPTViolation: UInt64 = 0
+    package var hierarchySwitches: UInt64 = 0
+    package var violationsReported: UInt64 = 0
+    package var policyUpdates: UInt64 = 0
+    package var invalidations: UInt64 = 0
+    package var instructions: UInt64 = 0
+    package var tlbHits: UInt64 = 0
+    package var tlbMisses: UInt64 = 0
+    package var shadowNodes: UInt64 = 0
+    package var shadowNodesSingle: UInt64 = 0
+    package init() {}
 }
 
 /// A VM as the core sees it: the policy, the hierarchies derived from it, and the backend's VM.
-public final class VirtualMachine: Sendable {
-    public let config: VMConfig
-    public let backend: any Backend
+package final class VirtualMachine: Sendable {
+    package let config: VMConfig
+    package let backend: any Backend
     package let backendVM: any BackendVM
-    public let counters = VMCounters()
+    package let counters = VMCounters()
     let publisher: ShadowPublisher
 
     private struct PolicyState: ~Copyable {
@@ -77,15 +77,15 @@ public final class VirtualMachine: Sendable {
     /// Calls that reach the backend hold a lease; `destroy` waits for them (Lifetime).
     let life = Lifetime("the VM")
     /// How long `destroy` waits for calls on other threads to return.
-    public static let destroyWaitNanos: UInt64 = 5_000_000_000
+    package static let destroyWaitNanos: UInt64 = 5_000_000_000
     /// vCPUs a VM may have at once (each is a slot of the privileged-mode protocol; indices are
     /// any UInt32). More are refused with `.outOfRange`.
-    public static let maxVCPUs = 1024
+    package static let maxVCPUs = 1024
     private let regionBox = NPTMutex<PrivilegedRegion?>(nil)
     private let reserved = NPTMutex<[(name: String, range: GPARange)]>([])
     private let privilegedError = NPTMutex<String>("")
     /// The privileged-mode (SMM-like) coordinator of this VM.
-    public let privileged = PrivilegedModeCoordinator()
+    package let privileged = PrivilegedModeCoordinator()
 
     /// Which exits the policy makes necessary (`needsUserOnly`, `needsSupervisorOnly`): bits are
     /// added before a policy that needs them is published (after every vCPU armed its exits) and
@@ -96,7 +96,7 @@ public final class VirtualMachine: Sendable {
     static let needsUserOnly: UInt8 = 1
     static let needsSupervisorOnly: UInt8 = 2
     /// How long a policy update waits for running vCPUs to re-arm their exits.
-    public let armTimeoutNanos: UInt64 = 2_000_000_000
+    package let armTimeoutNanos: UInt64 = 2_000_000_000
 
     static func exitNeeds(of mask: UInt16) -> UInt8 {
         (mask & CodeMask.userOnly != 0 ? needsUserOnly : 0) | (mask & CodeMask.supervisorOnly != 0 ? needsSupervisorOnly : 0)
@@ -104,7 +104,7 @@ public final class VirtualMachine: Sendable {
     /// NVDIMM ranges, the virtual flush hint and its flush sequencers (Persistence.swift).
     let persistence = PersistenceState()
 
-    public init(config: VMConfig, registry: BackendRegistry, handle: UnsafeMutableRawPointer? = nil) throws(NPTError) {
+    package init(config: VMConfig, registry: BackendRegistry, handle: UnsafeMutableRawPointer? = nil) throws(NPTError) {
         guard config.ramSize > 0 else { throw .invalid("ram_size is 0") }
         guard config.ramSize % PageSize.size4K.bytes == 0 else {
             throw NPTError(.misaligned, "ram_size \(hex(config.ramSize)) is not a multiple of 4 KiB")
@@ -144,7 +144,7 @@ public final class VirtualMachine: Sendable {
     }
 
     /// The instruction set the VM's vCPUs execute (its backend's).
-    public var guestISA: GuestISA { backend.guestISA }
+    package var guestISA: GuestISA { backend.guestISA }
 
     /// Before a policy that has user-execute-only (or supervisor-execute-only) pages where the
     /// current one has none is published, every vCPU must have armed the exit that keeps the
@@ -173,11 +173,11 @@ public final class VirtualMachine: Sendable {
         }
     }
 
-    public var snapshot: ShadowSnapshot { publisher.currentSnapshot() }
+    package var snapshot: ShadowSnapshot { publisher.currentSnapshot() }
 
     // MARK: policy
 
-    public func permissions(at gpa: GPA) throws(NPTError) -> EPTPermissions {
+    package func permissions(at gpa: GPA) throws(NPTError) -> EPTPermissions {
         guard gpa.raw < config.ramSize || nvdimmRanges.contains(where: { $0.range.contains(gpa) }) else {
             throw NPTError(.outOfRange, "gpa \(hex(gpa.raw)) is outside guest RAM (\(hex(config.ramSize))) and the NVDIMM ranges")
         }
@@ -191,22 +191,22 @@ public final class VirtualMachine: Sendable {
         return publishedTree.withLock { $0.permissions(at: gpa) }
     }
 
-    public func policyRuns() -> [(GPARange, EPTPermissions)] { publishedTree.withLock { $0 }.runs() }
+    package func policyRuns() -> [(GPARange, EPTPermissions)] { publishedTree.withLock { $0 }.runs() }
 
     /// The policy lock is held: readers see `tree` from now on.
     private func publishTree(_ tree: PolicyTree) { publishedTree.withLock { $0 = tree } }
 
     /// Runs `body` holding a lease on the VM: refused once it is destroyed (`.badHandle`) or while
     /// another thread destroys it (`.busy`); `destroy` waits for it.
-    public func withLease<T>(_ body: () throws(NPTError) -> T) throws(NPTError) -> T { try life.withLease(body) }
+    package func withLease<T>(_ body: () throws(NPTError) -> T) throws(NPTError) -> T { try life.withLease(body) }
 
     /// Whether the VM has been destroyed.
-    public var isDestroyed: Bool { life.current == .closed }
+    package var isDestroyed: Bool { life.current == .closed }
 
     /// Applies `ranges` atomically: every range is checked first, and if the backend refuses an
     /// invalidation the previous policy is restored.
     @discardableResult
-    public func setPolicy(_ ranges: [PolicyRange]) throws(NPTError) -> [Invalidation] {
+    package func setPolicy(_ ranges: [PolicyRange]) throws(NPTError) -> [Invalidation] {
         if ranges.isEmpty { throw .invalid("count is 0") }
         return try life.withLease { () throws(NPTError) in try setPolicyLeased(ranges) }
     }
@@ -222,7 +222,7 @@ public final class VirtualMachine: Sendable {
     }
 
     @discardableResult
-    public func setPolicy(_ r: PolicyRange) throws(NPTError) -> [Invalidation] { try setPolicy([r]) }
+    package func setPolicy(_ r: PolicyRange) throws(NPTError) -> [Invalidation] { try setPolicy([r]) }
 
     /// A caller's policy range: the rules of the ABI (alignment, permissions), inside guest RAM or
     /// inside one NVDIMM range (which carry policies like RAM).
@@ -300,7 +300,7 @@ public final class VirtualMachine: Sendable {
 
     /// Reserves a guest-physical range for a device of the VM (the virtual flush hint address, ...):
     /// it may not overlap RAM, the privileged-mode region or another reservation.
-    public func reserve(_ name: String, _ range: GPARange) throws(NPTError) {
+    package func reserve(_ name: String, _ range: GPARange) throws(NPTError) {
         if range.size == 0 { throw .invalid("\(name): size is 0") }
         if range.overlaps(GPARange(start: GPA(0), size: config.ramSize)) {
             throw NPTError(.overlap, "\(name) \(range) overlaps guest RAM [0x0, \(hex(config.ramSize)))")
@@ -316,21 +316,21 @@ public final class VirtualMachine: Sendable {
         if let clash { throw NPTError(.overlap, clash) }
     }
 
-    public var reservedRanges: [(name: String, range: GPARange)] { reserved.withLock { $0 } }
+    package var reservedRanges: [(name: String, range: GPARange)] { reserved.withLock { $0 } }
 
     /// Drops a reservation (to undo a failed configuration step).
     func unreserve(_ name: String) { reserved.withLock { $0.removeAll { $0.name == name } } }
 
     // MARK: privileged-mode region
 
-    public var region: PrivilegedRegion? { regionBox.withLock { $0 } }
+    package var region: PrivilegedRegion? { regionBox.withLock { $0 } }
     func setLastPrivilegedError(_ m: String) { privilegedError.withLock { $0 = m } }
     /// Why the last enter-mode request failed.
-    public var lastPrivilegedError: String { privilegedError.withLock { $0 } }
+    package var lastPrivilegedError: String { privilegedError.withLock { $0 } }
 
     /// Describes the special region: where it is (outside RAM), its contents and its entry point.
     /// Its pages are in no hierarchy until a CPU enters the mode.
-    public func defineRegion(start: GPA, size: UInt64, contents: [UInt8], entryOffset: UInt64 = 0,
+    package func defineRegion(start: GPA, size: UInt64, contents: [UInt8], entryOffset: UInt64 = 0,
                              permissions: EPTPermissions = .all) throws(NPTError) {
         guard backend.capabilities.contains(.privilegedMode) else {
             throw .unsupported("backend '\(backend.name)' cannot stop vCPUs or back a privileged-mode region")
@@ -417,12 +417,12 @@ public final class VirtualMachine: Sendable {
             throw NPTError(.outOfRange, "[\(hex(gpa)), +\(hex(UInt64(len)))) is outside guest RAM (\(hex(config.ramSize)))")
         }
     }
-    public func writeMemory(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(NPTError) {
+    package func writeMemory(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(NPTError) {
         try checkMemory(gpa.raw, bytes.count)
         try life.withLease { () throws(NPTError) in try backendVM.writeMemory(gpa, bytes) }
     }
     /// Reads guest RAM, or (on a backend with persistent memory) what the VM sees of an NVDIMM range.
-    public func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError) {
+    package func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError) {
         let (end, o) = gpa.raw.addingReportingOverflow(UInt64(into.count))
         if !o, nvdimmRanges.contains(where: { gpa.raw >= $0.range.start.raw && end <= $0.range.end }) {
             try life.withLease { () throws(NPTError) in try backendVM.readMemory(gpa, into) }
@@ -431,7 +431,7 @@ public final class VirtualMachine: Sendable {
         try checkMemory(gpa.raw, into.count)
         try life.withLease { () throws(NPTError) in try backendVM.readMemory(gpa, into) }
     }
-    public func writeMemory(_ gpa: GPA, bytes: [UInt8]) throws(NPTError) {
+    package func writeMemory(_ gpa: GPA, bytes: [UInt8]) throws(NPTError) {
         var err: NPTError?
         bytes.withUnsafeBytes { b in
             do throws(NPTError) { try writeMemory(gpa, b) } catch { err = error }
@@ -446,7 +446,7 @@ public final class VirtualMachine: Sendable {
     /// published generation moved meanwhile the new vCPU's translations are all invalidated before
     /// it can run. Holds a lease on the VM throughout: a destroy racing it waits for it, so the
     /// backend never builds a vCPU of a destroyed VM. At most `maxVCPUs` at once.
-    public func makeVCPU(index: UInt32) throws(NPTError) -> VirtualCPU {
+    package func makeVCPU(index: UInt32) throws(NPTError) -> VirtualCPU {
         try life.withLease { () throws(NPTError) in try makeVCPULeased(index: index) }
     }
 
@@ -489,7 +489,7 @@ public final class VirtualMachine: Sendable {
 
     /// Destroys a vCPU, all or nothing, once: `.busy` while a thread drives it (a run in progress)
     /// or while it holds the privileged mode; `.badHandle` once destroyed.
-    public func removeVCPU(_ v: VirtualCPU) throws(NPTError) {
+    package func removeVCPU(_ v: VirtualCPU) throws(NPTError) {
         guard v.vm === self else { throw .invalid("vCPU \(v.index) belongs to another VM") }
         try life.withLease { () throws(NPTError) in
             try v.beginClose()
@@ -503,12 +503,12 @@ public final class VirtualMachine: Sendable {
         }
     }
 
-    public var allVCPUs: [VirtualCPU] { vcpus.withLock { Array($0.map.values) }.sorted { $0.index < $1.index } }
+    package var allVCPUs: [VirtualCPU] { vcpus.withLock { Array($0.map.values) }.sorted { $0.index < $1.index } }
 
     /// Destroys the VM and its vCPUs: all or nothing, exactly once. Waits for calls in flight on
     /// other threads (creates, policy updates, ...; `destroyWaitNanos` at most); refused with
     /// `.busy` while a vCPU runs (nothing is destroyed then); `.badHandle` once destroyed.
-    public func destroy() throws(NPTError) {
+    package func destroy() throws(NPTError) {
         try life.beginClose(timeoutNanos: VirtualMachine.destroyWaitNanos)
         let all = allVCPUs
         var closed: [VirtualCPU] = []
@@ -541,11 +541,11 @@ public final class VirtualMachine: Sendable {
 
     /// The backend's own counters for this VM (npt_vm_backend_stats). Any thread; refused once the
     /// VM is destroyed (the backend's VM is never reached after its destroy).
-    public func backendStatistics() throws(NPTError) -> [BackendStatistic] {
+    package func backendStatistics() throws(NPTError) -> [BackendStatistic] {
         try life.withLease { () throws(NPTError) in try backendVM.backendStatistics() }
     }
 
-    public func statistics() -> VMStatistics {
+    package func statistics() -> VMStatistics {
         var s = VMStatistics()
         let c = counters
         s.exitsTotal = c.exitsTotal.load(ordering: .relaxed)

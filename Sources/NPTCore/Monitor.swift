@@ -4,11 +4,11 @@ import Glibc
 
 /// A mutex with a condition variable (the toolchain's Synchronization module has a Mutex but no
 /// condition variable; parked vCPU threads need one).
-public final class Monitor: @unchecked Sendable {
+package final class Monitor: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let cond: UnsafeMutablePointer<pthread_cond_t>
 
-    public init() {
+    package init() {
         mutex = .allocate(capacity: 1)
         cond = .allocate(capacity: 1)
         pthread_mutex_init(mutex, nil)
@@ -25,7 +25,7 @@ public final class Monitor: @unchecked Sendable {
     }
 
     /// A further condition variable on the same mutex (to wake one waiter instead of all).
-    public final class Condition: @unchecked Sendable {
+    package final class Condition: @unchecked Sendable {
         let cond: UnsafeMutablePointer<pthread_cond_t>
         init() {
             cond = .allocate(capacity: 1)
@@ -36,42 +36,42 @@ public final class Monitor: @unchecked Sendable {
             pthread_condattr_destroy(&attr)
         }
         deinit { pthread_cond_destroy(cond); cond.deallocate() }
-        public func signal() { pthread_cond_signal(cond) }
+        package func signal() { pthread_cond_signal(cond) }
     }
-    public func makeCondition() -> Condition { Condition() }
+    package func makeCondition() -> Condition { Condition() }
 
     /// Waits on `c` (the lock held) until signalled or `deadline`; false on timeout.
     @discardableResult
-    public func wait(on c: Condition, untilNanos deadline: UInt64?) -> Bool {
+    package func wait(on c: Condition, untilNanos deadline: UInt64?) -> Bool {
         guard let deadline, deadline != .max else { pthread_cond_wait(c.cond, mutex); return true }
         var ts = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
         return pthread_cond_timedwait(c.cond, mutex, &ts) == 0
     }
 
-    public func lock() { pthread_mutex_lock(mutex) }
-    public func unlock() { pthread_mutex_unlock(mutex) }
-    public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+    package func lock() { pthread_mutex_lock(mutex) }
+    package func unlock() { pthread_mutex_unlock(mutex) }
+    package func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
         lock(); defer { unlock() }
         return try body()
     }
     /// Wakes every waiter.
-    public func broadcast() { pthread_cond_broadcast(cond) }
+    package func broadcast() { pthread_cond_broadcast(cond) }
     /// Waits (the lock held) until woken or until `deadline` (monotonic nanoseconds); false on timeout.
     @discardableResult
-    public func wait(untilNanos deadline: UInt64?) -> Bool {
+    package func wait(untilNanos deadline: UInt64?) -> Bool {
         guard let deadline, deadline != .max else { pthread_cond_wait(cond, mutex); return true }
         var ts = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
         return pthread_cond_timedwait(cond, mutex, &ts) == 0
     }
 
     /// `now() + nanos`, saturating (a bound of UInt64.max means "no bound", never an overflow).
-    public static func deadline(after nanos: UInt64) -> UInt64 {
+    package static func deadline(after nanos: UInt64) -> UInt64 {
         let (d, o) = now().addingReportingOverflow(nanos)
         return o ? .max : d
     }
 
     /// Monotonic time in nanoseconds.
-    public static func now() -> UInt64 {
+    package static func now() -> UInt64 {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)

@@ -6,21 +6,21 @@
 ///
 /// Layout: the 36-byte ACPI header, 4 reserved bytes, then sub-structures that each begin with
 /// `type: u16, length: u16`. All fields are little-endian.
-public struct NFIT: Equatable, Sendable {
+package struct NFIT: Equatable, Sendable {
     /// The standard ACPI table header, without the signature, length and checksum (which `encode()`
     /// computes).
-    public struct Header: Equatable, Sendable {
-        public var revision: UInt8
+    package struct Header: Equatable, Sendable {
+        package var revision: UInt8
         /// 6 bytes (`encode()` pads with spaces or truncates).
-        public var oemID: [UInt8]
+        package var oemID: [UInt8]
         /// 8 bytes.
-        public var oemTableID: [UInt8]
-        public var oemRevision: UInt32
+        package var oemTableID: [UInt8]
+        package var oemRevision: UInt32
         /// 4 bytes.
-        public var creatorID: [UInt8]
-        public var creatorRevision: UInt32
+        package var creatorID: [UInt8]
+        package var creatorRevision: UInt32
 
-        public init(revision: UInt8 = 1, oemID: [UInt8] = Array("NPTKIT".utf8),
+        package init(revision: UInt8 = 1, oemID: [UInt8] = Array("NPTKIT".utf8),
                     oemTableID: [UInt8] = Array("NPTKNFIT".utf8), oemRevision: UInt32 = 1,
                     creatorID: [UInt8] = Array("NPTK".utf8), creatorRevision: UInt32 = 1) {
             self.revision = revision; self.oemID = oemID; self.oemTableID = oemTableID
@@ -29,20 +29,20 @@ public struct NFIT: Equatable, Sendable {
     }
 
     /// Type 0, 56 bytes: a System Physical Address range.
-    public struct SPARange: Equatable, Sendable {
+    package struct SPARange: Equatable, Sendable {
         /// SPA range structure index (memory-device maps refer to it; 0 is reserved).
-        public var index: UInt16
+        package var index: UInt16
         /// Bit 0: control region for hot add only; bit 1: proximity domain valid.
-        public var flags: UInt16
-        public var proximityDomain: UInt32
+        package var flags: UInt16
+        package var proximityDomain: UInt32
         /// Address range type GUID, 16 bytes in table (mixed-endian) order; see `NFIT.persistentMemoryGUID`.
-        public var typeGUID: [UInt8]
-        public var base: UInt64
-        public var length: UInt64
+        package var typeGUID: [UInt8]
+        package var base: UInt64
+        package var length: UInt64
         /// Address range memory mapping attribute (EFI memory attributes, e.g. 0x8008 = WB | NV).
-        public var memoryAttributes: UInt64
+        package var memoryAttributes: UInt64
 
-        public init(index: UInt16 = 0, flags: UInt16 = 0, proximityDomain: UInt32 = 0,
+        package init(index: UInt16 = 0, flags: UInt16 = 0, proximityDomain: UInt32 = 0,
                     typeGUID: [UInt8] = NFIT.persistentMemoryGUID, base: UInt64 = 0, length: UInt64 = 0,
                     memoryAttributes: UInt64 = 0) {
             self.index = index; self.flags = flags; self.proximityDomain = proximityDomain
@@ -51,26 +51,26 @@ public struct NFIT: Equatable, Sendable {
         }
 
         /// Whether this range is persistent memory (its type GUID is `NFIT.persistentMemoryGUID`).
-        public var isPersistentMemory: Bool { typeGUID == NFIT.persistentMemoryGUID }
+        package var isPersistentMemory: Bool { typeGUID == NFIT.persistentMemoryGUID }
     }
 
     /// Type 1, 48 bytes: Memory Device to System Physical Address Range Map (NVDIMM region mapping):
     /// which NVDIMM backs (part of) which SPA range.
-    public struct MemoryDeviceMap: Equatable, Sendable {
+    package struct MemoryDeviceMap: Equatable, Sendable {
         /// The NFIT device handle of the DIMM; see `DeviceHandle`.
-        public var deviceHandle: UInt32
-        public var physicalID: UInt16
-        public var regionID: UInt16
-        public var spaRangeIndex: UInt16
-        public var controlRegionIndex: UInt16
-        public var regionSize: UInt64
-        public var regionOffset: UInt64
-        public var physicalAddressBase: UInt64
-        public var interleaveIndex: UInt16
-        public var interleaveWays: UInt16
-        public var stateFlags: UInt16
+        package var deviceHandle: UInt32
+        package var physicalID: UInt16
+        package var regionID: UInt16
+        package var spaRangeIndex: UInt16
+        package var controlRegionIndex: UInt16
+        package var regionSize: UInt64
+        package var regionOffset: UInt64
+        package var physicalAddressBase: UInt64
+        package var interleaveIndex: UInt16
+        package var interleaveWays: UInt16
+        package var stateFlags: UInt16
 
-        public init(deviceHandle: UInt32 = 0, physicalID: UInt16 = 0, regionID: UInt16 = 0,
+        package init(deviceHandle: UInt32 = 0, physicalID: UInt16 = 0, regionID: UInt16 = 0,
                     spaRangeIndex: UInt16 = 0, controlRegionIndex: UInt16 = 0, regionSize: UInt64 = 0,
                     regionOffset: UInt64 = 0, physicalAddressBase: UInt64 = 0, interleaveIndex: UInt16 = 0,
                     interleaveWays: UInt16 = 0, stateFlags: UInt16 = 0) {
@@ -81,44 +81,44 @@ public struct NFIT: Equatable, Sendable {
             self.interleaveWays = interleaveWays; self.stateFlags = stateFlags
         }
 
-        public var handle: DeviceHandle { DeviceHandle(deviceHandle) }
+        package var handle: DeviceHandle { DeviceHandle(deviceHandle) }
     }
 
     /// Type 4, 80 bytes (or 32, see `short`): NVDIMM Control Region. Describes one function
     /// interface of a DIMM (its identity and, for block-window DIMMs, its control windows); a
     /// memory-device map names it by `index` (its `controlRegionIndex`). Field order and sizes as in
     /// ACPI 6.2 Errata A §5.2.25.6 (the same in 6.3 and 6.4).
-    public struct ControlRegion: Equatable, Sendable {
+    package struct ControlRegion: Equatable, Sendable {
         /// NVDIMM Control Region structure index (memory-device maps refer to it; 0 is reserved).
-        public var index: UInt16
-        public var vendorID: UInt16
-        public var deviceID: UInt16
-        public var revisionID: UInt16
-        public var subsystemVendorID: UInt16
-        public var subsystemDeviceID: UInt16
-        public var subsystemRevisionID: UInt16
+        package var index: UInt16
+        package var vendorID: UInt16
+        package var deviceID: UInt16
+        package var revisionID: UInt16
+        package var subsystemVendorID: UInt16
+        package var subsystemDeviceID: UInt16
+        package var subsystemRevisionID: UInt16
         /// Bit 0: the manufacturing location and date are valid.
-        public var validFields: UInt8
-        public var manufacturingLocation: UInt8
-        public var manufacturingDate: UInt16
-        public var serialNumber: UInt32
+        package var validFields: UInt8
+        package var manufacturingLocation: UInt8
+        package var manufacturingDate: UInt16
+        package var serialNumber: UInt32
         /// Region format interface code (JEDEC; 0x0301: byte-addressable, energy backed).
-        public var formatInterfaceCode: UInt16
+        package var formatInterfaceCode: UInt16
         /// Number of block control windows (0: a persistent-memory-only DIMM).
-        public var windows: UInt16
-        public var windowSize: UInt64
-        public var commandOffset: UInt64
-        public var commandSize: UInt64
-        public var statusOffset: UInt64
-        public var statusSize: UInt64
+        package var windows: UInt16
+        package var windowSize: UInt64
+        package var commandOffset: UInt64
+        package var commandSize: UInt64
+        package var statusOffset: UInt64
+        package var statusSize: UInt64
         /// Bit 0: block data windows need a buffered command.
-        public var flags: UInt16
+        package var flags: UInt16
         /// The 32-byte form, which stops after `windows` (allowed only when `windows` is 0). The
         /// block-window fields then read as 0; `encode()` writes 80 bytes unless this is set and
         /// `windows` is 0.
-        public var short: Bool
+        package var short: Bool
 
-        public init(index: UInt16 = 0, vendorID: UInt16 = 0, deviceID: UInt16 = 0, revisionID: UInt16 = 0,
+        package init(index: UInt16 = 0, vendorID: UInt16 = 0, deviceID: UInt16 = 0, revisionID: UInt16 = 0,
                     subsystemVendorID: UInt16 = 0, subsystemDeviceID: UInt16 = 0, subsystemRevisionID: UInt16 = 0,
                     validFields: UInt8 = 0, manufacturingLocation: UInt8 = 0, manufacturingDate: UInt16 = 0,
                     serialNumber: UInt32 = 0, formatInterfaceCode: UInt16 = 0, windows: UInt16 = 0,
@@ -134,95 +134,95 @@ public struct NFIT: Equatable, Sendable {
         }
 
         /// The length `encode()` writes: 32 for the short form (only with no windows), else 80.
-        public var encodedLength: Int { short && windows == 0 ? 32 : 80 }
+        package var encodedLength: Int { short && windows == 0 ? 32 : 80 }
     }
 
     /// Type 6, 16 + 8·n bytes: the flush hint addresses of one DIMM (writing to any of them drains
     /// the memory controller's write pending queue).
-    public struct FlushHint: Equatable, Sendable {
-        public var deviceHandle: UInt32
+    package struct FlushHint: Equatable, Sendable {
+        package var deviceHandle: UInt32
         /// At most `NFIT.maxFlushHintAddresses` are encoded.
-        public var addresses: [UInt64]
+        package var addresses: [UInt64]
 
-        public init(deviceHandle: UInt32 = 0, addresses: [UInt64] = []) {
+        package init(deviceHandle: UInt32 = 0, addresses: [UInt64] = []) {
             self.deviceHandle = deviceHandle; self.addresses = addresses
         }
 
-        public var handle: DeviceHandle { DeviceHandle(deviceHandle) }
+        package var handle: DeviceHandle { DeviceHandle(deviceHandle) }
     }
 
     /// Type 7, 16 bytes: Platform Capabilities. Bit `i` of `capabilities` counts only if
     /// `i <= highestValid`.
-    public struct PlatformCapabilities: Equatable, Sendable {
-        public var highestValid: UInt8
+    package struct PlatformCapabilities: Equatable, Sendable {
+        package var highestValid: UInt8
         /// Bit 0: CPU cache flush to NVDIMM durability on power loss; bit 1: memory controller flush
         /// to NVDIMM durability on power loss (the WPQ is in the persistence domain); bit 2: hardware
         /// mirroring.
-        public var capabilities: UInt32
+        package var capabilities: UInt32
 
-        public init(highestValid: UInt8 = 0, capabilities: UInt32 = 0) {
+        package init(highestValid: UInt8 = 0, capabilities: UInt32 = 0) {
             self.highestValid = highestValid; self.capabilities = capabilities
         }
 
         /// Whether capability bit `bit` is both valid and set.
-        public func has(bit: Int) -> Bool {
+        package func has(bit: Int) -> Bool {
             bit >= 0 && bit < 32 && bit <= Int(highestValid) && capabilities & (UInt32(1) << UInt32(bit)) != 0
         }
-        public var cacheFlushOnPowerLoss: Bool { has(bit: 0) }
-        public var memoryControllerFlushOnPowerLoss: Bool { has(bit: 1) }
-        public var hardwareMirroring: Bool { has(bit: 2) }
+        package var cacheFlushOnPowerLoss: Bool { has(bit: 0) }
+        package var memoryControllerFlushOnPowerLoss: Bool { has(bit: 1) }
+        package var hardwareMirroring: Bool { has(bit: 2) }
     }
 
     /// An NFIT device handle: bits 0-3 DIMM number, 4-7 memory channel, 8-11 memory controller ID,
     /// 12-15 socket ID, 16-27 node controller ID.
-    public struct DeviceHandle: Hashable, Sendable, CustomStringConvertible {
-        public var raw: UInt32
-        public init(_ raw: UInt32) { self.raw = raw }
-        public var dimm: UInt32 { raw & 0xF }
-        public var channel: UInt32 { (raw >> 4) & 0xF }
-        public var controller: UInt32 { (raw >> 8) & 0xF }
-        public var socket: UInt32 { (raw >> 12) & 0xF }
-        public var node: UInt32 { (raw >> 16) & 0xFFF }
+    package struct DeviceHandle: Hashable, Sendable, CustomStringConvertible {
+        package var raw: UInt32
+        package init(_ raw: UInt32) { self.raw = raw }
+        package var dimm: UInt32 { raw & 0xF }
+        package var channel: UInt32 { (raw >> 4) & 0xF }
+        package var controller: UInt32 { (raw >> 8) & 0xF }
+        package var socket: UInt32 { (raw >> 12) & 0xF }
+        package var node: UInt32 { (raw >> 16) & 0xFFF }
         /// Identifies the memory controller: the node, socket and controller bits (`raw & 0x0FFF_FF00`).
-        public var controllerKey: UInt32 { raw & 0x0FFF_FF00 }
-        public var description: String {
+        package var controllerKey: UInt32 { raw & 0x0FFF_FF00 }
+        package var description: String {
             "handle \(hex(UInt64(raw))) (node \(node) socket \(socket) controller \(controller) channel \(channel) dimm \(dimm))"
         }
     }
 
     /// A sub-structure that is not decoded: its type and the bytes after its 4-byte type/length
     /// header.
-    public struct RawStructure: Equatable, Sendable {
-        public var type: UInt16
+    package struct RawStructure: Equatable, Sendable {
+        package var type: UInt16
         /// The structure's bytes after `type` and `length` (`encode()` writes `length = 4 + bytes.count`;
         /// at most 65531 bytes are encoded).
-        public var bytes: [UInt8]
-        public init(type: UInt16, bytes: [UInt8]) { self.type = type; self.bytes = bytes }
+        package var bytes: [UInt8]
+        package init(type: UInt16, bytes: [UInt8]) { self.type = type; self.bytes = bytes }
     }
 
-    public static let signature = "NFIT"
+    package static let signature = "NFIT"
     /// Byte offset of the first sub-structure (36-byte header + 4 reserved bytes).
-    public static let structuresOffset = 40
+    package static let structuresOffset = 40
     /// The most flush hint addresses one Flush Hint Address structure can hold (its length is a u16).
-    public static let maxFlushHintAddresses = (0xFFFF - 16) / 8
+    package static let maxFlushHintAddresses = (0xFFFF - 16) / 8
     /// The persistent-memory address range type GUID 66F0D379-B4F3-4074-AC43-0D3318B78CDB, in table
     /// byte order (first three fields little-endian).
-    public static let persistentMemoryGUID: [UInt8] = [0x79, 0xD3, 0xF0, 0x66, 0xF3, 0xB4, 0x74, 0x40,
+    package static let persistentMemoryGUID: [UInt8] = [0x79, 0xD3, 0xF0, 0x66, 0xF3, 0xB4, 0x74, 0x40,
                                                        0xAC, 0x43, 0x0D, 0x33, 0x18, 0xB7, 0x8C, 0xDB]
     /// The NVDIMM control region GUID 92F701F6-13B4-405D-910B-299367E8234C, in table byte order.
-    public static let controlRegionGUID: [UInt8] = [0xF6, 0x01, 0xF7, 0x92, 0xB4, 0x13, 0x5D, 0x40,
+    package static let controlRegionGUID: [UInt8] = [0xF6, 0x01, 0xF7, 0x92, 0xB4, 0x13, 0x5D, 0x40,
                                                     0x91, 0x0B, 0x29, 0x93, 0x67, 0xE8, 0x23, 0x4C]
 
-    public var header: Header
-    public var spaRanges: [SPARange]
-    public var memoryMaps: [MemoryDeviceMap]
-    public var controlRegions: [ControlRegion]
-    public var flushHints: [FlushHint]
-    public var platformCapabilities: PlatformCapabilities?
+    package var header: Header
+    package var spaRanges: [SPARange]
+    package var memoryMaps: [MemoryDeviceMap]
+    package var controlRegions: [ControlRegion]
+    package var flushHints: [FlushHint]
+    package var platformCapabilities: PlatformCapabilities?
     /// Sub-structures of other types (interleave, SMBIOS, block data window, ...), in table order.
-    public var otherStructures: [RawStructure]
+    package var otherStructures: [RawStructure]
 
-    public init(header: Header = Header(), spaRanges: [SPARange] = [], memoryMaps: [MemoryDeviceMap] = [],
+    package init(header: Header = Header(), spaRanges: [SPARange] = [], memoryMaps: [MemoryDeviceMap] = [],
                 controlRegions: [ControlRegion] = [], flushHints: [FlushHint] = [],
                 platformCapabilities: PlatformCapabilities? = nil, otherStructures: [RawStructure] = []) {
         self.header = header; self.spaRanges = spaRanges; self.memoryMaps = memoryMaps
@@ -237,7 +237,7 @@ public struct NFIT: Equatable, Sendable {
     /// signature or checksum, and any sub-structure whose length is zero, below 4, past the end of
     /// the table, or wrong for its type. If the table holds several Platform Capabilities
     /// structures, the last one wins.
-    public static func parse(_ bytes: [UInt8]) throws(NPTError) -> NFIT {
+    package static func parse(_ bytes: [UInt8]) throws(NPTError) -> NFIT {
         let minimum = structuresOffset
         guard bytes.count >= minimum else {
             throw .invalid("NFIT: \(bytes.count) bytes, fewer than the \(minimum) of the header and reserved field")
@@ -348,7 +348,7 @@ public struct NFIT: Equatable, Sendable {
     /// fields (OEM IDs, GUIDs) are padded (with spaces for IDs, zeros for GUIDs) or truncated; a
     /// flush hint structure holds at most `maxFlushHintAddresses` addresses and a raw structure at
     /// most 65531 bytes, the rest is dropped.
-    public func encode() -> [UInt8] {
+    package func encode() -> [UInt8] {
         var out: [UInt8] = []
         out.append(contentsOf: Array(NFIT.signature.utf8))
         put32(&out, 0)                              // length, patched below

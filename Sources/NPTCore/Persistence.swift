@@ -17,19 +17,19 @@ import Synchronization
 ///   after a guest's write was made (and fenced) satisfies that write.
 
 /// One NVDIMM range of a VM.
-public struct NVDIMMRange: Sendable, Equatable, CustomStringConvertible {
+package struct NVDIMMRange: Sendable, Equatable, CustomStringConvertible {
     /// Guest-physical range.
-    public var range: GPARange
+    package var range: GPARange
     /// The host region backing it (`HostPersistence.Region.id`) and the offset into that region.
-    public var hostRegion: UInt32
-    public var regionOffset: UInt64
+    package var hostRegion: UInt32
+    package var regionOffset: UInt64
     /// Where the shadow hierarchies' leaves for the range point in the backing memory.
-    public var hostOffset: UInt64
-    public var description: String { "\(range) <- host region \(hostRegion) +\(hex(regionOffset))" }
+    package var hostOffset: UInt64
+    package var description: String { "\(range) <- host region \(hostRegion) +\(hex(regionOffset))" }
 }
 
-public struct FlushOptions: Sendable, Equatable {
-    public enum Trap: UInt32, Sendable {
+package struct FlushOptions: Sendable, Equatable {
+    package enum Trap: UInt32, Sendable {
         /// Trap exactly when a backing host region needs WPQ flushing (the default).
         case auto = 0
         /// Trap even when no region needs it (to measure the trap path).
@@ -38,33 +38,33 @@ public struct FlushOptions: Sendable, Equatable {
         /// it exists so that the crash-consistency checker can show that it does.
         case never = 2
     }
-    public var trap: Trap
+    package var trap: Trap
     /// Coalesce concurrent guest flushes (per physical flush hint).
-    public var coalesce: Bool
-    public init(trap: Trap = .auto, coalesce: Bool = true) { self.trap = trap; self.coalesce = coalesce }
+    package var coalesce: Bool
+    package init(trap: Trap = .auto, coalesce: Bool = true) { self.trap = trap; self.coalesce = coalesce }
 }
 
-public struct FlushStatistics: Sendable, Equatable {
+package struct FlushStatistics: Sendable, Equatable {
     /// Guest writes to the vFHA the core handled (each one exit).
-    public var guestFlushes: UInt64 = 0
+    package var guestFlushes: UInt64 = 0
     /// Exits taken for the vFHA (a failed flush counts here but not in `guestFlushes`).
-    public var exits: UInt64 = 0
+    package var exits: UInt64 = 0
     /// Physical flush hint writes.
-    public var physicalFlushes: UInt64 = 0
+    package var physicalFlushes: UInt64 = 0
     /// (guest flush, flush hint) pairs satisfied by a physical flush another vCPU started.
-    public var coalesced: UInt64 = 0
+    package var coalesced: UInt64 = 0
     /// Guest writes to the vFHA that cost no exit (counted by the backend where it can).
-    public var untrappedWrites: UInt64 = 0
+    package var untrappedWrites: UInt64 = 0
     /// Time spent handling guest flushes, exit to resume, summed over every flush.
-    public var flushNanosTotal: UInt64 = 0
-    public init() {}
+    package var flushNanosTotal: UInt64 = 0
+    package init() {}
 }
 
 /// A physical flush hint as the VM uses it.
-public struct FlushTargetRef: Hashable, Sendable, CustomStringConvertible {
-    public var region: UInt32
-    public var target: HostPersistence.FlushTarget
-    public var description: String { "region \(region) controller \(hex(UInt64(target.controller))) fha \(hex(target.address))" }
+package struct FlushTargetRef: Hashable, Sendable, CustomStringConvertible {
+    package var region: UInt32
+    package var target: HostPersistence.FlushTarget
+    package var description: String { "region \(region) controller \(hex(UInt64(target.controller))) fha \(hex(target.address))" }
 }
 
 /// Serializes and coalesces physical flushes of one flush hint. A caller's write was made before it
@@ -163,7 +163,7 @@ extension VirtualMachine {
     // MARK: configuration
 
     /// The host's persistent memory as the backend discovers it (asked once per VM).
-    public func hostPersistence() throws(NPTError) -> HostPersistence {
+    package func hostPersistence() throws(NPTError) -> HostPersistence {
         if let h = persistence.config.withLock({ $0.host }) { return h }
         guard backend.capabilities.contains(.persistentMemory) else {
             throw .unsupported("backend '\(backend.name)' cannot back NVDIMM ranges")
@@ -175,19 +175,19 @@ extension VirtualMachine {
         return h
     }
 
-    public var nvdimmRanges: [NVDIMMRange] { persistence.config.withLock { $0.ranges } }
+    package var nvdimmRanges: [NVDIMMRange] { persistence.config.withLock { $0.ranges } }
     /// The virtual flush hint address (allocated with the first NVDIMM range).
-    public var virtualFlushHint: GPA? { persistence.config.withLock { $0.vfha } }
+    package var virtualFlushHint: GPA? { persistence.config.withLock { $0.vfha } }
     /// Whether guest writes to the vFHA exit.
-    public var flushHintTrapped: Bool { persistence.config.withLock { $0.trapped } }
+    package var flushHintTrapped: Bool { persistence.config.withLock { $0.trapped } }
     /// The physical flush hints a guest flush is propagated to.
-    public var flushTargets: [FlushTargetRef] { persistence.config.withLock { $0.targets } }
-    public var flushOptions: FlushOptions { persistence.config.withLock { $0.options } }
+    package var flushTargets: [FlushTargetRef] { persistence.config.withLock { $0.targets } }
+    package var flushOptions: FlushOptions { persistence.config.withLock { $0.options } }
 
     /// Adds an NVDIMM range: `size` bytes at guest-physical `gpa`, backed by host region
     /// `hostRegion` from `regionOffset`. Allocates the vFHA with the first range. All or nothing.
     @discardableResult
-    public func addNVDIMM(gpa: GPA, size: UInt64, hostRegion: UInt32, regionOffset: UInt64) throws(NPTError) -> NVDIMMRange {
+    package func addNVDIMM(gpa: GPA, size: UInt64, hostRegion: UInt32, regionOffset: UInt64) throws(NPTError) -> NVDIMMRange {
         try withLease { () throws(NPTError) in
             try addNVDIMMLeased(gpa: gpa, size: size, hostRegion: hostRegion, regionOffset: regionOffset)
         }
@@ -278,7 +278,7 @@ extension VirtualMachine {
     }
 
     /// Changes the trap and coalescing options; the vFHA's mapping follows at once.
-    public func setFlushOptions(_ o: FlushOptions) throws(NPTError) {
+    package func setFlushOptions(_ o: FlushOptions) throws(NPTError) {
         try withLease { () throws(NPTError) in try setFlushOptionsLeased(o) }
     }
 
@@ -366,21 +366,21 @@ extension VirtualMachine {
     }
 
     /// Starts (or stops) keeping every guest flush's latency, from the exit to the resume.
-    public func recordFlushLatencies(_ on: Bool) {
+    package func recordFlushLatencies(_ on: Bool) {
         persistence.recording.store(on, ordering: .relaxed)
         if on { persistence.samples.withLock { $0.removeAll() } }
     }
     /// The latencies kept since recording started, in nanoseconds.
-    public func flushLatencies() -> [UInt64] { persistence.samples.withLock { $0 } }
+    package func flushLatencies() -> [UInt64] { persistence.samples.withLock { $0 } }
 
     /// A power failure of the host's persistent memory (where the backend models one): afterwards
     /// the NVDIMM ranges hold what reached the media.
-    public func powerFailure() throws(NPTError) {
+    package func powerFailure() throws(NPTError) {
         if nvdimmRanges.isEmpty { throw NPTError(.state, "the VM has no NVDIMM range") }
         try withLease { () throws(NPTError) in try backendVM.powerFailure() }
     }
 
-    public func flushStatistics() -> FlushStatistics {
+    package func flushStatistics() -> FlushStatistics {
         let p = persistence
         var s = FlushStatistics()
         s.guestFlushes = p.guestFlushes.load(ordering: .relaxed)
@@ -397,7 +397,7 @@ extension VirtualMachine {
     /// What the guest is told about its NVDIMMs (`GuestNVDIMM`): virtual DIMM `i` for NVDIMM range
     /// `i` (handle `GuestNVDIMM.handle(ofDIMM:)`), the vFHA as every DIMM's flush hint, and the
     /// persistence domain of the host regions behind the ranges.
-    public func guestNVDIMM() throws(NPTError) -> GuestNVDIMM {
+    package func guestNVDIMM() throws(NPTError) -> GuestNVDIMM {
         let (ranges, vfha) = persistence.config.withLock { ($0.ranges, $0.vfha) }
         guard let vfha, !ranges.isEmpty else { throw NPTError(.state, "the VM has no NVDIMM range") }
         let host = try hostPersistence()
@@ -412,9 +412,9 @@ extension VirtualMachine {
     /// The NFIT the guest sees (rules in `GuestNVDIMM`): per NVDIMM range a persistent-memory SPA
     /// range, a memory-device map for one virtual DIMM, its control region and its flush hint
     /// structure naming the vFHA; then the platform capabilities of the host regions behind them.
-    public func guestNFIT() throws(NPTError) -> [UInt8] { try guestNVDIMM().nfit().encode() }
+    package func guestNFIT() throws(NPTError) -> [UInt8] { try guestNVDIMM().nfit().encode() }
 
     /// The SSDT a VMM adds beside the NFIT: the NVDIMM root device (`_HID` "ACPI0012") in `\_SB`
     /// with one child per virtual DIMM, `_ADR` = its NFIT device handle.
-    public func guestNVDIMMSSDT() throws(NPTError) -> [UInt8] { try guestNVDIMM().ssdt() }
+    package func guestNVDIMMSSDT() throws(NPTError) -> [UInt8] { try guestNVDIMM().ssdt() }
 }

@@ -8,7 +8,7 @@
 /// 1 GiB at level 3) and a large leaf splits when part of it changes.
 
 @inlinable func levelSpan(_ level: Int) -> UInt64 { 1 << (12 + 9 * UInt64(level - 1)) }
-public let entriesPerTable = 512
+package let entriesPerTable = 512
 
 /// Sets of the 16 compact permission codes (R=1 W=2 SX=4 UX=8), as 16-bit masks.
 enum CodeMask {
@@ -23,8 +23,8 @@ enum CodeMask {
     static let userOnly = make { $0 & 8 != 0 && $0 & 4 == 0 }
 }
 
-public final class PolicyNode: @unchecked Sendable {
-    public let level: Int
+package final class PolicyNode: @unchecked Sendable {
+    package let level: Int
     /// Compact permission code of each entry that is a leaf (children[i] == nil).
     let codes: [UInt8]
     /// Child tables; empty at level 1.
@@ -67,26 +67,26 @@ public final class PolicyNode: @unchecked Sendable {
 }
 
 /// A validated policy range.
-public struct PolicyRange: Hashable, Sendable, CustomStringConvertible {
-    public var range: GPARange
-    public var pageSize: PageSize
-    public var permissions: EPTPermissions
-    public init(start: GPA, size: UInt64, pageSize: PageSize, permissions: EPTPermissions) {
+package struct PolicyRange: Hashable, Sendable, CustomStringConvertible {
+    package var range: GPARange
+    package var pageSize: PageSize
+    package var permissions: EPTPermissions
+    package init(start: GPA, size: UInt64, pageSize: PageSize, permissions: EPTPermissions) {
         range = GPARange(start: start, size: size)
         self.pageSize = pageSize
         self.permissions = permissions
     }
-    public var description: String { "\(range) \(pageSize) \(permissions)" }
+    package var description: String { "\(range) \(pageSize) \(permissions)" }
 }
 
-public struct PolicyTree: Sendable {
-    public private(set) var root: PolicyNode
-    public let ramSize: UInt64
+package struct PolicyTree: Sendable {
+    package private(set) var root: PolicyNode
+    package let ramSize: UInt64
 
     /// Guest-physical addresses are limited to what 4-level EPT maps (48 bits).
-    public static let maxGuestPhysical: UInt64 = 1 << 48
+    package static let maxGuestPhysical: UInt64 = 1 << 48
 
-    public init(ramSize: UInt64, defaultPermissions: EPTPermissions) {
+    package init(ramSize: UInt64, defaultPermissions: EPTPermissions) {
         self.ramSize = ramSize
         var root = PolicyNode.uniform(level: 4, code: 0)
         if ramSize > 0 {
@@ -97,7 +97,7 @@ public struct PolicyTree: Sendable {
     }
 
     /// Checks a range against the rules of the ABI; throws the error the C caller gets.
-    public func validate(_ r: PolicyRange) throws(NPTError) { try validate(r, bound: ramSize) }
+    package func validate(_ r: PolicyRange) throws(NPTError) { try validate(r, bound: ramSize) }
 
     /// The same, with the range's end checked against `bound` instead of guest RAM.
     func validate(_ r: PolicyRange, bound: UInt64) throws(NPTError) {
@@ -120,7 +120,7 @@ public struct PolicyTree: Sendable {
 
     /// Applies one validated range. Returns the set of codes the range held before (as a mask).
     @discardableResult
-    public mutating func apply(_ r: PolicyRange) -> UInt16 {
+    package mutating func apply(_ r: PolicyRange) -> UInt16 {
         var old: UInt16 = 0
         root = PolicyTree.update(root, base: 0, lo: r.range.start.raw, hi: r.range.end,
                                  code: r.permissions.code, oldMask: &old)
@@ -128,7 +128,7 @@ public struct PolicyTree: Sendable {
     }
 
     /// The permissions of the page holding `gpa` (none outside RAM).
-    public func permissions(at gpa: GPA) -> EPTPermissions {
+    package func permissions(at gpa: GPA) -> EPTPermissions {
         var node = root
         while true {
             let i = Int((gpa.raw >> (12 + 9 * UInt64(node.level - 1))) & 511)
@@ -168,7 +168,7 @@ public struct PolicyTree: Sendable {
     }
 
     /// Each maximal run of pages with one permission, in GPA order (for inspection and tests).
-    public func runs() -> [(GPARange, EPTPermissions)] {
+    package func runs() -> [(GPARange, EPTPermissions)] {
         var out: [(GPARange, EPTPermissions)] = []
         func visit(_ n: PolicyNode, _ base: UInt64) {
             let span = levelSpan(n.level)

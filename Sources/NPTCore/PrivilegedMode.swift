@@ -1,40 +1,40 @@
 /// The special region of the privileged mode: its code lives here and is visible to the VM's one
 /// global memory view only while one CPU is in the mode.
-public struct PrivilegedRegion: Sendable, Equatable {
-    public var range: GPARange
-    public var permissions: EPTPermissions
+package struct PrivilegedRegion: Sendable, Equatable {
+    package var range: GPARange
+    package var permissions: EPTPermissions
     /// Where a CPU entering the mode starts, from the region's start.
-    public var entryOffset: UInt64
-    public var hostOffset: UInt64
+    package var entryOffset: UInt64
+    package var hostOffset: UInt64
 }
 
 /// Figures of the privileged mode (all CPUs).
-public struct PrivilegedStatistics: Sendable, Equatable {
-    public var requests: UInt64 = 0
-    public var entries: UInt64 = 0
-    public var failures: UInt64 = 0
-    public var deferredInterrupts: UInt64 = 0
+package struct PrivilegedStatistics: Sendable, Equatable {
+    package var requests: UInt64 = 0
+    package var entries: UInt64 = 0
+    package var failures: UInt64 = 0
+    package var deferredInterrupts: UInt64 = 0
     /// Interrupt-to-entry latency, summed and largest (nanoseconds).
-    public var entryLatencyTotal: UInt64 = 0
-    public var entryLatencyMax: UInt64 = 0
+    package var entryLatencyTotal: UInt64 = 0
+    package var entryLatencyMax: UInt64 = 0
     /// How long the other CPUs were stopped, from the stop request to their resumption, summed.
-    public var stoppedTotal: UInt64 = 0
-    public init() {}
+    package var stoppedTotal: UInt64 = 0
+    package init() {}
 }
 
 /// One entry, for the demo's timeline.
-public struct PrivilegedEntryRecord: Sendable, Equatable {
-    public var cpu: UInt32
-    public var raisedAt: UInt64
-    public var enteredAt: UInt64
-    public var leftAt: UInt64
+package struct PrivilegedEntryRecord: Sendable, Equatable {
+    package var cpu: UInt32
+    package var raisedAt: UInt64
+    package var enteredAt: UInt64
+    package var leftAt: UInt64
     /// From the stop request to the others' resumption.
-    public var othersStopped: UInt64
+    package var othersStopped: UInt64
 }
 
 /// Runs `PMProtocol` for a VM's real vCPU threads: each transition is taken under one monitor on
 /// behalf of the vCPU whose thread calls in; a stopped vCPU's thread is parked in `checkpoint`.
-public final class PrivilegedModeCoordinator: @unchecked Sendable {
+package final class PrivilegedModeCoordinator: @unchecked Sendable {
     let monitor = Monitor()
     // Guarded by `monitor`.
     private var state = PMState(cpus: 0)
@@ -56,7 +56,7 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
     private var stats = PrivilegedStatistics()
     private var records: [PrivilegedEntryRecord] = []
     /// How long a coordinator waits for the others to stop.
-    public var stopTimeoutNanos: UInt64 {
+    package var stopTimeoutNanos: UInt64 {
         get { monitor.withLock { timeout } }
         set { monitor.withLock { timeout = newValue } }
     }
@@ -136,7 +136,7 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
     }
 
     /// Slots in use and free (tests: destroyed vCPUs must not leak slots).
-    public var slotCounts: (used: Int, free: Int) { monitor.withLock { (slots.count - freeSlots.count, freeSlots.count) } }
+    package var slotCounts: (used: Int, free: Int) { monitor.withLock { (slots.count - freeSlots.count, freeSlots.count) } }
 
     /// The lock is held: wakes each vCPU that now has a step to take.
     private func wake() {
@@ -146,16 +146,16 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
         }
     }
 
-    public var statistics: PrivilegedStatistics { monitor.withLock { stats } }
-    public var entryRecords: [PrivilegedEntryRecord] { monitor.withLock { records } }
+    package var statistics: PrivilegedStatistics { monitor.withLock { stats } }
+    package var entryRecords: [PrivilegedEntryRecord] { monitor.withLock { records } }
 
     /// The vCPU in the mode, if any.
-    public var holder: UInt32? {
+    package var holder: UInt32? {
         monitor.withLock { state.holder >= 0 && state.phase[Int(state.holder)] == .inMode ? slots[Int(state.holder)]?.index : nil }
     }
 
     /// The enter-mode interrupt for `cpu`. Callable from any thread.
-    public func raise(_ cpu: VirtualCPU) throws(NPTError) {
+    package func raise(_ cpu: VirtualCPU) throws(NPTError) {
         guard active else { throw NPTError(.state, "no privileged-mode region is defined for this VM") }
         monitor.withLock {
             PMProtocol.apply(.raise(cpu.slot), to: &state)
@@ -169,7 +169,7 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
     /// Another interrupt for `cpu`: delivered now (to the guest's fault handler) if the CPU runs,
     /// or after it resumes if it is stopped. Returns whether it was deferred.
     @discardableResult
-    public func interrupt(_ cpu: VirtualCPU, vector: UInt32) -> Bool {
+    package func interrupt(_ cpu: VirtualCPU, vector: UInt32) -> Bool {
         let deferredNow: Bool = monitor.withLock {
             let p = state.phase.indices.contains(cpu.slot) ? state.phase[cpu.slot] : .running
             if active && (p == .stopped || p == .waiting) {
@@ -330,8 +330,8 @@ public final class PrivilegedModeCoordinator: @unchecked Sendable {
     }
 
     /// The protocol state and which vCPUs may be in guest code (diagnostics).
-    public var debugDescription: String { monitor.withLock { "\(state) inGuest \(inGuest.map { $0 ? 1 : 0 })" } }
+    package var debugDescription: String { monitor.withLock { "\(state) inGuest \(inGuest.map { $0 ? 1 : 0 })" } }
 
     /// A snapshot of the protocol state (tests).
-    public var protocolState: PMState { monitor.withLock { state } }
+    package var protocolState: PMState { monitor.withLock { state } }
 }

@@ -10,8 +10,8 @@
 /// the mode and before anyone resumes. Adding the region first and stopping the others afterwards,
 /// as the wording lists the steps, would let other CPUs run while the region is visible, which
 /// is the very thing the invariant forbids; the checkers reject that order (`.mapBeforeStopped`).
-public struct PMState: Hashable, Sendable, CustomStringConvertible {
-    public enum Phase: UInt8, Hashable, Sendable {
+package struct PMState: Hashable, Sendable, CustomStringConvertible {
+    package enum Phase: UInt8, Hashable, Sendable {
         /// Running guest code (outside the mode).
         case running
         /// Has an enter-mode request queued and waits for its turn; runs no guest code.
@@ -25,25 +25,25 @@ public struct PMState: Hashable, Sendable, CustomStringConvertible {
         /// Left the mode: region removed and translations flushed; resumes the others next.
         case leaving
     }
-    public var phase: [Phase]
-    public var stopRequested: [Bool]
+    package var phase: [Phase]
+    package var stopRequested: [Bool]
     /// Enter-mode interrupts raised for each CPU and not yet queued.
-    public var pending: [UInt32]
+    package var pending: [UInt32]
     /// Other interrupts that arrived while stopped; delivered after the CPU resumes.
-    public var deferred: [UInt32]
+    package var deferred: [UInt32]
     /// CPUs with a queued request, in arrival order. (Slot numbers: 32 bits, for any vCPU count a
     /// VM allows; they were 8 bits and a VM's 128th vCPU overflowed them.)
-    public var queue: [UInt32]
-    public var holder: Int32
+    package var queue: [UInt32]
+    package var holder: Int32
     /// The region is part of the global view.
-    public var visible: Bool
+    package var visible: Bool
     /// Some translation cached by the CPU reaches the region.
-    public var reachesRegion: [Bool]
-    public var raised: UInt32 = 0
-    public var served: UInt32 = 0
-    public var failed: UInt32 = 0
+    package var reachesRegion: [Bool]
+    package var raised: UInt32 = 0
+    package var served: UInt32 = 0
+    package var failed: UInt32 = 0
 
-    public init(cpus: Int) {
+    package init(cpus: Int) {
         phase = Array(repeating: .running, count: cpus)
         stopRequested = Array(repeating: false, count: cpus)
         pending = Array(repeating: 0, count: cpus)
@@ -54,15 +54,15 @@ public struct PMState: Hashable, Sendable, CustomStringConvertible {
         visible = false
     }
 
-    public var cpus: Int { phase.count }
-    public var description: String {
+    package var cpus: Int { phase.count }
+    package var description: String {
         "phase \(phase) stop \(stopRequested.map { $0 ? 1 : 0 }) pending \(pending) queue \(queue) holder \(holder) visible \(visible) reach \(reachesRegion.map { $0 ? 1 : 0 }) raised \(raised) served \(served) failed \(failed)"
     }
     func isHolder(_ i: Int) -> Bool { Int(holder) == i }
 }
 
 /// One atomic step of a CPU agent (or of the world, for `.raise`).
-public enum PMAction: Hashable, Sendable, CustomStringConvertible {
+package enum PMAction: Hashable, Sendable, CustomStringConvertible {
     /// An enter-mode interrupt arrives for the CPU (from any source, at any time).
     case raise(Int)
     /// Another interrupt arrives for the CPU.
@@ -87,13 +87,13 @@ public enum PMAction: Hashable, Sendable, CustomStringConvertible {
     /// A stopped CPU resumes when it is no longer asked to stop; deferred interrupts are delivered.
     case resume(Int)
 
-    public var cpu: Int {
+    package var cpu: Int {
         switch self {
         case .raise(let i), .otherInterrupt(let i), .execute(let i), .acceptStop(let i), .queueRequest(let i),
              .beginEntry(let i), .enter(let i), .timeout(let i), .leave(let i), .release(let i), .resume(let i): i
         }
     }
-    public var description: String {
+    package var description: String {
         switch self {
         case .raise(let i): "raise(\(i))"
         case .otherInterrupt(let i): "irq(\(i))"
@@ -111,7 +111,7 @@ public enum PMAction: Hashable, Sendable, CustomStringConvertible {
 }
 
 /// Deliberately broken variants, for showing that the checkers catch each mistake.
-public enum PMVariant: String, Sendable, CaseIterable {
+package enum PMVariant: String, Sendable, CaseIterable {
     case correct
     /// The listed order: add the region before the others have stopped.
     case mapBeforeStopped
@@ -121,9 +121,9 @@ public enum PMVariant: String, Sendable, CaseIterable {
     case noFlushOnLeave
 }
 
-public enum PMProtocol {
+package enum PMProtocol {
     /// Whether `a` may be taken in `s`.
-    public static func enabled(_ a: PMAction, in s: PMState, variant: PMVariant = .correct) -> Bool {
+    package static func enabled(_ a: PMAction, in s: PMState, variant: PMVariant = .correct) -> Bool {
         let i = a.cpu
         switch a {
         case .raise, .otherInterrupt:
@@ -158,7 +158,7 @@ public enum PMProtocol {
     }
 
     /// Applies `a` (which must be enabled).
-    public static func apply(_ a: PMAction, to s: inout PMState, variant: PMVariant = .correct) {
+    package static func apply(_ a: PMAction, to s: inout PMState, variant: PMVariant = .correct) {
         let i = a.cpu
         switch a {
         case .raise:
@@ -219,7 +219,7 @@ public enum PMProtocol {
     }
 
     /// The security invariant; nil when it holds, else what is broken.
-    public static func violation(in s: PMState) -> String? {
+    package static func violation(in s: PMState) -> String? {
         var inMode = 0
         for j in 0..<s.cpus {
             let outside = !(s.isHolder(j) && s.phase[j] == .inMode)
@@ -245,7 +245,7 @@ public enum PMProtocol {
     }
 
     /// Every action of CPU `i` (and of the world towards it).
-    public static func actions(cpu i: Int) -> [PMAction] {
+    package static func actions(cpu i: Int) -> [PMAction] {
         [.execute(i), .acceptStop(i), .queueRequest(i), .beginEntry(i), .enter(i), .timeout(i),
          .leave(i), .release(i), .resume(i)]
     }

@@ -14,7 +14,7 @@ import Synchronization
 /// One recorder may serve many VMs (the CLI's `--record` gives the same one to every VM of a run):
 /// the records of each VM follow a `vm-select` naming its number. The writer is held under a lock
 /// and every timestamp is taken under it, so records are in the order the calls happened.
-public final class TraceRecorder: Sendable {
+package final class TraceRecorder: Sendable {
     /// The writer is reached only under the lock.
     private struct State: @unchecked Sendable {
         var writer: TraceWriter
@@ -27,7 +27,7 @@ public final class TraceRecorder: Sendable {
     /// The recorder of one VM (npt_vm_config.record_path): finished when that VM is destroyed.
     let finishWithVM: Bool
 
-    public init(sink: any TraceSink, finishWithVM: Bool = false) throws(NPTError) {
+    package init(sink: any TraceSink, finishWithVM: Bool = false) throws(NPTError) {
         self.finishWithVM = finishWithVM
         do throws(TraceError) {
             let w = try TraceWriter(sink: sink)
@@ -37,7 +37,7 @@ public final class TraceRecorder: Sendable {
         } catch { throw NPTError(.invalidArgument, "cannot record: \(error)") }
     }
 
-    public convenience init(path: String, finishWithVM: Bool = false) throws(NPTError) {
+    package convenience init(path: String, finishWithVM: Bool = false) throws(NPTError) {
         let sink: FileTraceSink
         do throws(TraceError) { sink = try FileTraceSink(path: path) } catch {
             throw NPTError(.invalidArgument, "cannot record to '\(path)': \(error)")
@@ -74,7 +74,7 @@ public final class TraceRecorder: Sendable {
     }
 
     /// The end record, flushed and synced; the first recording failure if there was one.
-    public func finish() throws(NPTError) {
+    package func finish() throws(NPTError) {
         let e: NPTError? = state.withLock { s in
             if let e = s.error { return e }
             do throws(TraceError) { try s.writer.finish() } catch { s.error = NPTError(.backend, "recording failed: \(error)") }

@@ -2,15 +2,15 @@ import Synchronization
 
 /// Backends by name. The simulator is registered in every registry by its creator and is the
 /// default until another is chosen.
-public final class BackendRegistry: Sendable {
+package final class BackendRegistry: Sendable {
     private struct State {
         var backends: [any Backend] = []
         var defaultName: String?
     }
     private let state = NPTMutex(State())
-    public init() {}
+    package init() {}
 
-    public func register(_ b: any Backend, makeDefault: Bool = false) throws(NPTError) {
+    package func register(_ b: any Backend, makeDefault: Bool = false) throws(NPTError) {
         if NPTABI.major(of: b.abiVersion) != NPTABI.major {
             throw NPTError(.abiMismatch, "backend '\(b.name)' is built for ABI \(NPTABI.major(of: b.abiVersion)).x, this library is \(NPTABI.major).\(NPTABI.minor)")
         }
@@ -26,10 +26,10 @@ public final class BackendRegistry: Sendable {
         if let result { throw result }
     }
 
-    public var all: [any Backend] { state.withLock { $0.backends } }
-    public var defaultName: String? { state.withLock { $0.defaultName } }
+    package var all: [any Backend] { state.withLock { $0.backends } }
+    package var defaultName: String? { state.withLock { $0.defaultName } }
 
-    public func setDefault(_ name: String) throws(NPTError) {
+    package func setDefault(_ name: String) throws(NPTError) {
         let ok = state.withLock { s in
             guard s.backends.contains(where: { $0.name == name }) else { return false }
             s.defaultName = name
@@ -39,7 +39,7 @@ public final class BackendRegistry: Sendable {
     }
 
     /// The backend called `name`, or the default for nil.
-    public func lookup(_ name: String?) throws(NPTError) -> any Backend {
+    package func lookup(_ name: String?) throws(NPTError) -> any Backend {
         let found: (any Backend)? = state.withLock { s in
             let n = name ?? s.defaultName
             return s.backends.first { $0.name == n }

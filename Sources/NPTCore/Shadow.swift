@@ -17,40 +17,40 @@
 /// One 4 KiB table of a shadow hierarchy: 512 EPT-format entries (bits 0-2 R/W/X, bit 7 large leaf,
 /// bits 12-51 the address: a page's offset in the backing memory, or for a table entry the child's
 /// pseudo-physical address `id << 12`).
-public final class ShadowNode: Sendable {
-    public let level: Int
-    public let entries: [UInt64]
-    public let children: [ShadowNode?]
-    public let id: UInt64
+package final class ShadowNode: Sendable {
+    package let level: Int
+    package let entries: [UInt64]
+    package let children: [ShadowNode?]
+    package let id: UInt64
 
     init(level: Int, entries: [UInt64], children: [ShadowNode?], id: UInt64) {
         self.level = level; self.entries = entries; self.children = children; self.id = id
     }
 
-    public static let largeBit: UInt64 = 1 << 7
-    public static let addressMask: UInt64 = 0x000F_FFFF_FFFF_F000
+    package static let largeBit: UInt64 = 1 << 7
+    package static let addressMask: UInt64 = 0x000F_FFFF_FFFF_F000
 }
 
 /// The result of walking one hierarchy for one guest-physical address.
-public struct ShadowTranslation: Sendable, Equatable {
+package struct ShadowTranslation: Sendable, Equatable {
     /// Leaf level (1, 2, 3) or 0 when some entry on the way was not present.
-    public var level: Int
+    package var level: Int
     /// Effective permissions: the AND of bits 0-2 across every entry used.
-    public var permissions: ShadowPermissions
+    package var permissions: ShadowPermissions
     /// Base of the leaf's page and its offset in the backing memory.
-    public var pageBase: GPA
-    public var hostOffset: HPA
-    public var pageSize: UInt64 { level == 0 ? 0 : levelSpan(level) }
-    public var present: Bool { level != 0 && permissions.rawValue != 0 }
+    package var pageBase: GPA
+    package var hostOffset: HPA
+    package var pageSize: UInt64 { level == 0 ? 0 : levelSpan(level) }
+    package var present: Bool { level != 0 && permissions.rawValue != 0 }
 }
 
 /// Roots of every hierarchy at one moment. Immutable: a vCPU may walk it while the core builds the next.
-public struct ShadowSnapshot: Sendable {
-    public let roots: [ShadowNode]
-    public let generation: UInt64
-    public func root(_ h: HierarchyID) -> ShadowNode { roots[Int(h.rawValue)] }
+package struct ShadowSnapshot: Sendable {
+    package let roots: [ShadowNode]
+    package let generation: UInt64
+    package func root(_ h: HierarchyID) -> ShadowNode { roots[Int(h.rawValue)] }
 
-    public func translate(_ gpa: GPA, in h: HierarchyID) -> ShadowTranslation {
+    package func translate(_ gpa: GPA, in h: HierarchyID) -> ShadowTranslation {
         // 4-level EPT maps 48 bits; a guest PTE may name more (up to bit 51): nothing is there.
         guard gpa.raw < PolicyTree.maxGuestPhysical else {
             return ShadowTranslation(level: 0, permissions: [], pageBase: GPA(gpa.raw & ~0xFFF), hostOffset: HPA(0))
@@ -75,7 +75,7 @@ public struct ShadowSnapshot: Sendable {
     }
 
     /// Visits every leaf that grants some access, in GPA order, with its effective permissions.
-    public func forEachLeaf(in h: HierarchyID, _ body: (GPA, UInt64, ShadowPermissions) -> Void) {
+    package func forEachLeaf(in h: HierarchyID, _ body: (GPA, UInt64, ShadowPermissions) -> Void) {
         func visit(_ n: ShadowNode, _ base: UInt64, _ inherited: UInt64) {
             let span = levelSpan(n.level)
             for i in 0..<entriesPerTable {
@@ -94,7 +94,7 @@ public struct ShadowSnapshot: Sendable {
     }
 
     /// Table pages reachable from all roots together, and from one hierarchy alone.
-    public func nodeCounts() -> (all: Int, perHierarchy: [Int]) {
+    package func nodeCounts() -> (all: Int, perHierarchy: [Int]) {
         var all = Set<ObjectIdentifier>()
         var per: [Int] = []
         for r in roots {
@@ -114,19 +114,19 @@ public struct ShadowSnapshot: Sendable {
 /// Derives shadow tables from policy nodes, memoizing them on the policy nodes, so that after an
 /// update only the tables above changed policy nodes are rebuilt. Not thread safe: the owning VM
 /// calls it under its lock.
-public struct ShadowBuilder: Sendable {
+package struct ShadowBuilder: Sendable {
     private var nextID: UInt64 = 1
-    public private(set) var nodesBuilt: UInt64 = 0
+    package private(set) var nodesBuilt: UInt64 = 0
     /// Where the privileged-mode region's pages live in the backing memory (RAM is identity mapped).
-    public var region: (range: GPARange, hostOffset: UInt64)? {
+    package var region: (range: GPARange, hostOffset: UInt64)? {
         didSet { rebuildWindows() }
     }
     /// Further guest-physical windows that are not identity mapped (NVDIMM ranges, the vFHA page).
-    public var extraWindows: [(range: GPARange, hostOffset: UInt64)] = [] {
+    package var extraWindows: [(range: GPARange, hostOffset: UInt64)] = [] {
         didSet { rebuildWindows() }
     }
     private var windows: [(range: GPARange, hostOffset: UInt64)] = []
-    public init() {}
+    package init() {}
 
     private mutating func rebuildWindows() {
         windows = extraWindows
@@ -206,18 +206,18 @@ public struct ShadowBuilder: Sendable {
 
     /// Roots of every hierarchy for the policy `tree`; roots are always per hierarchy (no parent
     /// entry exists to carry an X bit).
-    public mutating func snapshot(of tree: PolicyTree, generation: UInt64) -> ShadowSnapshot {
+    package mutating func snapshot(of tree: PolicyTree, generation: UInt64) -> ShadowSnapshot {
         ShadowSnapshot(roots: HierarchyID.allCases.map { distinct(tree.root, base: 0, hierarchy: $0) },
                        generation: generation)
     }
 }
 
 /// What changed for each hierarchy when a range of the policy changed (the INVEPT analogue).
-public struct Invalidation: Hashable, Sendable, CustomStringConvertible {
-    public var hierarchy: HierarchyID
-    public var range: GPARange
-    public init(hierarchy: HierarchyID, range: GPARange) { self.hierarchy = hierarchy; self.range = range }
-    public var description: String { "invalidate \(hierarchy) \(range)" }
+package struct Invalidation: Hashable, Sendable, CustomStringConvertible {
+    package var hierarchy: HierarchyID
+    package var range: GPARange
+    package init(hierarchy: HierarchyID, range: GPARange) { self.hierarchy = hierarchy; self.range = range }
+    package var description: String { "invalidate \(hierarchy) \(range)" }
 
     /// The hierarchies in which a range that held the codes of `oldMask` now holding `new` changed.
     static func needed(range: GPARange, oldMask: UInt16, new: EPTPermissions) -> [Invalidation] {

@@ -4,7 +4,7 @@ import Glibc
 #endif
 
 /// What the core tells a tool that runs its own loop (`npt_handle_exit`).
-public enum ExitAction: UInt32, Sendable {
+package enum ExitAction: UInt32, Sendable {
     /// The core handled the exit (e.g. exposed another hierarchy): run again.
     case resume = 0
     /// No hierarchy permits the access: report the violation to the VM. The exit was rewritten
@@ -25,12 +25,12 @@ public enum ExitAction: UInt32, Sendable {
 ///   rule). If it permits the fetch, expose it and resume; otherwise report the violation;
 /// - EPT violation on a data access: R and W are the same in every hierarchy, so no switch can
 ///   help: report it, unless the policy now permits it (a stale translation: invalidate, resume).
-public final class VirtualCPU: @unchecked Sendable {
-    public let index: UInt32
-    public unowned let vm: VirtualMachine
-    public let backend: any BackendVCPU
+package final class VirtualCPU: @unchecked Sendable {
+    package let index: UInt32
+    package unowned let vm: VirtualMachine
+    package let backend: any BackendVCPU
     // Mutated only by the thread that holds `running`.
-    public private(set) var active: HierarchyID = .supervisor
+    package private(set) var active: HierarchyID = .supervisor
     private var staleRetries = 0
     /// Whether guest paging is on (CR0.PG), as the core last set or restored it. With paging off
     /// every linear address is a user-mode address, so the user hierarchy governs every fetch.
@@ -58,20 +58,20 @@ public final class VirtualCPU: @unchecked Sendable {
     /// only that one, once).
     private var pendingRaw: VMExit?
     /// `.kicked` exits in a row that the core did not ask for, before `run` gives up with `.backend`.
-    public static let maxUnaskedKicks = 10_000
+    package static let maxUnaskedKicks = 10_000
 
     init(vm: VirtualMachine, index: UInt32, backend: any BackendVCPU) {
         self.vm = vm; self.index = index; self.backend = backend
     }
 
     /// Whether a thread drives the vCPU now.
-    public var isRunning: Bool { use.withLock { $0.driven } }
+    package var isRunning: Bool { use.withLock { $0.driven } }
     /// Whether the vCPU has been destroyed.
-    public var isDestroyed: Bool { use.withLock { $0.state == .closed } }
+    package var isDestroyed: Bool { use.withLock { $0.state == .closed } }
 
     /// The backend's own counters for this vCPU (npt_vcpu_backend_stats). Any thread, also while
     /// it runs (a shared use); `.badHandle` once the vCPU is destroyed.
-    public func backendStatistics() throws(NPTError) -> [BackendStatistic] {
+    package func backendStatistics() throws(NPTError) -> [BackendStatistic] {
         let index = index
         let r = shared { () -> Result<[BackendStatistic], NPTError> in
             do throws(NPTError) { return .success(try backend.backendStatistics()) } catch { return .failure(error) }
@@ -142,11 +142,11 @@ public final class VirtualCPU: @unchecked Sendable {
     func cancelClose() { use.withLock { $0.state = .alive } }
     func finishClose() { use.withLock { $0.state = .closed } }
 
-    public func registers() throws(NPTError) -> Registers { try exclusive { () throws(NPTError) in try backend.registers() } }
+    package func registers() throws(NPTError) -> Registers { try exclusive { () throws(NPTError) in try backend.registers() } }
 
     /// Sets the registers. The core exposes the hierarchy that governs the new state's fetches: the
     /// supervisor one at CPL 0, the user one at CPL 3, the user one with paging off.
-    public func setRegisters(_ r: Registers) throws(NPTError) {
+    package func setRegisters(_ r: Registers) throws(NPTError) {
         guard r.cpl == 0 || r.cpl == 3 else { throw .invalid("regs.cpl is \(r.cpl); the simulator knows 0 and 3") }
         try exclusive { () throws(NPTError) in
             try backend.setRegisters(r)
@@ -161,7 +161,7 @@ public final class VirtualCPU: @unchecked Sendable {
         !pagingOn ? .user : cpl == 3 ? .user : .supervisor
     }
 
-    public func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError) {
+    package func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError) {
         try exclusive { () throws(NPTError) in try backend.injectFault(vector: vector, errorCode: errorCode, address: address) }
     }
 
@@ -179,7 +179,7 @@ public final class VirtualCPU: @unchecked Sendable {
 
     /// Raises the enter-mode interrupt for this vCPU (from any thread).
     /// Refused (`.badHandle`) once the vCPU is destroyed: its protocol slot may belong to another.
-    public func raisePrivileged() throws(NPTError) {
+    package func raisePrivileged() throws(NPTError) {
         let r: Result<Void, NPTError>? = shared { () -> Result<Void, NPTError> in
             do throws(NPTError) { try vm.privileged.raise(self); return .success(()) } catch { return .failure(error) }
         }
@@ -190,7 +190,7 @@ public final class VirtualCPU: @unchecked Sendable {
     /// Another interrupt: delivered now to the guest's fault handler, or after the vCPU resumes if
     /// it is stopped (returns true then).
     @discardableResult
-    public func raiseInterrupt(vector: UInt32) throws(NPTError) -> Bool {
+    package func raiseInterrupt(vector: UInt32) throws(NPTError) -> Bool {
         guard let deferred = shared({ vm.privileged.interrupt(self, vector: vector) }) else {
             throw NPTError(.badHandle, "vCPU \(index) is destroyed")
         }
@@ -200,7 +200,7 @@ public final class VirtualCPU: @unchecked Sendable {
     }
 
     /// Leaves the privileged mode (the RSM analogue), from the VMM.
-    public func leavePrivileged() throws(NPTError) {
+    package func leavePrivileged() throws(NPTError) {
         try exclusive { () throws(NPTError) in try vm.privileged.leave(self) }
     }
 
@@ -264,7 +264,7 @@ public final class VirtualCPU: @unchecked Sendable {
     }
 
     /// Runs until an exit the core does not handle itself.
-    public func run() throws(NPTError) -> VMExit {
+    package func run() throws(NPTError) -> VMExit {
         try exclusive { () throws(NPTError) in
             defer { vm.privileged.leftGuest(self) }
             pendingRaw = nil
@@ -308,7 +308,7 @@ public final class VirtualCPU: @unchecked Sendable {
     }
 
     /// Runs until the backend's next exit, whatever it is (the QEMU-style loop).
-    public func runRaw() throws(NPTError) -> VMExit {
+    package func runRaw() throws(NPTError) -> VMExit {
         try exclusive { () throws(NPTError) in
             defer { vm.privileged.leftGuest(self) }
             pendingRaw = nil
@@ -322,7 +322,7 @@ public final class VirtualCPU: @unchecked Sendable {
     /// Decides what to do with an exit from `runRaw` and applies it. Only the exit `runRaw`
     /// returned last, once: an exit that did not happen (an escalation out of nowhere, a second
     /// RSM) is refused with `.state` and changes nothing.
-    public func handle(_ exit: inout VMExit) throws(NPTError) -> ExitAction {
+    package func handle(_ exit: inout VMExit) throws(NPTError) -> ExitAction {
         try exclusive { () throws(NPTError) in
             guard let p = pendingRaw else {
                 throw NPTError(.state, "vCPU \(index) has no exit to decide: npt_handle_exit takes the exit the last npt_vcpu_run_raw returned, once")

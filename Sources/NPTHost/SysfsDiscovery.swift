@@ -22,7 +22,7 @@ extension HostPersistence {
     /// Throws `.notFound` when `root` is not a readable directory, and `.invalidArgument` naming the
     /// file and its content when a region's `resource`, `size`, `mappings`, `mappingK` or a DIMM's
     /// `handle` is missing (where required) or malformed.
-    public static func fromSysfs(root: String = defaultSysfsRoot) throws(NPTError) -> HostPersistence {
+    package static func fromSysfs(root: String = defaultSysfsRoot) throws(NPTError) -> HostPersistence {
         guard let names = listDirectory(root) else {
             throw NPTError(.notFound, "sysfs: cannot open directory \(root) (errno \(errno))")
         }
@@ -38,10 +38,10 @@ extension HostPersistence {
     }
 
     /// Where Linux lists libnvdimm devices.
-    public static let defaultSysfsRoot = "/sys/bus/nd/devices"
+    package static let defaultSysfsRoot = "/sys/bus/nd/devices"
 
     /// N for a directory name `region<N>` as the kernel names regions (see `fromSysfs`), else nil.
-    public static func sysfsRegionNumber(_ name: String) -> UInt32? {
+    package static func sysfsRegionNumber(_ name: String) -> UInt32? {
         guard name.hasPrefix("region") else { return nil }
         let digits = name.utf8.dropFirst("region".utf8.count)
         guard let first = digits.first, digits.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }) else {
@@ -52,7 +52,7 @@ extension HostPersistence {
     }
 
     /// The persistence domain a region's `persistence_domain` file names (nil: no such file).
-    public static func sysfsDomain(_ content: String?) -> Domain {
+    package static func sysfsDomain(_ content: String?) -> Domain {
         switch content.map({ String(trimmed($0)) }) {
         case "cpu_cache": return .cpuCache
         case "memory_controller": return .memoryController

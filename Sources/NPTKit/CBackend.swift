@@ -352,12 +352,12 @@ nonisolated(unsafe) let hostAPI: UnsafeMutablePointer<npt_host_api> = {
 }()
 
 /// A plugin's key/value argument (npt_plugin_arg).
-public struct PluginArgument: Sendable, Equatable {
-    public var key: String
-    public var value: String
-    public init(key: String, value: String) { self.key = key; self.value = value }
+package struct PluginArgument: Sendable, Equatable {
+    package var key: String
+    package var value: String
+    package init(key: String, value: String) { self.key = key; self.value = value }
     /// "key=value" (the CLI's --backend-opt); nil without '=' or with an empty key.
-    public init?(parsing text: String) {
+    package init?(parsing text: String) {
         guard let eq = text.firstIndex(of: "="), eq != text.startIndex else { return nil }
         key = String(text[..<eq]); value = String(text[text.index(after: eq)...])
     }

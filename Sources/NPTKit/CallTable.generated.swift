@@ -4,10 +4,10 @@ import CNPTKit
 
 extension CallTable {
     /// NPT_ABI_VERSION_MINOR of the header the table was generated from.
-    public static let headerMinor: UInt32 = 4
+    package static let headerMinor: UInt32 = 4
     /// The first 64 bits of SHA-256 over the functions' declarations: a trace names the table it was recorded with.
-    public static let fingerprint: UInt64 = 0x8555c59b3768f202
-    public static let structs: [CallStruct] = [
+    package static let fingerprint: UInt64 = 0x8555c59b3768f202
+    package static let structs: [CallStruct] = [
         CallStruct(name: "npt_backend_info", size: 40, firstSize: 40, versioned: true, pointers: [CallPointer(kind: .string, offset: 8, lengthOffset: 0), CallPointer(kind: .string, offset: 16, lengthOffset: 0)], timeOffsets: []),
         CallStruct(name: "npt_backend_ops", size: 280, firstSize: 160, versioned: false, pointers: [CallPointer(kind: .string, offset: 8, lengthOffset: 0), CallPointer(kind: .string, offset: 16, lengthOffset: 0)], timeOffsets: []),
         CallStruct(name: "npt_backend_stat", size: 16, firstSize: 16, versioned: false, pointers: [CallPointer(kind: .string, offset: 0, lengthOffset: 0)], timeOffsets: []),
@@ -31,7 +31,7 @@ extension CallTable {
         CallStruct(name: "npt_translation", size: 32, firstSize: 32, versioned: true, pointers: [], timeOffsets: []),
         CallStruct(name: "npt_vm_config", size: 48, firstSize: 40, versioned: true, pointers: [CallPointer(kind: .string, offset: 8, lengthOffset: 0), CallPointer(kind: .string, offset: 40, lengthOffset: 0)], timeOffsets: []),
     ]
-    public static let functions: [CallFunction] = [
+    package static let functions: [CallFunction] = [
         CallFunction(name: "npt_status_string", result: .string, params: [
             CallParam(name: "status", kind: .i32, structIndex: -1, countParam: -1, filledParam: -1),
         ]),
@@ -274,7 +274,7 @@ extension CallTable {
         ]),
     ]
     /// Callback types (parameter C types), for the replayer's libffi closures.
-    public static let callbacks: [String: [String]] = [
+    package static let callbacks: [String: [String]] = [
         "npt_leaf_cb": ["uint64_t", "uint64_t", "uint64_t", "void"],
     ]
 }
@@ -297,7 +297,7 @@ extension npt_translation: NPTVersioned { static var firstPublishedSize: Int { 3
 extension npt_vm_config: NPTVersioned { static var firstPublishedSize: Int { 40 } }
 
 /// One case per exported function, in table order.
-public enum CallID: Int, Sendable {
+package enum CallID: Int, Sendable {
     case npt_status_string = 0
     case npt_last_error = 1
     case npt_abi_version = 2

@@ -9,7 +9,7 @@ import Glibc
 
 /// How the tracer records a parameter and the replayer rebuilds it (scripts/gen-call-table.py
 /// classifies every parameter of the header into one of these).
-public enum CallParamKind: UInt8, Sendable {
+package enum CallParamKind: UInt8, Sendable {
     case u32, i32, u64, i64, size          // by value
     case handle                            // npt_context / npt_vm / npt_vcpu *: a stable id
     case handleOut                         // T **: the handle the call made
@@ -27,43 +27,43 @@ public enum CallParamKind: UInt8, Sendable {
     case opsTable                          // npt_backend_ops: the functions' names (not replayable)
 }
 
-public enum CallResultKind: UInt8, Sendable { case status, string, u32 }
+package enum CallResultKind: UInt8, Sendable { case status, string, u32 }
 
-public struct CallPointer: Sendable {
-    public enum Kind: UInt8, Sendable { case string, bytes }
-    public let kind: Kind
-    public let offset: Int
+package struct CallPointer: Sendable {
+    package enum Kind: UInt8, Sendable { case string, bytes }
+    package let kind: Kind
+    package let offset: Int
     /// For `.bytes`: the offset of its size_t length member.
-    public let lengthOffset: Int
+    package let lengthOffset: Int
 }
 
-public struct CallStruct: Sendable {
-    public let name: String
-    public let size: Int
+package struct CallStruct: Sendable {
+    package let name: String
+    package let size: Int
     /// Its size in the oldest published header that has it (Tests/C/abi/*): the smallest `size` accepted.
-    public let firstSize: Int
+    package let firstSize: Int
     /// Starts with `uint32_t size`.
-    public let versioned: Bool
-    public let pointers: [CallPointer]
+    package let versioned: Bool
+    package let pointers: [CallPointer]
     /// Offsets of its uint64_t durations (members named *_ns*): not compared on replay.
-    public let timeOffsets: [Int]
+    package let timeOffsets: [Int]
 }
 
-public struct CallParam: Sendable {
-    public let name: String
-    public let kind: CallParamKind
-    public let structIndex: Int
-    public let countParam: Int
-    public let filledParam: Int
+package struct CallParam: Sendable {
+    package let name: String
+    package let kind: CallParamKind
+    package let structIndex: Int
+    package let countParam: Int
+    package let filledParam: Int
 }
 
-public struct CallFunction: Sendable {
-    public let name: String
-    public let result: CallResultKind
-    public let params: [CallParam]
+package struct CallFunction: Sendable {
+    package let name: String
+    package let result: CallResultKind
+    package let params: [CallParam]
 }
 
-public enum CallTable {}
+package enum CallTable {}
 
 // MARK: the trace file
 
@@ -73,14 +73,14 @@ public enum CallTable {}
 ///            parameter its input, then for every parameter its output, then the result string
 ///            (string results) and the npt_last_error() of a failed call
 ///   blob   = u32 length (0xFFFFFFFF: NULL pointer) + bytes; a string is a blob without its NUL
-public enum CallTraceFormat {
-    public static let magic: [UInt8] = Array("NPTCALLS".utf8)
-    public static let version: UInt32 = 1
-    public static let headerSize = 24
-    public static let recordHeaderSize = 16
-    public static let absent: UInt32 = 0xFFFF_FFFF
+package enum CallTraceFormat {
+    package static let magic: [UInt8] = Array("NPTCALLS".utf8)
+    package static let version: UInt32 = 1
+    package static let headerSize = 24
+    package static let recordHeaderSize = 16
+    package static let absent: UInt32 = 0xFFFF_FFFF
     /// The most bytes recorded of one buffer or struct (a larger one is a caller error the library refuses anyway).
-    public static let maxBlob = 1 << 30
+    package static let maxBlob = 1 << 30
 }
 
 /// Appends the encoding of one record.

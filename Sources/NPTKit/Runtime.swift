@@ -4,9 +4,9 @@ import Synchronization
 
 /// Swift entry points for tools linked with this module (the CLI): the same registry setup and
 /// plugin loading that the C ABI uses.
-public enum NPTKitRuntime {
+package enum NPTKitRuntime {
     /// A registry with the built-in simulator as the default backend.
-    public static func makeRegistry() -> BackendRegistry { makeRegistryWithSimulator().registry }
+    package static func makeRegistry() -> BackendRegistry { makeRegistryWithSimulator().registry }
 
     static func makeRegistryWithSimulator() -> (registry: BackendRegistry, simulator: SimulatorBackend) {
         let r = BackendRegistry()
@@ -21,7 +21,7 @@ public enum NPTKitRuntime {
     /// Creates a VM as `npt_vm_create` does, with a handle, so that C-table backends and plugins
     /// (which reach the core through the host API by that handle) work from Swift too. Destroy it
     /// with `destroyVM`.
-    public static func makeVM(config: VMConfig, registry: BackendRegistry) throws(NPTError) -> VirtualMachine {
+    package static func makeVM(config: VMConfig, registry: BackendRegistry) throws(NPTError) -> VirtualMachine {
         let h = Handles.reserve()
         let vm: VirtualMachine
         do { vm = try VirtualMachine(config: config, registry: registry, handle: UnsafeMutableRawPointer(h)) } catch {
@@ -34,7 +34,7 @@ public enum NPTKitRuntime {
     }
 
     /// Destroys a VM made by `makeVM` and releases its handle.
-    public static func destroyVM(_ vm: VirtualMachine) throws(NPTError) {
+    package static func destroyVM(_ vm: VirtualMachine) throws(NPTError) {
         try vm.destroy()
         if let h = vmHandles.withLock({ $0.removeValue(forKey: ObjectIdentifier(vm)) }) {
             Handles.remove(OpaquePointer(bitPattern: h)!)
@@ -44,7 +44,7 @@ public enum NPTKitRuntime {
     /// Loads a backend plugin (.so) into `registry`, giving it `arguments` (plugin interface 2:
     /// npt_plugin_init; a plugin of interface 1 takes none); returns the backend's name.
     @discardableResult
-    public static func loadPlugin(_ path: String, arguments: [PluginArgument] = [], into registry: BackendRegistry) throws(NPTError) -> String {
+    package static func loadPlugin(_ path: String, arguments: [PluginArgument] = [], into registry: BackendRegistry) throws(NPTError) -> String {
         let b = try PluginLoader.load(path, arguments: arguments)
         try registry.register(b)
         return b.name
@@ -52,7 +52,7 @@ public enum NPTKitRuntime {
 
     /// Starts recording every npt_ call of this process into `path` (the call-trace format of
     /// `nptkit-cli replay-calls`), as NPTKIT_CALL_TRACE does from the first call; `bench` uses it.
-    public static func startCallTrace(path: String) throws(NPTError) { try CallTrace.start(path: path) }
+    package static func startCallTrace(path: String) throws(NPTError) { try CallTrace.start(path: path) }
     /// Writes the trace out and stops recording.
-    public static func stopCallTrace() { CallTrace.stop() }
+    package static func stopCallTrace() { CallTrace.stop() }
 }

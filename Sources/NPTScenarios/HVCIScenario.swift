@@ -5,27 +5,27 @@ import NPTCore
 /// know about it: where things are, the labelled policy, how it starts, the two attacks and the
 /// attacker's writes of the entry attack, and what this image cannot do like the others (`notes`).
 /// The guest follows the protocol HVCI_* of `Guests/include/scenario_protocol.h`.
-public struct HVCIImage: ScenarioImage {
-    public struct Attack: Sendable, Equatable {
-        public var what: String
+package struct HVCIImage: ScenarioImage {
+    package struct Attack: Sendable, Equatable {
+        package var what: String
         /// The linear address the attack fetches (the fault's rip the guest kernel reports).
-        public var linear: UInt64
+        package var linear: UInt64
         /// The label of the policy range it lands in.
-        public var target: String
+        package var target: String
     }
-    public var guest: GuestSetup
+    package var guest: GuestSetup
     /// The kernel's entry state (the driver adds HVCI_REG_CALLS and HVCI_REG_ATTACKS).
-    public var boot: Registers
-    public var guestSMEP: Bool
+    package var boot: Registers
+    package var guestSMEP: Bool
     /// User to driver page, then kernel to the user JIT page through its kernel alias.
-    public var attacks: [Attack]
+    package var attacks: [Attack]
     /// The entry attack: the attacker's kernel data writes, made before the guest starts.
-    public var entryAttackWrites: [MemoryWrite]
+    package var entryAttackWrites: [MemoryWrite]
     /// How the kernel is entered at the alias, in words.
-    public var entryAttackPath: String
+    package var entryAttackPath: String
 
     /// The memory with the entry attack's writes made.
-    public var attackedMemory: GuestImage {
+    package var attackedMemory: GuestImage {
         var m = guest.memory
         for w in entryAttackWrites { m.write(w.gpa, w.bytes) }
         return m
@@ -41,47 +41,47 @@ public struct HVCIImage: ScenarioImage {
 /// After each reported violation the VMM injects #VE; the guest kernel's handler reports the vector
 /// and the faulting rip and resumes the user process. One driver for every backend: the image is
 /// chosen by the VM's guest ISA.
-public struct HVCIScenario: Sendable {
-    public static let name = "HVCI-like MBEC"
+package struct HVCIScenario: Sendable {
+    package static let name = "HVCI-like MBEC"
     /// Labels of the policy ranges (the same in every image).
-    public enum Label {
-        public static let kernelCode = "kernel code"
-        public static let driver = "driver page (also mapped at a user-mode address)"
-        public static let userCode = "user code"
-        public static let userStack = "user stack"
-        public static let jit = "user JIT page (also at a kernel direct-map address)"
+    package enum Label {
+        package static let kernelCode = "kernel code"
+        package static let driver = "driver page (also mapped at a user-mode address)"
+        package static let userCode = "user code"
+        package static let userStack = "user stack"
+        package static let jit = "user JIT page (also at a kernel direct-map address)"
     }
 
     /// The protocol's ports (HVCI_PORT_* of scenario_protocol.h).
-    public enum Port {
-        public static let print = UInt32(HVCI_PORT_PRINT)
-        public static let pwned = UInt32(HVCI_PORT_PWNED)
-        public static let faultVector = UInt32(HVCI_PORT_FAULT_VECTOR)
-        public static let faultRIP = UInt32(HVCI_PORT_FAULT_RIP)
+    package enum Port {
+        package static let print = UInt32(HVCI_PORT_PRINT)
+        package static let pwned = UInt32(HVCI_PORT_PWNED)
+        package static let faultVector = UInt32(HVCI_PORT_FAULT_VECTOR)
+        package static let faultRIP = UInt32(HVCI_PORT_FAULT_RIP)
     }
 
-    public var syscalls: Int
+    package var syscalls: Int
     /// Whether the user process makes the two attacks after its system calls.
-    public var attacks: Bool
-    public init(syscalls: Int = 10, attacks: Bool = true) { self.syscalls = syscalls; self.attacks = attacks }
+    package var attacks: Bool
+    package init(syscalls: Int = 10, attacks: Bool = true) { self.syscalls = syscalls; self.attacks = attacks }
 
     /// The image for guest ISA `isa`.
-    public static func image(for isa: GuestISA) throws(NPTError) -> HVCIImage {
+    package static func image(for isa: GuestISA) throws(NPTError) -> HVCIImage {
         try Scenarios.image(name, for: isa, simulator: HVCISim.image, x86_64: HVCIX86.image)
     }
 
-    public struct Outcome: Sendable, Equatable {
+    package struct Outcome: Sendable, Equatable {
         /// The write calls' arguments, as the kernel printed them.
-        public var printed: [UInt64] = []
+        package var printed: [UInt64] = []
         /// The reported MBEC violations (each then injected as #VE).
-        public var violations: [VMExit] = []
+        package var violations: [VMExit] = []
         /// The faults the guest kernel's handler reported: vector and rip.
-        public var faultsSeenByGuest: [(vector: UInt64, rip: UInt64)] = []
+        package var faultsSeenByGuest: [(vector: UInt64, rip: UInt64)] = []
         /// Payloads that ran.
-        public var attacksSucceeded = 0
-        public var halted = false
-        public init() {}
-        public static func == (a: Outcome, b: Outcome) -> Bool {
+        package var attacksSucceeded = 0
+        package var halted = false
+        package init() {}
+        package static func == (a: Outcome, b: Outcome) -> Bool {
             a.printed == b.printed && a.violations == b.violations && a.attacksSucceeded == b.attacksSucceeded
                 && a.halted == b.halted && a.faultsSeenByGuest.map(\.vector) == b.faultsSeenByGuest.map(\.vector)
                 && a.faultsSeenByGuest.map(\.rip) == b.faultsSeenByGuest.map(\.rip)
@@ -89,7 +89,7 @@ public struct HVCIScenario: Sendable {
     }
 
     /// The entry registers of the scenario: the image's boot state with the protocol's parameters.
-    public func bootRegisters(_ image: HVCIImage) -> Registers {
+    package func bootRegisters(_ image: HVCIImage) -> Registers {
         var r = image.boot
         r.gpr[Int(HVCI_REG_CALLS)] = UInt64(syscalls)
         r.gpr[Int(HVCI_REG_ATTACKS)] = attacks ? 1 : 0
@@ -98,7 +98,7 @@ public struct HVCIScenario: Sendable {
 
     /// Loads the scenario into `vm` (its image chosen by the VM's guest ISA; `policy` replaces the
     /// image's) and creates vCPU `index`, its registers set.
-    public func prepare(_ vm: VirtualMachine, index: UInt32 = 0, policy: [PolicyRange]? = nil) throws(NPTError) -> VirtualCPU {
+    package func prepare(_ vm: VirtualMachine, index: UInt32 = 0, policy: [PolicyRange]? = nil) throws(NPTError) -> VirtualCPU {
         let image = try HVCIScenario.image(for: vm.guestISA)
         try Scenarios.load(vm, memory: image.memory, policy: policy ?? image.policy.ranges)
         let cpu = try vm.makeVCPU(index: index)
@@ -107,13 +107,13 @@ public struct HVCIScenario: Sendable {
     }
 
     /// Loads the scenario into `vm` and runs it on vCPU `index` (`prepare`, then `drive`).
-    public func run(on vm: VirtualMachine, index: UInt32 = 0, policy: [PolicyRange]? = nil) throws(NPTError) -> Outcome {
+    package func run(on vm: VirtualMachine, index: UInt32 = 0, policy: [PolicyRange]? = nil) throws(NPTError) -> Outcome {
         try HVCIScenario.drive(try prepare(vm, index: index, policy: policy))
     }
 
     /// Runs a prepared vCPU with the library's loop until the guest halts; a reported violation is
     /// injected into the guest as #VE, as a VMM would.
-    public static func drive(_ cpu: VirtualCPU, maxExits: Int = 1_000_000) throws(NPTError) -> Outcome {
+    package static func drive(_ cpu: VirtualCPU, maxExits: Int = 1_000_000) throws(NPTError) -> Outcome {
         let index = cpu.index
         var o = Outcome()
         var vector: UInt64?
@@ -147,7 +147,7 @@ public struct HVCIScenario: Sendable {
 
     /// Runs the scenario on a VM of `host` in `mode` (`policy` transforms the image's); returns the
     /// outcome and the VM's statistics.
-    public func run(host: ScenarioHost, mode: VMConfig.MBECMode,
+    package func run(host: ScenarioHost, mode: VMConfig.MBECMode,
                     policy: (([PolicyRange]) -> [PolicyRange])? = nil) throws -> (Outcome, VMStatistics) {
         let image = try HVCIScenario.image(for: host.guestISA)
         return try host.withVM(image.config(mode: mode)) { vm in
@@ -164,10 +164,10 @@ public struct HVCIScenario: Sendable {
 /// system call: the kernel is entered straight at the alias. Hardware MBEC refuses that fetch (a
 /// supervisor-mode address needs Xs); the emulation stops it where it sees the entry (exact and lazy
 /// modes: the escalation exit); violation-only mode does not (its named gap).
-public struct EntryAttackScenario: Sendable {
-    public static let name = "ret2dir through the kernel's entry"
+package struct EntryAttackScenario: Sendable {
+    package static let name = "ret2dir through the kernel's entry"
 
-    public enum Outcome: Sendable, Equatable {
+    package enum Outcome: Sendable, Equatable {
         /// The kernel's first fetch at the alias was reported as an MBEC violation.
         case stopped(VMExit)
         /// The JIT page's payload ran in the kernel.
@@ -176,10 +176,10 @@ public struct EntryAttackScenario: Sendable {
         case refused(NPTError)
     }
 
-    public init() {}
+    package init() {}
 
     /// Loads the attacked image into `vm` and runs it (one system call) on vCPU `index`.
-    public func run(on vm: VirtualMachine, index: UInt32 = 0) throws(NPTError) -> Outcome {
+    package func run(on vm: VirtualMachine, index: UInt32 = 0) throws(NPTError) -> Outcome {
         let image = try HVCIScenario.image(for: vm.guestISA)
         try Scenarios.load(vm, memory: image.attackedMemory, policy: image.policy.ranges)
         let cpu = try vm.makeVCPU(index: index)
@@ -188,7 +188,7 @@ public struct EntryAttackScenario: Sendable {
     }
 
     /// Runs `cpu` until the attack ran or was reported.
-    public static func finish(_ cpu: VirtualCPU, maxExits: Int = 100_000) throws(NPTError) -> Outcome {
+    package static func finish(_ cpu: VirtualCPU, maxExits: Int = 100_000) throws(NPTError) -> Outcome {
         for _ in 0..<maxExits {
             let x = try cpu.run()
             switch x.reason {
@@ -203,7 +203,7 @@ public struct EntryAttackScenario: Sendable {
 
     /// The attack on a VM of `host` in `mode`: refused (the VM's creation says why), stopped or ran;
     /// with the VM's statistics when it ran at all.
-    public func run(host: ScenarioHost, mode: VMConfig.MBECMode) throws -> (Outcome, VMStatistics?) {
+    package func run(host: ScenarioHost, mode: VMConfig.MBECMode) throws -> (Outcome, VMStatistics?) {
         let image = try HVCIScenario.image(for: host.guestISA)
         let vm: VirtualMachine
         do { vm = try host.makeVM(image.config(mode: mode)) } catch where error.code == .guarantee {
@@ -216,7 +216,7 @@ public struct EntryAttackScenario: Sendable {
 
     /// Whether an outcome keeps `mode`'s promise: exact and lazy stop the attack (or are refused),
     /// violation-only names it as its gap (it runs, or is refused).
-    public static func keepsPromise(_ o: Outcome, mode: VMConfig.MBECMode) -> Bool {
+    package static func keepsPromise(_ o: Outcome, mode: VMConfig.MBECMode) -> Bool {
         switch (o, mode) {
         case (.refused, _): true
         case (.stopped, .exact), (.stopped, .lazy): true

@@ -4,29 +4,29 @@ import NPTSimulator
 
 /// A guest image of the NVDIMM durability scenario for one guest ISA (protocol NVDIMM_* of
 /// `Guests/include/scenario_protocol.h`).
-public struct NVDIMMImage: ScenarioImage {
-    public var guest: GuestSetup
+package struct NVDIMMImage: ScenarioImage {
+    package var guest: GuestSetup
     /// A vCPU's state at entry (the driver sets rip and the protocol's registers).
-    public var entry: Registers
+    package var entry: Registers
     /// The durable records only; the records then the tail.
-    public var loopEntry: UInt64
-    public var tailEntry: UInt64
+    package var loopEntry: UInt64
+    package var tailEntry: UInt64
     /// Where the guest's paging lets it reach the NVDIMM range.
-    public var nvdimmGPA: UInt64
-    public var nvdimmSize: UInt64
+    package var nvdimmGPA: UInt64
+    package var nvdimmSize: UInt64
     /// The write-back instruction the guest uses.
-    public var writeBack: String
+    package var writeBack: String
 }
 
 /// A backend whose persistent memory is a model the scenario can watch (every persistence event,
 /// and what a power failure would leave at each): the crash checker runs on it. Others do not
 /// expose one; the outcome says so.
-public protocol ObservablePersistence: Backend {
+package protocol ObservablePersistence: Backend {
     var persistenceModel: PersistentPlatform { get }
 }
 
 extension SimulatorBackend: ObservablePersistence {
-    public var persistenceModel: PersistentPlatform { platform }
+    package var persistenceModel: PersistentPlatform { platform }
 }
 
 /// The NVDIMM durability scenario: each of `cpus` vCPUs appends `records` records {magic, i} to its
@@ -37,41 +37,41 @@ extension SimulatorBackend: ObservablePersistence {
 /// records read back, and, where the backend models one, a power failure and what survived it
 /// (and, where the backend exposes its persistence model, a crash checker that treats every
 /// persistence event as a possible power failure). One driver for every backend.
-public struct NVDIMMScenario: Sendable {
-    public static let name = "NVDIMM durability"
+package struct NVDIMMScenario: Sendable {
+    package static let name = "NVDIMM durability"
     /// Each vCPU's log: this far from the previous one.
-    public static let logStride: UInt64 = 0x4000
+    package static let logStride: UInt64 = 0x4000
 
     /// The protocol's ports and record (NVDIMM_* of scenario_protocol.h).
-    public enum Port {
-        public static let durable = NVDIMM_PORT_DURABLE
-        public static let storedOnly = NVDIMM_PORT_STORED_ONLY
-        public static let fencedOnly = NVDIMM_PORT_FENCED_ONLY
+    package enum Port {
+        package static let durable = NVDIMM_PORT_DURABLE
+        package static let storedOnly = NVDIMM_PORT_STORED_ONLY
+        package static let fencedOnly = NVDIMM_PORT_FENCED_ONLY
     }
-    public static let recordMagic = UInt64(NVDIMM_RECORD_MAGIC)
+    package static let recordMagic = UInt64(NVDIMM_RECORD_MAGIC)
 
     /// Which kind of host region backs the range.
-    public var needsWPQFlush: Bool
+    package var needsWPQFlush: Bool
     /// The flush options to set (nil: the VM's own).
-    public var options: FlushOptions?
-    public var cpus: Int
-    public var records: Int
-    public var tail: Bool
+    package var options: FlushOptions?
+    package var cpus: Int
+    package var records: Int
+    package var tail: Bool
     /// Where the logs start in the range (a backend whose media outlives the VM: use fresh lines).
-    public var logOffset: UInt64
+    package var logOffset: UInt64
 
-    public init(needsWPQFlush: Bool = true, options: FlushOptions? = nil, cpus: Int = 1, records: Int = 4,
+    package init(needsWPQFlush: Bool = true, options: FlushOptions? = nil, cpus: Int = 1, records: Int = 4,
                 tail: Bool = true, logOffset: UInt64 = 0) {
         self.needsWPQFlush = needsWPQFlush; self.options = options; self.cpus = cpus; self.records = records
         self.tail = tail; self.logOffset = logOffset
     }
 
-    public static func image(for isa: GuestISA) throws(NPTError) -> NVDIMMImage {
+    package static func image(for isa: GuestISA) throws(NPTError) -> NVDIMMImage {
         try Scenarios.image(name, for: isa, simulator: NVDIMMSim.image, x86_64: NVDIMMX86.image)
     }
 
     /// The first host region of the kind asked for.
-    public static func hostRegion(_ vm: VirtualMachine, needsWPQFlush: Bool) throws(NPTError) -> HostPersistence.Region {
+    package static func hostRegion(_ vm: VirtualMachine, needsWPQFlush: Bool) throws(NPTError) -> HostPersistence.Region {
         guard let r = try vm.hostPersistence().regions.first(where: { $0.needsWPQFlush == needsWPQFlush }) else {
             throw NPTError(.unsupported, "backend '\(vm.backend.name)' offers no host persistent-memory region that "
                            + (needsWPQFlush ? "needs" : "does not need") + " WPQ flushing")
@@ -81,13 +81,13 @@ public struct NVDIMMScenario: Sendable {
 
     func log(_ image: NVDIMMImage, cpu: Int) -> UInt64 { image.nvdimmGPA + logOffset + UInt64(cpu) * NVDIMMScenario.logStride }
     /// Where vCPU `cpu` writes its record `k`.
-    public func recordGPA(_ image: NVDIMMImage, cpu: Int, _ k: Int) -> UInt64 {
+    package func recordGPA(_ image: NVDIMMImage, cpu: Int, _ k: Int) -> UInt64 {
         log(image, cpu: cpu) + UInt64(k) * UInt64(NVDIMM_RECORD_STRIDE)
     }
 
     /// Adds the NVDIMM range (backed by the host region asked for), loads the image and creates the
     /// vCPUs, their registers set.
-    public func setUp(_ vm: VirtualMachine) throws(NPTError) -> [VirtualCPU] {
+    package func setUp(_ vm: VirtualMachine) throws(NPTError) -> [VirtualCPU] {
         let image = try NVDIMMScenario.image(for: vm.guestISA)
         let needed = logOffset + UInt64(cpus) * NVDIMMScenario.logStride
         guard records >= 1, UInt64(records + 2) * UInt64(NVDIMM_RECORD_STRIDE) <= NVDIMMScenario.logStride, needed <= image.nvdimmSize else {
@@ -116,7 +116,7 @@ public struct NVDIMMScenario: Sendable {
 
     /// Runs `v` until HLT; returns the (port, value) pairs it reported.
     @discardableResult
-    public static func runToHalt(_ v: VirtualCPU) throws(NPTError) -> [(port: Int32, value: UInt64)] {
+    package static func runToHalt(_ v: VirtualCPU) throws(NPTError) -> [(port: Int32, value: UInt64)] {
         var out: [(port: Int32, value: UInt64)] = []
         while true {
             let x = try v.run()
@@ -129,30 +129,30 @@ public struct NVDIMMScenario: Sendable {
         }
     }
 
-    public struct Outcome: Sendable {
-        public var region = HostPersistence.Region(id: 0, base: 0, size: 0)
-        public var trapped = false
-        public var stats = FlushStatistics()
-        public var records = 0
+    package struct Outcome: Sendable {
+        package var region = HostPersistence.Region(id: 0, base: 0, size: 0)
+        package var trapped = false
+        package var stats = FlushStatistics()
+        package var records = 0
         /// Records announced durable, and the tail's records announced (every vCPU together).
-        public var durableAnnounced = 0
-        public var storedOnlyAnnounced = 0
-        public var fencedOnlyAnnounced = 0
+        package var durableAnnounced = 0
+        package var storedOnlyAnnounced = 0
+        package var fencedOnlyAnnounced = 0
         /// Record lines that held their record before the guest ran (then the read-back proves nothing).
-        public var stale = 0
+        package var stale = 0
         /// Durable records intact, read through the VM after the run.
-        public var readBack = 0
+        package var readBack = 0
         /// Whether the backend models a power failure; then what survived it.
-        public var powerFailureModelled = false
-        public var survived = 0
-        public var storedOnlySurvived = 0
-        public var fencedOnlySurvived = 0
+        package var powerFailureModelled = false
+        package var survived = 0
+        package var storedOnlySurvived = 0
+        package var fencedOnlySurvived = 0
         /// The crash checker's report, where the backend exposes its persistence model.
-        public var crash: CrashChecker.Report?
+        package var crash: CrashChecker.Report?
     }
 
     /// Whether the VM sees vCPU `cpu`'s record `k` intact.
-    public func holdsRecord(_ vm: VirtualMachine, cpu: Int, _ k: Int) throws(NPTError) -> Bool {
+    package func holdsRecord(_ vm: VirtualMachine, cpu: Int, _ k: Int) throws(NPTError) -> Bool {
         try intact(vm, try NVDIMMScenario.image(for: vm.guestISA), cpu: cpu, k)
     }
 
@@ -171,7 +171,7 @@ public struct NVDIMMScenario: Sendable {
     }
 
     /// Runs the scenario on `vm` (a backend with NPT_CAP_PERSISTENT_MEMORY), one vCPU after the other.
-    public func run(on vm: VirtualMachine) throws(NPTError) -> Outcome {
+    package func run(on vm: VirtualMachine) throws(NPTError) -> Outcome {
         let image = try NVDIMMScenario.image(for: vm.guestISA)
         var o = Outcome()
         o.records = cpus * records
@@ -210,7 +210,7 @@ public struct NVDIMMScenario: Sendable {
     }
 
     /// Runs the scenario on a VM of `host` in `mode`.
-    public func run(host: ScenarioHost, mode: VMConfig.MBECMode) throws -> Outcome {
+    package func run(host: ScenarioHost, mode: VMConfig.MBECMode) throws -> Outcome {
         let image = try NVDIMMScenario.image(for: host.guestISA)
         return try host.withVM(image.config(mode: mode)) { vm in try run(on: vm) }
     }

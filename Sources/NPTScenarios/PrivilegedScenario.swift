@@ -8,31 +8,31 @@ import NPTHost
 
 /// A guest image of the privileged-mode scenario for one guest ISA (protocol PRIV_* of
 /// `Guests/include/scenario_protocol.h`).
-public struct PrivilegedImage: ScenarioImage {
-    public struct Region: Sendable {
-        public var start: UInt64
-        public var size: UInt64
-        public var contents: [UInt8]
-        public var entryOffset: UInt64
+package struct PrivilegedImage: ScenarioImage {
+    package struct Region: Sendable {
+        package var start: UInt64
+        package var size: UInt64
+        package var contents: [UInt8]
+        package var entryOffset: UInt64
         /// Where in the region the handler keeps its entry count.
-        public var countOffset: UInt64
+        package var countOffset: UInt64
     }
-    public var guest: GuestSetup
+    package var guest: GuestSetup
     /// A vCPU's state at the loop's entry (the driver adds PRIV_REG_HEARTBEAT).
-    public var loopEntry: Registers
+    package var loopEntry: Registers
     /// The heartbeat of vCPU i is at heartbeats + i * heartbeatStride (heartbeatStride bytes).
-    public var heartbeats: UInt64
-    public var heartbeatStride: UInt64
+    package var heartbeats: UInt64
+    package var heartbeatStride: UInt64
     /// How many heartbeats the handler sums (the most vCPUs the image serves).
-    public var maxCPUs: Int
-    public var region: Region
+    package var maxCPUs: Int
+    package var region: Region
     /// Where a blocked probe exits to the VMM (the simulator: an EPT violation on the absent
     /// region), how the VMM completes it: the probe's length and the register that reads all ones.
     /// nil: a probe never exits (KVM answers a read of a GPA without memory with all ones).
-    public var probeCompletion: (length: UInt64, register: Int)?
+    package var probeCompletion: (length: UInt64, register: Int)?
     /// The register holding the address the loop probes, where the image takes it from one (so a
     /// benchmark can point it at RAM); nil: fixed in the image.
-    public var probeAddressRegister: Int?
+    package var probeAddressRegister: Int?
 }
 
 /// The privileged-mode (SMM-like) scenario: `cpus` vCPUs on real threads run a loop that bumps
@@ -42,30 +42,30 @@ public struct PrivilegedImage: ScenarioImage {
 /// each from a thread of its own. The region's handler sums every heartbeat, spins, sums again (a
 /// difference means a CPU outside the mode ran while the region was visible), counts its entry in
 /// region memory and executes RSM. One driver for every backend.
-public struct PrivilegedScenario: Sendable {
-    public static let name = "privileged mode"
+package struct PrivilegedScenario: Sendable {
+    package static let name = "privileged mode"
 
-    public var cpus: Int
-    public var requests: Int
-    public var bursts: Int
-    public var seed: UInt64
+    package var cpus: Int
+    package var requests: Int
+    package var bursts: Int
+    package var seed: UInt64
     /// Pause between two of the `requests` (0: as fast as possible).
-    public var pauseNanos: UInt64
-    public var stopTimeoutNanos: UInt64
+    package var pauseNanos: UInt64
+    package var stopTimeoutNanos: UInt64
     /// How long the driver waits for the requests to be served.
-    public var serveTimeoutNanos: UInt64
+    package var serveTimeoutNanos: UInt64
     /// false: the loop probes RAM instead of the region (no probe exits; an image whose probe
     /// target is fixed refuses).
-    public var probeRegion: Bool
+    package var probeRegion: Bool
 
-    public init(cpus: Int, requests: Int, bursts: Int = 0, seed: UInt64 = 1, pauseNanos: UInt64 = 0,
+    package init(cpus: Int, requests: Int, bursts: Int = 0, seed: UInt64 = 1, pauseNanos: UInt64 = 0,
                 stopTimeoutNanos: UInt64 = 10_000_000_000, serveTimeoutNanos: UInt64 = 60_000_000_000, probeRegion: Bool = true) {
         self.cpus = cpus; self.requests = requests; self.bursts = bursts; self.seed = seed; self.pauseNanos = pauseNanos
         self.stopTimeoutNanos = stopTimeoutNanos; self.serveTimeoutNanos = serveTimeoutNanos; self.probeRegion = probeRegion
     }
 
     /// The image for `isa`, serving `cpus` vCPUs.
-    public static func image(for isa: GuestISA, cpus: Int) throws(NPTError) -> PrivilegedImage {
+    package static func image(for isa: GuestISA, cpus: Int) throws(NPTError) -> PrivilegedImage {
         let image = try Scenarios.image(name, for: isa, simulator: PrivilegedSim.image(cpus: cpus), x86_64: PrivilegedX86.image)
         guard cpus >= 1 && cpus <= image.maxCPUs else {
             throw NPTError(.invalidArgument, "scenario '\(name)': \(cpus) vCPUs; its \(isa) image serves 1 to \(image.maxCPUs)")
@@ -73,37 +73,37 @@ public struct PrivilegedScenario: Sendable {
         return image
     }
 
-    public struct Outcome: Sendable {
+    package struct Outcome: Sendable {
         /// Probes that read anything but all ones (the region leaked to a vCPU outside the mode).
-        public var leaks = 0
+        package var leaks = 0
         /// Handler entries that saw the heartbeats move.
-        public var movedWhileVisible = 0
+        package var movedWhileVisible = 0
         /// Handler entries whose r0 was not the entering vCPU's index.
-        public var wrongIndex = 0
-        public var handlerCounts: [UInt64] = []
-        public var heartbeatOUTs = 0
+        package var wrongIndex = 0
+        package var handlerCounts: [UInt64] = []
+        package var heartbeatOUTs = 0
         /// Probes made (one per loop iteration: the heartbeats' sum in RAM), and those blocked.
-        public var probes: UInt64 = 0
-        public var probesBlocked: UInt64 = 0
-        public var heartbeats: [UInt64] = []
-        public var failures = 0
-        public var stats = PrivilegedStatistics()
-        public var records: [PrivilegedEntryRecord] = []
+        package var probes: UInt64 = 0
+        package var probesBlocked: UInt64 = 0
+        package var heartbeats: [UInt64] = []
+        package var failures = 0
+        package var stats = PrivilegedStatistics()
+        package var records: [PrivilegedEntryRecord] = []
         /// Instructions run outside the mode while the region was visible, where the backend counts
         /// instructions (`instructionsCounted`).
-        public var outsideWhileVisible: UInt64 = 0
-        public var instructionsCounted = false
+        package var outsideWhileVisible: UInt64 = 0
+        package var instructionsCounted = false
         /// The backend's own statistics of the VM at the end (npt_vm_backend_stats; [] where it keeps none).
-        public var backendStatistics: [BackendStatistic] = []
-        public var finalState = PMState(cpus: 0)
+        package var backendStatistics: [BackendStatistic] = []
+        package var finalState = PMState(cpus: 0)
         /// The region is in no hierarchy once the requests were served.
-        public var regionAbsentAfter = false
-        public var requested = 0
-        public var wallNanos: UInt64 = 0
+        package var regionAbsentAfter = false
+        package var requested = 0
+        package var wallNanos: UInt64 = 0
     }
 
     /// Builds the VM's guest and region; returns the vCPUs with their registers set.
-    public func prepare(_ vm: VirtualMachine) throws(NPTError) -> [VirtualCPU] {
+    package func prepare(_ vm: VirtualMachine) throws(NPTError) -> [VirtualCPU] {
         let image = try PrivilegedScenario.image(for: vm.guestISA, cpus: cpus)
         if !probeRegion && image.probeAddressRegister == nil {
             throw NPTError(.unsupported, "scenario '\(PrivilegedScenario.name)': the \(image.isa) image's probe target is fixed in the image")
@@ -168,7 +168,7 @@ public struct PrivilegedScenario: Sendable {
     }
 
     /// Runs the scenario on `vm` (a backend with NPT_CAP_PRIVILEGED_MODE).
-    public func run(on vm: VirtualMachine) throws(NPTError) -> Outcome {
+    package func run(on vm: VirtualMachine) throws(NPTError) -> Outcome {
         let image = try PrivilegedScenario.image(for: vm.guestISA, cpus: cpus)
         let vcpus = try prepare(vm)
         let done = Atomic<Bool>(false)
@@ -256,7 +256,7 @@ public struct PrivilegedScenario: Sendable {
     }
 
     /// Runs the scenario on a VM of `host` in `mode`.
-    public func run(host: ScenarioHost, mode: VMConfig.MBECMode) throws -> Outcome {
+    package func run(host: ScenarioHost, mode: VMConfig.MBECMode) throws -> Outcome {
         let image = try PrivilegedScenario.image(for: host.guestISA, cpus: cpus)
         return try host.withVM(image.config(mode: mode)) { vm in try run(on: vm) }
     }

@@ -8,14 +8,14 @@ import NPTCore
 /// A backend reached through the C ABI (a plugin) needs its VMs made with a handle
 /// (`NPTKitRuntime.makeVM` / `destroyVM`): pass those; the default makes a plain `VirtualMachine`
 /// (Swift backends such as the simulator).
-public struct ScenarioHost: Sendable {
-    public let registry: BackendRegistry
-    public let backend: any Backend
+package struct ScenarioHost: Sendable {
+    package let registry: BackendRegistry
+    package let backend: any Backend
     private let make: @Sendable (VMConfig, BackendRegistry) throws(NPTError) -> VirtualMachine
     private let destroy: @Sendable (VirtualMachine) throws(NPTError) -> Void
 
     /// `backendName` nil: the registry's default backend.
-    public init(registry: BackendRegistry, backendName: String? = nil,
+    package init(registry: BackendRegistry, backendName: String? = nil,
                 makeVM: @escaping @Sendable (VMConfig, BackendRegistry) throws(NPTError) -> VirtualMachine = { c, r throws(NPTError) in
                     try VirtualMachine(config: c, registry: r)
                 },
@@ -27,26 +27,26 @@ public struct ScenarioHost: Sendable {
     }
 
     /// The same way of making VMs, on another backend of the registry.
-    public func on(_ backendName: String) throws(NPTError) -> ScenarioHost {
+    package func on(_ backendName: String) throws(NPTError) -> ScenarioHost {
         try ScenarioHost(registry: registry, backendName: backendName, makeVM: make, destroyVM: destroy)
     }
 
-    public var guestISA: GuestISA { backend.guestISA }
-    public var capabilities: BackendCapabilities { backend.capabilities }
+    package var guestISA: GuestISA { backend.guestISA }
+    package var capabilities: BackendCapabilities { backend.capabilities }
     /// The strongest MBEC mode the backend's capabilities keep.
-    public var strongestMode: VMConfig.MBECMode? { VMConfig.MBECMode.strongest(for: backend.capabilities) }
+    package var strongestMode: VMConfig.MBECMode? { VMConfig.MBECMode.strongest(for: backend.capabilities) }
 
     /// A VM on this host's backend (the config's backend name is set to it).
-    public func makeVM(_ config: VMConfig) throws(NPTError) -> VirtualMachine {
+    package func makeVM(_ config: VMConfig) throws(NPTError) -> VirtualMachine {
         var c = config
         c.backendName = backend.name
         return try make(c, registry)
     }
 
-    public func destroyVM(_ vm: VirtualMachine) throws(NPTError) { try destroy(vm) }
+    package func destroyVM(_ vm: VirtualMachine) throws(NPTError) { try destroy(vm) }
 
     /// Runs `body` on a VM made with `config`, destroyed afterwards.
-    public func withVM<T>(_ config: VMConfig, _ body: (VirtualMachine) throws -> T) throws -> T {
+    package func withVM<T>(_ config: VMConfig, _ body: (VirtualMachine) throws -> T) throws -> T {
         let vm = try makeVM(config)
         defer { try? destroyVM(vm) }
         return try body(vm)
@@ -56,7 +56,7 @@ public struct ScenarioHost: Sendable {
 extension VMConfig.MBECMode {
     /// The strongest mode (exact, then lazy, then violation-only) a backend with `capabilities`
     /// keeps; nil: it cannot emulate MBEC at all.
-    public static func strongest(for capabilities: BackendCapabilities) -> VMConfig.MBECMode? {
+    package static func strongest(for capabilities: BackendCapabilities) -> VMConfig.MBECMode? {
         allCases.first { $0.requiredCapabilities.isSubset(of: capabilities) }
     }
 }
@@ -65,50 +65,50 @@ extension VMConfig.MBECMode {
 /// privilege change): everything is its inner backend's, except the capabilities it advertises, so
 /// the core refuses the modes that need the withheld ones and arms no exit they provide. Used to
 /// show what each MBEC mode needs, on any backend.
-public final class WithheldCapabilities: BackendWrapper {
-    public let inner: any Backend
-    public var wrapped: any Backend { inner }
-    public let withheld: BackendCapabilities
-    public let name: String
+package final class WithheldCapabilities: BackendWrapper {
+    package let inner: any Backend
+    package var wrapped: any Backend { inner }
+    package let withheld: BackendCapabilities
+    package let name: String
 
-    public init(_ inner: any Backend, withholding withheld: BackendCapabilities, name: String) {
+    package init(_ inner: any Backend, withholding withheld: BackendCapabilities, name: String) {
         self.inner = inner; self.withheld = withheld; self.name = name
     }
 
-    public var summary: String { "\(inner.summary) (without \(withheld.shortNames.joined(separator: ", ")))" }
-    public var capabilities: BackendCapabilities { inner.capabilities.subtracting(withheld) }
-    public var guestISA: GuestISA { inner.guestISA }
-    public var abiVersion: UInt32 { inner.abiVersion }
-    public var isPlugin: Bool { inner.isPlugin }
-    public func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
+    package var summary: String { "\(inner.summary) (without \(withheld.shortNames.joined(separator: ", ")))" }
+    package var capabilities: BackendCapabilities { inner.capabilities.subtracting(withheld) }
+    package var guestISA: GuestISA { inner.guestISA }
+    package var abiVersion: UInt32 { inner.abiVersion }
+    package var isPlugin: Bool { inner.isPlugin }
+    package func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
         try inner.makeVM(config: config, hierarchies: hierarchies, handle: handle)
     }
-    public func hostPersistence() throws(NPTError) -> HostPersistence { try inner.hostPersistence() }
+    package func hostPersistence() throws(NPTError) -> HostPersistence { try inner.hostPersistence() }
 }
 
 /// A guest-physical range of a scenario's policy and what it holds.
-public struct LabelledRange: Sendable, Equatable {
-    public var label: String
-    public var range: PolicyRange
-    public init(_ label: String, _ range: PolicyRange) { self.label = label; self.range = range }
-    public init(_ label: String, gpa: UInt64, size: UInt64 = 0x1000, _ permissions: EPTPermissions) {
+package struct LabelledRange: Sendable, Equatable {
+    package var label: String
+    package var range: PolicyRange
+    package init(_ label: String, _ range: PolicyRange) { self.label = label; self.range = range }
+    package init(_ label: String, gpa: UInt64, size: UInt64 = 0x1000, _ permissions: EPTPermissions) {
         self.init(label, PolicyRange(start: GPA(gpa), size: size, pageSize: .size4K, permissions: permissions))
     }
 }
 
 extension Array where Element == LabelledRange {
     /// The label of the range holding `gpa`.
-    public func label(of gpa: GPA) -> String? { first { $0.range.range.contains(gpa) }?.label }
-    public var ranges: [PolicyRange] { map(\.range) }
+    package func label(of gpa: GPA) -> String? { first { $0.range.range.contains(gpa) }?.label }
+    package var ranges: [PolicyRange] { map(\.range) }
 }
 
 /// Guest memory a driver writes at a step of a scenario (an attacker's kernel data writes).
-public struct MemoryWrite: Sendable, Equatable {
-    public var gpa: UInt64
-    public var bytes: [UInt8]
-    public var what: String
-    public init(gpa: UInt64, bytes: [UInt8], what: String) { self.gpa = gpa; self.bytes = bytes; self.what = what }
-    public init(gpa: UInt64, quadwords: [UInt64], what: String) {
+package struct MemoryWrite: Sendable, Equatable {
+    package var gpa: UInt64
+    package var bytes: [UInt8]
+    package var what: String
+    package init(gpa: UInt64, bytes: [UInt8], what: String) { self.gpa = gpa; self.bytes = bytes; self.what = what }
+    package init(gpa: UInt64, quadwords: [UInt64], what: String) {
         var b: [UInt8] = []
         for q in quadwords { withUnsafeBytes(of: q.littleEndian) { b += $0 } }
         self.init(gpa: gpa, bytes: b, what: what)
@@ -116,22 +116,22 @@ public struct MemoryWrite: Sendable, Equatable {
 }
 
 /// What every scenario image has: the guest, the VM it needs, its labelled policy.
-public struct GuestSetup: Sendable {
-    public var isa: GuestISA
+package struct GuestSetup: Sendable {
+    package var isa: GuestISA
     /// Where the guest is written.
-    public var source: String
-    public var ramSize: UInt64
+    package var source: String
+    package var ramSize: UInt64
     /// The policy of the RAM outside `policy`.
-    public var defaultPermissions: EPTPermissions
+    package var defaultPermissions: EPTPermissions
     /// Step budget per run where the backend has one (0: none).
-    public var maxStepsPerRun: UInt64 = 0
-    public var memory: GuestImage
-    public var policy: [LabelledRange]
+    package var maxStepsPerRun: UInt64 = 0
+    package var memory: GuestImage
+    package var policy: [LabelledRange]
     /// What this image does differently from the other ISA's, and why.
-    public var notes: [String] = []
+    package var notes: [String] = []
 
     /// The VM configuration the guest needs, in `mode`.
-    public func config(mode: VMConfig.MBECMode) -> VMConfig {
+    package func config(mode: VMConfig.MBECMode) -> VMConfig {
         VMConfig(ramSize: ramSize, defaultPermissions: defaultPermissions, mbecMode: mode, maxStepsPerRun: maxStepsPerRun)
     }
 }
@@ -139,13 +139,13 @@ public struct GuestSetup: Sendable {
 /// A scenario's image for one guest ISA: the common part, and what the scenario's driver needs
 /// besides (its members read through, `image.policy` is `image.guest.policy`).
 @dynamicMemberLookup
-public protocol ScenarioImage: Sendable {
+package protocol ScenarioImage: Sendable {
     var guest: GuestSetup { get }
 }
 
 extension ScenarioImage {
-    public subscript<T>(dynamicMember path: KeyPath<GuestSetup, T>) -> T { guest[keyPath: path] }
-    public func config(mode: VMConfig.MBECMode) -> VMConfig { guest.config(mode: mode) }
+    package subscript<T>(dynamicMember path: KeyPath<GuestSetup, T>) -> T { guest[keyPath: path] }
+    package func config(mode: VMConfig.MBECMode) -> VMConfig { guest.config(mode: mode) }
 }
 
 enum Scenarios {
@@ -199,4 +199,4 @@ enum Scenarios {
 
 /// x86's #VE: what the VMM injects after a reported MBEC violation (architectural on x86, the
 /// same number on the simulator's ISA).
-public let virtualizationExceptionVector: UInt32 = 20
+package let virtualizationExceptionVector: UInt32 = 20

@@ -6,20 +6,20 @@ import Synchronization
 /// line back, fenced, and then completed a write to the vFHA), and after every event (each one a
 /// possible crash point: nothing else changes persistent state) computes what a power failure would
 /// leave on the media and compares.
-public final class CrashChecker: @unchecked Sendable {
-    public struct Loss: Sendable, Equatable, CustomStringConvertible {
-        public var crashPoint: Int
-        public var spa: UInt64
-        public var expected: UInt64
-        public var found: UInt64
-        public var description: String { "crash point \(crashPoint): spa \(hex(spa)) holds \(hex(found)), durable value \(hex(expected))" }
+package final class CrashChecker: @unchecked Sendable {
+    package struct Loss: Sendable, Equatable, CustomStringConvertible {
+        package var crashPoint: Int
+        package var spa: UInt64
+        package var expected: UInt64
+        package var found: UInt64
+        package var description: String { "crash point \(crashPoint): spa \(hex(spa)) holds \(hex(found)), durable value \(hex(expected))" }
     }
-    public struct Report: Sendable {
-        public var crashPoints = 0
+    package struct Report: Sendable {
+        package var crashPoints = 0
         /// (crash point, durable store) pairs checked.
-        public var checks = 0
-        public var durableStores = 0
-        public var losses: [Loss] = []
+        package var checks = 0
+        package var durableStores = 0
+        package var losses: [Loss] = []
     }
 
     private struct CPU { var stored: [(UInt64, UInt64)] = []; var writtenBack: [(UInt64, UInt64)] = []; var fenced: [(UInt64, UInt64)] = [] }
@@ -32,13 +32,13 @@ public final class CrashChecker: @unchecked Sendable {
     private let state = NPTMutex(State())
     private let platform: PersistentPlatform
 
-    public init(platform: PersistentPlatform) {
+    package init(platform: PersistentPlatform) {
         self.platform = platform
         platform.observe { [weak self] cpu, e in self?.event(cpu, e) }
         check()
     }
 
-    public func stop() -> Report {
+    package func stop() -> Report {
         platform.observe(nil)
         return state.withLock { $0.report }
     }

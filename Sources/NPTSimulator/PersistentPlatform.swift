@@ -13,44 +13,44 @@ import Synchronization
 ///   flush hint write -> that controller drains its WPQ to the media
 /// A full WPQ drains its oldest line. Nothing else moves data to the media, so the model is the
 /// pessimistic one: a line reaches the media only when the protocol (or a full queue) puts it there.
-public struct PlatformDescription: Sendable, Equatable {
-    public struct Controller: Sendable, Equatable {
+package struct PlatformDescription: Sendable, Equatable {
+    package struct Controller: Sendable, Equatable {
         /// Controller key (as `NFIT.DeviceHandle.controllerKey`).
-        public var id: UInt32
+        package var id: UInt32
         /// Physical flush hint addresses (a write to any of them drains the WPQ).
-        public var flushHints: [UInt64]
+        package var flushHints: [UInt64]
         /// WPQ capacity in 64-byte lines.
-        public var wpqLines: Int
-        public init(id: UInt32, flushHints: [UInt64], wpqLines: Int = 64) {
+        package var wpqLines: Int
+        package init(id: UInt32, flushHints: [UInt64], wpqLines: Int = 64) {
             self.id = id; self.flushHints = flushHints; self.wpqLines = wpqLines
         }
     }
-    public struct Region: Sendable, Equatable {
-        public var id: UInt32
+    package struct Region: Sendable, Equatable {
+        package var id: UInt32
         /// System-physical range.
-        public var base: UInt64
-        public var size: UInt64
+        package var base: UInt64
+        package var size: UInt64
         /// Controllers in interleave order.
-        public var controllers: [UInt32]
-        public var interleaveGranularity: UInt64
-        public init(id: UInt32, base: UInt64, size: UInt64, controllers: [UInt32], interleaveGranularity: UInt64 = 4096) {
+        package var controllers: [UInt32]
+        package var interleaveGranularity: UInt64
+        package init(id: UInt32, base: UInt64, size: UInt64, controllers: [UInt32], interleaveGranularity: UInt64 = 4096) {
             self.id = id; self.base = base; self.size = size; self.controllers = controllers
             self.interleaveGranularity = interleaveGranularity
         }
     }
-    public enum PersistenceDomain: String, Sendable, Equatable {
+    package enum PersistenceDomain: String, Sendable, Equatable {
         /// ADR: a power failure drains every WPQ to the media; no WPQ flushing is needed.
         case memoryController = "memory_controller"
         /// A power failure loses the WPQs: data is durable only once a flush hint drained it.
         case media = "media"
     }
-    public var controllers: [Controller]
-    public var regions: [Region]
-    public var domain: PersistenceDomain
+    package var controllers: [Controller]
+    package var regions: [Region]
+    package var domain: PersistenceDomain
     /// Time a flush hint write takes (the controller's drain), spent by the writing CPU.
-    public var flushLatencyNanos: UInt64
+    package var flushLatencyNanos: UInt64
 
-    public init(controllers: [Controller], regions: [Region], domain: PersistenceDomain, flushLatencyNanos: UInt64 = 0) {
+    package init(controllers: [Controller], regions: [Region], domain: PersistenceDomain, flushLatencyNanos: UInt64 = 0) {
         self.controllers = controllers; self.regions = regions; self.domain = domain
         self.flushLatencyNanos = flushLatencyNanos
     }
@@ -58,7 +58,7 @@ public struct PlatformDescription: Sendable, Equatable {
     /// Three controllers; region 0 (1 GiB) interleaved across controllers 0x000 and 0x100 of
     /// socket 0, region 1 (512 MiB) on controller 0x1000 (socket 1). Flush hints as a BIOS would
     /// describe them: one page per controller.
-    public static func standard(needsWPQFlush: Bool, flushLatencyNanos: UInt64 = 0) -> PlatformDescription {
+    package static func standard(needsWPQFlush: Bool, flushLatencyNanos: UInt64 = 0) -> PlatformDescription {
         PlatformDescription(
             controllers: [Controller(id: 0x000, flushHints: [0xF000_0000, 0xF000_0040]),
                           Controller(id: 0x100, flushHints: [0xF000_1000]),
@@ -71,7 +71,7 @@ public struct PlatformDescription: Sendable, Equatable {
     /// The platform an NFIT describes: a region per persistent-memory SPA range, interleaved over
     /// the controllers of the DIMMs mapped into it (in memory-map order), each controller with the
     /// flush hints of its DIMMs. The NFIT's platform capabilities give the persistence domain.
-    public static func from(nfit: NFIT, flushLatencyNanos: UInt64 = 0) throws(NPTError) -> PlatformDescription {
+    package static func from(nfit: NFIT, flushLatencyNanos: UInt64 = 0) throws(NPTError) -> PlatformDescription {
         let host = try HostPersistence.checkedFromNFIT(nfit)
         if host.regions.isEmpty { throw .invalid("the NFIT describes no persistent-memory range") }
         var controllers: [Controller] = []
@@ -99,7 +99,7 @@ public struct PlatformDescription: Sendable, Equatable {
     }
 
     /// What host discovery sees on this platform.
-    public var persistence: HostPersistence {
+    package var persistence: HostPersistence {
         HostPersistence(regions: regions.map { r in
             let targets = r.controllers.sorted().compactMap { c -> HostPersistence.FlushTarget? in
                 guard let ctl = controllers.first(where: { $0.id == c }), let a = ctl.flushHints.first else { return nil }
@@ -129,7 +129,7 @@ public struct PlatformDescription: Sendable, Equatable {
 }
 
 /// One event of the persistence protocol, as a vCPU executed it (for the crash-consistency checker).
-public enum PersistenceEvent: Sendable, Equatable {
+package enum PersistenceEvent: Sendable, Equatable {
     /// An 8-byte store to system-physical `spa`.
     case store(spa: UInt64, value: UInt64)
     /// CLWB of the line holding `spa`.
@@ -142,8 +142,8 @@ public enum PersistenceEvent: Sendable, Equatable {
 }
 
 /// The runtime state of a simulated platform: shared by every VM of one simulator backend.
-public final class PersistentPlatform: @unchecked Sendable {
-    public let description: PlatformDescription
+package final class PersistentPlatform: @unchecked Sendable {
+    package let description: PlatformDescription
     static let line: UInt64 = 64
 
     private struct Queued { var spa: UInt64; var bytes: [UInt8] }
@@ -165,7 +165,7 @@ public final class PersistentPlatform: @unchecked Sendable {
     /// VMs backed by this platform (to reload their persistent memory after a power failure).
     private let attached = NPTMutex<[ObjectIdentifier: @Sendable () -> Void]>([:])
 
-    public init(_ d: PlatformDescription) throws(NPTError) {
+    package init(_ d: PlatformDescription) throws(NPTError) {
         try d.validate()
         description = d
     }
@@ -175,7 +175,7 @@ public final class PersistentPlatform: @unchecked Sendable {
     func region(_ id: UInt32) -> PlatformDescription.Region? { description.regions.first { $0.id == id } }
 
     /// The controller a system-physical address is interleaved to.
-    public func controller(of spa: UInt64) -> UInt32? {
+    package func controller(of spa: UInt64) -> UInt32? {
         guard let r = description.regions.first(where: { spa >= $0.base && spa < $0.base + $0.size }) else { return nil }
         let way = ((spa - r.base) / r.interleaveGranularity) % UInt64(r.controllers.count)
         return r.controllers[Int(way)]
@@ -184,7 +184,7 @@ public final class PersistentPlatform: @unchecked Sendable {
     // MARK: the CPU side
 
     /// Sets a callback that sees every protocol event (tests, the crash checker); nil removes it.
-    public func observe(_ f: (@Sendable (ObjectIdentifier?, PersistenceEvent) -> Void)?) { observer.withLock { $0 = f } }
+    package func observe(_ f: (@Sendable (ObjectIdentifier?, PersistenceEvent) -> Void)?) { observer.withLock { $0 = f } }
     func emit(_ cpu: ObjectIdentifier?, _ e: PersistenceEvent) {
         if let f = observer.withLock({ $0 }) { f(cpu, e) }
     }
@@ -230,7 +230,7 @@ public final class PersistentPlatform: @unchecked Sendable {
     // MARK: the controller side
 
     /// A write to physical flush hint `address` of controller `controller`: its WPQ drains to the media.
-    public func physicalFlush(controller: UInt32, address: UInt64) throws(NPTError) {
+    package func physicalFlush(controller: UInt32, address: UInt64) throws(NPTError) {
         guard let c = description.controllers.first(where: { $0.id == controller }) else {
             throw NPTError(.notFound, "controller \(hex(UInt64(controller))) does not exist")
         }
@@ -250,15 +250,15 @@ public final class PersistentPlatform: @unchecked Sendable {
         while Monitor.now() < end {}
     }
 
-    public var physicalFlushes: UInt64 { state.withLock { $0.physicalFlushes } }
+    package var physicalFlushes: UInt64 { state.withLock { $0.physicalFlushes } }
     /// Lines waiting in every WPQ.
-    public var queuedLines: Int { state.withLock { $0.wpq.values.reduce(0) { $0 + $1.count } } }
+    package var queuedLines: Int { state.withLock { $0.wpq.values.reduce(0) { $0 + $1.count } } }
 
     // MARK: power
 
     /// What the media would hold after a power failure now (nothing changes): the media, plus every
     /// WPQ when the persistence domain drains them. Sparse: line address -> 64 bytes.
-    public func survivingMedia() -> [UInt64: [UInt8]] {
+    package func survivingMedia() -> [UInt64: [UInt8]] {
         state.withLock { s in
             var m = s.media
             if description.domain == .memoryController {
@@ -269,7 +269,7 @@ public final class PersistentPlatform: @unchecked Sendable {
     }
 
     /// The 8 bytes at `spa` in `media` (0 where nothing reached it).
-    public static func read64(_ media: [UInt64: [UInt8]], _ spa: UInt64) -> UInt64 {
+    package static func read64(_ media: [UInt64: [UInt8]], _ spa: UInt64) -> UInt64 {
         guard let l = media[spa & ~(line - 1)] else { return 0 }
         let o = Int(spa & (line - 1))
         var v: UInt64 = 0
@@ -279,7 +279,7 @@ public final class PersistentPlatform: @unchecked Sendable {
 
     /// A power failure: caches and lines in flight are lost, the WPQs drain (ADR) or are lost, and
     /// every VM's persistent memory then holds what the media holds.
-    public func powerFailure() {
+    package func powerFailure() {
         let media = survivingMedia()
         state.withLock { s in
             s.media = media
@@ -334,5 +334,5 @@ public final class PersistentPlatform: @unchecked Sendable {
             }
         }
     }
-    public var attachedVMs: Int { attached.withLock { $0.count } }
+    package var attachedVMs: Int { attached.withLock { $0.count } }
 }

@@ -7,19 +7,19 @@ import Glibc
 /// The built-in simulator backend: a small guest ISA (docs/guest-isa.md) interpreted over a real
 /// two-dimensional page walk (guest 4-level paging, then the exposed shadow hierarchy), with a
 /// per-vCPU TLB tagged by hierarchy. Deterministic: the same inputs give the same exits.
-public final class SimulatorBackend: Backend {
-    public let name: String
-    public let summary: String
-    public let capabilities: BackendCapabilities
-    public var guestISA: GuestISA { .simulator }
-    public static let allCapabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
+package final class SimulatorBackend: Backend {
+    package let name: String
+    package let summary: String
+    package let capabilities: BackendCapabilities
+    package var guestISA: GuestISA { .simulator }
+    package static let allCapabilities: BackendCapabilities = [.mbecEmulation, .exitOnEscalation, .exitOnReturn, .linearModeInfo, .run,
                                                               .privilegedMode, .persistentMemory]
     private let platformBox: NPTMutex<PersistentPlatform>
 
     /// `platform`: the simulated host's persistent memory (refused if inconsistent).
     /// `withoutExits`: capabilities the simulator pretends not to have (e.g. `.exitOnEscalation` to
     /// behave like a backend without privilege-change exits); it then never takes those exits.
-    public init(platform: PlatformDescription = .standard(needsWPQFlush: true), name: String = "sim",
+    package init(platform: PlatformDescription = .standard(needsWPQFlush: true), name: String = "sim",
                 withoutExits: BackendCapabilities = []) throws(NPTError) {
         platformBox = NPTMutex(try PersistentPlatform(platform))
         self.name = name
@@ -29,16 +29,16 @@ public final class SimulatorBackend: Backend {
         summary = s
     }
     /// On the standard platform (which needs WPQ flushing).
-    public convenience init() {
+    package convenience init() {
         try! self.init(platform: .standard(needsWPQFlush: true))   // valid by construction
     }
 
     /// The simulated host platform new VMs of this backend are created on.
-    public var platform: PersistentPlatform { platformBox.withLock { $0 } }
+    package var platform: PersistentPlatform { platformBox.withLock { $0 } }
 
     /// Replaces the host platform for VMs created from now on (a VM keeps the platform it was
     /// created on); refused while a VM has NVDIMM ranges on the current one.
-    public func setPlatform(_ d: PlatformDescription) throws(NPTError) {
+    package func setPlatform(_ d: PlatformDescription) throws(NPTError) {
         let p = try PersistentPlatform(d)
         let busy = platformBox.withLock { cur -> Int in
             let n = cur.attachedVMs
@@ -48,9 +48,9 @@ public final class SimulatorBackend: Backend {
         if busy > 0 { throw NPTError(.busy, "\(busy) VM(s) have NVDIMM ranges on the current platform") }
     }
 
-    public func hostPersistence() throws(NPTError) -> HostPersistence { platform.description.persistence }
+    package func hostPersistence() throws(NPTError) -> HostPersistence { platform.description.persistence }
 
-    public func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
+    package func makeVM(config: VMConfig, hierarchies: any HierarchyProvider, handle: UnsafeMutableRawPointer?) throws(NPTError) -> any BackendVM {
         try SimVM(config: config, hierarchies: hierarchies, platform: platform, capabilities: capabilities)
     }
 }
@@ -81,7 +81,7 @@ final class Segment: @unchecked Sendable {
     }
 }
 
-public final class SimVM: BackendVM {
+package final class SimVM: BackendVM {
     /// Guest RAM only. What lies past it is in `segments`: the address space a VM reserves is its
     /// memory, not a fixed window (each VM reserved 67 GiB, and the 1,955th VM could not be mapped).
     let ram: GuestRAM
@@ -100,7 +100,7 @@ public final class SimVM: BackendVM {
     /// Instructions retired by a vCPU outside the privileged mode while the region was visible:
     /// the security invariant says this stays 0.
     let outsideCounter = Atomic<UInt64>(0)
-    public var outsideWhileVisible: UInt64 { outsideCounter.load(ordering: .relaxed) }
+    package var outsideWhileVisible: UInt64 { outsideCounter.load(ordering: .relaxed) }
 
     // Persistent memory. Backing layout past RAM (the core chooses the offsets): the region's
     // 1 GiB window, then the vFHA's scratch page, then NVDIMM windows (at most `pmemWindow` bytes).
@@ -117,7 +117,7 @@ public final class SimVM: BackendVM {
     /// Host offset of the vFHA's scratch page (UInt64.max: none).
     let flushHintHost = Atomic<UInt64>(.max)
     let untrapped = Atomic<UInt64>(0)
-    public var untrappedFlushHintWrites: UInt64 { untrapped.load(ordering: .relaxed) }
+    package var untrappedFlushHintWrites: UInt64 { untrapped.load(ordering: .relaxed) }
 
     let capabilities: BackendCapabilities
 
@@ -162,9 +162,9 @@ public final class SimVM: BackendVM {
     }
 
     /// The platform this VM was created on (a later `setPlatform` gives only new VMs another one).
-    public var hostPersistence: HostPersistence? { platform.description.persistence }
+    package var hostPersistence: HostPersistence? { platform.description.persistence }
 
-    public func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError) {
+    package func attachPersistentMemory(_ range: GPARange, region: UInt32, regionOffset: UInt64, hostOffset: UInt64) throws(NPTError) {
         guard let r = platform.region(region) else { throw NPTError(.notFound, "the platform has no region \(region)") }
         guard regionOffset + range.size <= r.size else {
             throw NPTError(.outOfRange, "region \(region) offset \(hex(regionOffset)) + \(hex(range.size)) is past its end")
@@ -202,7 +202,7 @@ public final class SimVM: BackendVM {
         }
     }
 
-    public func defineFlushHintPage(_ gpa: GPA, hostOffset: UInt64, trapped: Bool) throws(NPTError) {
+    package func defineFlushHintPage(_ gpa: GPA, hostOffset: UInt64, trapped: Bool) throws(NPTError) {
         guard hostOffset >= regionWindow, hostOffset % 0x1000 == 0, hostOffset < backingLimit else {
             throw NPTError(.outOfRange, "flush hint page \(hex(hostOffset)) is outside the simulator's window")
         }
@@ -213,11 +213,11 @@ public final class SimVM: BackendVM {
         flushHintHost.store(hostOffset, ordering: .releasing)
     }
 
-    public func physicalFlush(region: UInt32, target: HostPersistence.FlushTarget) throws(NPTError) {
+    package func physicalFlush(region: UInt32, target: HostPersistence.FlushTarget) throws(NPTError) {
         try platform.physicalFlush(controller: target.controller, address: target.address)
     }
 
-    public func powerFailure() throws(NPTError) {
+    package func powerFailure() throws(NPTError) {
         guard !pmem.withLock({ $0.isEmpty }) else { throw NPTError(.state, "the VM has no NVDIMM range") }
         platform.powerFailure()
     }
@@ -238,7 +238,7 @@ public final class SimVM: BackendVM {
         }
     }
 
-    public func defineRegion(_ range: GPARange, hostOffset: UInt64, contents: UnsafeRawBufferPointer) throws(NPTError) {
+    package func defineRegion(_ range: GPARange, hostOffset: UInt64, contents: UnsafeRawBufferPointer) throws(NPTError) {
         guard hostOffset >= regionWindow, !hostOffset.addingReportingOverflow(range.size).overflow,
               hostOffset + range.size <= regionWindow + PageSize.size1G.bytes, UInt64(contents.count) <= range.size else {
             throw NPTError(.outOfRange, "region backing \(hex(hostOffset)) +\(hex(range.size)) is outside the simulator's window")
@@ -247,23 +247,23 @@ public final class SimVM: BackendVM {
         if let src = contents.baseAddress { seg.mem.base.copyMemory(from: src, byteCount: contents.count) }
     }
 
-    public func backendStatistics() throws(NPTError) -> [BackendStatistic] {
+    package func backendStatistics() throws(NPTError) -> [BackendStatistic] {
         [BackendStatistic(name: BackendStatistic.outsideWhileVisible, value: outsideWhileVisible),
          BackendStatistic(name: "untrapped_flush_hint_writes", value: untrappedFlushHintWrites),
          BackendStatistic(name: "nvdimm_ranges", value: UInt64(pmem.withLock { $0.count })),
          BackendStatistic(name: "vcpus", value: UInt64(vcpus.withLock { $0.count }))]
     }
 
-    public func regionVisibility(holder: UInt32?) {
+    package func regionVisibility(holder: UInt32?) {
         visibleHolder.store(holder.map { Int64($0) } ?? -1, ordering: .sequentiallyConsistent)
     }
 
-    public func writeMemory(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(NPTError) {
+    package func writeMemory(_ gpa: GPA, _ bytes: UnsafeRawBufferPointer) throws(NPTError) {
         guard gpa.raw < config.ramSize, UInt64(bytes.count) <= config.ramSize - gpa.raw else { throw NPTError(.outOfRange, "write past RAM") }
         if let src = bytes.baseAddress { (ram.base + Int(gpa.raw)).copyMemory(from: src, byteCount: bytes.count) }
     }
 
-    public func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError) {
+    package func readMemory(_ gpa: GPA, _ into: UnsafeMutableRawBufferPointer) throws(NPTError) {
         var host = gpa.raw
         if gpa.raw >= config.ramSize || UInt64(into.count) > config.ramSize - gpa.raw {
             guard let h = pmemHost(gpa.raw, into.count) else { throw NPTError(.outOfRange, "read past RAM and the NVDIMM ranges") }
@@ -273,11 +273,11 @@ public final class SimVM: BackendVM {
         if let dst = into.baseAddress { dst.copyMemory(from: src, byteCount: into.count) }
     }
 
-    public func invalidate(_ inv: Invalidation) throws(NPTError) {
+    package func invalidate(_ inv: Invalidation) throws(NPTError) {
         for v in vcpus.withLock({ Array($0.values) }) { v.post(inv) }
     }
 
-    public func makeVCPU(index: UInt32) throws(NPTError) -> any BackendVCPU {
+    package func makeVCPU(index: UInt32) throws(NPTError) -> any BackendVCPU {
         let v = SimVCPU(vm: self, index: index)   // reads the current hierarchies
         testHookBeforeListing?()
         vcpus.withLock { $0[ObjectIdentifier(v)] = v }
@@ -286,13 +286,13 @@ public final class SimVM: BackendVM {
 
     /// Test hook: runs inside `makeVCPU` after the new vCPU read the hierarchies and before it is
     /// listed for invalidations (the window in which a policy update would miss it).
-    nonisolated(unsafe) public var testHookBeforeListing: (@Sendable () -> Void)?
+    nonisolated(unsafe) package var testHookBeforeListing: (@Sendable () -> Void)?
 
     func remove(_ v: SimVCPU) { _ = vcpus.withLock { $0.removeValue(forKey: ObjectIdentifier(v)) } }
 
     private let destroyed = Atomic<Bool>(false)
 
-    public func destroy() {
+    package func destroy() {
         guard !destroyed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         vcpus.withLock { $0.removeAll() }
         platform.detach(ObjectIdentifier(self))

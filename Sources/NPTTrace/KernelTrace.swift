@@ -8,98 +8,98 @@
 // The task name may contain spaces (QEMU names its vCPU threads "CPU 0/KVM").
 // The events and every format each one has had are in docs/trace-format.md, "Kernel traces".
 
-public enum KernelTraceDialect: String, Sendable, Hashable {
+package enum KernelTraceDialect: String, Sendable, Hashable {
     case tracefs, traceCmd = "trace-cmd", perf
 }
 
 /// kvm_exit. Fields a format does not print are nil.
-public struct KVMExitEvent: Sendable, Hashable {
-    public var vcpu: UInt32?
+package struct KVMExitEvent: Sendable, Hashable {
+    package var vcpu: UInt32?
     /// The reason as printed ("EPT_VIOLATION", "npf", or a number "0x30" for one the kernel has no name for).
-    public var reasonName: String
+    package var reasonName: String
     /// The exit reason number (VMX basic exit reason or SVM exit code) when the name is known.
-    public var reasonNumber: UInt32?
-    public var isa: KVMISA?
+    package var reasonNumber: UInt32?
+    package var isa: KVMISA?
     /// " FAILED_VMENTRY" after the reason (VMX).
-    public var failedVMEntry: Bool
-    public var rip: UInt64
+    package var failedVMEntry: Bool
+    package var rip: UInt64
     /// `info1`/`info2` (the first and second number of the older "info %llx %llx").
-    public var info1: UInt64?
-    public var info2: UInt64?
-    public var intrInfo: UInt32?
-    public var errorCode: UInt32?
+    package var info1: UInt64?
+    package var info2: UInt64?
+    package var intrInfo: UInt32?
+    package var errorCode: UInt32?
     /// " requests 0x..." (kernels from 6.x on print the vCPU's pending requests).
-    public var requests: UInt64?
+    package var requests: UInt64?
 
     /// VMX EPT violation: info1 is the exit qualification (bits 0-2: read, write, fetch).
-    public var eptQualification: UInt64? {
+    package var eptQualification: UInt64? {
         isa == .vmx && reasonNumber == KVMExitReasons.vmxEPTViolation ? info1 : nil
     }
     /// SVM nested page fault: info1 is the error code (bit 1 write, bit 4 fetch), info2 the guest-physical address.
-    public var isNestedPageFault: Bool {
+    package var isNestedPageFault: Bool {
         (isa == .vmx && reasonNumber == KVMExitReasons.vmxEPTViolation) || (isa == .svm && reasonNumber == KVMExitReasons.svmNPF)
     }
 }
 
-public struct KVMEntryEvent: Sendable, Hashable {
-    public var vcpu: UInt32
-    public var rip: UInt64?
-    public var intrInfo: UInt32?
-    public var errorCode: UInt32?
-    public var immediateExit: Bool
+package struct KVMEntryEvent: Sendable, Hashable {
+    package var vcpu: UInt32
+    package var rip: UInt64?
+    package var intrInfo: UInt32?
+    package var errorCode: UInt32?
+    package var immediateExit: Bool
 }
 
 /// kvm_page_fault: a guest-physical fault KVM handles (on VMX from an EPT violation, on SVM an NPF).
-public struct KVMPageFaultEvent: Sendable, Hashable {
-    public var vcpu: UInt32?
-    public var rip: UInt64?
-    public var address: UInt64
-    public var errorCode: UInt64
+package struct KVMPageFaultEvent: Sendable, Hashable {
+    package var vcpu: UInt32?
+    package var rip: UInt64?
+    package var address: UInt64
+    package var errorCode: UInt64
 }
 
-public struct KVMMMIOEvent: Sendable, Hashable {
-    public enum Kind: String, Sendable, Hashable { case unsatisfiedRead = "unsatisfied-read", read, write }
-    public var kind: Kind
-    public var length: UInt32
-    public var gpa: UInt64
-    public var value: UInt64
+package struct KVMMMIOEvent: Sendable, Hashable {
+    package enum Kind: String, Sendable, Hashable { case unsatisfiedRead = "unsatisfied-read", read, write }
+    package var kind: Kind
+    package var length: UInt32
+    package var gpa: UInt64
+    package var value: UInt64
 }
 
-public struct KVMUserspaceExitEvent: Sendable, Hashable {
+package struct KVMUserspaceExitEvent: Sendable, Hashable {
     /// "KVM_EXIT_IO", "restart", "error", or a number the kernel printed for a reason it has no name for.
-    public var reasonName: String
+    package var reasonName: String
     /// The number in parentheses: the KVM_EXIT_* reason, or the errno for "restart"/"error".
-    public var number: Int64
+    package var number: Int64
     /// The KVM_EXIT_* number, when the exit reached user space (not "restart"/"error").
-    public var kvmExitReason: UInt32? { reasonName == "restart" || reasonName == "error" ? nil : UInt32(truncatingIfNeeded: number) }
+    package var kvmExitReason: UInt32? { reasonName == "restart" || reasonName == "error" ? nil : UInt32(truncatingIfNeeded: number) }
 }
 
-public struct KVMPIOEvent: Sendable, Hashable {
-    public var write: Bool
-    public var port: UInt32
-    public var size: UInt32
-    public var count: UInt32
-    public var value: UInt32?
+package struct KVMPIOEvent: Sendable, Hashable {
+    package var write: Bool
+    package var port: UInt32
+    package var size: UInt32
+    package var count: UInt32
+    package var value: UInt32?
 }
 
 /// kvm_emulate_insn: an instruction KVM's emulator ran (on this machine's PVM KVM, the only event
 /// that carries the guest's rip).
-public struct KVMEmulateInsnEvent: Sendable, Hashable {
-    public var csBase: UInt64
-    public var rip: UInt64
-    public var bytes: [UInt8]
+package struct KVMEmulateInsnEvent: Sendable, Hashable {
+    package var csBase: UInt64
+    package var rip: UInt64
+    package var bytes: [UInt8]
     /// "prot64", "real", ... (absent in trace-cmd's own kvm plugin output).
-    public var mode: String?
-    public var failed: Bool
+    package var mode: String?
+    package var failed: Bool
 }
 
-public struct KVMInjExceptionEvent: Sendable, Hashable {
-    public var vector: UInt32
-    public var errorCode: UInt64?
-    public var reinjected: Bool
+package struct KVMInjExceptionEvent: Sendable, Hashable {
+    package var vector: UInt32
+    package var errorCode: UInt64?
+    package var reinjected: Bool
 }
 
-public enum KernelEvent: Sendable, Hashable {
+package enum KernelEvent: Sendable, Hashable {
     case exit(KVMExitEvent)
     case entry(KVMEntryEvent)
     case pageFault(KVMPageFaultEvent)
@@ -110,32 +110,32 @@ public enum KernelEvent: Sendable, Hashable {
     case injException(KVMInjExceptionEvent)
 
     /// The tracepoint names this parser reads.
-    public static let names: [String] = ["kvm_exit", "kvm_entry", "kvm_page_fault", "kvm_mmio", "kvm_userspace_exit",
+    package static let names: [String] = ["kvm_exit", "kvm_entry", "kvm_page_fault", "kvm_mmio", "kvm_userspace_exit",
                                          "kvm_pio", "kvm_emulate_insn", "kvm_inj_exception"]
 }
 
 /// One event line.
-public struct KernelTraceEvent: Sendable, Hashable {
+package struct KernelTraceEvent: Sendable, Hashable {
     /// 1-based line number in the input.
-    public var line: Int
-    public var task: String
-    public var pid: Int32
-    public var cpu: UInt32
+    package var line: Int
+    package var task: String
+    package var pid: Int32
+    package var cpu: UInt32
     /// The timestamp as printed, in nanoseconds (microsecond resolution from tracefs and trace-cmd's default).
-    public var timestamp: UInt64
-    public var dialect: KernelTraceDialect
+    package var timestamp: UInt64
+    package var dialect: KernelTraceDialect
     /// The instance buffer `trace-cmd report` names before the task, if any.
-    public var buffer: String?
-    public var name: String
-    public var event: KernelEvent
+    package var buffer: String?
+    package var name: String
+    package var event: KernelEvent
 }
 
-public struct KernelTraceError: Error, Sendable, Hashable, CustomStringConvertible {
-    public var line: Int
-    public var message: String
-    public var text: String
-    public init(line: Int, _ message: String, text: String) { self.line = line; self.message = message; self.text = text }
-    public var description: String { "kernel trace: line \(line): \(message)\n  \(text)" }
+package struct KernelTraceError: Error, Sendable, Hashable, CustomStringConvertible {
+    package var line: Int
+    package var message: String
+    package var text: String
+    package init(line: Int, _ message: String, text: String) { self.line = line; self.message = message; self.text = text }
+    package var description: String { "kernel trace: line \(line): \(message)\n  \(text)" }
 }
 
 /// Parses lines one by one (O(1) memory). Unknown event names (not in KernelEvent.names): with the
@@ -143,23 +143,23 @@ public struct KernelTraceError: Error, Sendable, Hashable, CustomStringConvertib
 /// kvm_fpu, kvm_msr, ...); with `.error` the first is an error with its line number. Malformed
 /// fields of a known event, a line that is not an event, and a timestamp before the previous line's
 /// are always errors.
-public struct KernelTraceParser: Sendable {
-    public enum UnknownEvents: Sendable { case skip, error }
-    public let unknownEvents: UnknownEvents
-    public private(set) var lineNumber = 0
-    public private(set) var skipped: [String: Int] = [:]
+package struct KernelTraceParser: Sendable {
+    package enum UnknownEvents: Sendable { case skip, error }
+    package let unknownEvents: UnknownEvents
+    package private(set) var lineNumber = 0
+    package private(set) var skipped: [String: Int] = [:]
     /// Events the kernel reported lost ("[LOST n EVENTS]", "n EVENTS DROPPED").
-    public private(set) var lost: UInt64 = 0
-    public private(set) var events = 0
+    package private(set) var lost: UInt64 = 0
+    package private(set) var events = 0
     var lastTimestamp: UInt64 = 0
 
-    public init(unknownEvents: UnknownEvents = .skip) { self.unknownEvents = unknownEvents }
+    package init(unknownEvents: UnknownEvents = .skip) { self.unknownEvents = unknownEvents }
 
-    public var skippedTotal: Int { skipped.values.reduce(0, +) }
+    package var skippedTotal: Int { skipped.values.reduce(0, +) }
 
     /// Parses the next line of the input (without or with its newline). nil: a header, comment,
     /// blank or lost-events line, or an unknown event skipped.
-    public mutating func parse(_ raw: Substring) throws(KernelTraceError) -> KernelTraceEvent? {
+    package mutating func parse(_ raw: Substring) throws(KernelTraceError) -> KernelTraceEvent? {
         lineNumber += 1
         var line = raw
         while let l = line.last, l == "\n" || l == "\r" { line.removeLast() }

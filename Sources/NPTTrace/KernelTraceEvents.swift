@@ -302,8 +302,8 @@ enum KernelEventFields {
 }
 
 /// Reads a text file line by line with a fixed buffer (O(1) memory in the file's length).
-public struct LineReader {
-    public static func forEachLine(path: String, _ body: (Substring) throws -> Void) throws {
+package struct LineReader {
+    package static func forEachLine(path: String, _ body: (Substring) throws -> Void) throws {
         let src = try FileTraceSource(path: path)
         var buf = [UInt8](repeating: 0, count: 1 << 16)
         var carry: [UInt8] = []

@@ -3,7 +3,7 @@
 // from /sys/kernel/tracing/events/kvm/kvm_exit/format). VMX names are upper case, SVM names lower
 // case, so a name says which ISA printed it.
 
-public enum KVMISA: String, Sendable, Hashable { case vmx, svm }
+package enum KVMISA: String, Sendable, Hashable { case vmx, svm }
 
 enum KVMExitReasons {
     static let vmx: [String: UInt32] = [

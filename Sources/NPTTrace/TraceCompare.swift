@@ -2,7 +2,7 @@
 // before a divergence, and the divergence report itself.
 
 extension TraceExit: CustomStringConvertible {
-    public var description: String {
+    package var description: String {
         var s = "\(reason) rip \(hex(rip)) cpl \(cpl) hierarchy \(hierarchy == 0 ? "supervisor" : hierarchy == 1 ? "user" : String(hierarchy))"
         if gpa != 0 || reason == .eptViolation || reason == .mbecViolation { s += " gpa \(hex(gpa))" }
         if gva != 0 { s += " gva \(hex(gva))" }
@@ -14,13 +14,13 @@ extension TraceExit: CustomStringConvertible {
 }
 
 extension TraceRegs: CustomStringConvertible {
-    public var description: String {
+    package var description: String {
         "cpl \(cpl) rip \(hex(rip)) rflags \(hex(rflags)) rax \(hex(gpr[0])) rsp \(hex(gpr[4])) cr0 \(hex(cr0)) cr3 \(hex(cr3)) cr4 \(hex(cr4)) efer \(hex(efer))"
     }
 }
 
 extension TraceRecord: CustomStringConvertible {
-    public var description: String {
+    package var description: String {
         func bytes(_ d: [UInt8]) -> String { "\(d.count) bytes" }
         switch self {
         case .meta(let k, let v): return "meta \(k) = \(v)"
@@ -80,7 +80,7 @@ extension TraceRecord: CustomStringConvertible {
 func scopeText(_ v: UInt32?) -> String { v.map { "vcpu \($0)" } ?? "vm" }
 
 /// "R|W|Xs|Xu" for NPT_PERM_* bits (EPT bits 0, 1, 2, 10).
-public func permsText(_ p: UInt64) -> String {
+package func permsText(_ p: UInt64) -> String {
     var parts: [String] = []
     if p & 1 != 0 { parts.append("R") }
     if p & 2 != 0 { parts.append("W") }
@@ -92,32 +92,32 @@ public func permsText(_ p: UInt64) -> String {
 }
 
 /// The last `capacity` events, oldest first: the context printed before a divergence.
-public struct TraceContextWindow: Sendable {
-    public let capacity: Int
+package struct TraceContextWindow: Sendable {
+    package let capacity: Int
     var ring: [TraceEvent] = []
     var next = 0
-    public init(capacity: Int = 8) { self.capacity = max(1, capacity) }
-    public mutating func push(_ e: TraceEvent) {
+    package init(capacity: Int = 8) { self.capacity = max(1, capacity) }
+    package mutating func push(_ e: TraceEvent) {
         if ring.count < capacity { ring.append(e) } else { ring[next] = e }
         next = (next + 1) % capacity
     }
-    public var events: [TraceEvent] {
+    package var events: [TraceEvent] {
         ring.count < capacity ? ring : Array(ring[next...] + ring[..<next])
     }
 }
 
 /// The first place where a replayed run decided differently from the recorded one.
-public struct TraceDivergence: Error, Sendable, CustomStringConvertible {
+package struct TraceDivergence: Error, Sendable, CustomStringConvertible {
     /// The recorded decision's event (its index is "the event number").
-    public var recorded: TraceEvent?
+    package var recorded: TraceEvent?
     /// What the core decided now (nil: it decided nothing where the trace has a decision).
-    public var replayed: TraceRecord?
+    package var replayed: TraceRecord?
     /// The events before it, oldest first.
-    public var context: [TraceEvent]
-    public init(recorded: TraceEvent?, replayed: TraceRecord?, context: [TraceEvent]) {
+    package var context: [TraceEvent]
+    package init(recorded: TraceEvent?, replayed: TraceRecord?, context: [TraceEvent]) {
         self.recorded = recorded; self.replayed = replayed; self.context = context
     }
-    public var description: String {
+    package var description: String {
         var s = "replay diverged at event \(recorded.map { String($0.index) } ?? "end")"
         if let r = recorded { s += " (byte offset \(r.offset), \(r.timestamp) ns)" }
         s += "\n  recorded: \(recorded.map { $0.record.description } ?? "nothing (the trace ends)")"
@@ -133,12 +133,12 @@ public struct TraceDivergence: Error, Sendable, CustomStringConvertible {
 /// Compares the core's decisions, one by one, with the recorded ones. The replay plugin pushes
 /// every recorded event it feeds (`observe`), and for each decision the core takes now asks
 /// `check(recorded:replayed:)`: nil when they are equal, else the divergence with its context.
-public struct DecisionChecker: Sendable {
-    public private(set) var window: TraceContextWindow
-    public private(set) var compared: UInt64 = 0
-    public init(context: Int = 8) { window = TraceContextWindow(capacity: context) }
-    public mutating func observe(_ e: TraceEvent) { window.push(e) }
-    public mutating func check(recorded: TraceEvent?, replayed: TraceRecord?) -> TraceDivergence? {
+package struct DecisionChecker: Sendable {
+    package private(set) var window: TraceContextWindow
+    package private(set) var compared: UInt64 = 0
+    package init(context: Int = 8) { window = TraceContextWindow(capacity: context) }
+    package mutating func observe(_ e: TraceEvent) { window.push(e) }
+    package mutating func check(recorded: TraceEvent?, replayed: TraceRecord?) -> TraceDivergence? {
         compared += 1
         if let r = recorded, let now = replayed, r.record == now {
             window.push(r)
@@ -153,7 +153,7 @@ extension TraceRecord {
     /// other-value" (registers by their x86 names: "rbx 0x2 -> 0x3"), in declaration order; a
     /// record of another kind differs in its "kind". Empty when the two are equal. For the
     /// divergence report: it names what the core decided differently, not only that it did.
-    public func differingFields(_ other: TraceRecord) -> [String] {
+    package func differingFields(_ other: TraceRecord) -> [String] {
         guard kind == other.kind else { return ["kind \(TraceRecord.kindName(self)) -> \(TraceRecord.kindName(other))"] }
         var out: [String] = []
         TraceRecord.diff(Mirror(reflecting: self).children.first?.value ?? (), Mirror(reflecting: other).children.first?.value ?? (),

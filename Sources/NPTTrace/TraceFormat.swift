@@ -3,27 +3,27 @@
 
 import CNPTTraceFast
 
-public enum TraceFormat {
+package enum TraceFormat {
     /// "NPTTRACE".
-    public static let magic: [UInt8] = Array("NPTTRACE".utf8)
-    public static let major: UInt16 = 1
+    package static let magic: [UInt8] = Array("NPTTRACE".utf8)
+    package static let major: UInt16 = 1
     /// Minor versions only add record kinds or trailing fields; a reader of this major reads every minor.
     /// 1.1: vm-select, memory digests, power failure, notes, backend identities and statistics,
     /// untrapped flush-hint writes, host region counts, failures with their message, privileged entries.
-    public static let minor: UInt16 = 1
+    package static let minor: UInt16 = 1
     /// magic (8) + major (2) + minor (2) + flags (4) + CRC-32C of bytes 0..<16 (4).
-    public static let headerSize = 20
+    package static let headerSize = 20
     /// length (4) + CRC-32C (4) + base timestamp (8) + record count (4).
-    public static let blockHeaderSize = 20
+    package static let blockHeaderSize = 20
     /// The largest block payload a reader accepts (a writer never writes more).
-    public static let maxBlockPayload = 1 << 20
+    package static let maxBlockPayload = 1 << 20
     /// The block payload a writer aims for before it starts a new block.
-    public static let defaultBlockPayload = 64 << 10
+    package static let defaultBlockPayload = 64 << 10
 }
 
 /// An error reading or writing a trace, with the byte offset it concerns.
-public struct TraceError: Error, Hashable, Sendable, CustomStringConvertible {
-    public enum Kind: String, Sendable {
+package struct TraceError: Error, Hashable, Sendable, CustomStringConvertible {
+    package enum Kind: String, Sendable {
         case badMagic = "not an NPTKit trace"
         case unsupportedVersion = "unsupported version"
         case truncated = "truncated"
@@ -33,24 +33,24 @@ public struct TraceError: Error, Hashable, Sendable, CustomStringConvertible {
         case io = "I/O error"
         case finished = "trace already finished"
     }
-    public var kind: Kind
+    package var kind: Kind
     /// Byte offset in the trace: of the header, of the block, or of the record concerned.
-    public var offset: UInt64
-    public var message: String
-    public init(_ kind: Kind, at offset: UInt64, _ message: String) {
+    package var offset: UInt64
+    package var message: String
+    package init(_ kind: Kind, at offset: UInt64, _ message: String) {
         self.kind = kind; self.offset = offset; self.message = message
     }
-    public var description: String { "trace: \(kind.rawValue) at byte offset \(offset): \(message)" }
+    package var description: String { "trace: \(kind.rawValue) at byte offset \(offset): \(message)" }
 }
 
 /// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), the checksum of iSCSI, ext4 and Btrfs.
 /// With the SSE4.2 crc32 instruction where the CPU has it (8 bytes an instruction), else
 /// slicing-by-8 (`sliced`: eight bytes a step through eight tables, table k being a byte followed
 /// by k zero bytes); both give the values of the bytewise definition (`bytewise`; tested).
-public enum CRC32C {
+package enum CRC32C {
     static let hardware = nptrace_crc32c_hw_available() != 0
     /// Continues `crc` (start with 0) over `bytes`.
-    public static func update(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
+    package static func update(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
         guard hardware, let p = bytes.baseAddress else { return sliced(crc, bytes) }
         return ~nptrace_crc32c_hw(~crc, p, bytes.count)
     }
@@ -68,7 +68,7 @@ public enum CRC32C {
         return t
     }()
     /// Slicing-by-8 (where the CPU has no crc32 instruction).
-    public static func sliced(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
+    package static func sliced(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
         guard var p = bytes.baseAddress else { return crc }
         var n = bytes.count
         var c = ~crc
@@ -88,14 +88,14 @@ public enum CRC32C {
         return ~c
     }
     /// The definition, a byte a step (the reference `update` is tested against).
-    public static func bytewise(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
+    package static func bytewise(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
         var c = ~crc
         tables.withUnsafeBufferPointer { t in
             for b in bytes { c = t[Int((c ^ UInt32(b)) & 0xFF)] ^ (c >> 8) }
         }
         return ~c
     }
-    public static func checksum(_ bytes: [UInt8]) -> UInt32 {
+    package static func checksum(_ bytes: [UInt8]) -> UInt32 {
         bytes.withUnsafeBytes { update(0, $0) }
     }
 }

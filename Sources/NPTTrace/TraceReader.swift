@@ -2,19 +2,19 @@
 // TraceFormat.maxBlockPayload bytes), verifying each block's checksum before yielding any of its
 // records. The first error is sticky: nothing past it is ever returned.
 
-public final class TraceReader {
+package final class TraceReader {
     let source: any TraceSource
-    public let major: UInt16
-    public let minor: UInt16
-    public let flags: UInt32
+    package let major: UInt16
+    package let minor: UInt16
+    package let flags: UInt32
     /// Records of kinds this version does not know (a newer minor's), skipped.
-    public private(set) var skippedUnknown: UInt64 = 0
+    package private(set) var skippedUnknown: UInt64 = 0
     /// Records read so far (skipped ones included): the index of the next one.
-    public private(set) var recordIndex: UInt64 = 0
+    package private(set) var recordIndex: UInt64 = 0
     /// Bytes consumed from the source (headers and whole blocks).
-    public private(set) var bytesRead: UInt64 = 0
-    public private(set) var timestamp: UInt64 = 0
-    public private(set) var sawEnd = false
+    package private(set) var bytesRead: UInt64 = 0
+    package private(set) var timestamp: UInt64 = 0
+    package private(set) var sawEnd = false
     /// One block's payload (TraceFormat.maxBlockPayload bytes, reused) and the block header.
     let block: UnsafeMutableRawBufferPointer
     let header: UnsafeMutableRawBufferPointer
@@ -27,7 +27,7 @@ public final class TraceReader {
     var firstBlock = true
 
     /// Reads and checks the header: magic, major version, checksum.
-    public init(source: any TraceSource) throws(TraceError) {
+    package init(source: any TraceSource) throws(TraceError) {
         self.source = source
         (major, minor, flags) = try TraceReader.readHeader(source)
         bytesRead = UInt64(TraceFormat.headerSize)
@@ -63,8 +63,8 @@ public final class TraceReader {
         return (major, minor, flags)
     }
 
-    public convenience init(path: String) throws(TraceError) { try self.init(source: try FileTraceSource(path: path)) }
-    public convenience init(bytes: [UInt8]) throws(TraceError) { try self.init(source: MemoryTraceSource(bytes)) }
+    package convenience init(path: String) throws(TraceError) { try self.init(source: try FileTraceSource(path: path)) }
+    package convenience init(bytes: [UInt8]) throws(TraceError) { try self.init(source: MemoryTraceSource(bytes)) }
 
     deinit { block.deallocate(); header.deallocate() }
 
@@ -116,7 +116,7 @@ public final class TraceReader {
 
     /// The next record, or nil at the end record's block end. Throws the first error (with its
     /// byte offset) and then again on every later call.
-    public func next() throws(TraceError) -> TraceEvent? {
+    package func next() throws(TraceError) -> TraceEvent? {
         if let f = failure { throw f }
         do throws(TraceError) {
             while true {
@@ -171,7 +171,7 @@ public final class TraceReader {
     }
 
     /// Calls `body` for every record up to the end record (excluded).
-    public func forEach(_ body: (TraceEvent) throws -> Void) throws {
+    package func forEach(_ body: (TraceEvent) throws -> Void) throws {
         while let e = try next() {
             if case .end = e.record { continue }
             try body(e)

@@ -3,45 +3,45 @@
 // module of NPTKit, so a plugin (the replay backend) can link it without a second copy of the core.
 
 /// `npt_exit_reason`: the numbers of include/nptkit.h.
-public struct TraceExitReason: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
-    public var rawValue: UInt32
-    public init(rawValue: UInt32) { self.rawValue = rawValue }
-    public static let none = TraceExitReason(rawValue: 0)
-    public static let halt = TraceExitReason(rawValue: 1)
-    public static let io = TraceExitReason(rawValue: 2)
-    public static let mbecViolation = TraceExitReason(rawValue: 3)
-    public static let guestFault = TraceExitReason(rawValue: 4)
-    public static let budget = TraceExitReason(rawValue: 5)
-    public static let escalation = TraceExitReason(rawValue: 6)
-    public static let returnToUser = TraceExitReason(rawValue: 7)
-    public static let eptViolation = TraceExitReason(rawValue: 8)
-    public static let internalError = TraceExitReason(rawValue: 9)
-    public static let kicked = TraceExitReason(rawValue: 10)
-    public static let leaveMode = TraceExitReason(rawValue: 11)
-    public static let privilegedFailed = TraceExitReason(rawValue: 12)
+package struct TraceExitReason: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    package var rawValue: UInt32
+    package init(rawValue: UInt32) { self.rawValue = rawValue }
+    package static let none = TraceExitReason(rawValue: 0)
+    package static let halt = TraceExitReason(rawValue: 1)
+    package static let io = TraceExitReason(rawValue: 2)
+    package static let mbecViolation = TraceExitReason(rawValue: 3)
+    package static let guestFault = TraceExitReason(rawValue: 4)
+    package static let budget = TraceExitReason(rawValue: 5)
+    package static let escalation = TraceExitReason(rawValue: 6)
+    package static let returnToUser = TraceExitReason(rawValue: 7)
+    package static let eptViolation = TraceExitReason(rawValue: 8)
+    package static let internalError = TraceExitReason(rawValue: 9)
+    package static let kicked = TraceExitReason(rawValue: 10)
+    package static let leaveMode = TraceExitReason(rawValue: 11)
+    package static let privilegedFailed = TraceExitReason(rawValue: 12)
 
     static let names = ["NONE", "HALT", "IO", "MBEC_VIOLATION", "GUEST_FAULT", "BUDGET", "ESCALATION",
                         "RETURN_TO_USER", "EPT_VIOLATION", "INTERNAL_ERROR", "KICKED", "LEAVE_MODE", "PRIVILEGED_FAILED"]
     /// "EPT_VIOLATION" (the NPT_EXIT_ suffix), or the number for a reason this library does not know.
-    public var description: String { rawValue < TraceExitReason.names.count ? TraceExitReason.names[Int(rawValue)] : "reason \(rawValue)" }
+    package var description: String { rawValue < TraceExitReason.names.count ? TraceExitReason.names[Int(rawValue)] : "reason \(rawValue)" }
 }
 
 /// `npt_exit`: one exit as the backend reported it (or as the core rewrote it).
-public struct TraceExit: Hashable, Sendable {
-    public var reason: TraceExitReason
-    public var gpa: UInt64
-    public var gva: UInt64
+package struct TraceExit: Hashable, Sendable {
+    package var reason: TraceExitReason
+    package var gpa: UInt64
+    package var gva: UInt64
     /// NPT_EPTQ_* for violations; the error code for faults.
-    public var qualification: UInt64
-    public var vector: UInt32
-    public var cpl: UInt32
+    package var qualification: UInt64
+    package var vector: UInt32
+    package var cpl: UInt32
     /// The hierarchy exposed at the exit (NPT_HIERARCHY_*).
-    public var hierarchy: UInt32
-    public var ioPort: UInt32
-    public var ioValue: UInt64
-    public var rip: UInt64
+    package var hierarchy: UInt32
+    package var ioPort: UInt32
+    package var ioValue: UInt64
+    package var rip: UInt64
 
-    public init(reason: TraceExitReason = .none, gpa: UInt64 = 0, gva: UInt64 = 0, qualification: UInt64 = 0,
+    package init(reason: TraceExitReason = .none, gpa: UInt64 = 0, gva: UInt64 = 0, qualification: UInt64 = 0,
                 vector: UInt32 = 0, cpl: UInt32 = 0, hierarchy: UInt32 = 0, ioPort: UInt32 = 0, ioValue: UInt64 = 0,
                 rip: UInt64 = 0) {
         self.reason = reason; self.gpa = gpa; self.gva = gva; self.qualification = qualification
@@ -51,20 +51,20 @@ public struct TraceExit: Hashable, Sendable {
 }
 
 /// `npt_regs`: the registers the core reads (and writes, e.g. entering the privileged mode).
-public struct TraceRegs: Hashable, Sendable {
-    public var cpl: UInt32 = 0
-    public var rip: UInt64 = 0
-    public var rflags: UInt64 = 0
+package struct TraceRegs: Hashable, Sendable {
+    package var cpl: UInt32 = 0
+    package var rip: UInt64 = 0
+    package var rflags: UInt64 = 0
     /// rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8..r15 (always 16 entries).
-    public var gpr: [UInt64] = Array(repeating: 0, count: 16)
-    public var cr0: UInt64 = 0, cr2: UInt64 = 0, cr3: UInt64 = 0, cr4: UInt64 = 0, efer: UInt64 = 0
-    public var lstar: UInt64 = 0
-    public var faultHandler: UInt64 = 0
-    public init() {}
+    package var gpr: [UInt64] = Array(repeating: 0, count: 16)
+    package var cr0: UInt64 = 0, cr2: UInt64 = 0, cr3: UInt64 = 0, cr4: UInt64 = 0, efer: UInt64 = 0
+    package var lstar: UInt64 = 0
+    package var faultHandler: UInt64 = 0
+    package init() {}
 
     /// The 26 fields in encoding order (docs/trace-format.md): cpl, rip, rflags, gpr[0..15], cr0, cr2,
     /// cr3, cr4, efer, lstar, fault_handler.
-    public static let fieldCount = 26
+    package static let fieldCount = 26
     func field(_ i: Int) -> UInt64 {
         switch i {
         case 0: return UInt64(cpl)
@@ -98,9 +98,9 @@ public struct TraceRegs: Hashable, Sendable {
 }
 
 /// `npt_action`: what `npt_handle_exit` told the VMM to do.
-public enum TraceAction: UInt8, Hashable, Sendable, CustomStringConvertible {
+package enum TraceAction: UInt8, Hashable, Sendable, CustomStringConvertible {
     case resume = 0, reportViolation = 1, tool = 2
-    public var description: String {
+    package var description: String {
         switch self {
         case .resume: return "RESUME"
         case .reportViolation: return "REPORT_VIOLATION"
@@ -110,35 +110,35 @@ public enum TraceAction: UInt8, Hashable, Sendable, CustomStringConvertible {
 }
 
 /// `npt_vm_config`, as the recording layer saw it.
-public struct TraceVMConfig: Hashable, Sendable {
-    public var mbecMode: UInt32
-    public var ramSize: UInt64
-    public var defaultPerms: UInt64
-    public var maxStepsPerRun: UInt64
+package struct TraceVMConfig: Hashable, Sendable {
+    package var mbecMode: UInt32
+    package var ramSize: UInt64
+    package var defaultPerms: UInt64
+    package var maxStepsPerRun: UInt64
     /// The backend's name ("sim", "kvm", ...).
-    public var backend: String
-    public init(mbecMode: UInt32 = 0, ramSize: UInt64 = 0, defaultPerms: UInt64 = 0, maxStepsPerRun: UInt64 = 0, backend: String = "") {
+    package var backend: String
+    package init(mbecMode: UInt32 = 0, ramSize: UInt64 = 0, defaultPerms: UInt64 = 0, maxStepsPerRun: UInt64 = 0, backend: String = "") {
         self.mbecMode = mbecMode; self.ramSize = ramSize; self.defaultPerms = defaultPerms
         self.maxStepsPerRun = maxStepsPerRun; self.backend = backend
     }
 }
 
 /// One host persistent-memory region as the backend answered `host_pmem_get`.
-public struct TraceHostPMemRegion: Hashable, Sendable {
-    public var index: UInt32
-    public var id: UInt32
-    public var base: UInt64
-    public var length: UInt64
-    public var controllerCount: UInt32
-    public var needsWPQFlush: Bool
+package struct TraceHostPMemRegion: Hashable, Sendable {
+    package var index: UInt32
+    package var id: UInt32
+    package var base: UInt64
+    package var length: UInt64
+    package var controllerCount: UInt32
+    package var needsWPQFlush: Bool
     /// (controller key, physical flush hint address) per flush target.
-    public var targets: [FlushTarget]
-    public struct FlushTarget: Hashable, Sendable {
-        public var controller: UInt32
-        public var address: UInt64
-        public init(controller: UInt32, address: UInt64) { self.controller = controller; self.address = address }
+    package var targets: [FlushTarget]
+    package struct FlushTarget: Hashable, Sendable {
+        package var controller: UInt32
+        package var address: UInt64
+        package init(controller: UInt32, address: UInt64) { self.controller = controller; self.address = address }
     }
-    public init(index: UInt32, id: UInt32, base: UInt64, length: UInt64, controllerCount: UInt32, needsWPQFlush: Bool,
+    package init(index: UInt32, id: UInt32, base: UInt64, length: UInt64, controllerCount: UInt32, needsWPQFlush: Bool,
                 targets: [FlushTarget]) {
         self.index = index; self.id = id; self.base = base; self.length = length
         self.controllerCount = controllerCount; self.needsWPQFlush = needsWPQFlush; self.targets = targets
@@ -146,30 +146,30 @@ public struct TraceHostPMemRegion: Hashable, Sendable {
 }
 
 /// A recorded backend's identity (record `backend`): what a replay of its VMs presents.
-public struct TraceBackendInfo: Hashable, Sendable {
-    public var name: String
+package struct TraceBackendInfo: Hashable, Sendable {
+    package var name: String
     /// NPT_CAP_* bits as the core saw them.
-    public var capabilities: UInt64
+    package var capabilities: UInt64
     /// NPT_GUEST_ISA_* of its vCPUs.
-    public var guestISA: UInt32
+    package var guestISA: UInt32
     /// The ABI version the backend was built for (NPT_ABI_VERSION).
-    public var abiVersion: UInt32
-    public var description: String
-    public init(name: String, capabilities: UInt64, guestISA: UInt32, abiVersion: UInt32, description: String) {
+    package var abiVersion: UInt32
+    package var description: String
+    package init(name: String, capabilities: UInt64, guestISA: UInt32, abiVersion: UInt32, description: String) {
         self.name = name; self.capabilities = capabilities; self.guestISA = guestISA; self.abiVersion = abiVersion
         self.description = description
     }
 }
 
 /// One statistic a backend answered (`npt_backend_stat`).
-public struct TraceStat: Hashable, Sendable {
-    public var name: String
-    public var value: UInt64
-    public init(name: String, value: UInt64) { self.name = name; self.value = value }
+package struct TraceStat: Hashable, Sendable {
+    package var name: String
+    package var value: UInt64
+    package init(name: String, value: UInt64) { self.name = name; self.value = value }
 }
 
 /// A step of the privileged (SMM-like) mode protocol.
-public enum TracePrivilegedStep: UInt8, Hashable, Sendable, CaseIterable, CustomStringConvertible {
+package enum TracePrivilegedStep: UInt8, Hashable, Sendable, CaseIterable, CustomStringConvertible {
     /// `vcpu` raised the enter-mode interrupt (the core asks every other vCPU to stop).
     case requested = 0
     /// `vcpu` acknowledged the stop (it is parked or outside guest code).
@@ -186,7 +186,7 @@ public enum TracePrivilegedStep: UInt8, Hashable, Sendable, CaseIterable, Custom
     case resumed = 6
     /// The request of `vcpu` failed (a vCPU did not stop in time; `gpa` holds its index).
     case failed = 7
-    public var description: String {
+    package var description: String {
         switch self {
         case .requested: return "requested"
         case .stopAcknowledged: return "stop-acknowledged"
@@ -202,12 +202,12 @@ public enum TracePrivilegedStep: UInt8, Hashable, Sendable, CaseIterable, Custom
 
 /// Who caused a record: the backend's answers are the replay's inputs, the core's calls are the
 /// decisions a replay compares, the VMM's calls set the scene.
-public enum TraceDirection: Sendable {
+package enum TraceDirection: Sendable {
     case backendToCore, coreToBackend, vmm, trace
 }
 
 /// One record of a trace (docs/trace-format.md lists every kind with its number and fields).
-public enum TraceRecord: Hashable, Sendable {
+package enum TraceRecord: Hashable, Sendable {
     // trace-level
     case meta(key: String, value: String)
     case end(recordCount: UInt64)
@@ -266,7 +266,7 @@ public enum TraceRecord: Hashable, Sendable {
     case trappedWriteCompleted(vcpu: UInt32)
 
     /// The record kind byte (docs/trace-format.md).
-    public var kind: UInt8 {
+    package var kind: UInt8 {
         switch self {
         case .meta: return RecordKind.meta
         case .end: return RecordKind.end
@@ -308,7 +308,7 @@ public enum TraceRecord: Hashable, Sendable {
         }
     }
 
-    public var direction: TraceDirection {
+    package var direction: TraceDirection {
         switch self {
         case .meta, .end, .vmSelect, .backendInfo: return .trace
         case .vmCreate, .vmDestroy, .vcpuCreate, .vcpuDestroy, .policySet, .memoryWrite, .memoryDigest, .powerFailure, .note:
@@ -320,10 +320,10 @@ public enum TraceRecord: Hashable, Sendable {
     }
 
     /// A decision of the core a replay compares with what the core decides again.
-    public var isDecision: Bool { direction == .coreToBackend }
+    package var isDecision: Bool { direction == .coreToBackend }
 
     /// The vCPU the record is about, if it is about one.
-    public var vcpu: UInt32? {
+    package var vcpu: UInt32? {
         switch self {
         case .vcpuCreate(let v), .vcpuDestroy(let v), .exit(let v, _), .regsRead(let v, _), .hierarchy(let v, _),
              .exitControls(let v, _), .injectFault(let v, _, _, _), .kick(let v), .decision(let v, _, _),
@@ -339,54 +339,54 @@ public enum TraceRecord: Hashable, Sendable {
 }
 
 /// Record kind numbers (docs/trace-format.md, "Record kinds").
-public enum RecordKind {
-    public static let meta: UInt8 = 0x01
-    public static let vmCreate: UInt8 = 0x02
-    public static let vmDestroy: UInt8 = 0x03
-    public static let vcpuCreate: UInt8 = 0x04
-    public static let vcpuDestroy: UInt8 = 0x05
-    public static let policySet: UInt8 = 0x06
-    public static let memoryWrite: UInt8 = 0x07
-    public static let exit: UInt8 = 0x10
-    public static let regsRead: UInt8 = 0x11
-    public static let memoryRead: UInt8 = 0x12
-    public static let hostPMemRegion: UInt8 = 0x13
-    public static let status: UInt8 = 0x14
-    public static let hierarchy: UInt8 = 0x20
-    public static let exitControls: UInt8 = 0x21
-    public static let invalidate: UInt8 = 0x22
-    public static let injectFault: UInt8 = 0x23
-    public static let kick: UInt8 = 0x24
-    public static let decision: UInt8 = 0x25
-    public static let regsWritten: UInt8 = 0x26
-    public static let privileged: UInt8 = 0x30
-    public static let defineRegion: UInt8 = 0x31
-    public static let attachPMem: UInt8 = 0x40
-    public static let flushHintPage: UInt8 = 0x41
-    public static let physicalFlush: UInt8 = 0x42
-    public static let fence: UInt8 = 0x43
-    public static let trappedWriteCompleted: UInt8 = 0x44
+package enum RecordKind {
+    package static let meta: UInt8 = 0x01
+    package static let vmCreate: UInt8 = 0x02
+    package static let vmDestroy: UInt8 = 0x03
+    package static let vcpuCreate: UInt8 = 0x04
+    package static let vcpuDestroy: UInt8 = 0x05
+    package static let policySet: UInt8 = 0x06
+    package static let memoryWrite: UInt8 = 0x07
+    package static let exit: UInt8 = 0x10
+    package static let regsRead: UInt8 = 0x11
+    package static let memoryRead: UInt8 = 0x12
+    package static let hostPMemRegion: UInt8 = 0x13
+    package static let status: UInt8 = 0x14
+    package static let hierarchy: UInt8 = 0x20
+    package static let exitControls: UInt8 = 0x21
+    package static let invalidate: UInt8 = 0x22
+    package static let injectFault: UInt8 = 0x23
+    package static let kick: UInt8 = 0x24
+    package static let decision: UInt8 = 0x25
+    package static let regsWritten: UInt8 = 0x26
+    package static let privileged: UInt8 = 0x30
+    package static let defineRegion: UInt8 = 0x31
+    package static let attachPMem: UInt8 = 0x40
+    package static let flushHintPage: UInt8 = 0x41
+    package static let physicalFlush: UInt8 = 0x42
+    package static let fence: UInt8 = 0x43
+    package static let trappedWriteCompleted: UInt8 = 0x44
     // 1.1
-    public static let vmSelect: UInt8 = 0x08
-    public static let memoryDigest: UInt8 = 0x09
-    public static let powerFailure: UInt8 = 0x0A
-    public static let note: UInt8 = 0x0B
-    public static let backendInfo: UInt8 = 0x0C
-    public static let backendStats: UInt8 = 0x15
-    public static let untrappedWrites: UInt8 = 0x16
-    public static let hostPMemCount: UInt8 = 0x17
-    public static let failure: UInt8 = 0x18
-    public static let privilegedEnter: UInt8 = 0x32
-    public static let end: UInt8 = 0x7F
+    package static let vmSelect: UInt8 = 0x08
+    package static let memoryDigest: UInt8 = 0x09
+    package static let powerFailure: UInt8 = 0x0A
+    package static let note: UInt8 = 0x0B
+    package static let backendInfo: UInt8 = 0x0C
+    package static let backendStats: UInt8 = 0x15
+    package static let untrappedWrites: UInt8 = 0x16
+    package static let hostPMemCount: UInt8 = 0x17
+    package static let failure: UInt8 = 0x18
+    package static let privilegedEnter: UInt8 = 0x32
+    package static let end: UInt8 = 0x7F
     /// Whether this version reads records of `kind` (a reader skips others: a newer minor's).
-    @inline(__always) public static func isKnown(_ kind: UInt8) -> Bool {
+    @inline(__always) package static func isKnown(_ kind: UInt8) -> Bool {
         switch kind {
         case 0x01...0x0C, 0x10...0x18, 0x20...0x26, 0x30...0x32, 0x40...0x44, 0x7F: return true
         default: return false
         }
     }
     /// Every kind this version reads; a reader skips others (a newer minor's).
-    public static let known: Set<UInt8> = [meta, vmCreate, vmDestroy, vcpuCreate, vcpuDestroy, policySet, memoryWrite,
+    package static let known: Set<UInt8> = [meta, vmCreate, vmDestroy, vcpuCreate, vcpuDestroy, policySet, memoryWrite,
                                            exit, regsRead, memoryRead, hostPMemRegion, status, hierarchy, exitControls,
                                            invalidate, injectFault, kick, decision, regsWritten, privileged, defineRegion,
                                            attachPMem, flushHintPage, physicalFlush, fence, trappedWriteCompleted, end,
@@ -396,12 +396,12 @@ public enum RecordKind {
 
 /// A record with where it is: its number (0-based, skipped unknown kinds included), its byte
 /// offset in the trace and its timestamp in nanoseconds.
-public struct TraceEvent: Hashable, Sendable {
-    public var index: UInt64
-    public var offset: UInt64
-    public var timestamp: UInt64
-    public var record: TraceRecord
-    public init(index: UInt64, offset: UInt64, timestamp: UInt64, record: TraceRecord) {
+package struct TraceEvent: Hashable, Sendable {
+    package var index: UInt64
+    package var offset: UInt64
+    package var timestamp: UInt64
+    package var record: TraceRecord
+    package init(index: UInt64, offset: UInt64, timestamp: UInt64, record: TraceRecord) {
         self.index = index; self.offset = offset; self.timestamp = timestamp; self.record = record
     }
 }

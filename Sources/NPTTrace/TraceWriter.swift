@@ -1,7 +1,7 @@
 // The streaming trace writer (docs/trace-format.md). Not thread-safe: the recording layer holds it
 // under its own lock and takes each timestamp under that lock, so timestamps never go backwards.
 
-public final class TraceWriter {
+package final class TraceWriter {
     /// Everything a record changes, in one allocation reached through a pointer: no dynamic
     /// exclusivity check and no allocation a record (the writer is not thread-safe anyway; its user
     /// serialises the calls).
@@ -47,15 +47,15 @@ public final class TraceWriter {
     let targetBlock: Int
     let s: UnsafeMutablePointer<State>
     /// Bytes handed to the sink so far.
-    public var bytesWritten: UInt64 { s.pointee.bytesWritten }
+    package var bytesWritten: UInt64 { s.pointee.bytesWritten }
     /// Records appended so far (the end record excluded).
-    public var recordCount: UInt64 { s.pointee.recordCount }
-    public var lastTimestamp: UInt64 { s.pointee.lastTimestamp }
-    public var finished: Bool { s.pointee.finished }
+    package var recordCount: UInt64 { s.pointee.recordCount }
+    package var lastTimestamp: UInt64 { s.pointee.lastTimestamp }
+    package var finished: Bool { s.pointee.finished }
 
     /// Writes the header. `blockPayload`: the payload size a block is closed at (at most
     /// TraceFormat.maxBlockPayload); smaller blocks lose less on a crash, larger ones compress better.
-    public init(sink: any TraceSink, blockPayload: Int = TraceFormat.defaultBlockPayload, minor: UInt16 = TraceFormat.minor) throws(TraceError) {
+    package init(sink: any TraceSink, blockPayload: Int = TraceFormat.defaultBlockPayload, minor: UInt16 = TraceFormat.minor) throws(TraceError) {
         self.sink = sink
         targetBlock = max(64, min(blockPayload, TraceFormat.maxBlockPayload))
         s = .allocate(capacity: 1)
@@ -74,7 +74,7 @@ public final class TraceWriter {
         s.deallocate()
     }
 
-    public convenience init(path: String, blockPayload: Int = TraceFormat.defaultBlockPayload) throws(TraceError) {
+    package convenience init(path: String, blockPayload: Int = TraceFormat.defaultBlockPayload) throws(TraceError) {
         try self.init(sink: try FileTraceSink(path: path), blockPayload: blockPayload)
     }
 
@@ -87,7 +87,7 @@ public final class TraceWriter {
     /// timestamp before the previous one (`.outOfOrder`), a record whose encoding exceeds
     /// TraceFormat.maxBlockPayload (split large memory writes), an `.end` record (finish() writes it),
     /// anything after finish().
-    public func append(_ record: TraceRecord, at timestamp: UInt64) throws(TraceError) {
+    package func append(_ record: TraceRecord, at timestamp: UInt64) throws(TraceError) {
         if case .end = record { throw TraceError(.invalidRecord, at: bytesWritten, "the end record is written by finish()") }
         try put(record, at: timestamp)
     }
@@ -126,7 +126,7 @@ public final class TraceWriter {
 
     /// Closes the current block and hands it to the sink, header and payload in one write (a reader
     /// sees everything appended so far except the end record). Called automatically when a block is full.
-    public func flush() throws(TraceError) {
+    package func flush() throws(TraceError) {
         guard s.pointee.blockCount > 0 else { return }
         try emit(s.pointee.block.seal(base: s.pointee.blockBase, records: s.pointee.blockCount))
         s.pointee.block.count = TraceFormat.blockHeaderSize
@@ -136,7 +136,7 @@ public final class TraceWriter {
 
     /// Writes the end record (the count of records before it), flushes and closes the sink.
     /// A trace without it reads as truncated.
-    public func finish() throws(TraceError) {
+    package func finish() throws(TraceError) {
         guard !finished else { return }
         try put(.end(recordCount: recordCount), at: lastTimestamp)
         try flush()

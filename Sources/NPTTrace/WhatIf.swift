@@ -2,14 +2,14 @@
 // (exits, hierarchy switches, violations, time), per vCPU and in total. The model and its
 // assumptions are printed with every report (WhatIfReport.render) and in docs/trace-format.md.
 
-public let permR: UInt64 = 1, permW: UInt64 = 2, permXs: UInt64 = 4, permXu: UInt64 = 1 << 10
+package let permR: UInt64 = 1, permW: UInt64 = 2, permXs: UInt64 = 4, permXu: UInt64 = 1 << 10
 
-public struct WhatIfInputError: Error, Sendable, CustomStringConvertible {
-    public var file: String
-    public var line: Int
-    public var message: String
-    public init(file: String, line: Int, _ message: String) { self.file = file; self.line = line; self.message = message }
-    public var description: String { "\(file): line \(line): \(message)" }
+package struct WhatIfInputError: Error, Sendable, CustomStringConvertible {
+    package var file: String
+    package var line: Int
+    package var message: String
+    package init(file: String, line: Int, _ message: String) { self.file = file; self.line = line; self.message = message }
+    package var description: String { "\(file): line \(line): \(message)" }
 }
 
 func parseNumber(_ t: Substring) -> UInt64? {
@@ -19,7 +19,7 @@ func parseNumber(_ t: Substring) -> UInt64? {
 }
 
 /// "R|W|Xs|Xu" (any order, '|' or ',' between), "-" for none.
-public func parsePerms(_ t: Substring) -> UInt64? {
+package func parsePerms(_ t: Substring) -> UInt64? {
     if t == "-" { return 0 }
     var p: UInt64 = 0
     for part in t.split(whereSeparator: { $0 == "|" || $0 == "," }) {
@@ -38,22 +38,22 @@ public func parsePerms(_ t: Substring) -> UInt64? {
 /// The policy file: `GPA SIZE PERMS` lines, plus `default PERMS`, `map GVA SIZE GPA` (how a rip
 /// becomes a guest-physical address; identity where no map covers it) and `kernel START END`
 /// (rips in [START, END) are kernel code; without such lines, the upper canonical half is).
-public struct WhatIfPolicy: Sendable {
-    public struct Range: Sendable, Hashable {
-        public var start: UInt64; public var end: UInt64; public var perms: UInt64
-        public init(start: UInt64, end: UInt64, perms: UInt64) { self.start = start; self.end = end; self.perms = perms }
+package struct WhatIfPolicy: Sendable {
+    package struct Range: Sendable, Hashable {
+        package var start: UInt64; package var end: UInt64; package var perms: UInt64
+        package init(start: UInt64, end: UInt64, perms: UInt64) { self.start = start; self.end = end; self.perms = perms }
     }
-    public struct Map: Sendable, Hashable {
-        public var gva: UInt64; public var size: UInt64; public var gpa: UInt64
-        public init(gva: UInt64, size: UInt64, gpa: UInt64) { self.gva = gva; self.size = size; self.gpa = gpa }
+    package struct Map: Sendable, Hashable {
+        package var gva: UInt64; package var size: UInt64; package var gpa: UInt64
+        package init(gva: UInt64, size: UInt64, gpa: UInt64) { self.gva = gva; self.size = size; self.gpa = gpa }
     }
-    public var ranges: [Range] = []
-    public var defaultPerms: UInt64 = permR | permW | permXs | permXu
-    public var maps: [Map] = []
-    public var kernelRanges: [(UInt64, UInt64)] = []
-    public init() {}
+    package var ranges: [Range] = []
+    package var defaultPerms: UInt64 = permR | permW | permXs | permXu
+    package var maps: [Map] = []
+    package var kernelRanges: [(UInt64, UInt64)] = []
+    package init() {}
 
-    public static func parse(_ text: String, file: String = "policy") throws(WhatIfInputError) -> WhatIfPolicy {
+    package static func parse(_ text: String, file: String = "policy") throws(WhatIfInputError) -> WhatIfPolicy {
         var p = WhatIfPolicy()
         for (n, t) in tokenizedLines(text) {
             func fail(_ m: String) -> WhatIfInputError { WhatIfInputError(file: file, line: n, m) }
@@ -91,7 +91,7 @@ public struct WhatIfPolicy: Sendable {
         return p
     }
 
-    public func perms(_ gpa: UInt64) -> UInt64 {
+    package func perms(_ gpa: UInt64) -> UInt64 {
         var lo = 0, hi = ranges.count
         while lo < hi {
             let mid = (lo + hi) / 2
@@ -100,38 +100,38 @@ public struct WhatIfPolicy: Sendable {
         return lo < ranges.count && ranges[lo].start <= gpa ? ranges[lo].perms : defaultPerms
     }
 
-    public func gpa(ofLinear a: UInt64) -> UInt64 {
+    package func gpa(ofLinear a: UInt64) -> UInt64 {
         for m in maps where a >= m.gva && a - m.gva < m.size { return m.gpa + (a - m.gva) }
         return a
     }
 
-    public func isKernel(rip: UInt64) -> Bool {
+    package func isKernel(rip: UInt64) -> Bool {
         if kernelRanges.isEmpty { return rip >> 63 == 1 }
         return kernelRanges.contains { rip >= $0.0 && rip < $0.1 }
     }
 
     /// MBEC changes anything only where some page's Xs and Xu differ.
-    public var needsMBEC: Bool {
+    package var needsMBEC: Bool {
         ranges.contains { ($0.perms & permXs != 0) != ($0.perms & permXu != 0) }
             || (defaultPerms & permXs != 0) != (defaultPerms & permXu != 0)
     }
 }
 
 /// Costs of what the emulation adds.
-public struct WhatIfCosts: Sendable {
+package struct WhatIfCosts: Sendable {
     /// One added exit (an escalation, return or violation exit and the core's handling), ns.
-    public var exitNs: Double
+    package var exitNs: Double
     /// One hierarchy switch on top of its exit, ns.
-    public var switchNs: Double
-    public var source: String
+    package var switchNs: Double
+    package var source: String
     /// The KVM backend on this project's build machine (README, Benchmarks, table 8, `nptkit-cli
     /// bench --only kvm`): raw exit round trip 19.0 µs; one switch 343 µs with its exit, so 324 µs on top.
-    public static let kvmBuildMachine = WhatIfCosts(exitNs: 19_000, switchNs: 324_000,
+    package static let kvmBuildMachine = WhatIfCosts(exitNs: 19_000, switchNs: 324_000,
                                                     source: "defaults: the KVM backend on the build machine (README, Benchmarks 8: exit round trip 19.0 us, a switch 343 us with its exit)")
-    public init(exitNs: Double, switchNs: Double, source: String) { self.exitNs = exitNs; self.switchNs = switchNs; self.source = source }
+    package init(exitNs: Double, switchNs: Double, source: String) { self.exitNs = exitNs; self.switchNs = switchNs; self.source = source }
 
     /// `exit_ns N` and `switch_ns N` lines, '#' comments.
-    public static func parse(_ text: String, file: String) throws(WhatIfInputError) -> WhatIfCosts {
+    package static func parse(_ text: String, file: String) throws(WhatIfInputError) -> WhatIfCosts {
         var c = WhatIfCosts(exitNs: kvmBuildMachine.exitNs, switchNs: kvmBuildMachine.switchNs, source: "costs file \(file)")
         for (n, t) in tokenizedLines(text) {
             guard t.count == 2, let v = Double(t[1]), v >= 0, v.isFinite else {
@@ -147,45 +147,45 @@ public struct WhatIfCosts: Sendable {
     }
 }
 
-public enum WhatIfMode: String, Sendable, CaseIterable {
+package enum WhatIfMode: String, Sendable, CaseIterable {
     case exact, lazy
     case violationOnly = "violation-only"
 }
 
 /// One exit of the input, as the model needs it.
-public struct WhatIfExit: Sendable, Hashable {
-    public var timestamp: UInt64
+package struct WhatIfExit: Sendable, Hashable {
+    package var timestamp: UInt64
     /// Where the guest was (the instruction it executed or was about to), if the trace says.
-    public var rip: UInt64?
+    package var rip: UInt64?
     /// The CPL, if the trace says (NPTKit traces); else inferred from the rip.
-    public var cpl: UInt32?
+    package var cpl: UInt32?
     /// A data access the exit reports (guest-physical), if any.
-    public var dataGPA: UInt64?
-    public var dataWrite = false
+    package var dataGPA: UInt64?
+    package var dataWrite = false
     /// A fetch the exit reports at a guest-physical address (an EPT violation / NPF on a fetch,
     /// or an instruction KVM could not fetch).
-    public var fetchGPA: UInt64?
-    public init(timestamp: UInt64, rip: UInt64? = nil, cpl: UInt32? = nil) { self.timestamp = timestamp; self.rip = rip; self.cpl = cpl }
+    package var fetchGPA: UInt64?
+    package init(timestamp: UInt64, rip: UInt64? = nil, cpl: UInt32? = nil) { self.timestamp = timestamp; self.rip = rip; self.cpl = cpl }
 }
 
-public struct WhatIfCounts: Sendable, Hashable {
-    public var exits = 0
-    public var exitsWithoutRip = 0
-    public var userToKernel = 0
-    public var kernelToUser = 0
-    public var escalationExits = 0
-    public var returnExits = 0
-    public var violationExits = 0
-    public var switches = 0
-    public var fetchViolations = 0
-    public var dataViolations = 0
+package struct WhatIfCounts: Sendable, Hashable {
+    package var exits = 0
+    package var exitsWithoutRip = 0
+    package var userToKernel = 0
+    package var kernelToUser = 0
+    package var escalationExits = 0
+    package var returnExits = 0
+    package var violationExits = 0
+    package var switches = 0
+    package var fetchViolations = 0
+    package var dataViolations = 0
     /// Exits where the guest ran a page under the other mode's hierarchy (the emulation's known gaps).
-    public var ranUnderOtherHierarchy = 0
-    public var firstTimestamp: UInt64 = 0
-    public var lastTimestamp: UInt64 = 0
-    public var addedExits: Int { escalationExits + returnExits + violationExits }
-    public func addedNs(_ c: WhatIfCosts) -> Double { Double(addedExits) * c.exitNs + Double(switches) * c.switchNs }
-    public var durationNs: UInt64 { lastTimestamp - firstTimestamp }
+    package var ranUnderOtherHierarchy = 0
+    package var firstTimestamp: UInt64 = 0
+    package var lastTimestamp: UInt64 = 0
+    package var addedExits: Int { escalationExits + returnExits + violationExits }
+    package func addedNs(_ c: WhatIfCosts) -> Double { Double(addedExits) * c.exitNs + Double(switches) * c.switchNs }
+    package var durationNs: UInt64 { lastTimestamp - firstTimestamp }
 
     mutating func add(_ o: WhatIfCounts) {
         exits += o.exits; exitsWithoutRip += o.exitsWithoutRip; userToKernel += o.userToKernel; kernelToUser += o.kernelToUser
@@ -196,20 +196,20 @@ public struct WhatIfCounts: Sendable, Hashable {
 }
 
 /// The model, fed exit by exit (per vCPU, in time order); O(vCPUs) memory.
-public struct WhatIfModel: Sendable {
-    public let policy: WhatIfPolicy
-    public let mode: WhatIfMode
+package struct WhatIfModel: Sendable {
+    package let policy: WhatIfPolicy
+    package let mode: WhatIfMode
     struct VCPUState: Sendable {
         var user: Bool?
         var exposedUser = false
         var counts = WhatIfCounts()
     }
     var vcpus: [String: VCPUState] = [:]
-    public private(set) var order: [String] = []
+    package private(set) var order: [String] = []
 
-    public init(policy: WhatIfPolicy, mode: WhatIfMode) { self.policy = policy; self.mode = mode }
+    package init(policy: WhatIfPolicy, mode: WhatIfMode) { self.policy = policy; self.mode = mode }
 
-    public mutating func feed(vcpu: String, _ e: WhatIfExit) {
+    package mutating func feed(vcpu: String, _ e: WhatIfExit) {
         if vcpus[vcpu] == nil { vcpus[vcpu] = VCPUState(); order.append(vcpu) }
         var s = vcpus[vcpu]!
         defer { vcpus[vcpu] = s }
@@ -267,8 +267,8 @@ public struct WhatIfModel: Sendable {
         }
     }
 
-    public func counts(_ vcpu: String) -> WhatIfCounts? { vcpus[vcpu]?.counts }
-    public var total: WhatIfCounts {
+    package func counts(_ vcpu: String) -> WhatIfCounts? { vcpus[vcpu]?.counts }
+    package var total: WhatIfCounts {
         var t = WhatIfCounts()
         var first = UInt64.max, last: UInt64 = 0
         for v in order {

@@ -1,17 +1,17 @@
 // Feeds a trace, kernel text or an NPTKit trace, to the what-if model and renders the report.
 
-public struct WhatIfReport: Sendable {
-    public var tracePath: String
-    public var input: String
-    public var mode: WhatIfMode
-    public var costs: WhatIfCosts
-    public var policySummary: String
-    public var needsMBEC: Bool
-    public var rows: [(String, WhatIfCounts)]
-    public var total: WhatIfCounts
-    public var notes: [String]
+package struct WhatIfReport: Sendable {
+    package var tracePath: String
+    package var input: String
+    package var mode: WhatIfMode
+    package var costs: WhatIfCosts
+    package var policySummary: String
+    package var needsMBEC: Bool
+    package var rows: [(String, WhatIfCounts)]
+    package var total: WhatIfCounts
+    package var notes: [String]
 
-    public func render() -> String {
+    package func render() -> String {
         var out = ["What-if: NPTKit's emulated MBEC, mode \(mode.rawValue), on \(tracePath)",
                    "Input: \(input)",
                    "Policy: \(policySummary); MBEC needed (some page's Xs and Xu differ): \(needsMBEC ? "yes" : "no, so nothing is added")",
@@ -60,7 +60,7 @@ public struct WhatIfReport: Sendable {
 }
 
 /// `d` rounded to `digits` decimals, always written with that many ("2.50").
-public func fmt(_ d: Double, _ digits: Int = 2) -> String {
+package func fmt(_ d: Double, _ digits: Int = 2) -> String {
     var m = 1.0
     for _ in 0..<digits { m *= 10 }
     let r = (d * m).rounded() / m
@@ -75,29 +75,29 @@ public func fmt(_ d: Double, _ digits: Int = 2) -> String {
 /// Turns kernel-trace events into what-if exits. Two streams are built: from kvm_exit (stock VMX/SVM
 /// KVM) and from kvm_userspace_exit (KVMs whose kvm_exit does not fire, like this machine's PVM, where
 /// the rip comes from kvm_emulate_insn); the report uses the first if the trace has any kvm_exit.
-public struct KernelExitStream: Sendable {
-    public var exitModel: WhatIfModel
-    public var userspaceModel: WhatIfModel
+package struct KernelExitStream: Sendable {
+    package var exitModel: WhatIfModel
+    package var userspaceModel: WhatIfModel
     struct Pending: Sendable { var key: String; var exit: WhatIfExit; var wantsGPA: Bool }
     var pendingExit: [String: Pending] = [:]
     struct ThreadState: Sendable { var rip: UInt64?; var lastFailed = false; var mmio: (UInt64, Bool)? }
     var threads: [Int32: ThreadState] = [:]
     var keyOfThread: [Int32: String] = [:]
-    public private(set) var kvmExits = 0
+    package private(set) var kvmExits = 0
 
     /// A vCPU: its index where the event prints it, with its thread (two VMs may both have a vCPU 0);
     /// else its thread.
     static func key(_ vcpu: UInt32?, _ ev: KernelTraceEvent) -> String {
         vcpu.map { "vcpu \($0) (pid \(ev.pid))" } ?? "pid \(ev.pid) (\(ev.task))"
     }
-    public private(set) var userspaceExits = 0
+    package private(set) var userspaceExits = 0
 
-    public init(policy: WhatIfPolicy, mode: WhatIfMode) {
+    package init(policy: WhatIfPolicy, mode: WhatIfMode) {
         exitModel = WhatIfModel(policy: policy, mode: mode)
         userspaceModel = WhatIfModel(policy: policy, mode: mode)
     }
 
-    public mutating func feed(_ ev: KernelTraceEvent) {
+    package mutating func feed(_ ev: KernelTraceEvent) {
         switch ev.event {
         case .exit(let x):
             kvmExits += 1
@@ -157,21 +157,21 @@ public struct KernelExitStream: Sendable {
         exitModel.feed(vcpu: p.key, e)
     }
 
-    public mutating func finish() {
+    package mutating func finish() {
         for k in pendingExit.keys.sorted() { flush(k) }
     }
 }
 
-public enum WhatIfAnalysis {
+package enum WhatIfAnalysis {
     /// Whether `path` starts with the NPTKit trace magic.
-    public static func isNPTKitTrace(_ path: String) -> Bool {
+    package static func isNPTKitTrace(_ path: String) -> Bool {
         guard let src = try? FileTraceSource(path: path) else { return false }
         var b = [UInt8](repeating: 0, count: 8)
         let n = (try? b.withUnsafeMutableBytes { try src.read(into: $0) }) ?? 0
         return n == 8 && b == TraceFormat.magic
     }
 
-    public static func run(tracePath: String, policy: WhatIfPolicy, policyPath: String, mode: WhatIfMode, costs: WhatIfCosts,
+    package static func run(tracePath: String, policy: WhatIfPolicy, policyPath: String, mode: WhatIfMode, costs: WhatIfCosts,
                            unknownEvents: KernelTraceParser.UnknownEvents = .skip) throws -> WhatIfReport {
         let summary = "\(policyPath): \(policy.ranges.count) ranges, default \(permsText(policy.defaultPerms)), \(policy.maps.count) maps, kernel rips: \(policy.kernelRanges.isEmpty ? "upper canonical half" : policy.kernelRanges.map { "\(hex($0.0))-\(hex($0.1))" }.joined(separator: ", "))"
         var notes: [String] = []

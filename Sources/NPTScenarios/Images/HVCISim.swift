@@ -5,33 +5,33 @@ import NPTSimulator
 /// The HVCI-like scenario's image in the simulator's ISA (docs/guest-isa.md), protocol HVCI_* of
 /// `Guests/include/scenario_protocol.h`: a higher-half kernel, a user process, a driver page and a
 /// JIT page. Every address is defined here, once.
-public enum HVCISim {
-    public static let ram: UInt64 = 16 << 20
-    public static let kernelBase: UInt64 = 0xFFFF_8000_0000_0000
+package enum HVCISim {
+    package static let ram: UInt64 = 16 << 20
+    package static let kernelBase: UInt64 = 0xFFFF_8000_0000_0000
 
     // Guest-physical layout.
-    public static let tables = GPARange(start: GPA(0), size: 0x40000)
+    package static let tables = GPARange(start: GPA(0), size: 0x40000)
     /// Two pages: boot and fault handler, then the system-call entry (a page of its own, so the
     /// entry attack can remap it without touching the boot code).
-    public static let kernelCode: UInt64 = 0x10_0000
-    public static let kernelData: UInt64 = 0x12_0000
-    public static let userCode: UInt64 = 0x20_0000
-    public static let userData: UInt64 = 0x22_0000
-    public static let userJIT: UInt64 = 0x24_0000
-    public static let driver: UInt64 = 0x30_0000
+    package static let kernelCode: UInt64 = 0x10_0000
+    package static let kernelData: UInt64 = 0x12_0000
+    package static let userCode: UInt64 = 0x20_0000
+    package static let userData: UInt64 = 0x22_0000
+    package static let userJIT: UInt64 = 0x24_0000
+    package static let driver: UInt64 = 0x30_0000
 
     // Guest-virtual layout.
-    public static let kernelCodeVA = kernelBase + kernelCode
-    public static let userCodeVA: UInt64 = 0x40_0000
-    public static let userDataVA: UInt64 = 0x60_0000
-    public static let userJITVA: UInt64 = 0x70_0000
-    public static let driverUserAliasVA: UInt64 = 0x80_0000
-    public static let jitKernelAliasVA = kernelBase + userJIT
+    package static let kernelCodeVA = kernelBase + kernelCode
+    package static let userCodeVA: UInt64 = 0x40_0000
+    package static let userDataVA: UInt64 = 0x60_0000
+    package static let userJITVA: UInt64 = 0x70_0000
+    package static let driverUserAliasVA: UInt64 = 0x80_0000
+    package static let jitKernelAliasVA = kernelBase + userJIT
 
     // Entry points.
-    public static let bootVA = kernelCodeVA
-    public static let faultVA = kernelCodeVA + 0x400
-    public static let syscallVA = kernelCodeVA + 0x1000
+    package static let bootVA = kernelCodeVA
+    package static let faultVA = kernelCodeVA + 0x400
+    package static let syscallVA = kernelCodeVA + 0x1000
     static let writeVA = syscallVA + 0x100
     static let exploitVA = syscallVA + 0x200
     static let pwnedVA = syscallVA + 0x300
@@ -40,7 +40,7 @@ public enum HVCISim {
     static let after1VA = userCodeVA + 0x200
     static let after2VA = userCodeVA + 0x300
 
-    public static let image: HVCIImage = build()
+    package static let image: HVCIImage = build()
 
     /// The payload a successful attack runs: report HVCI_PWNED, halt.
     static func payload() -> [UInt8] {

@@ -3,10 +3,10 @@ import NPTCore
 
 /// The HVCI-like scenario's x86-64 image: `Guests/x86-64/hvci.S` (its addresses are its global
 /// symbols, HVCI_GUEST_*, defined there once), protocol HVCI_* like the simulator's image.
-public enum HVCIX86 {
+package enum HVCIX86 {
     static func a(_ v: UInt32) -> UInt64 { UInt64(v) }
 
-    public static let image: HVCIImage = {
+    package static let image: HVCIImage = {
         typealias L = HVCIScenario.Label
         // The entry attack: a PTE making ALIAS_SLOT a supervisor-mode alias of the JIT page (P|W,
         // U/S = 0), and IDT vector 3 (the system call, DPL 3) pointed at it: the payload is at the

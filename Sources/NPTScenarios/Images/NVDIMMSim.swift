@@ -5,11 +5,11 @@ import NPTSimulator
 /// The NVDIMM durability scenario's image in the simulator's ISA, protocol NVDIMM_* of
 /// `Guests/include/scenario_protocol.h`. Paging is off: linear = guest-physical, and every address
 /// is user-mode (SDM), so the user-execute bit governs the code's fetches.
-public enum NVDIMMSim {
-    public static let ram: UInt64 = 4 << 20
-    public static let nvdimmGPA: UInt64 = 0x1_0000_0000
-    public static let nvdimmSize: UInt64 = 2 << 20
-    public static let code: UInt64 = 0x1000
+package enum NVDIMMSim {
+    package static let ram: UInt64 = 4 << 20
+    package static let nvdimmGPA: UInt64 = 0x1_0000_0000
+    package static let nvdimmSize: UInt64 = 2 << 20
+    package static let code: UInt64 = 0x1000
     static let loopEntry = code
     static let tailEntry = code + 0x100
 
@@ -38,7 +38,7 @@ public enum NVDIMMSim {
         a.emit(.addi, 2, 0, NVDIMM_RECORD_STRIDE)
     }
 
-    public static let image: NVDIMMImage = {
+    package static let image: NVDIMMImage = {
         var plain = Assembler(origin: loopEntry)
         records(&plain)
         plain.emit(.hlt)

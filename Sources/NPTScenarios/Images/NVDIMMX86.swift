@@ -3,8 +3,8 @@ import NPTCore
 
 /// The NVDIMM durability scenario's x86-64 image: `Guests/x86-64/pmem.S` (its addresses are its
 /// global symbols, PMEM_GUEST_*), protocol NVDIMM_* like the simulator's image.
-public enum NVDIMMX86 {
-    public static let image: NVDIMMImage = {
+package enum NVDIMMX86 {
+    package static let image: NVDIMMImage = {
         var memory = GuestImage()
         memory.write(UInt64(PMEM_GUEST_BASE), Scenarios.x86Bytes("pmem_guest"))
         return NVDIMMImage(

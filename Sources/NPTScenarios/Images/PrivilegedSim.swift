@@ -5,19 +5,19 @@ import NPTSimulator
 /// The privileged-mode scenario's image in the simulator's ISA, protocol PRIV_* of
 /// `Guests/include/scenario_protocol.h`. Paging is off: linear = guest-physical, and every address
 /// is user-mode (SDM), so the user-execute bit governs the loop's fetches.
-public enum PrivilegedSim {
-    public static let ram: UInt64 = 4 << 20
-    public static let code: UInt64 = 0x1000
-    public static let heartbeats: UInt64 = 0x10000
-    public static let regionBase: UInt64 = 0x8000_0000
-    public static let regionSize: UInt64 = 0x10000
+package enum PrivilegedSim {
+    package static let ram: UInt64 = 4 << 20
+    package static let code: UInt64 = 0x1000
+    package static let heartbeats: UInt64 = 0x10000
+    package static let regionBase: UInt64 = 0x8000_0000
+    package static let regionSize: UInt64 = 0x10000
     /// The handler's entry count, in region memory.
-    public static let countOffset: UInt64 = 0x1000
+    package static let countOffset: UInt64 = 0x1000
     /// The register the loop probes through (r10: the region's first bytes, or RAM).
     static let probeRegister: UInt8 = 10
     /// The probe's destination register (the VMM completes a blocked probe with all ones there).
     static let probeValue: UInt8 = 4
-    public static let maxCPUs = 64
+    package static let maxCPUs = 64
 
     static func loop() -> [UInt8] {
         let hb = UInt8(PRIV_REG_HEARTBEAT)
@@ -73,7 +73,7 @@ public enum PrivilegedSim {
     }
 
     /// The image for `cpus` vCPUs (the handler sums that many heartbeats).
-    public static func image(cpus: Int) -> PrivilegedImage {
+    package static func image(cpus: Int) -> PrivilegedImage {
         var memory = GuestImage()
         memory.write(code, loop())
         var entry = Registers()

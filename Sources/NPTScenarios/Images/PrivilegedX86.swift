@@ -3,8 +3,8 @@ import NPTCore
 
 /// The privileged-mode scenario's x86-64 image: `Guests/x86-64/priv.S` (16-bit real mode; its
 /// addresses are its global symbols, PRIV_GUEST_*), protocol PRIV_* like the simulator's image.
-public enum PrivilegedX86 {
-    public static let image: PrivilegedImage = {
+package enum PrivilegedX86 {
+    package static let image: PrivilegedImage = {
         var memory = GuestImage()
         memory.write(UInt64(PRIV_GUEST_BASE), Scenarios.x86Bytes("priv_guest"))
         var entry = Registers()   // real mode: cr0 = 0, CS = 0

@@ -14,7 +14,7 @@ import NPTScenarios
 /// register file and memory writes are compared. A divergence is classified (a documented class of
 /// the mode, README "Where the emulation differs from hardware MBEC"), counted, both machines are
 /// brought back to the reference's state, and the episode goes on; an unclassified one is a failure.
-public enum DivergenceClass: String, CaseIterable, Sendable {
+package enum DivergenceClass: String, CaseIterable, Sendable {
     /// Lazy and violation-only modes: after a return to user mode the supervisor hierarchy stays
     /// exposed, so user code runs a supervisor-execute-only page mapped at a user-mode address.
     case staleSupervisorAtCPL3
@@ -30,19 +30,19 @@ public enum DivergenceClass: String, CaseIterable, Sendable {
     case smepOffUserHierarchyAtCPL0
 }
 
-public struct DifferentialConfig: Sendable {
-    public var mode: VMConfig.MBECMode
-    public var smep: Bool
+package struct DifferentialConfig: Sendable {
+    package var mode: VMConfig.MBECMode
+    package var smep: Bool
     /// Capabilities the simulator pretends not to have (`.exitOnEscalation`, `.exitOnReturn`).
-    public var withoutExits: BackendCapabilities
-    public var privilegedRegion: Bool
-    public var nvdimm: Bool
-    public init(mode: VMConfig.MBECMode, smep: Bool, withoutExits: BackendCapabilities = [],
+    package var withoutExits: BackendCapabilities
+    package var privilegedRegion: Bool
+    package var nvdimm: Bool
+    package init(mode: VMConfig.MBECMode, smep: Bool, withoutExits: BackendCapabilities = [],
                 privilegedRegion: Bool = true, nvdimm: Bool = true) {
         self.mode = mode; self.smep = smep; self.withoutExits = withoutExits
         self.privilegedRegion = privilegedRegion; self.nvdimm = nvdimm
     }
-    public var name: String {
+    package var name: String {
         var s = "\(mode) smep=\(smep)"
         if !withoutExits.isEmpty {
             s += " without " + [(BackendCapabilities.exitOnEscalation, "escalation"), (.exitOnReturn, "return")]
@@ -51,7 +51,7 @@ public struct DifferentialConfig: Sendable {
         return s
     }
     /// The divergence classes a configuration may show (anything else fails).
-    public var allowed: Set<DivergenceClass> {
+    package var allowed: Set<DivergenceClass> {
         var a: Set<DivergenceClass> = []
         switch mode {
         case .exact: if !smep { a.formUnion([.smepOffUserAddress, .smepOffUserHierarchyAtCPL0]) }
@@ -64,28 +64,28 @@ public struct DifferentialConfig: Sendable {
 }
 
 /// What a run exercised and found.
-public struct DifferentialReport: Sendable {
-    public var steps = 0
-    public var divergences: [DivergenceClass: Int] = [:]
-    public var unclassified: [String] = []
-    public var policyChanges = 0
-    public var injections = 0
-    public var privilegedEntries = 0
-    public var structureViolations = 0      // EPT violations on a paging-structure access (bit 8 clear)
-    public var accessedDirtyViolations = 0  // of which on an A/D update (a write)
-    public var pageTableWrites = 0          // guest stores into its own page tables
-    public var pagingOffSteps = 0
-    public var wpOffSteps = 0
-    public var nxeOffSteps = 0
-    public var smapSteps = 0
-    public var reservedBitFaults = 0
-    public var largePageSteps = 0           // steps whose fetch went through a 1 GiB guest page
-    public var nvdimmAccesses = 0
-    public var supervisorOnlyAtUserAddressAfterReturn = 0
-    public var vcpusCreated = 0
-    public init() {}
+package struct DifferentialReport: Sendable {
+    package var steps = 0
+    package var divergences: [DivergenceClass: Int] = [:]
+    package var unclassified: [String] = []
+    package var policyChanges = 0
+    package var injections = 0
+    package var privilegedEntries = 0
+    package var structureViolations = 0      // EPT violations on a paging-structure access (bit 8 clear)
+    package var accessedDirtyViolations = 0  // of which on an A/D update (a write)
+    package var pageTableWrites = 0          // guest stores into its own page tables
+    package var pagingOffSteps = 0
+    package var wpOffSteps = 0
+    package var nxeOffSteps = 0
+    package var smapSteps = 0
+    package var reservedBitFaults = 0
+    package var largePageSteps = 0           // steps whose fetch went through a 1 GiB guest page
+    package var nvdimmAccesses = 0
+    package var supervisorOnlyAtUserAddressAfterReturn = 0
+    package var vcpusCreated = 0
+    package init() {}
 
-    public mutating func add(_ o: DifferentialReport) {
+    package mutating func add(_ o: DifferentialReport) {
         steps += o.steps
         for (c, n) in o.divergences { divergences[c, default: 0] += n }
         unclassified += o.unclassified
@@ -98,7 +98,7 @@ public struct DifferentialReport: Sendable {
         vcpusCreated += o.vcpusCreated
     }
 
-    public var summary: String {
+    package var summary: String {
         let d = divergences.map { "\($0.key.rawValue)=\($0.value)" }.sorted().joined(separator: " ")
         return "\(steps) steps; divergences [\(d)] unclassified \(unclassified.count); policy changes \(policyChanges), "
             + "injected \(injections), privileged entries \(privilegedEntries), paging-structure violations \(structureViolations) "
@@ -110,10 +110,10 @@ public struct DifferentialReport: Sendable {
 }
 
 /// A deterministic random source (SplitMix64), the harness's own.
-public struct Rand: RandomNumberGenerator, Sendable {
+package struct Rand: RandomNumberGenerator, Sendable {
     var state: UInt64
-    public init(seed: UInt64) { state = seed &+ 0x9E37_79B9_7F4A_7C15 }
-    public mutating func next() -> UInt64 {
+    package init(seed: UInt64) { state = seed &+ 0x9E37_79B9_7F4A_7C15 }
+    package mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
@@ -128,12 +128,12 @@ public struct Rand: RandomNumberGenerator, Sendable {
 // MARK: conversions between the two machines
 
 extension ReferenceCPU {
-    public init(_ r: Registers) {
+    package init(_ r: Registers) {
         self.init()
         cpl = r.cpl; rip = r.rip; rflags = r.rflags; gpr = r.gpr
         cr0 = r.cr0; cr2 = r.cr2; cr3 = r.cr3; cr4 = r.cr4; efer = r.efer; lstar = r.lstar; faultHandler = r.faultHandler
     }
-    public var registers: Registers {
+    package var registers: Registers {
         var r = Registers()
         r.cpl = cpl; r.rip = rip; r.rflags = rflags; r.gpr = gpr
         r.cr0 = cr0; r.cr2 = cr2; r.cr3 = cr3; r.cr4 = cr4; r.efer = efer; r.lstar = lstar; r.faultHandler = faultHandler
@@ -143,7 +143,7 @@ extension ReferenceCPU {
 
 extension ReferenceOutcome {
     /// The reference outcome an exit of `VirtualCPU.run` (budget 1) corresponds to.
-    public init?(_ x: VMExit) {
+    package init?(_ x: VMExit) {
         switch x.reason {
         case .budget: self = .stepped
         case .io: self = .io(port: x.ioPort, value: x.ioValue)
@@ -153,11 +153,11 @@ extension ReferenceOutcome {
         default: return nil
         }
     }
-    public var stopsProgress: Bool {
+    package var stopsProgress: Bool {
         switch self { case .violation, .guestFault, .halt: true; default: false }
     }
     /// A fetch violation: its address and whether the linear address was user-mode.
-    public var fetchViolation: (gpa: UInt64, user: Bool)? {
+    package var fetchViolation: (gpa: UInt64, user: Bool)? {
         if case .violation(let g, _, let q) = self, q & 4 != 0 { return (g, q & (1 << 9) != 0) }
         return nil
     }

@@ -164,9 +164,9 @@ final class Pair {
     }
 }
 
-public enum Differential {
+package enum Differential {
     /// Runs one single-vCPU episode of `steps` steps.
-    public static func episode(_ config: DifferentialConfig, seed: UInt64, steps: Int) throws -> DifferentialReport {
+    package static func episode(_ config: DifferentialConfig, seed: UInt64, steps: Int) throws -> DifferentialReport {
         var rng = Rand(seed: seed)
         let guest = Guest(rng: &rng, frames: Layout.firstFrame..<Layout.ramFrames, tableBase: 0,
                           nvdimm: config.nvdimm, region: config.privilegedRegion)

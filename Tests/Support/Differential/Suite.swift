@@ -3,15 +3,15 @@ import Synchronization
 import NPTHost
 
 /// The configurations of the differential test and their share of the steps.
-public enum DifferentialSuite {
-    public struct Part: Sendable {
-        public var config: DifferentialConfig
-        public var share: Double
-        public var threaded: Bool
-        public var name: String { config.name + (threaded ? " threaded" : "") }
+package enum DifferentialSuite {
+    package struct Part: Sendable {
+        package var config: DifferentialConfig
+        package var share: Double
+        package var threaded: Bool
+        package var name: String { config.name + (threaded ? " threaded" : "") }
     }
 
-    public static let parts: [Part] = [
+    package static let parts: [Part] = [
         Part(config: DifferentialConfig(mode: .exact, smep: true), share: 0.34, threaded: false),
         Part(config: DifferentialConfig(mode: .exact, smep: false), share: 0.08, threaded: false),
         Part(config: DifferentialConfig(mode: .lazy, smep: true), share: 0.10, threaded: false),
@@ -27,11 +27,11 @@ public enum DifferentialSuite {
              share: 0.03, threaded: true),
     ]
 
-    public static let stepsPerEpisode = 4000
+    package static let stepsPerEpisode = 4000
 
     /// Runs every part's share of `totalSteps`, episodes spread over two worker threads. Returns the
     /// reports per part (in `parts` order).
-    public static func runParts(totalSteps: Int, seed: UInt64, only: Int? = nil) throws -> [DifferentialReport] {
+    package static func runParts(totalSteps: Int, seed: UInt64, only: Int? = nil) throws -> [DifferentialReport] {
         struct Job: Sendable { var part: Int; var seed: UInt64; var steps: Int }
         var jobs: [Job] = []
         for (i, p) in parts.enumerated() where only == nil || only == i {
@@ -75,7 +75,7 @@ public enum DifferentialSuite {
     }
 
     /// Runs the suite and returns the total; `log` gets a line per part.
-    public static func run(totalSteps: Int, seed: UInt64, only: Int? = nil, log: (String) -> Void) throws -> DifferentialReport {
+    package static func run(totalSteps: Int, seed: UInt64, only: Int? = nil, log: (String) -> Void) throws -> DifferentialReport {
         let reports = try runParts(totalSteps: totalSteps, seed: seed, only: only)
         var total = DifferentialReport()
         for (i, (p, r)) in zip(parts, reports).enumerated() where only == nil || only == i {

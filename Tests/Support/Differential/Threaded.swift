@@ -34,7 +34,7 @@ extension Differential {
     /// reference of each is exact), while another thread changes the policy of everyone's frames
     /// and a third creates vCPUs, runs them a little and destroys them, also during the changes.
     /// Each step is checked against the reference under every policy version it may have seen.
-    public static func threaded(_ config: DifferentialConfig, seed: UInt64, vcpus: Int, stepsPerVCPU: Int,
+    package static func threaded(_ config: DifferentialConfig, seed: UInt64, vcpus: Int, stepsPerVCPU: Int,
                                 creations: Int) throws -> DifferentialReport {
         var config = config
         config.privilegedRegion = false

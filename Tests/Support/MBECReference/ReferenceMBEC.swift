@@ -45,37 +45,37 @@
 ///   entry (a walk's read, an A/D update); bits 9, 10, 11 only when bit 8 = 1 (advanced VM-exit
 ///   information): the address is user-mode (9), writable (10), execute-disable (11).
 /// - A guest-physical address at or above 2^48 is outside 4-level EPT: not present (bits 3-6 = 0).
-public struct ReferenceCPU: Equatable, Sendable {
-    public var cpl: UInt32 = 0
-    public var rip: UInt64 = 0
-    public var rflags: UInt64 = 2
-    public var gpr = [UInt64](repeating: 0, count: 16)
-    public var cr0: UInt64 = 0
-    public var cr2: UInt64 = 0
-    public var cr3: UInt64 = 0
-    public var cr4: UInt64 = 0
-    public var efer: UInt64 = 0
-    public var lstar: UInt64 = 0
-    public var faultHandler: UInt64 = 0
-    public init() {}
+package struct ReferenceCPU: Equatable, Sendable {
+    package var cpl: UInt32 = 0
+    package var rip: UInt64 = 0
+    package var rflags: UInt64 = 2
+    package var gpr = [UInt64](repeating: 0, count: 16)
+    package var cr0: UInt64 = 0
+    package var cr2: UInt64 = 0
+    package var cr3: UInt64 = 0
+    package var cr4: UInt64 = 0
+    package var efer: UInt64 = 0
+    package var lstar: UInt64 = 0
+    package var faultHandler: UInt64 = 0
+    package init() {}
 }
 
 /// Sparse guest-physical memory, 8-byte words (every access of the ISA and every paging-structure
 /// entry is 8-byte aligned).
-public struct ReferenceMemory: Sendable {
+package struct ReferenceMemory: Sendable {
     private var pages: [UInt64: [UInt64]] = [:]
-    public init() {}
-    public func read(_ gpa: UInt64) -> UInt64 {
+    package init() {}
+    package func read(_ gpa: UInt64) -> UInt64 {
         guard let p = pages[gpa >> 12] else { return 0 }
         return p[Int((gpa & 0xFFF) >> 3)]
     }
-    public mutating func write(_ gpa: UInt64, _ v: UInt64) {
+    package mutating func write(_ gpa: UInt64, _ v: UInt64) {
         let f = gpa >> 12
         if pages[f] == nil { pages[f] = [UInt64](repeating: 0, count: 512) }
         pages[f]![Int((gpa & 0xFFF) >> 3)] = v
     }
     /// Loads bytes (little-endian words; a trailing partial word is zero-padded).
-    public mutating func load(_ gpa: UInt64, bytes: [UInt8]) {
+    package mutating func load(_ gpa: UInt64, bytes: [UInt8]) {
         var i = 0
         while i < bytes.count {
             var w: UInt64 = 0
@@ -84,10 +84,10 @@ public struct ReferenceMemory: Sendable {
             i += 8
         }
     }
-    public var frames: [UInt64] { pages.keys.sorted() }
+    package var frames: [UInt64] { pages.keys.sorted() }
 }
 
-public enum ReferenceOutcome: Equatable, Sendable {
+package enum ReferenceOutcome: Equatable, Sendable {
     /// One instruction retired, or one fault delivered to the guest's handler.
     case stepped
     case io(port: UInt32, value: UInt64)
@@ -100,18 +100,18 @@ public enum ReferenceOutcome: Equatable, Sendable {
     case rsm
 }
 
-public struct ReferenceMBEC: Sendable {
-    public var cpu: ReferenceCPU
-    public var memory: ReferenceMemory
+package struct ReferenceMBEC: Sendable {
+    package var cpu: ReferenceCPU
+    package var memory: ReferenceMemory
     /// The EPT policy of a guest-physical page: bits 0 (R), 1 (W), 2 (supervisor X), 10 (user X);
     /// 0 = not present.
-    public var policy: @Sendable (UInt64) -> UInt64
+    package var policy: @Sendable (UInt64) -> UInt64
     /// Guest-physical addresses written by the last `step` (stores and A/D updates), in order.
-    public private(set) var writes: [UInt64] = []
+    package private(set) var writes: [UInt64] = []
     /// Where the last step's STORE wrote (nil: it stored nothing).
-    public private(set) var storedTo: UInt64?
+    package private(set) var storedTo: UInt64?
 
-    public init(cpu: ReferenceCPU, memory: ReferenceMemory, policy: @escaping @Sendable (UInt64) -> UInt64) {
+    package init(cpu: ReferenceCPU, memory: ReferenceMemory, policy: @escaping @Sendable (UInt64) -> UInt64) {
         self.cpu = cpu; self.memory = memory; self.policy = policy
     }
 
@@ -252,7 +252,7 @@ public struct ReferenceMBEC: Sendable {
     }
 
     /// The VMM injects an exception or interrupt (delivered at once, as the next step would).
-    public mutating func inject(vector: UInt32, error: UInt64, address: UInt64) -> ReferenceOutcome {
+    package mutating func inject(vector: UInt32, error: UInt64, address: UInt64) -> ReferenceOutcome {
         writes = []
         storedTo = nil
         return deliver(vector, error, address)
@@ -267,7 +267,7 @@ public struct ReferenceMBEC: Sendable {
     }
 
     /// Executes one instruction, or delivers one fault.
-    public mutating func step() -> ReferenceOutcome {
+    package mutating func step() -> ReferenceOutcome {
         writes = []
         storedTo = nil
         let rip = cpu.rip

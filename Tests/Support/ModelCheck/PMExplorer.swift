@@ -3,28 +3,28 @@ import NPTCore
 /// Enumerates every interleaving of the privileged-mode protocol for a few CPUs (a deterministic
 /// scheduler that tries every choice), checking the security invariant in every reachable state,
 /// that no state is stuck, and that from every state all requests can still complete.
-public struct PMExplorer: Sendable {
-    public let cpus: Int
-    public let maxRequests: Int
-    public let maxOtherInterrupts: Int
+package struct PMExplorer: Sendable {
+    package let cpus: Int
+    package let maxRequests: Int
+    package let maxOtherInterrupts: Int
     /// Whether a coordinator may give up on a CPU that has not stopped (the bounded wait).
-    public let allowTimeouts: Bool
-    public let variant: PMVariant
+    package let allowTimeouts: Bool
+    package let variant: PMVariant
 
-    public init(cpus: Int, maxRequests: Int, maxOtherInterrupts: Int = 1, allowTimeouts: Bool, variant: PMVariant = .correct) {
+    package init(cpus: Int, maxRequests: Int, maxOtherInterrupts: Int = 1, allowTimeouts: Bool, variant: PMVariant = .correct) {
         self.cpus = cpus; self.maxRequests = maxRequests; self.maxOtherInterrupts = maxOtherInterrupts
         self.allowTimeouts = allowTimeouts; self.variant = variant
     }
 
-    public struct Report: Sendable {
-        public var states = 0
-        public var transitions = 0
+    package struct Report: Sendable {
+        package var states = 0
+        package var transitions = 0
         /// The first invariant violation, with the schedule that reaches it.
-        public var violation: (message: String, trace: [PMAction])?
+        package var violation: (message: String, trace: [PMAction])?
         /// A reachable state from which the requests can no longer all complete.
-        public var stuck: (state: PMState, trace: [PMAction])?
-        public var quiescentStates = 0
-        public var maxServed = 0
+        package var stuck: (state: PMState, trace: [PMAction])?
+        package var quiescentStates = 0
+        package var maxServed = 0
     }
 
     struct Node: Hashable { var s: PMState; var irqs: UInt8 }
@@ -53,7 +53,7 @@ public struct PMExplorer: Sendable {
             && s.phase.allSatisfy { $0 == .running } && Int(s.served) + Int(s.failed) == Int(s.raised)
     }
 
-    public func run() -> Report {
+    package func run() -> Report {
         var report = Report()
         let start = Node(s: PMState(cpus: cpus), irqs: 0)
         var index: [Node: Int] = [start: 0]
