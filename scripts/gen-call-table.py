@@ -220,10 +220,10 @@ def generate():
     L.append("")
     L.append("extension CallTable {")
     L.append("    /// NPT_ABI_VERSION_MINOR of the header the table was generated from.")
-    L.append("    public static let headerMinor: UInt32 = %s" % abi)
+    L.append("    package static let headerMinor: UInt32 = %s" % abi)
     L.append("    /// The first 64 bits of SHA-256 over the functions' declarations: a trace names the table it was recorded with.")
-    L.append("    public static let fingerprint: UInt64 = 0x%s" % fingerprint)
-    L.append("    public static let structs: [CallStruct] = [")
+    L.append("    package static let fingerprint: UInt64 = 0x%s" % fingerprint)
+    L.append("    package static let structs: [CallStruct] = [")
     for name in sorted(structs):
         s = structs[name]
         versioned = bool(s["fields"]) and s["fields"][0]["name"] == "size" and s["fields"][0]["type"] == "uint32_t"
@@ -233,7 +233,7 @@ def generate():
         L.append('        CallStruct(name: "%s", size: %d, firstSize: %d, versioned: %s, pointers: [%s], timeOffsets: [%s]),'
                  % (name, s["size"], firsts.get(name, s["size"]), "true" if versioned else "false", ptrs, times))
     L.append("    ]")
-    L.append("    public static let functions: [CallFunction] = [")
+    L.append("    package static let functions: [CallFunction] = [")
     for f in funcs:
         ps = []
         for p in f["params"]:
@@ -245,7 +245,7 @@ def generate():
         L.append("        ]),")
     L.append("    ]")
     L.append("    /// Callback types (parameter C types), for the replayer's libffi closures.")
-    L.append("    public static let callbacks: [String: [String]] = [")
+    L.append("    package static let callbacks: [String: [String]] = [")
     for n, ts in sorted(cbs.items()):
         L.append('        "%s": [%s],' % (n, ", ".join('"%s"' % t for t in ts)))
     L.append("    ]")
@@ -259,7 +259,7 @@ def generate():
                      % (name, firsts.get(name, st["size"])))
     L.append("")
     L.append("/// One case per exported function, in table order.")
-    L.append("public enum CallID: Int, Sendable {")
+    L.append("package enum CallID: Int, Sendable {")
     for i, f in enumerate(funcs):
         L.append("    case %s = %d" % (f["name"], i))
     L.append("}")
