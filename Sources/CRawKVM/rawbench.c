@@ -19,7 +19,8 @@
  *    IRETQ fails in the kernel VM; the OUT), its registers, system registers and events copied in
  *    kvm_run (SYNC_REGS), the lost #BP re-injected there, and with `carry` also what the plugin
  *    carries and checks on this KVM: XSAVE (read from the source, written where it differs), XCR0
- *    (read from the kernel VM), the kernel VM's dirty log of the page-table memslot.
+ *    (read from the kernel VM on a move into the user VM while CR4.OSXSAVE is set: the plugin's rule;
+ *    the smp guest leaves it clear), the kernel VM's dirty log of the page-table memslot.
  * Return: the number of samples, or -errno.
  */
 #define _GNU_SOURCE
@@ -37,6 +38,7 @@
 #include <unistd.h>
 
 #define RB_RAM (2u << 20)
+#define CR4_OSXSAVE (UINT64_C(1) << 18)
 #define RB_WARM 50
 
 static uint64_t rb_now(void) {
@@ -197,7 +199,8 @@ struct rb_worker {
     uint64_t done_at;
 };
 
-/* The state a move carries (see the header): sync regs always; with `carry`, XSAVE and XCR0. */
+/* The state a move carries (see the header): sync regs always; with `carry`, the dirty log, XSAVE and
+ * (with CR4.OSXSAVE) XCR0, as the plugin carries them (Plugins/KVM/Sources/Views.swift, `carry`). */
 static int rb_move(struct rb_world *w, struct rb_cpu *src, struct rb_cpu *dst, int to_user, int carry) {
     if (carry) {
         if (to_user) { /* the kernel VM's page-table memslot: written? (the plugin reads it on a move into the user view) */
@@ -212,7 +215,7 @@ static int rb_move(struct rb_world *w, struct rb_cpu *src, struct rb_cpu *dst, i
             if (ioctl(dst->fd, KVM_SET_XSAVE, dst->xsave) < 0) return -errno;
             dst->xsave_known = 1;
         }
-        if (to_user) {
+        if (to_user && (src->run->s.regs.sregs.cr4 & CR4_OSXSAVE)) { /* XCR0 is seen at CPL 3 only with OSXSAVE */
             struct kvm_xcrs x;
             if (ioctl(src->fd, KVM_GET_XCRS, &x) < 0) return -errno;
             if (!dst->xcrs_known || memcmp(&x, &dst->xcrs, sizeof x) != 0) {
