@@ -6,8 +6,10 @@
  * returns per-iteration wall times. The CLI links this target (it is not part of any backend), so
  * each ratio the benchmark prints is taken between the library and this code in the same process
  * and run:
- *  - rawkvm_exit_loop: a CPL 0 `out; jmp` loop (or a store to a KVM_MEM_READONLY page: an MMIO
- *    exit), one sample per KVM_RUN;
+ *  - rawkvm_exit_loop: a CPL 0 `out; jmp` loop, a store to a KVM_MEM_READONLY page (an MMIO exit),
+ *    or the `out; jmp` loop at CPL 3 (the port allowed by the TSS's I/O permission bitmap: an exit
+ *    that leaves native user mode, as both exits of a hierarchy switch do on this KVM), one sample
+ *    per KVM_RUN;
  *  - rawkvm_syscalls: the guest kernel's user process making INT3 system calls (Guest/smp.S), on
  *    `threads` vCPUs at once, one sample per call (the time between two OUTs of vCPU 0): in one VM
  *    with everything mapped (one exit per call), or in two VMs sharing the guest memory, one per
@@ -17,7 +19,8 @@
  *    IRETQ fails in the kernel VM; the OUT), its registers, system registers and events copied in
  *    kvm_run (SYNC_REGS), the lost #BP re-injected there, and with `carry` also what the plugin
  *    carries and checks on this KVM: XSAVE (read from the source, written where it differs), XCR0
- *    (read from the kernel VM), the kernel VM's dirty log of the page-table memslot.
+ *    (read from the kernel VM on a move into the user VM while CR4.OSXSAVE is set: the plugin's rule;
+ *    the smp guest leaves it clear), the kernel VM's dirty log of the page-table memslot.
  * Return: the number of samples, or -errno.
  */
 #define _GNU_SOURCE
@@ -35,6 +38,7 @@
 #include <unistd.h>
 
 #define RB_RAM (2u << 20)
+#define CR4_OSXSAVE (UINT64_C(1) << 18)
 #define RB_WARM 50
 
 static uint64_t rb_now(void) {
@@ -156,7 +160,9 @@ static int rb_longmode(struct rb_cpu *c, uint64_t rip, uint64_t rdi, uint64_t r1
     return 0;
 }
 
-int rawkvm_exit_loop(int n, int mmio, uint64_t *samples) {
+int rawkvm_exit_loop(int n, int kind, uint64_t *samples) {
+    if (kind < RAWKVM_EXIT_OUT || kind > RAWKVM_EXIT_USER_OUT) return -EINVAL;
+    int mmio = kind == RAWKVM_EXIT_MMIO;
     struct rb_world w;
     struct rb_cpu c;
     memset(&c, 0, sizeof c);
@@ -166,13 +172,17 @@ int rawkvm_exit_loop(int n, int mmio, uint64_t *samples) {
         w.s = rb_vm(&w, ro, mmio ? 1 : 0, mmio ? 0xD000 : 0, 0, NULL);
         rc = w.s < 0 ? w.s : rb_cpu(&w, w.s, 0, &c);
     }
-    if (rc == 0) rc = rb_longmode(&c, mmio ? SMP_GUEST_MMIOLOOP : SMP_GUEST_OUTLOOP, 0, 0);
+    /* the user loop: entered at CPL 0 (UOUTENTRY loads the system tables and its TSS), its first
+     * OUT among the warm-up exits */
+    uint64_t entry = kind == RAWKVM_EXIT_MMIO ? SMP_GUEST_MMIOLOOP : kind == RAWKVM_EXIT_USER_OUT ? SMP_GUEST_UOUTENTRY : SMP_GUEST_OUTLOOP;
+    if (rc == 0) rc = rb_longmode(&c, entry, 0, 0);
     for (int i = -RB_WARM; rc == 0 && i < n; i++) {
         uint64_t t0 = rb_now();
         if (ioctl(c.fd, KVM_RUN, 0) < 0) { rc = -errno; break; }
         uint64_t t1 = rb_now();
         int ok = mmio ? c.run->exit_reason == KVM_EXIT_MMIO && c.run->mmio.is_write
-                      : c.run->exit_reason == KVM_EXIT_IO && c.run->io.port == 0xE9;
+                      : c.run->exit_reason == KVM_EXIT_IO && c.run->io.port == 0xE9
+                        && (kind != RAWKVM_EXIT_USER_OUT || c.run->s.regs.sregs.cs.dpl == 3);
         if (!ok) { rc = -EPROTO; break; }
         if (i >= 0) samples[i] = t1 - t0;
     }
@@ -189,7 +199,8 @@ struct rb_worker {
     uint64_t done_at;
 };
 
-/* The state a move carries (see the header): sync regs always; with `carry`, XSAVE and XCR0. */
+/* The state a move carries (see the header): sync regs always; with `carry`, the dirty log, XSAVE and
+ * (with CR4.OSXSAVE) XCR0, as the plugin carries them (Plugins/KVM/Sources/Views.swift, `carry`). */
 static int rb_move(struct rb_world *w, struct rb_cpu *src, struct rb_cpu *dst, int to_user, int carry) {
     if (carry) {
         if (to_user) { /* the kernel VM's page-table memslot: written? (the plugin reads it on a move into the user view) */
@@ -204,7 +215,7 @@ static int rb_move(struct rb_world *w, struct rb_cpu *src, struct rb_cpu *dst, i
             if (ioctl(dst->fd, KVM_SET_XSAVE, dst->xsave) < 0) return -errno;
             dst->xsave_known = 1;
         }
-        if (to_user) {
+        if (to_user && (src->run->s.regs.sregs.cr4 & CR4_OSXSAVE)) { /* XCR0 is seen at CPL 3 only with OSXSAVE */
             struct kvm_xcrs x;
             if (ioctl(src->fd, KVM_GET_XCRS, &x) < 0) return -errno;
             if (!dst->xcrs_known || memcmp(&x, &dst->xcrs, sizeof x) != 0) {

@@ -1277,6 +1277,38 @@ static void test_views_coherence(npt_context *ctx, uint32_t mode) {
     CHECK_OK(npt_vm_destroy(vm));
 }
 
+/* The benchmark's CPL 3 exit (nptkit-cli bench --only kvm): smp.S's UOUTENTRY loads a TSS whose I/O
+ * permission bitmap allows port 0xE9 and drops to a user-mode `out; jmp` loop (IOPL 0). Without a
+ * policy every run ends in an OUT exit reported from CPL 3 (KVM honours the guest's bitmap: without
+ * it the OUT is a #GP, which the guest's stub would report on port 0xEF), with no move between views. */
+static void test_user_port(npt_context *ctx) {
+    npt_vm *vm = kvm_vm(ctx, RAM, NPT_PERM_ALL);
+    if (!vm) return;
+    CHECK_OK(npt_vm_write_memory(vm, SMP_GUEST_BASE, smp_guest, sizeof smp_guest));
+    npt_vcpu *v = NULL;
+    CHECK_OK(npt_vcpu_create(vm, 0, &v));
+    npt_regs r;
+    long_mode_regs(&r, SMP_GUEST_UOUTENTRY);
+    r.cr3 = SMP_GUEST_CR3;
+    CHECK_OK(npt_vcpu_set_regs(v, &r));
+    uint64_t mv0 = backend_stat(vm, "view_moves");
+    int user_outs = 0;
+    npt_exit e;
+    for (int i = 0; i < 20; i++) {
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        if (npt_vcpu_run(v, &e) != NPT_OK) break;
+        if (e.reason != NPT_EXIT_IO || e.io_port != 0xE9 || e.cpl != 3) break;
+        if (e.rip < SMP_GUEST_UOUTLOOP || e.rip > SMP_GUEST_UOUTLOOP + 4) break;
+        user_outs++;
+    }
+    printf("test_kvm: user-mode OUT (TSS I/O bitmap): %d of 20 runs exited at CPL 3 on port 0xE9; last exit %u port %#x"
+           " cpl %u rip %#" PRIx64 "\n", user_outs, e.reason, e.io_port, e.cpl, e.rip);
+    CHECK_EQ(user_outs, 20);
+    CHECK_EQ(backend_stat(vm, "view_moves") - mv0, 0);
+    CHECK_OK(npt_vm_destroy(vm));
+}
+
 /* Two vCPUs in different hierarchies at the same time, each making system calls (every call moves
  * it from the user view to the supervisor view and back): what each prints is exactly its own, the
  * MBEC violations are reported exactly (vCPU 0's user process jumps into a supervisor-only page,
@@ -1745,6 +1777,7 @@ int main(int argc, char **argv) {
         test_views_coherence(ctx, NPT_MBEC_LAZY);
         test_views_coherence(ctx, NPT_MBEC_VIOLATION_ONLY);
         test_views_concurrent(ctx);
+        test_user_port(ctx);
     }
     CHECK_OK(npt_context_destroy(ctx));
     printf("c-test test_kvm: %d passed, %d failed, %d skipped\n", passed, failed, skipped);

@@ -20,7 +20,11 @@
  *   eax = 60 exit: the kernel HLTs (probe 2: it jumps to the user page instead)
  * A fault the kernel does not expect OUTs its vector to port 0xEF and HLTs.
  * Entries 0x6080 (`1: out %al, $0xE9; jmp 1b`) and 0x6090 (`1: movl %eax, 0xD000; jmp 1b`) are bare
- * CPL 0 loops for exit round trips (the benchmark, `nptkit-cli bench --only kvm`).
+ * CPL 0 loops for exit round trips (the benchmark, `nptkit-cli bench --only kvm`). Entry UOUTENTRY
+ * (0x6600, CPL 0, vCPU 0 only) loads the system tables with the TSS TSSIO, whose I/O permission
+ * bitmap allows port 0xE9 alone, and drops to UOUTLOOP (0x9800, CPL 3, IOPL 0): `1: out %al, $0xE9;
+ * jmp 1b`, the same exit taken from user mode (this KVM exits with KVM_EXIT_IO for it, leaving
+ * native user mode: Tests/probes/kvm/probe_exit.c 10; without the bitmap it is a #GP).
  *
  * Coherence probe (r15 = 4), after the K calls: the user process writes the byte at 0xC000, remaps,
  * writes it again, remaps back, writes it again: "ONO" when every view sees the kernel's page-table
@@ -28,7 +32,7 @@
  *
  * Pages (guest page-table U/S in brackets):
  *   0x1000 PML4, 0x2000 PDPT, 0x3000 PD, 0x4000 PT              [S] page tables
- *   0x5000 GDT (TSS descriptors 0x38, 0x48), TSS0, TSS1, IDT    [S] system tables
+ *   0x5000 GDT (TSS descriptors 0x38, 0x48, 0x58), TSS0, TSS1, IDT, TSSIO [S] system tables
  *   0x6000 kernel code                                          [S]
  *   0x7000 kernel stacks (tops 0x7800 vCPU 0, 0x8000 vCPU 1)    [S]
  *   0x8000 kfunc: kernel code the guest's page tables map U/S = 1 (kernel.S's mis-mapped page) [U]
@@ -38,6 +42,7 @@
  */
 #include "system.inc"
     .globl BASE, CR3, SYSTEM, CODE, STACK, KFUNC, USER, USTACK, DATA, EXIT_HLT, OUTLOOP, MMIOLOOP, END
+    .globl UOUTENTRY, UOUTLOOP
     .set BASE, 0x1000
     .set CR3, 0x1000                    /* pml4 */
     .set SYSTEM, 0x5000                 /* GDT, TSS0, TSS1, IDT */
@@ -52,14 +57,17 @@
     .set TSS1, 0x5180
     .set IDT, 0x5200
     .set DESC, 0x5400
+    .set TSSIO, 0x5500                  /* a TSS with an I/O permission bitmap (UOUTENTRY) */
     .set KCODE, 0x6000
     .set OUTLOOP, 0x6080
     .set MMIOLOOP, 0x6090
+    .set UOUTENTRY, 0x6600
     .set KSYS, 0x6100
     .set KFAULT, 0x6200
     .set KSTUBS, 0x6300
     .set KFUNC, 0x8000
     .set USER, 0x9000
+    .set UOUTLOOP, 0x9800
     .set WINDOW, 0xC000
 
     .text
@@ -93,6 +101,8 @@ gdt:
     .quad 0
     .quad 103 | (TSS1 << 16) | (0x89 << 40) /* 0x48 TSS of vCPU 1 */
     .quad 0
+    .quad 136 | (TSSIO << 16) | (0x89 << 40) /* 0x58 TSSIO: limit 104 + 32 bitmap bytes + the terminator */
+    .quad 0
 
     .org TSS0 - BASE
     .long 0
@@ -119,11 +129,23 @@ idt:
 
     .org DESC - BASE
 gdtr:
-    .word 0x57
+    .word 0x67
     .quad GDT
 idtr:
     .word 32 * 16 - 1
     .quad IDT
+
+    .org TSSIO - BASE
+    .long 0
+    .quad 0x7800                        /* RSP0 */
+    .org TSSIO + 102 - BASE
+    .word 104                           /* the I/O permission bitmap at +104: ports 0-255 */
+    .rept 29
+    .byte 0xff                          /* ports 0x00-0xE7: not allowed */
+    .endr
+    .byte 0xfd                          /* 0xE8-0xEF: only 0xE9 allowed (bit clear) */
+    .byte 0xff, 0xff                    /* 0xF0-0xFF */
+    .byte 0xff                          /* the terminating byte */
 
     .code64
     .org KCODE - BASE
@@ -188,6 +210,17 @@ EXIT_HLT:                               /* the kernel's HLT on "exit" */
 
     FAULT_STUBS BASE, KFAULT, KSTUBS
 
+    /* CPL 3 exit round trips: TSSIO, then the user-mode OUT loop (vCPU 0's kernel stack). */
+    .org UOUTENTRY - BASE
+uoutentry:
+    lgdt DESC
+    lidt DESC + 10
+    andb $0xFD, GDT + 0x58 + 5          /* available again (busy after an earlier entry) */
+    mov $0x58, %eax
+    ltr %ax
+    mov $0x7800, %esp
+    IRET_TO_USER 0xA800, $UOUTLOOP
+
     KFUNC_AND_USER_LOOP BASE, KFUNC, USER
 4:  cmp $4, %r15
     jne 5f
@@ -207,6 +240,11 @@ EXIT_HLT:                               /* the kernel's HLT on "exit" */
 5:  mov $60, %eax
     int3                                /* exit */
     jmp .
+
+    .org UOUTLOOP - BASE
+uoutloop:                               /* CPL 3, port 0xE9 allowed by TSSIO's bitmap */
+    out %al, $0xE9
+    jmp uoutloop
 
     .org 0xB000 - BASE
     .byte 'O'
