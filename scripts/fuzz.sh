@@ -50,14 +50,21 @@ if [ "$need_c" = 1 ]; then
     swift build --product nptkit --scratch-path "$SCRATCH" "${SAN[@]}"
     BIN="$(swift build --scratch-path "$SCRATCH" "${SAN[@]}" --show-bin-path)"
 fi
-SWIFTC_FUZZ=(swiftc -swift-version 6 -O -g -sanitize=fuzzer,address -parse-as-library -use-ld=lld)
+# -package-name: NPTTrace's API is `package` (the one product is libnptkit.so); the entries are of the same package.
+SWIFTC_FUZZ=(swiftc -swift-version 6 -O -g -sanitize=fuzzer,address -parse-as-library -use-ld=lld -package-name nptkit)
 TRACE_LIB="$OUT/npttrace"
 if [ "$need_swift" = 1 ]; then
-    if [ ! -f "$TRACE_LIB/libNPTTrace.a" ] || [ -n "$(find "$ROOT/Sources/NPTTrace" -newer "$TRACE_LIB/libNPTTrace.a" -name '*.swift')" ]; then
-        echo "== fuzz: swiftc -sanitize=fuzzer,address: NPTTrace as a static library (into .cache/fuzz/npttrace)"
-        mkdir -p "$TRACE_LIB"
-        "${SWIFTC_FUZZ[@]}" -module-name NPTTrace -emit-module -emit-module-path "$TRACE_LIB/NPTTrace.swiftmodule" \
+    if [ ! -f "$TRACE_LIB/libNPTTrace.a" ] || [ -n "$(find "$ROOT/Sources/NPTTrace" "$ROOT/Sources/CNPTTraceFast" -newer "$TRACE_LIB/libNPTTrace.a" -name '*.swift' -o -newer "$TRACE_LIB/libNPTTrace.a" -name '*.[ch]')" ]; then
+        echo "== fuzz: swiftc -sanitize=fuzzer,address: NPTTrace (and its C helpers, CNPTTraceFast) as a static library (into .cache/fuzz/npttrace)"
+        mkdir -p "$TRACE_LIB/cmodule"
+        # The C target as SwiftPM vends it: a module map over its public header, its code built by clang.
+        printf 'module CNPTTraceFast {\n    header "%s"\n    export *\n}\n' "$ROOT/Sources/CNPTTraceFast/include/nptrace_fast.h" \
+            > "$TRACE_LIB/cmodule/module.modulemap"
+        "$CL" -std=c11 -O2 -g -fsanitize=fuzzer-no-link,address -I"$ROOT/Sources/CNPTTraceFast/include" \
+            -c "$ROOT/Sources/CNPTTraceFast/crc32c.c" -o "$TRACE_LIB/crc32c.o"
+        "${SWIFTC_FUZZ[@]}" -I "$TRACE_LIB/cmodule" -module-name NPTTrace -emit-module -emit-module-path "$TRACE_LIB/NPTTrace.swiftmodule" \
             -emit-library -static -o "$TRACE_LIB/libNPTTrace.a.tmp" "$ROOT"/Sources/NPTTrace/*.swift
+        ar rs "$TRACE_LIB/libNPTTrace.a.tmp" "$TRACE_LIB/crc32c.o" 2>/dev/null
         mv "$TRACE_LIB/libNPTTrace.a.tmp" "$TRACE_LIB/libNPTTrace.a"
     fi
 fi
@@ -66,7 +73,7 @@ status=0
 for t in "${TARGETS[@]}"; do
     exe="$OUT/fuzz_$t"
     if is_swift "$t"; then
-        "${SWIFTC_FUZZ[@]}" -I "$TRACE_LIB" -L "$TRACE_LIB" -lNPTTrace "$ROOT/Tests/Fuzz/fuzz_$t.swift" -o "$exe"
+        "${SWIFTC_FUZZ[@]}" -I "$TRACE_LIB" -I "$TRACE_LIB/cmodule" -L "$TRACE_LIB" -lNPTTrace "$ROOT/Tests/Fuzz/fuzz_$t.swift" -o "$exe"
     else
         "$CL" -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fuse-ld=bfd \
             -I"$ROOT/include" "$ROOT/Tests/Fuzz/fuzz_$t.c" -L"$BIN" -lnptkit -Wl,-rpath,"$BIN" -o "$exe"
