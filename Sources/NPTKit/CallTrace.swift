@@ -102,7 +102,18 @@ struct CallArgs: ExpressibleByArrayLiteral {
         }
     }
     @inline(__always)
-    subscript(i: Int) -> UInt64 { withUnsafeBytes(of: values) { $0.load(fromByteOffset: i * 8, as: UInt64.self) } }
+    subscript(i: Int) -> UInt64 {
+        switch i { // (not through withUnsafeBytes(of:), which copies the tuple to the stack per access)
+        case 0: values.0
+        case 1: values.1
+        case 2: values.2
+        case 3: values.3
+        case 4: values.4
+        case 5: values.5
+        case 6: values.6
+        default: values.7
+        }
+    }
 }
 
 /// The signature table in the form the tracer reads per call: flat, trivial values (no strings,
@@ -170,6 +181,8 @@ struct CallThreadBuffer: ~Copyable {
     var callbackCapacity: Int
     var callbackValues = 0
     var callbackCalls: UInt32 = 0
+    /// CompactCallTable.shared, kept here so that a call reads no global that needs initializing.
+    let table = CompactCallTable.shared
 
     static let initialCapacity = 64 << 10
 
@@ -185,26 +198,48 @@ struct CallThreadBuffer: ~Copyable {
     }
 }
 
-/// Writes one record into its thread's buffer (a handle on it: the buffer is the thread's).
+/// Writes one record into its thread's buffer. Its position and the buffer's bounds are its own
+/// (registers, not the buffer's fields, while the record is built): `finish` stores them back.
 struct CallRecorder {
     let t: UnsafeMutablePointer<CallThreadBuffer>
+    private var base: UnsafeMutableRawPointer
+    private var at: Int
+    private var end: Int
 
     @inline(__always)
-    private func room(_ n: Int) -> UnsafeMutableRawPointer {
-        if t.pointee.used + n > t.pointee.capacity { CallTrace.makeRoom(t, n) }
-        let p = t.pointee.base + t.pointee.used
-        t.pointee.used += n
+    init(_ t: UnsafeMutablePointer<CallThreadBuffer>) {
+        self.t = t
+        base = t.pointee.base
+        at = t.pointee.used
+        end = t.pointee.capacity
+    }
+    @inline(__always)
+    private mutating func room(_ n: Int) -> UnsafeMutableRawPointer {
+        if at + n > end { grow(n) }
+        let p = base + at
+        at += n
         return p
     }
-    @inline(__always) func u8(_ v: UInt8) { room(1).storeBytes(of: v, as: UInt8.self) }
-    @inline(__always) func u32(_ v: UInt32) { room(4).storeBytes(of: v.littleEndian, as: UInt32.self) }
-    @inline(__always) func u64(_ v: UInt64) { room(8).storeBytes(of: v.littleEndian, as: UInt64.self) }
-    func blob(_ p: UnsafeRawPointer?, _ n: Int) {
+    @inline(never)
+    private mutating func grow(_ n: Int) {
+        t.pointee.used = at
+        CallTrace.makeRoom(t, n)
+        base = t.pointee.base
+        at = t.pointee.used
+        end = t.pointee.capacity
+    }
+    /// The record's end, back into the buffer's state.
+    @inline(__always) func finish() { t.pointee.used = at }
+    @inline(__always) mutating func skip(_ n: Int) { _ = room(n) }
+    @inline(__always) mutating func u8(_ v: UInt8) { room(1).storeBytes(of: v, as: UInt8.self) }
+    @inline(__always) mutating func u32(_ v: UInt32) { room(4).storeBytes(of: v.littleEndian, as: UInt32.self) }
+    @inline(__always) mutating func u64(_ v: UInt64) { room(8).storeBytes(of: v.littleEndian, as: UInt64.self) }
+    mutating func blob(_ p: UnsafeRawPointer?, _ n: Int) {
         guard let p, n >= 0, n <= CallTraceFormat.maxBlob else { u32(CallTraceFormat.absent); return }
         u32(UInt32(n))
         if n > 0 { room(n).copyMemory(from: p, byteCount: n) }
     }
-    func string(_ p: UnsafePointer<CChar>?) {
+    mutating func string(_ p: UnsafePointer<CChar>?) {
         guard let p else { u32(CallTraceFormat.absent); return }
         blob(p, strlen(p))
     }
@@ -317,7 +352,10 @@ enum CallTrace {
         }
     }
 
-    private static let key: pthread_key_t = {
+    /// The pthread key of the threads' buffers, plus 1 (0: not made yet). An atomic rather than a
+    /// lazily initialized global: reading it needs no swift_once per call.
+    private static let keySlot = Atomic<UInt>(0)
+    private static let keyMade: pthread_key_t = {
         var k = pthread_key_t()
         pthread_key_create(&k) { p in
             guard let p else { return }
@@ -326,19 +364,21 @@ enum CallTrace {
             t.deinitialize(count: 1)
             t.deallocate()
         }
+        keySlot.store(UInt(k) + 1, ordering: .releasing)
         return k
     }()
 
     @inline(__always)
     static func threadBuffer() -> UnsafeMutablePointer<CallThreadBuffer> {
-        if let p = pthread_getspecific(key) { return p.assumingMemoryBound(to: CallThreadBuffer.self) }
+        let k = keySlot.load(ordering: .acquiring)
+        if k != 0, let p = pthread_getspecific(pthread_key_t(k - 1)) { return p.assumingMemoryBound(to: CallThreadBuffer.self) }
         return newThreadBuffer()
     }
     @inline(never)
     private static func newThreadBuffer() -> UnsafeMutablePointer<CallThreadBuffer> {
         let t = UnsafeMutablePointer<CallThreadBuffer>.allocate(capacity: 1)
         t.initialize(to: CallThreadBuffer())
-        pthread_setspecific(key, t)
+        pthread_setspecific(keyMade, t)
         return t
     }
 
@@ -397,7 +437,8 @@ enum CallTrace {
     /// Notes one call the library made of the caller's callback during the current call.
     static func callbackCalled(_ args: CallArgs) {
         let count = args.count
-        guard current.load(ordering: .acquiring) > 1, let p = pthread_getspecific(key) else { return }
+        let k = keySlot.load(ordering: .acquiring)
+        guard current.load(ordering: .acquiring) > 1, k != 0, let p = pthread_getspecific(pthread_key_t(k - 1)) else { return }
         let t = p.assumingMemoryBound(to: CallThreadBuffer.self)
         guard t.pointee.depth == 1 else { return }
         t.pointee.callbackCalls += 1
@@ -413,36 +454,49 @@ enum CallTrace {
         t.pointee.callbackValues += count
     }
 
-    /// Records `call` around `body` (`v`: `current` as the caller read it, not 1).
-    static func record<R: TraceResult>(_ v: UInt, _ id: CallID, _ args: CallArgs, _ body: () -> R) -> R {
+    /// What `begin` found: tracing off (run the call, record nothing), a call made from inside a
+    /// recorded call (a callback's: not recorded; `end` counts it out), or a call to record.
+    enum Begun { case off, nested(UnsafeMutablePointer<CallThreadBuffer>), recording(UnsafeMutablePointer<CallThreadBuffer>) }
+
+    /// Starts the record of call `id` (`v`: `current` as the caller read it, not 1): its inputs.
+    /// The export then runs the call itself (inline, not through a closure) and calls `end`.
+    static func begin(_ v: UInt, _ id: CallID, _ args: CallArgs) -> Begun {
         var v = v
         if v == 0 {
             v = fromEnvironment()
-            if v == 1 { return body() }
+            if v == 1 { return .off }
         }
         let t = threadBuffer()
         if t.pointee.depth > 0 {
             t.pointee.depth += 1
-            defer { t.pointee.depth -= 1 }
-            return body()
+            return .nested(t)
         }
         if t.pointee.sink != v { attach(t, v) }
-        let table = CompactCallTable.shared
+        let table = t.pointee.table
         let f = table.functions[id.rawValue]
-        let w = CallRecorder(t: t)
+        var w = CallRecorder(t)
         t.pointee.start = t.pointee.used
         t.pointee.callbackValues = 0
         t.pointee.callbackCalls = 0
-        w.u64(0); w.u64(0); w.u64(0) // the header, written below
-        for i in 0..<Int(f.count) { recordInput(w, table, table.params[Int(f.first) + i], i, args) }
+        w.skip(CallTraceFormat.recordHeaderSize) // the header, written by `end`
+        for i in 0..<Int(f.count) { recordInput(&w, table, table.params[Int(f.first) + i], i, args) }
+        w.finish()
         t.pointee.depth = 1
-        let r = body()
+        return .recording(t)
+    }
+
+    /// Ends the record `begin` started: the outputs, the result, the header; publishes it.
+    static func end(_ t: UnsafeMutablePointer<CallThreadBuffer>, _ id: CallID, _ args: CallArgs, _ result: Int64,
+                    _ resultString: UnsafePointer<CChar>?) {
         t.pointee.depth = 0
-        let result = r.traceValue
+        let table = t.pointee.table
+        let f = table.functions[id.rawValue]
         let ok = f.result != .status || result == 0
-        for i in 0..<Int(f.count) { recordOutput(w, table, table.params[Int(f.first) + i], i, args, ok) }
-        if f.result == .string { w.string(r.traceString) }
+        var w = CallRecorder(t)
+        for i in 0..<Int(f.count) { recordOutput(&w, table, table.params[Int(f.first) + i], i, args, ok) }
+        if f.result == .string { w.string(resultString) }
         w.string(f.result == .status && !ok ? lastErrorPointer() : nil)
+        w.finish()
         let seq = sequence.wrappingAdd(1, ordering: .relaxed).oldValue
         let start = t.pointee.start, h = t.pointee.base + start
         h.storeBytes(of: UInt32(truncatingIfNeeded: t.pointee.used - start).littleEndian, as: UInt32.self)
@@ -452,8 +506,7 @@ enum CallTrace {
         h.storeBytes(of: UInt64(bitPattern: result).littleEndian, toByteOffset: 16, as: UInt64.self)
         t.pointee.committed.store(t.pointee.used, ordering: .releasing)
         // A context's end is where a program's trace is most likely complete: write it out.
-        if id == .npt_context_destroy { sink(v).flush() }
-        return r
+        if id == .npt_context_destroy { sink(t.pointee.sink).flush() }
     }
 
     private static func pointer(_ v: UInt64) -> UnsafeRawPointer? { UnsafeRawPointer(bitPattern: UInt(v)) }
@@ -472,7 +525,7 @@ enum CallTrace {
     /// call (the caller need not have set them); its strings after it.
     enum Members { case all, none, strings }
 
-    private static func recordPointerMembers(_ w: CallRecorder, _ table: CompactCallTable, _ s: CompactCallTable.Struct,
+    private static func recordPointerMembers(_ w: inout CallRecorder, _ table: CompactCallTable, _ s: CompactCallTable.Struct,
                                              _ p: UnsafeRawPointer, _ length: Int, _ members: Members) {
         if members == .none { return }
         for i in 0..<Int(s.pointerCount) {
@@ -489,7 +542,7 @@ enum CallTrace {
         }
     }
 
-    private static func recordStruct(_ w: CallRecorder, _ table: CompactCallTable, _ index: Int16, _ p: UnsafeRawPointer?,
+    private static func recordStruct(_ w: inout CallRecorder, _ table: CompactCallTable, _ index: Int16, _ p: UnsafeRawPointer?,
                                      count: Int?, _ members: Members) {
         guard let p else { w.blob(nil, 0); return }
         let s = table.structs[Int(index)]
@@ -497,15 +550,16 @@ enum CallTrace {
         if let count {
             let n = max(0, min(count, CallTraceFormat.maxBlob / max(size, 1)))
             w.blob(p, n * size)
-            for i in 0..<n { recordPointerMembers(w, table, s, p + i * size, size, members) }
+            for i in 0..<n { recordPointerMembers(&w, table, s, p + i * size, size, members) }
         } else {
             let n = structLength(s, p)
             w.blob(p, n)
-            recordPointerMembers(w, table, s, p, n, members)
+            recordPointerMembers(&w, table, s, p, n, members)
         }
     }
 
-    private static func recordInput(_ w: CallRecorder, _ table: CompactCallTable, _ p: CompactCallTable.Param, _ i: Int,
+    @inline(__always)
+    private static func recordInput(_ w: inout CallRecorder, _ table: CompactCallTable, _ p: CompactCallTable.Param, _ i: Int,
                                     _ args: CallArgs) {
         let v = args[i]
         switch p.kind {
@@ -518,10 +572,10 @@ enum CallTrace {
         case .string: w.string(UnsafePointer(bitPattern: UInt(v)))
         case .bytesIn: w.blob(pointer(v), Int(bitPattern: UInt(args[Int(p.countParam)])))
         case .structIn, .structInOut:
-            recordStruct(w, table, p.structIndex, pointer(v), count: nil, p.kind == .structIn ? .all : .none)
+            recordStruct(&w, table, p.structIndex, pointer(v), count: nil, p.kind == .structIn ? .all : .none)
         case .arrayIn:
-            recordStruct(w, table, p.structIndex, pointer(v), count: Int(bitPattern: UInt(args[Int(p.countParam)])), .all)
-        case .callback: recordSymbol(w, v)
+            recordStruct(&w, table, p.structIndex, pointer(v), count: Int(bitPattern: UInt(args[Int(p.countParam)])), .all)
+        case .callback: recordSymbol(&w, v)
         case .opsTable:
             guard let t = pointer(v) else { w.u32(CallTraceFormat.absent); return }
             // The table's name, then the name of every non-NULL function it has (the part its size covers).
@@ -530,22 +584,23 @@ enum CallTrace {
             let slots = size > first ? (size - first) / 8 : 0
             w.u32(UInt32(slots))
             w.string(size >= 16 ? UnsafePointer(bitPattern: t.load(fromByteOffset: 8, as: UInt.self)) : nil)
-            for s in 0..<slots { recordSymbol(w, UInt64(t.load(fromByteOffset: first + s * 8, as: UInt.self))) }
+            for s in 0..<slots { recordSymbol(&w, UInt64(t.load(fromByteOffset: first + s * 8, as: UInt.self))) }
         }
     }
 
     /// A C function by name (dladdr), or "0x..." where it has none; NULL is absent.
-    private static func recordSymbol(_ w: CallRecorder, _ v: UInt64) {
+    private static func recordSymbol(_ w: inout CallRecorder, _ v: UInt64) {
         guard let p = pointer(v) else { w.string(nil); return }
         if let n = nptkit_internal_symbol_name(p) {
             w.string(n)
         } else {
             let text = "0x" + String(v, radix: 16)
-            text.withCString { w.string($0) }
+            w.string(text)
         }
     }
 
-    private static func recordOutput(_ w: CallRecorder, _ table: CompactCallTable, _ p: CompactCallTable.Param, _ i: Int,
+    @inline(__always)
+    private static func recordOutput(_ w: inout CallRecorder, _ table: CompactCallTable, _ p: CompactCallTable.Param, _ i: Int,
                                      _ args: CallArgs, _ ok: Bool) {
         let v = args[i]
         switch p.kind {
@@ -562,12 +617,12 @@ enum CallTrace {
             w.blob(pointer(v), n)
         case .structInOut:
             // A failed call wrote nothing: what its pointer members hold is the caller's.
-            recordStruct(w, table, p.structIndex, pointer(v), count: nil, ok ? .strings : .none)
+            recordStruct(&w, table, p.structIndex, pointer(v), count: nil, ok ? .strings : .none)
         case .arrayOut:
             let cap = Int(bitPattern: UInt(args[Int(p.countParam)]))
             var n = 0
             if ok, let f = pointer(args[Int(p.filledParam)]) { n = min(cap, f.load(as: Int.self)) }
-            recordStruct(w, table, p.structIndex, pointer(v), count: n, .strings)
+            recordStruct(&w, table, p.structIndex, pointer(v), count: n, .strings)
         case .callback:
             let t = w.t
             w.u32(t.pointee.callbackCalls)
@@ -617,7 +672,17 @@ extension Optional: TraceResult where Wrapped == UnsafePointer<CChar> {
 func traced<R: TraceResult>(_ id: CallID, _ args: @autoclosure () -> CallArgs, _ body: () -> R) -> R {
     let v = CallTrace.current.load(ordering: .acquiring)
     if v == 1 { return body() }
-    return CallTrace.record(v, id, args(), body)
+    let a = args()
+    switch CallTrace.begin(v, id, a) {
+    case .off: return body()
+    case .nested(let t):
+        defer { t.pointee.depth -= 1 }
+        return body()
+    case .recording(let t):
+        let r = body()
+        CallTrace.end(t, id, a, r.traceValue, r.traceString)
+        return r
+    }
 }
 
 /// `api` with the call recorded when tracing is on (the function's name comes from the table).
