@@ -102,17 +102,12 @@ struct CallArgs: ExpressibleByArrayLiteral {
         }
     }
     @inline(__always)
-    subscript(i: Int) -> UInt64 {
-        switch i { // (not through withUnsafeBytes(of:), which copies the tuple to the stack per access)
-        case 0: values.0
-        case 1: values.1
-        case 2: values.2
-        case 3: values.3
-        case 4: values.4
-        case 5: values.5
-        case 6: values.6
-        default: values.7
-        }
+    subscript(i: Int) -> UInt64 { withUnsafeBytes(of: values) { $0.load(fromByteOffset: i * 8, as: UInt64.self) } }
+    /// All 8 values to `p` (the tracer indexes them there: a tuple indexed by a variable is a copy or a jump table).
+    @inline(__always)
+    func store(to p: UnsafeMutablePointer<UInt64>) {
+        p[0] = values.0; p[1] = values.1; p[2] = values.2; p[3] = values.3
+        p[4] = values.4; p[5] = values.5; p[6] = values.6; p[7] = values.7
     }
 }
 
@@ -183,6 +178,8 @@ struct CallThreadBuffer: ~Copyable {
     var callbackCalls: UInt32 = 0
     /// CompactCallTable.shared, kept here so that a call reads no global that needs initializing.
     let table = CompactCallTable.shared
+    /// The current call's arguments (CallArgs.capacity).
+    let args = UnsafeMutablePointer<UInt64>.allocate(capacity: CallArgs.capacity)
 
     static let initialCapacity = 64 << 10
 
@@ -195,6 +192,7 @@ struct CallThreadBuffer: ~Copyable {
     deinit {
         base.deallocate()
         callbackArgs.deallocate()
+        args.deallocate()
     }
 }
 
@@ -460,7 +458,7 @@ enum CallTrace {
 
     /// Starts the record of call `id` (`v`: `current` as the caller read it, not 1): its inputs.
     /// The export then runs the call itself (inline, not through a closure) and calls `end`.
-    static func begin(_ v: UInt, _ id: CallID, _ args: CallArgs) -> Begun {
+    static func begin(_ v: UInt, _ id: CallID, _ a: CallArgs) -> Begun {
         var v = v
         if v == 0 {
             v = fromEnvironment()
@@ -474,6 +472,8 @@ enum CallTrace {
         if t.pointee.sink != v { attach(t, v) }
         let table = t.pointee.table
         let f = table.functions[id.rawValue]
+        let args = t.pointee.args
+        a.store(to: args)
         var w = CallRecorder(t)
         t.pointee.start = t.pointee.used
         t.pointee.callbackValues = 0
@@ -486,9 +486,10 @@ enum CallTrace {
     }
 
     /// Ends the record `begin` started: the outputs, the result, the header; publishes it.
-    static func end(_ t: UnsafeMutablePointer<CallThreadBuffer>, _ id: CallID, _ args: CallArgs, _ result: Int64,
+    static func end(_ t: UnsafeMutablePointer<CallThreadBuffer>, _ id: CallID, _ result: Int64,
                     _ resultString: UnsafePointer<CChar>?) {
         t.pointee.depth = 0
+        let args = t.pointee.args
         let table = t.pointee.table
         let f = table.functions[id.rawValue]
         let ok = f.result != .status || result == 0
@@ -560,7 +561,7 @@ enum CallTrace {
 
     @inline(__always)
     private static func recordInput(_ w: inout CallRecorder, _ table: CompactCallTable, _ p: CompactCallTable.Param, _ i: Int,
-                                    _ args: CallArgs) {
+                                    _ args: UnsafeMutablePointer<UInt64>) {
         let v = args[i]
         switch p.kind {
         case .u32, .i32, .u64, .i64, .size, .handle, .userData: w.u64(v)
@@ -601,7 +602,7 @@ enum CallTrace {
 
     @inline(__always)
     private static func recordOutput(_ w: inout CallRecorder, _ table: CompactCallTable, _ p: CompactCallTable.Param, _ i: Int,
-                                     _ args: CallArgs, _ ok: Bool) {
+                                     _ args: UnsafeMutablePointer<UInt64>, _ ok: Bool) {
         let v = args[i]
         switch p.kind {
         case .u32, .i32, .u64, .i64, .size, .handle, .userData, .string, .bytesIn, .structIn, .arrayIn, .opsTable: return
@@ -680,7 +681,7 @@ func traced<R: TraceResult>(_ id: CallID, _ args: @autoclosure () -> CallArgs, _
         return body()
     case .recording(let t):
         let r = body()
-        CallTrace.end(t, id, a, r.traceValue, r.traceString)
+        CallTrace.end(t, id, r.traceValue, r.traceString)
         return r
     }
 }
