@@ -358,7 +358,7 @@ public func npt_hierarchy_leaves(_ vm: OpaquePointer?, _ h: UInt32, _ cb: npt_le
         let id = try hierarchy(h)
         let cb = try require(cb, "cb")
         v.vm.snapshot.forEachLeaf(in: id) { gpa, size, perms in
-            CallTrace.callbackCalled(gpa.raw, size, perms.rawValue)
+            CallTrace.callbackCalled([gpa.raw, size, perms.rawValue])
             cb(gpa.raw, size, perms.rawValue, user)
         }
     }

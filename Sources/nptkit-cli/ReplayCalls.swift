@@ -183,11 +183,39 @@ struct CallReplayer {
         }
     }
 
+    /// The records' offsets in the order the calls returned (their sequence numbers: the file holds
+    /// them in per-thread blocks), or where the trace is malformed.
+    func recordsInCallOrder() -> Result<[Int], ValidationError> {
+        var records: [(seq: UInt64, at: Int)] = []
+        var at = CallTraceFormat.headerSize
+        let b = cursor.bytes
+        while at < b.count {
+            guard at + CallTraceFormat.recordHeaderSize <= b.count else {
+                return .failure(ValidationError("the record at byte \(at) is truncated"))
+            }
+            let length = b.withUnsafeBytes { Int(UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt32.self))) }
+            guard length >= CallTraceFormat.recordHeaderSize, at + length <= b.count else {
+                return .failure(ValidationError("the record at byte \(at) is truncated or malformed (length \(length))"))
+            }
+            let seq = b.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: at + 8, as: UInt64.self)) }
+            records.append((seq, at))
+            at += length
+        }
+        records.sort { $0.seq < $1.seq }
+        return .success(records.map(\.at))
+    }
+
     mutating func run() -> Outcome {
+        let order: [Int]
+        switch recordsInCallOrder() {
+        case .success(let o): order = o
+        case .failure(let e): return .unreplayable(call: 0, text: e.message)
+        }
         var calls = 0
         var threads = Set<UInt16>()
-        while cursor.at < cursor.bytes.count {
+        for at in order {
             calls += 1
+            cursor.at = at
             do {
                 if let problem = try replayOne(calls, &threads) { return problem }
             } catch is TraceCursor.Truncated {
@@ -243,6 +271,7 @@ struct CallReplayer {
         let id = Int(try cursor.u16())
         let thread = try cursor.u16()
         threads.insert(thread)
+        _ = try cursor.u64() // the sequence number (run() ordered the records by it)
         let recordedResult = Int64(bitPattern: try cursor.u64())
         guard id < CallTable.functions.count else { return .unreplayable(call: n, text: "function #\(id) is not in the table") }
         let f = CallTable.functions[id]

@@ -2,16 +2,43 @@
  * (nptkit-cli replay-calls): one call of nearly every kind of parameter the table knows (handles
  * made and passed, strings in and out, input structs with pointer members, in/out structs, input
  * and output buffers, arrays in and out, a callback, output scalars) and calls that fail (their
- * status and npt_last_error() are compared too). Single-threaded, so the replay order is the order
- * of the calls. Tests/C/run.sh runs it traced, replays the trace, then replays mutated copies.
+ * status and npt_last_error() are compared too), then THREADS threads at once, each with a VM of its
+ * own and enough calls to fill its trace buffer at least once (the records reach the file in
+ * per-thread blocks; replay-calls puts them back in call order by their sequence numbers and must
+ * see THREADS + 1 recorded threads). Tests/C/run.sh runs it traced, replays the trace, then replays
+ * mutated copies.
  *
  * The workload itself checks what it can (a failing check exits non-zero before the replay). */
 #include <nptkit.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 
 static int failures;
 #define CHECK(c) do { if (!(c)) { failures++; fprintf(stderr, "test_calltrace:%d: %s (%s)\n", __LINE__, #c, npt_last_error()); } } while (0)
+
+#define THREADS 4
+#define THREAD_CALLS 700 /* policy_set + policy_get pairs: ~90 KiB of records per thread (its buffer: 64 KiB) */
+static atomic_int thread_failures;
+
+/* A VM of its own; pages made R, R|W, R|Xs, R|W|Xu in turn and read back. */
+static void *worker(void *arg) {
+    npt_context *ctx = arg;
+    npt_vm_config cfg = {sizeof cfg, NPT_MBEC_EXACT, "sim", 16u << 20, NPT_PERM_READ | NPT_PERM_WRITE, 1000};
+    npt_vm *vm = NULL;
+    if (npt_vm_create(ctx, &cfg, &vm) != NPT_OK) { atomic_fetch_add(&thread_failures, 1); return NULL; }
+    static const uint64_t kinds[4] = {NPT_PERM_READ, NPT_PERM_READ | NPT_PERM_WRITE, NPT_PERM_READ | NPT_PERM_SX,
+                                      NPT_PERM_READ | NPT_PERM_WRITE | NPT_PERM_UX};
+    for (uint64_t i = 0; i < THREAD_CALLS; i++) {
+        uint64_t gpa = (i % 1024) << 12, want = kinds[i % 4], got = 0;
+        if (npt_policy_set(vm, gpa, 0x1000, NPT_PAGE_4K, want) != NPT_OK || npt_policy_get(vm, gpa, &got) != NPT_OK ||
+            got != want)
+            atomic_fetch_add(&thread_failures, 1);
+    }
+    if (npt_vm_destroy(vm) != NPT_OK) atomic_fetch_add(&thread_failures, 1);
+    return NULL;
+}
 
 static unsigned leaves;
 static void on_leaf(uint64_t gpa, uint64_t size, uint64_t perms, void *user) {
@@ -141,6 +168,12 @@ int main(void) {
     CHECK(npt_vcpu_destroy(cpu) == NPT_ERR_BAD_HANDLE);
     CHECK(npt_vm_destroy(vm) == NPT_OK);
     CHECK(npt_policy_get(vm, 0, &perms) == NPT_ERR_BAD_HANDLE);
+
+    /* Threads at once (their records interleave in the file by block). */
+    pthread_t tid[THREADS];
+    for (int i = 0; i < THREADS; i++) CHECK(pthread_create(&tid[i], NULL, worker, ctx) == 0);
+    for (int i = 0; i < THREADS; i++) pthread_join(tid[i], NULL);
+    CHECK(atomic_load(&thread_failures) == 0);
     CHECK(npt_context_destroy(ctx) == NPT_OK);
     printf("test_calltrace: %s (%u leaves)\n", failures ? "FAILED" : "ok", leaves);
     return failures != 0;
