@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of NPTKit: the Swift tests (unit, property, differential, scenario, trace format) and the C
 # programs compiled against libnptkit.so (API, plugins, the C example, one under AddressSanitizer, programs built
-# against the frozen 1.0-1.2 headers, call tracing and replay), the installed library (scripts/install.sh, pkg-config,
+# against the frozen published headers Tests/C/abi/1.N, call tracing and replay), the installed library (scripts/install.sh, pkg-config,
 # examples/minivmm),
 # the sanitizer jobs (scripts/sanitize.sh asan, tsan), short fuzz runs of every target
 # (scripts/fuzz.sh all 20; NPTKIT_FUZZ_SECONDS changes the time), the guest NVDIMM tables through

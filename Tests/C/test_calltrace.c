@@ -25,7 +25,7 @@ static atomic_int thread_failures;
 /* A VM of its own; pages made R, R|W, R|Xs, R|W|Xu in turn and read back. */
 static void *worker(void *arg) {
     npt_context *ctx = arg;
-    npt_vm_config cfg = {sizeof cfg, NPT_MBEC_EXACT, "sim", 16u << 20, NPT_PERM_READ | NPT_PERM_WRITE, 1000};
+    npt_vm_config cfg = {sizeof cfg, NPT_MBEC_EXACT, "sim", 16u << 20, NPT_PERM_READ | NPT_PERM_WRITE, 1000, NULL};
     npt_vm *vm = NULL;
     if (npt_vm_create(ctx, &cfg, &vm) != NPT_OK) { atomic_fetch_add(&thread_failures, 1); return NULL; }
     static const uint64_t kinds[4] = {NPT_PERM_READ, NPT_PERM_READ | NPT_PERM_WRITE, NPT_PERM_READ | NPT_PERM_SX,
