@@ -61,12 +61,15 @@ struct BackendOptions: ParsableArguments {
     /// A registry with the built-in simulator and the plugins asked for (or the one named by
     /// --backend, found beside this binary). `hostPMemNeedsFlush`: the kind of host
     /// persistent-memory region each backend is to offer (the simulator's platform; a plugin's
-    /// argument `pmem-needs-flush`, replacing one given with --backend-opt), nil for each one's default.
+    /// argument `pmem-needs-flush`, replacing one given with --backend-opt; not for a replay, whose
+    /// regions are the recorded ones), nil for each one's default.
     func registry(hostPMemNeedsFlush: Bool? = nil) throws -> BackendRegistry {
         let r = BackendRegistry()
         try r.register(SimulatorBackend(platform: .standard(needsWPQFlush: hostPMemNeedsFlush ?? true)), makeDefault: true)
         var args = try pluginArguments()
-        if let needs = hostPMemNeedsFlush {
+        // A replayed run (--trace) offers the host regions its recording had: the trace, not this
+        // argument, says which kind each recorded VM saw.
+        if let needs = hostPMemNeedsFlush, trace == nil {
             args.removeAll { $0.key == Self.pmemNeedsFlushKey }
             args.append(PluginArgument(key: Self.pmemNeedsFlushKey, value: needs ? "1" : "0"))
         }
