@@ -109,17 +109,12 @@ package struct DifferentialReport: Sendable {
     }
 }
 
-/// A deterministic random source (SplitMix64), the harness's own.
+/// A deterministic random source: the package's SplitMix64, with the harness's helpers (the seed
+/// offset keeps every seed's sequence what it was when the harness had its own copy).
 package struct Rand: RandomNumberGenerator, Sendable {
-    var state: UInt64
-    package init(seed: UInt64) { state = seed &+ 0x9E37_79B9_7F4A_7C15 }
-    package mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
+    var g: SplitMix64
+    package init(seed: UInt64) { g = SplitMix64(seed: seed &+ 0x9E37_79B9_7F4A_7C15) }
+    package mutating func next() -> UInt64 { g.next() }
     mutating func below(_ n: UInt64) -> UInt64 { next() % n }
     mutating func chance(_ percent: UInt64) -> Bool { next() % 100 < percent }
     mutating func pick<T>(_ a: [T]) -> T { a[Int(below(UInt64(a.count)))] }
