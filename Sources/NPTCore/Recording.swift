@@ -73,6 +73,29 @@ package final class TraceRecorder: Sendable {
         if let failed { throw failed }
     }
 
+    /// The hot path of a vCPU's exit (TraceWriter.appendExitPath): `exit` (reads the clock),
+    /// `hierarchy`, `exitControls` (`value`) and `decision` (`action`), without a TraceRecord.
+    func appendExitPath(_ kind: UInt8, vm: UInt32, vcpu: UInt32, action: UInt8 = 0, value: UInt32 = 0,
+                        exit: TraceExit = TraceExit()) throws(NPTError) {
+        let now = kind == RecordKind.exit ? TraceClock.now() &- clockBase : 0
+        let failed: NPTError? = state.withLock { s in
+            if let e = s.error { return e }
+            do throws(TraceError) {
+                let t = max(now, s.writer.lastTimestamp)
+                if s.selected != vm {
+                    try s.writer.append(.vmSelect(vm: vm), at: t)
+                    s.selected = vm
+                }
+                try s.writer.appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: exit, at: t)
+                return nil
+            } catch {
+                s.error = NPTError(.backend, "recording failed: \(error)")
+                return s.error
+            }
+        }
+        if let failed { throw failed }
+    }
+
     /// The end record, flushed and synced; the first recording failure if there was one.
     package func finish() throws(NPTError) {
         let e: NPTError? = state.withLock { s in
@@ -236,14 +259,20 @@ final class RecordingVCPU: BackendVCPU, RecordingLayer, @unchecked Sendable {
     func setRegisters(_ r: Registers) throws(NPTError) {
         try decided(.regsWritten(vcpu: index, TraceRegs(r))) { () throws(NPTError) in try inner.setRegisters(r) }
     }
+    // The exit path (run, expose, setExitControls, exitDecided): TraceRecorder.appendExitPath.
     func expose(_ h: HierarchyID) throws(NPTError) {
-        try decided(.hierarchy(vcpu: index, hierarchy: h.rawValue)) { () throws(NPTError) in try inner.expose(h) }
+        try recorder.appendExitPath(RecordKind.hierarchy, vm: vmNumber, vcpu: index, value: h.rawValue)
+        do throws(NPTError) { try inner.expose(h) } catch { throw failed(RecordKind.hierarchy, error) }
     }
     func setExitControls(_ c: ExitControls) throws(NPTError) {
-        try decided(.exitControls(vcpu: index, controls: c.rawValue)) { () throws(NPTError) in try inner.setExitControls(c) }
+        try recorder.appendExitPath(RecordKind.exitControls, vm: vmNumber, vcpu: index, value: c.rawValue)
+        do throws(NPTError) { try inner.setExitControls(c) } catch { throw failed(RecordKind.exitControls, error) }
     }
     func run() throws(NPTError) -> VMExit {
-        try answered(RecordKind.exit, readClock: true, { () throws(NPTError) in try inner.run() }, { .exit(vcpu: index, TraceExit($0)) })
+        let x: VMExit
+        do throws(NPTError) { x = try inner.run() } catch { throw failed(RecordKind.exit, error) }
+        try recorder.appendExitPath(RecordKind.exit, vm: vmNumber, vcpu: index, exit: TraceExit(x))
+        return x
     }
     func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError) {
         try decided(.injectFault(vcpu: index, vector: vector, errorCode: errorCode, address: address)) { () throws(NPTError) in
@@ -271,9 +300,9 @@ final class RecordingVCPU: BackendVCPU, RecordingLayer, @unchecked Sendable {
                      { .backendStats(vcpu: index, stats: $0.map { TraceStat(name: $0.name, value: $0.value) }) })
     }
     func exitDecided(_ action: ExitAction, exit: VMExit) throws(NPTError) {
-        try decided(.decision(vcpu: index, action: TraceAction(rawValue: UInt8(action.rawValue)) ?? .tool, exit: TraceExit(exit))) { () throws(NPTError) in
-            try inner.exitDecided(action, exit: exit)
-        }
+        let a = TraceAction(rawValue: UInt8(truncatingIfNeeded: action.rawValue)) ?? .tool
+        try recorder.appendExitPath(RecordKind.decision, vm: vmNumber, vcpu: index, action: a.rawValue, exit: TraceExit(exit))
+        do throws(NPTError) { try inner.exitDecided(action, exit: exit) } catch { throw failed(RecordKind.decision, error) }
     }
     func destroy() {
         inner.destroy()

@@ -5,7 +5,7 @@
 /// `npt_exit_reason`: the numbers of include/nptkit.h.
 package struct TraceExitReason: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
     package var rawValue: UInt32
-    package init(rawValue: UInt32) { self.rawValue = rawValue }
+    @inlinable package init(rawValue: UInt32) { self.rawValue = rawValue }
     package static let none = TraceExitReason(rawValue: 0)
     package static let halt = TraceExitReason(rawValue: 1)
     package static let io = TraceExitReason(rawValue: 2)
@@ -41,6 +41,7 @@ package struct TraceExit: Hashable, Sendable {
     package var ioValue: UInt64
     package var rip: UInt64
 
+    @inlinable
     package init(reason: TraceExitReason = .none, gpa: UInt64 = 0, gva: UInt64 = 0, qualification: UInt64 = 0,
                 vector: UInt32 = 0, cpl: UInt32 = 0, hierarchy: UInt32 = 0, ioPort: UInt32 = 0, ioValue: UInt64 = 0,
                 rip: UInt64 = 0) {

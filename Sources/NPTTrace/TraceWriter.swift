@@ -20,13 +20,14 @@ package final class TraceWriter {
         /// record's size; the block's count includes the record (the caller commits it, or sets the
         /// count back and either flushes, which resets the exit state, or refuses a record too large
         /// for a block, which holds no exit: an exit record is never that large).
-        mutating func encode(_ record: TraceRecord, at timestamp: UInt64) -> Int {
+        @inline(__always)
+        mutating func encode(_ kind: UInt8, at timestamp: UInt64, _ body: (inout BlockBuffer, inout ExitState) -> Void) -> Int {
             let start = block.count
-            block.u8(record.kind)
+            block.u8(kind)
             block.varint(blockCount == 0 ? 0 : timestamp - lastTimestamp)
             let lengthAt = block.count
             block.u8(0)
-            TraceCodec.encode(record, &block, &exits)
+            body(&block, &exits)
             let body = block.count - lengthAt - 1
             if body < 0x80 {
                 block.base[lengthAt] = UInt8(body)
@@ -93,6 +94,33 @@ package final class TraceWriter {
     }
 
     func put(_ record: TraceRecord, at timestamp: UInt64) throws(TraceError) {
+        let isEnd: Bool
+        if case .end = record { isEnd = true } else { isEnd = false }
+        try put(record.kind, at: timestamp, isEnd: isEnd) { TraceCodec.encode(record, &$0, &$1) }
+    }
+
+    /// The recording layer's hot path: a record of a vCPU's exit path (`exit`, `hierarchy`,
+    /// `exitControls` with `value`, `decision` with `action`) encoded without building a
+    /// `TraceRecord`; the same bytes as `append` of that record (TraceFormatTests checks it).
+    package func appendExitPath(_ kind: UInt8, vcpu: UInt32, action: UInt8 = 0, value: UInt32 = 0, exit: TraceExit,
+                                at timestamp: UInt64) throws(TraceError) {
+        switch kind {
+        case RecordKind.exit, RecordKind.hierarchy, RecordKind.exitControls, RecordKind.decision: break
+        default: throw TraceError(.invalidRecord, at: bytesWritten, "record kind \(kind) is not one of a vCPU's exit path")
+        }
+        guard !s.pointee.finished else { throw TraceError(.finished, at: bytesWritten, "append after finish()") }
+        try put(kind, at: timestamp, isEnd: false) { enc, st in
+            enc.varint(UInt64(vcpu))
+            switch kind {
+            case RecordKind.exit: TraceCodec.encodeExit(exit, &enc, &st)
+            case RecordKind.decision: enc.u8(action); TraceCodec.encodeExit(exit, &enc, &st)
+            default: enc.varint(UInt64(value))
+            }
+        }
+    }
+
+    @inline(__always)
+    func put(_ kind: UInt8, at timestamp: UInt64, isEnd: Bool, _ body: (inout BlockBuffer, inout ExitState) -> Void) throws(TraceError) {
         let s = self.s
         guard !s.pointee.finished else { throw TraceError(.finished, at: bytesWritten, "append after finish()") }
         guard timestamp >= s.pointee.lastTimestamp else {
@@ -102,7 +130,7 @@ package final class TraceWriter {
         var flushed = false
         while true {
             let start = s.pointee.block.count
-            let size = s.pointee.encode(record, at: timestamp)
+            let size = s.pointee.encode(kind, at: timestamp, body)
             let count = s.pointee.blockCount
             if count > 0 && !flushed
                 && (start - TraceFormat.blockHeaderSize + size > targetBlock || count == UInt32.max) {
@@ -119,7 +147,7 @@ package final class TraceWriter {
             if count == 0 { s.pointee.blockBase = timestamp }
             s.pointee.blockCount = count + 1
             s.pointee.lastTimestamp = timestamp
-            if case .end = record {} else { s.pointee.recordCount += 1 }
+            if !isEnd { s.pointee.recordCount += 1 }
             return
         }
     }

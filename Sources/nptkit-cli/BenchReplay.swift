@@ -30,7 +30,7 @@ extension Bench {
     /// given: the exits the driver saw, the backend's exits (the core's count) and the wall time of the run (VM made, loaded, run to its halt, destroyed;
     /// the recorder's final fsync is not in it).
     static func hvciRun(_ registry: BackendRegistry, backend: String, mode: VMConfig.MBECMode, syscalls: Int,
-                        record: String? = nil) throws -> (exits: Int, backendExits: UInt64, time: Duration) {
+                        record: String? = nil) throws -> (exits: Int, backendExits: UInt64, time: Duration, threadCPU: UInt64, processCPU: UInt64) {
         let recorder = try record.map { try TraceRecorder(path: $0) }
         let scenario = HVCIScenario(syscalls: syscalls)
         let backendISA = try registry.lookup(backend).guestISA
@@ -39,6 +39,7 @@ extension Bench {
         config.recorder = recorder
         let clock = ContinuousClock()
         let t0 = clock.now
+        let (c0, p0) = (cpuNanos(CLOCK_THREAD_CPUTIME_ID), cpuNanos(CLOCK_PROCESS_CPUTIME_ID))
         let vm = try NPTKitRuntime.makeVM(config: config, registry: registry)
         let exits: Int
         let backendExits: UInt64
@@ -51,8 +52,18 @@ extension Bench {
         }
         try NPTKitRuntime.destroyVM(vm)
         let t = clock.now - t0
+        let c = cpuNanos(CLOCK_THREAD_CPUTIME_ID) - c0
         try recorder?.finish()
-        return (exits, backendExits, t)
+        // The process's CPU time includes the encoder's work for this run (finish waited for it).
+        let p = cpuNanos(CLOCK_PROCESS_CPUTIME_ID) - p0
+        return (exits, backendExits, t, c, p)
+    }
+
+    /// CPU time of `clock` (the calling thread's, or the process's), ns.
+    static func cpuNanos(_ clock: clockid_t) -> UInt64 {
+        var ts = timespec()
+        clock_gettime(clock, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
     /// A registry with the simulator and the replay plugin (beside this binary) replaying `trace`
@@ -196,7 +207,7 @@ extension Bench {
         var replayRates: [Double] = [], readerRates: [Double] = []
         for k in 0..<rounds {
             let r = try Bench.replayRegistry(short, session: "bench-\(k)")
-            let (exits, _, t) = try Bench.hvciRun(r, backend: "replay", mode: .exact, syscalls: syscalls)
+            let (exits, _, t, _, _) = try Bench.hvciRun(r, backend: "replay", mode: .exact, syscalls: syscalls)
             guard exits == recorded.exits else { throw NPTError(.state, "bench: the replay made \(exits) exits, the recording \(recorded.exits)") }
             replayRates.append(n / seconds(t))
             let (m, rt) = try Bench.readBenchTrace(short)
@@ -218,11 +229,11 @@ extension Bench {
         print("   peak RSS of a child replaying it: \(p1) KiB (\(size1.st_size / 1024) KiB trace) vs \(p10) KiB for 10x (\(size10.st_size / 1024) KiB trace): ratio \(fmt(ratio, 3)), goal within 10%: \(abs(ratio - 1) <= 0.10 ? "met" : "NOT met")")
 
         // (c) Recording overhead per exit, recorded and not recorded rounds interleaved.
-        var o = Table(["backend", "not recorded / exit p50 (p10-p90)", "recorded / exit p50 (p10-p90)", "n", "backend exits / run", "recorded / not (p50 of pairs)", "goal < 5%"])
+        var o = Table(["backend", "not recorded / exit p50 (p10-p90)", "recorded / exit p50 (p10-p90)", "n", "backend exits / run", "recorded / not (p50 of pairs)", "goal < 5%", "vCPU thread CPU, recorded / not", "process CPU, recorded / not"])
         func overhead(_ registry: BackendRegistry, _ backend: String, _ mode: VMConfig.MBECMode, syscalls: Int, rounds: Int) throws {
             let path = "/tmp/nptkit-bench-replay-\(pid)-rec.trace"
             defer { unlink(path) }
-            var plain: [Double] = [], rec: [Double] = [], ratios: [Double] = []
+            var plain: [Double] = [], rec: [Double] = [], ratios: [Double] = [], threadRatios: [Double] = [], processRatios: [Double] = []
             var exits: UInt64 = 0
             for _ in 0..<rounds {
                 let a = try Bench.hvciRun(registry, backend: backend, mode: mode, syscalls: syscalls)
@@ -230,10 +241,13 @@ extension Bench {
                 exits = a.backendExits
                 plain.append(seconds(a.time) * 1e9 / Double(a.backendExits)); rec.append(seconds(b.time) * 1e9 / Double(b.backendExits))
                 ratios.append(rec.last! / plain.last!)
+                threadRatios.append(Double(b.threadCPU) / Double(max(1, a.threadCPU)))
+                processRatios.append(Double(b.processCPU) / Double(max(1, a.processCPU)))
             }
             let ns = { (x: Double) in nanos(UInt64(x)) }
             let r = ratios.sorted()[rounds / 2]
-            o.add([backend, Bench.spreadOf(plain, ns), Bench.spreadOf(rec, ns), "\(rounds)", "\(exits)", fmt(r, 3), r < 1.05 ? "met" : "NOT met"])
+            o.add([backend, Bench.spreadOf(plain, ns), Bench.spreadOf(rec, ns), "\(rounds)", "\(exits)", fmt(r, 3), r < 1.05 ? "met" : "NOT met",
+                   fmt(threadRatios.sorted()[rounds / 2], 3), fmt(processRatios.sorted()[rounds / 2], 3)])
         }
         try overhead(sim, "sim", .exact, syscalls: syscalls, rounds: rounds)
         let costs = try Bench.recordCosts(records: quick ? 100_000 : 2_000_000, rounds: rounds)
