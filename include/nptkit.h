@@ -232,7 +232,10 @@ typedef struct npt_vm_config {
      * every call between the core and the VM's backend is recorded, whatever the backend (the
      * recording layer of the core; the backend does nothing for it): what the backend reported and
      * what the core decided. The trace is finished (end record, fsync) by npt_vm_destroy. A path
-     * that cannot be created fails npt_vm_create with NPT_ERR_INVALID_ARGUMENT. */
+     * that cannot be created fails npt_vm_create with NPT_ERR_INVALID_ARGUMENT. Until the VM exists
+     * the trace is written beside the path under a name of its own ("<path>.partial-<pid>-<n>") and
+     * then renamed to it: a create that fails leaves no file, and a file already at the path
+     * unchanged. */
     const char *record_path;
 } npt_vm_config;
 

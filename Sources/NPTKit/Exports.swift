@@ -219,18 +219,41 @@ public func npt_vm_create(_ ctx: OpaquePointer?, _ config: UnsafePointer<npt_vm_
         var vc = VMConfig(ramSize: cfg.ram_size, defaultPermissions: EPTPermissions(rawValue: cfg.default_perms),
                           mbecMode: mode, maxStepsPerRun: cfg.max_steps_per_run,
                           backendName: cfg.backend.map { String(cString: $0) })
-        // ABI 1.4: a trace of this VM alone, finished when it is destroyed.
-        if let p = cfg.record_path { vc.recorder = try TraceRecorder(path: String(cString: p), finishWithVM: true) }
-        // Under a lease on the context: npt_context_destroy waits for this create, then sees its VM.
-        try c.life.withLease { () throws(NPTError) in
-            let h = Handles.reserve()
-            let vm = try VirtualMachine(config: vc, registry: c.registry, handle: UnsafeMutableRawPointer(h))
-            c.liveVMs.wrappingAdd(1, ordering: .acquiringAndReleasing)
-            Handles.bind(h, VMBox(vm: vm, ctx: c, handle: h))
-            out.pointee = h
+        // ABI 1.4: a trace of this VM alone, finished when it is destroyed. It is written under a
+        // name of its own beside `record_path` and renamed to it once the VM exists: a create that
+        // fails leaves no file, and an existing file at `record_path` untouched.
+        var recording: (partial: String, path: String)?
+        if let p = cfg.record_path {
+            let path = String(cString: p)
+            let partial = path + ".partial-\(getpid())-\(partialRecordings.wrappingAdd(1, ordering: .relaxed).newValue)"
+            do throws(NPTError) { vc.recorder = try TraceRecorder(path: partial, finishWithVM: true) } catch {
+                throw NPTError(.invalidArgument, "cannot record to '\(path)': \(error.message)")
+            }
+            recording = (partial, path)
+        }
+        do throws(NPTError) {
+            // Under a lease on the context: npt_context_destroy waits for this create, then sees its VM.
+            try c.life.withLease { () throws(NPTError) in
+                let h = Handles.reserve()
+                let vm = try VirtualMachine(config: vc, registry: c.registry, handle: UnsafeMutableRawPointer(h))
+                if let r = recording, rename(r.partial, r.path) != 0 {
+                    let why = String(cString: strerror(errno))
+                    try? vm.destroy()
+                    throw NPTError(.invalidArgument, "cannot record to '\(r.path)': \(why)")
+                }
+                c.liveVMs.wrappingAdd(1, ordering: .acquiringAndReleasing)
+                Handles.bind(h, VMBox(vm: vm, ctx: c, handle: h))
+                out.pointee = h
+            }
+        } catch {
+            if let r = recording { unlink(r.partial) }
+            throw error
         }
     }
 }
+
+/// Numbers the partial trace files of `npt_vm_create` (with the process id: unique names).
+private let partialRecordings = Atomic<UInt64>(0)
 
 @c @implementation
 public func npt_vm_destroy(_ vm: OpaquePointer?) -> npt_status {

@@ -4,13 +4,27 @@
  *     exits, registers and statistics;
  *   - a record_path that cannot be created fails npt_vm_create with NPT_ERR_INVALID_ARGUMENT and a
  *     message naming the path, and creates no VM (the context can be destroyed at once);
+ *   - a create that fails after its recording started (an unknown backend; a record_path that is a
+ *     directory) leaves no file behind and an existing file at record_path unchanged;
  *   - a replay of another run (the guest's bytes changed) fails at the VMM's memory write, naming
  *     the event and the field that differs, and every later call fails too.
  * usage: test_record_replay REPLAY_PLUGIN SCRATCH_DIR */
 #include "check.h"
+#include <dirent.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+/* Files in `dir` whose name contains `part`. */
+static int count_files(const char *dir, const char *part) {
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) n += strstr(e->d_name, part) != NULL;
+    closedir(d);
+    return n;
+}
 
 enum { OP_MOVI = 0x01, OP_JMPR = 0x09, OP_HLT = 0x0E, OP_OUT = 0x0F };
 
@@ -126,6 +140,35 @@ int main(int argc, char **argv) {
     CHECK_ST(npt_vm_create(ctx, &cfg, &vm), NPT_ERR_INVALID_ARGUMENT);
     CHECK(vm == NULL);
     CHECK(strstr(npt_last_error(), "cannot record to") != NULL && strstr(npt_last_error(), other) != NULL);
+
+    /* A create that fails once its recording has started: nothing left behind, nothing changed. */
+    char kept[4096], fresh[4096], mark[64];
+    snprintf(kept, sizeof kept, "%s/record-replay-%ld-kept.trace", argv[2], (long)getpid());
+    snprintf(fresh, sizeof fresh, "%s/record-replay-%ld-fresh.trace", argv[2], (long)getpid());
+    snprintf(mark, sizeof mark, "record-replay-%ld-", (long)getpid());
+    FILE *f = fopen(kept, "w");
+    CHECK(f != NULL);
+    if (f) { fputs("not a trace: must survive", f); fclose(f); }
+    cfg.backend = "no-such-backend";
+    cfg.record_path = kept;
+    CHECK(npt_vm_create(ctx, &cfg, &vm) != NPT_OK);
+    CHECK(vm == NULL);
+    char back[64] = {0};
+    f = fopen(kept, "r");
+    CHECK(f != NULL);
+    if (f) { CHECK(fgets(back, sizeof back, f) != NULL); fclose(f); }
+    CHECK(strcmp(back, "not a trace: must survive") == 0);
+    cfg.record_path = fresh;
+    CHECK(npt_vm_create(ctx, &cfg, &vm) != NPT_OK);
+    CHECK(access(fresh, F_OK) != 0);
+    cfg.backend = NULL;
+    cfg.record_path = argv[2]; /* a directory: the VM is made, the rename fails, the VM is destroyed */
+    CHECK_ST(npt_vm_create(ctx, &cfg, &vm), NPT_ERR_INVALID_ARGUMENT);
+    CHECK(vm == NULL);
+    CHECK(strstr(npt_last_error(), "cannot record to") != NULL && strstr(npt_last_error(), argv[2]) != NULL);
+    CHECK_EQ(count_files(argv[2], ".partial-"), 0);
+    CHECK_EQ(count_files(argv[2], mark), 1); /* kept only */
+    unlink(kept);
     CHECK_OK(npt_context_destroy(ctx)); /* NPT_ERR_BUSY if a VM had been created */
 
     /* Replayed: the plugin loaded with arguments, the same run on "replay". */
