@@ -73,20 +73,18 @@ package final class TraceRecorder: Sendable {
         if let failed { throw failed }
     }
 
-    /// The hot path of a vCPU's exit (TraceWriter.appendExitPath): `exit` (reads the clock),
-    /// `hierarchy`, `exitControls` (`value`) and `decision` (`action`), without a TraceRecord.
-    func appendExitPath(_ kind: UInt8, vm: UInt32, vcpu: UInt32, action: UInt8 = 0, value: UInt32 = 0,
+    /// The hot path of a vCPU's exit (TraceWriter.appendExitPath): `exit` (stamped with a new
+    /// clock reading), `hierarchy`, `exitControls` (`value`) and `decision` (`action`), without a TraceRecord.
+    func appendExitPath(_ kind: ExitPathRecord, vm: UInt32, vcpu: UInt32, action: UInt8 = 0, value: UInt32 = 0,
                         exit: TraceExit = TraceExit()) throws(NPTError) {
-        let now = kind == RecordKind.exit ? TraceClock.now() &- clockBase : 0
         let failed: NPTError? = state.withLock { s in
             if let e = s.error { return e }
             do throws(TraceError) {
-                let t = max(now, s.writer.lastTimestamp)
                 if s.selected != vm {
-                    try s.writer.append(.vmSelect(vm: vm), at: t)
+                    try s.writer.append(.vmSelect(vm: vm), at: s.writer.lastTimestamp)
                     s.selected = vm
                 }
-                try s.writer.appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: exit, at: t)
+                try s.writer.appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: exit, clockSince: clockBase)
                 return nil
             } catch {
                 s.error = NPTError(.backend, "recording failed: \(error)")
@@ -261,17 +259,17 @@ final class RecordingVCPU: BackendVCPU, RecordingLayer, @unchecked Sendable {
     }
     // The exit path (run, expose, setExitControls, exitDecided): TraceRecorder.appendExitPath.
     func expose(_ h: HierarchyID) throws(NPTError) {
-        try recorder.appendExitPath(RecordKind.hierarchy, vm: vmNumber, vcpu: index, value: h.rawValue)
+        try recorder.appendExitPath(.hierarchy, vm: vmNumber, vcpu: index, value: h.rawValue)
         do throws(NPTError) { try inner.expose(h) } catch { throw failed(RecordKind.hierarchy, error) }
     }
     func setExitControls(_ c: ExitControls) throws(NPTError) {
-        try recorder.appendExitPath(RecordKind.exitControls, vm: vmNumber, vcpu: index, value: c.rawValue)
+        try recorder.appendExitPath(.exitControls, vm: vmNumber, vcpu: index, value: c.rawValue)
         do throws(NPTError) { try inner.setExitControls(c) } catch { throw failed(RecordKind.exitControls, error) }
     }
     func run() throws(NPTError) -> VMExit {
         let x: VMExit
         do throws(NPTError) { x = try inner.run() } catch { throw failed(RecordKind.exit, error) }
-        try recorder.appendExitPath(RecordKind.exit, vm: vmNumber, vcpu: index, exit: TraceExit(x))
+        try recorder.appendExitPath(.exit, vm: vmNumber, vcpu: index, exit: TraceExit(x))
         return x
     }
     func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError) {
@@ -301,7 +299,7 @@ final class RecordingVCPU: BackendVCPU, RecordingLayer, @unchecked Sendable {
     }
     func exitDecided(_ action: ExitAction, exit: VMExit) throws(NPTError) {
         let a = TraceAction(rawValue: UInt8(truncatingIfNeeded: action.rawValue)) ?? .tool
-        try recorder.appendExitPath(RecordKind.decision, vm: vmNumber, vcpu: index, action: a.rawValue, exit: TraceExit(exit))
+        try recorder.appendExitPath(.decision, vm: vmNumber, vcpu: index, action: a.rawValue, exit: TraceExit(exit))
         do throws(NPTError) { try inner.exitDecided(action, exit: exit) } catch { throw failed(RecordKind.decision, error) }
     }
     func destroy() {

@@ -41,6 +41,13 @@ package struct TraceExit: Hashable, Sendable {
     package var ioValue: UInt64
     package var rip: UInt64
 
+    /// Every field zero (NPT_EXIT_NONE).
+    @inlinable
+    package init() {
+        reason = TraceExitReason(rawValue: 0); gpa = 0; gva = 0; qualification = 0
+        vector = 0; cpl = 0; hierarchy = 0; ioPort = 0; ioValue = 0; rip = 0
+    }
+
     @inlinable
     package init(reason: TraceExitReason = .none, gpa: UInt64 = 0, gva: UInt64 = 0, qualification: UInt64 = 0,
                 vector: UInt32 = 0, cpl: UInt32 = 0, hierarchy: UInt32 = 0, ioPort: UInt32 = 0, ioValue: UInt64 = 0,
@@ -340,6 +347,12 @@ package enum TraceRecord: Hashable, Sendable {
 }
 
 /// Record kind numbers (docs/trace-format.md, "Record kinds").
+/// The records of a vCPU's exit path, for `TraceWriter.appendExitPath` (the recording layer's hot
+/// path); each raw value is its `RecordKind` number.
+package enum ExitPathRecord: UInt8, Sendable, CaseIterable {
+    case exit = 0x10, hierarchy = 0x20, exitControls = 0x21, decision = 0x25
+}
+
 package enum RecordKind {
     package static let meta: UInt8 = 0x01
     package static let vmCreate: UInt8 = 0x02

@@ -102,21 +102,25 @@ package final class TraceWriter {
     /// The recording layer's hot path: a record of a vCPU's exit path (`exit`, `hierarchy`,
     /// `exitControls` with `value`, `decision` with `action`) encoded without building a
     /// `TraceRecord`; the same bytes as `append` of that record (TraceFormatTests checks it).
-    package func appendExitPath(_ kind: UInt8, vcpu: UInt32, action: UInt8 = 0, value: UInt32 = 0, exit: TraceExit,
+    package func appendExitPath(_ kind: ExitPathRecord, vcpu: UInt32, action: UInt8 = 0, value: UInt32 = 0, exit: TraceExit,
                                 at timestamp: UInt64) throws(TraceError) {
-        switch kind {
-        case RecordKind.exit, RecordKind.hierarchy, RecordKind.exitControls, RecordKind.decision: break
-        default: throw TraceError(.invalidRecord, at: bytesWritten, "record kind \(kind) is not one of a vCPU's exit path")
-        }
-        guard !s.pointee.finished else { throw TraceError(.finished, at: bytesWritten, "append after finish()") }
-        try put(kind, at: timestamp, isEnd: false) { enc, st in
+        try put(kind.rawValue, at: timestamp, isEnd: false) { enc, st in
             enc.varint(UInt64(vcpu))
             switch kind {
-            case RecordKind.exit: TraceCodec.encodeExit(exit, &enc, &st)
-            case RecordKind.decision: enc.u8(action); TraceCodec.encodeExit(exit, &enc, &st)
-            default: enc.varint(UInt64(value))
+            case .exit: TraceCodec.encodeExit(exit, &enc, &st)
+            case .decision: enc.u8(action); TraceCodec.encodeExit(exit, &enc, &st)
+            case .hierarchy, .exitControls: enc.varint(UInt64(value))
             }
         }
+    }
+
+    /// The same, stamped by the writer: an exit with a new reading of `TraceClock` (ns since
+    /// `base`), the others with the latest timestamp (the core's answer to an exit carries its time).
+    package func appendExitPath(_ kind: ExitPathRecord, vcpu: UInt32, action: UInt8 = 0, value: UInt32 = 0, exit: TraceExit,
+                                clockSince base: UInt64) throws(TraceError) {
+        let last = s.pointee.lastTimestamp
+        let t = kind == .exit ? max(TraceClock.now() &- base, last) : last
+        try appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: exit, at: t)
     }
 
     @inline(__always)
