@@ -376,7 +376,7 @@ package final class VirtualMachine: Sendable {
             publishTree(s.tree)
         }
         regionBox.withLock { $0 = PrivilegedRegion(range: range, permissions: permissions, entryOffset: entryOffset, hostOffset: host) }
-        privileged.activate()
+        privileged.activate(backendVM)
     }
 
     /// Adds the region to (or removes it from) every hierarchy, and invalidates its translations.
