@@ -436,10 +436,11 @@ enum Replay {
             _ = try Replay.privileged(requests: 3).run(host: host, mode: .exact)
             Issue.record("a replay past the recording did not fail")
         } catch let e as NPTError { message = e.message }
-        // The third request's raise (from the VMM's thread) waits behind the recorded next
-        // acquisition, which no thread makes: "lock-turn vcpu N: raise waited 200 ms for another
-        // thread to take the recorded #E (vm 0) lock-turn vmm: read".
-        #expect(message.contains(": raise waited 200 ms for another thread to take the recorded #"), "\(message)")
+        // Where the recorded run's VMM thread polled whether its requests were served, this one
+        // raises a third request: that raise (and every other thread, behind the same record) waits
+        // for an acquisition no thread makes. The first to give up names it; the failure is sticky:
+        // "... waited 200 ms for another thread to take the recorded #E (vm 0) lock-turn vmm: read".
+        #expect(message.contains(" waited 200 ms for another thread to take the recorded #"), "\(message)")
         #expect(message.contains("lock-turn vmm: read"), "\(message)")
     }
 

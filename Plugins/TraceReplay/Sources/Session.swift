@@ -148,11 +148,15 @@ final class ReplaySession: @unchecked Sendable {
         }
     }
 
-    /// The failure of a call that waited waitNanos for other threads to take the records before its own.
+    /// The failure of a call that waited waitNanos for other threads to take the records before its
+    /// own: the run is not the recorded one, so every later call fails with it too (sticky, like a
+    /// divergence; the end-of-process check does not report the session again).
     private func waitedTooLong(_ what: String) -> String {
         state.withLock { s in
+            if let f = s.failure { return f }
             let next = s.pending.map { "#\($0.index) (vm \(s.currentVM)) \($0.record)" } ?? "nothing"
-            return "replay of '\(path)': \(what) waited \(waitNanos / 1_000_000) ms for another thread to take the recorded \(next)"
+            s.failure = "replay of '\(path)': \(what) waited \(waitNanos / 1_000_000) ms for another thread to take the recorded \(next)"
+            return s.failure!
         }
     }
 
