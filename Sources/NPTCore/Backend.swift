@@ -421,8 +421,9 @@ package enum NPTABI {
     /// 1.1: virtualized NVDIMM WPQ flushing; 1.2: MBEC guarantees per mode, qualification bits
     /// 10-11, policies on NVDIMM ranges, guest NVDIMM SSDT, host NVDIMM discovery from sysfs;
     /// 1.3: guest ISAs, plugin interface 2 (arguments, error channel, privileged enter/leave,
-    /// backend statistics).
-    package static let minor: UInt32 = 4
+    /// backend statistics); 1.4: recording, the core's answer to each exit told to the backend;
+    /// 1.5: the privileged-mode coordinator's lock turns told to a backend that orders them.
+    package static let minor: UInt32 = 5
     package static let version: UInt32 = (major << 16) | minor
     package static func major(of v: UInt32) -> UInt32 { v >> 16 }
 }
