@@ -141,7 +141,8 @@ echo "demo: $runs runs in a row: ok"
 
 echo "== trace replay (libnptkit-replay.so): the committed KVM runs, and a sim run recorded now"
 # Recorded on this machine's KVM (Tests/Fixtures/npttrace); replayed without /dev/kvm: every decision of
-# the core compared with the recorded one, the output the recorded run's (the privileged section aside).
+# the core compared with the recorded one, the output the recorded run's (the privileged section included, its
+# time columns masked: lock turns, trace 1.2).
 bin="$(swift build --show-bin-path)"
 bash scripts/replay_compare.sh "$bin" Tests/Fixtures/npttrace/kvm-demo-lazy.trace Tests/Fixtures/npttrace/kvm-demo-lazy.out kvm --syscalls 3
 bash scripts/replay_compare.sh "$bin" Tests/Fixtures/npttrace/kvm-demo-violation-only.trace \
