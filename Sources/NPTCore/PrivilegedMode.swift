@@ -1,4 +1,5 @@
 import NPTTrace
+import Synchronization
 
 /// The special region of the privileged mode: its code lives here and is visible to the VM's one
 /// global memory view only while one CPU is in the mode.
@@ -63,24 +64,24 @@ package final class PrivilegedModeCoordinator: @unchecked Sendable {
         set { monitor.withLock { timeout = newValue } }
     }
     private var timeout: UInt64 = 1_000_000_000
-    /// Set once a region exists; until then `checkpoint` costs nothing.
-    private(set) var active = false
+    /// Set once a region exists; until then `checkpoint` costs nothing (read without the monitor).
+    private let activeFlag = Atomic<Bool>(false)
+    var active: Bool { activeFlag.load(ordering: .acquiring) }
     /// The VM's backend when the monitor's acquisitions are recorded or replayed (lock turns,
-    /// docs/replay-privileged-mode.md); nil: each acquisition costs this one check. Set with
-    /// `active`, before any vCPU passes a checkpoint that does anything.
-    private var gate: (any BackendVM)?
-    private var replays = false
+    /// docs/replay-privileged-mode.md), used once `active`; nil: each acquisition costs this check.
+    private let turns: (any BackendVM)?
+    private let replays: Bool
 
-    init() {}
-
-    func activate(_ backend: any BackendVM) {
-        monitor.withLock {
-            active = true
-            let mode = backend.lockTurns
-            gate = mode == .none ? nil : backend
-            replays = mode == .replay
-        }
+    init(backend: any BackendVM) {
+        let mode = backend.lockTurns
+        turns = mode == .none ? nil : backend
+        replays = mode == .replay
     }
+
+    func activate() { monitor.withLock { activeFlag.store(true, ordering: .releasing) } }
+
+    /// The backend that takes the turns: from the region's definition on, in a recorded or replayed VM.
+    private var gate: (any BackendVM)? { turns != nil && active ? turns : nil }
 
     /// Takes the monitor for `site` (on behalf of vCPU `vcpu`; nil: the VMM) in its turn: recorded
     /// once held, or (a replay) waited for outside it and consumed once held. Returns the value to
