@@ -234,20 +234,9 @@ package enum TraceLockSite: UInt8, Hashable, Sendable, CaseIterable, CustomStrin
         default: return 0
         }
     }
-    package var description: String {
-        switch self {
-        case .raise: return "raise"
-        case .interrupt: return "interrupt"
-        case .checkpoint: return "checkpoint"
-        case .checkpointWake: return "checkpoint-wake"
-        case .leftGuest: return "left-guest"
-        case .entryRelock: return "entry-relock"
-        case .entryWake: return "entry-wake"
-        case .leave: return "leave"
-        case .read: return "read"
-        case .vcpuRead: return "vcpu-read"
-        }
-    }
+    static let names = ["raise", "interrupt", "checkpoint", "checkpoint-wake", "left-guest", "entry-relock", "entry-wake",
+                        "leave", "read", "vcpu-read"]
+    package var description: String { TraceLockSite.names[Int(rawValue)] }
 }
 
 /// Who caused a record: the backend's answers are the replay's inputs, the core's calls are the
