@@ -2,8 +2,10 @@
 // with what a recorded run's backend answered (exits, registers, memory reads, host persistent
 // memory, statistics, failures) and compares every decision of the core (hierarchy exposed, exit
 // controls, invalidations, injected faults, register writes, NVDIMM and flush-hint definitions,
-// physical flushes, fences, the answer to each exit through vcpu_exit_decided) with the recorded
-// one. The first divergence fails the call with a message naming the event, both decisions and
+// physical flushes, fences, the answer to each exit through vcpu_exit_decided, privileged-mode
+// entries and exits) with the recorded one. Where the trace has lock turns (1.2) it keeps
+// NPT_CAP_PRIVILEGED_MODE and orders the core's privileged-mode lock acquisitions (vm_lock_turn,
+// ABI 1.5) as recorded. The first divergence fails the call with a message naming the event, both decisions and
 // the events before it (npt_last_error through the host's set_error), and every later call.
 //
 // Only the C ABI crosses the boundary: this module links NPTTrace (no dependency on the core) and
