@@ -761,9 +761,10 @@ typedef struct npt_backend_ops {
      * Called by the core once the VM has a privileged-mode region, for every acquisition of that lock
      * except the VMM's setup calls (vCPU creation and destruction, npt_vm_set_stop_timeout): at
      * `site` (NPT_LOCK_SITE_*), on behalf of vCPU `vcpu` (its index; -1: a read by the VMM), twice:
-     *   phase NPT_LOCK_TURN_WAIT: before the core takes the lock, holding none of its own locks but
-     *     the vCPU's (a vCPU's site is on its own thread, inside npt_vcpu_run); the backend may block
-     *     here until it is this acquisition's turn. *value is 0 and not read back.
+     *   phase NPT_LOCK_TURN_WAIT: before the core takes the lock, holding no lock of its own (a
+     *     vCPU's sites are on its own thread, inside npt_vcpu_run / npt_vcpu_run_raw /
+     *     npt_handle_exit / npt_vcpu_leave_privileged); the backend may block here until it is this
+     *     acquisition's turn. *value is 0 and not read back.
      *   phase NPT_LOCK_TURN_TAKEN: right after the core took the lock, which it holds; the backend
      *     must not block.
      *     *value holds the outcome the core saw (NPT_LOCK_SITE_ENTRY_WAKE: 1 when the entering vCPU's
@@ -773,8 +774,9 @@ typedef struct npt_backend_ops {
      * While the backend orders the acquisitions, a condition wait of the coordinator becomes "release
      * the lock, WAIT, take it, TAKEN" (the backend, not a signal, decides when the thread goes on).
      * Any other status fails the NPTKit call that needed the lock with that status (npt_vcpu_run,
-     * npt_vcpu_raise_privileged, npt_vcpu_leave_privileged; the reads answer from the lock taken
-     * anyway and the backend's next operation is expected to fail); an entry whose turn failed
+     * npt_vcpu_raise_privileged, npt_vcpu_leave_privileged; the reads, npt_vcpu_raise_interrupt and
+     * a vCPU's return from guest code take the lock anyway and the backend's next operation is
+     * expected to fail); an entry whose turn failed
      * releases the stopped vCPUs as a timed-out entry does (nobody entered). Any thread. */
     npt_status (*vm_lock_turn)(void *vm_data, uint32_t phase, uint32_t site, int64_t vcpu, uint64_t *value);
 } npt_backend_ops;
