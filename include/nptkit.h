@@ -68,7 +68,7 @@ extern "C" {
 
 /* ABI version: major changes break compatibility; minor ones only add. */
 #define NPT_ABI_VERSION_MAJOR 1u
-#define NPT_ABI_VERSION_MINOR 4u /* 1.1: virtualized NVDIMM WPQ flushing;
+#define NPT_ABI_VERSION_MINOR 5u /* 1.1: virtualized NVDIMM WPQ flushing;
                                     1.2: MBEC guarantees per mode (NPT_MBEC_VIOLATION_ONLY, NPT_ERR_GUARANTEE,
                                     npt_mbec_mode_check), qualification bits 10-11, policies on NVDIMM
                                     ranges; guest NVDIMM SSDT, host NVDIMM discovery from sysfs (also for
@@ -80,8 +80,11 @@ extern "C" {
                                     npt_vm_backend_stats, npt_vcpu_backend_stats);
                                     1.4: recording (npt_vm_config.record_path) and the core's answer to
                                     each exit told to the backend (npt_backend_ops.vcpu_exit_decided), for
-                                    the trace replay backend */
-#define NPT_ABI_VERSION 0x10004u /* (NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR */
+                                    the trace replay backend;
+                                    1.5: the order of the privileged-mode coordinator's lock acquisitions
+                                    told to a backend that orders them (npt_backend_ops.vm_lock_turn), so
+                                    the trace replay backend replays the privileged mode */
+#define NPT_ABI_VERSION 0x10005u /* (NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR */
 #define NPT_ABI_MAJOR(v) ((uint32_t)(v) >> 16)
 
 /* ------------------------------------------------------------------------ */
@@ -753,7 +756,47 @@ typedef struct npt_backend_ops {
      * that runs guest code has nothing to do with it; the trace replay backend compares it with the
      * recorded answer. A status other than NPT_OK fails the npt_vcpu_run / npt_handle_exit call. */
     npt_status (*vcpu_exit_decided)(void *vcpu_data, uint32_t action, const npt_exit *exit);
+
+    /* ---- ABI 1.5 ---- */
+    /* Optional (NULL, or a table older than 1.5: not called, and the acquisitions cost the core one
+     * check each). A backend with it orders the acquisitions of the VM's privileged-mode coordinator
+     * lock (the trace replay backend makes each wait for its recorded turn; nothing else needs it).
+     * Called by the core once the VM has a privileged-mode region, for every acquisition of that lock
+     * except the VMM's setup calls (vCPU creation and destruction, npt_vm_set_stop_timeout): at
+     * `site` (NPT_LOCK_SITE_*), on behalf of vCPU `vcpu` (its index; -1: a read by the VMM), twice:
+     *   phase NPT_LOCK_TURN_WAIT: before the core takes the lock, holding no lock of its own (a
+     *     vCPU's sites are on its own thread, inside npt_vcpu_run / npt_vcpu_run_raw /
+     *     npt_handle_exit / npt_vcpu_leave_privileged); the backend may block here until it is this
+     *     acquisition's turn. *value is 0 and not read back.
+     *   phase NPT_LOCK_TURN_TAKEN: right after the core took the lock, which it holds; the backend
+     *     must not block.
+     *     *value holds the outcome the core saw (NPT_LOCK_SITE_ENTRY_WAKE: 1 when the entering vCPU's
+     *     wait for the others to stop timed out, else 0); the backend may replace it with the outcome
+     *     to use (a recorded one). NPT_ERR_BUSY: not this thread's turn after all (another thread
+     *     acting for the same party took it): the core releases the lock and starts again at WAIT.
+     * While the backend orders the acquisitions, a condition wait of the coordinator becomes "release
+     * the lock, WAIT, take it, TAKEN" (the backend, not a signal, decides when the thread goes on).
+     * Any other status fails the NPTKit call that needed the lock with that status (npt_vcpu_run,
+     * npt_vcpu_raise_privileged, npt_vcpu_leave_privileged; the reads, npt_vcpu_raise_interrupt and
+     * a vCPU's return from guest code take the lock anyway and the backend's next operation is
+     * expected to fail); an entry whose turn failed
+     * releases the stopped vCPUs as a timed-out entry does (nobody entered). Any thread. */
+    npt_status (*vm_lock_turn)(void *vm_data, uint32_t phase, uint32_t site, int64_t vcpu, uint64_t *value);
 } npt_backend_ops;
+
+/* (ABI 1.5) Phases and sites of npt_backend_ops.vm_lock_turn (docs/replay-privileged-mode.md). */
+#define NPT_LOCK_TURN_WAIT  0u
+#define NPT_LOCK_TURN_TAKEN 1u
+#define NPT_LOCK_SITE_RAISE           0u /* npt_vcpu_raise_privileged for `vcpu`, from any thread */
+#define NPT_LOCK_SITE_INTERRUPT       1u /* another interrupt for `vcpu` (deferred while it is stopped) */
+#define NPT_LOCK_SITE_CHECKPOINT      2u /* `vcpu`'s thread before it runs guest code */
+#define NPT_LOCK_SITE_CHECKPOINT_WAKE 3u /* `vcpu`'s thread woken while parked (stopped, or waiting to enter) */
+#define NPT_LOCK_SITE_LEFT_GUEST      4u /* `vcpu`'s thread back from guest code */
+#define NPT_LOCK_SITE_ENTRY_RELOCK    5u /* the entering `vcpu`'s thread, after it kicked the vCPUs in guest code */
+#define NPT_LOCK_SITE_ENTRY_WAKE      6u /* the entering `vcpu`'s thread woken while it waits for the others */
+#define NPT_LOCK_SITE_LEAVE           7u /* `vcpu` leaves the mode (RSM) */
+#define NPT_LOCK_SITE_READ            8u /* a read by the VMM (vcpu -1): statistics, holder */
+#define NPT_LOCK_SITE_VCPU_READ       9u /* a read on `vcpu`'s own thread (does it hold the mode) */
 
 /* Registers a backend in `ctx`. The ops table must stay valid until the
  * context is destroyed. NPT_ERR_ABI_MISMATCH if its major version differs,

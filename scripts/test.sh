@@ -141,13 +141,17 @@ echo "demo: $runs runs in a row: ok"
 
 echo "== trace replay (libnptkit-replay.so): the committed KVM runs, and a sim run recorded now"
 # Recorded on this machine's KVM (Tests/Fixtures/npttrace); replayed without /dev/kvm: every decision of
-# the core compared with the recorded one, the output the recorded run's (the privileged section aside).
+# the core compared with the recorded one, the output the recorded run's (the privileged section included, its
+# time columns masked: lock turns, trace 1.2).
 bin="$(swift build --show-bin-path)"
 bash scripts/replay_compare.sh "$bin" Tests/Fixtures/npttrace/kvm-demo-lazy.trace Tests/Fixtures/npttrace/kvm-demo-lazy.out kvm --syscalls 3
 bash scripts/replay_compare.sh "$bin" Tests/Fixtures/npttrace/kvm-demo-violation-only.trace \
     Tests/Fixtures/npttrace/kvm-demo-violation-only.out kvm --syscalls 3 --mode violation-only
 "$bin/nptkit-cli" demo --syscalls 3 --record /tmp/nptkit-sim-demo.trace > /tmp/nptkit-sim-demo.out
 bash scripts/replay_compare.sh "$bin" /tmp/nptkit-sim-demo.trace /tmp/nptkit-sim-demo.out sim --syscalls 3
+# Ten more sim recordings, each with its own thread interleaving (its own order of the privileged-mode
+# lock), each replayed and compared (scripts/replay_loop.sh; 200 in a row in the README).
+bash scripts/replay_loop.sh "$bin" 10 sim
 # A replay asked for another run (more system calls than recorded) diverges: non-zero exit, the event named.
 if "$bin/nptkit-cli" demo --backend replay --trace Tests/Fixtures/npttrace/kvm-demo-lazy.trace --syscalls 4 > /dev/null 2> /tmp/nptkit-replay.err; then
     echo "replay: a different run was not refused" >&2; exit 1

@@ -288,8 +288,24 @@ package protocol BackendVM: AnyObject, Sendable {
     /// The backend's own counters for this VM (exits by its own reasons, memslot changes...),
     /// by stable names; [] where it keeps none.
     func backendStatistics() throws(NPTError) -> [BackendStatistic]
+    /// (ABI 1.5) Whether the privileged-mode coordinator's monitor acquisitions of this VM go through
+    /// `lockTurn` (docs/replay-privileged-mode.md): `.none` for a backend that runs guest code (the
+    /// coordinator then pays one check), `.record` under the recording layer, `.replay` where the
+    /// backend orders them (the trace replay backend: npt_backend_ops.vm_lock_turn).
+    var lockTurns: LockTurnMode { get }
+    /// One acquisition of the monitor, at `site` for vCPU `vcpu` (nil: the VMM). `.wait`: before the
+    /// core takes it (a replay waits until the acquisition's record is next). `.taken`: the monitor is
+    /// held (the recording layer writes the record; a replay consumes it and answers the recorded
+    /// value, `LockTurnRetry` when another thread of the same party took it). `value`: the outcome
+    /// the core saw (an entry's timed-out wait); the answer is the one to use.
+    func lockTurn(_ site: TraceLockSite, vcpu: UInt32?, phase: LockTurnPhase, value: UInt64) throws(NPTError) -> UInt64
     func destroy()
 }
+
+/// How a VM's privileged-mode monitor acquisitions are ordered (BackendVM.lockTurns).
+package enum LockTurnMode: Sendable { case none, record, replay }
+/// The two calls of one acquisition: before it (outside the monitor), and once the monitor is held.
+package enum LockTurnPhase: UInt32, Sendable { case wait = 0, taken = 1 }
 
 /// One counter a backend keeps itself (npt_backend_stat).
 package struct BackendStatistic: Sendable, Equatable, CustomStringConvertible {
@@ -336,6 +352,8 @@ package struct PrivilegedEntry: Sendable, Equatable {
 }
 
 extension BackendVM {
+    package var lockTurns: LockTurnMode { .none }
+    package func lockTurn(_ site: TraceLockSite, vcpu: UInt32?, phase: LockTurnPhase, value: UInt64) throws(NPTError) -> UInt64 { value }
     package func defineRegion(_ range: GPARange, hostOffset: UInt64, contents: UnsafeRawBufferPointer) throws(NPTError) {
         throw .unsupported("this backend cannot back a privileged-mode region")
     }
@@ -403,8 +421,9 @@ package enum NPTABI {
     /// 1.1: virtualized NVDIMM WPQ flushing; 1.2: MBEC guarantees per mode, qualification bits
     /// 10-11, policies on NVDIMM ranges, guest NVDIMM SSDT, host NVDIMM discovery from sysfs;
     /// 1.3: guest ISAs, plugin interface 2 (arguments, error channel, privileged enter/leave,
-    /// backend statistics).
-    package static let minor: UInt32 = 4
+    /// backend statistics); 1.4: recording, the core's answer to each exit told to the backend;
+    /// 1.5: the privileged-mode coordinator's lock turns told to a backend that orders them.
+    package static let minor: UInt32 = 5
     package static let version: UInt32 = (major << 16) | minor
     package static func major(of v: UInt32) -> UInt32 { v >> 16 }
 }

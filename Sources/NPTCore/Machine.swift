@@ -85,7 +85,7 @@ package final class VirtualMachine: Sendable {
     private let reserved = NPTMutex<[(name: String, range: GPARange)]>([])
     private let privilegedError = NPTMutex<String>("")
     /// The privileged-mode (SMM-like) coordinator of this VM.
-    package let privileged = PrivilegedModeCoordinator()
+    package let privileged: PrivilegedModeCoordinator
 
     /// Which exits the policy makes necessary (`needsUserOnly`, `needsSupervisorOnly`): bits are
     /// added before a policy that needs them is published (after every vCPU armed its exits) and
@@ -141,6 +141,7 @@ package final class VirtualMachine: Sendable {
         } else {
             self.backendVM = made
         }
+        privileged = PrivilegedModeCoordinator(backend: backendVM)
     }
 
     /// The instruction set the VM's vCPUs execute (its backend's).

@@ -1,3 +1,6 @@
+import NPTTrace
+import Synchronization
+
 /// The special region of the privileged mode: its code lives here and is visible to the VM's one
 /// global memory view only while one CPU is in the mode.
 package struct PrivilegedRegion: Sendable, Equatable {
@@ -61,12 +64,72 @@ package final class PrivilegedModeCoordinator: @unchecked Sendable {
         set { monitor.withLock { timeout = newValue } }
     }
     private var timeout: UInt64 = 1_000_000_000
-    /// Set once a region exists; until then `checkpoint` costs nothing.
-    private(set) var active = false
+    /// Set once a region exists; until then `checkpoint` costs nothing (read without the monitor).
+    private let activeFlag = Atomic<Bool>(false)
+    var active: Bool { activeFlag.load(ordering: .acquiring) }
+    /// The VM's backend when the monitor's acquisitions are recorded or replayed (lock turns,
+    /// docs/replay-privileged-mode.md), used once `active`; nil: each acquisition costs this check.
+    private let turns: (any BackendVM)?
+    private let replays: Bool
 
-    init() {}
+    init(backend: any BackendVM) {
+        let mode = backend.lockTurns
+        turns = mode == .none ? nil : backend
+        replays = mode == .replay
+    }
 
-    func activate() { monitor.withLock { active = true } }
+    func activate() { monitor.withLock { activeFlag.store(true, ordering: .releasing) } }
+
+    /// The backend that takes the turns: from the region's definition on, in a recorded or replayed VM.
+    private var gate: (any BackendVM)? { turns != nil && active ? turns : nil }
+
+    /// Takes the monitor for `site` (on behalf of vCPU `vcpu`; nil: the VMM) in its turn: recorded
+    /// once held, or (a replay) waited for outside it and consumed once held. Returns the value to
+    /// use (`value`, or the recorded one). On a failure the monitor is not held.
+    @discardableResult
+    private func acquire(_ site: TraceLockSite, _ vcpu: UInt32?, value: UInt64 = 0) throws(NPTError) -> UInt64 {
+        guard let g = gate else { monitor.lock(); return value }
+        while true {
+            if replays { _ = try g.lockTurn(site, vcpu: vcpu, phase: .wait, value: value) }
+            monitor.lock()
+            do throws(NPTError) {
+                return try g.lockTurn(site, vcpu: vcpu, phase: .taken, value: value)
+            } catch {
+                monitor.unlock()
+                // Another thread of the same party took the record meanwhile: wait for the next one.
+                guard replays && error.code == .busy else { throw error }
+            }
+        }
+    }
+
+    /// `acquire` where the caller cannot fail: on a failure the monitor is taken anyway (the
+    /// recording keeps its first failure for `finish`; a failed replay fails every later call).
+    private func acquireAnyway(_ site: TraceLockSite, _ vcpu: UInt32?) {
+        do throws(NPTError) { try acquire(site, vcpu) } catch { monitor.lock() }
+    }
+
+    /// `body` under the monitor taken in its turn (a read or a short transition that cannot fail).
+    private func locked<T>(_ site: TraceLockSite, _ vcpu: UInt32?, _ body: () -> T) -> T {
+        acquireAnyway(site, vcpu)
+        defer { monitor.unlock() }
+        return body()
+    }
+
+    /// Waits on `c` (the monitor held, and held again on return, also on a failure); returns
+    /// `outcome` of the wait's result once woken. A recording writes the re-acquisition with the
+    /// outcome; a replay does not wait on `c` at all: it releases the monitor and takes it again in
+    /// the recorded turn, with the recorded outcome (a timed-out wait is a recorded decision).
+    private func waitInTurn(_ c: Monitor.Condition, until deadline: UInt64?, _ site: TraceLockSite, _ vcpu: UInt32,
+                       outcome: (Bool) -> Bool = { _ in false }) throws(NPTError) -> Bool {
+        guard let g = gate else { return outcome(monitor.wait(on: c, untilNanos: deadline)) }
+        if replays {
+            monitor.unlock()
+            do throws(NPTError) { return try acquire(site, vcpu) != 0 } catch { monitor.lock(); throw error }
+        }
+        let o = outcome(monitor.wait(on: c, untilNanos: deadline))
+        _ = try g.lockTurn(site, vcpu: vcpu, phase: .taken, value: o ? 1 : 0)
+        return o
+    }
 
     /// A new vCPU joins the protocol. While another vCPU is entering or in the mode the new one
     /// starts stopped (its thread is outside guest code, so the stop is acknowledged on its
@@ -146,23 +209,35 @@ package final class PrivilegedModeCoordinator: @unchecked Sendable {
         }
     }
 
-    package var statistics: PrivilegedStatistics { monitor.withLock { stats } }
-    package var entryRecords: [PrivilegedEntryRecord] { monitor.withLock { records } }
+    package var statistics: PrivilegedStatistics { locked(.read, nil) { stats } }
+    package var entryRecords: [PrivilegedEntryRecord] { locked(.read, nil) { records } }
 
     /// The vCPU in the mode, if any.
-    package var holder: UInt32? {
-        monitor.withLock { state.holder >= 0 && state.phase[Int(state.holder)] == .inMode ? slots[Int(state.holder)]?.index : nil }
+    package var holder: UInt32? { locked(.read, nil) { holderIndex } }
+    /// The lock is held.
+    private var holderIndex: UInt32? {
+        state.holder >= 0 && state.phase[Int(state.holder)] == .inMode ? slots[Int(state.holder)]?.index : nil
+    }
+
+    /// Whether `count` requests were served (entered or failed) and no vCPU is in the mode: one
+    /// observation under the monitor, in its turn, by `observer`'s thread (nil: the VMM's). A driver
+    /// that stops its vCPU threads on it makes each thread's number of runs follow the monitor's
+    /// order, which a replay reproduces (a flag set by another thread would not be).
+    package func served(_ count: UInt64, observer: VirtualCPU?) throws(NPTError) -> Bool {
+        try acquire(observer == nil ? .read : .vcpuRead, observer?.index)
+        defer { monitor.unlock() }
+        return stats.entries + stats.failures >= count && holderIndex == nil
     }
 
     /// The enter-mode interrupt for `cpu`. Callable from any thread.
     package func raise(_ cpu: VirtualCPU) throws(NPTError) {
         guard active else { throw NPTError(.state, "no privileged-mode region is defined for this VM") }
-        monitor.withLock {
-            PMProtocol.apply(.raise(cpu.slot), to: &state)
-            raisedAt[cpu.slot].append(Monitor.now())
-            stats.requests += 1
-            wake()
-        }
+        try acquire(.raise, cpu.index)
+        PMProtocol.apply(.raise(cpu.slot), to: &state)
+        raisedAt[cpu.slot].append(Monitor.now())
+        stats.requests += 1
+        wake()
+        monitor.unlock()
         cpu.kick()
     }
 
@@ -170,7 +245,7 @@ package final class PrivilegedModeCoordinator: @unchecked Sendable {
     /// or after it resumes if it is stopped. Returns whether it was deferred.
     @discardableResult
     package func interrupt(_ cpu: VirtualCPU, vector: UInt32) -> Bool {
-        let deferredNow: Bool = monitor.withLock {
+        let deferredNow: Bool = locked(.interrupt, cpu.index) {
             let p = state.phase.indices.contains(cpu.slot) ? state.phase[cpu.slot] : .running
             if active && (p == .stopped || p == .waiting) {
                 deferred[cpu.slot].append(vector)
@@ -189,7 +264,7 @@ package final class PrivilegedModeCoordinator: @unchecked Sendable {
     func checkpoint(_ cpu: VirtualCPU) throws(NPTError) -> VMExit? {
         guard active else { return nil }
         let i = cpu.slot
-        monitor.lock()
+        try acquire(.checkpoint, cpu.index)
         defer { monitor.unlock() }
         while true {
             if PMProtocol.enabled(.acceptStop(i), in: state) {
@@ -213,14 +288,14 @@ package final class PrivilegedModeCoordinator: @unchecked Sendable {
                 continue
             }
             if state.phase[i] == .running && state.pending[i] == 0 { inGuest[i] = true; return nil }
-            monitor.wait(on: conds[i], untilNanos: nil)
+            _ = try waitInTurn(conds[i], until: nil, .checkpointWake, cpu.index)
         }
     }
 
     /// `cpu`'s thread returns to the VMM: it runs no guest code until its next checkpoint.
     func leftGuest(_ cpu: VirtualCPU) {
         guard active else { return }
-        monitor.withLock {
+        locked(.leftGuest, cpu.index) {
             let i = cpu.slot
             inGuest[i] = false
             if PMProtocol.enabled(.acceptStop(i), in: state) {
@@ -241,12 +316,27 @@ package final class PrivilegedModeCoordinator: @unchecked Sendable {
             PMProtocol.apply(.acceptStop(j), to: &state)
         }
         let others = slots.enumerated().filter { $0.offset != i && inGuest[$0.offset] }.compactMap(\.element)
+        let me = slots[i]?.index ?? UInt32(i)
         monitor.unlock()
         for o in others { o.kick() }
-        monitor.lock()
+        // Taken again in its turn; a failure of the turn (a replay that diverged) releases the
+        // others as a timeout would: nobody entered.
+        func abandon(_ e: NPTError) -> NPTError {
+            PMProtocol.apply(.timeout(i), to: &state)
+            stats.failures += 1
+            wake()
+            return e
+        }
+        do throws(NPTError) { try acquire(.entryRelock, me) } catch { monitor.lock(); throw abandon(error) }
         let deadline = Monitor.deadline(after: timeout)
         while !PMProtocol.enabled(.enter(i), in: state) {
-            if !monitor.wait(on: conds[i], untilNanos: deadline) && !PMProtocol.enabled(.enter(i), in: state) && Monitor.now() >= deadline {
+            let timedOut: Bool
+            do throws(NPTError) {
+                timedOut = try waitInTurn(conds[i], until: deadline, .entryWake, me) { woke in
+                    !woke && !PMProtocol.enabled(.enter(i), in: state) && Monitor.now() >= deadline
+                }
+            } catch { throw abandon(error) }
+            if timedOut {
                 let late = (0..<state.cpus).first { $0 != i && state.phase[$0] != .stopped && state.phase[$0] != .waiting } ?? i
                 PMProtocol.apply(.timeout(i), to: &state)
                 stats.failures += 1
@@ -301,7 +391,7 @@ package final class PrivilegedModeCoordinator: @unchecked Sendable {
     func leave(_ cpu: VirtualCPU) throws(NPTError) {
         let i = cpu.slot
         let vm = cpu.vm
-        monitor.lock()
+        try acquire(.leave, cpu.index)
         defer { monitor.unlock() }
         do {
             guard active, state.phase.indices.contains(i), state.phase[i] == .inMode else {
@@ -326,12 +416,12 @@ package final class PrivilegedModeCoordinator: @unchecked Sendable {
     }
 
     func holds(_ cpu: VirtualCPU) -> Bool {
-        monitor.withLock { state.phase.indices.contains(cpu.slot) && state.phase[cpu.slot] == .inMode }
+        locked(.vcpuRead, cpu.index) { state.phase.indices.contains(cpu.slot) && state.phase[cpu.slot] == .inMode }
     }
 
     /// The protocol state and which vCPUs may be in guest code (diagnostics).
-    package var debugDescription: String { monitor.withLock { "\(state) inGuest \(inGuest.map { $0 ? 1 : 0 })" } }
+    package var debugDescription: String { locked(.read, nil) { "\(state) inGuest \(inGuest.map { $0 ? 1 : 0 })" } }
 
     /// A snapshot of the protocol state (tests).
-    package var protocolState: PMState { monitor.withLock { state } }
+    package var protocolState: PMState { locked(.read, nil) { state } }
 }

@@ -232,6 +232,14 @@ final class RecordingVM: BackendVM, RecordingLayer, @unchecked Sendable {
         try answered(RecordKind.backendStats, { () throws(NPTError) in try inner.backendStatistics() },
                      { .backendStats(vcpu: nil, stats: $0.map { TraceStat(name: $0.name, value: $0.value) }) })
     }
+    /// Every acquisition of the privileged-mode monitor is recorded once taken (in the monitor's
+    /// order: the record is written while it is held); a replayed inner backend orders them too.
+    var lockTurns: LockTurnMode { inner.lockTurns == .replay ? .replay : .record }
+    func lockTurn(_ site: TraceLockSite, vcpu: UInt32?, phase: LockTurnPhase, value: UInt64) throws(NPTError) -> UInt64 {
+        let v = inner.lockTurns == .none ? value : try inner.lockTurn(site, vcpu: vcpu, phase: phase, value: value)
+        if phase == .taken { try log(.lockTurn(vcpu: vcpu, site: site, value: v), readClock: false) }
+        return v
+    }
     func destroy() {
         inner.destroy()
         try? log(.vmDestroy)

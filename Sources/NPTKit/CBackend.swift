@@ -1,5 +1,6 @@
 import CNPTKit
 import NPTCore
+import NPTTrace
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -149,6 +150,7 @@ final class CBackend: Backend, @unchecked Sendable {
         return HostPersistence(regions: regions, source: "backend '\(name)'")
     }
 
+    static let lockTurnEnd = MemoryLayout<npt_backend_ops>.offset(of: \npt_backend_ops.vm_lock_turn)! + MemoryLayout<UnsafeRawPointer>.size
     static let exitDecidedEnd = MemoryLayout<npt_backend_ops>.offset(of: \npt_backend_ops.vcpu_exit_decided)! + MemoryLayout<UnsafeRawPointer>.size
     static let maxHostRegions = 4096
     static let maxFlushTargets = 4096
@@ -212,6 +214,16 @@ final class CBackendVM: BackendVM, @unchecked Sendable {
     func backendStatistics() throws(NPTError) -> [BackendStatistic] {
         guard let f = ops.vm_stats else { return [] }
         return try readStatistics(b.name, "vm_stats") { (p, cap, count) in call("vm_stats") { f(data, p, cap, count) } }
+    }
+    /// ABI 1.5, optional: a table whose size covers vm_lock_turn and sets it orders the
+    /// privileged-mode coordinator's acquisitions (the trace replay backend).
+    var lockTurns: LockTurnMode { b.declaredSize >= CBackend.lockTurnEnd && ops.vm_lock_turn != nil ? .replay : .none }
+    func lockTurn(_ site: TraceLockSite, vcpu: UInt32?, phase: LockTurnPhase, value: UInt64) throws(NPTError) -> UInt64 {
+        guard b.declaredSize >= CBackend.lockTurnEnd, let f = ops.vm_lock_turn else { return value }
+        var v = phase == .taken ? value : 0
+        let who = vcpu.map { Int64($0) } ?? -1
+        try status(call("vm_lock_turn") { f(data, phase.rawValue, UInt32(site.rawValue), who, &v) }, "backend '\(b.name)' vm_lock_turn")
+        return v
     }
     func destroy() { if let f = ops.vm_destroy { call("vm_destroy") { f(data) } } }
 }

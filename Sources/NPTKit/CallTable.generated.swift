@@ -4,12 +4,12 @@ import CNPTKit
 
 extension CallTable {
     /// NPT_ABI_VERSION_MINOR of the header the table was generated from.
-    package static let headerMinor: UInt32 = 4
+    package static let headerMinor: UInt32 = 5
     /// The first 64 bits of SHA-256 over the functions' declarations: a trace names the table it was recorded with.
     package static let fingerprint: UInt64 = 0x8555c59b3768f202
     package static let structs: [CallStruct] = [
         CallStruct(name: "npt_backend_info", size: 40, firstSize: 40, versioned: true, pointers: [CallPointer(kind: .string, offset: 8, lengthOffset: 0), CallPointer(kind: .string, offset: 16, lengthOffset: 0)], timeOffsets: []),
-        CallStruct(name: "npt_backend_ops", size: 280, firstSize: 160, versioned: false, pointers: [CallPointer(kind: .string, offset: 8, lengthOffset: 0), CallPointer(kind: .string, offset: 16, lengthOffset: 0)], timeOffsets: []),
+        CallStruct(name: "npt_backend_ops", size: 288, firstSize: 160, versioned: false, pointers: [CallPointer(kind: .string, offset: 8, lengthOffset: 0), CallPointer(kind: .string, offset: 16, lengthOffset: 0)], timeOffsets: []),
         CallStruct(name: "npt_backend_stat", size: 16, firstSize: 16, versioned: false, pointers: [CallPointer(kind: .string, offset: 0, lengthOffset: 0)], timeOffsets: []),
         CallStruct(name: "npt_exit", size: 64, firstSize: 64, versioned: true, pointers: [], timeOffsets: []),
         CallStruct(name: "npt_flush_hint_info", size: 24, firstSize: 24, versioned: true, pointers: [], timeOffsets: []),

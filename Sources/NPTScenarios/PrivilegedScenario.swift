@@ -133,12 +133,16 @@ package struct PrivilegedScenario: Sendable {
         }
     }
 
-    /// One vCPU's loop until `done`: the protocol's reports, blocked probes completed where the
-    /// image says so.
-    private static func drive(_ cpu: VirtualCPU, _ image: PrivilegedImage, done: borrowing Atomic<Bool>) throws(NPTError) -> Seen {
+    /// One vCPU's loop until its own observation, under the coordinator's monitor, that all
+    /// `requests` were served (or until `abort`: another thread failed, or the requests were not
+    /// served in time): the protocol's reports, blocked probes completed where the image says so.
+    /// The threads stop on what each saw in the monitor's order, not on a flag the main thread sets:
+    /// a replay (which reproduces that order) makes each thread run as many times as recorded.
+    private static func drive(_ cpu: VirtualCPU, _ vm: VirtualMachine, _ image: PrivilegedImage, requests: UInt64,
+                              abort: borrowing Atomic<Bool>) throws(NPTError) -> Seen {
         var s = Seen()
         let region = GPARange(start: GPA(image.region.start), size: image.region.size)
-        while !done.load(ordering: .acquiring) {
+        while !abort.load(ordering: .acquiring), !(try vm.privileged.served(requests, observer: cpu)) {
             let x = try cpu.run()
             switch x.reason {
             case .budget, .kicked: continue
@@ -172,13 +176,14 @@ package struct PrivilegedScenario: Sendable {
         let image = try PrivilegedScenario.image(for: vm.guestISA, cpus: cpus)
         let vcpus = try prepare(vm)
         let done = Atomic<Bool>(false)
+        let target = UInt64(requests + bursts * cpus)
         let seen = NPTMutex(Seen())
         let failure = NPTMutex<NPTError?>(nil)
         let t0 = Monitor.now()
         let threads = vcpus.map { cpu in
             HostThread {
                 do throws(NPTError) {
-                    let s = try PrivilegedScenario.drive(cpu, image, done: done)
+                    let s = try PrivilegedScenario.drive(cpu, vm, image, requests: target, abort: done)
                     seen.withLock { $0.add(s) }
                 } catch {
                     failure.withLock { $0 = $0 ?? error }
@@ -187,10 +192,7 @@ package struct PrivilegedScenario: Sendable {
             }
         }
         var raised = 0
-        let served: () -> Bool = {
-            let s = vm.privileged.statistics
-            return s.entries + s.failures >= UInt64(raised) && vm.privileged.holder == nil
-        }
+        let served: () -> Bool = { (try? vm.privileged.served(UInt64(raised), observer: nil)) ?? false }
         let deadline = t0 &+ serveTimeoutNanos
         func waitServed() -> Bool {
             while !served() {
@@ -225,7 +227,8 @@ package struct PrivilegedScenario: Sendable {
             failure.withLock { $0 = $0 ?? error }
         }
         let allServed = waitServed()
-        done.store(true, ordering: .releasing)
+        // The vCPU threads stop on their own observation; told to only when something failed.
+        if !allServed || raised != Int(target) { done.store(true, ordering: .releasing) }
         for t in threads { t.join() }
         if let e = failure.withLock({ $0 }) { throw e }
         if !allServed {

@@ -143,6 +143,9 @@ enum TraceCodec {
             encodeScope(v, &enc); enc.u8(kind); enc.signed(Int64(status)); enc.string(message)
         case .privilegedEnter(let v, let gpa, let size, let rip):
             enc.varint(UInt64(v)); enc.varint(gpa); enc.varint(size); enc.varint(rip)
+        // 1.2
+        case .lockTurn(let v, let site, let value):
+            encodeScope(v, &enc); enc.u8(site.rawValue); enc.varint(value)
         }
     }
 
@@ -235,7 +238,7 @@ enum TraceCodec {
         }
     }
 
-    /// The record kinds version 1.1 added.
+    /// The record kinds versions 1.1 and 1.2 added.
     static func decode11(kind: UInt8, _ d: inout ByteDecoder) throws(TraceError) -> TraceRecord {
         switch kind {
         case RecordKind.memoryDigest:
@@ -269,6 +272,11 @@ enum TraceCodec {
             return .failure(vcpu: v, kind: k, status: try status32(&d), message: try d.string())
         case RecordKind.privilegedEnter:
             return .privilegedEnter(vcpu: try d.u32v(), regionGPA: try d.varint(), regionSize: try d.varint(), entryRIP: try d.varint())
+        case RecordKind.lockTurn:
+            let v = try decodeScope(&d)
+            let s = try d.u8()
+            guard let site = TraceLockSite(rawValue: s) else { throw d.fail("unknown lock-turn site \(s)") }
+            return .lockTurn(vcpu: v, site: site, value: try d.varint())
         default:
             throw d.fail("record kind \(hex(UInt64(kind))) has no decoder")
         }

@@ -73,6 +73,8 @@ extension TraceRecord: CustomStringConvertible {
             return "failure \(scopeText(v)) of the last kind-\(hex(UInt64(k))) call: status \(st): \(m)"
         case .privilegedEnter(let v, let gpa, let size, let rip):
             return "privileged-enter vcpu \(v): region gpa \(hex(gpa)) size \(hex(size)) entry rip \(hex(rip))"
+        case .lockTurn(let v, let site, let value):
+            return "lock-turn \(v.map { "vcpu \($0)" } ?? "vmm"): \(site)\(value != 0 ? " value \(value)" : "")"
         }
     }
 }

@@ -10,7 +10,8 @@ package enum TraceFormat {
     /// Minor versions only add record kinds or trailing fields; a reader of this major reads every minor.
     /// 1.1: vm-select, memory digests, power failure, notes, backend identities and statistics,
     /// untrapped flush-hint writes, host region counts, failures with their message, privileged entries.
-    package static let minor: UInt16 = 1
+    /// 1.2: lock turns (the order of the privileged-mode coordinator's monitor acquisitions).
+    package static let minor: UInt16 = 2
     /// magic (8) + major (2) + minor (2) + flags (4) + CRC-32C of bytes 0..<16 (4).
     package static let headerSize = 20
     /// length (4) + CRC-32C (4) + base timestamp (8) + record count (4).

@@ -208,6 +208,45 @@ package enum TracePrivilegedStep: UInt8, Hashable, Sendable, CaseIterable, Custo
     }
 }
 
+/// (1.2) Where the core takes the privileged-mode coordinator's monitor (a lock-turn record).
+/// The party taking it follows from the site: a raise or an interrupt is made for its vCPU from any
+/// thread, a read by the VMM is made for no vCPU, every other site on the vCPU's own thread.
+package enum TraceLockSite: UInt8, Hashable, Sendable, CaseIterable, CustomStringConvertible {
+    /// npt_vcpu_raise_privileged for the vCPU.
+    case raise = 0
+    /// Another interrupt for the vCPU (deferred while it is stopped).
+    case interrupt = 1
+    /// The vCPU's thread before it runs guest code.
+    case checkpoint = 2
+    /// The vCPU's thread woken in the checkpoint (it was parked: stopped, or waiting for its turn).
+    case checkpointWake = 3
+    /// The vCPU's thread back from guest code.
+    case leftGuest = 4
+    /// The entering vCPU's thread again, after it kicked the vCPUs in guest code.
+    case entryRelock = 5
+    /// The entering vCPU's thread woken while it waits for the others to stop (value: timed out).
+    case entryWake = 6
+    /// The vCPU leaves the mode (RSM).
+    case leave = 7
+    /// A read by the VMM (statistics, the holder, the entries, the protocol state).
+    case read = 8
+    /// A read on the vCPU's own thread (whether it holds the mode, whether every request was served).
+    case vcpuRead = 9
+
+    /// The party: 0 the vCPU's thread, 1 a raise for it, 2 an interrupt for it, 3 the VMM.
+    package var party: Int {
+        switch self {
+        case .raise: return 1
+        case .interrupt: return 2
+        case .read: return 3
+        default: return 0
+        }
+    }
+    static let names = ["raise", "interrupt", "checkpoint", "checkpoint-wake", "left-guest", "entry-relock", "entry-wake",
+                        "leave", "read", "vcpu-read"]
+    package var description: String { TraceLockSite.names[Int(rawValue)] }
+}
+
 /// Who caused a record: the backend's answers are the replay's inputs, the core's calls are the
 /// decisions a replay compares, the VMM's calls set the scene.
 package enum TraceDirection: Sendable {
@@ -266,6 +305,10 @@ package enum TraceRecord: Hashable, Sendable {
     case privileged(vcpu: UInt32, step: TracePrivilegedStep, gpa: UInt64, length: UInt64)
     /// (1.1) `vcpu_enter_privileged`: the vCPU enters the mode at `entryRIP`, the region in the view.
     case privilegedEnter(vcpu: UInt32, regionGPA: UInt64, regionSize: UInt64, entryRIP: UInt64)
+    /// (1.2) An acquisition of the privileged-mode coordinator's monitor, in the order the monitor
+    /// was taken: at `site`, for vCPU `vcpu` (nil: a read of the VMM's), with the outcome the core
+    /// saw (`value`: 1 when an entry's wait for the others timed out, else 0).
+    case lockTurn(vcpu: UInt32?, site: TraceLockSite, value: UInt64)
     case defineRegion(gpa: UInt64, size: UInt64, hostOffset: UInt64, contents: [UInt8])
     case attachPMem(gpa: UInt64, size: UInt64, region: UInt32, regionOffset: UInt64, hostOffset: UInt64)
     case flushHintPage(gpa: UInt64, hostOffset: UInt64, trapped: Bool)
@@ -313,6 +356,7 @@ package enum TraceRecord: Hashable, Sendable {
         case .hostPMemCount: return RecordKind.hostPMemCount
         case .failure: return RecordKind.failure
         case .privilegedEnter: return RecordKind.privilegedEnter
+        case .lockTurn: return RecordKind.lockTurn
         }
     }
 
@@ -391,11 +435,13 @@ package enum RecordKind {
     package static let hostPMemCount: UInt8 = 0x17
     package static let failure: UInt8 = 0x18
     package static let privilegedEnter: UInt8 = 0x32
+    // 1.2
+    package static let lockTurn: UInt8 = 0x33
     package static let end: UInt8 = 0x7F
     /// Whether this version reads records of `kind` (a reader skips others: a newer minor's).
     @inline(__always) package static func isKnown(_ kind: UInt8) -> Bool {
         switch kind {
-        case 0x01...0x0C, 0x10...0x18, 0x20...0x26, 0x30...0x32, 0x40...0x44, 0x7F: return true
+        case 0x01...0x0C, 0x10...0x18, 0x20...0x26, 0x30...0x33, 0x40...0x44, 0x7F: return true
         default: return false
         }
     }
@@ -405,7 +451,7 @@ package enum RecordKind {
                                            invalidate, injectFault, kick, decision, regsWritten, privileged, defineRegion,
                                            attachPMem, flushHintPage, physicalFlush, fence, trappedWriteCompleted, end,
                                            vmSelect, memoryDigest, powerFailure, note, backendInfo, backendStats, untrappedWrites,
-                                           hostPMemCount, failure, privilegedEnter]
+                                           hostPMemCount, failure, privilegedEnter, lockTurn]
 }
 
 /// A record with where it is: its number (0-based, skipped unknown kinds included), its byte

@@ -25,7 +25,11 @@ int main(void) {
     memset(&info, 0, sizeof info);
     info.size = sizeof info;
     CHECK(npt_backend_get(ctx, 0, &info) == NPT_OK && info.name != NULL && strcmp(info.name, "sim") == 0);
-    npt_vm_config cfg = {sizeof cfg, NPT_MBEC_EXACT, NULL, 16u << 20, NPT_PERM_READ | NPT_PERM_WRITE, 100};
+    npt_vm_config cfg = {sizeof cfg, NPT_MBEC_EXACT, NULL, 16u << 20, NPT_PERM_READ | NPT_PERM_WRITE, 100
+#if NPT_ABI_VERSION_MINOR >= 4
+                         , NULL /* record_path (1.4) */
+#endif
+    };
     CHECK(npt_vm_create(ctx, &cfg, &vm) == NPT_OK);
     CHECK(npt_policy_set(vm, 0x1000, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_SX) == NPT_OK);
     uint64_t perms = 0;

@@ -89,6 +89,42 @@ enum Replay {
         }
     }
 
+    /// The demo's privileged section (3 vCPUs, 2 requests, 2 bursts, seed 11, 3 ms apart), with
+    /// `requests` requests.
+    static func privileged(requests: Int = 2) -> PrivilegedScenario {
+        PrivilegedScenario(cpus: 3, requests: requests, bursts: 2, seed: 11, pauseNanos: 3_000_000)
+    }
+
+    /// `host`'s VMs recorded to `path` (a replay host recorded again, too).
+    static func recording(_ registry: BackendRegistry, _ name: String, to path: String) throws -> (ScenarioHost, TraceRecorder) {
+        let recorder = try TraceRecorder(path: path)
+        // A C-table backend's VMs need a VM handle (NPTKitRuntime.makeVM).
+        let host = try ScenarioHost(registry: registry, backendName: name, makeVM: { c, reg throws(NPTError) in
+            var c = c
+            c.recorder = recorder
+            return try name == "sim" ? VirtualMachine(config: c, registry: reg) : NPTKitRuntime.makeVM(config: c, registry: reg)
+        }, destroyVM: { vm throws(NPTError) in try name == "sim" ? vm.destroy() : NPTKitRuntime.destroyVM(vm) })
+        return (host, recorder)
+    }
+
+    /// The privileged section on sim, recorded to `path`.
+    static func recordPrivileged(_ path: String) throws -> PrivilegedScenario.Outcome {
+        let r = BackendRegistry()
+        try r.register(SimulatorBackend(), makeDefault: true)
+        let (host, recorder) = try recording(r, "sim", to: path)
+        let o = try privileged().run(host: host, mode: .exact)
+        try recorder.finish()
+        return o
+    }
+
+    /// Every record of `path`.
+    static func records(_ path: String) throws -> [TraceRecord] {
+        let r = try TraceReader(path: path)
+        var out: [TraceRecord] = []
+        while let e = try r.next() { out.append(e.record) }
+        return out
+    }
+
     /// The replay of HVCI (5 system calls, exact mode) against `trace`, which must fail: its message
     /// (nil, and an issue recorded, if it did not fail).
     static func divergence(_ trace: String) throws -> String? {
@@ -290,6 +326,124 @@ enum Replay {
         #expect(replayed.m.withLock { $0 } == rec)
     }
 
+    /// What the privileged section shows, without the core's clock (entry times are not replayed).
+    struct PrivilegedSummary: Equatable {
+        var entered: [UInt32], counts: [UInt64], heartbeats: [UInt64], outs: Int, probes: UInt64, blocked: UInt64
+        var leaks: Int, moved: Int, wrongIndex: Int, failures: Int, entries: UInt64, requests: UInt64, deferred: UInt64
+        var backendStats: [BackendStatistic], finalState: PMState, regionAbsent: Bool, outsideWhileVisible: UInt64
+        init(_ o: PrivilegedScenario.Outcome) {
+            entered = o.records.map(\.cpu); counts = o.handlerCounts; heartbeats = o.heartbeats; outs = o.heartbeatOUTs
+            probes = o.probes; blocked = o.probesBlocked; leaks = o.leaks; moved = o.movedWhileVisible; wrongIndex = o.wrongIndex
+            failures = o.failures; entries = o.stats.entries; requests = o.stats.requests; deferred = o.stats.deferredInterrupts
+            backendStats = o.backendStatistics; finalState = o.finalState; regionAbsent = o.regionAbsentAfter
+            outsideWhileVisible = o.outsideWhileVisible
+        }
+    }
+
+    /// The privileged section recorded on sim (trace 1.2: with lock turns) replays with the same
+    /// outcome: the same vCPUs entered in the same order, the same handler counts, heartbeats,
+    /// heartbeat OUTs and blocked probes. The replay, recorded again, makes the same acquisitions of
+    /// the coordinator's monitor in the same order, the same exits (the KICKED ones included),
+    /// decisions and entries, and kicks the same vCPUs as often: the same vCPUs were stopped and kicked.
+    @Test func thePrivilegedSectionRecordedOnSimReplaysWithTheSameOutcome() throws {
+        let path = Replay.temp("priv"), again = Replay.temp("priv-again")
+        defer { unlink(path); unlink(again) }
+        let recorded = try Replay.recordPrivileged(path)
+        #expect(recorded.stats.entries == 8 && recorded.failures == 0 && recorded.leaks == 0)
+        let r = BackendRegistry()
+        try r.register(SimulatorBackend(), makeDefault: true)
+        _ = try NPTKitRuntime.loadPlugin(Replay.plugin, arguments: [PluginArgument(key: "trace", value: path),
+                                                                    PluginArgument(key: "session", value: path),
+                                                                    PluginArgument(key: "wait-ms", value: "2000")], into: r)
+        let (host, recorder) = try Replay.recording(r, "replay", to: again)
+        #expect(host.capabilities.contains(.privilegedMode))
+        let replayed = try Replay.privileged().run(host: host, mode: .exact)
+        try recorder.finish()
+        #expect(PrivilegedSummary(replayed) == PrivilegedSummary(recorded))
+
+        // What the core did in both runs: the monitor's acquisitions in one order (each is recorded
+        // while the monitor is held); each vCPU's calls in its order, and the VM's invalidations (a
+        // record written after its call returns may fall after another thread's); kicks as counts
+        // (a kick is made after the monitor is released).
+        func firstDifference(_ x: [TraceRecord], _ y: [TraceRecord]) -> String {
+            guard let k = zip(x, y).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset else {
+                return x.count == y.count ? "" : "lengths \(x.count) and \(y.count)"
+            }
+            return "#\(k): \(x[k]) / \(y[k])"
+        }
+        let a = try Replay.records(path), b = try Replay.records(again)
+        func turns(_ rs: [TraceRecord]) -> [TraceRecord] { rs.filter { if case .lockTurn = $0 { return true } else { return false } } }
+        func ofVCPU(_ rs: [TraceRecord], _ v: UInt32) -> [TraceRecord] {
+            rs.filter { if case .lockTurn = $0 { return false }; if case .kick = $0 { return false }; return $0.vcpu == v && $0.direction != .vmm }
+        }
+        func invalidations(_ rs: [TraceRecord]) -> [TraceRecord] { rs.filter { if case .invalidate = $0 { return true } else { return false } } }
+        func kicks(_ rs: [TraceRecord]) -> [UInt32: Int] {
+            rs.reduce(into: [:]) { k, r in if case .kick(let v) = r { k[v, default: 0] += 1 } }
+        }
+        #expect(turns(a).count > 100)
+        #expect(firstDifference(turns(a), turns(b)) == "")
+        for v: UInt32 in 0..<3 {
+            #expect(ofVCPU(a, v).count > 20)
+            #expect(firstDifference(ofVCPU(a, v), ofVCPU(b, v)) == "", "vCPU \(v)")
+        }
+        #expect(firstDifference(invalidations(a), invalidations(b)) == "")
+        #expect(kicks(a) == kicks(b))
+        let kickedExits = a.filter { if case .exit(_, let x) = $0 { return x.reason == .kicked } else { return false } }.count
+        #expect(kickedExits > 0, "the recording has no KICKED exit: no vCPU was stopped while in guest code")
+    }
+
+    /// A privileged decision changed in a copy of the recording (the first entry's entry point, the
+    /// answer to the first RSM): the replay fails at that event, naming both records.
+    @Test(arguments: ["entry", "leave"])
+    func aFlippedPrivilegedDecisionIsReportedAtItsEvent(which: String) throws {
+        let path = Replay.temp("priv-flip-src-\(which)"), flipped = Replay.temp("priv-flip-\(which)")
+        defer { unlink(path); unlink(flipped) }
+        _ = try Replay.recordPrivileged(path)
+        var done = false
+        let event = try Replay.rewrite(path, to: flipped) { rec in
+            guard !done else { return nil }
+            switch (which, rec) {
+            case ("entry", .privilegedEnter(let v, let gpa, let size, let rip)):
+                done = true
+                return .privilegedEnter(vcpu: v, regionGPA: gpa, regionSize: size, entryRIP: rip + 8)
+            case ("leave", .decision(let v, .resume, let x)) where x.reason == .leaveMode:
+                done = true
+                return .decision(vcpu: v, action: .tool, exit: x)
+            default: return nil
+            }
+        }
+        try #require(event != .max)
+        let host = try Replay.host(flipped, session: flipped)
+        var message = ""
+        do {
+            _ = try Replay.privileged().run(host: host, mode: .exact)
+            Issue.record("the replay of a flipped privileged decision did not fail")
+        } catch let e as NPTError { message = e.message }
+        #expect(message.contains("diverged at event \(event) "), "\(message)")
+        #expect(message.contains(which == "entry" ? "differs in: entryRIP" : "differs in: action"), "\(message)")
+    }
+
+    /// A replay asked to run past the recording (one request more than recorded): the extra
+    /// request's acquisition of the monitor never gets a turn; it fails after wait-ms (200 ms here)
+    /// with the acquisition and the recorded record it waited behind, never a hang.
+    @Test func aPrivilegedReplayPastTheRecordingTimesOutWithAClearError() throws {
+        let path = Replay.temp("priv-past")
+        defer { unlink(path) }
+        _ = try Replay.recordPrivileged(path)
+        let host = try Replay.host(path, session: path)
+        var message = ""
+        do {
+            _ = try Replay.privileged(requests: 3).run(host: host, mode: .exact)
+            Issue.record("a replay past the recording did not fail")
+        } catch let e as NPTError { message = e.message }
+        // Where the recorded run's VMM thread polled whether its requests were served, this one
+        // raises a third request: that raise (and every other thread, behind the same record) waits
+        // for an acquisition no thread makes. The first to give up names it; the failure is sticky:
+        // "... waited 200 ms for another thread to take the recorded #E (vm 0) lock-turn vmm: read".
+        #expect(message.contains(" waited 200 ms for another thread to take the recorded #"), "\(message)")
+        #expect(message.contains("lock-turn vmm: read"), "\(message)")
+    }
+
     /// A replay that creates fewer VMs than recorded is a divergence, reported when the process ends
     /// (the only end of a session a plugin sees through the C ABI: it is never unloaded, and a
     /// context's end is not told to backends): the plugin's exit handler prints it with the event of
@@ -312,16 +466,20 @@ enum Replay {
     }
 
     /// The committed KVM traces load on any machine (no /dev/kvm needed): the recorded backend's
-    /// capabilities and guest ISA, without the privileged mode. (Their full replay against the
+    /// capabilities and guest ISA, the privileged mode included (they have lock turns). (Their full replay against the
     /// recorded output runs in scripts/test.sh through nptkit-cli demo.)
     @Test func committedKVMTracesPresentTheRecordedBackend() throws {
         for m in ["lazy", "violation-only"] {
             let host = try Replay.host(fixture("kvm-demo-\(m).trace"), session: "caps-\(m)")
             #expect(host.guestISA == .x86_64)
             #expect(host.capabilities.contains([.run, .mbecEmulation, .persistentMemory]))
-            #expect(!host.capabilities.contains(.privilegedMode))
+            #expect(host.capabilities.contains(.privilegedMode))
             #expect(host.backend.summary.contains("backend 'kvm'"))
         }
+        // A 1.1 trace (no lock turns) of a run that used the privileged mode: withheld, its VM passed over.
+        let old = try Replay.host(fixture("kvm-demo-lazy-1.1.trace"), session: "caps-1.1")
+        #expect(!old.capabilities.contains(.privilegedMode))
+        #expect(old.backend.summary.contains("1 VMs that used the privileged mode not replayed"))
     }
 }
 

@@ -41,7 +41,8 @@ func randomRegs(_ r: inout Rng) -> TraceRegs {
 }
 
 /// One random record of every kind the format has (the end record excluded: finish() writes it).
-func randomRecord(_ r: inout Rng) -> TraceRecord {
+/// `minor`: the kinds of that version only (the 1.1 golden trace's generator must stay as it was).
+func randomRecord(_ r: inout Rng, minor: UInt16 = TraceFormat.minor) -> TraceRecord {
     let v = UInt32(r.below(64))
     switch r.below(36) {
     case 0: return .meta(key: "key\(r.below(10))", value: "välue \(r.next())")
@@ -87,14 +88,18 @@ func randomRecord(_ r: inout Rng) -> TraceRecord {
     case 32: return .failure(vcpu: r.below(3) == 0 ? nil : r.u32(), kind: UInt8(r.below(256)),
                              status: Int32(truncatingIfNeeded: Int64(bitPattern: r.next())), message: "why \(r.below(1000))")
     case 33: return .privilegedEnter(vcpu: v, regionGPA: r.value(), regionSize: r.value(), entryRIP: r.value())
+    // 1.2
+    case 34 where minor >= 2:
+        return .lockTurn(vcpu: r.below(4) == 0 ? nil : v, site: TraceLockSite(rawValue: UInt8(r.below(10)))!, value: r.below(2))
     default: return .exit(vcpu: v, TraceExit(reason: .io, ioPort: 0xE0, ioValue: r.below(256), rip: 0x10000 + r.below(64)))
     }
 }
 
 /// Writes `records` (timestamps increasing by random steps) and returns the bytes and the events.
-func writeTrace(_ records: [TraceRecord], seed: UInt64 = 1, blockPayload: Int = 512) throws -> ([UInt8], [TraceEvent]) {
+func writeTrace(_ records: [TraceRecord], seed: UInt64 = 1, blockPayload: Int = 512,
+                minor: UInt16 = TraceFormat.minor) throws -> ([UInt8], [TraceEvent]) {
     let sink = MemoryTraceSink()
-    let w = try TraceWriter(sink: sink, blockPayload: blockPayload)
+    let w = try TraceWriter(sink: sink, blockPayload: blockPayload, minor: minor)
     var r = Rng(s: seed)
     var t: UInt64 = 1_700_000_000_000_000_000
     var events: [TraceEvent] = []
@@ -118,7 +123,7 @@ func readAll(_ bytes: [UInt8]) throws(TraceError) -> [TraceEvent] {
 /// records whose body needs a 2- and 3-byte length and one larger than a block's target.
 func golden11Records() -> [TraceRecord] {
     var r = Rng(s: 0x1_1)
-    var recs = (0..<1500).map { _ in randomRecord(&r) }
+    var recs = (0..<1500).map { _ in randomRecord(&r, minor: 1) }
     recs.insert(.memoryWrite(gpa: 0x1000, data: (0..<200).map { UInt8(truncatingIfNeeded: $0) }), at: 700)
     recs.insert(.memoryRead(gpa: 0x2000, data: (0..<3000).map { UInt8(truncatingIfNeeded: $0 &* 7) }), at: 900)
     recs.insert(.defineRegion(gpa: 0x4000_0000, size: 1 << 20, hostOffset: 0, contents: (0..<20_000).map { UInt8(truncatingIfNeeded: $0 >> 3) }), at: 1100)
@@ -300,6 +305,9 @@ func blockOffsets(_ b: [UInt8]) -> [Int] {
                 first = min(first, i)
                 b[i] ^= UInt8(1 + r.below(255))
             }
+            // Two flips of one byte may cancel: the first byte that differs is the corruption.
+            guard let changed = zip(b, bytes).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset else { continue }
+            first = changed
             var got: TraceError?
             var read: [TraceEvent] = []
             do {
@@ -437,6 +445,46 @@ func blockOffsets(_ b: [UInt8]) -> [Int] {
 /// A committed trace of version 1.0 (Tests/Fixtures/npttrace/golden-1.0.trace): the writer must keep
 /// producing exactly these bytes, and the reader must keep reading them, so a change of the format
 /// shows here. Regenerate (only for a deliberate, versioned change) with NPTTRACE_WRITE_GOLDEN=1.
+/// Lock turns (1.2): every site round-trips, for a vCPU and for the VMM, with its value; the
+/// header says 1.2; a site this version does not define is refused with its offset.
+@Suite struct LockTurnRecordTests {
+    @Test func everySiteRoundTrips() throws {
+        var recs: [TraceRecord] = []
+        for site in TraceLockSite.allCases {
+            recs.append(.lockTurn(vcpu: site == .read ? nil : 7, site: site, value: site == .entryWake ? 1 : 0))
+        }
+        recs.append(.lockTurn(vcpu: UInt32.max, site: .checkpoint, value: UInt64.max))
+        let (bytes, events) = try writeTrace(recs)
+        #expect(bytes[10] == 2 && bytes[11] == 0)
+        let read = try readAll(bytes)
+        #expect(read.map(\.record) == events.map(\.record) + [.end(recordCount: UInt64(events.count))])
+        #expect(TraceRecord.lockTurn(vcpu: nil, site: .read, value: 0).description == "lock-turn vmm: read")
+        #expect(TraceRecord.lockTurn(vcpu: 2, site: .entryWake, value: 1).description == "lock-turn vcpu 2: entry-wake value 1")
+        #expect(TraceLockSite.allCases.map(\.party) == [1, 2, 0, 0, 0, 0, 0, 0, 3, 0])
+    }
+
+    @Test func anUndefinedSiteIsRefused() throws {
+        let (good, _) = try writeTrace([.lockTurn(vcpu: 1, site: .leave, value: 0)])
+        // The record: kind 0x33, delta, length 3, scope 2 (vCPU 1), site 7, value 0. Make the site 10.
+        var bad = good
+        let at = try #require((TraceFormat.headerSize..<bad.count - 5).first { bad[$0] == 0x33 && bad[$0 + 3] == 2 && bad[$0 + 4] == 7 })
+        bad[at + 4] = 10
+        fixBlockCRC(&bad)
+        #expect(throws: TraceError.self) { _ = try readAll(bad) }
+        do { _ = try readAll(bad) } catch { #expect("\(error)".contains("unknown lock-turn site 10"), "\(error)") }
+    }
+}
+
+/// Recomputes the CRC of every block of `b` (length, then CRC over length, base and count, payload).
+func fixBlockCRC(_ b: inout [UInt8]) {
+    for at in blockOffsets(b) {
+        let len = Int(b[at]) | Int(b[at + 1]) << 8 | Int(b[at + 2]) << 16 | Int(b[at + 3]) << 24
+        var crc = b.withUnsafeBytes { CRC32C.update(0, UnsafeRawBufferPointer(rebasing: $0[at..<at + 4])) }
+        crc = b.withUnsafeBytes { CRC32C.update(crc, UnsafeRawBufferPointer(rebasing: $0[at + 8..<at + 20 + len])) }
+        for i in 0..<4 { b[at + 4 + i] = UInt8(truncatingIfNeeded: crc >> (8 * UInt32(i))) }
+    }
+}
+
 @Suite struct GoldenTraceTests {
     static func records() -> [(UInt64, TraceRecord)] {
         var regs = TraceRegs()
@@ -481,7 +529,8 @@ func blockOffsets(_ b: [UInt8]) -> [Int] {
     /// split at the target included.
     @Test func golden11TraceIsWrittenByteForByte() throws {
         let path = fixturesDirectory() + "/npttrace/golden-1.1.trace"
-        let (bytes, events) = try writeTrace(golden11Records(), seed: 0x11, blockPayload: 512)
+        // Written as minor 1 (a 1.2 writer still writes a 1.1 trace byte for byte when asked for it).
+        let (bytes, events) = try writeTrace(golden11Records(), seed: 0x11, blockPayload: 512, minor: 1)
         let src = try FileTraceSource(path: path)
         var golden = [UInt8](repeating: 0, count: 1 << 20)
         let n = try golden.withUnsafeMutableBytes { try src.read(into: $0) }

@@ -2,8 +2,10 @@
 // with what a recorded run's backend answered (exits, registers, memory reads, host persistent
 // memory, statistics, failures) and compares every decision of the core (hierarchy exposed, exit
 // controls, invalidations, injected faults, register writes, NVDIMM and flush-hint definitions,
-// physical flushes, fences, the answer to each exit through vcpu_exit_decided) with the recorded
-// one. The first divergence fails the call with a message naming the event, both decisions and
+// physical flushes, fences, the answer to each exit through vcpu_exit_decided, privileged-mode
+// entries and exits) with the recorded one. Where the trace has lock turns (1.2) it keeps
+// NPT_CAP_PRIVILEGED_MODE and orders the core's privileged-mode lock acquisitions (vm_lock_turn,
+// ABI 1.5) as recorded. The first divergence fails the call with a message naming the event, both decisions and
 // the events before it (npt_last_error through the host's set_error), and every later call.
 //
 // Only the C ABI crosses the boundary: this module links NPTTrace (no dependency on the core) and
@@ -94,8 +96,9 @@ func makeOps(_ s: ReplaySession) -> UnsafeMutablePointer<npt_backend_ops> {
     o.name = UnsafePointer(strdup("replay"))
     o.description = UnsafePointer(strdup("replay of '\(s.path)': a run on backend '\(s.backend.name)' (\(s.recordCount) records"
         + (s.skippedVMs.isEmpty ? "" : "; \(s.skippedVMs.count) VMs that used the privileged mode not replayed") + ")"))
-    // The recorded backend's capabilities, without the privileged mode (Session.swift).
-    o.capabilities = s.backend.capabilities & ~capPrivilegedMode
+    // The recorded backend's capabilities; the privileged mode only where the trace has the order
+    // of the coordinator's monitor acquisitions (lock turns, trace 1.2: Session.swift).
+    o.capabilities = s.hasLockTurns ? s.backend.capabilities : s.backend.capabilities & ~capPrivilegedMode
     o.guest_isa = UInt64(s.backend.guestISA)
     o.backend_data = Unmanaged.passRetained(s).toOpaque()
     o.vm_create = { d, _, c, out in
@@ -211,6 +214,25 @@ func makeOps(_ s: ReplaySession) -> UnsafeMutablePointer<npt_backend_ops> {
     o.vcpu_exit_decided = { d, action, e in
         let v = ReplayVCPU.from(d)
         return v.decided(.decision(vcpu: v.index, action: TraceAction(rawValue: UInt8(truncatingIfNeeded: action)) ?? .tool, exit: TraceExit(e!.pointee)))
+    }
+    // The privileged mode as recorded decisions: the entry (vCPU, region, entry point) and the exit.
+    o.vcpu_enter_privileged = { d, e in
+        let v = ReplayVCPU.from(d)
+        let p = e!.pointee
+        return v.decided(.privilegedEnter(vcpu: p.vcpu_index, regionGPA: p.region_gpa, regionSize: p.region_size, entryRIP: p.entry_rip))
+    }
+    o.vcpu_leave_privileged = { d in let v = ReplayVCPU.from(d); return v.decided(.privileged(vcpu: v.index, step: .left, gpa: 0, length: 0)) }
+    if s.hasLockTurns {
+        o.vm_lock_turn = { d, phase, site, vcpu, value in
+            let vm = ReplayVM.from(d)
+            guard site <= UInt32(UInt8.max), let site = TraceLockSite(rawValue: UInt8(site)), phase <= NPT_LOCK_TURN_TAKEN, vcpu >= -1, vcpu <= Int64(UInt32.max), let value else {
+                return fail(NPT_ERR_INVALID_ARGUMENT, "replay: vm_lock_turn(phase \(phase), site \(site), vcpu \(vcpu)) is not a lock turn of ABI 1.5")
+            }
+            let (st, v, m) = vm.session.turn(vm: vm.number, phase: phase, site: site, vcpu: vcpu < 0 ? nil : UInt32(vcpu))
+            if let m { return fail(st, m) }
+            if st == NPT_OK && phase == NPT_LOCK_TURN_TAKEN { value.pointee = v }
+            return st
+        }
     }
     let p = UnsafeMutablePointer<npt_backend_ops>.allocate(capacity: 1)
     p.initialize(to: o)

@@ -19,16 +19,16 @@ enum Outcome {
 final class ReplaySession: @unchecked Sendable {
     let path: String
     let backend: TraceBackendInfo
-    /// Recorded VMs that used the privileged mode (a define-region): this backend withholds
-    /// NPT_CAP_PRIVILEGED_MODE, so the core never creates them again: their records are passed over.
-    /// Why: which backend calls such a run makes depends on things outside the backend boundary.
-    /// Tried (issue 14): keeping the capability, replaying vcpu_enter/leave_privileged, and letting
-    /// each call wait until its record is next (the vCPU threads serialised in recorded order). The
-    /// demo's privileged section then fails every time: the VMM's thread raises a request (not a
-    /// backend call) at another point of the vCPUs' runs, so the core parks a vCPU whose record is
-    /// next (a wait-ms timeout) or reads its registers where the recording has an exit; which vCPUs
-    /// a request kicks depends on which are inside run at that instant; and each vCPU thread runs
-    /// until the driver's own flag stops it, so a thread calls run once more than recorded.
+    /// Whether the trace has lock turns (1.2): the order in which the recorded run took its
+    /// privileged-mode coordinator's monitor. Then this backend keeps NPT_CAP_PRIVILEGED_MODE and
+    /// makes each acquisition wait for its turn (vm_lock_turn): what a raise, a checkpoint or a
+    /// wake-up sees is what the recorded one saw, so the same vCPUs are stopped, kicked and entered
+    /// (docs/replay-privileged-mode.md).
+    let hasLockTurns: Bool
+    /// Without lock turns (a 1.1 trace), recorded VMs that used the privileged mode (a
+    /// define-region): this backend withholds NPT_CAP_PRIVILEGED_MODE, so the core never creates
+    /// them again: their records are passed over. Which backend calls such a run makes depends on
+    /// the order of the coordinator's monitor acquisitions, which such a trace does not have.
     let skippedVMs: Set<UInt32>
     /// The recorded VMs (vm-create records), those passed over included.
     let recordedVMs: Int
@@ -55,15 +55,19 @@ final class ReplaySession: @unchecked Sendable {
         var vm: UInt32 = 0
         var skipped = Set<UInt32>()
         var vms = 0
+        var turns = false
         while let e = try scan.next() {
             switch e.record {
             case .vmSelect(let v): vm = v
             case .vmCreate: vms += 1
             case .backendInfo(let b): if info == nil { info = b }
             case .defineRegion: skipped.insert(vm)
+            case .lockTurn: turns = true
             default: break
             }
         }
+        hasLockTurns = turns
+        if turns { skipped = [] }
         guard let info else {
             throw TraceError(.invalidRecord, at: 0, "the trace has no backend record: it was not written by NPTKit's recording layer (record with --record or npt_vm_config.record_path)")
         }
@@ -85,23 +89,13 @@ final class ReplaySession: @unchecked Sendable {
             let r: (Outcome, UInt32)? = state.withLock { s in
                 if let f = s.failure { return (.failure(NPT_ERR_STATE, f), s.currentVM) }
                 while true {
-                    if s.pending == nil {
-                        do throws(TraceError) { s.pending = try s.reader.next() } catch {
-                            s.failure = "replay of '\(path)': \(error); nothing after it is replayed"
-                            return (.failure(NPT_ERR_INVALID_ARGUMENT, s.failure!), s.currentVM)
-                        }
-                    }
+                    if let o = peek(&s) { return (o, s.currentVM) }
                     guard let e = s.pending else {
                         return (fail(&s, nil, what()), s.currentVM)
                     }
-                    switch e.record {
-                    case .vmSelect(let v): s.currentVM = v; s.pending = nil; continue
-                    case .meta, .note, .backendInfo, .kick, .end: s.checker.observe(e); s.pending = nil; continue
-                    default: break
-                    }
-                    if skippedVMs.contains(s.currentVM) { s.pending = nil; continue }
-                    // Someone else's record: wait for its thread.
+                    // Someone else's record: wait for its thread (a lock turn is taken by `turn` only).
                     if let vm, vm != s.currentVM { return nil }
+                    if case .lockTurn = e.record { return nil }
                     if e.record.vcpu != owner && !(kind == RecordKind.vcpuCreate && owner != nil) { return nil }
                     s.pending = nil
                     if case .failure(_, let k, let status, let message) = e.record, k == kind {
@@ -125,13 +119,78 @@ final class ReplaySession: @unchecked Sendable {
                 }
             }
             if let r { return (r.0, r.1) }
-            if waited >= waitNanos {
-                let text: String = state.withLock { s in
-                    let next = s.pending.map { "#\($0.index) (vm \(s.currentVM)) \($0.record)" } ?? "nothing"
-                    return "replay of '\(path)': \(what()) waited \(waitNanos / 1_000_000) ms for another thread to take the recorded \(next)"
+            if waited >= waitNanos { return (.failure(NPT_ERR_STATE, waitedTooLong(what())), vm ?? 0) }
+            var ts = timespec(tv_sec: 0, tv_nsec: 50_000)
+            nanosleep(&ts, nil)
+            waited += 50_000
+        }
+    }
+
+    /// Moves `pending` to the next record a call takes: the trace's own records (observed) and those
+    /// of VMs not replayed are passed over. nil, or the failure to answer (a reader error, sticky).
+    /// `pending` nil afterwards: the trace ends.
+    private func peek(_ s: inout State) -> Outcome? {
+        while true {
+            if s.pending == nil {
+                do throws(TraceError) { s.pending = try s.reader.next() } catch {
+                    s.failure = "replay of '\(path)': \(error); nothing after it is replayed"
+                    return .failure(NPT_ERR_INVALID_ARGUMENT, s.failure!)
                 }
-                return (.failure(NPT_ERR_STATE, text), vm ?? 0)
             }
+            guard let e = s.pending else { return nil }
+            switch e.record {
+            case .vmSelect(let v): s.currentVM = v; s.pending = nil; continue
+            case .meta, .note, .backendInfo, .kick, .end: s.checker.observe(e); s.pending = nil; continue
+            default: break
+            }
+            if skippedVMs.contains(s.currentVM) { s.pending = nil; continue }
+            return nil
+        }
+    }
+
+    /// The failure of a call that waited waitNanos for other threads to take the records before its
+    /// own: the run is not the recorded one, so every later call fails with it too (sticky, like a
+    /// divergence; the end-of-process check does not report the session again).
+    private func waitedTooLong(_ what: String) -> String {
+        state.withLock { s in
+            if let f = s.failure { return f }
+            let next = s.pending.map { "#\($0.index) (vm \(s.currentVM)) \($0.record)" } ?? "nothing"
+            s.failure = "replay of '\(path)': \(what) waited \(waitNanos / 1_000_000) ms for another thread to take the recorded \(next)"
+            return s.failure!
+        }
+    }
+
+    /// vm_lock_turn of VM `vm`: an acquisition of the privileged-mode monitor at `site` for `vcpu`.
+    /// NPT_LOCK_TURN_WAIT: waits (up to waitNanos) until its lock-turn record is next; consumes
+    /// nothing. NPT_LOCK_TURN_TAKEN (the monitor held): consumes it and answers its recorded value;
+    /// NPT_ERR_BUSY when it is not next (another thread acting for the same party took it). A turn
+    /// of the same party at another site is a divergence; past the trace's end, too.
+    func turn(vm: UInt32, phase: UInt32, site: TraceLockSite, vcpu: UInt32?) -> (npt_status, UInt64, String?) {
+        let replayed = TraceRecord.lockTurn(vcpu: vcpu, site: site, value: 0)
+        var waited: UInt64 = 0
+        while true {
+            let r: (npt_status, UInt64, String?)? = state.withLock { s in
+                if let f = s.failure { return (NPT_ERR_STATE, 0, f) }
+                if case .failure(let st, let m) = peek(&s) { return (st, 0, m) }
+                guard let e = s.pending else {
+                    if case .failure(let st, let m) = fail(&s, nil, replayed.description) { return (st, 0, m) }
+                    return nil
+                }
+                guard s.currentVM == vm, case .lockTurn(let v, let recorded, let value) = e.record, v == vcpu,
+                      recorded.party == site.party else {
+                    return phase == NPT_LOCK_TURN_TAKEN ? (NPT_ERR_BUSY, 0, nil) : nil
+                }
+                if recorded != site {
+                    if case .failure(let st, let m) = fail(&s, e, replayed.description, replayed: replayed) { return (st, 0, m) }
+                }
+                guard phase == NPT_LOCK_TURN_TAKEN else { return (NPT_OK, 0, nil) }
+                s.pending = nil
+                s.checker.observe(e)
+                s.compared += 1
+                return (NPT_OK, value, nil)
+            }
+            if let r { return r }
+            if waited >= waitNanos { return (NPT_ERR_STATE, 0, waitedTooLong(replayed.description)) }
             var ts = timespec(tv_sec: 0, tv_nsec: 50_000)
             nanosleep(&ts, nil)
             waited += 50_000
