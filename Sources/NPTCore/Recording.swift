@@ -55,36 +55,34 @@ package final class TraceRecorder: Sendable {
     /// (`package`: the CLI's bench measures it alone.)
     package func append(_ record: TraceRecord, vm: UInt32, readClock: Bool = true) throws(NPTError) {
         let now = readClock ? TraceClock.now() &- clockBase : 0
-        let failed: NPTError? = state.withLock { s in
-            if let e = s.error { return e }
-            do throws(TraceError) {
-                let t = max(now, s.writer.lastTimestamp)
-                if s.selected != vm {
-                    try s.writer.append(.vmSelect(vm: vm), at: t)
-                    s.selected = vm
-                }
-                try s.writer.append(record, at: t)
-                return nil
-            } catch {
-                s.error = NPTError(.backend, "recording failed: \(error)")
-                return s.error
-            }
+        try writing(vm: vm, selectAt: { max(now, $0.lastTimestamp) }) { w throws(TraceError) in
+            try w.append(record, at: max(now, w.lastTimestamp))
         }
-        if let failed { throw failed }
     }
 
     /// The hot path of a vCPU's exit (TraceWriter.appendExitPath): `exit` (stamped with a new
     /// clock reading), `hierarchy`, `exitControls` (`value`) and `decision` (`action`), without a TraceRecord.
     func appendExitPath(_ kind: ExitPathRecord, vm: UInt32, vcpu: UInt32, action: UInt8 = 0, value: UInt32 = 0,
                         exit: TraceExit = TraceExit()) throws(NPTError) {
+        try writing(vm: vm, selectAt: { $0.lastTimestamp }) { w throws(TraceError) in
+            try w.appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: exit, clockSince: clockBase)
+        }
+    }
+
+    /// `body` with the writer under the lock, after a `vm-select` (stamped `selectAt`) if the last
+    /// record was another VM's. The first failure is kept (`finish` reports it) and fails this call
+    /// and every later one.
+    @inline(__always)
+    private func writing(vm: UInt32, selectAt: (TraceWriter) -> UInt64,
+                         _ body: (TraceWriter) throws(TraceError) -> Void) throws(NPTError) {
         let failed: NPTError? = state.withLock { s in
             if let e = s.error { return e }
             do throws(TraceError) {
                 if s.selected != vm {
-                    try s.writer.append(.vmSelect(vm: vm), at: s.writer.lastTimestamp)
+                    try s.writer.append(.vmSelect(vm: vm), at: selectAt(s.writer))
                     s.selected = vm
                 }
-                try s.writer.appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: exit, clockSince: clockBase)
+                try body(s.writer)
                 return nil
             } catch {
                 s.error = NPTError(.backend, "recording failed: \(error)")
