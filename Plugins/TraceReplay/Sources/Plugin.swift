@@ -280,7 +280,7 @@ public func npt_plugin_init(_ info: UnsafePointer<npt_plugin_info>?, _ ops: Unsa
     switch made {
     case .success(let s):
         installExitCheck()
-        ops.pointee = UnsafePointer(makeOps(s))
+        ops.pointee = UnsafePointer(s.ops(makeOps))
         return NPT_OK
     case .failure(let e):
         return fail(NPT_ERR_INVALID_ARGUMENT, "replay: cannot replay '\(trace)': \(e)")

@@ -36,7 +36,9 @@ final class ReplaySession: @unchecked Sendable {
     let waitNanos: UInt64
 
     private struct State {
-        var reader: TraceReader
+        /// nil once the pass failed: nothing more is read, and the file and its block buffer are
+        /// released (a process may replay many traces; its sessions live as long as it does).
+        var reader: TraceReader?
         var pending: TraceEvent?
         var currentVM: UInt32 = 0
         var checker: DecisionChecker
@@ -44,6 +46,18 @@ final class ReplaySession: @unchecked Sendable {
         var compared: UInt64 = 0
     }
     private let state: Mutex<State>
+    /// This session's backend operations (`makeOps`), made at its first load and given to every
+    /// later one: the host never says when it is done with a table, so one a load would leak.
+    private let opsTable = Mutex<UnsafeMutablePointer<npt_backend_ops>?>(nil)
+
+    func ops(_ make: (ReplaySession) -> UnsafeMutablePointer<npt_backend_ops>) -> UnsafeMutablePointer<npt_backend_ops> {
+        opsTable.withLock { t in
+            if let t { return t }
+            let made = make(self)
+            t = made
+            return made
+        }
+    }
 
     /// Reads the whole trace once (every block checked: a bad trace is refused here, before
     /// anything is replayed) for its backend and the VMs not replayed, then opens it for the pass.
@@ -109,7 +123,7 @@ final class ReplaySession: @unchecked Sendable {
                     s.compared += 1
                     // A call the recording layer records before making it (a decision) and whose
                     // failure follows: the same failure now.
-                    if s.pending == nil { s.pending = try? s.reader.next() }
+                    if s.pending == nil { s.pending = try? s.reader?.next() }
                     if let f = s.pending, case .failure(let v, let k, let status, let message) = f.record, k == kind, v == owner {
                         s.pending = nil
                         s.checker.observe(f)
@@ -132,8 +146,9 @@ final class ReplaySession: @unchecked Sendable {
     private func peek(_ s: inout State) -> Outcome? {
         while true {
             if s.pending == nil {
-                do throws(TraceError) { s.pending = try s.reader.next() } catch {
+                do throws(TraceError) { s.pending = try s.reader?.next() } catch {
                     s.failure = "replay of '\(path)': \(error); nothing after it is replayed"
+                    s.reader = nil
                     return .failure(NPT_ERR_INVALID_ARGUMENT, s.failure!)
                 }
             }
@@ -156,6 +171,7 @@ final class ReplaySession: @unchecked Sendable {
             if let f = s.failure { return f }
             let next = s.pending.map { "#\($0.index) (vm \(s.currentVM)) \($0.record)" } ?? "nothing"
             s.failure = "replay of '\(path)': \(what) waited \(waitNanos / 1_000_000) ms for another thread to take the recorded \(next)"
+            s.reader = nil
             return s.failure!
         }
     }
@@ -214,6 +230,7 @@ final class ReplaySession: @unchecked Sendable {
             for c in ctx { m += "\n    #\(c.index) \(c.record)" }
         }
         s.failure = m
+        s.reader = nil
         return .failure(NPT_ERR_STATE, m)
     }
 
@@ -234,7 +251,7 @@ final class ReplaySession: @unchecked Sendable {
             while true {
                 let next: TraceEvent?
                 if let p = s.pending { next = p; s.pending = nil } else {
-                    do throws(TraceError) { next = try s.reader.next() } catch {
+                    do throws(TraceError) { next = try s.reader?.next() } catch {
                         return "replay of '\(path)': \(error) after the run's last call"
                     }
                 }
@@ -264,6 +281,7 @@ final class ReplaySession: @unchecked Sendable {
                 for c in ctx { m += "\n    #\(c.index) \(c.record)" }
             }
             s.failure = m
+            s.reader = nil
             return m
         }
     }
