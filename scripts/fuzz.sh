@@ -7,6 +7,8 @@
 #   trace     an NPTKit binary trace (NPTTrace.TraceReader) and the what-if model over its exits
 #   kvmtrace  kernel KVM tracepoint text (NPTTrace.KernelTraceParser, the what-if exit stream) and
 #             a what-if policy file (WhatIfPolicy.parse)
+#   replay    the replay backend (libnptkit-replay.so) and the core behind it, on traces whose
+#             records are the fuzzer's, framed with valid checksums (Tests/Fuzz/fuzz_replay.c)
 #
 # Usage: bash scripts/fuzz.sh TARGET|all SECONDS [libFuzzer options...]
 #
@@ -24,13 +26,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 if [ $# -lt 2 ]; then
-    echo "usage: $0 nfit|sysfs|guest|abi|trace|kvmtrace|all SECONDS [libFuzzer options...]" >&2
+    echo "usage: $0 nfit|sysfs|guest|abi|trace|kvmtrace|replay|all SECONDS [libFuzzer options...]" >&2
     exit 2
 fi
 TARGET="$1"
 SECS="$2"
 shift 2
-TARGETS=(nfit sysfs guest abi trace kvmtrace)
+TARGETS=(nfit sysfs guest abi trace kvmtrace replay)
 if [ "$TARGET" = all ]; then set -- "$@"; else
     case " ${TARGETS[*]} " in *" $TARGET "*) TARGETS=("$TARGET") ;; *) echo "unknown target $TARGET" >&2; exit 2 ;; esac
 fi
@@ -48,6 +50,10 @@ if [ "$need_c" = 1 ]; then
     SAN=(-c release --sanitize fuzzer --sanitize address)
     echo "== fuzz: swift build ${SAN[*]} --product nptkit (into .build-fuzz)"
     swift build --product nptkit --scratch-path "$SCRATCH" "${SAN[@]}"
+    case " ${TARGETS[*]} " in *" replay "*)
+        echo "== fuzz: swift build ${SAN[*]} --product nptkit-replay (into .build-fuzz)"
+        swift build --product nptkit-replay --scratch-path "$SCRATCH" "${SAN[@]}" ;;
+    esac
     BIN="$(swift build --scratch-path "$SCRATCH" "${SAN[@]}" --show-bin-path)"
 fi
 # -package-name: NPTTrace's API is `package` (the one product is libnptkit.so); the entries are of the same package.
@@ -88,6 +94,7 @@ for t in "${TARGETS[@]}"; do
     [ -s "$ROOT/Tests/Fuzz/$t.dict" ] && dict=(-dict="$ROOT/Tests/Fuzz/$t.dict")
     rc=0
     SWIFT_BACKTRACE=enable=no ASAN_OPTIONS="detect_leaks=1:allocator_may_return_null=1" \
+        NPT_FUZZ_REPLAY_PLUGIN="${BIN:-}/libnptkit-replay.so" \
         "$exe" "$work" -max_total_time="$SECS" -print_final_stats=1 -timeout=10 -rss_limit_mb=4096 \
         -artifact_prefix="$art/" "${dict[@]}" "$@" > "$log" 2>&1 || rc=$?
     execs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}' | tail -1)
