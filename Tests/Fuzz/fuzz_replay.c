@@ -4,9 +4,10 @@
  * run (0-2; a record cut short is not framed, so that byte never is); this target frames them into a valid
  * trace (header, one block with its checksum, the end record), so the mutations reach what the
  * reader's checksums would otherwise stop: the replay's matching of the core's calls with records
- * of any kind, in any order, with any values. Then it runs, on "replay", the run the seeds were
- * recorded from (VM, memory, policy, a vCPU, registers, exits handled the way a VMM does,
- * statistics, destroy). Every call must answer a status of npt_status and, when it fails, say why
+ * of any kind, in any order, with any values. Then it runs, on "replay", the runs the seeds were
+ * recorded from: `run` (VM, memory, policy, a vCPU, registers, exits handled the way a VMM does,
+ * statistics, destroy), then `privileged` (a region, a request, the entry and the return: lock
+ * turns). Every call must answer a status of npt_status and, when it fails, say why
  * (fuzz_common.h); a crash, hang, leak or memory error is a finding.
  *
  * Environment: NPT_FUZZ_REPLAY_PLUGIN (required), the plugin to load (scripts/fuzz.sh passes its
@@ -48,10 +49,9 @@ static void emit(uint8_t *buf, size_t *off, uint8_t op, uint8_t a, int32_t imm) 
     *off += 8;
 }
 
-/* The run (test_record_replay.c's): two OUTs, a jump to a page that is not executable (an MBEC
- * violation; the VMM moves rip to the HLT), the HLT; then statistics and destroy. On `backend`,
- * recorded to `record` if not NULL. Each call's status is checked, none is required to succeed. */
-static void run(npt_context *ctx, const char *backend, const char *record, uint32_t mode) {
+/* A VM of 1 MiB, RAM readable and writable, on `backend` in MBEC `mode`, recorded to `record` if
+ * not NULL; `steps`: max_steps_per_run (0: no budget). NULL if it was not made. */
+static npt_vm *make_vm(npt_context *ctx, const char *backend, const char *record, uint32_t mode, uint64_t steps) {
     npt_vm_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.size = sizeof cfg;
@@ -59,9 +59,18 @@ static void run(npt_context *ctx, const char *backend, const char *record, uint3
     cfg.backend = backend;
     cfg.ram_size = 1u << 20;
     cfg.default_perms = NPT_PERM_READ | NPT_PERM_WRITE;
+    cfg.max_steps_per_run = steps;
     cfg.record_path = record;
     npt_vm *vm = NULL;
-    if (CK(npt_vm_create(ctx, &cfg, &vm)) != NPT_OK) return;
+    return CK(npt_vm_create(ctx, &cfg, &vm)) == NPT_OK ? vm : NULL;
+}
+
+/* The run (test_record_replay.c's): two OUTs, a jump to a page that is not executable (an MBEC
+ * violation; the VMM moves rip to the HLT), the HLT; then statistics and destroy. On `backend`,
+ * recorded to `record` if not NULL. Each call's status is checked, none is required to succeed. */
+static void run(npt_context *ctx, const char *backend, const char *record, uint32_t mode) {
+    npt_vm *vm = make_vm(ctx, backend, record, mode, 0);
+    if (!vm) return;
     uint8_t prog[64];
     size_t off = 0;
     emit(prog, &off, OP_MOVI, 0, 11);
@@ -108,6 +117,55 @@ static void run(npt_context *ctx, const char *backend, const char *record, uint3
     npt_backend_stat bs[16];
     size_t count = 0;
     CK(npt_vm_backend_stats(vm, bs, 16, &count));
+    CK(npt_vm_destroy(vm));
+}
+
+/* The privileged mode on one vCPU (test_privileged.c's, one thread): a guest loop, a region whose
+ * handler OUTs on port 9 and returns (RSM), a request raised by the VMM, runs until the handler's
+ * OUT and a few more (the return), the holder and the statistics. On a backend with the mode (the
+ * replay has it for a trace with lock turns): every acquisition of the coordinator's monitor is a
+ * lock turn the replay matches with the trace. */
+static void privileged(npt_context *ctx, const char *backend, const char *record, uint32_t mode) {
+    npt_vm *vm = make_vm(ctx, backend, record, mode, 2000);
+    if (!vm) return;
+    uint8_t code[16], handler[16];
+    size_t n = 0, h = 0;
+    emit(code, &n, 0x05, 3, 1);   /* ADDI r3, 1 */
+    emit(code, &n, 0x08, 0, -16); /* JMP back */
+    emit(handler, &h, OP_OUT, 0, 9);
+    emit(handler, &h, 0x13, 0, 0); /* RSM */
+    CK(npt_vm_write_memory(vm, CODE, code, n));
+    CK(npt_policy_set(vm, CODE, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_UX));
+    npt_vcpu *cpu = NULL;
+    if (CK(npt_vcpu_create(vm, 0, &cpu)) == NPT_OK) {
+        npt_regs r;
+        memset(&r, 0, sizeof r);
+        r.size = sizeof r;
+        r.rip = CODE;
+        CK(npt_vcpu_set_regs(cpu, &r));
+        npt_region region = { sizeof region, 0, 0x80000000ull, 0x10000, handler, h, 0, 0 };
+        CK(npt_region_set(vm, &region));
+        CK(npt_vcpu_raise_privileged(cpu));
+        int outs = 0;
+        for (int i = 0; i < 8 && outs < 1; i++) {
+            npt_exit e;
+            memset(&e, 0, sizeof e);
+            e.size = sizeof e;
+            if (CK(npt_vcpu_run(cpu, &e)) != NPT_OK) break;
+            if (e.reason == NPT_EXIT_IO && e.io_port == 9) outs++;
+        }
+        npt_exit e;
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        CK(npt_vcpu_run(cpu, &e));
+        int64_t holder = 0;
+        CK(npt_vm_privileged_holder(vm, &holder));
+        npt_privileged_stats ps;
+        memset(&ps, 0, sizeof ps);
+        ps.size = sizeof ps;
+        CK(npt_vm_get_privileged_stats(vm, &ps));
+        CK(npt_vcpu_destroy(cpu));
+    }
     CK(npt_vm_destroy(vm));
 }
 
@@ -215,10 +273,19 @@ static void write_seeds(const char *dir) {
         snprintf(seed, sizeof seed, "%s/recorded-mode-%u", dir, modes[k]);
         npt_context *ctx = NULL;
         if (npt_context_create(&ctx) != NPT_OK) exit(1);
+        char tmp2[4096];
+        snprintf(tmp2, sizeof tmp2, "%s.priv", tmp);
         run(ctx, "sim", tmp, modes[k]);
         npt_context_destroy(ctx);
+        if (npt_context_create(&ctx) != NPT_OK) exit(1);
+        privileged(ctx, "sim", tmp2, modes[k]);
+        npt_context_destroy(ctx);
+        /* The two recordings' payloads one after the other: one pass, the second VM's records
+         * after the first's (each file numbers its VM 0; without a vm-select both stay VM 0). */
         size_t n = payloads(tmp, buf, sizeof buf);
+        n += payloads(tmp2, buf + n, sizeof buf - n);
         unlink(tmp);
+        unlink(tmp2);
         buf[n++] = (uint8_t)modes[k];
         FILE *f = fopen(seed, "wb");
         if (!f || fwrite(buf, 1, n, f) != n || fclose(f)) { fprintf(stderr, "cannot write %s\n", seed); exit(1); }
@@ -263,6 +330,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (!installed) { installed = 1; atexit(quiet_exit); }
         FUZZ_ASSERT(name != NULL && strcmp(name, "replay") == 0);
         run(ctx, "replay", NULL, mode);
+        privileged(ctx, "replay", NULL, mode);
     }
     FUZZ_ASSERT(npt_context_destroy(ctx) == NPT_OK);
     close(fd);
