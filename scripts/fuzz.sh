@@ -25,6 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
+bash scripts/stale-headers.sh
 if [ $# -lt 2 ]; then
     echo "usage: $0 nfit|sysfs|guest|abi|trace|kvmtrace|replay|all SECONDS [libFuzzer options...]" >&2
     exit 2

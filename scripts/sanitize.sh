@@ -17,6 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
+bash scripts/stale-headers.sh
 MODE="${1:-}"
 case "$MODE" in asan|tsan) ;; *) echo "usage: $0 asan|tsan" >&2; exit 2 ;; esac
 

@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bash scripts/stale-headers.sh
 echo "== swift build (libnptkit.so, nptkit-cli, tests)"
 swift build
 swift build --build-tests
