@@ -11,7 +11,7 @@
  * (fuzz_common.h); a crash, hang, leak or memory error is a finding.
  *
  * Environment: NPT_FUZZ_REPLAY_PLUGIN (required), the plugin to load (scripts/fuzz.sh passes its
- * instrumented build); NPT_FUZZ_REPLAY_SEEDS=DIR writes the seeds instead (the same run recorded
+ * instrumented build); NPT_FUZZ_REPLAY_SEEDS=DIR writes the seeds instead (the two runs recorded
  * on the simulator in each MBEC mode, as payloads) and exits.
  *
  * Every input is a session of its own (session=fuzz-N, wait-ms=0: one thread, nothing to wait for).
