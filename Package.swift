@@ -73,7 +73,7 @@ let package = Package(
                 path: "Tests/Support/Differential", swiftSettings: strict),
         .executableTarget(name: "nptkit-differential", dependencies: ["NPTDifferential"],
                           path: "Tests/Support/DifferentialMain", swiftSettings: strict),
-        .testTarget(name: "NPTCoreTests", dependencies: ["NPTCore", "NPTScenarios"], swiftSettings: strict),
+        .testTarget(name: "NPTCoreTests", dependencies: ["NPTCore", "NPTScenarios", "NPTTrace"], swiftSettings: strict),
         .testTarget(name: "NPTHostTests", dependencies: ["NPTCore", "NPTHost"], swiftSettings: strict),
         .testTarget(name: "NPTSimulatorTests", dependencies: ["NPTCore", "NPTHost", "NPTSimulator", "NPTScenarios", "NPTModelCheck", "MBECReference", "NPTDifferential"],
                     swiftSettings: strict),

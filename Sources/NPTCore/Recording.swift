@@ -14,35 +14,55 @@ import Synchronization
 /// One recorder may serve many VMs (the CLI's `--record` gives the same one to every VM of a run):
 /// the records of each VM follow a `vm-select` naming its number. The writer is held under a lock
 /// and every timestamp is taken under it, so records are in the order the calls happened.
+///
+/// Compact exit paths (the default; docs/trace-format.md, "exit-path"): a vCPU's exit is held back
+/// (`State.pending`, under the lock) while the core handles it; the hierarchy it exposes and the
+/// exit controls it sets join it, and its decision writes the four as one exit-path record. Any
+/// other record, whichever thread writes it, first writes what is held back as the separate
+/// records, so the trace keeps the order of the calls exactly; a reader returns the same records
+/// either way.
 package final class TraceRecorder: Sendable {
+    /// A vCPU's exit path held back until its decision (`active`), as far as it has gone.
+    struct PendingExitPath {
+        var active = false
+        var vm: UInt32 = 0, vcpu: UInt32 = 0
+        var timestamp: UInt64 = 0
+        var exit = TraceExit()
+        var hierarchy: UInt32?, exitControls: UInt32?
+    }
     /// The writer is reached only under the lock.
     private struct State: @unchecked Sendable {
         var writer: TraceWriter
         var selected: UInt32 = .max
         var vms: UInt32 = 0
         var error: NPTError?
+        var pending = PendingExitPath()
     }
     private let state: Mutex<State>
     private let clockBase = TraceClock.now()
     /// The recorder of one VM (npt_vm_config.record_path): finished when that VM is destroyed.
     let finishWithVM: Bool
+    /// Whether exit paths are written as exit-path records (else as the separate records, as a
+    /// trace 1.2 holds them).
+    package let compactExitPaths: Bool
 
-    package init(sink: any TraceSink, finishWithVM: Bool = false) throws(NPTError) {
+    package init(sink: any TraceSink, finishWithVM: Bool = false, compactExitPaths: Bool = true) throws(NPTError) {
         self.finishWithVM = finishWithVM
+        self.compactExitPaths = compactExitPaths
         do throws(TraceError) {
-            let w = try TraceWriter(sink: sink)
+            let w = try TraceWriter(sink: sink, flags: compactExitPaths ? TraceFormat.compactExitPaths : 0)
             try w.append(.meta(key: "recorder", value: "nptkit recording layer"), at: 0)
             try w.append(.meta(key: "clock", value: "\(TraceClock.name), ns since the recorder started, read at each exit and each VM-wide call; other records carry the latest reading"), at: 0)
             state = Mutex(State(writer: w))
         } catch { throw NPTError(.invalidArgument, "cannot record: \(error)") }
     }
 
-    package convenience init(path: String, finishWithVM: Bool = false) throws(NPTError) {
+    package convenience init(path: String, finishWithVM: Bool = false, compactExitPaths: Bool = true) throws(NPTError) {
         let sink: FileTraceSink
         do throws(TraceError) { sink = try FileTraceSink(path: path) } catch {
             throw NPTError(.invalidArgument, "cannot record to '\(path)': \(error)")
         }
-        try self.init(sink: sink, finishWithVM: finishWithVM)
+        try self.init(sink: sink, finishWithVM: finishWithVM, compactExitPaths: compactExitPaths)
     }
 
     func newVM() -> UInt32 { state.withLock { s in defer { s.vms += 1 }; return s.vms } }
@@ -62,22 +82,81 @@ package final class TraceRecorder: Sendable {
 
     /// The hot path of a vCPU's exit (TraceWriter.appendExitPath): `exit` (stamped with a new
     /// clock reading), `hierarchy`, `exitControls` (`value`) and `decision` (`action`), without a TraceRecord.
+    /// With compact exit paths, an exit is held back and the hierarchy and exit controls of its
+    /// vCPU join it (once each, in that order), and the decision writes them as one exit-path
+    /// record; anything else writes what is held back first, then itself as before.
     func appendExitPath(_ kind: ExitPathRecord, vm: UInt32, vcpu: UInt32, action: UInt8 = 0, value: UInt32 = 0,
                         exit: TraceExit = TraceExit()) throws(NPTError) {
-        try writing(vm: vm, selectAt: { $0.lastTimestamp }) { w throws(TraceError) in
-            try w.appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: exit, clockSince: clockBase)
+        guard compactExitPaths else {
+            try writing(vm: vm, selectAt: { $0.lastTimestamp }) { w throws(TraceError) in
+                try w.appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: exit, clockSince: clockBase)
+            }
+            return
+        }
+        let failed: NPTError? = state.withLock { s in
+            if let e = s.error { return e }
+            do throws(TraceError) {
+                let mine = s.pending.active && s.pending.vm == vm && s.pending.vcpu == vcpu
+                switch kind {
+                case .exit:
+                    if s.pending.active { try flushPending(&s) }
+                    s.pending = PendingExitPath(active: true, vm: vm, vcpu: vcpu,
+                                                timestamp: max(TraceClock.now() &- clockBase, s.writer.lastTimestamp), exit: exit)
+                case .hierarchy where mine && s.pending.hierarchy == nil && s.pending.exitControls == nil:
+                    s.pending.hierarchy = value
+                case .exitControls where mine && s.pending.exitControls == nil:
+                    s.pending.exitControls = value
+                case .decision where mine:
+                    let p = s.pending
+                    s.pending.active = false
+                    try select(vm, &s)
+                    try s.writer.appendExitPath(vcpu: vcpu, exit: p.exit, hierarchy: p.hierarchy, exitControls: p.exitControls,
+                                                action: action, decision: exit, at: p.timestamp)
+                default:
+                    if s.pending.active { try flushPending(&s) }
+                    try select(vm, &s)
+                    try s.writer.appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: exit, clockSince: clockBase)
+                }
+                return nil
+            } catch {
+                s.error = NPTError(.backend, "recording failed: \(error)")
+                return s.error
+            }
+        }
+        if let failed { throw failed }
+    }
+
+    /// A `vm-select` of `vm` if the last record was another VM's, stamped with the last timestamp.
+    @inline(__always)
+    private func select(_ vm: UInt32, _ s: inout State) throws(TraceError) {
+        if s.selected != vm {
+            try s.writer.append(.vmSelect(vm: vm), at: s.writer.lastTimestamp)
+            s.selected = vm
         }
     }
 
-    /// `body` with the writer under the lock, after a `vm-select` (stamped `selectAt`) if the last
-    /// record was another VM's. The first failure is kept (`finish` reports it) and fails this call
-    /// and every later one.
+    /// Writes the exit path held back as the records it stands for so far (exit, then hierarchy
+    /// and exit controls if they came), at the exit's timestamp: what the writer would have
+    /// written at each call, since nothing came between them.
+    private func flushPending(_ s: inout State) throws(TraceError) {
+        let p = s.pending
+        s.pending.active = false
+        try select(p.vm, &s)
+        try s.writer.appendExitPath(.exit, vcpu: p.vcpu, exit: p.exit, at: p.timestamp)
+        if let h = p.hierarchy { try s.writer.appendExitPath(.hierarchy, vcpu: p.vcpu, value: h, exit: TraceExit(), at: p.timestamp) }
+        if let c = p.exitControls { try s.writer.appendExitPath(.exitControls, vcpu: p.vcpu, value: c, exit: TraceExit(), at: p.timestamp) }
+    }
+
+    /// `body` with the writer under the lock, after what is held back of an exit path and a
+    /// `vm-select` (stamped `selectAt`) if the last record was another VM's. The first failure is
+    /// kept (`finish` reports it) and fails this call and every later one.
     @inline(__always)
     private func writing(vm: UInt32, selectAt: (TraceWriter) -> UInt64,
                          _ body: (TraceWriter) throws(TraceError) -> Void) throws(NPTError) {
         let failed: NPTError? = state.withLock { s in
             if let e = s.error { return e }
             do throws(TraceError) {
+                if s.pending.active { try flushPending(&s) }
                 if s.selected != vm {
                     try s.writer.append(.vmSelect(vm: vm), at: selectAt(s.writer))
                     s.selected = vm
@@ -96,7 +175,10 @@ package final class TraceRecorder: Sendable {
     package func finish() throws(NPTError) {
         let e: NPTError? = state.withLock { s in
             if let e = s.error { return e }
-            do throws(TraceError) { try s.writer.finish() } catch { s.error = NPTError(.backend, "recording failed: \(error)") }
+            do throws(TraceError) {
+                if s.pending.active { try flushPending(&s) }
+                try s.writer.finish()
+            } catch { s.error = NPTError(.backend, "recording failed: \(error)") }
             return s.error
         }
         if let e { throw e }

@@ -16,6 +16,28 @@ enum ExitField {
 }
 
 enum TraceCodec {
+    /// The `parts` bits of an exit-path record (RecordKind.exitPath).
+    enum ExitPathPart {
+        static let hierarchy: UInt8 = 1, exitControls: UInt8 = 2, decisionExit: UInt8 = 4
+        static let all: UInt8 = 7
+    }
+
+    /// An exit-path record's body as the records it stands for, in order: exit, hierarchy (if
+    /// any), exit controls (if any), decision.
+    static func decodeExitPath(_ d: inout ByteDecoder, _ st: inout ExitState, into out: inout [TraceRecord]) throws(TraceError) {
+        let v = try d.u32v()
+        let parts = try d.u8()
+        guard parts & ~ExitPathPart.all == 0 else { throw d.fail("unknown exit-path part bits \(hex(UInt64(parts & ~ExitPathPart.all)))") }
+        let exit = try decodeExit(&d, &st)
+        out.append(.exit(vcpu: v, exit))
+        if parts & ExitPathPart.hierarchy != 0 { out.append(.hierarchy(vcpu: v, hierarchy: try d.u32v())) }
+        if parts & ExitPathPart.exitControls != 0 { out.append(.exitControls(vcpu: v, controls: try d.u32v())) }
+        let a = try d.u8()
+        guard let action = TraceAction(rawValue: a) else { throw d.fail("unknown action \(a)") }
+        let decided = parts & ExitPathPart.decisionExit != 0 ? try decodeExit(&d, &st) : exit
+        out.append(.decision(vcpu: v, action: action, exit: decided))
+    }
+
     static func delta(_ new: UInt64, _ old: UInt64) -> Int64 { Int64(bitPattern: new &- old) }
 
     static func encodeExit(_ e: TraceExit, _ enc: inout BlockBuffer, _ st: inout ExitState) {

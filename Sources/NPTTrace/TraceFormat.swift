@@ -11,7 +11,13 @@ package enum TraceFormat {
     /// 1.1: vm-select, memory digests, power failure, notes, backend identities and statistics,
     /// untrapped flush-hint writes, host region counts, failures with their message, privileged entries.
     /// 1.2: lock turns (the order of the privileged-mode coordinator's monitor acquisitions).
-    package static let minor: UInt16 = 2
+    /// 1.3: the header flag `compactExitPaths` and the exit-path record it allows.
+    package static let minor: UInt16 = 3
+    /// Header flag: the trace may hold exit-path records (RecordKind.exitPath), which a reader must
+    /// expand; a reader that does not know the flag refuses the trace rather than skip them.
+    package static let compactExitPaths: UInt32 = 1
+    /// The header flags this version reads (a reader refuses any other bit).
+    package static let knownFlags: UInt32 = compactExitPaths
     /// magic (8) + major (2) + minor (2) + flags (4) + CRC-32C of bytes 0..<16 (4).
     package static let headerSize = 20
     /// length (4) + CRC-32C (4) + base timestamp (8) + record count (4).

@@ -9,7 +9,10 @@ package final class TraceReader {
     package let flags: UInt32
     /// Records of kinds this version does not know (a newer minor's), skipped.
     package private(set) var skippedUnknown: UInt64 = 0
-    /// Records read so far (skipped ones included): the index of the next one.
+    /// Exit-path records read (each returned as the 2 to 4 records it stands for).
+    package private(set) var exitPathRecords: UInt64 = 0
+    /// Records read so far (skipped ones included, an exit-path record counting as the records it
+    /// stands for): the index of the next one.
     package private(set) var recordIndex: UInt64 = 0
     /// Bytes consumed from the source (headers and whole blocks).
     package private(set) var bytesRead: UInt64 = 0
@@ -25,6 +28,11 @@ package final class TraceReader {
     var state = ExitState()
     var failure: TraceError?
     var firstBlock = true
+    /// The records of the last exit-path record not yet returned (`expanded[expandedNext...]`),
+    /// with that record's offset and timestamp and the index of the first.
+    var expanded: [TraceRecord] = []
+    var expandedNext = 0
+    var expandedAt = (offset: UInt64(0), timestamp: UInt64(0), index: UInt64(0))
 
     /// Reads and checks the header: magic, major version, checksum.
     package init(source: any TraceSource) throws(TraceError) {
@@ -57,8 +65,8 @@ package final class TraceReader {
         guard crc == CRC32C.update(0, UnsafeRawBufferPointer(rebasing: p[0..<16])) else {
             throw TraceError(.corrupt, at: 0, "header checksum mismatch")
         }
-        guard flags == 0 else {
-            throw TraceError(.unsupportedVersion, at: 12, "header flags \(hex(UInt64(flags))) (version \(major).\(minor) defines none)")
+        guard flags & ~TraceFormat.knownFlags == 0 else {
+            throw TraceError(.unsupportedVersion, at: 12, "header flags \(hex(UInt64(flags))): this reader knows \(hex(UInt64(TraceFormat.knownFlags))) (version \(TraceFormat.major).\(TraceFormat.minor))")
         }
         return (major, minor, flags)
     }
@@ -118,6 +126,12 @@ package final class TraceReader {
     /// byte offset) and then again on every later call.
     package func next() throws(TraceError) -> TraceEvent? {
         if let f = failure { throw f }
+        if expandedNext < expanded.count {
+            let k = expandedNext
+            expandedNext += 1
+            return TraceEvent(index: expandedAt.index + UInt64(k), offset: expandedAt.offset, timestamp: expandedAt.timestamp,
+                              record: expanded[k])
+        }
         do throws(TraceError) {
             while true {
                 if pos >= blockLength {
@@ -159,6 +173,18 @@ package final class TraceReader {
                 return nil
             }
             var d = ByteDecoder(base: p, pos: frame.pos, end: payloadEnd, recordOffset: recOffset, recordIndex: index, kind: kind)
+            if kind == RecordKind.exitPath {
+                guard flags & TraceFormat.compactExitPaths != 0 else {
+                    throw TraceError(.invalidRecord, at: recOffset, "record \(index): an exit-path record (kind 0x27) in a trace without the header flag compactExitPaths")
+                }
+                exitPathRecords += 1
+                expanded.removeAll(keepingCapacity: true)
+                try TraceCodec.decodeExitPath(&d, &state, into: &expanded)
+                recordIndex = index + UInt64(expanded.count)
+                expandedAt = (recOffset, t, index)
+                expandedNext = 1
+                return TraceEvent(index: index, offset: recOffset, timestamp: t, record: expanded[0])
+            }
             let r = try TraceCodec.decode(kind: kind, &d, &state)
             if case .end(let n) = r {
                 guard n == index else {

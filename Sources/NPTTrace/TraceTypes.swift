@@ -437,11 +437,14 @@ package enum RecordKind {
     package static let privilegedEnter: UInt8 = 0x32
     // 1.2
     package static let lockTurn: UInt8 = 0x33
+    // 1.3, only in a trace with the header flag TraceFormat.compactExitPaths: one vCPU's exit,
+    // hierarchy, exit controls and decision in one record (the reader returns the four).
+    package static let exitPath: UInt8 = 0x27
     package static let end: UInt8 = 0x7F
     /// Whether this version reads records of `kind` (a reader skips others: a newer minor's).
     @inline(__always) package static func isKnown(_ kind: UInt8) -> Bool {
         switch kind {
-        case 0x01...0x0C, 0x10...0x18, 0x20...0x26, 0x30...0x33, 0x40...0x44, 0x7F: return true
+        case 0x01...0x0C, 0x10...0x18, 0x20...0x27, 0x30...0x33, 0x40...0x44, 0x7F: return true
         default: return false
         }
     }
@@ -451,7 +454,7 @@ package enum RecordKind {
                                            invalidate, injectFault, kick, decision, regsWritten, privileged, defineRegion,
                                            attachPMem, flushHintPage, physicalFlush, fence, trappedWriteCompleted, end,
                                            vmSelect, memoryDigest, powerFailure, note, backendInfo, backendStats, untrappedWrites,
-                                           hostPMemCount, failure, privilegedEnter, lockTurn]
+                                           hostPMemCount, failure, privilegedEnter, lockTurn, exitPath]
 }
 
 /// A record with where it is: its number (0-based, skipped unknown kinds included), its byte

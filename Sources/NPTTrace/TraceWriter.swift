@@ -45,6 +45,8 @@ package final class TraceWriter {
     }
 
     let sink: any TraceSink
+    /// The header's flags.
+    package let flags: UInt32
     let targetBlock: Int
     let s: UnsafeMutablePointer<State>
     /// Bytes handed to the sink so far.
@@ -56,8 +58,12 @@ package final class TraceWriter {
 
     /// Writes the header. `blockPayload`: the payload size a block is closed at (at most
     /// TraceFormat.maxBlockPayload); smaller blocks lose less on a crash, larger ones compress better.
-    package init(sink: any TraceSink, blockPayload: Int = TraceFormat.defaultBlockPayload, minor: UInt16 = TraceFormat.minor) throws(TraceError) {
+    /// `flags`: header flags (TraceFormat.knownFlags); `compactExitPaths` allows `appendExitPath(vcpu:...)`.
+    package init(sink: any TraceSink, blockPayload: Int = TraceFormat.defaultBlockPayload, minor: UInt16 = TraceFormat.minor,
+                 flags: UInt32 = 0) throws(TraceError) {
+        precondition(flags & ~TraceFormat.knownFlags == 0, "unknown trace header flags")
         self.sink = sink
+        self.flags = flags
         targetBlock = max(64, min(blockPayload, TraceFormat.maxBlockPayload))
         s = .allocate(capacity: 1)
         s.initialize(to: State(block: BlockBuffer(capacity: TraceFormat.blockHeaderSize + targetBlock + 256)))
@@ -65,7 +71,7 @@ package final class TraceWriter {
         h.bytes.append(contentsOf: TraceFormat.magic)
         h.u16(TraceFormat.major)
         h.u16(minor)
-        h.u32(0) // flags
+        h.u32(flags)
         h.u32(CRC32C.checksum(h.bytes))
         try h.bytes.withUnsafeBytes { b in Result { () throws(TraceError) in try emit(b) } }.get()
     }
@@ -123,8 +129,35 @@ package final class TraceWriter {
         try appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: exit, at: t)
     }
 
+    /// One vCPU's exit path in one exit-path record (trace flag `compactExitPaths`): its `exit`,
+    /// the hierarchy it exposed and the exit controls it set while handling it (if it did, in that
+    /// order), and the core's `action` on `decision` (the exit as decided; usually `exit` itself),
+    /// all at `timestamp`. A reader returns the records `appendExitPath(_:...)` would have written
+    /// for the same calls, with the same timestamps and numbers (they count as 2 to 4 records).
+    package func appendExitPath(vcpu: UInt32, exit: TraceExit, hierarchy: UInt32?, exitControls: UInt32?,
+                                action: UInt8, decision: TraceExit, at timestamp: UInt64) throws(TraceError) {
+        guard flags & TraceFormat.compactExitPaths != 0 else {
+            throw TraceError(.invalidRecord, at: bytesWritten, "an exit-path record needs the header flag compactExitPaths")
+        }
+        let same = decision == exit
+        var parts: UInt8 = same ? 0 : TraceCodec.ExitPathPart.decisionExit
+        if hierarchy != nil { parts |= TraceCodec.ExitPathPart.hierarchy }
+        if exitControls != nil { parts |= TraceCodec.ExitPathPart.exitControls }
+        let records: UInt64 = 2 + (hierarchy != nil ? 1 : 0) + (exitControls != nil ? 1 : 0)
+        try put(RecordKind.exitPath, at: timestamp, isEnd: false, records: records) { enc, st in
+            enc.varint(UInt64(vcpu))
+            enc.u8(parts)
+            TraceCodec.encodeExit(exit, &enc, &st)
+            if let hierarchy { enc.varint(UInt64(hierarchy)) }
+            if let exitControls { enc.varint(UInt64(exitControls)) }
+            enc.u8(action)
+            if !same { TraceCodec.encodeExit(decision, &enc, &st) }
+        }
+    }
+
     @inline(__always)
-    func put(_ kind: UInt8, at timestamp: UInt64, isEnd: Bool, _ body: (inout BlockBuffer, inout ExitState) -> Void) throws(TraceError) {
+    func put(_ kind: UInt8, at timestamp: UInt64, isEnd: Bool, records: UInt64 = 1,
+             _ body: (inout BlockBuffer, inout ExitState) -> Void) throws(TraceError) {
         let s = self.s
         guard !s.pointee.finished else { throw TraceError(.finished, at: bytesWritten, "append after finish()") }
         guard timestamp >= s.pointee.lastTimestamp else {
@@ -151,7 +184,7 @@ package final class TraceWriter {
             if count == 0 { s.pointee.blockBase = timestamp }
             s.pointee.blockCount = count + 1
             s.pointee.lastTimestamp = timestamp
-            if !isEnd { s.pointee.recordCount += 1 }
+            if !isEnd { s.pointee.recordCount += records }
             return
         }
     }

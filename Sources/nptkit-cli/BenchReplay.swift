@@ -30,8 +30,8 @@ extension Bench {
     /// given: the exits the driver saw, the backend's exits (the core's count) and the wall time of the run (VM made, loaded, run to its halt, destroyed;
     /// the recorder's final fsync is not in it).
     static func hvciRun(_ registry: BackendRegistry, backend: String, mode: VMConfig.MBECMode, syscalls: Int,
-                        record: String? = nil) throws -> (exits: Int, backendExits: UInt64, time: Duration, threadCPU: UInt64, processCPU: UInt64) {
-        let recorder = try record.map { try TraceRecorder(path: $0) }
+                        record: String? = nil, compact: Bool = true) throws -> (exits: Int, backendExits: UInt64, time: Duration, threadCPU: UInt64, processCPU: UInt64) {
+        let recorder = try record.map { try TraceRecorder(path: $0, compactExitPaths: compact) }
         let scenario = HVCIScenario(syscalls: syscalls)
         let backendISA = try registry.lookup(backend).guestISA
         var config = try HVCIScenario.image(for: backendISA).config(mode: mode)
@@ -230,14 +230,15 @@ extension Bench {
 
         // (c) Recording overhead per exit, recorded and not recorded rounds interleaved.
         var o = Table(["backend", "not recorded / exit p50 (p10-p90)", "recorded / exit p50 (p10-p90)", "n", "backend exits / run", "recorded / not (p50 of pairs)", "goal < 5%", "vCPU thread CPU, recorded / not", "process CPU, recorded / not"])
-        func overhead(_ registry: BackendRegistry, _ backend: String, _ mode: VMConfig.MBECMode, syscalls: Int, rounds: Int) throws {
+        func overhead(_ registry: BackendRegistry, _ backend: String, _ mode: VMConfig.MBECMode, syscalls: Int, rounds: Int,
+                      compact: Bool = true) throws {
             let path = "/tmp/nptkit-bench-replay-\(pid)-rec.trace"
             defer { unlink(path) }
             var plain: [Double] = [], rec: [Double] = [], ratios: [Double] = [], threadRatios: [Double] = [], processRatios: [Double] = []
             var exits: UInt64 = 0
             for _ in 0..<rounds {
                 let a = try Bench.hvciRun(registry, backend: backend, mode: mode, syscalls: syscalls)
-                let b = try Bench.hvciRun(registry, backend: backend, mode: mode, syscalls: syscalls, record: path)
+                let b = try Bench.hvciRun(registry, backend: backend, mode: mode, syscalls: syscalls, record: path, compact: compact)
                 exits = a.backendExits
                 plain.append(seconds(a.time) * 1e9 / Double(a.backendExits)); rec.append(seconds(b.time) * 1e9 / Double(b.backendExits))
                 ratios.append(rec.last! / plain.last!)
@@ -246,10 +247,12 @@ extension Bench {
             }
             let ns = { (x: Double) in nanos(UInt64(x)) }
             let r = ratios.sorted()[rounds / 2]
-            o.add([backend, Bench.spreadOf(plain, ns), Bench.spreadOf(rec, ns), "\(rounds)", "\(exits)", fmt(r, 3), r < 1.05 ? "met" : "NOT met",
+            o.add([compact ? backend : backend + ", separate records", Bench.spreadOf(plain, ns), Bench.spreadOf(rec, ns), "\(rounds)", "\(exits)", fmt(r, 3), r < 1.05 ? "met" : "NOT met",
                    fmt(threadRatios.sorted()[rounds / 2], 3), fmt(processRatios.sorted()[rounds / 2], 3)])
         }
         try overhead(sim, "sim", .exact, syscalls: syscalls, rounds: rounds)
+        // The same without exit-path records (each exit path as 2 to 4 records, as trace 1.2 has them).
+        try overhead(sim, "sim", .exact, syscalls: syscalls, rounds: rounds, compact: false)
         let costs = try Bench.recordCosts(records: quick ? 100_000 : 2_000_000, rounds: rounds)
         let ns1 = { (x: Double) in fmt(x, 1) + " ns" }
         print("   a record of the sim loop's (exit, hierarchy, exit-controls, decision): writer alone \(Bench.spreadOf(costs.writer, ns1)), recorder (lock, writer, a clock read an exit) \(Bench.spreadOf(costs.recorder, ns1)); n = \(rounds)")

@@ -194,25 +194,39 @@ static int varint(const uint8_t *p, size_t n, size_t *i, uint64_t *v) {
     return -1;
 }
 
+/* The records an exit-path record (kind 0x27) stands for: exit, decision, and the hierarchy and
+ * exit controls its parts byte names (after the vCPU number); 1 when its body is too short to tell
+ * (the reader refuses it anyway). */
+static uint32_t expanded_count(const uint8_t *body, size_t len) {
+    size_t j = 0;
+    uint64_t vcpu;
+    if (varint(body, len, &j, &vcpu) || j >= len) return 1;
+    uint8_t parts = body[j];
+    return 2u + (parts & 1u) + ((parts >> 1) & 1u);
+}
+
 /* The whole records at the start of `data` (up to an end record or a frame cut short), framed as a
- * trace into `out` (size: at least n + 64); returns the trace's length. */
+ * trace (version 1.3, with the header flag that allows exit-path records) into `out` (size: at
+ * least n + 64); returns the trace's length. The end record counts the records the reader returns
+ * (an exit-path record counts as the records it stands for). */
 static size_t frame(const uint8_t *data, size_t n, uint8_t *out) {
     size_t i = 0, whole = 0;
-    uint32_t count = 0;
-    while (i < n && count < 1000000) {
+    uint32_t count = 0, frames = 0;
+    while (i < n && frames < 1000000) {
         if (data[i] == 0x7F) break;
         size_t j = i + 1;
         uint64_t delta, len;
         if (varint(data, n, &j, &delta) || varint(data, n, &j, &len) || len > n - j) break;
+        count += data[i] == 0x27 ? expanded_count(data + j, (size_t)len) : 1u;
         i = j + len;
         whole = i;
-        count++;
+        frames++;
     }
     uint8_t *h = out;
     memcpy(h, "NPTTRACE", 8);
     h[8] = 1; h[9] = 0;  /* major 1 */
-    h[10] = 2; h[11] = 0; /* minor 2 */
-    put32(h + 12, 0);
+    h[10] = 3; h[11] = 0; /* minor 3 */
+    put32(h + 12, 1);     /* flags: compact exit paths */
     put32(h + 16, crc32c(0, h, 16));
     uint8_t *b = out + 20;
     memcpy(b + 20, data, whole);
@@ -227,7 +241,7 @@ static size_t frame(const uint8_t *data, size_t n, uint8_t *out) {
     p += el;
     put32(b, (uint32_t)(p - 20));
     put64(b + 8, 0);
-    put32(b + 16, count + 1);
+    put32(b + 16, frames + 1);
     uint32_t crc = crc32c(0, b, 4);
     crc = crc32c(crc, b + 8, p - 8);
     put32(b + 4, crc);

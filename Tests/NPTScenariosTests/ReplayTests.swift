@@ -33,8 +33,8 @@ enum Replay {
     }
 
     /// HVCI (5 system calls) on sim in `mode`, recorded to `path`.
-    static func recordHVCI(_ path: String, mode: VMConfig.MBECMode) throws -> (HVCIScenario.Outcome, VMStatistics) {
-        let recorder = try TraceRecorder(path: path)
+    static func recordHVCI(_ path: String, mode: VMConfig.MBECMode, compact: Bool = true) throws -> (HVCIScenario.Outcome, VMStatistics) {
+        let recorder = try TraceRecorder(path: path, compactExitPaths: compact)
         let r = BackendRegistry()
         try r.register(SimulatorBackend(), makeDefault: true)
         let host = try ScenarioHost(registry: r, backendName: "sim", makeVM: { c, reg throws(NPTError) in
@@ -249,6 +249,31 @@ enum Replay {
     /// by exit); the replay's threads run free, vCPU 1's started first and vCPU 0's 20 ms later, so
     /// vCPU 1's thread must wait for vCPU 0's to take the records before its own (the replay's
     /// "wait for the thread whose record is next"). Both see their recorded exits, in order.
+    /// The same HVCI run on sim recorded with compact exit paths (the default) and without: the
+    /// same records (timestamps aside) in the same order; the compact trace is smaller and holds
+    /// exit-path records; it replays with the same outcome (aRunRecordedOnSimReplaysWithTheSameOutcome).
+    @Test(arguments: VMConfig.MBECMode.allCases)
+    func compactExitPathsHoldTheSameRecordsAsSeparateOnes(mode: VMConfig.MBECMode) throws {
+        let a = Replay.temp("separate-\(mode)"), b = Replay.temp("compact-\(mode)")
+        defer { unlink(a); unlink(b) }
+        let (oa, _) = try Replay.recordHVCI(a, mode: mode, compact: false)
+        let (ob, _) = try Replay.recordHVCI(b, mode: mode, compact: true)
+        #expect(oa == ob)
+        func records(_ path: String) throws -> ([TraceRecord], TraceReader) {
+            let r = try TraceReader(path: path)
+            var out: [TraceRecord] = []
+            while let e = try r.next() { out.append(e.record) }
+            return (out, r)
+        }
+        let (ra, readerA) = try records(a)
+        let (rb, readerB) = try records(b)
+        #expect(ra == rb)
+        #expect(readerA.exitPathRecords == 0 && readerB.exitPathRecords > 0)
+        var sa = stat(), sb = stat()
+        stat(a, &sa); stat(b, &sb)
+        #expect(sb.st_size < sa.st_size, "compact \(sb.st_size) bytes, separate \(sa.st_size)")
+    }
+
     @Test func twoVCPUThreadsReplayInTheRecordedOrder() throws {
         let path = Replay.temp("smp")
         defer { unlink(path) }
