@@ -143,11 +143,13 @@ echo "demo: $runs runs in a row: ok"
 echo "== trace replay (libnptkit-replay.so): the committed KVM runs, and a sim run recorded now"
 # Recorded on this machine's KVM (Tests/Fixtures/npttrace); replayed without /dev/kvm: every decision of
 # the core compared with the recorded one, the output the recorded run's (the privileged section included, its
-# time columns masked: lock turns, trace 1.2).
+# time columns masked: lock turns, trace 1.2; exit paths compact, trace 1.3).
 bin="$(swift build --show-bin-path)"
 bash scripts/replay_compare.sh "$bin" Tests/Fixtures/npttrace/kvm-demo-lazy.trace Tests/Fixtures/npttrace/kvm-demo-lazy.out kvm --syscalls 3
 bash scripts/replay_compare.sh "$bin" Tests/Fixtures/npttrace/kvm-demo-violation-only.trace \
     Tests/Fixtures/npttrace/kvm-demo-violation-only.out kvm --syscalls 3 --mode violation-only
+# The same demo recorded before exit paths were compact (trace 1.2: every exit path as separate records).
+bash scripts/replay_compare.sh "$bin" Tests/Fixtures/npttrace/kvm-demo-lazy-1.2.trace Tests/Fixtures/npttrace/kvm-demo-lazy-1.2.out kvm --syscalls 3
 "$bin/nptkit-cli" demo --syscalls 3 --record /tmp/nptkit-sim-demo.trace > /tmp/nptkit-sim-demo.out
 bash scripts/replay_compare.sh "$bin" /tmp/nptkit-sim-demo.trace /tmp/nptkit-sim-demo.out sim --syscalls 3
 # Ten more sim recordings, each with its own thread interleaving (its own order of the privileged-mode

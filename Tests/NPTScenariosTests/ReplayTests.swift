@@ -65,24 +65,53 @@ enum Replay {
 
     /// A copy of `path` in which `change` rewrites records (nil: kept); the event number of the
     /// first record it changed (.max: none).
-    static func rewrite(_ path: String, to out: String, _ change: (TraceRecord) -> TraceRecord?) throws -> UInt64 {
+    /// A copy of `path` with the records `change` returns in place of the originals; the first
+    /// changed event's number. `compact`: every run of exit, hierarchy, exit controls, decision of
+    /// one vCPU at one timestamp (each part but the exit and the decision optional, in that order)
+    /// written as one exit-path record, else every record on its own (grouped here independently
+    /// of the recorder's own logic).
+    static func rewrite(_ path: String, to out: String, compact: Bool = false, _ change: (TraceRecord) -> TraceRecord?) throws -> UInt64 {
         let r = try TraceReader(path: path)
-        let w = try TraceWriter(path: out)
+        let w = try TraceWriter(sink: try FileTraceSink(path: out), flags: compact ? TraceFormat.compactExitPaths : 0)
         var first: UInt64 = .max
+        var group: [TraceRecord] = [], at: UInt64 = 0
+        func flush() throws { for g in group { try w.append(g, at: at) }; group = [] }
         while let e = try r.next() {
             if case .end = e.record { break }
             var rec = e.record
             if let c = change(rec) { rec = c; first = min(first, e.index) }
+            guard compact else { try w.append(rec, at: e.timestamp); continue }
+            let vcpu: UInt32? = if case .exit(let v, _) = group.first { v } else { nil }
+            switch rec {
+            case .exit: try flush(); group = [rec]; at = e.timestamp; continue
+            case .hierarchy(let v, _) where v == vcpu && e.timestamp == at && group.count == 1:
+                group.append(rec); continue
+            case .exitControls(let v, _) where v == vcpu && e.timestamp == at && !group.contains(where: { if case .exitControls = $0 { true } else { false } }):
+                group.append(rec); continue
+            case .decision(let v, let action, let decided) where v == vcpu && e.timestamp == at:
+                guard case .exit(_, let x) = group[0] else { break }
+                var h: UInt32?, c: UInt32?
+                for g in group.dropFirst() {
+                    if case .hierarchy(_, let value) = g { h = value }
+                    if case .exitControls(_, let value) = g { c = value }
+                }
+                try w.appendExitPath(vcpu: v, exit: x, hierarchy: h, exitControls: c, action: action.rawValue, decision: decided, at: at)
+                group = []
+                continue
+            default: break
+            }
+            try flush()
             try w.append(rec, at: e.timestamp)
         }
+        try flush()
         try w.finish()
         return first
     }
 
     /// A copy of `path` with the `which`-th hierarchy decision flipped; its event number.
-    static func flipHierarchy(_ path: String, to out: String, which: Int) throws -> UInt64 {
+    static func flipHierarchy(_ path: String, to out: String, which: Int, compact: Bool = false) throws -> UInt64 {
         var seen = 0
-        return try rewrite(path, to: out) { rec in
+        return try rewrite(path, to: out, compact: compact) { rec in
             guard case .hierarchy(let v, let h) = rec else { return nil }
             defer { seen += 1 }
             return seen == which ? .hierarchy(vcpu: v, hierarchy: 1 - h) : nil
@@ -167,13 +196,17 @@ enum Replay {
 
     /// A flipped hierarchy decision (a mutated copy): the replay fails at that event, naming both
     /// decisions and the events before it, and every later call fails too.
-    @Test(arguments: [0, 3])
-    func aFlippedDecisionIsReportedAtItsEvent(which: Int) throws {
-        let path = Replay.temp("flip-src-\(which)"), flipped = Replay.temp("flip-\(which)")
+    /// `compact`: the flipped hierarchy inside an exit-path record (trace 1.3), else a record of its own.
+    @Test(arguments: [0, 3], [false, true])
+    func aFlippedDecisionIsReportedAtItsEvent(which: Int, compact: Bool) throws {
+        let path = Replay.temp("flip-src-\(which)-\(compact)"), flipped = Replay.temp("flip-\(which)-\(compact)")
         defer { unlink(path); unlink(flipped) }
         _ = try Replay.recordHVCI(path, mode: .exact)
-        let event = try Replay.flipHierarchy(path, to: flipped, which: which)
+        let event = try Replay.flipHierarchy(path, to: flipped, which: which, compact: compact)
         try #require(event != .max)
+        let reader = try TraceReader(path: flipped)
+        while try reader.next() != nil {}
+        #expect((reader.exitPathRecords > 0) == compact)
         let m = try #require(try Replay.divergence(flipped))
         #expect(m.contains("diverged at event \(event) "), "\(m)")
         #expect(m.contains("recorded: hierarchy vcpu 0"), "\(m)")
