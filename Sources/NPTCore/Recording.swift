@@ -27,7 +27,8 @@ package final class TraceRecorder: Sendable {
         var active = false
         var vm: UInt32 = 0, vcpu: UInt32 = 0
         var timestamp: UInt64 = 0
-        var exit = TraceExit()
+        /// As the backend returned it (converted when written).
+        var exit = VMExit(reason: .none)
         var hierarchy: UInt32?, exitControls: UInt32?
     }
     /// The writer is reached only under the lock.
@@ -86,10 +87,10 @@ package final class TraceRecorder: Sendable {
     /// vCPU join it (once each, in that order), and the decision writes them as one exit-path
     /// record; anything else writes what is held back first, then itself as before.
     func appendExitPath(_ kind: ExitPathRecord, vm: UInt32, vcpu: UInt32, action: UInt8 = 0, value: UInt32 = 0,
-                        exit: TraceExit = TraceExit()) throws(NPTError) {
+                        exit: VMExit = VMExit(reason: .none)) throws(NPTError) {
         guard compactExitPaths else {
             try writing(vm: vm, selectAt: { $0.lastTimestamp }) { w throws(TraceError) in
-                try w.appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: exit, clockSince: clockBase)
+                try w.appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: TraceExit(exit), clockSince: clockBase)
             }
             return
         }
@@ -110,12 +111,12 @@ package final class TraceRecorder: Sendable {
                     let p = s.pending
                     s.pending.active = false
                     try select(vm, &s)
-                    try s.writer.appendExitPath(vcpu: vcpu, exit: p.exit, hierarchy: p.hierarchy, exitControls: p.exitControls,
-                                                action: action, decision: exit, at: p.timestamp)
+                    try s.writer.appendExitPath(vcpu: vcpu, exit: TraceExit(p.exit), hierarchy: p.hierarchy, exitControls: p.exitControls,
+                                                action: action, decision: exit.same(as: p.exit) ? nil : TraceExit(exit), at: p.timestamp)
                 default:
                     if s.pending.active { try flushPending(&s) }
                     try select(vm, &s)
-                    try s.writer.appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: exit, clockSince: clockBase)
+                    try s.writer.appendExitPath(kind, vcpu: vcpu, action: action, value: value, exit: TraceExit(exit), clockSince: clockBase)
                 }
                 return nil
             } catch {
@@ -142,7 +143,7 @@ package final class TraceRecorder: Sendable {
         let p = s.pending
         s.pending.active = false
         try select(p.vm, &s)
-        try s.writer.appendExitPath(.exit, vcpu: p.vcpu, exit: p.exit, at: p.timestamp)
+        try s.writer.appendExitPath(.exit, vcpu: p.vcpu, exit: TraceExit(p.exit), at: p.timestamp)
         if let h = p.hierarchy { try s.writer.appendExitPath(.hierarchy, vcpu: p.vcpu, value: h, exit: TraceExit(), at: p.timestamp) }
         if let c = p.exitControls { try s.writer.appendExitPath(.exitControls, vcpu: p.vcpu, value: c, exit: TraceExit(), at: p.timestamp) }
     }
@@ -357,7 +358,7 @@ final class RecordingVCPU: BackendVCPU, RecordingLayer, @unchecked Sendable {
     func run() throws(NPTError) -> VMExit {
         let x: VMExit
         do throws(NPTError) { x = try inner.run() } catch { throw failed(RecordKind.exit, error) }
-        try recorder.appendExitPath(.exit, vm: vmNumber, vcpu: index, exit: TraceExit(x))
+        try recorder.appendExitPath(.exit, vm: vmNumber, vcpu: index, exit: x)
         return x
     }
     func injectFault(vector: UInt32, errorCode: UInt64, address: UInt64) throws(NPTError) {
@@ -387,7 +388,7 @@ final class RecordingVCPU: BackendVCPU, RecordingLayer, @unchecked Sendable {
     }
     func exitDecided(_ action: ExitAction, exit: VMExit) throws(NPTError) {
         let a = TraceAction(rawValue: UInt8(truncatingIfNeeded: action.rawValue)) ?? .tool
-        try recorder.appendExitPath(.decision, vm: vmNumber, vcpu: index, action: a.rawValue, exit: TraceExit(exit))
+        try recorder.appendExitPath(.decision, vm: vmNumber, vcpu: index, action: a.rawValue, exit: exit)
         do throws(NPTError) { try inner.exitDecided(action, exit: exit) } catch { throw failed(RecordKind.decision, error) }
     }
     func destroy() {
@@ -401,6 +402,18 @@ extension TraceRegs {
         self.init()
         cpl = r.cpl; rip = r.rip; rflags = r.rflags; gpr = r.gpr
         cr0 = r.cr0; cr2 = r.cr2; cr3 = r.cr3; cr4 = r.cr4; efer = r.efer; lstar = r.lstar; faultHandler = r.faultHandler
+    }
+}
+
+extension VMExit {
+    /// `==` as field comparisons without a branch each (the recorder compares the decided exit with
+    /// the exit on every exit path; the synthesized `==` became a call of memcmp).
+    @inline(__always)
+    func same(as o: VMExit) -> Bool {
+        let a = (reason.rawValue ^ o.reason.rawValue) | (vector ^ o.vector) | (cpl ^ o.cpl)
+            | (hierarchy.rawValue ^ o.hierarchy.rawValue) | (ioPort ^ o.ioPort)
+        let b = (gpa.raw ^ o.gpa.raw) | (gva.raw ^ o.gva.raw) | (qualification ^ o.qualification) | (ioValue ^ o.ioValue) | (rip ^ o.rip)
+        return a == 0 && b == 0
     }
 }
 

@@ -131,16 +131,15 @@ package final class TraceWriter {
 
     /// One vCPU's exit path in one exit-path record (trace flag `compactExitPaths`): its `exit`,
     /// the hierarchy it exposed and the exit controls it set while handling it (if it did, in that
-    /// order), and the core's `action` on `decision` (the exit as decided; usually `exit` itself),
-    /// all at `timestamp`. A reader returns the records `appendExitPath(_:...)` would have written
-    /// for the same calls, with the same timestamps and numbers (they count as 2 to 4 records).
+    /// order), and the core's `action` on `decision` (the exit as decided; nil: `exit` itself, as
+    /// usual), all at `timestamp`. A reader returns the records `appendExitPath(_:...)` would have
+    /// written for the same calls, with the same timestamps and numbers (they count as 2 to 4 records).
     package func appendExitPath(vcpu: UInt32, exit: TraceExit, hierarchy: UInt32?, exitControls: UInt32?,
-                                action: UInt8, decision: TraceExit, at timestamp: UInt64) throws(TraceError) {
+                                action: UInt8, decision: TraceExit?, at timestamp: UInt64) throws(TraceError) {
         guard flags & TraceFormat.compactExitPaths != 0 else {
             throw TraceError(.invalidRecord, at: bytesWritten, "an exit-path record needs the header flag compactExitPaths")
         }
-        let same = decision == exit
-        var parts: UInt8 = same ? 0 : TraceCodec.ExitPathPart.decisionExit
+        var parts: UInt8 = decision == nil ? 0 : TraceCodec.ExitPathPart.decisionExit
         if hierarchy != nil { parts |= TraceCodec.ExitPathPart.hierarchy }
         if exitControls != nil { parts |= TraceCodec.ExitPathPart.exitControls }
         let records: UInt64 = 2 + (hierarchy != nil ? 1 : 0) + (exitControls != nil ? 1 : 0)
@@ -151,7 +150,7 @@ package final class TraceWriter {
             if let hierarchy { enc.varint(UInt64(hierarchy)) }
             if let exitControls { enc.varint(UInt64(exitControls)) }
             enc.u8(action)
-            if !same { TraceCodec.encodeExit(decision, &enc, &st) }
+            if let decision { TraceCodec.encodeExit(decision, &enc, &st) }
         }
     }
 

@@ -15,16 +15,17 @@ import NPTTrace
     static func record(_ calls: [Call], compact: Bool) throws -> (records: [TraceRecord], exitPaths: UInt64) {
         let sink = MemoryTraceSink()
         let recorder = try TraceRecorder(sink: sink, compactExitPaths: compact)
-        var last: [UInt32: TraceExit] = [:]
+        var last: [UInt32: VMExit] = [:]
         for c in calls {
             switch c {
             case .exit(let v, let rip):
-                let x = TraceExit(reason: .io, cpl: 0, hierarchy: 0, ioPort: 0xE9, ioValue: rip & 0xFF, rip: rip)
+                var x = VMExit(reason: .io)
+                x.ioPort = 0xE9; x.ioValue = rip & 0xFF; x.rip = rip
                 last[v] = x
                 try recorder.appendExitPath(.exit, vm: 0, vcpu: v, exit: x)
             case .hierarchy(let v, let h): try recorder.appendExitPath(.hierarchy, vm: 0, vcpu: v, value: h)
             case .controls(let v, let c): try recorder.appendExitPath(.exitControls, vm: 0, vcpu: v, value: c)
-            case .decision(let v, let a): try recorder.appendExitPath(.decision, vm: 0, vcpu: v, action: a, exit: last[v] ?? TraceExit())
+            case .decision(let v, let a): try recorder.appendExitPath(.decision, vm: 0, vcpu: v, action: a, exit: last[v] ?? VMExit(reason: .none))
             case .kick(let v): try recorder.append(.kick(vcpu: v), vm: 0)
             case .vmCall(let vm): try recorder.append(.memoryDigest(gpa: 0x1000, length: 4096, crc: 7), vm: vm)
             }

@@ -95,7 +95,8 @@ enum Replay {
                     if case .hierarchy(_, let value) = g { h = value }
                     if case .exitControls(_, let value) = g { c = value }
                 }
-                try w.appendExitPath(vcpu: v, exit: x, hierarchy: h, exitControls: c, action: action.rawValue, decision: decided, at: at)
+                try w.appendExitPath(vcpu: v, exit: x, hierarchy: h, exitControls: c, action: action.rawValue,
+                                     decision: decided == x ? nil : decided, at: at)
                 group = []
                 continue
             default: break

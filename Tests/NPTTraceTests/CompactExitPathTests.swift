@@ -40,7 +40,8 @@ import Testing
             if let h { try ws.appendExitPath(.hierarchy, vcpu: v, value: h, exit: TraceExit(), at: t) }
             if let c { try ws.appendExitPath(.exitControls, vcpu: v, value: c, exit: TraceExit(), at: t) }
             try ws.appendExitPath(.decision, vcpu: v, action: action, exit: decided, at: t)
-            try wc.appendExitPath(vcpu: v, exit: exit, hierarchy: h, exitControls: c, action: action, decision: decided, at: t)
+            try wc.appendExitPath(vcpu: v, exit: exit, hierarchy: h, exitControls: c, action: action,
+                                  decision: decided == exit ? nil : decided, at: t)
         }
         try ws.finish()
         try wc.finish()
@@ -86,7 +87,7 @@ import Testing
         let sink = MemoryTraceSink()
         let w = try TraceWriter(sink: sink, flags: TraceFormat.compactExitPaths)
         let x = TraceExit(reason: .escalation, cpl: 0, hierarchy: 1, rip: 0xffff_8000_0010_1000)
-        try w.appendExitPath(vcpu: 1, exit: x, hierarchy: 0, exitControls: 2, action: 0, decision: x, at: 5)
+        try w.appendExitPath(vcpu: 1, exit: x, hierarchy: 0, exitControls: 2, action: 0, decision: nil, at: 5)
         try w.append(.meta(key: "after", value: "it"), at: 6)
         try w.finish()
         return sink.bytes
@@ -140,7 +141,7 @@ import Testing
         // A writer without the flag does not write one.
         let w = try TraceWriter(sink: MemoryTraceSink())
         #expect(throws: TraceError.self) {
-            try w.appendExitPath(vcpu: 0, exit: TraceExit(), hierarchy: nil, exitControls: nil, action: 0, decision: TraceExit(), at: 1)
+            try w.appendExitPath(vcpu: 0, exit: TraceExit(), hierarchy: nil, exitControls: nil, action: 0, decision: nil, at: 1)
         }
         #expect(w.recordCount == 0)
     }
