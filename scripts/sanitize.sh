@@ -94,6 +94,9 @@ t0=$SECONDS
 if [ "$MODE" = asan ]; then
     cbuild libnptkit-sample.so "$ROOT/examples/plugin/sample_backend.c" -shared -fPIC && sample=1 || sample=0
     cbuild test_api "$ROOT/Tests/C/test_api.c" "${LINK[@]}" && run test_api "$OUT/test_api"
+    # One recorder written by two vCPU threads and the VMM's thread (no replay: the plugin is not built here).
+    cbuild test_record_replay "$ROOT/Tests/C/test_record_replay.c" "${LINK[@]}" &&
+        run "test_record_replay --threads-only" "$OUT/test_record_replay" --threads-only "$OUT"
     cbuild test_nvdimm "$ROOT/Tests/C/test_nvdimm.c" "${LINK[@]}" &&
         run test_nvdimm "$OUT/test_nvdimm" "$ROOT/Tests/Fixtures/nfit/nfit.aml"
     cbuild test_privileged "$ROOT/Tests/C/test_privileged.c" "${LINK[@]}" && run test_privileged "$OUT/test_privileged"
@@ -119,6 +122,9 @@ else
     fi
     cbuild test_privileged "$ROOT/Tests/C/test_privileged.c" "${LINK[@]}" && run test_privileged "$OUT/test_privileged"
     cbuild test_api "$ROOT/Tests/C/test_api.c" "${LINK[@]}" && run test_api "$OUT/test_api"
+    # One recorder written by two vCPU threads and the VMM's thread (no replay: the plugin is not built here).
+    cbuild test_record_replay "$ROOT/Tests/C/test_record_replay.c" "${LINK[@]}" &&
+        run "test_record_replay --threads-only" "$OUT/test_record_replay" --threads-only "$OUT"
     cbuild test_nvdimm "$ROOT/Tests/C/test_nvdimm.c" "${LINK[@]}" &&
         run test_nvdimm "$OUT/test_nvdimm" "$ROOT/Tests/Fixtures/nfit/nfit.aml"
     if cbuild libnptkit-sample.so "$ROOT/examples/plugin/sample_backend.c" -shared -fPIC && test_plugins_built; then

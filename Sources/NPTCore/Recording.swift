@@ -39,7 +39,8 @@ package final class TraceRecorder: Sendable {
         var error: NPTError?
         var pending = PendingExitPath()
     }
-    private let state: Mutex<State>
+    /// NPTMutex: a pthread mutex in ThreadSanitizer builds (sanitize.sh's threaded recording row).
+    private let state: NPTMutex<State>
     private let clockBase = TraceClock.now()
     /// The recorder of one VM (npt_vm_config.record_path): finished when that VM is destroyed.
     let finishWithVM: Bool
@@ -54,7 +55,7 @@ package final class TraceRecorder: Sendable {
             let w = try TraceWriter(sink: sink, flags: compactExitPaths ? TraceFormat.compactExitPaths : 0)
             try w.append(.meta(key: "recorder", value: "nptkit recording layer"), at: 0)
             try w.append(.meta(key: "clock", value: "\(TraceClock.name), ns since the recorder started, read at each exit and each VM-wide call; other records carry the latest reading"), at: 0)
-            state = Mutex(State(writer: w))
+            state = NPTMutex(State(writer: w))
         } catch { throw NPTError(.invalidArgument, "cannot record: \(error)") }
     }
 

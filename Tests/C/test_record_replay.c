@@ -7,10 +7,17 @@
  *   - a create that fails after its recording started (an unknown backend; a record_path that is a
  *     directory) leaves no file behind and an existing file at record_path unchanged;
  *   - a replay of another run (the guest's bytes changed) fails at the VMM's memory write, naming
- *     the event and the field that differs, and every later call fails too.
- * usage: test_record_replay REPLAY_PLUGIN SCRATCH_DIR */
+ *     the event and the field that differs, and every later call fails too;
+ *   - two vCPU threads and the VMM's thread recorded at once (one recorder written by three
+ *     threads: its exit paths held back under its lock, the VMM's records written meanwhile)
+ *     replay with the same output per vCPU.
+ * usage: test_record_replay REPLAY_PLUGIN SCRATCH_DIR
+ *        test_record_replay --threads-only SCRATCH_DIR   (the threaded recording alone, no replay:
+ *                                                        the ThreadSanitizer row of sanitize.sh) */
 #include "check.h"
 #include <dirent.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -109,7 +116,119 @@ static int run(npt_context *ctx, const char *backend, const char *record, int32_
     return bad ? -1 : 0;
 }
 
+enum { OP_ADDI = 0x05, OP_JNZ = 0x0B, SMP_OUTS = 40, SMP_VMM_CALLS = 30 };
+
+/* One vCPU of `smp`, driven by a thread of its own: the values it OUT on port 1. */
+struct smp_cpu {
+    npt_vcpu *cpu;
+    uint64_t outs[SMP_OUTS + 8];
+    size_t n;
+    int bad, halted;
+};
+
+static void *smp_drive(void *p) {
+    struct smp_cpu *c = p;
+    for (int i = 0; i < 4 * SMP_OUTS; i++) {
+        npt_exit e;
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        if (npt_vcpu_run(c->cpu, &e)) { fprintf(stderr, "    smp npt_vcpu_run: %s\n", npt_last_error()); c->bad = 1; return NULL; }
+        if (e.reason == NPT_EXIT_IO) { if (c->n < SMP_OUTS + 8) c->outs[c->n++] = e.io_value; continue; }
+        c->halted = e.reason == NPT_EXIT_HALT;
+        return NULL;
+    }
+    return NULL;
+}
+
+/* Two vCPUs, each on its own thread: vCPU k OUTs k * 1000 + i on port 1 for i < SMP_OUTS, then
+ * halts. Meanwhile the VMM's thread reads the VM's backend statistics and flips the policy of a
+ * page no vCPU uses (an invalidation of both hierarchies each time), SMP_VMM_CALLS times each:
+ * records of another thread written while the vCPUs run (whether one falls between a vCPU's exit
+ * and its decision is up to the scheduler; RecorderOrderTests makes those cases on purpose).
+ * `record`: the trace (NULL: none). Returns 0 if every call worked. */
+static int smp(npt_context *ctx, const char *backend, const char *record, struct smp_cpu cpus[2]) {
+    npt_vm_config cfg = {0};
+    cfg.size = sizeof cfg;
+    cfg.mbec_mode = NPT_MBEC_EXACT;
+    cfg.backend = backend;
+    cfg.ram_size = 1u << 20;
+    cfg.default_perms = NPT_PERM_READ | NPT_PERM_WRITE;
+    cfg.record_path = record;
+    npt_vm *vm = NULL;
+    if (npt_vm_create(ctx, &cfg, &vm) != NPT_OK) { fprintf(stderr, "    smp npt_vm_create: %s\n", npt_last_error()); return -1; }
+    int bad = 0;
+    for (uint32_t k = 0; k < 2 && !bad; k++) {
+        uint8_t prog[64];
+        size_t off = 0;
+        emit(prog, &off, OP_MOVI, 1, SMP_OUTS);
+        emit(prog, &off, OP_MOVI, 0, (int32_t)(k * 1000));
+        const size_t loop = off;
+        emit(prog, &off, OP_OUT, 0, 1);
+        emit(prog, &off, OP_ADDI, 0, 1);
+        emit(prog, &off, OP_ADDI, 1, -1);
+        emit(prog, &off, OP_JNZ, 1, (int32_t)loop - (int32_t)(off + 8));
+        emit(prog, &off, OP_HLT, 0, 0);
+        const uint64_t origin = CODE * (k + 1);
+        memset(&cpus[k], 0, sizeof cpus[k]);
+        npt_regs r;
+        memset(&r, 0, sizeof r);
+        r.size = sizeof r;
+        r.rflags = 2;
+        r.rip = origin;
+        if (npt_vm_write_memory(vm, origin, prog, off) || npt_vcpu_create(vm, k, &cpus[k].cpu) || npt_vcpu_set_regs(cpus[k].cpu, &r)) {
+            fprintf(stderr, "    smp setup: %s\n", npt_last_error());
+            bad = 1;
+        }
+    }
+    if (!bad && npt_policy_set(vm, CODE, 2 * 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_UX)) bad = 1;
+    pthread_t t[2];
+    int started = 0;
+    for (; !bad && started < 2; started++) {
+        if (pthread_create(&t[started], NULL, smp_drive, &cpus[started])) { bad = 1; break; }
+    }
+    for (int i = 0; !bad && i < SMP_VMM_CALLS; i++) {
+        npt_backend_stat bs[16];
+        size_t count = 0;
+        if (npt_vm_backend_stats(vm, bs, 16, &count) ||
+            npt_policy_set(vm, NOEXEC, 0x1000, NPT_PAGE_4K, i % 2 ? NPT_PERM_READ : NPT_PERM_READ | NPT_PERM_WRITE)) {
+            fprintf(stderr, "    smp VMM call %d: %s\n", i, npt_last_error());
+            bad = 1;
+        }
+        sched_yield();
+    }
+    for (int k = 0; k < started; k++) pthread_join(t[k], NULL);
+    for (int k = 0; k < 2; k++) bad |= cpus[k].bad || !cpus[k].halted;
+    if (npt_vm_destroy(vm)) bad = 1;
+    return bad ? -1 : 0;
+}
+
+/* Each vCPU OUT its own values, in order, whatever the interleaving. */
+static void check_smp(const struct smp_cpu cpus[2]) {
+    for (uint32_t k = 0; k < 2; k++) {
+        CHECK_EQ(cpus[k].n, SMP_OUTS);
+        int ordered = cpus[k].n == SMP_OUTS;
+        for (size_t i = 0; ordered && i < SMP_OUTS; i++) ordered = cpus[k].outs[i] == k * 1000 + i;
+        CHECK(ordered);
+    }
+}
+
 int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "--threads-only") == 0) {
+        char t[4096];
+        snprintf(t, sizeof t, "%s/record-threads-%ld.trace", argv[2], (long)getpid());
+        npt_context *ctx = NULL;
+        CHECK_OK(npt_context_create(&ctx));
+        for (int round = 0; round < 5; round++) {
+            struct smp_cpu cpus[2];
+            CHECK(smp(ctx, "sim", t, cpus) == 0);
+            check_smp(cpus);
+            CHECK(access(t, R_OK) == 0);
+        }
+        CHECK_OK(npt_context_destroy(ctx));
+        unlink(t);
+        printf("test_record_replay --threads-only: %d passed, %d failed, %d skipped\n", passed, failed, skipped);
+        return failed ? 1 : 0;
+    }
     if (argc != 3) { fprintf(stderr, "usage: %s REPLAY_PLUGIN SCRATCH_DIR\n", argv[0]); return 2; }
     char trace[4096], other[4096];
     snprintf(trace, sizeof trace, "%s/record-replay-%ld.trace", argv[2], (long)getpid());
@@ -214,6 +333,23 @@ int main(int argc, char **argv) {
      * status must stay this program's own: the session already failed, so nothing more is said. */
     CHECK_OK(npt_context_destroy(rctx));
     unlink(trace);
+
+    /* Two vCPU threads and the VMM's thread, recorded on sim, then replayed with the same threads:
+     * the same values from each vCPU, every call answered. */
+    char smp_trace[4096];
+    snprintf(smp_trace, sizeof smp_trace, "%s/record-replay-%ld-smp.trace", argv[2], (long)getpid());
+    CHECK_OK(npt_context_create(&ctx));
+    struct smp_cpu srec[2], srep[2];
+    CHECK(smp(ctx, "sim", smp_trace, srec) == 0);
+    check_smp(srec);
+    CHECK_OK(npt_context_destroy(ctx));
+    CHECK_OK(npt_context_create(&rctx));
+    npt_plugin_arg args3[2] = {{"trace", smp_trace}, {"session", "c-replay-smp"}};
+    CHECK_OK(npt_plugin_load_with(rctx, argv[1], args3, 2, &name));
+    CHECK(smp(rctx, "replay", NULL, srep) == 0);
+    check_smp(srep);
+    CHECK_OK(npt_context_destroy(rctx));
+    unlink(smp_trace);
     printf("test_record_replay: %d passed, %d failed, %d skipped\n", passed, failed, skipped);
     return failed ? 1 : 0;
 }
