@@ -192,6 +192,11 @@ fi
 grep -q "^error: trace: corrupt at byte offset 20: checksum mismatch" /tmp/nptkit-trace-dump.log \
     || { echo "trace-dump: wrong error" >&2; cat /tmp/nptkit-trace-dump.log >&2; exit 1; }
 ! grep -q "^#" /tmp/nptkit-trace-dump.log || { echo "trace-dump printed records of a corrupted block" >&2; exit 1; }
+# A 1.3 trace's exit-path records are printed as the records they stand for, and counted.
+"$(swift build --show-bin-path)/nptkit-cli" trace-dump Tests/Fixtures/npttrace/kvm-demo-lazy.trace > /tmp/nptkit-trace-dump.log
+head -1 /tmp/nptkit-trace-dump.log | grep -q "^NPTKit trace 1.3:" \
+    && grep -q "^(416 exit-path records, each shown as the 2 to 4 records it stands for" /tmp/nptkit-trace-dump.log \
+    || { echo "trace-dump: the 1.3 KVM trace misread" >&2; tail -3 /tmp/nptkit-trace-dump.log >&2; exit 1; }
 echo "trace-dump: ok"
 
 echo "== smoke run on the KVM backend plugin (nptkit demo --backend kvm)"

@@ -62,5 +62,8 @@ struct TraceDump: ParsableCommand {
             throw ExitCode(1)
         }
         if r.skippedUnknown > 0 { print("(\(r.skippedUnknown) records of kinds this version does not know, skipped)") }
+        if r.exitPathRecords > 0 {
+            print("(\(r.exitPathRecords) exit-path records, each shown as the 2 to 4 records it stands for, at its byte offset)")
+        }
     }
 }
