@@ -55,10 +55,9 @@ struct outcome {
     npt_stats st;
 };
 
-/* The run: OUT 11 on port 1, OUT `second` on port 2, a jump to NOEXEC (reported), then the VMM moves
- * rip to the HLT. `record`: the trace to record to (NULL: none). Returns 0 if every call worked. */
-static int run(npt_context *ctx, const char *backend, const char *record, int32_t second, struct outcome *o) {
-    memset(o, 0, sizeof *o);
+/* A VM of this file's runs (exact mode, 1 MiB, read-write by default) on `backend`, recorded to
+ * `record` (NULL: not recorded); NULL, said on stderr, if it cannot be made. */
+static npt_vm *make_vm(npt_context *ctx, const char *backend, const char *record, const char *what) {
     npt_vm_config cfg = {0};
     cfg.size = sizeof cfg;
     cfg.mbec_mode = NPT_MBEC_EXACT;
@@ -67,7 +66,16 @@ static int run(npt_context *ctx, const char *backend, const char *record, int32_
     cfg.default_perms = NPT_PERM_READ | NPT_PERM_WRITE;
     cfg.record_path = record;
     npt_vm *vm = NULL;
-    if (npt_vm_create(ctx, &cfg, &vm) != NPT_OK) { fprintf(stderr, "    npt_vm_create: %s\n", npt_last_error()); return -1; }
+    if (npt_vm_create(ctx, &cfg, &vm) != NPT_OK) { fprintf(stderr, "    %s npt_vm_create: %s\n", what, npt_last_error()); return NULL; }
+    return vm;
+}
+
+/* The run: OUT 11 on port 1, OUT `second` on port 2, a jump to NOEXEC (reported), then the VMM moves
+ * rip to the HLT. `record`: the trace to record to (NULL: none). Returns 0 if every call worked. */
+static int run(npt_context *ctx, const char *backend, const char *record, int32_t second, struct outcome *o) {
+    memset(o, 0, sizeof *o);
+    npt_vm *vm = make_vm(ctx, backend, record, "run");
+    if (!vm) return -1;
     uint8_t prog[64];
     size_t off = 0;
     emit(prog, &off, OP_MOVI, 0, 11);
@@ -147,15 +155,8 @@ static void *smp_drive(void *p) {
  * and its decision is up to the scheduler; RecorderOrderTests makes those cases on purpose).
  * `record`: the trace (NULL: none). Returns 0 if every call worked. */
 static int smp(npt_context *ctx, const char *backend, const char *record, struct smp_cpu cpus[2]) {
-    npt_vm_config cfg = {0};
-    cfg.size = sizeof cfg;
-    cfg.mbec_mode = NPT_MBEC_EXACT;
-    cfg.backend = backend;
-    cfg.ram_size = 1u << 20;
-    cfg.default_perms = NPT_PERM_READ | NPT_PERM_WRITE;
-    cfg.record_path = record;
-    npt_vm *vm = NULL;
-    if (npt_vm_create(ctx, &cfg, &vm) != NPT_OK) { fprintf(stderr, "    smp npt_vm_create: %s\n", npt_last_error()); return -1; }
+    npt_vm *vm = make_vm(ctx, backend, record, "smp");
+    if (!vm) return -1;
     int bad = 0;
     for (uint32_t k = 0; k < 2 && !bad; k++) {
         uint8_t prog[64];
