@@ -87,7 +87,7 @@ package final class TraceRecorder: Sendable {
     /// With compact exit paths, an exit is held back and the hierarchy and exit controls of its
     /// vCPU join it (once each, in that order), and the decision writes them as one exit-path
     /// record; anything else writes what is held back first, then itself as before.
-    func appendExitPath(_ kind: ExitPathRecord, vm: UInt32, vcpu: UInt32, action: UInt8 = 0, value: UInt32 = 0,
+    package func appendExitPath(_ kind: ExitPathRecord, vm: UInt32, vcpu: UInt32, action: UInt8 = 0, value: UInt32 = 0,
                         exit: VMExit = VMExit(reason: .none)) throws(NPTError) {
         guard compactExitPaths else {
             try writing(vm: vm, selectAt: { $0.lastTimestamp }) { w throws(TraceError) in
@@ -419,7 +419,8 @@ extension VMExit {
 }
 
 extension TraceExit {
-    init(_ x: VMExit) {
+    /// (`package`: the CLI's bench converts as the recording layer does.)
+    package init(_ x: VMExit) {
         self.init(reason: TraceExitReason(rawValue: x.reason.rawValue), gpa: x.gpa.raw, gva: x.gva.raw, qualification: x.qualification,
                   vector: x.vector, cpl: x.cpl, hierarchy: x.hierarchy.rawValue, ioPort: x.ioPort, ioValue: x.ioValue, rip: x.rip)
     }

@@ -153,12 +153,24 @@ extension Bench {
         }
     }
 
+    /// The three exits of system call `i` of the HVCI loop on sim in exact mode, as the backend
+    /// returns them (the recording layer converts each for the trace).
+    @inline(__always) static func syscallExits(_ i: UInt64) -> (VMExit, VMExit, VMExit) {
+        let kernel: UInt64 = 0xffff_8000_0010_1000, user: UInt64 = 0x40_0028
+        var up = VMExit(reason: .escalation); up.hierarchy = .user; up.rip = kernel
+        var io = VMExit(reason: .io); io.ioPort = 0xE9; io.ioValue = i; io.rip = kernel + 0x108
+        var down = VMExit(reason: .returnToUser); down.cpl = 3; down.rip = user
+        return (up, io, down)
+    }
+
     /// ns a record: the writer alone (timestamps given, a sink that discards), the recorder (its
     /// lock and writer, and its clock read at each exit record as the recording layer does), one
     /// read of the recorder's clock (TraceClock.now) and one of clock_gettime; medians of `rounds`.
-    static func recordCosts(records: Int, rounds: Int) throws -> (writer: [Double], recorder: [Double], clock: [Double], gettime: [Double]) {
+    static func recordCosts(records: Int, rounds: Int) throws -> (writer: [Double], recorder: [Double], clock: [Double], gettime: [Double],
+                                                                  pathWriter: [Double], pathRecorder: [Double]) {
         let clock = ContinuousClock()
-        var w: [Double] = [], r: [Double] = [], c: [Double] = [], g: [Double] = []
+        var w: [Double] = [], r: [Double] = [], c: [Double] = [], g: [Double] = [], pw: [Double] = [], pr: [Double] = []
+        let paths = records / 3
         for _ in 0..<rounds {
             let writer = try TraceWriter(sink: NullSink())
             var t0 = clock.now
@@ -184,8 +196,41 @@ extension Bench {
             for _ in 0..<records { sink &+= TraceClock.monotonicNanoseconds() }
             g.append(seconds(clock.now - t0) * 1e9 / Double(records))
             if sink == 42 { print("") }
+            // The hot path: the loop's three exit paths a system call, each one exit-path record
+            // (as the recorder writes them when nothing comes between), encoded by the writer alone.
+            let compact = try TraceWriter(sink: NullSink(), flags: TraceFormat.compactExitPaths)
+            t0 = clock.now
+            i = 0; t = 0
+            while i < paths {
+                let (up, io, down) = syscallExits(UInt64(i))
+                t += 250; try compact.appendExitPath(vcpu: 0, exit: TraceExit(up), hierarchy: 0, exitControls: 2, action: TraceAction.resume.rawValue, decision: nil, at: t)
+                t += 250; try compact.appendExitPath(vcpu: 0, exit: TraceExit(io), hierarchy: nil, exitControls: nil, action: TraceAction.tool.rawValue, decision: nil, at: t)
+                t += 250; try compact.appendExitPath(vcpu: 0, exit: TraceExit(down), hierarchy: 1, exitControls: 1, action: TraceAction.resume.rawValue, decision: nil, at: t)
+                i += 3
+            }
+            pw.append(seconds(clock.now - t0) * 1e9 / Double(i))
+            // The same exit paths as the recording layer hands them to the recorder: its calls at
+            // the exit (a clock read), the hierarchy, the exit controls and the decision.
+            let held = try TraceRecorder(sink: NullSink())
+            t0 = clock.now
+            i = 0
+            while i < paths {
+                let (up, io, down) = syscallExits(UInt64(i))
+                try held.appendExitPath(.exit, vm: 0, vcpu: 0, exit: up)
+                try held.appendExitPath(.hierarchy, vm: 0, vcpu: 0, value: 0)
+                try held.appendExitPath(.exitControls, vm: 0, vcpu: 0, value: 2)
+                try held.appendExitPath(.decision, vm: 0, vcpu: 0, action: TraceAction.resume.rawValue, exit: up)
+                try held.appendExitPath(.exit, vm: 0, vcpu: 0, exit: io)
+                try held.appendExitPath(.decision, vm: 0, vcpu: 0, action: TraceAction.tool.rawValue, exit: io)
+                try held.appendExitPath(.exit, vm: 0, vcpu: 0, exit: down)
+                try held.appendExitPath(.hierarchy, vm: 0, vcpu: 0, value: 1)
+                try held.appendExitPath(.exitControls, vm: 0, vcpu: 0, value: 1)
+                try held.appendExitPath(.decision, vm: 0, vcpu: 0, action: TraceAction.resume.rawValue, exit: down)
+                i += 3
+            }
+            pr.append(seconds(clock.now - t0) * 1e9 / Double(i))
         }
-        return (w, r, c, g)
+        return (w, r, c, g, pw, pr)
     }
 
     func benchReplay() throws {
@@ -256,6 +301,7 @@ extension Bench {
         let costs = try Bench.recordCosts(records: quick ? 100_000 : 2_000_000, rounds: rounds)
         let ns1 = { (x: Double) in fmt(x, 1) + " ns" }
         print("   a record of the sim loop's (exit, hierarchy, exit-controls, decision): writer alone \(Bench.spreadOf(costs.writer, ns1)), recorder (lock, writer, a clock read an exit) \(Bench.spreadOf(costs.recorder, ns1)); n = \(rounds)")
+        print("   an exit path of the sim loop's, as one exit-path record: writer alone \(Bench.spreadOf(costs.pathWriter, ns1)); through the recorder's exit-path calls (lock at each, the exit held back, a clock read an exit) \(Bench.spreadOf(costs.pathRecorder, ns1)); n = \(rounds)")
         print("   the recorder's clock (\(TraceClock.name)): \(Bench.spreadOf(costs.clock, ns1)) a read; clock_gettime(CLOCK_MONOTONIC) \(Bench.spreadOf(costs.gettime, ns1))")
         if let dir = executableDirectory(), access(dir + "/libnptkit-kvm.so", R_OK) == 0 {
             let kvm = NPTKitRuntime.makeRegistry()
