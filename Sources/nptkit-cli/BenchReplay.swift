@@ -169,52 +169,45 @@ extension Bench {
     static func recordCosts(records: Int, rounds: Int) throws -> (writer: [Double], recorder: [Double], clock: [Double], gettime: [Double],
                                                                   pathWriter: [Double], pathRecorder: [Double]) {
         let clock = ContinuousClock()
+        /// ns an item: `step(i)` does the items from `i` on and says how many, until `n` are done.
+        func timed(_ n: Int, _ step: (Int) throws -> Int) rethrows -> Double {
+            let t0 = clock.now
+            var i = 0
+            while i < n { i += try step(i) }
+            return seconds(clock.now - t0) * 1e9 / Double(i)
+        }
         var w: [Double] = [], r: [Double] = [], c: [Double] = [], g: [Double] = [], pw: [Double] = [], pr: [Double] = []
-        let paths = records / 3
         for _ in 0..<rounds {
             let writer = try TraceWriter(sink: NullSink())
-            var t0 = clock.now
-            var i = 0, t: UInt64 = 0
-            while i < records {
+            var t: UInt64 = 0
+            w.append(try timed(records) { i in
                 for k in 0..<10 { t += 250; try writer.append(syscallRecord(k, UInt64(i)), at: t) }
-                i += 10
-            }
-            w.append(seconds(clock.now - t0) * 1e9 / Double(i))
+                return 10
+            })
             let recorder = try TraceRecorder(sink: NullSink())
-            t0 = clock.now
-            i = 0
-            while i < records {
+            r.append(try timed(records) { i in
                 for k in 0..<10 { try recorder.append(syscallRecord(k, UInt64(i)), vm: 0, readClock: k == 0 || k == 4 || k == 6) }
-                i += 10
-            }
-            r.append(seconds(clock.now - t0) * 1e9 / Double(i))
+                return 10
+            })
             var sink: UInt64 = 0
-            t0 = clock.now
-            for _ in 0..<records { sink &+= TraceClock.now() }
-            c.append(seconds(clock.now - t0) * 1e9 / Double(records))
-            t0 = clock.now
-            for _ in 0..<records { sink &+= TraceClock.monotonicNanoseconds() }
-            g.append(seconds(clock.now - t0) * 1e9 / Double(records))
+            c.append(timed(records) { _ in sink &+= TraceClock.now(); return 1 })
+            g.append(timed(records) { _ in sink &+= TraceClock.monotonicNanoseconds(); return 1 })
             if sink == 42 { print("") }
             // The hot path: the loop's three exit paths a system call, each one exit-path record
             // (as the recorder writes them when nothing comes between), encoded by the writer alone.
             let compact = try TraceWriter(sink: NullSink(), flags: TraceFormat.compactExitPaths)
-            t0 = clock.now
-            i = 0; t = 0
-            while i < paths {
+            t = 0
+            pw.append(try timed(records) { i in
                 let (up, io, down) = syscallExits(UInt64(i))
                 t += 250; try compact.appendExitPath(vcpu: 0, exit: TraceExit(up), hierarchy: 0, exitControls: 2, action: TraceAction.resume.rawValue, decision: nil, at: t)
                 t += 250; try compact.appendExitPath(vcpu: 0, exit: TraceExit(io), hierarchy: nil, exitControls: nil, action: TraceAction.tool.rawValue, decision: nil, at: t)
                 t += 250; try compact.appendExitPath(vcpu: 0, exit: TraceExit(down), hierarchy: 1, exitControls: 1, action: TraceAction.resume.rawValue, decision: nil, at: t)
-                i += 3
-            }
-            pw.append(seconds(clock.now - t0) * 1e9 / Double(i))
+                return 3
+            })
             // The same exit paths as the recording layer hands them to the recorder: its calls at
             // the exit (a clock read), the hierarchy, the exit controls and the decision.
             let held = try TraceRecorder(sink: NullSink())
-            t0 = clock.now
-            i = 0
-            while i < paths {
+            pr.append(try timed(records) { i in
                 let (up, io, down) = syscallExits(UInt64(i))
                 try held.appendExitPath(.exit, vm: 0, vcpu: 0, exit: up)
                 try held.appendExitPath(.hierarchy, vm: 0, vcpu: 0, value: 0)
@@ -226,9 +219,8 @@ extension Bench {
                 try held.appendExitPath(.hierarchy, vm: 0, vcpu: 0, value: 1)
                 try held.appendExitPath(.exitControls, vm: 0, vcpu: 0, value: 1)
                 try held.appendExitPath(.decision, vm: 0, vcpu: 0, action: TraceAction.resume.rawValue, exit: down)
-                i += 3
-            }
-            pr.append(seconds(clock.now - t0) * 1e9 / Double(i))
+                return 3
+            })
         }
         return (w, r, c, g, pw, pr)
     }
