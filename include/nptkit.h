@@ -68,7 +68,7 @@ extern "C" {
 
 /* ABI version: major changes break compatibility; minor ones only add. */
 #define NPT_ABI_VERSION_MAJOR 1u
-#define NPT_ABI_VERSION_MINOR 5u /* 1.1: virtualized NVDIMM WPQ flushing;
+#define NPT_ABI_VERSION_MINOR 6u /* 1.1: virtualized NVDIMM WPQ flushing;
                                     1.2: MBEC guarantees per mode (NPT_MBEC_VIOLATION_ONLY, NPT_ERR_GUARANTEE,
                                     npt_mbec_mode_check), qualification bits 10-11, policies on NVDIMM
                                     ranges; guest NVDIMM SSDT, host NVDIMM discovery from sysfs (also for
@@ -83,8 +83,11 @@ extern "C" {
                                     the trace replay backend;
                                     1.5: the order of the privileged-mode coordinator's lock acquisitions
                                     told to a backend that orders them (npt_backend_ops.vm_lock_turn), so
-                                    the trace replay backend replays the privileged mode */
-#define NPT_ABI_VERSION 0x10005u /* (NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR */
+                                    the trace replay backend replays the privileged mode;
+                                    1.6: npt_vcpu_privileged_view, the privileged mode observed by a
+                                    vCPU's thread (a turn of that vCPU, so a recording of vCPU threads
+                                    that each decide on it replays) */
+#define NPT_ABI_VERSION 0x10006u /* (NPT_ABI_VERSION_MAJOR << 16) | NPT_ABI_VERSION_MINOR */
 #define NPT_ABI_MAJOR(v) ((uint32_t)(v) >> 16)
 
 /* ------------------------------------------------------------------------ */
@@ -451,6 +454,29 @@ typedef struct npt_privileged_stats {
 } npt_privileged_stats;
 
 npt_status npt_vm_get_privileged_stats(npt_vm *vm, npt_privileged_stats *stats);
+
+/* (ABI 1.6) The privileged mode as `vcpu`'s thread sees it: the holder and the coordinator's counts,
+ * read together in one acquisition of its lock (a consistent snapshot: npt_vm_privileged_holder and
+ * npt_vm_get_privileged_stats are two). For a VMM whose vCPU threads decide on what they see (e.g.
+ * stop once every request was served): the acquisition is a turn of that vCPU in a recording
+ * (npt_vm_config.record_path), so the trace replay backend gives each vCPU thread the same answers
+ * in the same order, provided only the thread that drives the vCPU calls it. The two VM-wide reads
+ * are turns of the VMM whichever thread calls them, and a recording whose vCPU threads decide on
+ * them may not replay (docs/replay-privileged-mode.md). Any thread may call it, also while the vCPU
+ * runs; the backend is not called (the simulator's outside_while_visible check is in
+ * npt_vm_get_privileged_stats only). Without a privileged-mode region: holder -1, counts 0.
+ * NPT_ERR_BAD_HANDLE: a destroyed vCPU. */
+typedef struct npt_privileged_view {
+    uint32_t size;                /* sizeof(npt_privileged_view) */
+    uint32_t reserved;
+    int64_t holder;               /* index of the vCPU in the mode, or -1 */
+    uint64_t requests;            /* as in npt_privileged_stats */
+    uint64_t entries;
+    uint64_t failures;
+    uint64_t deferred_interrupts;
+} npt_privileged_view;
+
+npt_status npt_vcpu_privileged_view(npt_vcpu *vcpu, npt_privileged_view *view);
 
 /* ------------------------------------------------------------------------ */
 /* Virtualized NVDIMM write-pending-queue flushing (ABI 1.1)                  */

@@ -224,9 +224,22 @@ package final class PrivilegedModeCoordinator: @unchecked Sendable {
     /// that stops its vCPU threads on it makes each thread's number of runs follow the monitor's
     /// order, which a replay reproduces (a flag set by another thread would not be).
     package func served(_ count: UInt64, observer: VirtualCPU?) throws(NPTError) -> Bool {
+        let v = try view(observer: observer)
+        return v.stats.entries + v.stats.failures >= count && v.holder == nil
+    }
+
+    /// The holder and the counts, read in one acquisition of the monitor.
+    package struct View: Sendable, Equatable {
+        package var holder: UInt32?
+        package var stats: PrivilegedStatistics
+    }
+
+    /// One observation under the monitor, in its turn, by `observer`'s thread (nil: the VMM's):
+    /// a recording orders it with that thread's other turns (npt_vcpu_privileged_view).
+    package func view(observer: VirtualCPU?) throws(NPTError) -> View {
         try acquire(observer == nil ? .read : .vcpuRead, observer?.index)
         defer { monitor.unlock() }
-        return stats.entries + stats.failures >= count && holderIndex == nil
+        return View(holder: holderIndex, stats: stats)
     }
 
     /// The enter-mode interrupt for `cpu`. Callable from any thread.

@@ -180,11 +180,22 @@ package final class VirtualCPU: @unchecked Sendable {
     /// Raises the enter-mode interrupt for this vCPU (from any thread).
     /// Refused (`.badHandle`) once the vCPU is destroyed: its protocol slot may belong to another.
     package func raisePrivileged() throws(NPTError) {
-        let r: Result<Void, NPTError>? = shared { () -> Result<Void, NPTError> in
-            do throws(NPTError) { try vm.privileged.raise(self); return .success(()) } catch { return .failure(error) }
+        try sharedCall { () throws(NPTError) in try vm.privileged.raise(self) }
+    }
+
+    /// The privileged mode as this vCPU's thread sees it (npt_vcpu_privileged_view): a turn of this
+    /// vCPU in a recording. From any thread; `.badHandle` once the vCPU is destroyed.
+    package func privilegedView() throws(NPTError) -> PrivilegedModeCoordinator.View {
+        try sharedCall { () throws(NPTError) in try vm.privileged.view(observer: self) }
+    }
+
+    /// `shared` for a call that may fail: `.badHandle` once the vCPU is destroyed.
+    private func sharedCall<T>(_ body: () throws(NPTError) -> T) throws(NPTError) -> T {
+        let r: Result<T, NPTError>? = shared { () -> Result<T, NPTError> in
+            do throws(NPTError) { return .success(try body()) } catch { return .failure(error) }
         }
         guard let r else { throw NPTError(.badHandle, "vCPU \(index) is destroyed") }
-        try r.get()
+        return try r.get()
     }
 
     /// Another interrupt: delivered now to the guest's fault handler, or after the vCPU resumes if

@@ -4,9 +4,9 @@ import CNPTKit
 
 extension CallTable {
     /// NPT_ABI_VERSION_MINOR of the header the table was generated from.
-    package static let headerMinor: UInt32 = 5
+    package static let headerMinor: UInt32 = 6
     /// The first 64 bits of SHA-256 over the functions' declarations: a trace names the table it was recorded with.
-    package static let fingerprint: UInt64 = 0x8555c59b3768f202
+    package static let fingerprint: UInt64 = 0xf2878d0b6f234168
     package static let structs: [CallStruct] = [
         CallStruct(name: "npt_backend_info", size: 40, firstSize: 40, versioned: true, pointers: [CallPointer(kind: .string, offset: 8, lengthOffset: 0), CallPointer(kind: .string, offset: 16, lengthOffset: 0)], timeOffsets: []),
         CallStruct(name: "npt_backend_ops", size: 288, firstSize: 160, versioned: false, pointers: [CallPointer(kind: .string, offset: 8, lengthOffset: 0), CallPointer(kind: .string, offset: 16, lengthOffset: 0)], timeOffsets: []),
@@ -23,6 +23,7 @@ extension CallTable {
         CallStruct(name: "npt_policy_range", size: 32, firstSize: 32, versioned: false, pointers: [], timeOffsets: []),
         CallStruct(name: "npt_privileged_entry", size: 32, firstSize: 32, versioned: true, pointers: [], timeOffsets: []),
         CallStruct(name: "npt_privileged_stats", size: 72, firstSize: 72, versioned: true, pointers: [], timeOffsets: [40, 48, 56]),
+        CallStruct(name: "npt_privileged_view", size: 48, firstSize: 48, versioned: true, pointers: [], timeOffsets: []),
         CallStruct(name: "npt_region", size: 56, firstSize: 56, versioned: true, pointers: [CallPointer(kind: .bytes, offset: 24, lengthOffset: 32)], timeOffsets: []),
         CallStruct(name: "npt_regs", size: 208, firstSize: 208, versioned: true, pointers: [], timeOffsets: []),
         CallStruct(name: "npt_sim_platform", size: 32, firstSize: 32, versioned: true, pointers: [CallPointer(kind: .bytes, offset: 16, lengthOffset: 24)], timeOffsets: [8]),
@@ -70,7 +71,7 @@ extension CallTable {
         ]),
         CallFunction(name: "npt_vm_create", result: .status, params: [
             CallParam(name: "ctx", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
-            CallParam(name: "config", kind: .structIn, structIndex: 21, countParam: -1, filledParam: -1),
+            CallParam(name: "config", kind: .structIn, structIndex: 22, countParam: -1, filledParam: -1),
             CallParam(name: "out", kind: .handleOut, structIndex: -1, countParam: -1, filledParam: -1),
         ]),
         CallFunction(name: "npt_vm_destroy", result: .status, params: [
@@ -109,7 +110,7 @@ extension CallTable {
             CallParam(name: "vm", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
             CallParam(name: "hierarchy", kind: .u32, structIndex: -1, countParam: -1, filledParam: -1),
             CallParam(name: "gpa", kind: .u64, structIndex: -1, countParam: -1, filledParam: -1),
-            CallParam(name: "out", kind: .structInOut, structIndex: 20, countParam: -1, filledParam: -1),
+            CallParam(name: "out", kind: .structInOut, structIndex: 21, countParam: -1, filledParam: -1),
         ]),
         CallFunction(name: "npt_hierarchy_leaves", result: .status, params: [
             CallParam(name: "vm", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
@@ -127,11 +128,11 @@ extension CallTable {
         ]),
         CallFunction(name: "npt_vcpu_get_regs", result: .status, params: [
             CallParam(name: "vcpu", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
-            CallParam(name: "regs", kind: .structInOut, structIndex: 16, countParam: -1, filledParam: -1),
+            CallParam(name: "regs", kind: .structInOut, structIndex: 17, countParam: -1, filledParam: -1),
         ]),
         CallFunction(name: "npt_vcpu_set_regs", result: .status, params: [
             CallParam(name: "vcpu", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
-            CallParam(name: "regs", kind: .structIn, structIndex: 16, countParam: -1, filledParam: -1),
+            CallParam(name: "regs", kind: .structIn, structIndex: 17, countParam: -1, filledParam: -1),
         ]),
         CallFunction(name: "npt_vcpu_run", result: .status, params: [
             CallParam(name: "vcpu", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
@@ -154,7 +155,7 @@ extension CallTable {
         ]),
         CallFunction(name: "npt_region_set", result: .status, params: [
             CallParam(name: "vm", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
-            CallParam(name: "region", kind: .structIn, structIndex: 15, countParam: -1, filledParam: -1),
+            CallParam(name: "region", kind: .structIn, structIndex: 16, countParam: -1, filledParam: -1),
         ]),
         CallFunction(name: "npt_vcpu_raise_privileged", result: .status, params: [
             CallParam(name: "vcpu", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
@@ -178,6 +179,10 @@ extension CallTable {
         CallFunction(name: "npt_vm_get_privileged_stats", result: .status, params: [
             CallParam(name: "vm", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
             CallParam(name: "stats", kind: .structInOut, structIndex: 14, countParam: -1, filledParam: -1),
+        ]),
+        CallFunction(name: "npt_vcpu_privileged_view", result: .status, params: [
+            CallParam(name: "vcpu", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
+            CallParam(name: "view", kind: .structInOut, structIndex: 15, countParam: -1, filledParam: -1),
         ]),
         CallFunction(name: "npt_vm_host_pmem_count", result: .status, params: [
             CallParam(name: "vm", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
@@ -223,7 +228,7 @@ extension CallTable {
         ]),
         CallFunction(name: "npt_vm_get_stats", result: .status, params: [
             CallParam(name: "vm", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
-            CallParam(name: "stats", kind: .structInOut, structIndex: 18, countParam: -1, filledParam: -1),
+            CallParam(name: "stats", kind: .structInOut, structIndex: 19, countParam: -1, filledParam: -1),
         ]),
         CallFunction(name: "npt_backend_register", result: .status, params: [
             CallParam(name: "ctx", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
@@ -237,7 +242,7 @@ extension CallTable {
         ]),
         CallFunction(name: "npt_host_pmem_discover_sysfs", result: .status, params: [
             CallParam(name: "root", kind: .string, structIndex: -1, countParam: -1, filledParam: -1),
-            CallParam(name: "regions", kind: .arrayOut, structIndex: 19, countParam: 2, filledParam: 3),
+            CallParam(name: "regions", kind: .arrayOut, structIndex: 20, countParam: 2, filledParam: 3),
             CallParam(name: "regions_cap", kind: .size, structIndex: -1, countParam: -1, filledParam: -1),
             CallParam(name: "region_count", kind: .sizeOut, structIndex: -1, countParam: -1, filledParam: -1),
             CallParam(name: "targets", kind: .arrayOut, structIndex: 6, countParam: 5, filledParam: 6),
@@ -270,7 +275,7 @@ extension CallTable {
         ]),
         CallFunction(name: "npt_sim_set_platform", result: .status, params: [
             CallParam(name: "ctx", kind: .handle, structIndex: -1, countParam: -1, filledParam: -1),
-            CallParam(name: "platform", kind: .structIn, structIndex: 17, countParam: -1, filledParam: -1),
+            CallParam(name: "platform", kind: .structIn, structIndex: 18, countParam: -1, filledParam: -1),
         ]),
     ]
     /// Callback types (parameter C types), for the replayer's libffi closures.
@@ -289,6 +294,7 @@ extension npt_nvdimm: NPTVersioned { static var firstPublishedSize: Int { 32 } }
 extension npt_plugin_info: NPTVersioned { static var firstPublishedSize: Int { 40 } }
 extension npt_privileged_entry: NPTVersioned { static var firstPublishedSize: Int { 32 } }
 extension npt_privileged_stats: NPTVersioned { static var firstPublishedSize: Int { 72 } }
+extension npt_privileged_view: NPTVersioned { static var firstPublishedSize: Int { 48 } }
 extension npt_region: NPTVersioned { static var firstPublishedSize: Int { 56 } }
 extension npt_regs: NPTVersioned { static var firstPublishedSize: Int { 208 } }
 extension npt_sim_platform: NPTVersioned { static var firstPublishedSize: Int { 32 } }
@@ -332,22 +338,23 @@ package enum CallID: Int, Sendable {
     case npt_vm_privileged_holder = 31
     case npt_vm_set_stop_timeout = 32
     case npt_vm_get_privileged_stats = 33
-    case npt_vm_host_pmem_count = 34
-    case npt_vm_host_pmem_get = 35
-    case npt_vm_add_nvdimm = 36
-    case npt_vm_get_flush_hint = 37
-    case npt_vm_get_flush_target = 38
-    case npt_vm_set_flush_options = 39
-    case npt_vm_get_nfit = 40
-    case npt_vm_get_flush_stats = 41
-    case npt_vm_power_failure = 42
-    case npt_vm_get_stats = 43
-    case npt_backend_register = 44
-    case npt_vm_get_nvdimm_ssdt = 45
-    case npt_host_pmem_discover_sysfs = 46
-    case npt_plugin_load = 47
-    case npt_plugin_load_with = 48
-    case npt_vm_backend_stats = 49
-    case npt_vcpu_backend_stats = 50
-    case npt_sim_set_platform = 51
+    case npt_vcpu_privileged_view = 34
+    case npt_vm_host_pmem_count = 35
+    case npt_vm_host_pmem_get = 36
+    case npt_vm_add_nvdimm = 37
+    case npt_vm_get_flush_hint = 38
+    case npt_vm_get_flush_target = 39
+    case npt_vm_set_flush_options = 40
+    case npt_vm_get_nfit = 41
+    case npt_vm_get_flush_stats = 42
+    case npt_vm_power_failure = 43
+    case npt_vm_get_stats = 44
+    case npt_backend_register = 45
+    case npt_vm_get_nvdimm_ssdt = 46
+    case npt_host_pmem_discover_sysfs = 47
+    case npt_plugin_load = 48
+    case npt_plugin_load_with = 49
+    case npt_vm_backend_stats = 50
+    case npt_vcpu_backend_stats = 51
+    case npt_sim_set_platform = 52
 }

@@ -587,6 +587,20 @@ public func npt_vm_set_stop_timeout(_ vm: OpaquePointer?, _ ns: UInt64) -> npt_s
 }
 
 @c @implementation
+public func npt_vcpu_privileged_view(_ vcpu: OpaquePointer?, _ view: UnsafeMutablePointer<npt_privileged_view>?) -> npt_status {
+    api(.npt_vcpu_privileged_view, [raw(vcpu), raw(view)]) { () throws(NPTError) in
+        let c = try Handles.get(vcpu, VCPUBox.self, "vcpu")
+        try writableVersioned(view, "view") // before the view: it is a lock turn when recorded
+        let v = try c.vcpu.privilegedView()
+        var o = npt_privileged_view()
+        o.holder = v.holder.map { Int64($0) } ?? -1
+        o.requests = v.stats.requests; o.entries = v.stats.entries; o.failures = v.stats.failures
+        o.deferred_interrupts = v.stats.deferredInterrupts
+        try writeVersioned(o, view, "view")
+    }
+}
+
+@c @implementation
 public func npt_vm_get_privileged_stats(_ vm: OpaquePointer?, _ stats: UnsafeMutablePointer<npt_privileged_stats>?) -> npt_status {
     api(.npt_vm_get_privileged_stats, [raw(vm), raw(stats)]) { () throws(NPTError) in
         let v = try Handles.get(vm, VMBox.self, "vm")

@@ -188,14 +188,22 @@ func readVersioned<T: NPTVersioned>(_ p: UnsafePointer<T>?, _ name: String) thro
     }
 }
 
-/// Writes `value` into a caller's struct, never past the caller's declared size (the `size` member
-/// keeps the caller's value). The same sizes as readVersioned are accepted.
-func writeVersioned<T: NPTVersioned>(_ value: T, _ p: UnsafeMutablePointer<T>?, _ name: String) throws(NPTError) {
+/// A caller's struct that `writeVersioned` will accept, and its declared size: checked before a
+/// call that changes something (a recorded lock turn) and then writes its answer.
+@discardableResult
+func writableVersioned<T: NPTVersioned>(_ p: UnsafeMutablePointer<T>?, _ name: String) throws(NPTError) -> (UnsafeMutablePointer<T>, Int) {
     guard let p else { throw .invalid("\(name) is NULL") }
     let size = Int(UnsafeRawPointer(p).load(as: UInt32.self))
     guard size >= T.firstPublishedSize else {
         throw .invalid("\(name)->size is \(size), expected at least \(T.firstPublishedSize) (sizeof(\(T.self)) in the oldest header that has it)")
     }
+    return (p, size)
+}
+
+/// Writes `value` into a caller's struct, never past the caller's declared size (the `size` member
+/// keeps the caller's value). The same sizes as readVersioned are accepted.
+func writeVersioned<T: NPTVersioned>(_ value: T, _ p: UnsafeMutablePointer<T>?, _ name: String) throws(NPTError) {
+    let (p, size) = try writableVersioned(p, name)
     var v = value
     withUnsafeMutableBytes(of: &v) { b in
         b.storeBytes(of: UInt32(size), as: UInt32.self)

@@ -1,5 +1,6 @@
 /* The privileged-mode C ABI: region description and its bad input, entering from vCPU threads
- * driven with npt_vcpu_run, the holder, RSM from the guest, leaving when not held, statistics. */
+ * driven with npt_vcpu_run, the holder, RSM from the guest, leaving when not held, statistics, a
+ * vCPU's view (npt_vcpu_privileged_view) and its bad input. */
 #include <nptkit.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -84,6 +85,26 @@ int main(void) {
     CHECK(npt_vcpu_leave_privileged(cpus[1]) == NPT_ERR_STATE);   /* not in the mode */
     int64_t holder = 7;
     CHECK(npt_vm_privileged_holder(vm, &holder) == NPT_OK && holder == -1);
+    /* npt_vcpu_privileged_view (ABI 1.6): bad input refused, nothing written */
+    npt_privileged_view pv;
+    memset(&pv, 0x5A, sizeof pv);
+    pv.size = sizeof pv;
+    CHECK(npt_vcpu_privileged_view(cpus[0], &pv) == NPT_OK && pv.holder == -1 && pv.requests == 0 && pv.entries == 0 &&
+          pv.failures == 0 && pv.deferred_interrupts == 0 && pv.reserved == 0);
+    CHECK(npt_vcpu_privileged_view(cpus[0], NULL) == NPT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(npt_last_error(), "view") != NULL);
+    CHECK(npt_vcpu_privileged_view(NULL, &pv) == NPT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(npt_last_error(), "vcpu is NULL") != NULL);
+    memset(&pv, 0x5A, sizeof pv);
+    pv.size = 8; /* below the first published size */
+    CHECK(npt_vcpu_privileged_view(cpus[0], &pv) == NPT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(npt_last_error(), "view->size is 8") != NULL);
+    CHECK(pv.holder == (int64_t)0x5A5A5A5A5A5A5A5Aull && pv.entries == 0x5A5A5A5A5A5A5A5Aull);
+    struct { npt_privileged_view v; uint64_t future[2]; } newer; /* a newer program's larger view */
+    memset(&newer, 0x5A, sizeof newer);
+    newer.v.size = sizeof newer;
+    CHECK(npt_vcpu_privileged_view(cpus[0], &newer.v) == NPT_OK && newer.v.holder == -1 && newer.v.size == sizeof newer &&
+          newer.future[0] == 0x5A5A5A5A5A5A5A5Aull && newer.future[1] == 0x5A5A5A5A5A5A5A5Aull);
     CHECK(npt_vm_set_stop_timeout(vm, 0) == NPT_ERR_INVALID_ARGUMENT);
     CHECK(npt_vm_set_stop_timeout(vm, 5000000000ull) == NPT_OK);
 
@@ -111,10 +132,18 @@ int main(void) {
     CHECK(w[0].other + w[1].other + w[2].other == 0);
     CHECK(npt_vm_privileged_holder(vm, &holder) == NPT_OK && holder == -1);
     CHECK(npt_hierarchy_translate(vm, NPT_HIERARCHY_SUPERVISOR, REGION, &t) == NPT_OK && t.level == 0);
+    /* The view from each vCPU: the same counts as the VM-wide statistics, no holder. */
+    for (int i = 0; i < 3; i++) {
+        memset(&pv, 0, sizeof pv);
+        pv.size = sizeof pv;
+        CHECK(npt_vcpu_privileged_view(cpus[i], &pv) == NPT_OK && pv.holder == -1 && pv.requests == ps.requests &&
+              pv.entries == ps.entries && pv.failures == ps.failures && pv.deferred_interrupts == ps.deferred_interrupts);
+    }
 
     /* A destroyed vCPU is an unknown vCPU. */
     CHECK(npt_vcpu_destroy(cpus[2]) == NPT_OK);
     CHECK(npt_vcpu_raise_privileged(cpus[2]) == NPT_ERR_BAD_HANDLE);
+    CHECK(npt_vcpu_privileged_view(cpus[2], &pv) == NPT_ERR_BAD_HANDLE);
     int deferred = -1;
     CHECK(npt_vcpu_raise_interrupt(cpus[2], 32, &deferred) == NPT_ERR_BAD_HANDLE && deferred == -1);
 

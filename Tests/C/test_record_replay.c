@@ -10,10 +10,14 @@
  *     the event and the field that differs, and every later call fails too;
  *   - two vCPU threads and the VMM's thread recorded at once (one recorder written by three
  *     threads: its exit paths held back under its lock, the VMM's records written meanwhile)
- *     replay with the same output per vCPU.
+ *     replay with the same output per vCPU;
+ *   - the privileged mode with two vCPU threads that each stop on their own observation
+ *     (npt_vcpu_privileged_view, ABI 1.6: a lock turn of that vCPU) while the VMM's thread raises
+ *     the requests and waits on the VM-wide statistics (turns of the VMM): replayed, each thread
+ *     makes the same number of runs, sees the same views and serves the same requests.
  * usage: test_record_replay REPLAY_PLUGIN SCRATCH_DIR
- *        test_record_replay --threads-only SCRATCH_DIR   (the threaded recording alone, no replay:
- *                                                        the ThreadSanitizer row of sanitize.sh) */
+ *        test_record_replay --threads-only SCRATCH_DIR   (the threaded recordings alone, no replay:
+ *                                                        the sanitizer rows of sanitize.sh) */
 #include "check.h"
 #include <dirent.h>
 #include <pthread.h>
@@ -45,6 +49,7 @@ static void emit(uint8_t *buf, size_t *off, uint8_t op, uint8_t a, int32_t imm) 
 }
 
 #define CODE 0x1000u
+#define STEPS 2000 /* instructions a run: the privileged run's loops come back to their threads */
 #define NOEXEC 0x3000u /* readable, not executable: a fetch there is an MBEC violation */
 
 struct outcome {
@@ -65,6 +70,7 @@ static npt_vm *make_vm(npt_context *ctx, const char *backend, const char *record
     cfg.ram_size = 1u << 20;
     cfg.default_perms = NPT_PERM_READ | NPT_PERM_WRITE;
     cfg.record_path = record;
+    cfg.max_steps_per_run = STEPS;
     npt_vm *vm = NULL;
     if (npt_vm_create(ctx, &cfg, &vm) != NPT_OK) { fprintf(stderr, "    %s npt_vm_create: %s\n", what, npt_last_error()); return NULL; }
     return vm;
@@ -213,6 +219,113 @@ static void check_smp(const struct smp_cpu cpus[2]) {
     }
 }
 
+enum { OP_JMP = 0x08, OP_RSM = 0x13, PM_PORT = 9, PM_REQUESTS = 8, PM_MAX_RUNS = 200000 };
+#define PM_REGION 0x80000000ull
+
+/* One vCPU of `pm`: what its thread saw. */
+struct pm_cpu {
+    npt_vcpu *cpu;
+    uint32_t index;
+    uint64_t runs, entered, views, view_sum; /* runs made; handler OUTs (entries on it); views taken, a digest of them */
+    npt_privileged_view last;
+    int bad;
+};
+
+/* A vCPU thread of `pm`: runs its vCPU, and after each exit looks at the privileged mode through
+ * its own view; stops once every request was served and no vCPU is in the mode. */
+static void *pm_drive(void *p) {
+    struct pm_cpu *c = p;
+    while (c->runs < PM_MAX_RUNS) {
+        npt_exit e;
+        memset(&e, 0, sizeof e);
+        e.size = sizeof e;
+        if (npt_vcpu_run(c->cpu, &e)) { fprintf(stderr, "    pm npt_vcpu_run: %s\n", npt_last_error()); c->bad = 1; return NULL; }
+        c->runs++;
+        if (e.reason == NPT_EXIT_IO && e.io_port == PM_PORT) c->entered += e.io_value == c->index;
+        else if (e.reason != NPT_EXIT_BUDGET) { fprintf(stderr, "    pm vCPU %u: exit %u\n", c->index, e.reason); c->bad = 1; return NULL; }
+        npt_privileged_view v;
+        memset(&v, 0, sizeof v);
+        v.size = sizeof v;
+        if (npt_vcpu_privileged_view(c->cpu, &v)) { fprintf(stderr, "    pm view: %s\n", npt_last_error()); c->bad = 1; return NULL; }
+        c->views++;
+        c->view_sum = c->view_sum * 31 + (uint64_t)(v.holder + 1) * 1000003 + v.requests * 1009 + v.entries * 17 + v.failures;
+        c->last = v;
+        if (v.entries + v.failures >= PM_REQUESTS && v.holder == -1) return NULL;
+    }
+    fprintf(stderr, "    pm vCPU %u: not done after %d runs\n", c->index, PM_MAX_RUNS);
+    c->bad = 1;
+    return NULL;
+}
+
+/* The privileged mode with two vCPU threads (a self-loop each; the region's handler OUTs the vCPU's
+ * index on PM_PORT, then RSM) while this thread raises PM_REQUESTS enter-mode requests, alternately
+ * on each vCPU, each once the one before was served (polled with npt_vm_get_privileged_stats: turns
+ * of the VMM). `record`: the trace (NULL: none). Returns 0 if every call worked. */
+static int pm(npt_context *ctx, const char *backend, const char *record, struct pm_cpu cpus[2]) {
+    npt_vm *vm = make_vm(ctx, backend, record, "pm");
+    if (!vm) return -1;
+    uint8_t loop[16], handler[16];
+    size_t lo = 0, ho = 0;
+    emit(loop, &lo, OP_ADDI, 3, 1);
+    emit(loop, &lo, OP_JMP, 0, -16);
+    emit(handler, &ho, OP_OUT, 0, PM_PORT); /* r0: the vCPU's index, as the core enters it */
+    emit(handler, &ho, OP_RSM, 0, 0);
+    npt_region reg;
+    memset(&reg, 0, sizeof reg);
+    reg.size = sizeof reg;
+    reg.gpa = PM_REGION;
+    reg.length = 0x10000;
+    reg.contents = handler;
+    reg.contents_len = ho;
+    int bad = npt_vm_write_memory(vm, CODE, loop, lo) || npt_policy_set(vm, CODE, 0x1000, NPT_PAGE_4K, NPT_PERM_READ | NPT_PERM_UX) ||
+              npt_region_set(vm, &reg) || npt_vm_set_stop_timeout(vm, UINT64_C(5000000000));
+    for (uint32_t k = 0; k < 2 && !bad; k++) {
+        memset(&cpus[k], 0, sizeof cpus[k]);
+        cpus[k].index = k;
+        npt_regs r;
+        memset(&r, 0, sizeof r);
+        r.size = sizeof r;
+        r.rflags = 2;
+        r.rip = CODE;
+        if (npt_vcpu_create(vm, k, &cpus[k].cpu) || npt_vcpu_set_regs(cpus[k].cpu, &r)) bad = 1;
+    }
+    if (bad) fprintf(stderr, "    pm setup: %s\n", npt_last_error());
+    /* A view refused for its size is not a turn: the replay would wait for it otherwise. */
+    npt_privileged_view small = {.size = 8};
+    if (!bad && npt_vcpu_privileged_view(cpus[0].cpu, &small) != NPT_ERR_INVALID_ARGUMENT) bad = 1;
+    pthread_t t[2];
+    int started = 0;
+    for (; !bad && started < 2; started++) {
+        if (pthread_create(&t[started], NULL, pm_drive, &cpus[started])) { bad = 1; break; }
+    }
+    for (uint64_t k = 0; !bad && k < PM_REQUESTS; k++) {
+        if (npt_vcpu_raise_privileged(cpus[k % 2].cpu)) { fprintf(stderr, "    pm raise: %s\n", npt_last_error()); bad = 1; break; }
+        npt_privileged_stats st;
+        for (int polls = 0;; polls++) {
+            memset(&st, 0, sizeof st);
+            st.size = sizeof st;
+            if (npt_vm_get_privileged_stats(vm, &st)) { bad = 1; break; }
+            if (st.entries + st.failures > k) break;
+            if (polls > 50000) { fprintf(stderr, "    pm: request %" PRIu64 " not served\n", k); bad = 1; break; }
+            sched_yield();
+        }
+    }
+    for (int k = 0; k < started; k++) pthread_join(t[k], NULL);
+    for (int k = 0; k < 2; k++) bad |= cpus[k].bad;
+    if (npt_vm_destroy(vm)) bad = 1;
+    return bad ? -1 : 0;
+}
+
+/* Each request served once, on the vCPU it was raised on; each thread stopped on a final view. */
+static void check_pm(const struct pm_cpu cpus[2]) {
+    for (uint32_t k = 0; k < 2; k++) {
+        CHECK_EQ(cpus[k].entered, PM_REQUESTS / 2);
+        CHECK(cpus[k].last.holder == -1 && cpus[k].last.requests == PM_REQUESTS && cpus[k].last.entries == PM_REQUESTS &&
+              cpus[k].last.failures == 0);
+        CHECK(cpus[k].views == cpus[k].runs && cpus[k].runs > PM_REQUESTS / 2);
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "--threads-only") == 0) {
         char t[4096];
@@ -224,6 +337,9 @@ int main(int argc, char **argv) {
             CHECK(smp(ctx, "sim", t, cpus) == 0);
             check_smp(cpus);
             CHECK(access(t, R_OK) == 0);
+            struct pm_cpu pcpus[2];
+            CHECK(pm(ctx, "sim", t, pcpus) == 0);
+            check_pm(pcpus);
         }
         CHECK_OK(npt_context_destroy(ctx));
         unlink(t);
@@ -255,6 +371,7 @@ int main(int argc, char **argv) {
     cfg.mbec_mode = NPT_MBEC_EXACT;
     cfg.ram_size = 1u << 20;
     cfg.default_perms = NPT_PERM_READ | NPT_PERM_WRITE;
+    cfg.max_steps_per_run = STEPS; /* as make_vm: the replay of `trace` below gets that far */
     cfg.record_path = other;
     npt_vm *vm = NULL;
     CHECK_ST(npt_vm_create(ctx, &cfg, &vm), NPT_ERR_INVALID_ARGUMENT);
@@ -351,6 +468,27 @@ int main(int argc, char **argv) {
     check_smp(srep);
     CHECK_OK(npt_context_destroy(rctx));
     unlink(smp_trace);
+
+    /* The privileged mode, vCPU threads deciding on their own views: replayed, each thread makes
+     * the same runs and sees the same views, in the same order. */
+    char pm_trace[4096];
+    snprintf(pm_trace, sizeof pm_trace, "%s/record-replay-%ld-pm.trace", argv[2], (long)getpid());
+    CHECK_OK(npt_context_create(&ctx));
+    struct pm_cpu prec[2], prep[2];
+    CHECK(pm(ctx, "sim", pm_trace, prec) == 0);
+    check_pm(prec);
+    CHECK_OK(npt_context_destroy(ctx));
+    CHECK_OK(npt_context_create(&rctx));
+    npt_plugin_arg args4[2] = {{"trace", pm_trace}, {"session", "c-replay-pm"}};
+    CHECK_OK(npt_plugin_load_with(rctx, argv[1], args4, 2, &name));
+    CHECK(pm(rctx, "replay", NULL, prep) == 0);
+    check_pm(prep);
+    for (int k = 0; k < 2; k++) {
+        CHECK_EQ(prep[k].runs, prec[k].runs);
+        CHECK_EQ(prep[k].view_sum, prec[k].view_sum);
+    }
+    CHECK_OK(npt_context_destroy(rctx));
+    unlink(pm_trace);
     printf("test_record_replay: %d passed, %d failed, %d skipped\n", passed, failed, skipped);
     return failed ? 1 : 0;
 }
