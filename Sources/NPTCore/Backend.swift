@@ -422,8 +422,9 @@ package enum NPTABI {
     /// 10-11, policies on NVDIMM ranges, guest NVDIMM SSDT, host NVDIMM discovery from sysfs;
     /// 1.3: guest ISAs, plugin interface 2 (arguments, error channel, privileged enter/leave,
     /// backend statistics); 1.4: recording, the core's answer to each exit told to the backend;
-    /// 1.5: the privileged-mode coordinator's lock turns told to a backend that orders them.
-    package static let minor: UInt32 = 5
+    /// 1.5: the privileged-mode coordinator's lock turns told to a backend that orders them;
+    /// 1.6: npt_vcpu_privileged_view (a vCPU thread's own view of the privileged mode).
+    package static let minor: UInt32 = 6
     package static let version: UInt32 = (major << 16) | minor
     package static func major(of v: UInt32) -> UInt32 { v >> 16 }
 }
