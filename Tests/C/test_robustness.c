@@ -376,8 +376,9 @@ static void *run_loop(void *arg) {
     }
     return NULL;
 }
-/* Reads a vCPU's backend statistics (ABI 1.3) until it is destroyed: the backend's vcpu_stats must
- * never run after its vcpu_destroy (touch_cpu counts it). */
+/* Reads a vCPU's backend statistics (ABI 1.3) and its view of the privileged mode (ABI 1.6) until
+ * it is destroyed: the backend's vcpu_stats must never run after its vcpu_destroy (touch_cpu counts
+ * it), and a view of a destroyed vCPU is refused. */
 typedef struct { npt_vcpu *cpu; _Atomic int stop; int ok, other; } stats_racer;
 static void *stats_loop(void *arg) {
     stats_racer *r = arg;
@@ -388,6 +389,13 @@ static void *stats_loop(void *arg) {
         if (s == NPT_OK) r->ok++;
         else if (s == NPT_ERR_BAD_HANDLE) break;
         else if (s != NPT_ERR_BUSY) { r->other++; fprintf(stderr, "    stats: %s\n", npt_last_error()); break; }
+        npt_privileged_view v;
+        memset(&v, 0, sizeof v);
+        v.size = sizeof v;
+        s = npt_vcpu_privileged_view(r->cpu, &v);
+        if (s == NPT_OK && v.holder == -1 && v.requests == 0) r->ok++;
+        else if (s == NPT_ERR_BAD_HANDLE) break;
+        else if (s != NPT_ERR_BUSY) { r->other++; fprintf(stderr, "    view: %s (holder %" PRId64 ")\n", npt_last_error(), v.holder); break; }
     }
     return NULL;
 }
@@ -422,6 +430,10 @@ static void row3(void) {
         CHECK_ST(npt_vcpu_run(c, &e), NPT_ERR_BAD_HANDLE);
         size_t n = 0;
         CHECK_ST(npt_vcpu_backend_stats(c, NULL, 0, &n), NPT_ERR_BAD_HANDLE);
+        npt_privileged_view v;
+        memset(&v, 0, sizeof v);
+        v.size = sizeof v;
+        CHECK_ST(npt_vcpu_privileged_view(c, &v), NPT_ERR_BAD_HANDLE);
         CHECK_OK(npt_vm_destroy(vm));
         CHECK_ST(npt_vm_backend_stats(vm, NULL, 0, &n), NPT_ERR_BAD_HANDLE);
         uint32_t isa = 0;
