@@ -194,6 +194,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             checked(npt_backend_get(ctx, in_size(&in, 3), &b));
             int64_t h;
             checked(npt_vm_privileged_holder(pick_vm(&in), &h));
+            /* ABI 1.6: a vCPU's view, with a bad size or a NULL struct now and then */
+            npt_privileged_view v;
+            memset(&v, 0, sizeof v);
+            v.size = (in_u8(&in) & 7) ? sizeof v : in_u8(&in) % 64;
+            if (checked(npt_vcpu_privileged_view(pick_cpu(&in), (in_u8(&in) & 7) ? &v : NULL)) == NPT_OK)
+                FUZZ_ASSERT(v.holder >= -1 && v.entries + v.failures <= v.requests && v.size >= 48);
             break;
         }
         }
