@@ -326,6 +326,18 @@ static void check_pm(const struct pm_cpu cpus[2]) {
     }
 }
 
+/* A context with the replay plugin loaded (npt_plugin_load_with) to replay `trace` in a session of
+ * its own (a context registers one backend per name). */
+static npt_context *replay_context(const char *plugin, const char *trace, const char *session) {
+    npt_context *c = NULL;
+    CHECK_OK(npt_context_create(&c));
+    npt_plugin_arg a[2] = {{"trace", trace}, {"session", session}};
+    const char *name = NULL;
+    CHECK_OK(npt_plugin_load_with(c, plugin, a, 2, &name));
+    CHECK(name != NULL && strcmp(name, "replay") == 0);
+    return c;
+}
+
 int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "--threads-only") == 0) {
         char t[4096];
@@ -409,12 +421,7 @@ int main(int argc, char **argv) {
     CHECK_OK(npt_context_destroy(ctx)); /* NPT_ERR_BUSY if a VM had been created */
 
     /* Replayed: the plugin loaded with arguments, the same run on "replay". */
-    npt_context *rctx = NULL;
-    CHECK_OK(npt_context_create(&rctx));
-    npt_plugin_arg args[2] = {{"trace", trace}, {"session", "c-replay"}};
-    const char *name = NULL;
-    CHECK_OK(npt_plugin_load_with(rctx, argv[1], args, 2, &name));
-    CHECK(name != NULL && strcmp(name, "replay") == 0);
+    npt_context *rctx = replay_context(argv[1], trace, "c-replay");
     struct outcome rep;
     CHECK(run(rctx, "replay", NULL, 22, &rep) == 0);
     CHECK(memcmp(&rep, &rec, sizeof rep) == 0);
@@ -425,9 +432,7 @@ int main(int argc, char **argv) {
      * diverges, naming the event and the digest that differs; every later call fails too (a
      * context of its own: a context registers one backend per name). */
     CHECK_OK(npt_context_destroy(rctx));
-    CHECK_OK(npt_context_create(&rctx));
-    npt_plugin_arg args2[2] = {{"trace", trace}, {"session", "c-replay-other"}};
-    CHECK_OK(npt_plugin_load_with(rctx, argv[1], args2, 2, &name));
+    rctx = replay_context(argv[1], trace, "c-replay-other");
     cfg.record_path = NULL;
     cfg.backend = "replay";
     CHECK_OK(npt_vm_create(rctx, &cfg, &vm));
@@ -461,9 +466,7 @@ int main(int argc, char **argv) {
     CHECK(smp(ctx, "sim", smp_trace, srec) == 0);
     check_smp(srec);
     CHECK_OK(npt_context_destroy(ctx));
-    CHECK_OK(npt_context_create(&rctx));
-    npt_plugin_arg args3[2] = {{"trace", smp_trace}, {"session", "c-replay-smp"}};
-    CHECK_OK(npt_plugin_load_with(rctx, argv[1], args3, 2, &name));
+    rctx = replay_context(argv[1], smp_trace, "c-replay-smp");
     CHECK(smp(rctx, "replay", NULL, srep) == 0);
     check_smp(srep);
     CHECK_OK(npt_context_destroy(rctx));
@@ -478,9 +481,7 @@ int main(int argc, char **argv) {
     CHECK(pm(ctx, "sim", pm_trace, prec) == 0);
     check_pm(prec);
     CHECK_OK(npt_context_destroy(ctx));
-    CHECK_OK(npt_context_create(&rctx));
-    npt_plugin_arg args4[2] = {{"trace", pm_trace}, {"session", "c-replay-pm"}};
-    CHECK_OK(npt_plugin_load_with(rctx, argv[1], args4, 2, &name));
+    rctx = replay_context(argv[1], pm_trace, "c-replay-pm");
     CHECK(pm(rctx, "replay", NULL, prep) == 0);
     check_pm(prep);
     for (int k = 0; k < 2; k++) {
