@@ -290,9 +290,10 @@ static int pm(npt_context *ctx, const char *backend, const char *record, struct 
         if (npt_vcpu_create(vm, k, &cpus[k].cpu) || npt_vcpu_set_regs(cpus[k].cpu, &r)) bad = 1;
     }
     if (bad) fprintf(stderr, "    pm setup: %s\n", npt_last_error());
-    /* A view refused for its size is not a turn: the replay would wait for it otherwise. */
+    /* A view refused for its size is no turn: it is made only while recording, so a turn it took
+     * would be one the replay waits for and no thread takes. */
     npt_privileged_view small = {.size = 8};
-    if (!bad && npt_vcpu_privileged_view(cpus[0].cpu, &small) != NPT_ERR_INVALID_ARGUMENT) bad = 1;
+    if (!bad && record && npt_vcpu_privileged_view(cpus[0].cpu, &small) != NPT_ERR_INVALID_ARGUMENT) bad = 1;
     pthread_t t[2];
     int started = 0;
     for (; !bad && started < 2; started++) {
